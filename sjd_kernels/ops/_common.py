@@ -1,0 +1,124 @@
+"""Shared plumbing of every op: backend choice, input validation, device status."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class SJDInputError(ValueError):
+    """An op was called with arguments it cannot use; the message names the argument."""
+
+
+class SJDDeviceError(RuntimeError):
+    """A kernel recorded an error in the device status tensor (found at the next check)."""
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return f"{t.device.type} {str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+
+
+def check_tensor(name: str, t, *, dtypes=None, dim=None, shape=None, device=None, last_contiguous=True, contiguous=False):
+    """Validate one tensor argument; raise SJDInputError naming ``name`` and what was expected."""
+    if not isinstance(t, torch.Tensor):
+        raise SJDInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise SJDInputError(f"{name} must have dtype {want}, got {_fmt(t)}")
+    if dim is not None and t.dim() != dim:
+        raise SJDInputError(f"{name} must be {dim}-D, got {_fmt(t)}")
+    if shape is not None:
+        for i, s in enumerate(shape):
+            if s is not None and t.shape[i] != s:
+                raise SJDInputError(f"{name} must have shape {list(shape)} (None = any), got {_fmt(t)}")
+    if device is not None and t.device != device:
+        raise SJDInputError(f"{name} must be on {device} like the logits, got {_fmt(t)}")
+    if contiguous and not t.is_contiguous():
+        raise SJDInputError(f"{name} must be contiguous, got strides {t.stride()}")
+    if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise SJDInputError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
+    return t
+
+
+def triton_available() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton: not importable ({type(e).__name__}: {e})"
+    import triton
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, f"triton {triton.__version__}: interpreter (TRITON_INTERPRET=1), runs on CPU tensors"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__}: compiled kernels on {torch.cuda.get_device_name()}"
+    return False, f"triton {triton.__version__}: no CUDA device visible (set TRITON_INTERPRET=1 before import to run on CPU)"
+
+
+def backends() -> dict:
+    """For each backend, ``{"available": bool, "why": str}``."""
+    from .._ext import cuda_status
+    out = {"torch": {"available": True, "why": f"torch {torch.__version__}: the PyTorch reference, any device"}}
+    ok, why = triton_available()
+    out["triton"] = {"available": ok, "why": why}
+    ok, why = cuda_status()
+    out["cuda"] = {"available": ok, "why": why}
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Pick a concrete backend for tensors on ``device``; raise a clear error when the request cannot run."""
+    if backend not in ("auto",) + BACKENDS:
+        raise SJDInputError(f"backend must be one of auto, torch, triton, cuda, got {backend!r}")
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if backend == "auto":
+        if device.type == "cuda":
+            if backends()["cuda"]["available"]:
+                return "cuda"
+            if triton_available()[0]:
+                return "triton"
+        return "torch"
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise SJDInputError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        info = backends()["cuda"]
+        if not info["available"]:
+            raise RuntimeError(info["why"])
+    if backend == "triton":
+        ok, why = triton_available()
+        if not ok:
+            raise RuntimeError(why)
+        if device.type != "cuda" and not interp:
+            raise SJDInputError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}")
+    return backend
+
+
+BACKEND_CODE = {"torch": 1, "triton": 2, "cuda": 3}
+CODE_BACKEND = {v: k for k, v in BACKEND_CODE.items()}
+
+
+def new_status(device) -> torch.Tensor:
+    """A device status tensor ``int32 [4]``: [error bits, zero-mass residuals, zero-mass coupling redraws, 0]."""
+    return torch.zeros(4, dtype=torch.int32, device=device)
+
+
+ERROR_TEXT = {
+    1: "non-finite logits (NaN or +inf, or a row with no finite logit) at a non-forced row",
+    2: "a draft id outside [0, V) that is not the forced token of its position",
+    4: "a tree node index out of range",
+}
+
+
+def check_status(status: torch.Tensor, clear: bool = True) -> dict:
+    """Synchronise, raise SJDDeviceError if a kernel recorded an error, else return the counters."""
+    vals = status.tolist()
+    err = int(vals[0])
+    if clear:
+        status.zero_()
+    if err:
+        msgs = [t for bit, t in ERROR_TEXT.items() if err & bit]
+        raise SJDDeviceError("device status reports: " + "; ".join(msgs) +
+                             " (the affected requests returned -1 and their state must be re-initialised)")
+    return {"zero_mass_residuals": int(vals[1]), "zero_mass_coupling": int(vals[2])}

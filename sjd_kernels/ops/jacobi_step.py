@@ -1,0 +1,181 @@
+"""``jacobi_step`` op: validation, ``torch.library`` registration and backend dispatch.
+
+The op is declared once as ``sjd::jacobi_step`` with the PyTorch reference as its
+implementation for every device, the Triton and CUDA kernels selected by ``backend``,
+and a fake kernel so ``torch.compile`` can trace it. It mutates the state tensors in
+place (declared in the schema) and returns fixed-shape outputs, so a step can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..reference import jacobi_step as ref
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor,
+                      new_status, resolve_backend)
+
+I64 = (torch.int64,)
+
+
+@torch.library.custom_op("sjd::jacobi_step", mutates_args=("q_state", "q_kind", "p_prev", "status"))
+def _jacobi_step_op(logits: torch.Tensor, uncond: Optional[torch.Tensor], cfg_scale: Optional[torch.Tensor],
+                    drafts: torch.Tensor, win_len: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor,
+                    step: torch.Tensor, forced: Optional[torch.Tensor], q_state: torch.Tensor,
+                    q_kind: torch.Tensor, p_prev: torch.Tensor, status: torch.Tensor,
+                    temperature: float, top_k: int, top_p: float, mode: int, beta: float, vp_form: int,
+                    vp_eps: float, tail_init: int, backend: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev, status,
+            temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init)
+    name = CODE_BACKEND[backend]
+    if name == "triton":
+        from ..triton.jacobi_step import jacobi_step_triton
+        return jacobi_step_triton(*args)
+    if name == "cuda":
+        from ..cuda.jacobi_step import jacobi_step_cuda
+        return jacobi_step_cuda(*args)
+    return ref.jacobi_step(*args)
+
+
+@_jacobi_step_op.register_fake
+def _(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev, status,
+      temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init, backend):
+    B, W1, _ = logits.shape
+    return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, W1), dtype=torch.int64),
+            logits.new_empty((B, W1 - 1), dtype=torch.int64))
+
+
+@dataclass
+class JacobiState:
+    """Per-request state carried across steps (all device tensors, so a step graph-captures).
+
+    q_state [B, R, V] f32 and q_kind [B, R] i32: the law each draft was drawn from, slot
+    ``p % R`` for absolute position p; p_prev [B, R, V] f32 (empty unless VP is wanted):
+    the previous target row per position; seed, step [B] i64; status [4] i32.
+    """
+    q_state: torch.Tensor
+    q_kind: torch.Tensor
+    p_prev: torch.Tensor
+    seed: torch.Tensor
+    step: torch.Tensor
+    status: torch.Tensor
+
+    @classmethod
+    def create(cls, batch: int, window: int, vocab: int, seed, *, device="cpu", vp: bool = False,
+               ring: int | None = None) -> "JacobiState":
+        ring = window + 1 if ring is None else ring
+        if ring < window + 1:
+            raise SJDInputError(f"ring must be >= window + 1 = {window + 1}, got {ring}")
+        seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1)
+        if seed.numel() == 1 and batch > 1:
+            raise SJDInputError("seed must give one value per request (a [B] tensor or list); "
+                                "derive per-request seeds explicitly so results do not depend on the batch")
+        if seed.numel() != batch:
+            raise SJDInputError(f"seed must have {batch} values (one per request), got {seed.numel()}")
+        return cls(q_state=torch.zeros(batch, ring, vocab, dtype=torch.float32, device=device),
+                   q_kind=torch.full((batch, ring), ref.KIND_UNIFORM, dtype=torch.int32, device=device),
+                   p_prev=(torch.zeros(batch, ring, vocab, dtype=torch.float32, device=device) if vp
+                           else torch.empty(0, dtype=torch.float32, device=device)),
+                   seed=seed.clone(), step=torch.zeros(batch, dtype=torch.int64, device=device),
+                   status=new_status(device))
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q_state, self.q_kind, self.p_prev))
+
+
+@dataclass
+class JacobiOutput:
+    num_accepted: torch.Tensor   # [B] i64, drafts accepted (m); -1 for a request in error
+    tokens: torch.Tensor         # [B, W+1] i64, committed tokens (m + 1 of them), then -1
+    next_drafts: torch.Tensor    # [B, W] i64, drafts for positions n+m+1 .. n+m+W
+
+
+_MODE_ALIASES = {"vp": "sjd", "sjd_vp": "sjd", "coupling_vp": "coupling"}
+
+
+def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale, forced,
+             temperature, top_k, top_p, mode, beta, vp_form, tail_init):
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, dim=3)
+    B, W1, V = logits.shape
+    W = W1 - 1
+    dev = logits.device
+    if B < 1 or V < 1:
+        raise SJDInputError(f"logits must have B >= 1 requests and V >= 1 lanes, got {list(logits.shape)}")
+    if uncond is not None:
+        check_tensor("uncond_logits", uncond, dtypes=FLOAT_DTYPES, shape=(B, W1, V), dim=3, device=dev)
+        if cfg_scale is None:
+            raise SJDInputError("cfg_scale is required with uncond_logits")
+        check_tensor("cfg_scale", cfg_scale, dtypes=(torch.float32,), shape=(B,), dim=1, device=dev)
+    check_tensor("drafts", drafts, dtypes=I64, shape=(B, W), dim=2, device=dev, contiguous=True)
+    check_tensor("win_len", win_len, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    R = state.q_kind.shape[1] if state.q_kind.dim() == 2 else -1
+    check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, V), dim=3, device=dev,
+                 contiguous=True)
+    check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, state.q_state.shape[1]), dim=2,
+                 device=dev, contiguous=True)
+    if R < W + 1:
+        raise SJDInputError(f"state ring ({R} slots) must be >= W + 1 = {W + 1}; create the state with window >= {W}")
+    if state.p_prev.numel() > 0:
+        check_tensor("state.p_prev", state.p_prev, dtypes=(torch.float32,), shape=(B, R, V), dim=3, device=dev,
+                     contiguous=True)
+    check_tensor("state.seed", state.seed, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("state.step", state.step, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    if forced is not None:
+        check_tensor("forced", forced, dtypes=I64, dim=2, shape=(B, None), device=dev, contiguous=True)
+    if not (temperature >= 0.0) or temperature != temperature:
+        raise SJDInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0 or top_k > V:
+        raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    m = _MODE_ALIASES.get(mode, mode)
+    if m not in ref.MODES:
+        raise SJDInputError(f"mode must be one of sjd, vp, coupling, coupling_vp, gumbel, gumbel_jacobi, got {mode!r}")
+    if beta != 0.0 and m in ("gumbel", "gumbel_jacobi"):
+        raise SJDInputError(f"beta (verification prediction) applies to sjd and coupling, not {mode!r}")
+    if beta != 0.0 and state.p_prev.numel() == 0:
+        raise SJDInputError("beta != 0 needs the previous target rows: create the state with vp=True")
+    if vp_form not in ("add", "log"):
+        raise SJDInputError(f"vp_form must be 'add' or 'log', got {vp_form!r}")
+    if tail_init not in ("uniform", "left"):
+        raise SJDInputError(f"tail_init must be 'uniform' or 'left', got {tail_init!r}")
+    return ref.MODES[m]
+
+
+def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tensor, pos: torch.Tensor,
+                state: JacobiState, *, uncond_logits: torch.Tensor | None = None,
+                cfg_scale: torch.Tensor | None = None, forced: torch.Tensor | None = None,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, mode: str = "sjd",
+                beta: float = 0.0, vp_form: str = "add", vp_eps: float = 1e-6, tail_init: str = "uniform",
+                backend: str = "auto", advance: bool = True) -> JacobiOutput:
+    """One Jacobi step after the LM head for a ragged batch (see ``sjd_kernels.reference.jacobi_step``).
+
+    ``logits [B, W+1, V]`` (bf16/fp16/fp32; may be an image-slice view of a larger vocabulary),
+    ``drafts [B, W]``, ``win_len [B]``, ``pos [B]``. ``mode``: sjd, vp (sjd with ``beta``),
+    coupling (maximal coupling of old drafts; with ``beta`` towards Qvp), gumbel,
+    gumbel_jacobi (deterministic; equals AR with the same noise). Mutates ``state``; with
+    ``advance`` it also increments ``state.step``. No host synchronisation: device errors land in
+    ``state.status``; call ``sjd_kernels.check_status(state.status)`` to raise them.
+    """
+    mode_code = validate(logits, drafts, win_len, pos, state, uncond_logits, cfg_scale, forced,
+                         temperature, top_k, top_p, mode, beta, vp_form, tail_init)
+    be = resolve_backend(backend, logits.device)
+    out = torch.ops.sjd.jacobi_step(
+        logits, uncond_logits, cfg_scale, drafts, win_len, pos, state.seed, state.step, forced,
+        state.q_state, state.q_kind, state.p_prev, state.status,
+        float(temperature), int(top_k), float(top_p), mode_code, float(beta),
+        ref.VP_ADD if vp_form == "add" else ref.VP_LOG, float(vp_eps),
+        ref.TAIL_UNIFORM if tail_init == "uniform" else ref.TAIL_LEFT, BACKEND_CODE[be])
+    if advance:
+        state.step.add_(1)
+    return JacobiOutput(*out)
+
+
+def init_window(state: JacobiState, pos: torch.Tensor, window: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform drafts ``[B, window]`` for positions ``pos .. pos+window-1`` (one shared implementation)."""
+    V = state.q_state.shape[2]
+    return ref.init_window(state.seed, pos, state.step, window, V, state.q_kind, forced)

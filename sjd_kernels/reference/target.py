@@ -1,0 +1,63 @@
+"""The target law of one row (SPEC section 2), the PyTorch spec every backend follows.
+
+``P = softmax(topk(l / T))`` then top-p, with ``l = u + s * (c - u)`` under CFG, all in
+float32. top-k keeps every value ``>=`` the k-th largest (ties kept); top-p keeps every
+probability ``>=`` the threshold ``t*``, the largest probability such that the mass of
+``{P >= t*}`` reaches ``p`` (ties kept), then renormalises. ``T = 0`` is greedy: one-hot
+at the argmax, lowest id on ties. Rows at forced positions are handled by the callers.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def combine_logits(logits: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: torch.Tensor | None) -> torch.Tensor:
+    """CFG combine in float32: ``u + s * (c - u)``; ``cfg_scale`` is ``[B]`` (broadcast over rows and lanes)."""
+    c = logits.to(torch.float32)
+    if uncond is None:
+        return c
+    u = uncond.to(torch.float32)
+    s = cfg_scale.to(torch.float32).reshape(-1, *([1] * (c.dim() - 1)))
+    return u + s * (c - u)
+
+
+def topk_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value along the last dim, keepdim (k in 1..V)."""
+    return torch.topk(x, k, dim=-1).values[..., -1:]
+
+
+def topp_keep(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean mask of the top-p set of probability rows ``p`` (ties at the threshold kept)."""
+    srt, _ = torch.sort(p, dim=-1, descending=True)
+    cum = torch.cumsum(srt, dim=-1)
+    idx = torch.searchsorted(cum, torch.full_like(cum[..., :1], top_p))   # first index with cum >= p
+    idx = idx.clamp(max=p.shape[-1] - 1)
+    thr = torch.gather(srt, -1, idx)
+    return p >= thr
+
+
+def target_probs(x: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Target law from combined float32 logits ``x [..., V]``; returns float32 probabilities.
+
+    Rows containing NaN or +inf, or with no finite logit, come back as NaN rows: the
+    callers turn that into a device status error.
+    """
+    V = x.shape[-1]
+    bad = torch.isnan(x).any(-1, keepdim=True) | (x == float("inf")).any(-1, keepdim=True)
+    bad = bad | ~(x > float("-inf")).any(-1, keepdim=True)
+    x = torch.where(bad, torch.zeros_like(x), x)
+    if temperature == 0.0:
+        idx = torch.argmax(x, dim=-1, keepdim=True)        # first maximum = lowest id
+        p = torch.zeros_like(x).scatter_(-1, idx, 1.0)
+    else:
+        y = x / temperature
+        if 0 < top_k < V:
+            y = torch.where(y >= topk_threshold(y, top_k), y, torch.full_like(y, float("-inf")))
+        m = y.amax(-1, keepdim=True)
+        e = torch.exp(y - m)
+        p = e / e.sum(-1, keepdim=True)
+        if top_p < 1.0:
+            keep = topp_keep(p, top_p)
+            p = torch.where(keep, p, torch.zeros_like(p))
+            p = p / p.sum(-1, keepdim=True)
+    return torch.where(bad, torch.full_like(p, float("nan")), p)
