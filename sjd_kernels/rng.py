@@ -16,7 +16,7 @@ same seed give the same image whatever the batch.
 
 Derived numbers (all backends use exactly these formulas):
 - ``u24 = word >> 8`` (24 random bits); acceptance uniform ``u = u24 * 2**-24`` in [0, 1)
-- exponential noise ``E = -log((u24 + 0.5) * 2**-24)`` (float32), used by the
+- exponential noise ``E = max(-log((u24 + 0.5) * 2**-24), 2**-25)`` (float32), used by the
   exponential race ``argmax_i w_i / E_i`` over lanes with ``w_i > 0`` (lowest lane
   wins ties). The race samples ``i`` with probability ``w_i / sum(w)`` and does not
   depend on summation order.
@@ -48,6 +48,7 @@ STREAM_TREE_ACCEPT = 9 # tree verification uniforms
 STREAM_TREE_RESID = 10 # tree residual draws
 
 TWO_M24 = 2.0 ** -24
+E_FLOOR = 2.0 ** -25   # smallest exponential noise value (see exponential)
 
 
 def _mulhilo(a: torch.Tensor, m: int):
@@ -114,7 +115,9 @@ def uniform24(words: torch.Tensor) -> torch.Tensor:
 def exponential(words: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise ``-log((u24 + 0.5) * 2**-24)``, float32 (never 0, never inf)."""
     u = ((words >> 8).to(torch.float32) + 0.5) * TWO_M24
-    return -torch.log(u)
+    # u24 = 2**24 - 1 makes u round to 1.0 in float32 and -log(u) = -0.0, which would lose the
+    # race for a lane with positive weight; 2**-25 is what -log(1 - 2**-25) is to float32 precision.
+    return torch.clamp(-torch.log(u), min=E_FLOOR)
 
 
 def race(weights: torch.Tensor, expo: torch.Tensor) -> torch.Tensor:

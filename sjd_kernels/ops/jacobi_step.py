@@ -25,10 +25,10 @@ def _jacobi_step_op(logits: torch.Tensor, uncond: Optional[torch.Tensor], cfg_sc
                     drafts: torch.Tensor, win_len: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor,
                     step: torch.Tensor, forced: Optional[torch.Tensor], q_state: torch.Tensor,
                     q_kind: torch.Tensor, p_prev: torch.Tensor, status: torch.Tensor,
-                    temperature: float, top_k: int, top_p: float, mode: int, beta: float, vp_form: int,
+                    temperature: float, top_k: int, top_p: float, draft_mode: int, beta: float, vp_form: int,
                     vp_eps: float, tail_init: int, backend: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev, status,
-            temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init)
+            temperature, top_k, top_p, draft_mode, beta, vp_form, vp_eps, tail_init)
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.jacobi_step import jacobi_step_triton
@@ -41,7 +41,7 @@ def _jacobi_step_op(logits: torch.Tensor, uncond: Optional[torch.Tensor], cfg_sc
 
 @_jacobi_step_op.register_fake
 def _(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev, status,
-      temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init, backend):
+      temperature, top_k, top_p, draft_mode, beta, vp_form, vp_eps, tail_init, backend):
     B, W1, _ = logits.shape
     return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, W1), dtype=torch.int64),
             logits.new_empty((B, W1 - 1), dtype=torch.int64))

@@ -137,7 +137,9 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
     # ---- next drafts of each row and its stored law
     Qt = P
     if use_vp:
-        prev_ok = ((kind_all & FLAG_PREV) != 0).unsqueeze(-1)
+        # only draft rows can hold this position's previous row: the bonus slot still holds a stale
+        # row of an earlier position (SPEC section 4: the bonus uses Qvp = P)
+        prev_ok = (((kind_all & FLAG_PREV) != 0) & is_draft).unsqueeze(-1)
         Qt = torch.where(prev_ok, vp_predict(P, p_prev[bidx, slot], beta, vp_form, vp_eps), P)
     if mode in (MODE_GUMBEL, MODE_GUMBEL_JACOBI):
         new = g

@@ -29,7 +29,7 @@ def topk_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
 def topp_keep(p: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask of the top-p set of probability rows ``p`` (ties at the threshold kept)."""
     srt, _ = torch.sort(p, dim=-1, descending=True)
-    cum = torch.cumsum(srt, dim=-1)
+    cum = torch.cumsum(srt, dim=-1, dtype=torch.float64)      # float64 so CPU and CUDA agree
     idx = torch.searchsorted(cum, torch.full_like(cum[..., :1], top_p))   # first index with cum >= p
     idx = idx.clamp(max=p.shape[-1] - 1)
     thr = torch.gather(srt, -1, idx)
@@ -50,7 +50,9 @@ def target_probs(x: torch.Tensor, temperature: float, top_k: int, top_p: float) 
         idx = torch.argmax(x, dim=-1, keepdim=True)        # first maximum = lowest id
         p = torch.zeros_like(x).scatter_(-1, idx, 1.0)
     else:
-        y = x / temperature
+        # multiply by the float32 reciprocal: the same rounding on CPU, CUDA and in the kernels
+        inv_t = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temperature, dtype=torch.float32)
+        y = x * inv_t.to(x.device)
         if 0 < top_k < V:
             y = torch.where(y >= topk_threshold(y, top_k), y, torch.full_like(y, float("-inf")))
         m = y.amax(-1, keepdim=True)

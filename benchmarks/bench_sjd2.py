@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""SJD2 on a bundled model: step compression and image quality next to AR, several seeds.
+
+    PYTHONPATH=. python benchmarks/bench_sjd2.py --model mnist --images 64 --seeds 0 1 2
+
+For the SJD2 fine-tune of the model (``python/finetune_sjd2.py``) it decodes the same classes
+with AR (window 0), SJD (0 levels, same weights) and SJD2 for every configuration of
+``--configs`` (``K:W:kv``), and reports per method the mean and spread over seeds of the step
+compression (image tokens / forwards, prefill excluded) and of the quality measures of
+``sjd_kernels.quality`` (class accuracy, Frechet distance of the classifier features against
+the real held-out images). The base model decoded with AR is the quality reference.
+Rows go to ``benchmarks/results/sjd2_<model>.jsonl`` and a table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sjd_kernels import data  # noqa: E402
+from sjd_kernels.models import bundled  # noqa: E402
+from sjd_kernels.sjd2 import checkpoint  # noqa: E402
+from sjd_kernels.sjd2.decode import generate_sjd2  # noqa: E402
+from sjd_kernels.sjd2.noise import NoiseSchedule, SJD2Embedding  # noqa: E402
+
+
+def with_levels(sjd2: SJD2Embedding, levels: int) -> SJD2Embedding | None:
+    """The fine-tune's SJD2 embedding, or None (SJD) for 0 levels; other K must match the fine-tune."""
+    if levels == 0:
+        return None
+    if levels != sjd2.levels:
+        raise SystemExit(f"the fine-tune has K = {sjd2.levels} levels, a config asks for {levels}")
+    return sjd2
+
+
+def run(gpt, sjd2, vq, quality, real_ref, real_same, classes, seed, *, levels, window, kv, cfg_scale, top_k,
+        temperature, batch):
+    T = vq.tokens_per_image
+    toks, steps, t0, noisy_kv, refed = [], [], time.time(), 0, 0
+    for i in range(0, len(classes), batch):
+        c = classes[i:i + batch]
+        seeds = [seed * 1_000_003 + i + j for j in range(len(c))]
+        res = generate_sjd2(gpt, c, T, sjd2=with_levels(sjd2, levels) if sjd2 is not None else None,
+                            window=window, seed=seeds, cfg_scale=cfg_scale, top_k=top_k, temperature=temperature,
+                            kv=kv)
+        toks.append(res.tokens)
+        steps.append(res.steps)
+        noisy_kv += int(res.noisy_kv.sum())
+        refed += int(res.refed.sum())
+    tokens = torch.cat(toks)
+    steps = torch.cat(steps).double()
+    images = vq.decode(tokens).numpy()
+    q = quality.evaluate(images, classes.numpy(), real_ref, real=real_same)
+    return {"step_compression": float(T / steps.mean()), "steps_mean": float(steps.mean()),
+            "accuracy": q["accuracy"], "fd": q["fd"], "fd_real": q.get("fd_real"), "n": q["n"],
+            "noisy_kv_tokens": noisy_kv, "refed_tokens": refed, "wall_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=bundled.MODELS, default="mnist")
+    ap.add_argument("--images", type=int, default=64, help="images per seed (classes balanced)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--configs", nargs="+", default=["8:16:keep"], help="SJD2 configs K:W:kv")
+    ap.add_argument("--window", type=int, default=16, help="SJD's window")
+    ap.add_argument("--cfg-scale", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip", nargs="*", default=[], help="methods to skip: base_ar ar sjd")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "PYTHONPATH=. python benchmarks/bench_sjd2.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    base = bundled.load(args.model)
+    gpt, sjd2 = checkpoint.load_finetuned(args.model)
+    vq, quality = base.tokenizer, base.quality
+    Xte, _ = data.real_images(args.model, "test")
+    n_cls = base.num_classes
+    classes = torch.arange(args.images) % n_cls
+    real_same = Xte[np.random.default_rng(0).permutation(len(Xte))[:args.images]]
+    methods = []
+    if "base_ar" not in args.skip:
+        methods.append(("base AR", base.gpt, None, dict(levels=0, window=0, kv="keep")))
+    if "ar" not in args.skip:
+        methods.append(("AR (fine-tuned)", gpt, None, dict(levels=0, window=0, kv="keep")))
+    if "sjd" not in args.skip:
+        methods.append((f"SJD W{args.window} (fine-tuned)", gpt, None, dict(levels=0, window=args.window, kv="keep")))
+    for cfg in args.configs:
+        K, W, kv = cfg.split(":")
+        methods.append((f"SJD2 K{K} W{W} {kv}", gpt, sjd2, dict(levels=int(K), window=int(W), kv=kv)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out / f"sjd2_{args.model}.jsonl"
+    print(f"# {command}\n# torch {torch.__version__}, {platform.platform()}, {torch.get_num_threads()} threads")
+    summary = []
+    with open(rows_path, "a") as f:
+        for name, model, emb, kw in methods:
+            per_seed = []
+            for seed in args.seeds:
+                r = run(model, emb, vq, quality, Xte, real_same, classes, seed, cfg_scale=args.cfg_scale,
+                        top_k=args.top_k, temperature=args.temperature, batch=args.batch, **kw)
+                row = {"method": name, "seed": seed, **kw, "images": args.images, "cfg_scale": args.cfg_scale,
+                       "top_k": args.top_k, "temperature": args.temperature, **r, "command": command,
+                       "torch": torch.__version__}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                per_seed.append(r)
+                print(json.dumps(row), flush=True)
+            agg = {k: (float(np.mean([r[k] for r in per_seed])), float(np.std([r[k] for r in per_seed])))
+                   for k in ("step_compression", "accuracy", "fd", "fd_real")}
+            summary.append((name, agg, sum(r["noisy_kv_tokens"] for r in per_seed),
+                            sum(r["refed_tokens"] for r in per_seed)))
+    print(f"\n| method | step compression | class accuracy | FD | FD real floor | noisy KV kept | re-fed |")
+    print("|---|---|---|---|---|---|---|")
+    for name, a, nk, rf in summary:
+        print(f"| {name} | {a['step_compression'][0]:.2f} ± {a['step_compression'][1]:.2f} | "
+              f"{a['accuracy'][0]:.3f} ± {a['accuracy'][1]:.3f} | {a['fd'][0]:.2f} ± {a['fd'][1]:.2f} | "
+              f"{a['fd_real'][0]:.2f} | {nk} | {rf} |")
+    print(f"\n(mean ± std over seeds {args.seeds}, {args.images} images per seed; rows in {rows_path})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+// Host-side error handling and small helpers shared by every op (no PyTorch).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace sjd {
+
+inline std::string cuda_error_text(cudaError_t e) {
+  return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+}
+
+[[noreturn]] inline void throw_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  throw std::runtime_error(std::string("sjd_kernels CUDA error in ") + what + " (" + file + ":" +
+                           std::to_string(line) + "): " + cuda_error_text(e));
+}
+
+#define SJD_CUDA_CHECK(expr)                                                   \
+  do {                                                                         \
+    cudaError_t sjd_err_ = (expr);                                             \
+    if (sjd_err_ != cudaSuccess) ::sjd::throw_cuda(sjd_err_, #expr, __FILE__, __LINE__); \
+  } while (0)
+
+// After every launch: configuration errors (bad grid, too much shared memory) surface here.
+#define SJD_CHECK_LAUNCH(kernel_name)                                          \
+  do {                                                                         \
+    cudaError_t sjd_err_ = cudaGetLastError();                                 \
+    if (sjd_err_ != cudaSuccess) ::sjd::throw_cuda(sjd_err_, "launch of " kernel_name, __FILE__, __LINE__); \
+  } while (0)
+
+#define SJD_REQUIRE(cond, msg)                                                 \
+  do {                                                                         \
+    if (!(cond)) throw std::invalid_argument(std::string("sjd_kernels: ") + (msg)); \
+  } while (0)
+
+// Number of visible devices; 0 (never an exception) when there is no device or no driver.
+inline int device_count_noexcept(std::string* why = nullptr) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (why) *why = cuda_error_text(e);
+    return 0;
+  }
+  if (why) *why = n > 0 ? std::string("") : std::string("cudaGetDeviceCount reported 0 devices");
+  return n;
+}
+
+// Every kernel entry starts here: a clear RuntimeError instead of a crash when no device can run
+// the kernel, and the runtime's current device set to the tensors' device.
+inline void require_device(int device, const char* op) {
+  std::string why;
+  int n = device_count_noexcept(&why);
+  if (n <= 0)
+    throw std::runtime_error(std::string("sjd_kernels._C.") + op + ": no CUDA device is visible (" + why +
+                             "); use backend='torch' on this machine");
+  if (device < 0) return;  // the runtime's current device
+  if (device >= n)
+    throw std::runtime_error(std::string("sjd_kernels._C.") + op + ": device index " + std::to_string(device) +
+                             " out of range (" + std::to_string(n) + " visible)");
+  int cur = -1;
+  SJD_CUDA_CHECK(cudaGetDevice(&cur));
+  if (cur != device) SJD_CUDA_CHECK(cudaSetDevice(device));
+}
+
+inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+template <typename T>
+inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+}  // namespace sjd

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Fine-tune a bundled model for SJD2 (next-clean-token prediction) on CPU.
+
+    PYTHONPATH=. python python/finetune_sjd2.py --model mnist
+
+Starts from the committed base model (``sjd_kernels/models/weights/<model>*``), adds the SJD2
+parameters (level embedding; frozen normalisation statistics of the image-token embedding
+rows), and trains on the base model's training images with segment-noised inputs and the
+plain next-clean-token cross-entropy (``sjd_kernels.sjd2.train``). The level embedding gets
+its own, larger learning rate. Writes ``<model>_sjd2.safetensors`` (every GPT tensor plus
+``sjd2.*``) and ``<model>_sjd2.json`` (configs, schedule, SHA-256 of the weights and of the
+base model's GPT file, command, seed, timings, losses) beside the base model, and logs to
+``benchmarks/results/finetune_sjd2_<model>.log``. Load with ``sjd_kernels.sjd2.load_finetuned``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sjd_kernels import data  # noqa: E402
+from sjd_kernels.models import bundled  # noqa: E402
+from sjd_kernels.sjd2 import checkpoint  # noqa: E402
+from sjd_kernels.sjd2.noise import EmbedNorm, NoiseSchedule, SJD2Embedding  # noqa: E402
+from sjd_kernels.sjd2.train import next_clean_token_loss, param_groups, sample_levels_like  # noqa: E402
+
+
+class Log:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w")
+        self.t0 = time.time()
+
+    def __call__(self, msg: str):
+        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.f.write(line + "\n")
+        self.f.flush()
+
+
+def lr_scale(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def evaluate(gpt, sjd2, tokens, labels, level: int | None, g: torch.Generator, batch: int = 100) -> float:
+    """Mean next-clean-token cross-entropy on ``tokens`` with every image input at ``level``
+    (None: levels drawn as in training)."""
+    gpt.eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(tokens), batch):
+        x, c = tokens[i:i + batch], labels[i:i + batch]
+        lv = sample_levels_like(x, sjd2.levels, generator=g) if level is None else torch.full_like(x, level)
+        logits = checkpoint.noisy_logits(gpt, sjd2, c, x, lv, generator=g)
+        tot += float(next_clean_token_loss(logits, x)) * x.numel()
+        n += x.numel()
+    gpt.train()
+    return tot / n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=bundled.MODELS, default="mnist")
+    ap.add_argument("--levels", type=int, default=8, help="K: noise levels 1..K (0 = SJD)")
+    ap.add_argument("--s-min", type=float, default=0.2)
+    ap.add_argument("--s-max", type=float, default=1.0)
+    ap.add_argument("--rho", type=float, default=7.0)
+    ap.add_argument("--max-segments", type=int, default=8)
+    ap.add_argument("--p-rising", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-4, help="learning rate of the base model's weights")
+    ap.add_argument("--new-lr", type=float, default=3e-3, help="learning rate of the new SJD2 parameters")
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--cfg-drop", type=float, default=0.1, help="class-dropout rate (as the base model's training)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=15.0, help="hard cap on training time")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR)
+    ap.add_argument("--log", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    log = Log(args.log or ROOT / "benchmarks" / "results" / f"finetune_sjd2_{args.model}.log")
+    command = "PYTHONPATH=. python python/finetune_sjd2.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    log(f"command: {command}")
+    log(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; seed {args.seed}")
+
+    base = bundled.load(args.model)
+    gpt, vq = base.gpt, base.tokenizer
+    gpt.train()
+    Xtr, ytr = data.real_images(args.model, "train")
+    Xte, yte = data.real_images(args.model, "test")
+    tok_tr, tok_te = vq.encode(Xtr), vq.encode(Xte)
+    lab_tr, lab_te = torch.as_tensor(ytr), torch.as_tensor(yte)
+    n_cls = base.num_classes
+    schedule = NoiseSchedule(levels=args.levels, s_min=args.s_min, s_max=args.s_max, rho=args.rho)
+    sjd2 = SJD2Embedding(schedule, EmbedNorm.from_embedding(checkpoint.image_embedding(gpt)))
+    log(f"base {args.model}: {sum(p.numel() for p in gpt.parameters())} parameters, {len(tok_tr)} training "
+        f"sequences of {tok_tr.shape[1]} tokens; schedule {schedule.to_dict()}; s = "
+        f"{[round(v, 4) for v in schedule.sigmas64().tolist()]}")
+
+    ev_g = torch.Generator().manual_seed(args.seed + 1)
+    before = {"clean": evaluate(gpt, sjd2, tok_te, lab_te, 0, ev_g),
+              "segments": evaluate(gpt, sjd2, tok_te, lab_te, None, ev_g)}
+    log(f"before: held-out ce clean {before['clean']:.4f}, segment-noised {before['segments']:.4f}")
+
+    groups = param_groups(gpt, sjd2, args.lr, args.new_lr, args.weight_decay)
+    for grp in groups:
+        grp["base_lr"] = grp["lr"]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    params = [p for grp in groups for p in grp["params"]]
+    t0 = time.time()
+    perm, pi, ema, history = torch.randperm(len(tok_tr), generator=g), 0, None, []
+    step = 0
+    for step in range(args.steps):
+        if pi + args.batch > len(perm):
+            perm, pi = torch.randperm(len(tok_tr), generator=g), 0
+        idx = perm[pi:pi + args.batch]
+        pi += args.batch
+        x = tok_tr[idx]
+        c = checkpoint.drop_condition(lab_tr[idx], args.cfg_drop, n_cls, generator=g)
+        lv = sample_levels_like(x, args.levels, generator=g, max_segments=args.max_segments, p_rising=args.p_rising)
+        s = lr_scale(step, args.steps, args.warmup)
+        for grp in opt.param_groups:
+            grp["lr"] = grp["base_lr"] * s
+        loss = next_clean_token_loss(checkpoint.noisy_logits(gpt, sjd2, c, x, lv, generator=g), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lv_ = float(loss.detach())
+        ema = lv_ if ema is None else 0.98 * ema + 0.02 * lv_
+        if step % 25 == 0 or step == args.steps - 1:
+            el = time.time() - t0
+            log(f"step {step:5d} loss {lv_:.4f} ema {ema:.4f} lr x{s:.3f} {el:.0f} s ({el / (step + 1):.2f} s/step)")
+            history.append([step, round(lv_, 4), round(ema, 4), round(el, 1)])
+        if time.time() - t0 > args.max_minutes * 60:
+            log(f"stopping at step {step}: time cap of {args.max_minutes} min reached")
+            break
+    train_s = time.time() - t0
+    gpt.eval()
+    ev_g = torch.Generator().manual_seed(args.seed + 1)
+    after = {"clean": evaluate(gpt, sjd2, tok_te, lab_te, 0, ev_g),
+             "segments": evaluate(gpt, sjd2, tok_te, lab_te, None, ev_g)}
+    per_level = {k: round(evaluate(gpt, sjd2, tok_te[:200], lab_te[:200], k, ev_g), 4) for k in range(args.levels + 1)}
+    log(f"after {step + 1} steps in {train_s:.0f} s: held-out ce clean {after['clean']:.4f} (base "
+        f"{before['clean']:.4f}), segment-noised {after['segments']:.4f} (base {before['segments']:.4f})")
+    log(f"held-out ce with every input at one level (200 images): {json.dumps(per_level)}")
+    training = {"command": command, "seed": args.seed, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                                 for k, v in vars(args).items()},
+                "steps_done": step + 1, "train_s": round(train_s, 1), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "history": history,
+                "heldout_ce": {"before": before, "after": after, "after_per_level": per_level}}
+    man = checkpoint.save(args.model, gpt, sjd2, out=args.out, training=training)
+    log(f"wrote {args.out}/{man['file']} sha256 {man['sha256'][:12]} ({man['bytes']} bytes) and "
+        f"{args.model}_sjd2.json")
+
+
+if __name__ == "__main__":
+    main()

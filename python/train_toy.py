@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Train a bundled model on CPU: VQ patch tokenizer, quality classifier, class-conditional GPT.
+
+    PYTHONPATH=. python python/train_toy.py --model mnist     # MNIST digits, 196 tokens, 256 codes
+    PYTHONPATH=. python python/train_toy.py --model photo     # photo crops, 256 tokens, 512 codes
+
+Writes ``sjd_kernels/models/weights/<model>_{vq,quality,gpt}.safetensors`` and ``<model>.json``
+(configs, SHA-256 of every file, the command, seed, timings, losses, round-trip errors, target
+entropy, quality numbers), and logs to ``benchmarks/results/train_<model>.log``. Everything is
+seeded; the data ships inside pip packages (see ``sjd_kernels.data``). ``--stages`` re-runs a
+subset (vq, clf, gpt) reusing the other committed files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sjd_kernels import data  # noqa: E402
+from sjd_kernels.models import bundled  # noqa: E402
+from sjd_kernels.models.tokenizer import PatchVQ  # noqa: E402
+from sjd_kernels.quality import train_classifier  # noqa: E402
+
+# Per-model recipe. Sizes keep the GPT stage near 10 minutes on 2 shared CPU cores.
+RECIPES = {
+    "mnist": dict(num_codes=256, patch=2, num_classes=10, clf_epochs=8,
+                  gpt=dict(n_layer=4, n_head=4, n_kv_head=4, d_model=192),
+                  steps=1200, batch=32, lr=2e-3, warmup=60, weight_decay=0.05, cfg_drop=0.1,
+                  train_crops=None),
+    "photo": dict(num_codes=512, patch=2, num_classes=len(data.PHOTO_NAMES), clf_epochs=8,
+                  gpt=dict(n_layer=4, n_head=4, n_kv_head=4, d_model=192),
+                  steps=1000, batch=32, lr=2e-3, warmup=60, weight_decay=0.05, cfg_drop=0.1,
+                  train_crops=40000),
+}
+
+
+class Log:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w")
+        self.t0 = time.time()
+
+    def __call__(self, msg: str):
+        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.f.write(line + "\n")
+        self.f.flush()
+
+
+def train_data(model: str, recipe: dict, seed: int):
+    if model == "mnist":
+        Xtr, ytr = data.mnist("train")
+        Xte, yte = data.mnist("test")
+    else:
+        Xtr, ytr = data.photo_crops(recipe["train_crops"], "train", seed=seed)
+        Xte, yte = data.photo_crops(1000, "test", seed=seed + 1)
+    return Xtr, ytr, Xte, yte
+
+
+def stage_vq(model, recipe, Xtr, Xte, seed, log):
+    t = time.time()
+    vq = PatchVQ.fit(Xtr, recipe["num_codes"], patch=recipe["patch"], seed=seed)
+    info = {"fit_s": round(time.time() - t, 1), **vq.fit_info,
+            "train": vq.roundtrip(Xtr), "test": vq.roundtrip(Xte)}
+    raw = PatchVQ.fit(Xtr, recipe["num_codes"], patch=recipe["patch"], seed=seed, dedup=False, n_init=1)
+    info["raw_patch_fit_for_comparison"] = {"train": raw.roundtrip(Xtr)}
+    log(f"vq: {vq.num_codes} codes of {vq.patch}x{vq.patch} patches, {vq.tokens_per_image} tokens/image, "
+        f"fitted on {info['distinct_patches']} distinct of {info['all_patches']} patches in {info['fit_s']} s")
+    log(f"vq round trip: train mse {info['train']['mse']:.5f} ({info['train']['psnr_db']:.2f} dB, "
+        f"{info['train']['codes_used']} codes used), test mse {info['test']['mse']:.5f} "
+        f"({info['test']['psnr_db']:.2f} dB, {info['test']['codes_used']} codes used)")
+    r = info["raw_patch_fit_for_comparison"]["train"]
+    log(f"vq fitted on raw (not de-duplicated) patches instead: {r['codes_used']} codes used, mse {r['mse']:.5f}")
+    return vq, info
+
+
+def stage_clf(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log):
+    t = time.time()
+    Xr = vq.decode(vq.encode(Xtr)).numpy()
+    q = train_classifier(np.concatenate([Xtr, Xr]), np.concatenate([ytr, ytr]), recipe["num_classes"],
+                         epochs=recipe["clf_epochs"], seed=seed, log=log)
+    info = {"train_s": round(time.time() - t, 1), "test_accuracy": q.accuracy(Xte, yte),
+            "test_accuracy_vq_roundtrip": q.accuracy(vq.decode(vq.encode(Xte)), yte)}
+    if model == "photo":
+        Xf, yf = data.photo_crops(1000, "train", seed=seed + 1000)
+        info["fresh_train_region_accuracy"] = q.accuracy(Xf, yf)
+    log(f"classifier: {json.dumps(info)}")
+    return q, info
+
+
+def lr_at(step, recipe):
+    if step < recipe["warmup"]:
+        return recipe["lr"] * (step + 1) / recipe["warmup"]
+    p = (step - recipe["warmup"]) / max(1, recipe["steps"] - recipe["warmup"])
+    return recipe["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@torch.no_grad()
+def eval_gpt(gpt, tokens, labels, batch=100):
+    """Held-out cross-entropy and mean entropy of the model's target rows (conditional, T = 1)."""
+    gpt.eval()
+    ce, ent, n = 0.0, 0.0, 0
+    for i in range(0, len(tokens), batch):
+        x, c = tokens[i:i + batch], labels[i:i + batch]
+        logits = gpt.forward_train(c, x).float()
+        lp = logits.log_softmax(-1)
+        ce += float(F.nll_loss(lp.reshape(-1, lp.shape[-1]), x.reshape(-1), reduction="sum"))
+        ent += float(-(lp.exp() * lp).sum(-1).sum())
+        n += x.numel()
+    gpt.train()
+    return ce / n, ent / n
+
+
+def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, max_minutes):
+    from sjd_kernels.models.gpt import GPT, GPTConfig, drop_condition
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    tok_tr, tok_te = vq.encode(Xtr), vq.encode(Xte)
+    lab_tr, lab_te = torch.as_tensor(ytr), torch.as_tensor(yte)
+    cfg = GPTConfig(vocab_size=vq.num_codes, max_image_tokens=vq.tokens_per_image,
+                    num_classes=recipe["num_classes"], **recipe["gpt"])
+    gpt = GPT(cfg)
+    n_params = sum(p.numel() for p in gpt.parameters())
+    log(f"gpt: {cfg}, {n_params} parameters; {len(tok_tr)} training sequences of {tok_tr.shape[1]} tokens")
+    decay = [p for n, p in gpt.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in gpt.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe["lr"], betas=(0.9, 0.95))
+    t0 = time.time()
+    perm, pi, ema = torch.randperm(len(tok_tr), generator=g), 0, None
+    history = []
+    for step in range(recipe["steps"]):
+        if pi + recipe["batch"] > len(perm):
+            perm, pi = torch.randperm(len(tok_tr), generator=g), 0
+        idx = perm[pi:pi + recipe["batch"]]
+        pi += recipe["batch"]
+        x = tok_tr[idx]
+        c = drop_condition(lab_tr[idx], recipe["cfg_drop"], recipe["num_classes"], generator=g)
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, recipe)
+        logits = gpt.forward_train(c, x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+        opt.step()
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+        if step % 50 == 0 or step == recipe["steps"] - 1:
+            el = time.time() - t0
+            log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} lr {lr_at(step, recipe):.2e} "
+                f"{el:.0f} s ({el / (step + 1):.2f} s/step)")
+            history.append([step, round(lv, 4), round(ema, 4), round(el, 1)])
+        if time.time() - t0 > max_minutes * 60:
+            log(f"stopping at step {step}: time cap of {max_minutes} min reached")
+            break
+    train_s = time.time() - t0
+    te_ce, te_ent = eval_gpt(gpt, tok_te, lab_te)
+    tr_ce, tr_ent = eval_gpt(gpt, tok_tr[:len(tok_te)], lab_tr[:len(tok_te)])
+    info = {"config": {k: getattr(cfg, k) for k in vars(cfg)} if hasattr(cfg, "__dict__") else str(cfg),
+            "parameters": n_params, "steps_done": step + 1, "train_s": round(train_s, 1),
+            "final_train_loss_ema": round(ema, 4), "train_subset_ce": round(tr_ce, 4),
+            "test_ce": round(te_ce, 4), "mean_target_entropy_nats": round(te_ent, 4), "history": history}
+    log(f"gpt trained {step + 1} steps in {train_s:.0f} s: train ce {tr_ce:.4f}, held-out ce {te_ce:.4f}, "
+        f"mean target entropy (held-out prefixes, conditional, T=1) {te_ent:.4f} nats/token")
+    return gpt, info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(RECIPES), default="mnist")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default="vq,clf,gpt", help="comma list of vq, clf, gpt (others are loaded)")
+    ap.add_argument("--steps", type=int, default=None, help="override the recipe's GPT steps")
+    ap.add_argument("--max-minutes", type=float, default=25.0, help="hard cap on GPT training time")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR)
+    ap.add_argument("--log", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = dict(RECIPES[args.model])
+    if args.steps is not None:
+        recipe["steps"] = args.steps
+    stages = set(s.strip() for s in args.stages.split(",") if s.strip())
+    log = Log(args.log or ROOT / "benchmarks" / "results" / f"train_{args.model}.log")
+    command = "PYTHONPATH=. python python/train_toy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    log(f"command: {command}")
+    log(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; seed {args.seed}; recipe {json.dumps(recipe)}")
+    t_all = time.time()
+    Xtr, ytr, Xte, yte = train_data(args.model, recipe, args.seed)
+    log(f"data: train {Xtr.shape}, test {Xte.shape}")
+    prev = bundled.manifest(args.model, args.out) if (args.out / f"{args.model}.json").exists() else {}
+    info = {k: prev.get("info", {}).get(k) for k in ("vq", "quality", "gpt")}
+
+    if "vq" in stages:
+        vq, info["vq"] = stage_vq(args.model, recipe, Xtr, Xte, args.seed, log)
+    else:
+        vq = bundled.load_tokenizer(args.model, args.out)
+    if "clf" in stages:
+        q, info["quality"] = stage_clf(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log)
+    else:
+        q = bundled.load_quality(args.model, args.out)
+    gpt = None
+    if "gpt" in stages:
+        gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, args.max_minutes)
+
+    man = bundled.save(args.model, out=args.out, tokenizer=vq, quality=q, gpt=gpt, info=info,
+                       training={"command": command, "seed": args.seed, "stages": sorted(stages),
+                                 "recipe": recipe, "total_s": round(time.time() - t_all, 1),
+                                 "torch": torch.__version__, "threads": torch.get_num_threads()})
+    log(f"wrote {args.out}/{args.model}.json: " + ", ".join(f"{k} {v['file']} sha256 {v['sha256'][:12]}"
+                                                              for k, v in man["files"].items()))
+    log(f"total {time.time() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

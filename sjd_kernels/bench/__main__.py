@@ -1,0 +1,137 @@
+"""``python -m sjd_kernels.bench {list,ops,e2e,compare}``.
+
+  list                         the registered op cases (works anywhere)
+  ops [--check] [--quick]      check every op/backend against the reference, then time it (GPU)
+  e2e [--model NAME]           decoding on a model: NFE, compression, tokens/s, latency, split, laws (GPU)
+  compare CURRENT BASELINE     exit 1 when CURRENT regresses beyond --tol against BASELINE
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+DEFAULT_OUT = os.path.join("benchmarks", "results")
+
+
+def _command() -> str:
+    return "python -m sjd_kernels.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_list(args) -> int:
+    from . import cases as C
+    grids = [args.grid] if args.grid else list(C.GRIDS)
+    for name, bench in C.OPS.items():
+        if args.op and name not in args.op:
+            continue
+        print(f"{name}: {bench.doc}")
+        print(f"  backends: {', '.join(bench.backends)}  (reference: {bench.reference_backend})")
+        for c in bench.cases():
+            g = [x for x in c.grids if x in grids]
+            if not g:
+                continue
+            print(f"  {c.name:<72} grids={','.join(c.grids):<16} bytes_min={bench.bytes_min(c) / 2**20:10.2f} MiB"
+                  f"  state/req={bench.state_bytes_per_request(c) / 2**20:8.2f} MiB")
+    from .e2e import MODELS, METHODS
+    print("e2e models: " + ", ".join(MODELS))
+    print("e2e methods: " + ", ".join(METHODS))
+    return 0
+
+
+def cmd_ops(args) -> int:
+    from .ops import run_ops
+    grid = args.grid or ("quick" if args.quick else None)
+    res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
+                  warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=args.out, csv_path=args.csv,
+                  json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
+                  command=_command())
+    if res["failed_checks"]:
+        print(f"{len(res['failed_checks'])} checks FAILED", file=sys.stderr)
+        return 1
+    if res["refused_timing"]:
+        print("checks passed; no timings (no CUDA device)")
+    return 0
+
+
+def cmd_e2e(args) -> int:
+    from .e2e import run_e2e
+    res = run_e2e(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
+                  vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
+                  law_samples=args.law_samples, seed=args.seed, out_dir=args.out, csv_path=args.csv,
+                  json_path=args.json, budget_s=args.budget_s, quick=args.quick, backend=args.backend_name,
+                  command=_command(), allow_cpu=args.allow_cpu)
+    return 1 if res.get("failed") else 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import main_compare
+    return main_compare(args.current, args.baseline, tol=args.tol, metrics=args.metric,
+                        allow_gpu_mismatch=args.allow_gpu_mismatch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sjd_kernels.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("list", help="list the registered cases")
+    s.add_argument("--op", action="append")
+    s.add_argument("--grid", choices=["full", "quick", "cpu", "cpu-quick"])
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("ops", help="op benchmark: check, then time (GPU)")
+    s.add_argument("--op", action="append", help="op name (repeatable); default all")
+    s.add_argument("--backend", action="append", help="backend name (repeatable); default all available")
+    s.add_argument("--check", action="store_true", help="only the correctness checks")
+    s.add_argument("--quick", action="store_true", help="the small grid")
+    s.add_argument("--grid", choices=["full", "quick", "cpu", "cpu-quick"])
+    s.add_argument("--reps", type=int, default=50)
+    s.add_argument("--warmup", type=int, default=5)
+    s.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
+    s.add_argument("--out", default=DEFAULT_OUT, help="folder for ops.csv, ops.md, ops_latency.png")
+    s.add_argument("--csv")
+    s.add_argument("--json")
+    s.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-plots", action="store_true")
+    s.set_defaults(func=cmd_ops)
+
+    s = sub.add_parser("e2e", help="decoding benchmark on a model (GPU)")
+    s.add_argument("--model", default="bundled", help="bundled (default), llamagen-xl, chameleon-7b, tiny")
+    s.add_argument("--methods", nargs="+", help="default: all methods the loop offers")
+    s.add_argument("--windows", nargs="+", type=int)
+    s.add_argument("--betas", nargs="+", type=float)
+    s.add_argument("--vp-forms", nargs="+", default=["add"], choices=["add", "log"])
+    s.add_argument("--num-tokens", type=int)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--samples", type=int, help="generations per timed configuration")
+    s.add_argument("--law-samples", type=int, help="generations per method for the two-sample test against AR")
+    s.add_argument("--backend", dest="backend_name", default="auto", help="op backend for the loop")
+    s.add_argument("--quick", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=DEFAULT_OUT)
+    s.add_argument("--csv")
+    s.add_argument("--json")
+    s.add_argument("--budget-s", type=float, default=1e9)
+    s.add_argument("--allow-cpu", action="store_true",
+                   help="run on CPU for a smoke test: counts and laws only, no timing columns")
+    s.set_defaults(func=cmd_e2e)
+
+    s = sub.add_parser("compare", help="compare a run with a saved baseline (exit 1 on regression)")
+    s.add_argument("current")
+    s.add_argument("baseline")
+    s.add_argument("--tol", type=float, default=0.10, help="relative tolerance (0.10 = 10%%)")
+    s.add_argument("--metric", action="append", help="metrics to compare (default: times and rates)")
+    s.add_argument("--allow-gpu-mismatch", action="store_true")
+    s.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

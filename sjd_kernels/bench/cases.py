@@ -1,0 +1,606 @@
+"""Registered benchmark cases: for each op, its shape grids, input builders, checks and byte counts.
+
+An op's benchmark is an :class:`OpBench`; it knows how to build random inputs for a case
+(never zeros), restore the mutated state before every timed repetition (so each rep solves
+the same problem), check a backend against the reference on fresh inputs, and count the
+fewest bytes the op must move (each input read once, each output written once, state reads
+and writes counted). Grids:
+
+- ``full``: SPEC section 8 shapes (GPU);
+- ``quick``: a few of them (GPU);
+- ``cpu``: small shapes for correctness checks on a machine without a GPU (the Triton
+  backend then runs under the interpreter when ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+GRIDS = ("full", "quick", "cpu", "cpu-quick")
+
+
+@dataclass
+class Case:
+    op: str
+    params: dict
+    grids: tuple = ("full",)
+
+    @property
+    def name(self) -> str:
+        lab = self.params.get("label")
+        if lab:
+            return f"{self.op}:{lab}"
+        return self.op + ":" + "_".join(f"{k}{_fmt(v)}" for k, v in self.params.items())
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    return str(v)
+
+
+@dataclass
+class Prepared:
+    """Inputs of one case on one device: ``call(backend)`` gives the timed closure, ``reset()`` restores state."""
+    call: Callable[[str], Callable[[], object]]
+    reset: Callable[[], None]
+    extra: dict = field(default_factory=dict)
+
+
+class OpBench:
+    name = ""
+    backends: tuple = ()
+    reference_backend = "torch"
+    doc = ""
+
+    def cases(self) -> list:
+        raise NotImplementedError
+
+    def prepare(self, case: Case, device, seed: int) -> Prepared:
+        raise NotImplementedError
+
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+        raise NotImplementedError
+
+    def bytes_min(self, case: Case) -> int:
+        raise NotImplementedError
+
+    def state_bytes_per_request(self, case: Case) -> int:
+        return 0
+
+    def available(self, backend: str, device) -> tuple:
+        """(usable, why) for this backend on ``device``."""
+        return _library_backend_available(backend, device)
+
+
+def _library_backend_available(backend: str, device) -> tuple:
+    from ..ops._common import backends as lib_backends, resolve_backend
+    info = lib_backends().get(backend)
+    if info is None:
+        return False, f"{backend}: unknown backend"
+    if not info["available"]:
+        return False, info["why"]
+    try:
+        resolve_backend(backend, torch.device(device))
+    except Exception as e:
+        return False, f"{backend}: {e}"
+    return True, info["why"]
+
+
+def _gen(device, seed: int) -> torch.Generator:
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+# =========================================================================== jacobi_step
+# top-k and CFG scale of the model family each vocabulary stands for (SPEC section 8)
+FAMILY = {8192: (2000, 3.0), 16384: (1000, 4.0), 32768: (2048, 3.0)}
+
+
+def _jacobi_params(B, W, V, *, cfg=True, dtype=torch.bfloat16, mode="sjd", beta=0.0, ragged=False, top_k=None):
+    tk, s = FAMILY.get(V, (max(1, V // 4), 3.0))
+    tk = tk if top_k is None else top_k
+    label = f"B{B}_W{W}_V{V}_{'cfg' if cfg else 'nocfg'}_{_DT[dtype]}_{mode}_k{tk}"
+    if beta:
+        label += f"_beta{beta:g}"
+    if ragged:
+        label += "_ragged"
+    return {"B": B, "W": W, "V": V, "cfg": cfg, "dtype": dtype, "mode": mode, "beta": beta, "ragged": ragged,
+            "top_k": tk, "cfg_scale": s, "label": label}
+
+
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class JacobiStepBench(OpBench):
+    name = "jacobi_step"
+    backends = ("torch", "triton", "cuda", "reference_sjd")
+    doc = ("one Jacobi step after the LM head: CFG, top-k, softmax, verification, residual/bonus, next drafts, "
+           "state update")
+
+    def cases(self) -> list:
+        out = []
+        for B in (1, 32):
+            for W in (16, 32, 64):
+                for V in (8192, 16384, 32768):
+                    grids = ("full", "quick") if (W == 16 and V == 16384) or (B == 32 and W == 32 and V == 32768) \
+                        else ("full",)
+                    out.append(Case(self.name, _jacobi_params(B, W, V), grids))
+        out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="coupling"), ("full", "quick")))
+        out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="sjd", beta=0.5), ("full",)))
+        out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="gumbel"), ("full",)))
+        out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="gumbel_jacobi"), ("full",)))
+        out.append(Case(self.name, _jacobi_params(32, 32, 16384, ragged=True), ("full",)))
+        out.append(Case(self.name, _jacobi_params(32, 32, 16384, cfg=False, dtype=torch.float16), ("full",)))
+        out.append(Case(self.name, _jacobi_params(64, 128, 32768), ("full",)))
+        # small shapes for CPU checks (V=257: not a multiple of any block size; V=100 with top-k off)
+        out.append(Case(self.name, _jacobi_params(3, 4, 64, top_k=16), ("cpu", "cpu-quick")))
+        out.append(Case(self.name, _jacobi_params(2, 8, 257, cfg=False, dtype=torch.float32, mode="coupling",
+                                                  ragged=True, top_k=40), ("cpu", "cpu-quick")))
+        out.append(Case(self.name, _jacobi_params(3, 4, 64, mode="sjd", beta=0.5, top_k=0), ("cpu",)))
+        out.append(Case(self.name, _jacobi_params(2, 4, 100, mode="gumbel_jacobi", top_k=0), ("cpu",)))
+        return out
+
+    # ---- inputs
+    def _inputs(self, p: dict, device, seed: int) -> dict:
+        from ..ops.jacobi_step import JacobiState
+        from ..reference import jacobi_step as ref
+        from ..reference.target import combine_logits, target_probs
+        B, W, V = p["B"], p["W"], p["V"]
+        g = _gen(device, seed)
+        dev = torch.device(device)
+        logits = (3.0 * torch.randn(B, W + 1, V, generator=g, device=dev)).to(p["dtype"])
+        uncond = cfg = None
+        if p["cfg"]:
+            uncond = (logits.float() + 1.0 * torch.randn(B, W + 1, V, generator=g, device=dev)).to(p["dtype"])
+            cfg = torch.full((B,), float(p["cfg_scale"]), device=dev)
+        vp = p["beta"] != 0.0
+        seeds = [int(seed) * 1009 + i for i in range(B)]
+        st = JacobiState.create(B, W, V, seed=seeds, device=dev, vp=vp)
+        pos = torch.randint(0, 1000, (B,), generator=g, device=dev)
+        win = torch.full((B,), W, dtype=torch.int64, device=dev)
+        if p["ragged"]:
+            win = torch.randint(0, W + 1, (B,), generator=g, device=dev)
+        # steady state: the drafts come from the laws of a previous iteration (perturbed targets)
+        x = combine_logits(logits, uncond, cfg)
+        prevx = x[:, :W] + 1.0 * torch.randn(B, W, V, generator=g, device=dev)
+        Q = target_probs(prevx, 1.0, p["top_k"], 1.0)
+        if p["mode"] in ("gumbel", "gumbel_jacobi"):
+            Q = target_probs(x[:, :W], 1.0, p["top_k"], 1.0)
+        drafts = torch.multinomial(Q.reshape(B * W, V), 1, generator=g).view(B, W)
+        R = st.q_state.shape[1]
+        slots = (pos.view(B, 1) + torch.arange(W, device=dev)) % R
+        bi = torch.arange(B, device=dev).view(B, 1).expand(B, W)
+        st.q_state[bi, slots] = Q
+        kind = ref.KIND_DENSE | (ref.FLAG_PREV if vp else 0)
+        st.q_kind[bi, slots] = kind
+        if vp:
+            st.p_prev[bi, slots] = target_probs(prevx + 0.5 * torch.randn(B, W, V, generator=g, device=dev), 1.0,
+                                                p["top_k"], 1.0)
+        return {"logits": logits, "uncond": uncond, "cfg": cfg, "drafts": drafts, "win": win, "pos": pos, "state": st,
+                "Q": Q}
+
+    def _call(self, p: dict, inp: dict, state, backend: str):
+        from ..ops.jacobi_step import jacobi_step
+        return jacobi_step(inp["logits"], inp["drafts"], inp["win"], inp["pos"], state,
+                           uncond_logits=inp["uncond"], cfg_scale=inp["cfg"], top_k=int(p["top_k"]),
+                           mode=p["mode"], beta=float(p["beta"]), backend=backend, advance=False)
+
+    def prepare(self, case: Case, device, seed: int) -> Prepared:
+        from ..ops.jacobi_step import JacobiState
+        p = case.params
+        inp = self._inputs(p, device, seed)
+        st = inp["state"]
+        pristine = [t.clone() for t in (st.q_state, st.q_kind, st.p_prev, st.status, st.step)]
+
+        def reset():
+            for dst, src in zip((st.q_state, st.q_kind, st.p_prev, st.status, st.step), pristine):
+                dst.copy_(src)
+
+        extra = {}
+
+        def call(backend: str):
+            if backend == "reference_sjd":
+                from .reference_sjd import ReferenceSJD
+                r = ReferenceSJD(p["B"], p["W"], p["V"], top_k=int(p["top_k"]), device=device,
+                                 generator=_gen(device, seed + 1))
+                d0, q0 = inp["drafts"].clone(), inp["Q"].clone()
+                extra["reset_ref"] = lambda: r.set_window(d0, q0)
+                extra["reset_ref"]()
+                return lambda: r.step(inp["logits"], inp["uncond"], inp["cfg"])
+            return lambda: self._call(p, inp, st, backend)
+
+        def reset_all():
+            reset()
+            if "reset_ref" in extra:
+                extra["reset_ref"]()
+
+        return Prepared(call=call, reset=reset_all, extra=extra)
+
+    # ---- checks
+    def available(self, backend: str, device) -> tuple:
+        if backend == "reference_sjd":
+            return True, "reference_sjd: the public SJD loop in PyTorch (sjd_kernels/bench/reference_sjd.py)"
+        return _library_backend_available(backend, device)
+
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+        """Backend vs the PyTorch reference on fresh random inputs (same seeds => same tokens).
+
+        Pass: at most ``max(1, 2%)`` of requests differ in any output token (float rounding may
+        move a sample across a boundary), at most 1% of written state rows differ beyond
+        ``1e-6 + 1e-4 |ref|``, no device error, outputs in range. ``reference_sjd`` draws its
+        own randomness, so its target rows are compared with the library's target law instead.
+        """
+        from ..ops.jacobi_step import JacobiState
+        from ..reference.target import combine_logits, target_probs
+        p = case.params
+        B, W, V = p["B"], p["W"], p["V"]
+        trials = max(1, math.ceil(min_requests / B))
+        n_req = n_bad_req = n_rows = n_bad_rows = 0
+        max_err = 0.0
+        problems = []
+        for t in range(trials):
+            s = seed + 7919 * t
+            inp = self._inputs(p, device, s)
+            if backend == "reference_sjd":
+                from .reference_sjd import ReferenceSJD, warp_probs
+                P_ref = target_probs(combine_logits(inp["logits"], inp["uncond"], inp["cfg"]), 1.0, p["top_k"], 1.0)
+                P_pub = warp_probs(inp["logits"], inp["uncond"], inp["cfg"], 1.0, p["top_k"])
+                err = (P_ref - P_pub).abs()
+                tol = 1e-6 + 1e-4 * P_ref.abs()
+                bad_rows = (err > tol).any(-1)
+                n_rows += bad_rows.numel()
+                n_bad_rows += int(bad_rows.sum())
+                max_err = max(max_err, float(err.max()))
+                r = ReferenceSJD(B, W, V, top_k=int(p["top_k"]), device=device, generator=_gen(device, s))
+                r.set_window(inp["drafts"], inp["Q"])
+                m, committed, nd = r.step(inp["logits"], inp["uncond"], inp["cfg"])
+                n_req += B
+                ok = (m >= 0).all() and (m <= W).all() and ((nd >= 0) & (nd < V)).all() and \
+                    all(((c >= 0) & (c < V)).all() and c.numel() == int(mm) + 1 for c, mm in zip(committed, m))
+                if not bool(ok):
+                    problems.append("reference_sjd output out of range")
+                    n_bad_req += B
+                continue
+            st_ref = inp["state"]
+            st_be = JacobiState(*(x.clone() for x in (st_ref.q_state, st_ref.q_kind, st_ref.p_prev, st_ref.seed,
+                                                         st_ref.step, st_ref.status)))
+            q_before, pp_before = st_ref.q_state.clone(), st_ref.p_prev.clone()
+            out_ref = self._call(p, inp, st_ref, "torch")
+            out_be = self._call(p, inp, st_be, backend)
+            same = (out_ref.num_accepted == out_be.num_accepted) & (out_ref.tokens == out_be.tokens).all(1) & \
+                   (out_ref.next_drafts == out_be.next_drafts).all(1)
+            n_req += B
+            n_bad_req += int((~same).sum())
+            # rows 1..win_len are written (their new law does not depend on the outcome); the pre-state is a
+            # different random law, so an unwritten row shows; every other slot must be left untouched
+            R = st_ref.q_state.shape[1]
+            j = torch.arange(W + 1, device=inp["pos"].device)
+            slots = (inp["pos"].view(B, 1) + j) % R
+            rows = (j.view(1, -1) >= 1) & (j.view(1, -1) <= inp["win"].view(B, 1))
+            written = torch.zeros(B, R, dtype=torch.bool, device=slots.device)
+            written.scatter_(1, slots, rows)
+            pairs = [(st_ref.q_state, st_be.q_state, q_before)]
+            if st_ref.p_prev.numel():
+                pairs.append((st_ref.p_prev, st_be.p_prev, pp_before))
+            for a, b_, before in pairs:
+                err = (a - b_).abs()
+                bad = ~(err <= 1e-6 + 1e-4 * a.abs()).all(-1) & written
+                n_rows += int(written.sum())
+                n_bad_rows += int(bad.sum())
+                max_err = max(max_err, float(torch.where(written.unsqueeze(-1), err, torch.zeros_like(err)).max()))
+                stray = int((~written & (b_ != before).any(-1)).sum())
+                if stray:
+                    problems.append(f"{stray} state rows written that the step must leave alone")
+            kind_bad = int(((st_ref.q_kind != st_be.q_kind).any(1) & same).sum())
+            if kind_bad:
+                problems.append(f"q_kind differs in {kind_bad} agreeing requests")
+            if int(st_be.status[0]) or int(st_ref.status[0]):
+                problems.append(f"device status error bits ref={int(st_ref.status[0])} {backend}={int(st_be.status[0])}")
+            tok = out_be.tokens
+            m = out_be.num_accepted
+            if not bool(((m >= 0) & (m <= inp["win"])).all()):
+                problems.append("num_accepted out of [0, win_len]")
+            valid = torch.arange(W + 1, device=tok.device).view(1, -1) <= m.view(-1, 1)
+            if not bool((((tok >= 0) & (tok < V)) | ~valid).all()) or not bool((tok[~valid] == -1).all()):
+                problems.append("committed tokens out of range or not -1-padded")
+        allowed_req = max(1, int(0.02 * n_req))
+        allowed_rows = max(1, int(0.01 * n_rows)) if n_rows else 0
+        ok = n_bad_req <= allowed_req and n_bad_rows <= allowed_rows and not problems
+        if backend == "torch":
+            detail = f"reference itself; {n_req} requests well-formed"
+        elif backend == "reference_sjd":
+            detail = (f"target rows vs library law: {n_bad_rows}/{n_rows} rows off (max abs err {max_err:.2e}); "
+                      f"{n_req} requests well-formed")
+        else:
+            detail = (f"vs torch: {n_bad_req}/{n_req} requests differ (allowed {allowed_req}); state rows "
+                      f"{n_bad_rows}/{n_rows} off (allowed {allowed_rows}, max abs err {max_err:.2e})")
+        if problems:
+            detail += "; " + "; ".join(sorted(set(problems)))
+        return {"check": "pass" if ok else "FAIL", "check_detail": detail, "mismatch_rate": n_bad_req / max(1, n_req)}
+
+    # ---- bytes
+    def bytes_min(self, case: Case) -> int:
+        """Fewest bytes one step must move (see docs in the module): logits read once, state rows counted.
+
+        - logits (and uncond with CFG): ``B (W+1) V e`` each, read once;
+        - draft laws: ``B V 4`` (one full row: the residual at the first rejection; the other drafts
+          need one number each) for sjd/gumbel; ``B W V 4`` for coupling (every kept-or-redrawn
+          draft needs its old row); nothing in full for gumbel_jacobi;
+        - VP: previous target rows ``B (W-1) V 4`` read, ``B W V 4`` written;
+        - state writes: ``B W V 4`` (rows 1..W get their new law);
+        - small tensors (drafts, ids, counters, kinds, outputs) at their sizes.
+        With ragged windows, ``W`` is replaced by the mean window length.
+        """
+        p = case.params
+        B, W, V = p["B"], p["W"], p["V"]
+        Wm = W / 2.0 if p["ragged"] else W
+        e = torch.empty((), dtype=p["dtype"]).element_size()
+        n_logit = 2 if p["cfg"] else 1
+        b = n_logit * B * (Wm + 1) * V * e
+        mode = p["mode"]
+        if mode == "coupling":
+            b += B * Wm * V * 4
+        elif mode != "gumbel_jacobi":
+            b += B * V * 4
+        if p["beta"] != 0.0:
+            b += B * max(Wm - 1, 0) * V * 4 + B * Wm * V * 4
+        b += B * Wm * V * 4                                            # q_state writes
+        b += B * (W * 8 + 4 * 8 + (4 if p["cfg"] else 0))              # drafts, win_len, pos, seed, step, cfg
+        b += B * (W + 1) * 4 * 2                                       # q_kind read + write
+        b += B * (8 + (W + 1) * 8 + W * 8)                             # outputs
+        return int(b)
+
+    def state_bytes_per_request(self, case: Case) -> int:
+        p = case.params
+        W, V = p["W"], p["V"]
+        R = W + 1
+        return R * V * 4 * (2 if p["beta"] != 0.0 else 1) + R * 4 + 2 * 8
+
+
+# =========================================================================== sjd2_prepare
+class SJD2PrepareBench(OpBench):
+    name = "sjd2_prepare"
+    backends = ("torch", "triton")
+    doc = "SJD2 model inputs with the window's DDIM update fused in"
+
+    def cases(self) -> list:
+        out = []
+        for B in (1, 32):
+            for W in (32, 64):
+                for d, Vt in ((1280, 16384), (4096, 65536)):
+                    grids = ("full", "quick") if (W == 64 and d == 4096) else ("full",)
+                    out.append(Case(self.name, {"B": B, "W": W, "d": d, "Vt": Vt, "K": 20, "dtype": torch.bfloat16},
+                                    grids))
+        out.append(Case(self.name, {"B": 2, "W": 8, "d": 48, "Vt": 100, "K": 4, "dtype": torch.float32},
+                        ("cpu", "cpu-quick")))
+        return out
+
+    def available(self, backend: str, device) -> tuple:
+        if backend == "cuda":
+            return False, "cuda: sjd2_prepare has no CUDA kernel (the Triton kernel serves GPUs)"
+        return _library_backend_available(backend, device)
+
+    def _inputs(self, p: dict, device, seed: int) -> dict:
+        from ..sjd2.noise import NoiseSchedule
+        B, W, d, Vt, K = p["B"], p["W"], p["d"], p["Vt"], p["K"]
+        dev = torch.device(device)
+        g = _gen(device, seed)
+        N = W + 1
+        R = W + 1
+        E = (0.02 * torch.randn(Vt, d, generator=g, device=dev)).to(p["dtype"])
+        mean = 0.001 * torch.randn(d, generator=g, device=dev)
+        std = 0.02 + 0.001 * torch.rand(d, generator=g, device=dev)
+        lt = 0.01 * torch.randn(K + 1, d, generator=g, device=dev)
+        lt[0] = 0
+        a, s = NoiseSchedule(levels=K).coefficients(dev)
+        pos = torch.randint(0, 500, (B,), generator=g, device=dev)
+        positions = pos.view(B, 1) - 1 + torch.arange(N, device=dev)   # slot 0 = X[n-1], committed
+        tokens = torch.randint(0, Vt, (B, N), generator=g, device=dev)
+        seeds = torch.arange(B, device=dev, dtype=torch.int64) + 1009 * seed
+        commit_end = pos.clone()
+        fresh_start = pos + W - W // 4          # the last quarter enters now (pure noise)
+        row_end = pos + W - W // 4
+        latent = torch.randn(B, R, d, generator=g, device=dev)
+        level = torch.randint(1, K + 1, (B, R), generator=g, device=dev).to(torch.int32)
+        return dict(embed_weight=E, mean=mean, std=std, level_table=lt, alpha=a, sigma=s, tokens=tokens,
+                    positions=positions, seed=seeds, commit_end=commit_end, fresh_start=fresh_start,
+                    row_end=row_end, latent=latent, level=level)
+
+    def _call(self, inp: dict, backend: str, latent=None, level=None):
+        from ..ops.sjd2_prepare import sjd2_prepare
+        args = dict(inp)
+        if latent is not None:
+            args["latent"], args["level"] = latent, level
+        return sjd2_prepare(**args, backend=backend)
+
+    def prepare(self, case: Case, device, seed: int) -> Prepared:
+        inp = self._inputs(case.params, device, seed)
+        lat0, lev0 = inp["latent"].clone(), inp["level"].clone()
+
+        def reset():
+            inp["latent"].copy_(lat0)
+            inp["level"].copy_(lev0)
+
+        return Prepared(call=lambda be: (lambda: self._call(inp, be)), reset=reset)
+
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+        p = case.params
+        trials = max(1, math.ceil(min_requests / p["B"]))
+        worst = 0.0
+        problems = []
+        for t in range(trials):
+            inp = self._inputs(p, device, seed + 7919 * t)
+            lat, lev = inp["latent"].clone(), inp["level"].clone()
+            out_ref = self._call(inp, "torch")
+            out_be = self._call(inp, backend, lat, lev)
+            if not torch.isfinite(out_be.float()).all():
+                problems.append("non-finite output")
+            ref64 = out_ref.double()
+            rel = float((out_be.double() - ref64).norm() / ref64.norm().clamp_min(1e-30))
+            lrel = float((lat.double() - inp["latent"].double()).norm() / inp["latent"].double().norm())
+            worst = max(worst, rel, lrel)
+            if not torch.equal(lev, inp["level"]):
+                problems.append("levels differ")
+        tol = 1e-2 if p["dtype"] != torch.float32 else 1e-5
+        ok = worst <= tol and not problems
+        detail = ("reference itself" if backend == "torch" else
+                  f"vs torch: worst relative error {worst:.2e} (tol {tol:.0e}) over {trials} trials")
+        if problems:
+            detail += "; " + "; ".join(sorted(set(problems)))
+        return {"check": "pass" if ok else "FAIL", "check_detail": detail, "mismatch_rate": 0.0 if ok else 1.0}
+
+    def bytes_min(self, case: Case) -> int:
+        """Embedding rows gathered ``B N d e``; window latents read (not the fresh ones) and written
+        ``B W d 4`` each; levels; output ``B N d e``; the small tables once."""
+        p = case.params
+        B, W, d, K = p["B"], p["W"], p["d"], p["K"]
+        e = torch.empty((), dtype=p["dtype"]).element_size()
+        N = W + 1
+        fresh = W // 4
+        b = B * N * d * e * 2                       # embedding gather + output
+        b += B * (W - fresh) * d * 4 + B * W * d * 4  # latent read (non-fresh) + write
+        b += B * W * 4 * 2 + B * N * 8 * 2           # levels r/w, tokens + positions
+        b += (K + 1) * d * 4 + 2 * d * 4 + 2 * (K + 1) * 4 + B * 8 * 4
+        return int(b)
+
+    def state_bytes_per_request(self, case: Case) -> int:
+        p = case.params
+        return (p["W"] + 1) * (p["d"] * 4 + 4)
+
+
+# =========================================================================== verification only (FlashInfer peer)
+class VerifyOnlyBench(OpBench):
+    """The verification-only subset (target and draft laws given as probabilities): FlashInfer's
+    chain speculative sampling against a vectorised PyTorch verification written here. The
+    library has no verify-only op: its fused step does this plus the target law, the drafts
+    and the state update, so these rows are a peer reference point, not a like-for-like race."""
+    name = "verify_only"
+    backends = ("torch_verify", "flashinfer")
+    reference_backend = "torch_verify"
+    doc = "verification only (probabilities in): FlashInfer chain_speculative_sampling peer"
+
+    def cases(self) -> list:
+        out = []
+        for B in (1, 32):
+            for W in (16, 64):
+                for V in (16384, 32768):
+                    out.append(Case(self.name, {"B": B, "W": W, "V": V}, ("full", "quick") if W == 16 else ("full",)))
+        out.append(Case(self.name, {"B": 3, "W": 4, "V": 64}, ("cpu",)))
+        return out
+
+    def available(self, backend: str, device) -> tuple:
+        if backend == "torch_verify":
+            return True, "torch_verify: vectorised PyTorch verification (sjd_kernels/bench/cases.py)"
+        try:
+            import flashinfer  # noqa: F401
+            from flashinfer.sampling import chain_speculative_sampling  # noqa: F401
+        except Exception as e:
+            return False, f"flashinfer: not importable ({type(e).__name__}: {e})"
+        if torch.device(device).type != "cuda":
+            return False, "flashinfer: needs CUDA tensors"
+        return True, f"flashinfer {getattr(flashinfer, '__version__', '?')}"
+
+    def _inputs(self, p: dict, device, seed: int) -> dict:
+        B, W, V = p["B"], p["W"], p["V"]
+        dev = torch.device(device)
+        g = _gen(device, seed)
+        x = 3.0 * torch.randn(B, W + 1, V, generator=g, device=dev)
+        target = torch.softmax(x, -1)
+        draft = torch.softmax(x[:, :W] + torch.randn(B, W, V, generator=g, device=dev), -1)
+        ids = torch.multinomial(draft.reshape(B * W, V), 1, generator=g).view(B, W).to(torch.int32)
+        return {"target": target, "draft": draft, "ids": ids, "gen": _gen(device, seed + 3)}
+
+    @staticmethod
+    def torch_verify(draft, ids, target, gen):
+        """Vectorised SJD verification: accept while ``u Q(D) < P(D)``, residual or bonus by Gumbel-max."""
+        B, W, V = draft.shape
+        idx = ids.long().unsqueeze(-1)
+        q = torch.gather(draft, -1, idx).squeeze(-1)
+        pd = torch.gather(target[:, :W], -1, idx).squeeze(-1)
+        u = torch.rand(B, W, device=draft.device, generator=gen)
+        rej = ~(u * q < pd)
+        j = torch.arange(W + 1, device=draft.device)
+        first = torch.where(torch.cat([rej, torch.ones(B, 1, dtype=torch.bool, device=draft.device)], 1),
+                            j.view(1, -1), W + 1).amin(1)
+        row = torch.gather(target, 1, first.view(B, 1, 1).expand(B, 1, V)).squeeze(1)
+        qpad = torch.cat([draft, torch.zeros(B, 1, V, device=draft.device)], 1)
+        qrow = torch.gather(qpad, 1, first.view(B, 1, 1).expand(B, 1, V)).squeeze(1)
+        resid = (row - qrow).clamp(min=0)
+        e = -torch.log(torch.rand(B, V, device=draft.device, generator=gen).clamp_min(1e-20))
+        tok = torch.argmax(resid / e, -1)
+        out = torch.where(j.view(1, -1) < first.view(B, 1), torch.cat([ids.long(), ids.new_zeros(B, 1).long()], 1), -1)
+        return out.scatter(1, first.view(B, 1), tok.view(B, 1)), first
+
+    def _call(self, inp: dict, backend: str):
+        if backend == "flashinfer":
+            from flashinfer.sampling import chain_speculative_sampling
+            return chain_speculative_sampling(inp["draft"], inp["ids"], inp["target"])
+        return self.torch_verify(inp["draft"], inp["ids"], inp["target"], inp["gen"])
+
+    def prepare(self, case: Case, device, seed: int) -> Prepared:
+        inp = self._inputs(case.params, device, seed)
+        return Prepared(call=lambda be: (lambda: self._call(inp, be)), reset=lambda: None)
+
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+        p = case.params
+        inp = self._inputs(p, device, seed)
+        out = self._call(inp, backend)
+        tok = out[0] if isinstance(out, (tuple, list)) else out
+        tok = tok.long()
+        B, W, V = p["B"], p["W"], p["V"]
+        ok = tok.shape == (B, W + 1)
+        if ok:
+            emitted = tok >= 0
+            # a prefix of drafts, then one sampled token, then padding (-1)
+            n = emitted.sum(1)
+            pref = torch.arange(W + 1, device=tok.device).view(1, -1) < (n - 1).view(-1, 1)
+            drafts_ok = ((tok[:, :W] == inp["ids"].long()) | ~pref[:, :W]).all()
+            ok = bool(drafts_ok) and bool(((tok < V) | ~emitted).all()) and bool((n >= 1).all())
+        return {"check": "pass" if ok else "FAIL",
+                "check_detail": "well-formed accepted prefix + one sample (law: see the library's tests)",
+                "mismatch_rate": 0.0 if ok else 1.0}
+
+    def bytes_min(self, case: Case) -> int:
+        """Draft and target ids read as the scalar gathers; one full draft row and one target row per request
+        (the residual); the uniforms/outputs. Whole-row reads are data-dependent, so this is a lower bound."""
+        p = case.params
+        B, W, V = p["B"], p["W"], p["V"]
+        return int(B * (2 * W * 4 + 2 * V * 4 + W * 4 + (W + 1) * 8))
+
+    def state_bytes_per_request(self, case: Case) -> int:
+        p = case.params
+        return p["W"] * p["V"] * 4
+
+
+# =========================================================================== registry
+OPS: dict = {}
+
+
+def register(bench: OpBench) -> OpBench:
+    OPS[bench.name] = bench
+    return bench
+
+
+register(JacobiStepBench())
+register(SJD2PrepareBench())
+register(VerifyOnlyBench())
+
+
+def select(ops=None, grid: str = "full") -> list:
+    """Cases of the named ops (all when None) in ``grid``."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    names = list(OPS) if not ops else list(ops)
+    out = []
+    for n in names:
+        if n not in OPS:
+            raise ValueError(f"unknown op {n!r}; registered: {', '.join(OPS)}")
+        out += [c for c in OPS[n].cases() if grid in c.grids]
+    if grid == "full":      # the quick cases first: a run cut by its time box still has the headline shapes
+        out.sort(key=lambda c: 0 if "quick" in c.grids else 1)
+    return out

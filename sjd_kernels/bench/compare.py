@@ -1,0 +1,103 @@
+"""``bench compare``: a run against a saved baseline; exit 1 on a regression beyond a tolerance.
+
+Rows are matched by key: ``(op, case, backend, graph)`` for ops results, ``(model, method,
+window, beta, vp_form)`` for e2e results. Lower is better for times (``median_us``,
+``latency_ms``), higher for rates (``tokens_per_s``, ``step_compression``). A row regresses when
+it is worse than the baseline by more than ``tol`` (relative). Rows present in only one file
+are listed, not failed; a row whose check passed in the baseline and fails now is a regression.
+Comparing runs from different GPUs is refused unless ``--allow-gpu-mismatch``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from typing import Optional
+
+LOWER_BETTER = ("median_us", "latency_ms")
+HIGHER_BETTER = ("tokens_per_s", "step_compression")
+
+
+def load_rows(path: str) -> list:
+    if path.endswith(".json"):
+        with open(path) as f:
+            d = json.load(f)
+        return d["rows"] if isinstance(d, dict) else d
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(r: dict) -> tuple:
+    if r.get("op"):
+        return ("ops", r["op"], r["case"], r["backend"], r.get("graph", ""))
+    return ("e2e", r.get("model", ""), r.get("method", ""), str(r.get("window", "")), str(r.get("beta", "")),
+            r.get("vp_form", ""), str(r.get("batch", "")))
+
+
+def _f(x) -> Optional[float]:
+    try:
+        v = float(x)
+        return v if v == v else None
+    except (TypeError, ValueError):
+        return None
+
+
+def compare(current: list, baseline: list, tol: float = 0.10, metrics=None, allow_gpu_mismatch: bool = False) -> dict:
+    """Returns ``{"regressions", "improvements", "only_current", "only_baseline", "compared", "gpu_mismatch"}``."""
+    base = {_key(r): r for r in baseline}
+    cur = {_key(r): r for r in current}
+    gb = {r.get("gpu") for r in baseline if r.get("gpu")}
+    gc = {r.get("gpu") for r in current if r.get("gpu")}
+    mismatch = bool(gb and gc and gb != gc)
+    out = {"regressions": [], "improvements": [], "only_current": sorted(set(cur) - set(base)),
+           "only_baseline": sorted(set(base) - set(cur)), "compared": 0, "gpu_mismatch": mismatch,
+           "gpus": (sorted(gb), sorted(gc))}
+    if mismatch and not allow_gpu_mismatch:
+        return out
+    for k in sorted(set(cur) & set(base)):
+        b, c = base[k], cur[k]
+        if b.get("check") == "pass" and c.get("check") not in ("pass", None, ""):
+            out["regressions"].append({"key": k, "metric": "check", "baseline": "pass", "current": c.get("check"),
+                                       "change": "check now fails"})
+            continue
+        for m in metrics or (LOWER_BETTER + HIGHER_BETTER):
+            vb, vc = _f(b.get(m)), _f(c.get(m))
+            if vb is None or vc is None or vb <= 0:
+                continue
+            out["compared"] += 1
+            worse = (vc - vb) / vb if m in LOWER_BETTER else (vb - vc) / vb
+            rec = {"key": k, "metric": m, "baseline": vb, "current": vc, "change": f"{100 * worse:+.1f}% worse"}
+            if worse > tol:
+                out["regressions"].append(rec)
+            elif worse < -tol:
+                rec["change"] = f"{-100 * worse:.1f}% better"
+                out["improvements"].append(rec)
+    return out
+
+
+def report(res: dict, tol: float) -> str:
+    lines = []
+    if res["gpu_mismatch"]:
+        lines.append(f"GPU differs: baseline {res['gpus'][0]} vs current {res['gpus'][1]}")
+    lines.append(f"compared {res['compared']} metrics at tolerance {100 * tol:.0f}%: "
+                 f"{len(res['regressions'])} regressions, {len(res['improvements'])} improvements")
+    for r in res["regressions"]:
+        lines.append(f"REGRESSION {' / '.join(map(str, r['key'][1:]))}: {r['metric']} {r['baseline']} -> "
+                     f"{r['current']} ({r['change']})")
+    for r in res["improvements"]:
+        lines.append(f"improved   {' / '.join(map(str, r['key'][1:]))}: {r['metric']} {r['baseline']} -> "
+                     f"{r['current']} ({r['change']})")
+    if res["only_baseline"]:
+        lines.append(f"{len(res['only_baseline'])} baseline rows missing from the current run")
+    if res["only_current"]:
+        lines.append(f"{len(res['only_current'])} new rows not in the baseline")
+    return "\n".join(lines)
+
+
+def main_compare(current_path: str, baseline_path: str, tol: float = 0.10, metrics=None,
+                 allow_gpu_mismatch: bool = False, log=print) -> int:
+    res = compare(load_rows(current_path), load_rows(baseline_path), tol, metrics, allow_gpu_mismatch)
+    log(report(res, tol))
+    if res["gpu_mismatch"] and not allow_gpu_mismatch:
+        log("refusing to compare timings from different GPUs (pass --allow-gpu-mismatch to force)")
+        return 2
+    return 1 if res["regressions"] else 0

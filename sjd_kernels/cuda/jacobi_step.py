@@ -1,0 +1,123 @@
+"""CUDA backend of ``jacobi_step`` (kernels: ``csrc/jacobi_step.cu``; spec: ``sjd_kernels.reference.jacobi_step``).
+
+``jacobi_step_cuda`` takes the reference's positional arguments, allocates the outputs and a small
+scratch with torch on the logits' device and launches two kernels on the current stream:
+one block per used target row ``(j, b)`` (target law in shared memory, every race of the row in one
+pass over the vocabulary, state write), then one block per request (first rejection, tokens, next
+drafts, tail initialisation). No host synchronisation and fixed output shapes, so a call can be
+captured in a CUDA graph. The state of a request that reports an error is undefined afterwards
+(rows are written before the request's other rows are known to be fine); re-initialise it.
+
+``logits`` / ``uncond`` may be views whose last dimension is contiguous (``full[..., 4:8196]``): the
+row strides are passed and unaligned rows are read with a scalar head. Rows with more lanes than
+fit in shared memory (about 56k fp32 on H100) go through a ``[B, W+1, V]`` float32 buffer instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._ext import ext
+from ..ops._common import SJDInputError
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# Tests set this to run the global-memory row path (used for large V) with a small V.
+FORCE_GLOBAL_ROWS = False
+
+_smem_lanes: dict[int, int] = {}
+
+
+def _max_smem_lanes(C, index: int) -> int:
+    if index not in _smem_lanes:
+        _smem_lanes[index] = int(C.jacobi_step_max_smem_lanes(index))
+    return _smem_lanes[index]
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dev: torch.device, numel: int | None = None,
+           contiguous: bool = True) -> None:
+    """Guard the raw-pointer boundary (the op's validate() has already checked shapes and names)."""
+    if t.device != dev or t.dtype != dtype or (contiguous and not t.is_contiguous()):
+        raise SJDInputError(f"{name} must be a contiguous {str(dtype).replace('torch.', '')} tensor on {dev}, "
+                            f"got {t.device} {str(t.dtype).replace('torch.', '')} strides {t.stride()}")
+    if numel is not None and t.numel() != numel:
+        raise SJDInputError(f"{name} must have {numel} elements, got shape {list(t.shape)}")
+
+
+def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced,
+                     q_state, q_kind, p_prev, status,
+                     temperature: float, top_k: int, top_p: float, mode: int,
+                     beta: float, vp_form: int, vp_eps: float, tail_init: int):
+    """Same arguments, results and in-place updates as ``reference.jacobi_step.jacobi_step``.
+
+    Returns ``num_accepted [B] i64``, ``tokens [B, W+1] i64``, ``next_drafts [B, W] i64``.
+    """
+    C = ext()
+    dev = logits.device
+    if dev.type != "cuda":
+        raise SJDInputError(f"the CUDA backend needs CUDA tensors, got logits on {dev}")
+    if logits.dim() != 3:
+        raise SJDInputError(f"logits must be [B, W+1, V], got shape {list(logits.shape)}")
+    B, W1, V = logits.shape
+    W = W1 - 1
+    R = q_state.shape[1] if q_state.dim() == 3 else -1
+    if uncond is not None and uncond.dtype != logits.dtype:
+        logits, uncond = logits.float(), uncond.float()   # one kernel dtype; float32 is exact for both
+    if logits.dtype not in _DTYPE_CODE:
+        raise SJDInputError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if V > 1 and logits.stride(2) != 1:
+        logits = logits.contiguous()
+    if uncond is not None:
+        if uncond.shape != logits.shape or uncond.device != dev:
+            raise SJDInputError(f"uncond must match logits {list(logits.shape)} on {dev}, got {list(uncond.shape)} "
+                                f"on {uncond.device}")
+        if V > 1 and uncond.stride(2) != 1:
+            uncond = uncond.contiguous()
+        if cfg_scale is None:
+            raise SJDInputError("cfg_scale is required with uncond")
+        _check("cfg_scale", cfg_scale, torch.float32, dev, B)
+    if W > 0:
+        _check("drafts", drafts, torch.int64, dev, B * W)
+    for name, t in (("win_len", win_len), ("pos", pos), ("seed", seed), ("step", step)):
+        _check(name, t, torch.int64, dev, B)
+    _check("q_state", q_state, torch.float32, dev)
+    _check("q_kind", q_kind, torch.int32, dev, B * R)
+    if q_state.shape[0] != B or q_state.shape[2] != V or R < W1:
+        raise SJDInputError(f"q_state must be [B={B}, R>={W1}, V={V}], got {list(q_state.shape)}")
+    has_prev = p_prev is not None and p_prev.numel() > 0
+    if has_prev:
+        _check("p_prev", p_prev, torch.float32, dev, q_state.numel())
+    _check("status", status, torch.int32, dev, 4)
+    has_forced = forced is not None and forced.numel() > 0
+    if has_forced:
+        _check("forced", forced, torch.int64, dev)
+        if forced.dim() != 2 or forced.shape[0] != B:
+            raise SJDInputError(f"forced must be [B={B}, L], got {list(forced.shape)}")
+
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    num_accepted = torch.empty((B,), dtype=torch.int64, device=dev)
+    tokens = torch.empty((B, W1), dtype=torch.int64, device=dev)
+    next_drafts = torch.empty((B, W), dtype=torch.int64, device=dev)
+    scratch = torch.empty((B, W1, 4), dtype=torch.int64, device=dev)
+    rowbuf = None
+    if FORCE_GLOBAL_ROWS or V > _max_smem_lanes(C, index):
+        rowbuf = torch.empty((B, W1, V), dtype=torch.float32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+
+    C.jacobi_step(
+        dtype=_DTYPE_CODE[logits.dtype],
+        logits=logits.data_ptr(), logits_sb=logits.stride(0), logits_sj=logits.stride(1),
+        uncond=uncond.data_ptr() if uncond is not None else 0,
+        uncond_sb=uncond.stride(0) if uncond is not None else 0,
+        uncond_sj=uncond.stride(1) if uncond is not None else 0,
+        cfg_scale=cfg_scale.data_ptr() if uncond is not None else 0,
+        drafts=drafts.data_ptr() if W > 0 else 0, win_len=win_len.data_ptr(), pos=pos.data_ptr(),
+        seed=seed.data_ptr(), step=step.data_ptr(),
+        forced=forced.data_ptr() if has_forced else 0, forced_len=forced.shape[1] if has_forced else 0,
+        q_state=q_state.data_ptr(), q_kind=q_kind.data_ptr(), p_prev=p_prev.data_ptr() if has_prev else 0,
+        status=status.data_ptr(), B=B, W=W, V=V, R=R,
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), mode=int(mode), beta=float(beta),
+        vp_form=int(vp_form), vp_eps=float(vp_eps), tail_init=int(tail_init),
+        num_accepted=num_accepted.data_ptr(), tokens=tokens.data_ptr(),
+        next_drafts=next_drafts.data_ptr() if W > 0 else 0, scratch=scratch.data_ptr(),
+        rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index, stream=stream)
+    return num_accepted, tokens, next_drafts

@@ -1,0 +1,74 @@
+"""``sjd2_prepare`` op: validation, ``torch.library`` registration and backend dispatch.
+
+Declared once as ``sjd::sjd2_prepare`` (mutates the latent and level rings); the PyTorch
+reference serves every device, the Triton kernel is chosen by ``backend``. See
+``sjd_kernels.reference.sjd2_prepare`` for the contract.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import sjd2_prepare as ref
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, resolve_backend,
+                      triton_available)
+
+I64 = (torch.int64,)
+F32 = (torch.float32,)
+
+
+@torch.library.custom_op("sjd::sjd2_prepare", mutates_args=("latent", "level"))
+def _sjd2_prepare_op(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level_table: torch.Tensor,
+                     alpha: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                     seed: torch.Tensor, commit_end: torch.Tensor, fresh_start: torch.Tensor, row_end: torch.Tensor,
+                     latent: torch.Tensor, level: torch.Tensor, backend: int) -> torch.Tensor:
+    args = (embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
+            commit_end, fresh_start, row_end, latent, level)
+    if CODE_BACKEND[backend] == "triton":
+        from ..triton.sjd2_prepare import sjd2_prepare_triton
+        return sjd2_prepare_triton(*args)
+    return ref.sjd2_prepare(*args)
+
+
+@_sjd2_prepare_op.register_fake
+def _(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed, commit_end, fresh_start,
+      row_end, latent, level, backend):
+    B, N = tokens.shape
+    return embed_weight.new_empty((B, N, embed_weight.shape[1]))
+
+
+def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level_table: torch.Tensor,
+                 alpha: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                 seed: torch.Tensor, commit_end: torch.Tensor, fresh_start: torch.Tensor, row_end: torch.Tensor,
+                 latent: torch.Tensor, level: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Model inputs ``[B, N, d]`` of one SJD2 forward, with the DDIM update of the window fused in.
+
+    Window positions of one request (``positions >= commit_end``) must span at most ``R``
+    (ring size) positions, so no two of them share a ring slot. ``backend``: auto, torch, triton
+    (the CUDA backend has no kernel for this op; auto picks Triton on CUDA tensors when available).
+    """
+    check_tensor("embed_weight", embed_weight, dtypes=FLOAT_DTYPES + (torch.float64,), dim=2, contiguous=True)
+    Vt, d = embed_weight.shape
+    dev = embed_weight.device
+    check_tensor("tokens", tokens, dtypes=I64, dim=2, device=dev, contiguous=True)
+    B, N = tokens.shape
+    check_tensor("positions", positions, dtypes=I64, shape=(B, N), dim=2, device=dev, contiguous=True)
+    for name, t in (("mean", mean), ("std", std)):
+        check_tensor(name, t, dtypes=F32, shape=(d,), dim=1, device=dev, contiguous=True)
+    check_tensor("alpha", alpha, dtypes=F32, dim=1, device=dev, contiguous=True)
+    K1 = alpha.shape[0]
+    if K1 < 1:
+        raise SJDInputError("alpha must have K + 1 >= 1 entries (levels 0..K)")
+    check_tensor("sigma", sigma, dtypes=F32, shape=(K1,), dim=1, device=dev, contiguous=True)
+    check_tensor("level_table", level_table, dtypes=F32, shape=(K1, d), dim=2, device=dev, contiguous=True)
+    for name, t in (("seed", seed), ("commit_end", commit_end), ("fresh_start", fresh_start), ("row_end", row_end)):
+        check_tensor(name, t, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("latent", latent, dtypes=F32, shape=(B, None, d), dim=3, device=dev, contiguous=True)
+    check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
+                 contiguous=True)
+    if backend == "cuda":
+        raise SJDInputError("sjd2_prepare has no CUDA kernel: use backend='triton' (or 'auto', which picks it on GPUs)")
+    be = resolve_backend(backend, dev)
+    if be == "cuda":     # auto on a GPU with the extension built: this op's GPU kernel is the Triton one
+        be = "triton" if triton_available()[0] else "torch"
+    return torch.ops.sjd.sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
+                                      commit_end, fresh_start, row_end, latent, level, BACKEND_CODE[be])

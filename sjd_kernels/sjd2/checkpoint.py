@@ -1,0 +1,122 @@
+"""SJD2 checkpoints of the bundled models, and the few model hooks SJD2 uses.
+
+A fine-tuned model is ``weights/<model>_sjd2.safetensors`` (every GPT tensor, plus
+``sjd2.level_embed.weight``, ``sjd2.norm.mean``, ``sjd2.norm.std``) and ``<model>_sjd2.json``
+(GPT config, noise schedule, SHA-256 of the weights file and of the base GPT file it started
+from, how it was trained). ``load_finetuned`` checks the hash and the tensor names and shapes
+and names the file and the mismatch when they differ.
+
+Model hooks (the in-package GPT): ``embed_tokens(ids)`` for image-token ids ``0..V-1`` and a
+forward that takes ``inputs_embeds`` (see ``noisy_logits``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..models import bundled
+from .noise import EmbedNorm, NoiseSchedule, SJD2Embedding
+from .train import noisy_image_inputs
+
+PREFIX = "sjd2."
+
+
+def image_embedding(gpt) -> torch.Tensor:
+    """The image-token embedding rows ``[V, d]`` (ids ``0..V-1``), detached."""
+    V = gpt.config.vocab_size
+    with torch.no_grad():
+        return gpt.embed_tokens(torch.arange(V)).detach()
+
+
+def drop_condition(labels, p, num_classes, generator=None):
+    from ..models.gpt import drop_condition as _drop
+    return _drop(labels, p, num_classes, generator=generator)
+
+
+def noisy_logits(gpt, sjd2: SJD2Embedding, cond: torch.Tensor, tokens: torch.Tensor, levels: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Teacher-forced image logits ``[B, T, V]`` with the image inputs noised at ``levels [B, T]``.
+
+    The input of image position t (which predicts position t+1) is token t at level
+    ``levels[:, t]``; the last level column is unused (no input follows the last token).
+    """
+    e = gpt.embed_tokens(tokens[:, :-1])
+    x = noisy_image_inputs(sjd2, e, levels[:, :-1], generator)
+    return gpt.forward_train(cond, tokens, image_embeds=x)
+
+
+def gpt_forward_parts(gpt, cond: torch.Tensor, cfg: bool):
+    """What ``generate_sjd2`` needs of a class-conditional GPT: ``(image embedding rows [V, d],
+    prompt embeddings [B or 2B, 1, d] (conditional rows, then the null class for CFG),
+    model_fn(inputs_embeds) -> logits, image_start)``."""
+    E = image_embedding(gpt)
+    nc = gpt.config.num_classes
+    c = torch.cat([cond, torch.full_like(cond, nc)]) if cfg else cond
+    prompt = gpt.embed_cond(c.to(E.device)).reshape(c.shape[0], 1, -1)
+    return E.contiguous(), prompt, lambda x: gpt(inputs_embeds=x), 0
+
+
+def _files(model: str, out=None) -> tuple[Path, Path]:
+    d = bundled.WEIGHTS_DIR if out is None else Path(out)
+    return d / f"{model}_sjd2.safetensors", d / f"{model}_sjd2.json"
+
+
+def save(model: str, gpt, sjd2: SJD2Embedding, *, out=None, training: dict | None = None) -> dict:
+    from safetensors.torch import save_file
+    wpath, mpath = _files(model, out)
+    wpath.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in gpt.state_dict().items()}
+    sd.update({PREFIX + k: v.detach().to("cpu").contiguous() for k, v in sjd2.state_dict().items()})
+    save_file(sd, str(wpath))
+    base = bundled.manifest(model, out)
+    man = {"name": f"{model}_sjd2", "base": model, "file": wpath.name, "sha256": bundled.sha256_file(wpath),
+           "bytes": wpath.stat().st_size, "base_gpt_sha256": base["files"]["gpt"]["sha256"],
+           "gpt": base["gpt"], "schedule": sjd2.schedule.to_dict(), "training": training or {}}
+    with open(mpath, "w") as f:
+        json.dump(man, f, indent=1)
+        f.write("\n")
+    return man
+
+
+def manifest(model: str, weights_dir=None) -> dict:
+    _, mpath = _files(model, weights_dir)
+    if not mpath.exists():
+        raise bundled.BundledModelError(f"{mpath} is missing; fine-tune with: PYTHONPATH=. python "
+                                        f"python/finetune_sjd2.py --model {model}")
+    with open(mpath) as f:
+        return json.load(f)
+
+
+def load_finetuned(model: str = "mnist", weights_dir=None, device="cpu", dtype=torch.float32):
+    """``(gpt, sjd2)`` of the SJD2 fine-tune of a bundled model, hash- and shape-checked."""
+    from safetensors.torch import load_file
+
+    from ..models.gpt import GPT, GPTConfig
+    man = manifest(model, weights_dir)
+    wpath, _ = _files(model, weights_dir)
+    if not wpath.exists():
+        raise bundled.BundledModelError(f"{wpath} is missing (listed in {model}_sjd2.json)")
+    digest = bundled.sha256_file(wpath)
+    if digest != man["sha256"]:
+        raise bundled.BundledModelError(f"{wpath} has SHA-256 {digest}, but {model}_sjd2.json expects "
+                                        f"{man['sha256']}: the file was altered or belongs to another run")
+    tensors = load_file(str(wpath))
+    gpt = GPT(GPTConfig(**man["gpt"]))
+    schedule = NoiseSchedule(**man["schedule"])
+    d = tensors[PREFIX + "norm.mean"].shape[0] if PREFIX + "norm.mean" in tensors else 0
+    sjd2 = SJD2Embedding(schedule, EmbedNorm(d))
+    expected = {k: tuple(v.shape) for k, v in gpt.state_dict().items()}
+    expected.update({PREFIX + k: tuple(v.shape) for k, v in sjd2.state_dict().items()})
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise bundled.BundledModelError(f"{wpath}: tensor names differ from the model built from "
+                                        f"{model}_sjd2.json: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != shape:
+            raise bundled.BundledModelError(f"{wpath}: tensor {k!r} has shape {list(tensors[k].shape)}, "
+                                            f"the config implies {list(shape)}")
+    gpt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)})
+    sjd2.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)})
+    return gpt.to(device=device, dtype=dtype).eval(), sjd2.to(device).eval()

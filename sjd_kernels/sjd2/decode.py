@@ -1,0 +1,227 @@
+"""SJD2 decoding: speculative Jacobi-denoising over a ragged batch (SPEC section 6).
+
+One iteration, for every request with ``n`` committed image tokens and a window of W
+drafts at positions ``n .. n+W-1``:
+
+1. ``sjd2_prepare`` builds the inputs ``[X[n-1], D[0..W-1]]`` (plus, under the
+   ``recompute`` KV policy, committed tokens to re-feed before ``X[n-1]``) and, in the same
+   pass, moves each noisy position one DDIM step towards the token just sampled for it;
+   positions entering the window start as pure noise at level K.
+2. One forward gives the target rows ``P[0..W]`` (clean-token predictions at every position).
+3. ``jacobi_step`` (mode ``sjd``) verifies the drafts with SPEC section 3's rule, commits
+   ``m + 1`` tokens and samples the next drafts; the draft of a noisy position is the token
+   sampled for it from its row, and that row is its stored law ``Q``. New tail positions
+   get the op's uniform draft (its token is only used at ``K = 0``, where SJD2 is SJD).
+
+With ``levels = 0`` every input is a token embedding and the iteration is SJD's, token for
+token under the same seed. SJD2 is not lossless for ``levels > 0``: rows after a noisy input
+are conditioned on it.
+
+KV policy (``kv``): ``keep`` keeps the KV entries computed from noisy inputs of accepted
+positions; ``recompute`` rewinds the cache to the first accepted noisy input and re-feeds the
+committed tokens from there in the next forward (no extra forward, a longer one). The
+default is chosen by measurement in docs/SJD2.md.
+
+The model is reached through a ``forward`` callable (see ``SeqForward``):
+``forward(inputs_embeds [B, N, d], positions [B, N], prompt_slot [B, N]) -> (logits, uncond)``
+where ``positions`` are contiguous image positions per request (the KV entries of the slots
+are written at those positions; the cache before the first slot is kept), ``prompt_slot``
+marks slots that hold the prompt's last token (image position -1, embedded by the callable),
+and the logits are image-only ``[B, N, V]`` (uncond: the CFG rows, or None).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.jacobi_step import JacobiState, init_window, jacobi_step
+from ..ops._common import check_status
+from ..ops.sjd2_prepare import sjd2_prepare
+from .noise import SJD2Embedding
+
+KV_POLICIES = ("keep", "recompute")
+
+
+@dataclass
+class SJD2Result:
+    tokens: torch.Tensor                 # [B, T] i64
+    nfe: int                             # forwards after the prompt (a CFG pair counts once)
+    steps: torch.Tensor                  # [B] i64, iterations each request took
+    noisy_kv: torch.Tensor               # [B] i64, committed tokens whose kept KV came from a noisy input
+    refed: torch.Tensor                  # [B] i64, committed tokens re-fed (recompute policy)
+    input_slots: int                     # sum over forwards of the slots fed per request (max over the batch)
+    status: dict = field(default_factory=dict)
+
+    @property
+    def step_compression(self) -> torch.Tensor:
+        return self.tokens.shape[1] / self.steps.clamp(min=1).to(torch.float64)
+
+
+def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, num_tokens: int, seed, *,
+              window: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+              cfg_scale: float | torch.Tensor | None = None, kv: str = "keep", backend: str = "auto",
+              max_steps: int | None = None) -> SJD2Result:
+    """Decode ``num_tokens`` image tokens per request with SJD2 (``sjd2=None`` or 0 levels: SJD).
+
+    ``embed_weight [V, d]``: the image-token embedding rows (row = image token id);
+    ``seed``: one int64 per request (the batch size). Returns ``SJD2Result``.
+    """
+    if kv not in KV_POLICIES:
+        raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 = AR through the same op), got {window}")
+    dev = embed_weight.device
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=dev).reshape(-1)
+    B, T, W, R = seed.numel(), int(num_tokens), int(window), int(window) + 1
+    V, d = embed_weight.shape
+    i64 = torch.int64
+    K = 0 if sjd2 is None else sjd2.levels
+    if sjd2 is not None:
+        mean, std = sjd2.norm.mean.to(dev), sjd2.norm.std.to(dev)
+        table = sjd2.level_embed.table().detach().to(dev).contiguous()
+        alpha, sigma = sjd2.alpha.to(dev), sjd2.sigma.to(dev)
+    else:
+        mean, std = torch.zeros(d, device=dev), torch.ones(d, device=dev)
+        table = torch.zeros(1, d, device=dev)
+        alpha, sigma = torch.ones(1, device=dev), torch.zeros(1, device=dev)
+    cfg = None
+    if cfg_scale is not None:
+        cfg = torch.as_tensor(cfg_scale, dtype=torch.float32, device=dev).expand(B).contiguous()
+
+    state = JacobiState.create(B, W, V, seed, device=dev)
+    latent = torch.zeros(B, R, d, dtype=torch.float32, device=dev)
+    level = torch.zeros(B, R, dtype=torch.int32, device=dev)
+    n = torch.zeros(B, dtype=i64, device=dev)
+    drafts = init_window(state, n, W)
+    out = torch.full((B, T), -1, dtype=i64, device=dev)
+    feed_from = n - 1                       # first image position to feed (-1: the prompt's last token)
+    commit_end, fresh_start, row_end = n.clone(), n.clone(), n.clone()   # every window position enters now
+    steps = torch.zeros(B, dtype=i64, device=dev)
+    noisy_kv = torch.zeros(B, dtype=i64, device=dev)
+    refed = torch.zeros(B, dtype=i64, device=dev)
+    nfe = slots_fed = 0
+    jW = torch.arange(W, device=dev)
+    bidx = torch.arange(B, device=dev).view(B, 1)
+    limit = max_steps if max_steps is not None else T + 1
+
+    while bool((n < T).any()):
+        if nfe >= limit:
+            raise RuntimeError(f"SJD2 did not finish in {limit} steps (n = {n.tolist()})")
+        live = n < T
+        win_len = torch.where(live, (T - n).clamp(max=W), torch.zeros_like(n))
+        r = n - 1 - feed_from                                       # committed tokens re-fed before X[n-1]
+        N = int(r.max()) + 1 + W
+        slot = torch.arange(N, device=dev).view(1, N)
+        seq_pos = feed_from.view(B, 1) + slot                       # contiguous per request
+        is_win = (seq_pos >= n.view(B, 1)) & (seq_pos < (n + W).view(B, 1))
+        is_com = seq_pos < n.view(B, 1)
+        wj = (seq_pos - n.view(B, 1)).clamp(0, W - 1)
+        com_tok = torch.gather(out, 1, seq_pos.clamp(0, T - 1))
+        win_tok = torch.gather(drafts, 1, wj) if W > 0 else torch.zeros_like(com_tok)
+        tok = torch.where(is_win, win_tok, torch.where(is_com, com_tok, torch.zeros_like(com_tok)))
+        prep_pos = torch.where((is_win | is_com) & (seq_pos >= 0), seq_pos, torch.full_like(seq_pos, -1))
+        inputs = sjd2_prepare(embed_weight, mean, std, table, alpha, sigma, tok.contiguous(), prep_pos.contiguous(),
+                              state.seed, commit_end, fresh_start, row_end, latent, level, backend=backend)
+        # which window inputs were noisy in this forward (read before the next prepare moves them)
+        in_level = torch.where(is_win, level[bidx, seq_pos.clamp(min=0) % R].to(i64), torch.zeros_like(seq_pos))
+        logits, uncond = forward(inputs, seq_pos, seq_pos < 0)
+        nfe += 1
+        slots_fed += N
+        rows = (r.view(B, 1) + slot[:, :W + 1]).clamp(max=N - 1)                # X[n-1], D[0..W-1] -> target rows 0..W
+        lg = torch.gather(logits, 1, rows.unsqueeze(-1).expand(B, W + 1, logits.shape[-1]))
+        ug = None if uncond is None else torch.gather(uncond, 1, rows.unsqueeze(-1).expand_as(lg))
+        if lg.dtype == torch.float64:                               # float64 test models: the op takes f32 logits
+            lg, ug = lg.float(), (None if ug is None else ug.float())
+        res = jacobi_step(lg, drafts, win_len, n, state, uncond_logits=ug, cfg_scale=cfg if ug is not None else None,
+                          temperature=temperature, top_k=top_k, top_p=top_p, mode="sjd", backend=backend)
+        m = res.num_accepted
+        # commit
+        cpos = n.view(B, 1) + torch.arange(W + 1, device=dev)
+        ok = (res.tokens >= 0) & (cpos < T) & live.view(B, 1)
+        out[bidx.expand_as(cpos)[ok], cpos[ok]] = res.tokens[ok]
+        # accepted drafts D[0..m-1] whose input was noisy
+        acc_level = torch.gather(in_level, 1, (r.view(B, 1) + 1 + jW).clamp(max=N - 1))
+        acc_noisy = (jW.view(1, W) < m.view(B, 1)) & (acc_level > 0) & live.view(B, 1)
+        n_new = n + m + 1
+        if kv == "keep":
+            new_feed = n_new - 1
+            noisy_kv += acc_noisy.sum(1)
+        else:
+            first = torch.where(acc_noisy, jW.view(1, W), torch.full_like(acc_noisy, W, dtype=i64)).amin(1)
+            new_feed = torch.where(first < W, n + first, n_new - 1)
+            refed += torch.where(live, n_new - 1 - new_feed, torch.zeros_like(n))
+        steps += live.to(i64)
+        fresh_start = torch.where(live, n + win_len, fresh_start)
+        row_end = torch.where(live, n + win_len + 1, row_end)
+        feed_from = torch.where(live, new_feed, feed_from)
+        drafts = torch.where(live.view(B, 1), res.next_drafts, drafts)
+        n = torch.where(live, n_new, n)
+        feed_from = torch.where(n < T, feed_from, n - 1)          # finished requests feed one padding slot
+        commit_end = n.clone()
+    return SJD2Result(tokens=out, nfe=nfe, steps=steps, noisy_kv=noisy_kv, refed=refed, input_slots=slots_fed,
+                      status=check_status(state.status))
+
+
+class SeqForward:
+    """``forward`` callable for ``sjd2_loop`` over a model without a KV cache.
+
+    It keeps the input embedding of every sequence position in a buffer and runs one full
+    causal pass per call. Since the KV entries of a position depend only on the inputs up
+    to it, this is exactly a KV cache's semantics (kept entries stay as they were computed,
+    re-fed ones are overwritten), at the price of recomputing the prefix: meant for small
+    models and tests; the decoding loop's KV cache serves large ones.
+
+    ``model_fn(inputs_embeds [Br, L, d]) -> logits [Br, L, Vfull]``; ``prompt_embeds [Br, P, d]``
+    (Br = B, or 2B with CFG: conditional rows first); image logits ``[image_start, image_start + V)``.
+    """
+
+    def __init__(self, model_fn, prompt_embeds: torch.Tensor, batch: int, capacity: int, image_start: int,
+                 vocab: int):
+        Br, P, d = prompt_embeds.shape
+        if Br not in (batch, 2 * batch):
+            raise ValueError(f"prompt_embeds must have B={batch} or 2B rows (CFG), got {Br}")
+        self.model_fn, self.B, self.P, self.cfg = model_fn, batch, P, Br == 2 * batch
+        self.lo, self.V = image_start, vocab
+        self.buf = prompt_embeds.new_zeros(Br, P + capacity, d)
+        self.buf[:, :P] = prompt_embeds
+
+    def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, prompt_slot: torch.Tensor):
+        B, N, _ = inputs.shape
+        x = inputs.to(self.buf.dtype)
+        pos = positions
+        if self.cfg:
+            x, pos, prompt_slot = torch.cat([x, x]), torch.cat([pos, pos]), torch.cat([prompt_slot, prompt_slot])
+        seq = self.P + pos                                    # image position -1 is the prompt's last token
+        rows = torch.arange(x.shape[0], device=x.device).view(-1, 1).expand_as(seq)
+        w = ~prompt_slot
+        self.buf[rows[w], seq[w]] = x[w]
+        L = int(seq.max()) + 1
+        logits = self.model_fn(self.buf[:, :L])[..., self.lo:self.lo + self.V]
+        out = torch.gather(logits, 1, seq.unsqueeze(-1).expand(*seq.shape, self.V))
+        if self.cfg:
+            return out[:B], out[B:]
+        return out, None
+
+
+def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None = None, window: int = 16,
+                  seed=None, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, kv: str = "keep", backend: str = "auto", forward=None) -> SJD2Result:
+    """SJD2 decoding of a class-conditional GPT: ``cond [B]`` class ids, ``num_tokens`` image tokens.
+
+    ``sjd2=None`` (or 0 levels) is SJD, ``window=0`` AR, both through the same op and
+    randomness. ``seed``: one int per request (default ``0..B-1``). ``forward``: a callable as
+    in ``sjd2_loop``; by default the model runs without a KV cache through ``SeqForward``
+    (``checkpoint.gpt_forward_parts`` gives the model hooks used).
+    """
+    from .checkpoint import gpt_forward_parts
+    cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1)
+    B = cond.numel()
+    seed = list(range(B)) if seed is None else seed
+    with torch.no_grad():
+        E, prompt, model_fn, image_start = gpt_forward_parts(model, cond, cfg=cfg_scale is not None)
+        if forward is None:
+            forward = SeqForward(model_fn, prompt, B, num_tokens + 2 * window + 2, image_start, E.shape[0])
+        return sjd2_loop(forward, E, sjd2, num_tokens, torch.as_tensor(seed, dtype=torch.int64, device=E.device),
+                         window=window, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                         kv=kv, backend=backend)

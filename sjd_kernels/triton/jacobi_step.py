@@ -1,0 +1,472 @@
+"""Triton kernels of ``jacobi_step`` (spec: ``sjd_kernels.reference.jacobi_step``).
+
+Two launches, no host synchronisation, fixed output shapes (CUDA-graph capturable):
+
+1. ``_jacobi_rows_kernel``, grid ``(W+1, B)``: one program per target row ``j`` of request ``b``
+   (rows beyond ``win_len[b]`` exit at once). It fuses CFG combine, temperature, top-k, softmax,
+   top-p (or greedy), verification of the row's draft, the row's commit candidate (residual race,
+   or bonus race on the last row), the row's next draft (sjd / vp / coupling / gumbel /
+   gumbel_jacobi) and the row's state writes (``q_state``, ``p_prev``, ``q_kind``). Per-row results
+   go to small scratch tensors: flags (row error, draft error, zero-mass residual, zero-mass
+   coupling redraw, accepted), the candidate and the new draft.
+2. ``_jacobi_commit_kernel``, grid ``(B,)``: first rejection ``m``, committed tokens,
+   ``next_drafts`` (rows after ``m``, then new tail positions: uniform by the 4-word rejection rule
+   of ``rng.uniform_token``, or a copy of the left neighbour), tail ``q_kind`` writes (after every
+   row write of kernel 1, as in the reference), error outputs (-1) and the status atomics.
+
+State after an error is undefined (kernel 1 cannot know that another row of the same request is
+bad): DESIGN.md asks callers to re-initialise it; outputs of that request are -1 as in the reference.
+
+Numerics follow the float32 reference op by op: fp contraction is disabled at launch
+(``enable_fp_fusion=False``: ``u + s * (c - u)`` and the VP trend must not become FMAs), divisions
+that feed a decision use ``div_rn`` (Triton's ``/`` is ``div.full.f32`` on NVIDIA), ``exp`` is
+libdevice ``expf``, ``log`` the libdevice polynomial. What remains different is summation order
+(softmax and top-p sums, VP normalisation) and last-ulp exp/log differences, which can move a
+sample across a boundary in rare cases.
+
+Tile: one row is one register tile ``BLOCK_V = next_power_of_2(V)`` (V up to 32768; 16 warps
+above 8192 lanes). Several V-sized fp32 vectors are live at once (P, Q_old, Q_t, noise), which
+spills registers for V >= 16384. A chunked version would keep P (or the combined logits) in a
+global/L2 scratch row, loop over V in chunks for each pass (max, exp-sum, the 32 top-k and 31 top-p
+bisection counts, each race as a running (best key, lowest lane) pair), and regenerate Philox words
+per chunk from the lane offset (``lane_words`` would take a ``lane0``); results are the same since
+every reduction used here is order-insensitive except the float sums.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import rng as _rng
+from ..reference import jacobi_step as _ref
+from .rng import counter_word, four_words, lane_words, seed_key
+from .sampling import (argmax_first, exp_accurate, exponential, float_key, gather_lane, kth_largest_key,
+                       pow_accurate, race, top_p_key, uniform24, uniform_token)
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+except Exception:  # pragma: no cover - older layouts
+    _Interpreted = ()
+
+# constexpr copies of the reference's constants
+S_ACCEPT: tl.constexpr = tl.constexpr(_rng.STREAM_ACCEPT)
+S_RESID: tl.constexpr = tl.constexpr(_rng.STREAM_RESID)
+S_DRAFT: tl.constexpr = tl.constexpr(_rng.STREAM_DRAFT)
+S_COUPLE: tl.constexpr = tl.constexpr(_rng.STREAM_COUPLE)
+S_COUPLE_RES: tl.constexpr = tl.constexpr(_rng.STREAM_COUPLE_RES)
+S_TAIL: tl.constexpr = tl.constexpr(_rng.STREAM_TAIL)
+S_GUMBEL: tl.constexpr = tl.constexpr(_rng.STREAM_GUMBEL)
+M_SJD: tl.constexpr = tl.constexpr(_ref.MODE_SJD)
+M_COUPLING: tl.constexpr = tl.constexpr(_ref.MODE_COUPLING)
+M_GUMBEL: tl.constexpr = tl.constexpr(_ref.MODE_GUMBEL)
+M_GUMBEL_JACOBI: tl.constexpr = tl.constexpr(_ref.MODE_GUMBEL_JACOBI)
+K_DENSE: tl.constexpr = tl.constexpr(_ref.KIND_DENSE)
+K_UNIFORM: tl.constexpr = tl.constexpr(_ref.KIND_UNIFORM)
+K_ONEHOT: tl.constexpr = tl.constexpr(_ref.KIND_ONEHOT)
+K_MASK: tl.constexpr = tl.constexpr(_ref.KIND_MASK)
+K_FLAG_PREV: tl.constexpr = tl.constexpr(_ref.FLAG_PREV)
+
+# per-row flag bits written by kernel 1 (bits 0 and 1 are the status error bits themselves)
+F_ROW_BAD: tl.constexpr = tl.constexpr(_ref.ERR_NONFINITE)      # 1
+F_DRAFT_BAD: tl.constexpr = tl.constexpr(_ref.ERR_DRAFT_RANGE)  # 2
+F_ZERO_RESID: tl.constexpr = tl.constexpr(4)
+F_ZERO_COUPLE: tl.constexpr = tl.constexpr(8)
+F_ACCEPT: tl.constexpr = tl.constexpr(16)
+
+# exponent special cases of torch.pow(tensor, scalar), which the reference's log-form VP hits
+POW_GENERAL, POW_ONE, POW_TWO, POW_HALF, POW_THREE, POW_NEG_ONE, POW_NEG_HALF, POW_NEG_TWO = range(8)
+_POW_CASES = {1.0: POW_ONE, 2.0: POW_TWO, 0.5: POW_HALF, 3.0: POW_THREE, -1.0: POW_NEG_ONE,
+              -0.5: POW_NEG_HALF, -2.0: POW_NEG_TWO}
+
+
+@triton.jit
+def _pow_scalar(r, beta, BETA_POW: tl.constexpr, INTERP: tl.constexpr):
+    """``r ** beta`` computed the way ``torch.pow(tensor, beta)`` does for its special exponents."""
+    if BETA_POW == 1:
+        out = r
+    elif BETA_POW == 2:
+        out = r * r
+    elif BETA_POW == 3:
+        out = tl.sqrt_rn(r)
+    elif BETA_POW == 4:
+        out = r * r * r
+    elif BETA_POW == 5:
+        out = tl.math.div_rn(tl.full(r.shape, 1.0, tl.float32), r)
+    elif BETA_POW == 6:
+        out = tl.math.div_rn(tl.full(r.shape, 1.0, tl.float32), tl.sqrt_rn(r))
+    elif BETA_POW == 7:
+        out = tl.math.div_rn(tl.full(r.shape, 1.0, tl.float32), r * r)
+    else:
+        out = pow_accurate(r, beta, INTERP)
+    return out
+
+
+@triton.jit
+def _vp_predict(p, pp, valid, beta, eps, VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, INTERP: tl.constexpr):
+    """``Qvp`` of ``reference.jacobi_step.vp_predict`` on one row tile (P itself when the mass is 0)."""
+    if VP_FORM == 0:
+        w = tl.maximum(p + beta * (p - pp), 0.0)
+    else:
+        r = tl.math.div_rn(p + eps, pp + eps)
+        w = p * _pow_scalar(r, beta, BETA_POW, INTERP)
+    w = tl.where(valid, w, 0.0)
+    s = tl.sum(w, 0)
+    return tl.where(s > 0.0, tl.math.div_rn(w, tl.zeros_like(w) + tl.where(s > 0.0, s, 1.0)), p)
+
+
+@triton.jit
+def _jacobi_rows_kernel(
+        logits_ptr, stride_lb, stride_lj, uncond_ptr, stride_ub, stride_uj, cfg_ptr,
+        drafts_ptr, win_ptr, pos_ptr, seed_ptr, step_ptr, forced_ptr, L,
+        q_state_ptr, q_kind_ptr, p_prev_ptr,
+        flags_ptr, cand_ptr, new_ptr,
+        W, V, R, temperature, top_k, top_p, beta, vp_eps, q_unif,
+        HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_PREV: tl.constexpr, USE_VP: tl.constexpr,
+        VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
+        DO_TOPP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr, BLOCK_V: tl.constexpr):
+    j = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    wl = tl.load(win_ptr + b)
+    if j <= wl:
+        W1 = W + 1
+        lanes = tl.arange(0, BLOCK_V)
+        valid = lanes < V
+        p_abs = tl.load(pos_ptr + b) + j
+        slot = p_abs % R
+        k0, k1 = seed_key(tl.load(seed_ptr + b))
+        c_pos = counter_word(p_abs)
+        c_step = counter_word(tl.load(step_ptr + b))
+        c_zero = tl.zeros_like(c_pos)
+        is_draft = j < wl
+        f = tl.full([], -1, tl.int64)
+        if HAS_FORCED:
+            f = tl.load(forced_ptr + b * L + p_abs, mask=p_abs < L, other=-1)
+        is_forced = f >= 0
+        D = tl.load(drafts_ptr + b * W + j, mask=is_draft, other=0)
+
+        # ---- target row P (float32, padded lanes 0)
+        x = tl.load(logits_ptr + b * stride_lb + j * stride_lj + lanes, mask=valid, other=0.0).to(tl.float32)
+        if HAS_UNCOND:
+            u = tl.load(uncond_ptr + b * stride_ub + j * stride_uj + lanes, mask=valid, other=0.0).to(tl.float32)
+            s = tl.load(cfg_ptr + b)
+            x = u + s * (x - u)
+        nonfin = (x != x) | (x == float("inf"))
+        n_nonfin = tl.max(tl.where(valid & nonfin, 1, 0), 0)
+        n_fin = tl.max(tl.where(valid & (x > float("-inf")), 1, 0), 0)
+        bad = (n_nonfin > 0) | (n_fin == 0)
+        x = tl.where(bad, 0.0, x)
+        x = tl.where(valid, x, float("-inf"))
+        if GREEDY:
+            a = argmax_first(x, lanes, valid)
+            P = tl.where(lanes == a, 1.0, 0.0)
+        else:
+            y = x * temperature      # the float32 reciprocal of T, as the reference and the CUDA kernel
+            if DO_TOPK:
+                key = float_key(y)
+                thr = kth_largest_key(key, valid, top_k)
+                y = tl.where(key >= thr, y, float("-inf"))
+            mx = tl.max(y, 0)
+            e = tl.where(valid, exp_accurate(y - mx, INTERP), 0.0)
+            P = tl.math.div_rn(e, tl.zeros_like(e) + tl.sum(e, 0))
+            if DO_TOPP:
+                t = top_p_key(P, valid, top_p)
+                P = tl.where(P.to(tl.int32, bitcast=True) >= t, P, 0.0)
+                P = tl.math.div_rn(P, tl.zeros_like(P) + tl.sum(P, 0))
+        P = tl.where(valid & (~bad), P, 0.0)
+        row_bad = bad & (~is_forced)
+
+        # ---- the stored law of the draft
+        in_range = (D >= 0) & (D < V)
+        draft_bad = is_draft & (~in_range) & (~(is_forced & (D == f)))
+        kind_all = tl.load(q_kind_ptr + b * R + slot)
+        kind = kind_all & K_MASK
+        q_row = q_state_ptr + (b * R + slot) * V
+        Qold = tl.load(q_row + lanes, mask=valid & (is_draft & (kind == K_DENSE)), other=0.0)
+        Qold = tl.where(kind == K_UNIFORM, q_unif, Qold)
+        Qold = tl.where(kind >= K_ONEHOT, tl.where(lanes == D, 1.0, 0.0), Qold)
+        Qold = tl.where(valid & is_draft, Qold, 0.0)
+        Qd = gather_lane(Qold, lanes, D)         # 0 when D is not a lane of [0, V)
+        Pd = gather_lane(P, lanes, D)
+
+        # ---- verification and the row's commit candidate
+        zero_res = tl.full([], 0, tl.int1)
+        g = tl.full([], -1, tl.int32)
+        if MODE >= M_GUMBEL:                     # position-keyed noise, step 0
+            g = race(P, exponential(lane_words(k0, k1, c_pos, c_zero, S_GUMBEL, BLOCK_V)), lanes, valid)
+        if MODE == M_GUMBEL_JACOBI:
+            accept = D == g
+            cand = g.to(tl.int64)
+        else:
+            wa, _a1, _a2, _a3 = four_words(k0, k1, c_pos, c_step, S_ACCEPT)
+            accept = uniform24(wa) * Qd < Pd
+            E_res = exponential(lane_words(k0, k1, c_pos, c_step, S_RESID, BLOCK_V))
+            w_res = tl.where(is_draft, tl.maximum(P - Qold, 0.0), P)
+            r = race(w_res, E_res, lanes, valid)
+            zero_res = (r < 0) & is_draft & (~is_forced) & (~row_bad) & (~accept)
+            if r < 0:
+                r = race(P, E_res, lanes, valid)
+            cand = r.to(tl.int64)
+        accept = tl.where(is_forced, D == f, accept)
+        cand = tl.where(is_forced, f, cand)
+
+        # ---- the row's next draft and its law Qt (row 0's position is always committed: skipped)
+        zero_cpl = tl.full([], 0, tl.int1)
+        new = tl.full([], -1, tl.int64)
+        if j >= 1:
+            Qt = P
+            if USE_VP:
+                # only a draft row's slot holds this position's previous row (the bonus slot holds a
+                # stale row of an earlier position): the bonus row uses Qt = P
+                if ((kind_all & K_FLAG_PREV) != 0) & is_draft:
+                    pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
+                    Qt = _vp_predict(P, pp, valid, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
+            if MODE >= M_GUMBEL:
+                new = g.to(tl.int64)
+            elif MODE == M_COUPLING:
+                if is_draft:
+                    wc, _c1, _c2, _c3 = four_words(k0, k1, c_pos, c_step, S_COUPLE)
+                    keep = uniform24(wc) * Qd < gather_lane(Qt, lanes, D)
+                    if keep:
+                        new = D
+                    else:
+                        E_cr = exponential(lane_words(k0, k1, c_pos, c_step, S_COUPLE_RES, BLOCK_V))
+                        rc = race(tl.maximum(Qt - Qold, 0.0), E_cr, lanes, valid)
+                        zero_cpl = (rc < 0) & (~is_forced) & (~row_bad)
+                        if rc < 0:
+                            rc = race(Qt, E_cr, lanes, valid)
+                        new = rc.to(tl.int64)
+                else:
+                    E_dr = exponential(lane_words(k0, k1, c_pos, c_step, S_DRAFT, BLOCK_V))
+                    new = race(Qt, E_dr, lanes, valid).to(tl.int64)
+            else:
+                E_dr = exponential(lane_words(k0, k1, c_pos, c_step, S_DRAFT, BLOCK_V))
+                new = race(Qt, E_dr, lanes, valid).to(tl.int64)
+            new = tl.where(is_forced, f, new)
+
+            # state of this position; every thread has read Q_old / p_prev of this slot before
+            # any thread overwrites it (the loads and stores may use different layouts)
+            tl.debug_barrier()
+            tl.store(q_row + lanes, Qt, mask=valid)
+            if HAS_PREV:
+                tl.store(p_prev_ptr + (b * R + slot) * V + lanes, P, mask=valid)
+                kind_new = tl.where(is_forced, K_ONEHOT, K_DENSE | K_FLAG_PREV)
+            else:
+                kind_new = tl.where(is_forced, K_ONEHOT, K_DENSE)
+            tl.store(q_kind_ptr + b * R + slot, kind_new.to(tl.int32))
+
+        flags = tl.where(row_bad, F_ROW_BAD, 0) | tl.where(draft_bad, F_DRAFT_BAD, 0) \
+            | tl.where(zero_res, F_ZERO_RESID, 0) | tl.where(zero_cpl, F_ZERO_COUPLE, 0) \
+            | tl.where(accept, F_ACCEPT, 0)
+        tl.store(flags_ptr + b * W1 + j, flags)
+        tl.store(cand_ptr + b * W1 + j, cand)
+        tl.store(new_ptr + b * W1 + j, new)
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _jacobi_commit_kernel(
+        drafts_ptr, win_ptr, pos_ptr, seed_ptr, step_ptr, forced_ptr, L,
+        q_kind_ptr, flags_ptr, cand_ptr, new_ptr, status_ptr,
+        num_acc_ptr, tokens_ptr, next_ptr,
+        W, V, R,
+        HAS_FORCED: tl.constexpr, TAIL_LEFT: tl.constexpr, BLOCK_W1: tl.constexpr, BLOCK_W: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    W1 = W + 1
+    wl = tl.load(win_ptr + b)
+    pos = tl.load(pos_ptr + b)
+
+    # ---- first rejection, errors, counters
+    j = tl.arange(0, BLOCK_W1)
+    fl = tl.load(flags_ptr + b * W1 + j, mask=j <= wl, other=0)
+    rej = (j < wl) & ((fl & F_ACCEPT) == 0)
+    m = tl.minimum(tl.min(tl.where(rej, j, W1), 0).to(tl.int64), wl)
+    err = tl.max(fl & F_ROW_BAD, 0) | tl.max(fl & F_DRAFT_BAD, 0)
+    req_bad = err != 0
+    n_zero = tl.sum((fl >> 2) & 1, 0)
+    n_zcpl = tl.sum((fl >> 3) & 1, 0)
+    if err != 0:
+        tl.atomic_or(status_ptr, err)
+    if n_zero > 0:
+        tl.atomic_add(status_ptr + 1, n_zero)
+    if n_zcpl > 0:
+        tl.atomic_add(status_ptr + 2, n_zcpl)
+
+    # ---- committed tokens
+    cand_m = tl.load(cand_ptr + b * W1 + m)
+    d = tl.load(drafts_ptr + b * W + j, mask=j < m, other=0)
+    tok = tl.where(j < m, d, tl.where(j == m, cand_m, -1))
+    tok = tl.where(req_bad, -1, tok)
+    tl.store(tokens_ptr + b * W1 + j, tok, mask=j < W1)
+    tl.store(num_acc_ptr + b, tl.where(req_bad, -1, m))
+
+    # ---- next window: rows after m, then new tail positions
+    i = tl.arange(0, BLOCK_W)
+    im = i < W
+    src = m + 1 + i
+    from_row = src <= wl
+    nd = tl.load(new_ptr + b * W1 + src, mask=im & from_row, other=0)
+    tpos = pos + src
+    if HAS_FORCED:
+        ft = tl.load(forced_ptr + b * L + tpos, mask=im & (tpos < L), other=-1)
+    else:
+        ft = tl.full([BLOCK_W], -1, tl.int64)
+    tail = im & (~from_row)
+    if TAIL_LEFT:
+        # the reference copies left to right; equivalently each tail slot takes the last forced
+        # token at or before it within the tail, else the value just before the tail
+        base = tl.where(m < wl, tl.load(new_ptr + b * W1 + wl), cand_m)
+        last = tl.associative_scan(tl.where(tail & (ft >= 0), i, -1), 0, _max_combine)
+        if HAS_FORCED:
+            lf = tl.load(forced_ptr + b * L + pos + m + 1 + last, mask=im & (last >= 0), other=-1)
+        else:
+            lf = tl.full([BLOCK_W], -1, tl.int64)
+        tt = tl.where(last >= 0, lf, base)
+        tkind = tl.full([BLOCK_W], K_ONEHOT, tl.int32)
+    else:
+        k0, k1 = seed_key(tl.load(seed_ptr + b))
+        c_pos = counter_word(tpos)
+        c_step = tl.zeros_like(c_pos) + counter_word(tl.load(step_ptr + b))
+        w0, w1, w2, w3 = four_words(k0, k1, c_pos, c_step, S_TAIL)
+        tt = tl.where(ft >= 0, ft, uniform_token(w0, w1, w2, w3, V))
+        tkind = tl.where(ft >= 0, K_ONEHOT, K_UNIFORM).to(tl.int32)
+    nd = tl.where(tail, tt, nd)
+    nd = tl.where(req_bad, -1, nd)
+    tl.store(next_ptr + b * W + i, nd, mask=im)
+    tl.store(q_kind_ptr + b * R + tpos % R, tkind, mask=tail & (~req_bad))
+
+
+def _num_warps(block_v: int) -> int:
+    if block_v <= 1024:
+        return 4
+    if block_v <= 4096:
+        return 8
+    return 16
+
+
+def kernel_config(V: int, W: int) -> dict:
+    """Block sizes and warps of both kernels for vocabulary V and window W (also used by the codegen test)."""
+    block_v = max(16, triton.next_power_of_2(V))
+    return {"BLOCK_V": block_v, "num_warps_rows": _num_warps(block_v),
+            "BLOCK_W1": max(2, triton.next_power_of_2(W + 1)), "BLOCK_W": max(2, triton.next_power_of_2(max(W, 1)))}
+
+
+def is_interpreted() -> bool:
+    return isinstance(_jacobi_rows_kernel, _Interpreted) if _Interpreted else False
+
+
+def _inv_temperature(t: float) -> float:
+    """float32(1) / float32(T), exactly as the reference computes it."""
+    import numpy as np
+    return float(np.float32(1.0) / np.float32(t))
+
+
+def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced,
+                       q_state, q_kind, p_prev, status,
+                       temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init):
+    """Fused Triton ``jacobi_step``: same arguments, outputs and in-place updates as the reference.
+
+    ``logits``/``uncond`` ``[B, W+1, V]`` bf16/fp16/fp32 with a contiguous last dim (any row
+    strides and offset); state tensors contiguous. Returns ``(num_accepted [B], tokens [B, W+1],
+    next_drafts [B, W])`` int64.
+    """
+    B, W1, V = logits.shape
+    W = W1 - 1
+    R = q_state.shape[1]
+    dev = logits.device
+    temperature, top_p, beta, vp_eps = float(temperature), float(top_p), float(beta), float(vp_eps)
+    top_k, mode, vp_form, tail_init = int(top_k), int(mode), int(vp_form), int(tail_init)
+    has_prev = p_prev.numel() > 0
+    has_forced = forced is not None and forced.numel() > 0
+    greedy = temperature == 0.0
+    use_vp = has_prev and beta != 0.0 and mode in (_ref.MODE_SJD, _ref.MODE_COUPLING)
+    if V > 1 and logits.stride(2) != 1:
+        logits = logits.contiguous()
+    if uncond is not None and V > 1 and uncond.stride(2) != 1:
+        uncond = uncond.contiguous()
+    drafts, win_len, pos, seed, step = (t.contiguous() for t in (drafts, win_len, pos, seed, step))
+    forced_t = forced.contiguous() if has_forced else drafts
+    L = forced.shape[1] if has_forced else 0
+
+    num_accepted = torch.empty(B, dtype=torch.int64, device=dev)
+    tokens = torch.empty(B, W1, dtype=torch.int64, device=dev)
+    next_drafts = torch.empty(B, W, dtype=torch.int64, device=dev)
+    flags = torch.empty(B, W1, dtype=torch.int32, device=dev)
+    cand = torch.empty(B, W1, dtype=torch.int64, device=dev)
+    new = torch.empty(B, W1, dtype=torch.int64, device=dev)
+    cfg = kernel_config(V, W)
+    interp = is_interpreted()
+
+    unc = uncond if uncond is not None else logits
+    _jacobi_rows_kernel[(W1, B)](
+        logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1),
+        cfg_scale if uncond is not None else q_state,
+        drafts, win_len, pos, seed, step, forced_t, L,
+        q_state, q_kind, p_prev if has_prev else q_state,
+        flags, cand, new,
+        W, V, R, _inv_temperature(temperature) if not greedy else 1.0, top_k, top_p, beta, vp_eps, 1.0 / V,
+        HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, HAS_PREV=has_prev, USE_VP=use_vp,
+        VP_FORM=vp_form, BETA_POW=_POW_CASES.get(beta, POW_GENERAL), GREEDY=greedy,
+        DO_TOPK=(not greedy) and 0 < top_k < V, DO_TOPP=(not greedy) and top_p < 1.0, MODE=mode,
+        INTERP=interp, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)
+    _jacobi_commit_kernel[(B,)](
+        drafts, win_len, pos, seed, step, forced_t, L,
+        q_kind, flags, cand, new, status,
+        num_accepted, tokens, next_drafts,
+        W, V, R,
+        HAS_FORCED=has_forced, TAIL_LEFT=tail_init == _ref.TAIL_LEFT, BLOCK_W1=cfg["BLOCK_W1"],
+        BLOCK_W=cfg["BLOCK_W"], num_warps=1)
+    return num_accepted, tokens, next_drafts
+
+
+_ROWS_TYPES = dict(
+    logits_ptr=None, stride_lb="i64", stride_lj="i64", uncond_ptr=None, stride_ub="i64", stride_uj="i64",
+    cfg_ptr="*fp32", drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
+    forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", flags_ptr="*i32",
+    cand_ptr="*i64", new_ptr="*i64", W="i32", V="i32", R="i32", temperature="fp32", top_k="i32", top_p="fp32",
+    beta="fp32", vp_eps="fp32", q_unif="fp32")
+_COMMIT_TYPES = dict(
+    drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64", forced_ptr="*i64",
+    L="i32", q_kind_ptr="*i32", flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", status_ptr="*i32",
+    num_acc_ptr="*i64", tokens_ptr="*i64", next_ptr="*i64", W="i32", V="i32", R="i32")
+
+
+def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
+    """Representative compilations of this module's kernels (for the ahead-of-time codegen test).
+
+    Each case: ``kernel`` (attribute name in this module), ``signature`` and ``constexprs`` for
+    ``triton.compiler.ASTSource`` and launch ``options``; the rows kernel for bf16 and fp32 logits
+    over the main constexpr branches (every draft mode, VP add/log, greedy, top-k/top-p).
+    """
+    cfg = kernel_config(V, W)
+    cases = []
+    rows = [
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_LOG,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING)),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD)),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=True, DO_TOPK=False, DO_TOPP=False,
+                      MODE=_ref.MODE_GUMBEL_JACOBI)),
+        ("fp32", dict(HAS_UNCOND=False, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_HALF, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_SJD)),
+        ("fp32", dict(HAS_UNCOND=False, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=False, DO_TOPP=False, MODE=_ref.MODE_GUMBEL)),
+    ]
+    for dt, ce in rows:
+        sig = dict(_ROWS_TYPES, logits_ptr=f"*{dt}", uncond_ptr=f"*{dt}")
+        ce = dict(ce, INTERP=False, BLOCK_V=cfg["BLOCK_V"])
+        sig.update({k: "constexpr" for k in ce})
+        name = f"rows-{dt}-mode{ce['MODE']}{'-greedy' if ce['GREEDY'] else ''}{'-vp' if ce['USE_VP'] else ''}"
+        cases.append(dict(name=name, kernel="_jacobi_rows_kernel", signature=sig, constexprs=ce,
+                          options=dict(num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)))
+    for forced, left in ((True, False), (False, True)):
+        ce = dict(HAS_FORCED=forced, TAIL_LEFT=left, BLOCK_W1=cfg["BLOCK_W1"], BLOCK_W=cfg["BLOCK_W"])
+        sig = dict(_COMMIT_TYPES, **{k: "constexpr" for k in ce})
+        cases.append(dict(name=f"commit-{'left' if left else 'uniform'}", kernel="_jacobi_commit_kernel",
+                          signature=sig, constexprs=ce, options=dict(num_warps=1)))
+    return cases

@@ -1,0 +1,165 @@
+"""Shared Triton sampling primitives (twins of ``sjd_kernels.rng`` and ``sjd_kernels.reference.target``).
+
+- ``uniform24`` / ``exponential``: the derived numbers of a Philox word, same formulas as the reference;
+  ``uniform_token``: the 4-word rejection rule of ``rng.uniform_token``.
+- ``race``: the exponential race ``argmax_i w_i / E_i`` over lanes with ``w_i > 0``, lowest lane
+  on ties, padded lanes masked, -1 on zero mass.
+- ``kth_largest_key``: the k-th largest value (ties kept) by bisection over the order-preserving
+  int32 image of float32 values; ``top_p_key``: the top-p probability threshold by bisection.
+
+Every function works on one 1-D tile ``[BLOCK]`` held in registers. Exactness choices: the race key
+uses IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA), ties are broken by a
+``min`` over the lanes reaching the maximum (never by an argmax over a reordered reduction), and
+the log of the noise is the accurate one. ``INTERP`` (constexpr) selects numpy-backed math under
+the Triton interpreter, where libdevice calls do not exist.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+TWO_M24: tl.constexpr = tl.constexpr(5.9604644775390625e-08)   # 2**-24
+INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
+
+
+@triton.jit
+def uniform24(w):
+    """Acceptance uniform ``(w >> 8) * 2**-24`` in [0, 1) from a uint32 word, float32 (exact)."""
+    return (w >> 8).to(tl.float32) * TWO_M24
+
+
+@triton.jit
+def exponential(w):
+    """Exp(1) noise ``-log(((w >> 8) + 0.5) * 2**-24)`` from a uint32 word, float32, as ``rng.exponential``.
+
+    ``(w >> 8) + 0.5`` rounds to float32 as in the reference (25 bits do not fit for
+    ``w >> 8 >= 2**23``; both round to nearest even), so ``w >> 8 == 2**24 - 1`` gives ``u = 1``
+    and ``-log(u) = -0.0`` there too; both floor E at ``2**-25`` so that lane can still win. ``tl.log`` on NVIDIA lowers to the
+    libdevice ``logf`` polynomial (within an ulp), not ``lg2.approx``.
+    """
+    u = ((w >> 8).to(tl.float32) + 0.5) * TWO_M24
+    return tl.maximum(tl.log(u) * -1.0, 2.98023223876953125e-08)   # floor 2**-25, as rng.E_FLOOR
+
+
+@triton.jit
+def exp_accurate(x, INTERP: tl.constexpr):
+    """``exp`` in float32 close to the reference's (``tl.exp`` lowers to ``ex2.approx`` on NVIDIA)."""
+    if INTERP:
+        r = tl.exp(x)
+    else:
+        r = libdevice.exp(x)
+    return r
+
+
+@triton.jit
+def pow_accurate(x, y, INTERP: tl.constexpr):
+    """``x ** y`` for float32 ``x > 0`` (libdevice ``powf``; float64 under the interpreter)."""
+    if INTERP:
+        r = tl.exp(y * tl.log(x.to(tl.float64))).to(tl.float32)
+    else:
+        r = libdevice.pow(x, y)
+    return r
+
+
+@triton.jit
+def uniform_token(w0, w1, w2, w3, V):
+    """An exactly uniform id in [0, V) from 4 uint32 words, as ``rng.uniform_token`` (int64).
+
+    The first word below ``2**32 - 2**32 % V`` is taken mod V; if all four are rejected the last is used.
+    """
+    v64 = tl.zeros_like(w0.to(tl.int64)) + V
+    lim = 4294967296 - 4294967296 % v64
+    a0 = w0.to(tl.int64)
+    a1 = w1.to(tl.int64)
+    a2 = w2.to(tl.int64)
+    a3 = w3.to(tl.int64)
+    pick = tl.where(a0 < lim, a0, tl.where(a1 < lim, a1, tl.where(a2 < lim, a2, a3)))
+    return pick % v64
+
+
+@triton.jit
+def race(w, E, lanes, valid):
+    """Exponential race over one tile, lane for lane ``rng.race``: ``argmax`` of ``w/E`` over valid lanes
+    with ``w > 0`` (key -1 elsewhere), lowest lane on ties, -1 when no valid lane has ``w > 0``.
+
+    ``w``, ``E`` float32 ``[BLOCK]``, ``lanes`` int32 lane ids, ``valid`` lanes < V (padded lanes
+    never win). Like the reference, the maximum is taken over every valid lane, so a lane with
+    ``E = -0.0`` (key ``-inf``) loses even to a zero-weight lane. Returns an int32 scalar.
+    """
+    ok = valid & (w > 0.0)
+    key = tl.where(ok, tl.math.div_rn(w, E), -1.0)
+    key = tl.where(valid, key, float("-inf"))
+    best = tl.max(key, 0)
+    idx = tl.min(tl.where(valid & (key == best), lanes, INT32_MAX), 0)
+    any_ok = tl.max(ok.to(tl.int32), 0) > 0
+    return tl.where(any_ok, idx, -1)
+
+
+@triton.jit
+def argmax_first(x, lanes, valid):
+    """Index of the maximum over valid lanes, lowest lane on ties (x has no NaN), int32 scalar."""
+    xm = tl.where(valid, x, float("-inf"))
+    best = tl.max(xm, 0)
+    return tl.min(tl.where(valid & (xm == best), lanes, INT32_MAX), 0)
+
+
+@triton.jit
+def gather_lane(x, lanes, idx):
+    """``x[idx]`` of a non-negative float tile (0 when idx is not a lane); exact, one term is nonzero."""
+    return tl.sum(tl.where(lanes == idx, x, 0.0), 0)
+
+
+@triton.jit
+def float_key(x):
+    """Order-preserving int32 image of float32 ``x`` (no NaN): ``a <= b`` iff ``key(a) <= key(b)``.
+
+    Negative floats have their magnitude bits flipped; -0.0 maps to the key of +0.0 so that
+    comparisons on keys and on floats agree everywhere.
+    """
+    i = x.to(tl.int32, bitcast=True)
+    k = tl.where(i < 0, i ^ 0x7FFFFFFF, i)
+    return tl.where(x == 0.0, 0, k)
+
+
+@triton.jit
+def kth_largest_key(key, valid, k):
+    """Key of the k-th largest valid element (1 <= k <= number of valid lanes), int32 scalar.
+
+    Bisection for the largest t with ``count(key >= t) >= k``: that t is a key present in the
+    tile, the k-th largest, and every element tied with it passes ``key >= t`` (ties kept,
+    as top-k of the reference keeps every value ``>=`` the k-th largest). 32 count passes.
+    """
+    lo = tl.min(tl.where(valid, key, INT32_MAX), 0).to(tl.int64)
+    hi = tl.max(tl.where(valid, key, -INT32_MAX - 1), 0).to(tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum(tl.where(valid & (key >= mid.to(tl.int32)), 1, 0), 0)
+        ok = cnt >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def top_p_key(p, valid, top_p):
+    """Bits of the top-p threshold ``t*`` of probabilities ``p >= 0``: the largest ``t`` among the
+    values with ``sum(p[p >= t]) >= top_p`` (0 when even the whole row falls short: keep all).
+
+    The bits of non-negative floats order like the floats, so bisection runs on them
+    (31 passes; each pass is one masked sum). Keep ``p`` where ``bits(p) >= t*``.
+
+    The sums are accumulated in float64 and rounded to float32 before the comparison, which is
+    what the reference's CPU ``cumsum`` does (double accumulator): for large V the boundary token
+    has a tiny probability, and float32 sums in another order would move it often.
+    """
+    key = tl.where(valid, p.to(tl.int32, bitcast=True), 0)
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.max(key, 0)
+    for _ in range(31):
+        mid = lo + (hi - lo + 1) // 2
+        s = tl.sum(tl.where(valid & (key >= mid), p.to(tl.float64), 0.0), 0)
+        ok = s.to(tl.float32) >= top_p
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo

@@ -1,0 +1,40 @@
+"""Skip helpers shared by the test files (import as ``from _util import requires_cuda, ...``).
+
+- ``requires_cuda``: a CUDA device is visible to torch.
+- ``requires_ext``: the compiled extension ``sjd_kernels._C`` imports (no device needed).
+- ``requires_cuda_ext``: both. Use it for tests of the CUDA backend.
+- ``gpu``: the ``gpu`` marker (``pytest -m gpu`` selects the tests that need a device).
+
+With ``SJD_REQUIRE_EXT=1`` (CI sets it after building the extension) a missing extension is not a
+reason to skip: those tests run and fail, so a build that silently shipped without ``_C`` is caught.
+A missing GPU is always a reason to skip.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+REQUIRE_EXT = os.environ.get("SJD_REQUIRE_EXT", "0") == "1"
+
+
+def ext_status() -> tuple[bool, str]:
+    """(importable, why not) for ``sjd_kernels._C``."""
+    from sjd_kernels import _ext
+    if _ext._C is not None:
+        return True, ""
+    return False, f"sjd_kernels._C not built or not importable ({_ext._ERR})"
+
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_EXT, EXT_WHY = ext_status()
+
+gpu = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (torch.cuda.is_available() is False)")
+requires_ext = pytest.mark.skipif(not HAS_EXT and not REQUIRE_EXT,
+                                  reason=EXT_WHY + " (set SJD_REQUIRE_EXT=1 to fail instead)")
+requires_cuda_ext = pytest.mark.skipif(
+    not HAS_CUDA or (not HAS_EXT and not REQUIRE_EXT),
+    reason=("needs a CUDA device (torch.cuda.is_available() is False)" if not HAS_CUDA
+            else EXT_WHY + " (set SJD_REQUIRE_EXT=1 to fail instead)"))

@@ -1,0 +1,248 @@
+"""The benchmark harness: CLI, CPU checks, refusal to time without a GPU, regression compare,
+and the law of the "reference SJD" baseline (it must be a correct SJD to be a fair baseline)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from sjd_kernels.bench import cases as C
+from sjd_kernels.bench.compare import compare, main_compare
+from sjd_kernels.bench.reference_sjd import ReferenceSJD, warp_probs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_GPU = not torch.cuda.is_available()
+
+
+def _run(args, env_extra=None, timeout=240):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "sjd_kernels.bench", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_list_runs_anywhere():
+    r = _run(["list"])
+    assert r.returncode == 0, r.stderr
+    for op in ("jacobi_step", "sjd2_prepare", "verify_only"):
+        assert op in r.stdout
+    assert "B32_W64_V32768_cfg_bf16_sjd" in r.stdout      # SPEC section 8 grid is registered
+    assert "state/req" in r.stdout
+
+
+def test_grid_covers_spec_shapes():
+    names = {c.name for c in C.select(["jacobi_step"], "full")}
+    for B in (1, 32):
+        for W in (16, 32, 64):
+            for V in (8192, 16384, 32768):
+                assert any(f"B{B}_W{W}_V{V}_cfg_bf16_sjd" in n for n in names), (B, W, V)
+    assert C.select(["jacobi_step"], "quick") and len(C.select(None, "quick")) < len(C.select(None, "full"))
+
+
+def test_ops_check_quick_on_cpu(tmp_path):
+    """`ops --check --quick` runs here: the reference (and Triton under the interpreter) on small shapes."""
+    r = _run(["ops", "--check", "--quick", "--out", str(tmp_path)], {"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _read_csv(tmp_path / "ops.csv")
+    assert rows and (tmp_path / "ops.md").exists()
+    assert all(row["median_us"] == "" for row in rows)           # checks only: no times
+    checked = [row for row in rows if row["check"] == "pass"]
+    assert {"torch", "reference_sjd"} <= {row["backend"] for row in checked}
+    assert not [row for row in rows if row["check"] == "FAIL"]
+    for row in rows:
+        assert int(row["bytes_min"]) > 0 and row["commit"]
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the refusal applies to machines without a CUDA device")
+def test_ops_refuses_timings_without_gpu(tmp_path):
+    r = _run(["ops", "--quick", "--op", "jacobi_step", "--backend", "torch", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert "timings refused" in r.stdout
+    rows = _read_csv(tmp_path / "ops.csv")
+    assert rows and all(row["median_us"] == "" and row["roofline_frac"] == "" for row in rows)
+    assert "timings refused" in (tmp_path / "ops.md").read_text()
+    from sjd_kernels.bench.timing import NoGPUError, time_cuda
+    with pytest.raises(NoGPUError):
+        time_cuda(lambda: None)
+    e = _run(["e2e", "--out", str(tmp_path)])
+    assert e.returncode == 0 and "timings refused" in e.stdout
+
+
+def test_check_detects_a_wrong_backend():
+    """The pre-timing check can fail: a 'backend' that ignores top-k is caught."""
+    class Broken(C.JacobiStepBench):
+        def _call(self, p, inp, state, backend):
+            if backend == "broken":
+                q = dict(p, top_k=0)
+                return super()._call(q, inp, state, "torch")
+            return super()._call(p, inp, state, backend)
+
+    b = Broken()
+    case = next(c for c in b.cases() if "cpu" in c.grids and c.params["top_k"] > 0)
+    assert b.check(case, "torch", "cpu", 3)["check"] == "pass"
+    res = b.check(case, "broken", "cpu", 3)
+    assert res["check"] == "FAIL" and res["mismatch_rate"] > 0.02
+
+
+def _rows(median):
+    base = {"op": "jacobi_step", "backend": "cuda", "graph": "graph", "check": "pass", "gpu": "NVIDIA H100"}
+    return [dict(base, case="jacobi_step:a", median_us=str(median[0])),
+            dict(base, case="jacobi_step:b", median_us=str(median[1]))]
+
+
+def test_compare_flags_regressions(tmp_path):
+    res = compare(_rows([130.0, 50.0]), _rows([100.0, 50.0]), tol=0.10)
+    assert len(res["regressions"]) == 1 and res["regressions"][0]["key"][2] == "jacobi_step:a"
+    assert not compare(_rows([105.0, 45.0]), _rows([100.0, 50.0]), tol=0.10)["regressions"]
+    failing = _rows([100.0, 50.0])
+    failing[1]["check"] = "FAIL"
+    assert compare(failing, _rows([100.0, 50.0]))["regressions"]
+    # through files and exit codes, CSV and JSON
+    cur, base = tmp_path / "cur.csv", tmp_path / "base.json"
+    with open(cur, "w", newline="") as f:
+        w = csv.DictWriter(f, list(_rows([1, 1])[0]))
+        w.writeheader()
+        w.writerows(_rows([130.0, 50.0]))
+    base.write_text(json.dumps({"rows": _rows([100.0, 50.0])}))
+    assert main_compare(str(cur), str(base), tol=0.10, log=lambda *a: None) == 1
+    assert main_compare(str(cur), str(base), tol=0.50, log=lambda *a: None) == 0
+    r = _run(["compare", str(cur), str(base), "--tol", "0.1"])
+    assert r.returncode == 1 and "REGRESSION" in r.stdout
+    other = [dict(r_, gpu="NVIDIA H200") for r_ in _rows([100.0, 50.0])]
+    assert compare(_rows([130.0, 50.0]), other)["gpu_mismatch"]
+
+
+def test_plots_write_pngs(tmp_path):
+    from sjd_kernels.bench.plots import plot_acceptance_vs_beta, plot_ops_latency, plot_speedup_vs_window
+    ops = []
+    for i, case in enumerate(["jacobi_step:B1_W16_V8192_cfg_bf16_sjd_k2000", "jacobi_step:B32_W16_V8192_cfg_bf16_sjd_k2000"]):
+        for be in ("torch", "cuda"):
+            ops.append({"op": "jacobi_step", "case": case, "backend": be, "graph": "graph", "median_us": 10.0 * (i + 1),
+                        "p20_us": 9.0 * (i + 1), "p80_us": 11.0 * (i + 1), "bytes_min": 1000 * (i + 1),
+                        "roofline_us": 2.0 * (i + 1), "gpu": "test"})
+    e2e = [{"method": m, "window": w, "beta": "", "speedup_latency": 1 + w / 64, "step_compression": 1 + w / 32}
+           for m in ("sjd", "coupling") for w in (8, 16, 32)]
+    e2e += [{"sweep": "beta", "beta": b, "vp_form": "add", "tokens_per_step": 2 - b / 4, "tokens_per_step_ci": 0.1}
+            for b in (0, 0.5, 1)]
+    for fn, rows, name in ((plot_ops_latency, ops, "a.png"), (plot_speedup_vs_window, e2e, "b.png"),
+                           (plot_acceptance_vs_beta, e2e, "c.png")):
+        fn(rows, str(tmp_path / name))
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- reference SJD law
+def _law64(c, u, s, k):
+    """Float64 target law of one row, computed independently of the code under test."""
+    x = u.double() + s * (c.double() - u.double())
+    if 0 < k < x.numel():
+        kth = torch.sort(x, descending=True).values[k - 1]
+        x = torch.where(x >= kth, x, torch.tensor(float("-inf"), dtype=torch.float64))
+    return torch.softmax(x, 0).numpy()
+
+
+def _first_token_counts(cls, n=40000, V=6, W=3, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = (2.0 * torch.randn(V, generator=g)).to(torch.bfloat16)
+    u = (c.float() + torch.randn(V, generator=g)).to(torch.bfloat16)
+    s = 3.0
+    law = _law64(c, u, s, k)
+    logits = c.float().view(1, 1, V).expand(n, W + 1, V).to(torch.bfloat16)
+    unc = u.float().view(1, 1, V).expand(n, W + 1, V).to(torch.bfloat16)
+    # adversarial stored laws: far from P, zero where P is positive (and mass where P is zero), one-hot
+    q = torch.empty(n, W, V)
+    third = n // 3
+    q[:third] = torch.distributions.Dirichlet(torch.full((V,), 0.3)).sample((third, W))
+    off = torch.tensor(law < law.max(), dtype=torch.float32) + 1e-3 * torch.tensor(law == law.max())
+    q[third:2 * third] = (off / off.sum()).view(1, 1, V)
+    d_onehot = torch.randint(0, V, (n - 2 * third, W), generator=g)
+    q[2 * third:] = torch.nn.functional.one_hot(d_onehot, V).float()
+    drafts = torch.multinomial(q.view(-1, V), 1, generator=g).view(n, W)
+    r = cls(n, W, V, top_k=k, generator=torch.Generator().manual_seed(seed + 1))
+    r.set_window(drafts, q)
+    _, committed, nd = r.step(logits, unc, torch.full((n,), s))
+    first = np.array([int(t[0]) for t in committed])
+    assert ((nd >= 0) & (nd < V)).all()
+    return np.bincount(first, minlength=V), law
+
+
+def _chisq_p(counts, law):
+    n = counts.sum()
+    if counts[law == 0].sum() > 0:
+        return 0.0
+    sup = law > 0
+    return stats.chisquare(counts[sup], n * law[sup]).pvalue
+
+
+def test_reference_sjd_first_token_law():
+    """The baseline is a correct SJD: its first committed token follows the float64 target law (alpha 1e-6)."""
+    counts, law = _first_token_counts(ReferenceSJD)
+    p = _chisq_p(counts, law)
+    assert p > 1e-6, (counts / counts.sum(), law, p)
+
+
+def test_reference_sjd_law_test_can_fail():
+    """The same test rejects the known-biased 'residual falls back to P' variant."""
+    class FallbackToP(ReferenceSJD):
+        def residual(self, p, q):
+            return p
+
+    counts, law = _first_token_counts(FallbackToP, n=20000)
+    assert _chisq_p(counts, law) < 1e-6
+
+
+def test_reference_sjd_target_rows_match_library_law():
+    from sjd_kernels.reference.target import combine_logits, target_probs
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(2, 5, 300, generator=g).to(torch.bfloat16)
+    u = torch.randn(2, 5, 300, generator=g).to(torch.bfloat16)
+    s = torch.tensor([3.0, 7.5])
+    a = warp_probs(c, u, s, 1.0, 50)
+    b = target_probs(combine_logits(c, u, s), 1.0, 50, 1.0)
+    assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_two_sample_test_separates_laws():
+    from sjd_kernels.bench.e2e import two_sample_test
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 8, (400, 20))
+    b = rng.integers(0, 8, (400, 20))
+    assert two_sample_test(a, b)["law_test"] == "pass"
+    c = np.minimum(rng.integers(0, 8, (400, 20)), rng.integers(0, 8, (400, 20)))
+    assert two_sample_test(a, c)["law_test"] == "FAIL"
+
+
+# ----------------------------------------------------------------------------- GPU paths (gpu_run.sh runs these)
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason="needs a CUDA device")
+def test_gpu_timing_paths(tmp_path):
+    """Events, cold L2, graph replay, copy bandwidth and one timed jacobi_step case end to end."""
+    from sjd_kernels.bench.ops import run_ops
+    from sjd_kernels.bench.timing import L2Flusher, copy_bandwidth, time_cuda
+    bw = copy_bandwidth(nbytes=256 << 20, reps=5)
+    assert 1e11 < bw["copy_Bps"] < 2e13
+    x = torch.rand(1 << 22, device="cuda")
+    fl = L2Flusher()
+    for graph in (False, True):
+        t = time_cuda(lambda: x.mul_(1.0000001), reps=10, warmup=2, graph=graph, flush=fl)
+        assert 0 < t.p20 <= t.median <= t.p80 and len(t.samples_us) == 10
+    res = run_ops(ops=["jacobi_step"], grid="quick", backends=["torch", "reference_sjd"], reps=3, warmup=1,
+                  out_dir=str(tmp_path), budget_s=5, plots=True)
+    timed = [r for r in res["rows"] if r["median_us"] != ""]
+    assert timed and not res["failed_checks"]
+    for r in timed:
+        assert r["median_us"] > 0 and 0 < r["roofline_frac"] and r["achieved_GBps"] > 0 and r["state_bytes_per_req"] > 0
+    assert any(r["backend"] == "torch" and r["speedup_vs_ref"] == 1.0 for r in timed)
+    assert (tmp_path / "ops_latency.png").exists() and (tmp_path / "ops.csv").exists()

@@ -1,0 +1,86 @@
+"""Bundled models: manifests, SHA-256 and shape checks, size limits, and a forward that makes sense."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sjd_kernels import data
+from sjd_kernels.models import bundled
+
+MAX_BYTES = 20 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", bundled.MODELS)
+def test_manifest_and_sizes(name):
+    man = bundled.manifest(name)
+    assert set(man["files"]) == {"tokenizer", "quality", "gpt"}
+    total = 0
+    for part, entry in man["files"].items():
+        path = bundled.WEIGHTS_DIR / entry["file"]
+        assert bundled.sha256_file(path) == entry["sha256"], part
+        total += path.stat().st_size
+    assert total <= MAX_BYTES, total
+    tr = man["training"]
+    assert tr["command"].startswith("PYTHONPATH=. python python/train_toy.py") and "seed" in tr
+    assert man["info"]["gpt"]["mean_target_entropy_nats"] > 0
+
+
+@pytest.mark.parametrize("name,codes,tokens", [("mnist", 256, 196), ("photo", 512, 256)])
+def test_load_shapes(name, codes, tokens):
+    b = bundled.load(name)
+    assert b.tokenizer.num_codes >= codes and b.tokens_per_image >= tokens
+    cfg = b.gpt.config
+    assert cfg.vocab_size == b.tokenizer.num_codes and cfg.max_image_tokens == b.tokens_per_image
+    assert b.quality.num_classes == b.num_classes == cfg.num_classes
+
+
+@pytest.mark.parametrize("name", bundled.MODELS)
+def test_heldout_loss_beats_unigram(name):
+    # the trained model must predict held-out tokens better than their own unigram distribution
+    b = bundled.load(name)
+    X, y = data.real_images(name, "test", n=60, seed=0)
+    tok = b.tokenizer.encode(X)
+    with torch.no_grad():
+        logits = b.gpt.forward_train(torch.as_tensor(y), tok).float()
+    ce = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok.reshape(-1)))
+    counts = torch.bincount(tok.reshape(-1), minlength=b.tokenizer.num_codes).double() + 1e-3
+    p = counts / counts.sum()
+    unigram = float(-(p[tok.reshape(-1)].log()).mean())
+    assert ce < 0.8 * unigram, (ce, unigram)
+
+
+def _copy(tmp_path, name):
+    for entry in bundled.manifest(name)["files"].values():
+        shutil.copy(bundled.WEIGHTS_DIR / entry["file"], tmp_path / entry["file"])
+    shutil.copy(bundled.WEIGHTS_DIR / f"{name}.json", tmp_path / f"{name}.json")
+
+
+def test_altered_file_fails_hash(tmp_path):
+    _copy(tmp_path, "mnist")
+    path = tmp_path / bundled.manifest("mnist")["files"]["tokenizer"]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(bundled.BundledModelError, match="SHA-256"):
+        bundled.load_tokenizer("mnist", tmp_path)
+
+
+def test_config_shape_mismatch_fails(tmp_path):
+    _copy(tmp_path, "mnist")
+    man = json.loads((tmp_path / "mnist.json").read_text())
+    man["gpt"]["d_model"] = man["gpt"]["d_model"] * 2
+    man["quality"]["feature_dim"] = 16
+    (tmp_path / "mnist.json").write_text(json.dumps(man))
+    with pytest.raises(bundled.BundledModelError, match="shape"):
+        bundled.load_gpt("mnist", tmp_path)
+    with pytest.raises(bundled.BundledModelError, match="shape"):
+        bundled.load_quality("mnist", tmp_path)
+
+
+def test_missing_model_message(tmp_path):
+    with pytest.raises(bundled.BundledModelError, match="train_toy.py --model mnist"):
+        bundled.manifest("mnist", tmp_path)
+    with pytest.raises(bundled.BundledModelError, match="unknown bundled model"):
+        bundled.manifest("cifar")

@@ -1,0 +1,511 @@
+"""SJD2: schedule, noising, level embedding, the fused input preparation (reference, float64, Triton)."""
+import math
+import os
+
+import pytest
+import torch
+
+from sjd_kernels.ops._common import SJDInputError, triton_available
+from sjd_kernels.sjd2 import (EmbedNorm, LevelEmbedding, NoiseSchedule, SJD2Embedding, position_noise,
+                              sample_segment_levels, sjd2_prepare)
+
+# Triton on CPU tensors runs under the interpreter only (TRITON_INTERPRET=1 set before import).
+needs_triton = pytest.mark.skipif(not (triton_available()[0] and os.environ.get("TRITON_INTERPRET") == "1"),
+                                  reason="needs TRITON_INTERPRET=1 (Triton kernels on CPU tensors)")
+
+
+# ---------------------------------------------------------------- schedule
+
+@pytest.mark.parametrize("K,s_min,rho", [(1, 0.3, 7.0), (8, 0.2, 7.0), (20, 0.05, 3.0)])
+def test_schedule_karras_variance_preserving(K, s_min, rho):
+    sch = NoiseSchedule(levels=K, s_min=s_min, rho=rho)
+    s, a = sch.sigmas64(), sch.alphas64()
+    assert s.shape == (K + 1,) and s[0] == 0 and a[0] == 1
+    assert torch.allclose(a ** 2 + s ** 2, torch.ones_like(s), atol=1e-12)
+    assert s[-1] == 1.0 and a[-1] == 0.0                       # level K is pure noise
+    assert bool((s[1:] - s[:-1] > 0).all())
+    if K >= 2:
+        assert abs(s[1].item() - s_min) < 1e-12
+        r = s[1:] ** (1 / rho)                                   # Karras: equal steps in s^(1/rho)
+        assert torch.allclose(r[1:] - r[:-1], torch.full((K - 1,), (r[-1] - r[0]).item() / (K - 1),
+                                                          dtype=torch.float64), atol=1e-12)
+
+
+def test_schedule_k0_and_errors():
+    assert NoiseSchedule(levels=0).sigmas64().tolist() == [0.0]
+    for kw in (dict(levels=-1), dict(levels=4, s_min=0.0), dict(levels=4, s_max=1.5), dict(levels=4, s_min=0.9, s_max=0.5),
+               dict(levels=4, rho=0.0)):
+        with pytest.raises(ValueError):
+            NoiseSchedule(**kw)
+
+
+# ---------------------------------------------------------------- segment noising
+
+def _runs(row):
+    """(start, level) of each maximal run of a level row."""
+    out, prev = [], None
+    for i, v in enumerate(row.tolist()):
+        if v != prev:
+            out.append((i, v))
+            prev = v
+    return out
+
+
+def test_segments_levels_and_counts():
+    g = torch.Generator().manual_seed(0)
+    K, T, S = 6, 30, 5
+    lv = sample_segment_levels(4000, T, K, generator=g, max_segments=S, p_rising=0.0)
+    assert lv.dtype == torch.int64 and lv.shape == (4000, T)
+    assert int(lv.min()) == 0 and int(lv.max()) == K
+    runs = [len(_runs(r)) for r in lv]
+    assert max(runs) <= S                                       # at most S segments (equal neighbours merge)
+    assert set(runs) == set(range(1, S + 1))                    # every segment count occurs
+    # every level occurs at every position (segments cover the whole sequence, levels uniform)
+    for k in range(K + 1):
+        assert bool((lv == k).any(0).all()), k
+    # level frequencies: uniform over 0..K; chi-square, false-alarm rate 1e-6 (df = K)
+    from scipy.stats import chi2
+    seg_levels = torch.tensor([v for r in lv[:2000] for _, v in _runs(r)])
+    cnt = torch.bincount(seg_levels, minlength=K + 1).double()
+    # merged runs bias nothing between levels: each run's level is still uniform by symmetry
+    exp = cnt.sum() / (K + 1)
+    stat = ((cnt - exp) ** 2 / exp).sum().item()
+    assert stat < chi2.isf(1e-6, K)
+    # every cut point is used
+    cut = (lv[:, 1:] != lv[:, :-1]).any(0)
+    assert bool(cut.all())
+
+
+def test_segments_rising_suffixes_covered():
+    g = torch.Generator().manual_seed(1)
+    K, T = 5, 24
+    lv = sample_segment_levels(3000, T, K, generator=g, max_segments=6, p_rising=1.0)
+    assert bool((lv[:, 1:] >= lv[:, :-1]).all())                # rising along the sequence
+    assert bool((lv[:, 0] == 0).all()) and bool((lv[:, -1] == K).all())   # clean prefix, pure-noise tail
+    # suffixes of every length rise from clean to K (the tail is at K, the start clean)
+    first_k = (lv == K).int().argmax(1)
+    assert set(first_k.tolist()) == set(range(1, T))
+    # in mixed mode both kinds occur, at the asked rate (binomial, 6 sigma)
+    lv = sample_segment_levels(2000, T, K, generator=g, max_segments=6, p_rising=0.3)
+    rising = ((lv[:, 1:] >= lv[:, :-1]).all(1) & (lv[:, 0] == 0) & (lv[:, -1] == K)).double().mean().item()
+    assert rising >= 0.3 - 6 * math.sqrt(0.3 * 0.7 / 2000)
+    assert rising < 0.6                                         # iid rows are rarely rising by chance
+
+
+def test_segments_k0_is_clean():
+    assert int(sample_segment_levels(3, 10, 0).abs().sum()) == 0
+
+
+# ---------------------------------------------------------------- normalisation, level embedding, noise
+
+def test_embed_norm_roundtrip_and_stats():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(40, 16, generator=g) * 3 + 5
+    nm = EmbedNorm.from_embedding(W, slice(0, 32))
+    x = nm.normalize(W[:32])
+    assert torch.allclose(x.mean(0), torch.zeros(16), atol=1e-5)
+    assert torch.allclose(x.std(0), torch.ones(16), atol=1e-5)
+    assert torch.allclose(nm.unnormalize(x), W[:32], atol=1e-5)
+
+
+def test_level_zero_embedding_fixed_at_zero():
+    le = LevelEmbedding(4, 8)
+    with torch.no_grad():
+        le.weight.normal_()
+    opt = torch.optim.SGD(le.parameters(), lr=1.0)
+    le(torch.tensor([0, 1, 2, 4])).sum().backward()
+    opt.step()
+    assert le.table().shape == (5, 8)
+    assert bool((le.table()[0] == 0).all())
+    assert le(torch.tensor([0])).abs().sum().item() == 0.0
+
+
+def test_position_noise_gaussian_and_keyed():
+    from scipy.stats import kstest
+    z = position_noise(torch.tensor([5]), torch.arange(2000).view(1, -1), 32)
+    assert z.shape == (1, 2000, 32) and z.dtype == torch.float32
+    assert kstest(z.flatten().double().numpy(), "norm").pvalue > 1e-6
+    # keyed by (seed, position, dim): the same numbers alone or in any batch
+    z2 = position_noise(torch.tensor([[5], [6]]), torch.tensor([[7, 3], [7, 3]]), 32)
+    assert torch.equal(z2[0, 0], z[0, 7]) and torch.equal(z2[0, 1], z[0, 3])
+    assert not torch.equal(z2[1, 0], z2[0, 0])
+
+
+def test_sjd2_embedding_inputs_clean_exact():
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(10, 8, generator=g)
+    emb = SJD2Embedding(NoiseSchedule(levels=3), EmbedNorm.from_embedding(E))
+    with torch.no_grad():
+        emb.level_embed.weight.normal_()
+    tok = torch.randint(0, 10, (2, 6), generator=g)
+    lv = torch.tensor([[0, 0, 1, 2, 3, 3], [0, 3, 0, 1, 0, 2]])
+    e = E[tok]
+    x = emb.noise(e, lv, torch.randn(2, 6, 8, generator=g))
+    out = emb.inputs_embeds(e, x, lv)
+    clean = lv == 0
+    assert torch.equal(out[clean], e[clean])                    # bit-exact token embedding at level 0
+    exp = emb.norm.unnormalize(x) + emb.level_embed(lv)
+    assert torch.allclose(out[~clean], exp[~clean])
+    # level K = pure noise (a_K = 0): the latent does not depend on the token
+    xK = emb.noise(e, torch.full_like(lv, 3), torch.zeros(2, 6, 8))
+    assert xK.abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------- training pieces
+
+def test_noisy_inputs_and_loss_train_the_right_parameters():
+    from sjd_kernels.sjd2.train import next_clean_token_loss, noisy_image_inputs, param_groups
+    g = torch.Generator().manual_seed(4)
+    V, d, T = 10, 8, 12
+    base = torch.nn.ModuleDict({"emb": torch.nn.Embedding(V, d), "head": torch.nn.Linear(d, V)})
+    emb = SJD2Embedding(NoiseSchedule(levels=3), EmbedNorm.from_embedding(base["emb"].weight))
+    tok = torch.randint(0, V, (4, T), generator=g)
+    lv = sample_segment_levels(4, T, 3, generator=g, p_rising=1.0)
+    x = noisy_image_inputs(emb, base["emb"](tok), lv, generator=g)
+    logits = base["head"](x)
+    loss = next_clean_token_loss(logits, tok)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, V), tok.reshape(-1)))
+    loss.backward()
+    assert base["emb"].weight.grad.abs().sum() > 0 and emb.level_embed.weight.grad.abs().sum() > 0
+    assert emb.norm.mean.requires_grad is False                 # the normalisation is frozen
+    # level-0 inputs are exactly the embeddings (no noise path)
+    clean = lv == 0
+    assert torch.equal(x[clean], base["emb"](tok)[clean])
+    groups = param_groups(base, emb, lr=1e-4, new_lr=1e-2, weight_decay=0.1)
+    by = {grp["name"]: grp for grp in groups}
+    assert by["sjd2_new"]["lr"] == 1e-2 and by["sjd2_new"]["params"] == [emb.level_embed.weight]
+    assert by["base"]["lr"] == 1e-4 and by["base"]["weight_decay"] == 0.1
+    ids = [id(p) for grp in groups for p in grp["params"]]
+    assert len(ids) == len(set(ids)) == len(list(base.parameters())) + 1
+
+
+# ---------------------------------------------------------------- sjd2_prepare
+
+def _prepare_case(B=3, N=7, R=9, d=24, Vt=19, K=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, s = NoiseSchedule(levels=K, s_min=0.1).coefficients()
+    E = (torch.randn(Vt, d, generator=g) * 2 + 1).to(dtype)
+    mean = torch.randn(d, generator=g)
+    std = torch.rand(d, generator=g) + 0.5
+    L = torch.randn(K + 1, d, generator=g)
+    L[0] = 0
+    tok = torch.randint(0, Vt, (B, N), generator=g)
+    n = torch.tensor([0, 5, 11, 2][:B])
+    pos = n.view(B, 1) - 1 + torch.arange(N)                    # slot 0: X[n-1], then the window
+    pos[0, 0] = -1                                              # the condition token of request 0
+    lat = torch.randn(B, R, d, generator=g)
+    lev = torch.randint(0, K + 1, (B, R), generator=g).to(torch.int32)
+    ce = n.clone()
+    fs = n + torch.tensor([2, 0, 6, 3][:B])                     # positions >= fs enter now
+    re_ = n + torch.tensor([4, 3, 6, 0][:B])                    # positions < re_ got a sample
+    seeds = torch.tensor([11, -3, 2 ** 40 + 5, 7][:B])
+    return dict(embed_weight=E, mean=mean, std=std, level_table=L, alpha=a, sigma=s, tokens=tok, positions=pos,
+                seed=seeds, commit_end=ce, fresh_start=fs, row_end=re_, latent=lat, level=lev)
+
+
+def _prepare_f64(c):
+    """Independent float64 oracle of the SPEC's rule, slot by slot."""
+    E = c["embed_weight"].double()
+    mean, std = c["mean"].double(), c["std"].double()
+    L = c["level_table"].double()
+    a, s = c["alpha"].double(), c["sigma"].double()
+    K = a.shape[0] - 1
+    B, N = c["tokens"].shape
+    R = c["latent"].shape[1]
+    lat = c["latent"].double().clone()
+    lev = c["level"].clone()
+    out = torch.zeros(B, N, E.shape[1], dtype=torch.float64)
+    for b in range(B):
+        for i in range(N):
+            p = int(c["positions"][b, i])
+            t = int(c["tokens"][b, i])
+            if p < 0:
+                continue
+            if p < int(c["commit_end"][b]):
+                out[b, i] = E[t]
+                continue
+            r = p % R
+            if p >= int(c["fresh_start"][b]):
+                k = K
+                x = position_noise(c["seed"][b], torch.tensor(p), E.shape[1]).double()
+            else:
+                k, x = int(lev[b, r]), lat[b, r]
+            if p < int(c["row_end"][b]) and k > 0:
+                eh = (E[t] - mean) / std
+                eps = (x - a[k] * eh) / s[k]
+                x = a[k - 1] * eh + s[k - 1] * eps
+                k -= 1
+            out[b, i] = E[t] if k == 0 else x * std + mean + L[k]
+            lat[b, r], lev[b, r] = x, k
+    return out, lat, lev
+
+
+def _clone(c):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prepare_reference_matches_float64(seed):
+    c = _prepare_case(seed=seed)
+    want, lat64, lev64 = _prepare_f64(c)
+    got_c = _clone(c)
+    got = sjd2_prepare(**got_c, backend="torch")
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_c["level"], lev64)
+    assert torch.allclose(got_c["latent"].double(), lat64, rtol=1e-5, atol=1e-5)
+    # the case exercises every branch
+    p, ce, fs, re_ = c["positions"], c["commit_end"].view(-1, 1), c["fresh_start"].view(-1, 1), c["row_end"].view(-1, 1)
+    win = (p >= 0) & (p >= ce)
+    assert bool((p < 0).any()) and bool(((p >= 0) & (p < ce)).any())
+    assert bool((win & (p >= fs) & (p < re_)).any()) and bool((win & (p >= fs) & (p >= re_)).any())
+    assert bool((win & (p < fs) & (p < re_)).any())
+
+
+def test_prepare_clean_positions_are_exact_embeddings():
+    c = _prepare_case()
+    out = sjd2_prepare(**_clone(c), backend="torch")
+    lv_after = _clone(c)
+    sjd2_prepare(**lv_after, backend="torch")
+    R = c["latent"].shape[1]
+    E = c["embed_weight"]
+    for b in range(3):
+        for i in range(c["tokens"].shape[1]):
+            p = int(c["positions"][b, i])
+            if p < 0:
+                assert out[b, i].abs().max() == 0
+            elif p < int(c["commit_end"][b]) or int(lv_after["level"][b, p % R]) == 0:
+                assert torch.equal(out[b, i], E[c["tokens"][b, i]])
+
+
+def test_prepare_levels_zero_is_token_embedding():
+    """K = 0: every slot is its token's embedding, bit for bit (SJD's inputs)."""
+    c = _prepare_case(K=0)
+    c["level"].zero_()
+    out = sjd2_prepare(**c, backend="torch")
+    E = c["embed_weight"][c["tokens"]]
+    valid = c["positions"] >= 0
+    assert torch.equal(out[valid], E[valid])
+
+
+def test_prepare_ddim_endpoints():
+    """Level 1 -> 0 lands exactly on e_hat; entering with a row at s_K = 1 gives a_{K-1} e_hat + s_{K-1} eps."""
+    K, d = 3, 16
+    c = _prepare_case(B=1, N=3, R=4, d=d, K=K)
+    c["positions"] = torch.tensor([[4, 5, 6]])
+    c["commit_end"] = torch.tensor([5])
+    c["fresh_start"] = torch.tensor([6])
+    c["row_end"] = torch.tensor([7])
+    c["level"][0, 5 % 4] = 1
+    out = sjd2_prepare(**c, backend="torch")
+    E = c["embed_weight"]
+    assert torch.equal(out[0, 1], E[c["tokens"][0, 1]])
+    assert int(c["level"][0, 5 % 4]) == 0 and int(c["level"][0, 6 % 4]) == K - 1
+    a, s = c["alpha"].double(), c["sigma"].double()
+    eh = (E[c["tokens"][0, 2]].double() - c["mean"].double()) / c["std"].double()
+    eps = position_noise(c["seed"][0], torch.tensor(6), d).double()
+    assert torch.allclose(c["latent"][0, 6 % 4].double(), a[K - 1] * eh + s[K - 1] * eps, atol=1e-5)
+
+
+def test_prepare_validation_names_argument():
+    c = _prepare_case()
+    c["tokens"] = c["tokens"].to(torch.int32)
+    with pytest.raises(SJDInputError, match="tokens must have dtype int64"):
+        sjd2_prepare(**c)
+    c = _prepare_case()
+    c["level_table"] = c["level_table"][:-1]
+    with pytest.raises(SJDInputError, match="level_table"):
+        sjd2_prepare(**c)
+    with pytest.raises(SJDInputError, match="no CUDA kernel"):
+        sjd2_prepare(**_prepare_case(), backend="cuda")
+
+
+def test_prepare_fake_kernel_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    c = _prepare_case()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = torch.ops.sjd.sjd2_prepare(*c.values(), 1)
+    assert tuple(out.shape) == (3, 7, 24)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,seed,d", [(torch.float32, 0, 24), (torch.float32, 1, 40), (torch.bfloat16, 2, 24),
+                                          (torch.float32, 3, 1100)])
+def test_prepare_triton_equals_reference(dtype, seed, d):
+    c = _prepare_case(dtype=dtype, seed=seed, d=d, N=5 if d > 100 else 7)
+    ref_c, tri_c = _clone(c), _clone(c)
+    want = sjd2_prepare(**ref_c, backend="torch")
+    got = sjd2_prepare(**tri_c, backend="triton")
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+    assert torch.equal(tri_c["level"], ref_c["level"])
+    assert torch.allclose(tri_c["latent"], ref_c["latent"], rtol=1e-5, atol=1e-5)
+    # clean slots are copied, not recomputed: bit-exact in every backend
+    clean = (c["positions"] >= 0) & ((got.float() - c["embed_weight"][c["tokens"]].float()).abs().amax(-1) == 0)
+    assert torch.equal(got[clean], want[clean])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepare_triton_cuda_equals_reference(dtype):
+    """The compiled kernel on a GPU against the CPU reference (the interpreter is more lenient than the compiler)."""
+    for seed, d in ((0, 24), (1, 1100), (2, 4096)):
+        c = _prepare_case(dtype=dtype, seed=seed, d=d)
+        ref_c = _clone(c)
+        want = sjd2_prepare(**ref_c, backend="torch")
+        gpu_c = {k: v.cuda() for k, v in _clone(c).items()}
+        got = sjd2_prepare(**gpu_c, backend="auto").cpu()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+        assert torch.equal(gpu_c["level"].cpu(), ref_c["level"])
+        assert torch.allclose(gpu_c["latent"].cpu(), ref_c["latent"], rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_prepare_triton_noise_matches_position_noise():
+    """A fresh position with no row outputs unnormalize(eps) + L[K]: the kernel's Philox equals rng's."""
+    K, d = 4, 64
+    c = _prepare_case(B=2, N=4, R=5, d=d, K=K)
+    c["positions"] = torch.tensor([[10, 11, 12, 13], [0, 1, 2, 3]])
+    c["commit_end"] = torch.tensor([0, 0])
+    c["fresh_start"] = torch.tensor([0, 0])
+    c["row_end"] = torch.tensor([0, 0])
+    got = sjd2_prepare(**_clone(c), backend="triton")
+    eps = position_noise(c["seed"].view(2, 1), c["positions"], d)
+    want = eps * c["std"] + c["mean"] + c["level_table"][K]
+    assert torch.allclose(got, want, atol=2e-6)
+
+
+# ---------------------------------------------------------------- decoding
+
+class _TinyGPT(torch.nn.Module):
+    """A float64 causal transformer taking ``inputs_embeds`` (random weights: only the decoding logic is tested)."""
+
+    def __init__(self, V=12, ncls=3, d=16, layers=2, max_len=128, seed=0):
+        super().__init__()
+        import torch.nn as nn
+        g = torch.Generator().manual_seed(seed)
+        f64 = torch.float64
+        self.V, self.ncls = V, ncls
+        self.tok = nn.Parameter(torch.randn(V + ncls + 1, d, generator=g, dtype=f64))
+        self.pos = nn.Parameter(0.3 * torch.randn(max_len, d, generator=g, dtype=f64))
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            mods = [nn.Linear(d, 3 * d, dtype=f64), nn.Linear(d, d, dtype=f64), nn.Linear(d, 2 * d, dtype=f64),
+                    nn.Linear(2 * d, d, dtype=f64)]
+            for m in mods:
+                m.weight.data = torch.randn(m.weight.shape, generator=g, dtype=f64) / m.weight.shape[1] ** 0.5
+                m.bias.data.zero_()
+            self.blocks.append(nn.ModuleList(mods))
+        self.head = nn.Parameter(torch.randn(d, V + ncls + 1, generator=g, dtype=f64) * 2 / d ** 0.5)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+        x = x + self.pos[:x.shape[1]]
+        for qkv, o, up, down in self.blocks:
+            q, k, v = qkv(F.layer_norm(x, x.shape[-1:])).chunk(3, -1)
+            x = x + o(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            x = x + down(F.gelu(up(F.layer_norm(x, x.shape[-1:]))))
+        return F.layer_norm(x, x.shape[-1:]) @ self.head
+
+
+def _tiny_forward(m, cls, T, W, cfg=False):
+    from sjd_kernels.sjd2.decode import SeqForward
+    B = cls.shape[0]
+    pe = m.tok[m.V + cls].unsqueeze(1)
+    if cfg:
+        pe = torch.cat([pe, m.tok[torch.full((B,), m.V + m.ncls)].unsqueeze(1)])
+    return SeqForward(m, pe.detach(), B, T + 2 * W + 2, 0, m.V)
+
+
+def _plain_sjd(m, cls, T, W, seeds):
+    """SJD written directly on the op (slot 0 = X[n-1], then the window), the oracle for levels = 0."""
+    import sjd_kernels as sk
+    B = cls.shape[0]
+    fw = _tiny_forward(m, cls, T, W)
+    st = sk.JacobiState.create(B, W, m.V, seeds)
+    n = torch.zeros(B, dtype=torch.int64)
+    D = sk.init_window(st, n, W)
+    out = torch.full((B, T), -1, dtype=torch.int64)
+    while bool((n < T).any()):
+        live = n < T
+        wl = torch.where(live, (T - n).clamp(max=W), torch.zeros_like(n))
+        pos = (n - 1).view(B, 1) + torch.arange(W + 1)
+        tok = torch.cat([torch.gather(out, 1, (n - 1).clamp(0, T - 1).view(B, 1)), D], 1)
+        lg, _ = fw(m.tok[tok].detach(), pos, pos < 0)
+        r = sk.jacobi_step(lg.float(), D, wl, n, st)
+        for b in range(B):
+            if live[b]:
+                k = int(r.num_accepted[b]) + 1
+                for i in range(k):
+                    if n[b] + i < T:
+                        out[b, n[b] + i] = r.tokens[b, i]
+                n[b] += k
+                D[b] = r.next_drafts[b]
+    return out
+
+
+@pytest.mark.parametrize("kv", ["keep", "recompute"])
+def test_decode_levels0_is_sjd(kv):
+    from sjd_kernels.sjd2.decode import sjd2_loop
+    torch.manual_seed(0)
+    m = _TinyGPT()
+    cls, T, W, seeds = torch.tensor([0, 1, 2]), 30, 6, [5, 6, 7]
+    want = _plain_sjd(m, cls, T, W, seeds)
+    with torch.no_grad():
+        got = sjd2_loop(_tiny_forward(m, cls, T, W), m.tok[:m.V].detach(), None, T, seeds, window=W, kv=kv)
+        emb0 = SJD2Embedding(NoiseSchedule(levels=0), EmbedNorm.from_embedding(m.tok[:m.V]))
+        got0 = sjd2_loop(_tiny_forward(m, cls, T, W), m.tok[:m.V].detach(), emb0, T, seeds, window=W, kv=kv)
+    assert torch.equal(got.tokens, want) and torch.equal(got0.tokens, want)
+    assert int(got.noisy_kv.sum()) == 0 and int(got.refed.sum()) == 0
+    assert got.steps.max().item() == got.nfe and got.nfe < T    # Jacobi actually compressed steps
+
+
+@pytest.mark.parametrize("kv", ["keep", "recompute"])
+def test_decode_noisy_runs_deterministic_and_batch_invariant(kv):
+    from sjd_kernels.sjd2.decode import sjd2_loop
+    m = _TinyGPT(seed=1)
+    T, W = 24, 5
+    emb = SJD2Embedding(NoiseSchedule(levels=4, s_min=0.3), EmbedNorm.from_embedding(m.tok[:m.V]))
+    with torch.no_grad():
+        emb.level_embed.weight.normal_(0, 0.1)
+        cls = torch.tensor([0, 2, 1])
+        a = sjd2_loop(_tiny_forward(m, cls, T, W, cfg=True), m.tok[:m.V].detach(), emb, T, [1, 2, 3], window=W,
+                      kv=kv, cfg_scale=2.0)
+        b = sjd2_loop(_tiny_forward(m, cls, T, W, cfg=True), m.tok[:m.V].detach(), emb, T, [1, 2, 3], window=W,
+                      kv=kv, cfg_scale=2.0)
+        alone = sjd2_loop(_tiny_forward(m, cls[1:2], T, W, cfg=True), m.tok[:m.V].detach(), emb, T, [2], window=W,
+                          kv=kv, cfg_scale=2.0)
+    assert torch.equal(a.tokens, b.tokens)
+    assert bool((a.tokens >= 0).all()) and bool((a.tokens < m.V).all())
+    assert torch.equal(alone.tokens[0], a.tokens[1])             # same seed, same image, whatever the batch
+    if kv == "keep":
+        assert int(a.noisy_kv.sum()) > 0 and int(a.refed.sum()) == 0
+    else:
+        assert int(a.noisy_kv.sum()) == 0 and int(a.refed.sum()) > 0
+
+
+def test_decode_law_exact_when_rows_ignore_inputs():
+    """With a model whose rows do not depend on its inputs, noisy inputs change nothing: SJD2 must then
+    sample exactly the target law (chi-square on the joint law of 3 tokens, false-alarm rate 1e-6).
+    This checks the verification/drafting plumbing: the stored law of a noisy position's draft, the
+    window shift, the ring state."""
+    from scipy.stats import chi2
+    from sjd_kernels.sjd2.decode import sjd2_loop, SeqForward
+    V, T, W, B, d = 3, 3, 3, 30000, 4
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(1 + T + 2 * W + 2, V, generator=g) * 1.5        # logits by sequence index only
+    E = torch.randn(V, d, generator=g)
+    emb = SJD2Embedding(NoiseSchedule(levels=3, s_min=0.3), EmbedNorm.from_embedding(E))
+    model_fn = lambda x: table[:x.shape[1]].expand(x.shape[0], -1, -1)
+    fw = SeqForward(model_fn, torch.zeros(B, 1, d), B, T + 2 * W + 2, 0, V)
+    res = sjd2_loop(fw, E, emb, T, torch.arange(B) + 11, window=W)
+    assert res.nfe < T                                            # drafts were accepted along the way
+    idx = (res.tokens * torch.tensor([V * V, V, 1])).sum(1)
+    cnt = torch.bincount(idx, minlength=V ** T).double()
+    p = torch.softmax(table[:T].double(), -1)                     # row at sequence index t is image position t
+    law = (p[0].view(V, 1, 1) * p[1].view(1, V, 1) * p[2].view(1, 1, V)).flatten()
+    exp = law * B
+    stat = ((cnt - exp) ** 2 / exp).sum().item()
+    assert stat < chi2.isf(1e-6, V ** T - 1), stat
