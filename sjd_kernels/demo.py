@@ -94,3 +94,193 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _balanced_real(model: str, labels: np.ndarray, seed: int, pool=None):
+    """Real images with exactly the class composition of ``labels`` (drawn without the FD reference)."""
+    from . import data
+    if pool is None:
+        pool = data.mnist("train") if model == "mnist" else data.photo_crops(2000, "train", seed=777)
+    X, y = pool
+    rng = np.random.default_rng(seed)
+    idx = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        idx[where] = rng.choice(np.flatnonzero(y == c), size=len(where), replace=False)
+    return X[idx], pool
+
+
+def _reference(model: str):
+    """The real set every FD is measured against (never used by ``_balanced_real``)."""
+    from . import data
+    if model == "mnist":
+        return data.mnist("test")[0]
+    return data.photo_crops(500, "train", seed=456)[0]
+
+
+@torch.no_grad()
+def target_entropy(gpt, cond: torch.Tensor, tokens: torch.Tensor, cfg_scale: float, temperature: float,
+                   top_k: int, top_p: float, batch: int = 64) -> float:
+    """Mean entropy (nats) of the target rows ``P`` along ``tokens [B, N]``: the law each token was drawn from."""
+    from .reference.target import combine_logits, target_probs
+    tot, n = 0.0, 0
+    for i in range(0, tokens.shape[0], batch):
+        t, c = tokens[i:i + batch], cond[i:i + batch]
+        lc = gpt.forward_train(c, t).float()
+        lu = gpt.forward_train(gpt.null_condition(len(c)), t).float() if cfg_scale != 1.0 else None
+        s = torch.full((len(c),), float(cfg_scale))
+        p = target_probs(combine_logits(lc, lu, s if lu is not None else None), temperature, top_k, top_p)
+        p = p.double()
+        tot += float(-(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum())
+        n += t.numel()
+    return tot / n
+
+
+def _mean_std(xs) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int = 16, cfg_scale: float = 3.0,
+        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, methods=None, permutations: int = 500,
+        out: Path | str = "demo_out", json_path=None, backend: str = "auto", log=print) -> dict:
+    """Run the demo; returns the result dictionary that ``--json`` writes."""
+    from .decoding import available_methods, generate
+    from .models import bundled
+
+    t_all = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    b = bundled.load(model)
+    N, V = b.tokens_per_image, b.tokenizer.num_codes
+    avail = available_methods()
+    if methods is None:
+        methods = list(avail)
+    methods = [m for m in methods if m != "ar"]
+    labels = np.repeat(np.arange(b.num_classes), per_class)
+    cond = torch.as_tensor(labels, dtype=torch.int64)
+    B = len(labels)
+    gen_kw = dict(window=window, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                  backend=backend, progress=False)
+    reference = _reference(model)
+    info = b.manifest.get("info", {})
+    log(f"model {model}: {N} tokens/image, {V} codes, {b.num_classes} classes, GPT "
+        f"{info.get('gpt', {}).get('parameters', '?')} parameters; batch {B} ({per_class} per class) x {seeds} "
+        f"seeds, window {window}, cfg {cfg_scale}, T {temperature}, top-k {top_k}, top-p {top_p}")
+    log(f"methods available: {', '.join(avail)}")
+
+    def gen(method, seed):
+        sig = inspect.signature(generate).parameters
+        kw = {k: v for k, v in gen_kw.items() if k in sig}
+        return generate(b.gpt, cond, N, method=method, seed=seed, **kw)
+
+    results, samples, skipped = {}, {}, {}
+    # AR: the baseline row, and an independent AR sample (other seeds) for the two-sample tests
+    order = ["ar"] + methods
+    ar_ref = [gen("ar", 1_000 + s).tokens for s in range(seeds)]
+    for method in order:
+        runs = []
+        try:
+            for s in range(seeds):
+                runs.append(gen(method, s))
+        except (NotImplementedError, RuntimeError, ValueError, ImportError, FileNotFoundError) as e:
+            skipped[method] = f"{type(e).__name__}: {e}"
+            log(f"{method}: skipped ({skipped[method]})")
+            continue
+        toks = torch.cat([r.tokens for r in runs])
+        imgs = [b.tokenizer.decode(r.tokens).numpy() for r in runs]
+        q = [b.quality.evaluate(im, labels, reference) for im in imgs]
+        acc, fd = _mean_std([x["accuracy"] for x in q]), _mean_std([x["fd"] for x in q])
+        stat, p = two_sample_test(toks.numpy(), torch.cat(ar_ref).numpy(), np.tile(labels, seeds), V,
+                                  permutations=permutations, seed=17)
+        nfe = _mean_std([r.stats.nfe for r in runs])
+        wall = _mean_std([r.stats.wall_s for r in runs])
+        results[method] = {
+            "nfe": nfe[0], "nfe_std": nfe[1], "nfe_prefill": runs[0].stats.nfe_prefill,
+            "step_compression": N / nfe[0], "wall_s": wall[0], "wall_s_std": wall[1],
+            "quality": {"accuracy": acc[0], "accuracy_std": acc[1], "fd": fd[0], "fd_std": fd[1], "n": B},
+            "entropy": target_entropy(b.gpt, cond.repeat(seeds), toks, cfg_scale, temperature, top_k, top_p),
+            "two_sample_vs_ar": {"statistic": stat, "p_value": p, "permutations": permutations,
+                                 "n": int(toks.shape[0])},
+            "zero_mass_residuals": int(sum(r.stats.zero_mass_residuals for r in runs)),
+        }
+        samples[method] = imgs[0]
+        log(f"{method}: NFE {nfe[0]:.1f}, {wall[0]:.2f} s per batch")
+    ar = results["ar"]
+    for r in results.values():
+        r["speedup_nfe_vs_ar"] = ar["nfe"] / r["nfe"]
+        r["speedup_wall_vs_ar"] = ar["wall_s"] / r["wall_s"]
+
+    pool = None
+    real_q, real_imgs = [], None
+    for s in range(seeds):
+        real, pool = _balanced_real(model, labels, 10 + s, pool)
+        real_imgs = real if real_imgs is None else real_imgs
+        real_q.append(b.quality.evaluate(real, labels, reference))
+    ra, rf = _mean_std([x["accuracy"] for x in real_q]), _mean_std([x["fd"] for x in real_q])
+    real_row = {"accuracy": ra[0], "accuracy_std": ra[1], "fd": rf[0], "fd_std": rf[1], "n": B}
+
+    grid = {"real": real_imgs, **{m: samples[m] for m in results}}
+    png = out / f"demo_{model}.png"
+    save_grid(png, grid, f"{model}: rows = methods (seed 0), columns = classes {per_class}x; "
+                         f"window {window}, cfg {cfg_scale}")
+
+    hdr = (f"{'method':<14}{'NFE':>7}{'compress':>9}{'vs AR':>7}{'wall s':>8}{'speed-up':>9}"
+           f"{'acc':>13}{'FD':>15}{'H nats':>8}{'p(=AR)':>8}")
+    lines = [hdr, "-" * len(hdr)]
+    for m, r in results.items():
+        qd = r["quality"]
+        lines.append(f"{m:<14}{r['nfe']:>7.1f}{r['step_compression']:>8.2f}x{r['speedup_nfe_vs_ar']:>6.2f}x"
+                     f"{r['wall_s']:>8.2f}{r['speedup_wall_vs_ar']:>8.2f}x"
+                     f"{qd['accuracy']:>7.3f}±{qd['accuracy_std']:.3f}{qd['fd']:>9.1f}±{qd['fd_std']:<5.1f}"
+                     f"{r['entropy']:>8.3f}{r['two_sample_vs_ar']['p_value']:>8.3f}")
+    lines.append(f"{'real images':<14}{'':>7}{'':>9}{'':>7}{'':>8}{'':>9}"
+                 f"{real_row['accuracy']:>7.3f}±{real_row['accuracy_std']:.3f}{real_row['fd']:>9.1f}"
+                 f"±{real_row['fd_std']:<5.1f}")
+    table = "\n".join(lines)
+    log(table)
+    log(f"acc/FD: bundled classifier (sjd_kernels.quality), mean ± std over {seeds} seeds of {B} images; "
+        f"FD against {len(reference)} real images. p(=AR): stratified permutation test of the tokens "
+        f"({seeds * B} per method) against an independent AR sample; ar's own row is a calibration check.")
+    for m, why in skipped.items():
+        log(f"not run: {m}: {why}")
+    res = {"model": model, "tokens_per_image": N, "vocab": V, "batch": B, "seeds": seeds, "window": window,
+           "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+           "methods": results, "real": real_row, "skipped": skipped, "png": str(png),
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "total_s": time.perf_counter() - t_all}
+    (out / f"demo_{model}.txt").write_text(table + "\n")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+    log(f"wrote {png}" + (f" and {json_path}" if json_path else "") + f"; total {res['total_s']:.0f} s")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Every decoding method on a bundled model: PNG grid and table.")
+    ap.add_argument("--model", choices=("mnist", "photo"), default="mnist")
+    ap.add_argument("--out", default="demo_out", help="directory for the PNG grid and the table")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+    ap.add_argument("--per-class", type=int, default=2, help="images per class in the batch")
+    ap.add_argument("--seeds", type=int, default=3, help="batches (seeds) per method, for the spread")
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--methods", default=None, help="comma list (default: every method generate offers)")
+    ap.add_argument("--permutations", type=int, default=500)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    run(a.model, per_class=a.per_class, seeds=a.seeds, window=a.window, cfg_scale=a.cfg,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+        methods=a.methods.split(",") if a.methods else None, permutations=a.permutations, out=a.out,
+        json_path=a.json, backend=a.backend)
+
+
+if __name__ == "__main__":
+    main()

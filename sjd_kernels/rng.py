@@ -46,6 +46,7 @@ STREAM_GUMBEL = 7      # position-keyed noise shared across iterations (step = 0
 STREAM_TREE = 8        # tree sibling draws (lane-keyed per sibling)
 STREAM_TREE_ACCEPT = 9 # tree verification uniforms
 STREAM_TREE_RESID = 10 # tree residual draws
+STREAM_SJD2_NOISE = 11 # SJD2: Gaussian noise of window positions entering at the top level
 
 TWO_M24 = 2.0 ** -24
 E_FLOOR = 2.0 ** -25   # smallest exponential noise value (see exponential)

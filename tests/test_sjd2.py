@@ -379,44 +379,26 @@ def test_prepare_triton_noise_matches_position_noise():
 
 # ---------------------------------------------------------------- decoding
 
-class _TinyGPT(torch.nn.Module):
-    """A float64 causal transformer taking ``inputs_embeds`` (random weights: only the decoding logic is tested)."""
-
-    def __init__(self, V=12, ncls=3, d=16, layers=2, max_len=128, seed=0):
-        super().__init__()
-        import torch.nn as nn
-        g = torch.Generator().manual_seed(seed)
-        f64 = torch.float64
-        self.V, self.ncls = V, ncls
-        self.tok = nn.Parameter(torch.randn(V + ncls + 1, d, generator=g, dtype=f64))
-        self.pos = nn.Parameter(0.3 * torch.randn(max_len, d, generator=g, dtype=f64))
-        self.blocks = nn.ModuleList()
-        for _ in range(layers):
-            mods = [nn.Linear(d, 3 * d, dtype=f64), nn.Linear(d, d, dtype=f64), nn.Linear(d, 2 * d, dtype=f64),
-                    nn.Linear(2 * d, d, dtype=f64)]
-            for m in mods:
-                m.weight.data = torch.randn(m.weight.shape, generator=g, dtype=f64) / m.weight.shape[1] ** 0.5
-                m.bias.data.zero_()
-            self.blocks.append(nn.ModuleList(mods))
-        self.head = nn.Parameter(torch.randn(d, V + ncls + 1, generator=g, dtype=f64) * 2 / d ** 0.5)
-
-    def forward(self, x):
-        import torch.nn.functional as F
-        x = x + self.pos[:x.shape[1]]
-        for qkv, o, up, down in self.blocks:
-            q, k, v = qkv(F.layer_norm(x, x.shape[-1:])).chunk(3, -1)
-            x = x + o(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-            x = x + down(F.gelu(up(F.layer_norm(x, x.shape[-1:]))))
-        return F.layer_norm(x, x.shape[-1:]) @ self.head
+def _tiny_gpt(V=12, ncls=3, seed=0):
+    """The in-package GPT, small, random and float64 (only the decoding logic is tested)."""
+    from sjd_kernels.models.gpt import GPT, GPTConfig
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(vocab_size=V, max_image_tokens=64, num_classes=ncls, n_layer=2, n_head=2, n_kv_head=2,
+                      d_model=16)).double().eval()
+    with torch.no_grad():                                       # sharper rows than the 0.02 init gives
+        m.head.weight.normal_(0, 1.0)
+    return m
 
 
 def _tiny_forward(m, cls, T, W, cfg=False):
+    from sjd_kernels.sjd2.checkpoint import gpt_forward_parts
     from sjd_kernels.sjd2.decode import SeqForward
-    B = cls.shape[0]
-    pe = m.tok[m.V + cls].unsqueeze(1)
-    if cfg:
-        pe = torch.cat([pe, m.tok[torch.full((B,), m.V + m.ncls)].unsqueeze(1)])
-    return SeqForward(m, pe.detach(), B, T + 2 * W + 2, 0, m.V)
+    E, prompt, model_fn, lo = gpt_forward_parts(m, cls, cfg)
+    return SeqForward(model_fn, prompt.detach(), cls.shape[0], T + 2 * W + 2, lo, E.shape[0])
+
+
+def _emb_rows(m):
+    return m.tok_emb.weight.detach()
 
 
 def _plain_sjd(m, cls, T, W, seeds):
@@ -424,16 +406,16 @@ def _plain_sjd(m, cls, T, W, seeds):
     import sjd_kernels as sk
     B = cls.shape[0]
     fw = _tiny_forward(m, cls, T, W)
-    st = sk.JacobiState.create(B, W, m.V, seeds)
+    st = sk.JacobiState.create(B, W, m.vocab_size, seeds)
     n = torch.zeros(B, dtype=torch.int64)
     D = sk.init_window(st, n, W)
     out = torch.full((B, T), -1, dtype=torch.int64)
     while bool((n < T).any()):
         live = n < T
-        wl = torch.where(live, (T - n).clamp(max=W), torch.zeros_like(n))
+        wl = torch.where(live, (T - n - 1).clamp(min=0, max=W), torch.zeros_like(n))
         pos = (n - 1).view(B, 1) + torch.arange(W + 1)
         tok = torch.cat([torch.gather(out, 1, (n - 1).clamp(0, T - 1).view(B, 1)), D], 1)
-        lg, _ = fw(m.tok[tok].detach(), pos, pos < 0)
+        lg, _ = fw(_emb_rows(m)[tok], pos, pos < 0)
         r = sk.jacobi_step(lg.float(), D, wl, n, st)
         for b in range(B):
             if live[b]:
@@ -450,35 +432,71 @@ def _plain_sjd(m, cls, T, W, seeds):
 def test_decode_levels0_is_sjd(kv):
     from sjd_kernels.sjd2.decode import sjd2_loop
     torch.manual_seed(0)
-    m = _TinyGPT()
+    m = _tiny_gpt()
     cls, T, W, seeds = torch.tensor([0, 1, 2]), 30, 6, [5, 6, 7]
-    want = _plain_sjd(m, cls, T, W, seeds)
     with torch.no_grad():
-        got = sjd2_loop(_tiny_forward(m, cls, T, W), m.tok[:m.V].detach(), None, T, seeds, window=W, kv=kv)
-        emb0 = SJD2Embedding(NoiseSchedule(levels=0), EmbedNorm.from_embedding(m.tok[:m.V]))
-        got0 = sjd2_loop(_tiny_forward(m, cls, T, W), m.tok[:m.V].detach(), emb0, T, seeds, window=W, kv=kv)
+        want = _plain_sjd(m, cls, T, W, seeds)
+    with torch.no_grad():
+        got = sjd2_loop(_tiny_forward(m, cls, T, W), _emb_rows(m), None, T, seeds, window=W, kv=kv)
+        emb0 = SJD2Embedding(NoiseSchedule(levels=0), EmbedNorm.from_embedding(_emb_rows(m)))
+        got0 = sjd2_loop(_tiny_forward(m, cls, T, W), _emb_rows(m), emb0, T, seeds, window=W, kv=kv)
     assert torch.equal(got.tokens, want) and torch.equal(got0.tokens, want)
     assert int(got.noisy_kv.sum()) == 0 and int(got.refed.sum()) == 0
     assert got.steps.max().item() == got.nfe and got.nfe < T    # Jacobi actually compressed steps
 
 
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_sjd2_levels0_equals_loop_sjd(cfg):
+    """``generate(method="sjd")`` of the decoding loop and SJD2 with 0 levels: the same tokens under the
+    same seed (same op, drafting and verification randomness, KV cache); the loop's sjd2 dispatch too."""
+    from sjd_kernels.decoding import generate
+    from sjd_kernels.sjd2 import generate_sjd2
+    m = _tiny_gpt(seed=3)
+    cls, T, W = torch.tensor([0, 1, 2, 1]), 40, 8
+    want = generate(m, cls, T, method="sjd", window=W, seed=11, cfg_scale=cfg, progress=False)
+    emb0 = SJD2Embedding(NoiseSchedule(levels=0), EmbedNorm.from_embedding(_emb_rows(m)))
+    for kv in ("keep", "recompute"):
+        got = generate_sjd2(m, cls, T, sjd2=emb0, window=W, seed=11, cfg_scale=cfg, kv=kv)
+        assert torch.equal(got.tokens, want.tokens), kv
+        assert got.stats.nfe == want.stats.nfe
+    m.__dict__["sjd2"] = emb0
+    via_loop = generate(m, cls, T, method="sjd2", window=W, seed=11, cfg_scale=cfg, progress=False)
+    assert torch.equal(via_loop.tokens, want.tokens)
+
+
+@pytest.mark.parametrize("kv", ["keep", "recompute"])
+def test_sjd2_kv_cache_equals_recomputed_prefix(kv):
+    """The KV-cache forward and the prefix-recomputing one give the same SJD2 tokens (float64 model)."""
+    from sjd_kernels.sjd2 import generate_sjd2
+    m = _tiny_gpt(seed=2)
+    cls, T, W = torch.tensor([2, 0, 1]), 30, 6
+    emb = SJD2Embedding(NoiseSchedule(levels=4, s_min=0.3), EmbedNorm.from_embedding(_emb_rows(m)))
+    with torch.no_grad():
+        emb.level_embed.weight.normal_(0, 0.1)
+    a = generate_sjd2(m, cls, T, sjd2=emb, window=W, seed=5, cfg_scale=2.0, kv=kv)
+    b = generate_sjd2(m, cls, T, sjd2=emb, window=W, seed=5, cfg_scale=2.0, kv=kv,
+                      forward=_tiny_forward(m, cls, T, W, cfg=True))
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.stats.sjd2.steps.tolist() == b.stats.sjd2.steps.tolist()
+
+
 @pytest.mark.parametrize("kv", ["keep", "recompute"])
 def test_decode_noisy_runs_deterministic_and_batch_invariant(kv):
     from sjd_kernels.sjd2.decode import sjd2_loop
-    m = _TinyGPT(seed=1)
+    m = _tiny_gpt(seed=1)
     T, W = 24, 5
-    emb = SJD2Embedding(NoiseSchedule(levels=4, s_min=0.3), EmbedNorm.from_embedding(m.tok[:m.V]))
+    emb = SJD2Embedding(NoiseSchedule(levels=4, s_min=0.3), EmbedNorm.from_embedding(_emb_rows(m)))
     with torch.no_grad():
         emb.level_embed.weight.normal_(0, 0.1)
         cls = torch.tensor([0, 2, 1])
-        a = sjd2_loop(_tiny_forward(m, cls, T, W, cfg=True), m.tok[:m.V].detach(), emb, T, [1, 2, 3], window=W,
+        a = sjd2_loop(_tiny_forward(m, cls, T, W, cfg=True), _emb_rows(m), emb, T, [1, 2, 3], window=W,
                       kv=kv, cfg_scale=2.0)
-        b = sjd2_loop(_tiny_forward(m, cls, T, W, cfg=True), m.tok[:m.V].detach(), emb, T, [1, 2, 3], window=W,
+        b = sjd2_loop(_tiny_forward(m, cls, T, W, cfg=True), _emb_rows(m), emb, T, [1, 2, 3], window=W,
                       kv=kv, cfg_scale=2.0)
-        alone = sjd2_loop(_tiny_forward(m, cls[1:2], T, W, cfg=True), m.tok[:m.V].detach(), emb, T, [2], window=W,
+        alone = sjd2_loop(_tiny_forward(m, cls[1:2], T, W, cfg=True), _emb_rows(m), emb, T, [2], window=W,
                           kv=kv, cfg_scale=2.0)
     assert torch.equal(a.tokens, b.tokens)
-    assert bool((a.tokens >= 0).all()) and bool((a.tokens < m.V).all())
+    assert bool((a.tokens >= 0).all()) and bool((a.tokens < m.vocab_size).all())
     assert torch.equal(alone.tokens[0], a.tokens[1])             # same seed, same image, whatever the batch
     if kv == "keep":
         assert int(a.noisy_kv.sum()) > 0 and int(a.refed.sum()) == 0
@@ -509,3 +527,57 @@ def test_decode_law_exact_when_rows_ignore_inputs():
     exp = law * B
     stat = ((cnt - exp) ** 2 / exp).sum().item()
     assert stat < chi2.isf(1e-6, V ** T - 1), stat
+
+
+# ---------------------------------------------------------------- checkpoints and the fine-tuned bundled model
+
+def test_checkpoint_roundtrip_and_hash(tmp_path):
+    import json
+    from sjd_kernels.models.gpt import GPT, GPTConfig
+    from sjd_kernels.models.bundled import BundledModelError
+    from sjd_kernels.sjd2 import checkpoint
+    cfg = dict(vocab_size=16, max_image_tokens=8, num_classes=2, n_layer=1, n_head=2, n_kv_head=2, d_model=8)
+    (tmp_path / "mnist.json").write_text(json.dumps({"files": {"gpt": {"sha256": "0" * 64}}, "gpt": cfg}))
+    gpt = GPT(GPTConfig(**cfg))
+    emb = SJD2Embedding(NoiseSchedule(levels=3, s_min=0.25), EmbedNorm.from_embedding(checkpoint.image_embedding(gpt)))
+    with torch.no_grad():
+        emb.level_embed.weight.normal_()
+    checkpoint.save("mnist", gpt, emb, out=tmp_path, training={"seed": 0})
+    g2, e2 = checkpoint.load_finetuned("mnist", tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(gpt.state_dict().values(), g2.state_dict().values()))
+    assert torch.equal(e2.level_embed.table(), emb.level_embed.table()) and e2.schedule == emb.schedule
+    assert torch.equal(e2.norm.std, emb.norm.std)
+    path = tmp_path / "mnist_sjd2.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BundledModelError, match="SHA-256"):
+        checkpoint.load_finetuned("mnist", tmp_path)
+
+
+def _finetuned_exists():
+    from sjd_kernels.models.bundled import WEIGHTS_DIR
+    return (WEIGHTS_DIR / "mnist_sjd2.json").exists()
+
+
+@pytest.mark.skipif(not _finetuned_exists(), reason="no SJD2 fine-tune committed (python/finetune_sjd2.py)")
+def test_finetuned_model_keeps_ar_quality():
+    """The SJD2 fine-tune decoded with plain AR: held-out clean cross-entropy and AR samples as good as the base's."""
+    from sjd_kernels import data
+    from sjd_kernels.models import bundled
+    from sjd_kernels.sjd2 import checkpoint, generate_sjd2
+    base = bundled.load("mnist")
+    gpt, emb = checkpoint.load_finetuned("mnist")
+    X, y = data.real_images("mnist", "test", n=100, seed=0)
+    tok, lab = base.tokenizer.encode(X), torch.as_tensor(y)
+    with torch.no_grad():
+        ce = {name: float(torch.nn.functional.cross_entropy(m.forward_train(lab, tok).flatten(0, 1).float(),
+                                                             tok.flatten()))
+              for name, m in (("base", base.gpt), ("ft", gpt))}
+    assert ce["ft"] < 1.05 * ce["base"], ce
+    classes = torch.arange(30) % base.num_classes
+    acc = {}
+    for name, m in (("base", base.gpt), ("ft", gpt)):
+        r = generate_sjd2(m, classes, base.tokens_per_image, window=0, seed=list(range(30)))
+        acc[name] = base.quality.accuracy(base.tokenizer.decode(r.tokens).numpy(), classes.numpy())
+    assert acc["ft"] >= acc["base"] - 0.15, acc

@@ -108,6 +108,7 @@ ERROR_TEXT = {
     1: "non-finite logits (NaN or +inf, or a row with no finite logit) at a non-forced row",
     2: "a draft id outside [0, V) that is not the forced token of its position",
     4: "a tree node index out of range",
+    8: "win_len outside [0, W]",
 }
 
 

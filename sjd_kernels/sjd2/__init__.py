@@ -6,9 +6,9 @@ next-clean-token loss and parameter groups. ``decode``: ``sjd2_loop`` and ``gene
 preparation is the op ``sjd2_prepare`` (reference + Triton).
 """
 from ..ops.sjd2_prepare import sjd2_prepare
-from .decode import SJD2Result, SeqForward, generate_sjd2, sjd2_loop
+from .decode import KVForward, SJD2Result, SeqForward, generate_sjd2, sjd2_loop
 from .noise import (STREAM_SJD2_NOISE, EmbedNorm, LevelEmbedding, NoiseSchedule, SJD2Embedding, position_noise,
                     sample_segment_levels)
 
-__all__ = ["STREAM_SJD2_NOISE", "EmbedNorm", "LevelEmbedding", "NoiseSchedule", "SJD2Embedding", "SJD2Result",
+__all__ = ["KVForward", "STREAM_SJD2_NOISE", "EmbedNorm", "LevelEmbedding", "NoiseSchedule", "SJD2Embedding", "SJD2Result",
            "SeqForward", "generate_sjd2", "position_noise", "sample_segment_levels", "sjd2_loop", "sjd2_prepare"]

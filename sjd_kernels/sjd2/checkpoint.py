@@ -6,8 +6,9 @@ A fine-tuned model is ``weights/<model>_sjd2.safetensors`` (every GPT tensor, pl
 from, how it was trained). ``load_finetuned`` checks the hash and the tensor names and shapes
 and names the file and the mismatch when they differ.
 
-Model hooks (the in-package GPT): ``embed_tokens(ids)`` for image-token ids ``0..V-1`` and a
-forward that takes ``inputs_embeds`` (see ``noisy_logits``).
+Model hooks (the in-package GPT, ``sjd_kernels.models.gpt``): ``embed_tokens(ids)`` for image
+ids ``0..V-1``, ``embed_cond(cond) -> [B, 1, d]`` (class ``num_classes`` = null) and
+``forward(inputs_embeds, positions)`` (condition at model position 0, image token i at i + 1).
 """
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ def noisy_logits(gpt, sjd2: SJD2Embedding, cond: torch.Tensor, tokens: torch.Ten
     The input of image position t (which predicts position t+1) is token t at level
     ``levels[:, t]``; the last level column is unused (no input follows the last token).
     """
+    B, N = tokens.shape
     e = gpt.embed_tokens(tokens[:, :-1])
-    x = noisy_image_inputs(sjd2, e, levels[:, :-1], generator)
-    return gpt.forward_train(cond, tokens, image_embeds=x)
+    x = torch.cat([gpt.embed_cond(cond), noisy_image_inputs(sjd2, e, levels[:, :-1], generator)], 1)
+    return gpt(x, torch.arange(N, device=tokens.device).expand(B, N))
 
 
 def gpt_forward_parts(gpt, cond: torch.Tensor, cfg: bool):
@@ -55,7 +57,11 @@ def gpt_forward_parts(gpt, cond: torch.Tensor, cfg: bool):
     nc = gpt.config.num_classes
     c = torch.cat([cond, torch.full_like(cond, nc)]) if cfg else cond
     prompt = gpt.embed_cond(c.to(E.device)).reshape(c.shape[0], 1, -1)
-    return E.contiguous(), prompt, lambda x: gpt(inputs_embeds=x), 0
+
+    def model_fn(x):
+        R, L, _ = x.shape
+        return gpt(x, torch.arange(L, device=x.device).expand(R, L))
+    return E.contiguous(), prompt, model_fn, 0
 
 
 def _files(model: str, out=None) -> tuple[Path, Path]:
@@ -119,4 +125,8 @@ def load_finetuned(model: str = "mnist", weights_dir=None, device="cpu", dtype=t
                                             f"the config implies {list(shape)}")
     gpt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)})
     sjd2.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)})
-    return gpt.to(device=device, dtype=dtype).eval(), sjd2.to(device).eval()
+    gpt = gpt.to(device=device, dtype=dtype).eval()
+    # a plain attribute, not a submodule: the GPT's own state dict stays the base format, and
+    # generate(..., method="sjd2") finds the SJD2 parameters on the model
+    gpt.__dict__["sjd2"] = sjd2.to(device).eval()
+    return gpt, gpt.sjd2

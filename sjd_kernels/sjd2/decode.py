@@ -31,6 +31,7 @@ and the logits are image-only ``[B, N, V]`` (uncond: the CFG rows, or None).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -109,7 +110,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
         if nfe >= limit:
             raise RuntimeError(f"SJD2 did not finish in {limit} steps (n = {n.tolist()})")
         live = n < T
-        win_len = torch.where(live, (T - n).clamp(max=W), torch.zeros_like(n))
+        win_len = torch.where(live, (T - n - 1).clamp(min=0, max=W), torch.zeros_like(n))   # as the loop: bonus <= T-1
         r = n - 1 - feed_from                                       # committed tokens re-fed before X[n-1]
         N = int(r.max()) + 1 + W
         slot = torch.arange(N, device=dev).view(1, N)
@@ -204,24 +205,70 @@ class SeqForward:
         return out, None
 
 
+class KVForward:
+    """``forward`` callable for ``sjd2_loop`` on the decoding loop's ``StaticKVCache``.
+
+    Model position = image position + 1 (the condition sits at 0). Each call sets every row's
+    cache length to the model position of its first slot (dropping what was fed after it),
+    writes the slots' K/V and attends under the cache's causal mask: exactly the cache
+    semantics both KV policies need. ``prompt_embeds [Br, 1, d]``: conditional rows, then the
+    null condition's with CFG.
+    """
+
+    def __init__(self, model, prompt_embeds: torch.Tensor, batch: int, capacity: int):
+        from ..decoding.cache import StaticKVCache
+        Br = prompt_embeds.shape[0]
+        self.model, self.B, self.cfg, self.prompt = model, batch, Br == 2 * batch, prompt_embeds
+        p = next(model.parameters())
+        self.cache = StaticKVCache(model.num_layers, Br, model.num_kv_heads, capacity + 1, model.head_dim,
+                                   dtype=p.dtype, device=p.device)
+
+    def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, prompt_slot: torch.Tensor):
+        B, N, _ = inputs.shape
+        x = inputs.to(self.prompt.dtype)
+        if self.cfg:
+            x, positions, prompt_slot = torch.cat([x, x]), torch.cat([positions, positions]), \
+                torch.cat([prompt_slot, prompt_slot])
+        x = torch.where(prompt_slot.unsqueeze(-1), self.prompt.expand(-1, N, -1), x)
+        self.cache.lengths.copy_(positions[:, 0] + 1)
+        slots, mask = self.cache.window_mask(N)
+        logits = self.model(x, slots, cache=self.cache, mask=mask, write_slots=slots)
+        if self.cfg:
+            return logits[:B], logits[B:]
+        return logits, None
+
+
 def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None = None, window: int = 16,
-                  seed=None, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, kv: str = "keep", backend: str = "auto", forward=None) -> SJD2Result:
+                  seed=0, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  kv: str = "recompute", backend: str = "auto", forward=None, progress=None):
     """SJD2 decoding of a class-conditional GPT: ``cond [B]`` class ids, ``num_tokens`` image tokens.
 
-    ``sjd2=None`` (or 0 levels) is SJD, ``window=0`` AR, both through the same op and
-    randomness. ``seed``: one int per request (default ``0..B-1``). ``forward``: a callable as
-    in ``sjd2_loop``; by default the model runs without a KV cache through ``SeqForward``
-    (``checkpoint.gpt_forward_parts`` gives the model hooks used).
+    The entry the decoding loop calls for ``generate(..., method="sjd2")``; same seed and CFG
+    conventions as ``generate`` (an int seed s gives request i the seed ``s * 1_000_003 + i``;
+    ``cfg_scale != 1`` runs CFG). ``sjd2``: the SJD2 parameters; by default the model's own
+    ``model.sjd2`` (set by ``checkpoint.load_finetuned``); None or 0 levels is SJD and
+    ``window=0`` AR, through the same loop, op and randomness. ``forward``: a callable as in
+    ``sjd2_loop``; by default the loop's static KV cache (``KVForward``). Returns
+    ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the ``SJD2Result``.
     """
+    from ..decoding.loop import GenerateOutput, GenerateStats, request_seeds
     from .checkpoint import gpt_forward_parts
-    cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1)
+    if sjd2 is None:
+        sjd2 = getattr(model, "sjd2", None)
+    dev = next(model.parameters()).device
+    cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1).to(dev)
     B = cond.numel()
-    seed = list(range(B)) if seed is None else seed
+    seeds = request_seeds(seed, B, dev)
+    use_cfg = cfg_scale is not None and cfg_scale != 1.0
+    t0 = time.perf_counter()
     with torch.no_grad():
-        E, prompt, model_fn, image_start = gpt_forward_parts(model, cond, cfg=cfg_scale is not None)
+        E, prompt, _, _ = gpt_forward_parts(model, cond, cfg=use_cfg)
         if forward is None:
-            forward = SeqForward(model_fn, prompt, B, num_tokens + 2 * window + 2, image_start, E.shape[0])
-        return sjd2_loop(forward, E, sjd2, num_tokens, torch.as_tensor(seed, dtype=torch.int64, device=E.device),
-                         window=window, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                         kv=kv, backend=backend)
+            forward = KVForward(model, prompt, B, num_tokens + 2 * window + 2)
+        res = sjd2_loop(forward, E, sjd2, num_tokens, seeds, window=window, temperature=temperature, top_k=top_k,
+                        top_p=top_p, cfg_scale=cfg_scale if use_cfg else None, kv=kv, backend=backend)
+    stats = GenerateStats(method="sjd2", num_tokens=num_tokens, nfe=res.nfe, nfe_prefill=0,
+                          wall_s=time.perf_counter() - t0,
+                          zero_mass_residuals=res.status.get("zero_mass_residuals", 0))
+    stats.sjd2 = res
+    return GenerateOutput(res.tokens, stats)
