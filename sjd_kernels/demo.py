@@ -4,7 +4,8 @@
     python -m sjd_kernels.demo --model photo --json demo.json --out demo_out
 
 Generates the same class-conditioned batch (same classes, same per-request seeds) with every
-method that ``sjd_kernels.decoding`` offers, saves a PNG grid (one labelled row per method and
+method that ``sjd_kernels.decoding.available_methods()`` lists (``sjd2`` with the SJD2 fine-tune
+of the model, ``weights/<model>_sjd2.*``; methods that cannot run here are listed as not run), saves a PNG grid (one labelled row per method and
 seed 0), and prints one table row per method:
 
 - ``NFE``: model forwards per batch after the prefill (a CFG pair counts once), mean over seeds;
@@ -14,7 +15,9 @@ seed 0), and prints one table row per method:
   classifier's feature space (``sjd_kernels.quality``), mean ± std over seeds; the ``real`` row
   gives the same numbers for real images at the same set size (the floor of FD).
 - ``H``: mean entropy (nats) of the target rows the method sampled from, i.e. of the CFG-combined
-  law at each position given the tokens before it, evaluated along the method's own samples.
+  law at each position given the tokens before it, evaluated along the method's own samples
+  (for ``sjd2``: the rows of its fine-tuned model given clean prefixes; its real rows were
+  conditioned on noisy inputs).
 - ``p(=AR)``: a two-sample test of the method's tokens against an independent AR sample (other
   seeds, same classes). Statistic: the sum over positions of the per-position chi-square
   homogeneity statistic ``sum_v (a_v - b_v)^2 / (a_v + b_v)`` over token counts; p-value by a
@@ -34,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_METHODS = ("ar", "sjd", "sjd_vp", "coupling", "gumbel_jacobi", "pac", "sjd2")
 
 
 def two_sample_test(a: np.ndarray, b: np.ndarray, strata: np.ndarray, vocab: int, permutations: int = 500,
@@ -169,12 +171,29 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
         f"seeds, window {window}, cfg {cfg_scale}, T {temperature}, top-k {top_k}, top-p {top_p}")
     log(f"methods available: {', '.join(avail)}")
 
+    models = {}
+
+    def model_for(method):
+        # sjd2 runs its fine-tuned GPT (which carries the SJD2 parameters); every other method the base
+        if method not in models:
+            if method == "sjd2":
+                from .sjd2.checkpoint import load_finetuned
+                models[method] = load_finetuned(model)[0]
+            else:
+                models[method] = b.gpt
+        return models[method]
+
     def gen(method, seed):
         sig = inspect.signature(generate).parameters
         kw = {k: v for k, v in gen_kw.items() if k in sig}
-        return generate(b.gpt, cond, N, method=method, seed=seed, **kw)
+        return generate(model_for(method), cond, N, method=method, seed=seed, **kw)
 
     results, samples, skipped = {}, {}, {}
+    try:
+        from .decoding.methods import PENDING
+        skipped.update({m: why for m, why in PENDING.items() if m not in avail})
+    except ImportError:
+        pass
     # AR: the baseline row, and an independent AR sample (other seeds) for the two-sample tests
     order = ["ar"] + methods
     ar_ref = [gen("ar", 1_000 + s).tokens for s in range(seeds)]
@@ -183,7 +202,7 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
         try:
             for s in range(seeds):
                 runs.append(gen(method, s))
-        except (NotImplementedError, RuntimeError, ValueError, ImportError, FileNotFoundError) as e:
+        except Exception as e:  # one method failing must not hide the others; the reason is printed
             skipped[method] = f"{type(e).__name__}: {e}"
             log(f"{method}: skipped ({skipped[method]})")
             continue
@@ -199,7 +218,7 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
             "nfe": nfe[0], "nfe_std": nfe[1], "nfe_prefill": runs[0].stats.nfe_prefill,
             "step_compression": N / nfe[0], "wall_s": wall[0], "wall_s_std": wall[1],
             "quality": {"accuracy": acc[0], "accuracy_std": acc[1], "fd": fd[0], "fd_std": fd[1], "n": B},
-            "entropy": target_entropy(b.gpt, cond.repeat(seeds), toks, cfg_scale, temperature, top_k, top_p),
+            "entropy": target_entropy(model_for(method), cond.repeat(seeds), toks, cfg_scale, temperature, top_k, top_p),
             "two_sample_vs_ar": {"statistic": stat, "p_value": p, "permutations": permutations,
                                  "n": int(toks.shape[0])},
             "zero_mass_residuals": int(sum(r.stats.zero_mass_residuals for r in runs)),

@@ -9,13 +9,13 @@ from sjd_kernels import demo
 
 def test_demo_tiny(tmp_path):
     js = tmp_path / "demo.json"
-    res = demo.run("mnist", per_class=1, seeds=2, window=8, methods=["sjd", "coupling", "gumbel_jacobi"],
+    res = demo.run("mnist", per_class=1, seeds=2, window=8, methods=["ar_gumbel", "sjd", "coupling", "gumbel_jacobi"],
                    permutations=50, out=tmp_path / "out", json_path=js, log=lambda s: None)
     png = tmp_path / "out" / "demo_mnist.png"
     assert png.exists() and png.stat().st_size > 1000
     assert (tmp_path / "out" / "demo_mnist.txt").exists()
     data = json.loads(js.read_text())
-    assert set(data["methods"]) == {"ar", "sjd", "coupling", "gumbel_jacobi"}
+    assert set(data["methods"]) == {"ar", "ar_gumbel", "sjd", "coupling", "gumbel_jacobi"}
     for name, r in data["methods"].items():
         for key in ("nfe", "step_compression", "wall_s", "quality", "entropy"):
             assert key in r, (name, key)
@@ -24,9 +24,9 @@ def test_demo_tiny(tmp_path):
     m = data["methods"]
     assert m["ar"]["nfe"] == 196 and m["ar"]["step_compression"] == pytest.approx(1.0)
     assert m["sjd"]["nfe"] < 196 and m["coupling"]["step_compression"] > 1.0
-    # gumbel_jacobi is token-identical to AR under the same seeds: same quality numbers
-    assert m["gumbel_jacobi"]["quality"]["accuracy"] == m["ar"]["quality"]["accuracy"]
-    assert m["gumbel_jacobi"]["entropy"] == pytest.approx(m["ar"]["entropy"], rel=1e-6)
+    # gumbel_jacobi is token-identical to ar_gumbel under the same seeds: same numbers
+    assert m["gumbel_jacobi"]["quality"] == m["ar_gumbel"]["quality"]
+    assert m["gumbel_jacobi"]["entropy"] == pytest.approx(m["ar_gumbel"]["entropy"], rel=1e-6)
     assert res["real"]["accuracy"] > 0.8
 
 

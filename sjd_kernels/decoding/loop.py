@@ -1,76 +1,93 @@
-"""The decoding loop: drives a model with the fused ``jacobi_step`` op.
+"""The decoding loop: drives a model (``sjd_kernels.models.protocol``) with the ``jacobi_step`` op.
 
-One loop serves every chain method; they differ only in the op's draft mode and window:
+Every request ``b`` has ``n[b]`` committed image tokens. One step, for the whole ragged batch:
 
-| method          | window | op mode                     | lossless |
-|-----------------|--------|-----------------------------|----------|
-| ``ar``          | 0      | gumbel_jacobi (one token)   | it is the target |
-| ``sjd``         | W      | sjd                         | yes |
-| ``sjd_vp``      | W      | sjd with beta (VP)          | yes (Qvp is stored as the draft law) |
-| ``coupling``    | W      | coupling (maximal coupling) | yes |
-| ``gumbel``      | W      | gumbel (shared noise, probabilistic verification) | yes |
-| ``gumbel_jacobi`` | W    | gumbel_jacobi (exact match) | yes, and token-identical to ``ar`` |
+1. inputs ``[X[n-1], D[0..W-1]]`` per request (at ``n = 0`` the prompt's last position plays
+   ``X[-1]``), copied to the CFG twin row; the model writes their K/V at each row's own cache
+   length and returns image logits ``[rows, W+1, V]``;
+2. ``jacobi_step`` (conditional rows as ``logits``, unconditional rows as ``uncond_logits``)
+   verifies the drafts, commits ``m + 1`` tokens per request and proposes the next window;
+3. the commit: tokens are scattered into the output at ``n .. n+m``, ``n += m + 1`` and each
+   row's cache length is set to ``prefix_len - 1 + n`` (a rewind: the K/V of ``X[n-1]`` and
+   the accepted drafts are already in place; nothing is copied).
 
-``ar`` samples each token with position-keyed Gumbel noise (the exponential race with the
-GUMBEL stream), which is exact AR sampling and makes ``gumbel_jacobi`` reproduce AR's image
-under the same seed. Positions given to the op are image-token positions (0 = first image
-token). The model protocol (``sjd_kernels.models.gpt.GPT`` implements it): ``vocab_size``,
-``num_layers``, ``num_kv_heads``, ``head_dim``, ``embed_tokens(ids)``, ``embed_cond(cond)``,
-``null_condition(B)``, ``forward(embeds, positions, cache, mask, write_slots)``.
+Near the end of the image a request's window is cut to ``min(W, num_tokens - n - 1)`` drafts;
+finished requests keep their shapes and are masked (``win_len = 0``, nothing committed, their
+cache length frozen). Op positions are image-token positions (0 = first image token); model
+positions are cache slots (prefix first).
 
-Per-request seeds: ``seed`` may be a list/tensor with one seed per request; an int ``s`` gives
-request ``i`` the seed ``s * 1_000_003 + i``. A request's tokens depend only on its own seed, so
-the same seed gives the same image alone or inside any batch.
+Host synchronisation: the loop reads ``n`` back only when every request may have finished
+(after ``max_b ceil((num_tokens - n[b]) / (W + 1))`` steps, a lower bound on the steps left),
+so most steps launch without waiting for the device.
+
+Seeds (``seed``): a list or tensor gives one seed per request, in the order of ``cond``; an
+int ``s`` gives request ``i`` the seed ``derive_seeds(s, B)[i]`` (splitmix64 of ``s`` and
+``i``). A request's tokens depend only on its seed, its condition and the settings, so the
+same per-request seed gives the same image alone or inside any batch; with an int seed, pass
+``derive_seeds(s, B)[i]`` explicitly to reproduce request ``i`` in another batch.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..models.protocol import check_model
 from ..ops import JacobiState, SJDInputError, check_status, init_window, jacobi_step
+from ..ops._common import FLOAT_DTYPES, resolve_backend
 from .cache import StaticKVCache
+from .methods import METHODS, PENDING, available_methods
 
-METHODS = {
-    "ar": ("gumbel_jacobi", False),
-    "sjd": ("sjd", True),
-    "sjd_vp": ("sjd", True),
-    "coupling": ("coupling", True),
-    "gumbel": ("gumbel", True),
-    "gumbel_jacobi": ("gumbel_jacobi", True),
-}
-EXTRA_METHODS = ("pac", "sjd2")
+_MASK64 = (1 << 64) - 1
 
 
-def available_methods() -> tuple[str, ...]:
-    """Methods ``generate`` accepts here."""
-    out = list(METHODS)
-    try:
-        from ..ops import tree  # noqa: F401
-        out.append("pac")
-    except Exception:
-        pass
-    try:
-        from ..sjd2 import decode  # noqa: F401
-        out.append("sjd2")
-    except Exception:
-        pass
-    return tuple(out)
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seeds(seed: int, batch: int) -> list[int]:
+    """Per-request seeds from one int: request ``i`` gets ``splitmix64(splitmix64(seed) + i) >> 1`` (>= 0)."""
+    base = _splitmix64(int(seed) & _MASK64)
+    return [_splitmix64((base + i) & _MASK64) >> 1 for i in range(batch)]
+
+
+def request_seeds(seed, batch: int, device) -> torch.Tensor:
+    """``[batch]`` int64 seeds from an int base seed or one seed per request."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return torch.tensor(derive_seeds(seed, batch), dtype=torch.int64, device=device)
+    s = torch.as_tensor(seed)
+    if s.is_floating_point() or s.dtype == torch.bool:
+        raise SJDInputError(f"seed must be an int or integers (one per request), got {s.dtype}")
+    s = s.to(torch.int64).reshape(-1).to(device)
+    if s.numel() != batch:
+        raise SJDInputError(f"seed must be an int or give one seed per request ({batch}), got {s.numel()}")
+    return s
 
 
 @dataclass
 class GenerateStats:
     method: str
     num_tokens: int
+    window: int = 0
+    batch: int = 0
     nfe: int = 0                   # window forwards (a CFG pair of rows is one forward)
-    nfe_prefill: int = 0
-    accepted_hist: list = field(default_factory=list)   # count of steps committing k tokens, k = 1..W+1
+    nfe_prefill: int = 0           # prompt forwards before the first window
+    steps: list = field(default_factory=list)          # [B] steps each request was active
+    accepted_hist: list = field(default_factory=list)  # [W+1] request-steps that accepted k drafts (k+1 tokens)
     wall_s: float = 0.0
-    forward_s: float = 0.0
-    post_s: float = 0.0            # everything after the LM head (the op, commit bookkeeping)
+    prefill_s: float = 0.0
+    forward_s: float = 0.0         # window steps: inputs, model forward up to the LM head
+    post_s: float = 0.0            # window steps: everything after the LM head (the op, the commit)
     zero_mass_residuals: int = 0
+    zero_mass_coupling: int = 0
+    state_bytes: int = 0           # JacobiState
+    cache_bytes: int = 0           # KV cache
 
     @property
     def nfe_total(self) -> int:
@@ -78,146 +95,288 @@ class GenerateStats:
 
     @property
     def tokens_per_step(self) -> float:
+        """Step compression of the batch: image tokens / window forwards."""
         return self.num_tokens / max(1, self.nfe)
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """Mean over requests of ``num_tokens / steps``."""
+        return sum(self.num_tokens / max(1, s) for s in self.steps) / max(1, len(self.steps))
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
-        d.update(nfe_total=self.nfe_total, tokens_per_step=self.tokens_per_step)
+        d.update(nfe_total=self.nfe_total, tokens_per_step=self.tokens_per_step,
+                 mean_tokens_per_step=self.mean_tokens_per_step)
         return d
 
 
 @dataclass
 class GenerateOutput:
-    tokens: torch.Tensor           # [B, num_tokens] i64
+    tokens: torch.Tensor                       # [B, num_tokens] i64
     stats: GenerateStats
+    cache: StaticKVCache | None = None         # with return_cache=True
 
 
-def request_seeds(seed, batch: int, device) -> torch.Tensor:
-    if isinstance(seed, int):
-        return torch.tensor([seed * 1_000_003 + i for i in range(batch)], dtype=torch.int64, device=device)
-    s = torch.as_tensor(seed, dtype=torch.int64).reshape(-1).to(device)
-    if s.numel() != batch:
-        raise SJDInputError(f"seed must be an int or give one seed per request ({batch}), got {s.numel()}")
-    return s
+def _device_dtype(model):
+    dev = getattr(model, "device", None)
+    dtype = getattr(model, "dtype", None)
+    if not isinstance(dev, torch.device) or not isinstance(dtype, torch.dtype):
+        p = next(iter(model.parameters()))
+        dev, dtype = p.device, p.dtype
+    return dev, dtype
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _int_arg(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise SJDInputError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+class _Timer:
+    """Host clocks on CPU; CUDA events on GPU (read once at the end, no per-step synchronisation)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[list] = []
+
+    def now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def add(self, *marks):
+        self.marks.append(list(marks))
+
+    def sums(self) -> list[float]:
+        if not self.marks:
+            return []
+        if self.cuda:
+            torch.cuda.synchronize()
+        tot = [0.0] * (len(self.marks[0]) - 1)
+        for ms in self.marks:
+            for i in range(len(ms) - 1):
+                tot[i] += (ms[i].elapsed_time(ms[i + 1]) * 1e-3) if self.cuda else ms[i + 1] - ms[i]
+        return tot
 
 
 @torch.no_grad()
 def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int = 16, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed=0, beta: float = 0.5,
-             vp_form: str = "add", draft_init: str = "uniform", backend: str = "auto", progress=None,
-             forced: torch.Tensor | None = None, check: bool = True) -> GenerateOutput:
+             top_k: int = 0, top_p: float = 1.0, cfg_scale=1.0, uncond=None, seed=0, draft_init: str = "uniform",
+             beta: float | None = None, vp_form: str = "add", forced: torch.Tensor | None = None,
+             backend: str = "auto", progress: bool | None = None, cache_len: int | None = None,
+             return_cache: bool = False, on_step=None, cuda_graph: bool = False, sjd2=None,
+             sjd2_kv: str | None = None) -> GenerateOutput:
     """Generate ``num_tokens`` image tokens per request; returns tokens ``[B, num_tokens]`` and stats.
 
-    ``cond``: the model's condition batch (class ids ``[B]`` for the in-package GPT).
-    ``cfg_scale != 1`` runs a conditional and an unconditional row per request.
-    ``window``: drafts per step (ignored by ``ar``). ``beta``/``vp_form``: verification prediction
-    strength and form for ``sjd_vp``. ``draft_init``: 'uniform' or 'left' for new window positions.
-    ``progress``: a tqdm bar (default: on when stderr is a terminal).
+    ``cond``: the model's conditions (class ids ``[B]`` for the in-package GPT); ``uncond``:
+    the unconditional rows' conditions (default: the model's null condition).
+    ``method``: see ``sjd_kernels.decoding.methods`` (``available_methods()``).
+    ``window``: drafts per step W (``ar``/``ar_gumbel``: 0; cut to ``num_tokens - 1``).
+    ``temperature``/``top_k``/``top_p``: the target law (SPEC section 2; ``temperature=0`` greedy).
+    ``cfg_scale``: float or one per request; ``!= 1`` runs a conditional and an unconditional row
+    per request. ``seed``: int base seed or one per request (module docstring).
+    ``draft_init``: positions entering the window 'uniform' or 'left' (copy of the left neighbour,
+    one-hot law); the very first window is uniform either way (no left neighbour is committed yet).
+    ``beta``/``vp_form``: verification prediction (``sjd_vp``, default beta 0.5; ``coupling``
+    couples towards ``Qvp`` when beta != 0). ``forced [B, L]``: per image position, -1 or a token
+    forced there. ``backend``: auto, torch, triton, cuda. ``progress``: tqdm bar (default: on when
+    stderr is a terminal). ``cache_len``: KV slots per row (default: just enough).
+    ``return_cache``: also return the KV cache. ``on_step(tokens [B, num_tokens], n [B], cache)``:
+    called after every step's commit (tests, debugging; -1 marks uncommitted tokens).
+    ``cuda_graph``: reserved for capturing the window step in a CUDA graph (not implemented yet).
+    ``sjd2``/``sjd2_kv``: the SJD2 embedding (default: ``model.sjd2``) and KV policy for
+    ``method='sjd2'`` (``sjd_kernels.sjd2.generate_sjd2``).
     """
-    if method in EXTRA_METHODS:
-        if method == "sjd2":
-            from ..sjd2.decode import generate_sjd2
-            return generate_sjd2(model, cond, num_tokens, window=window, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, cfg_scale=cfg_scale, seed=seed, backend=backend, progress=progress)
-        raise NotImplementedError(f"method {method!r} needs the tree ops, which this build does not have")
+    if method in PENDING:
+        raise NotImplementedError(PENDING[method])
+    if method == "sjd2":
+        return _generate_sjd2(model, cond, num_tokens, window=window, temperature=temperature, top_k=top_k,
+                              top_p=top_p, cfg_scale=cfg_scale, seed=seed, backend=backend, sjd2=sjd2, kv=sjd2_kv,
+                              progress=progress)
     if method not in METHODS:
         raise SJDInputError(f"method must be one of {', '.join(available_methods())}, got {method!r}")
-    mode, uses_window = METHODS[method]
-    W = int(window) if uses_window else 0
-    if W < 0:
-        raise SJDInputError(f"window must be >= 0, got {window}")
-    if not isinstance(num_tokens, int) or num_tokens < 1:
-        raise SJDInputError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    spec = METHODS[method]
+    check_model(model)
+    dev, dtype = _device_dtype(model)
     V = model.vocab_size
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    cond = torch.as_tensor(cond).to(dev)
-    B = cond.shape[0]
+    N = _int_arg("num_tokens", num_tokens, 1)
+    max_tok = getattr(model, "max_image_tokens", None)
+    if max_tok is not None and N > max_tok:
+        raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
+    W = min(_int_arg("window", window, 0), N - 1) if spec.windowed else 0
+
+    # ---- sampling settings, checked before any work
+    if not isinstance(temperature, (int, float)) or not temperature >= 0.0 or math.isinf(temperature):
+        raise SJDInputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= V:
+        raise SJDInputError(f"top_k must be an int in [0, vocab_size={V}] (0 = off), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if draft_init not in ("uniform", "left"):
+        raise SJDInputError(f"draft_init must be 'uniform' or 'left', got {draft_init!r}")
+    if vp_form not in ("add", "log"):
+        raise SJDInputError(f"vp_form must be 'add' or 'log', got {vp_form!r}")
+    beta = spec.default_beta if beta is None else float(beta)
+    if not math.isfinite(beta):
+        raise SJDInputError(f"beta must be finite, got {beta}")
+    if beta != 0.0 and method not in ("sjd_vp", "coupling"):
+        raise SJDInputError(f"beta (verification prediction) applies to sjd_vp and coupling, not {method!r}")
+    if beta != 0.0 and W == 0:
+        beta = 0.0
+    if cuda_graph:
+        raise NotImplementedError("cuda_graph=True: CUDA-graph capture of the window step is not implemented yet")
+    be = resolve_backend(backend, dev)
+
+    # ---- conditions, CFG, seeds
+    scale = torch.as_tensor(cfg_scale, dtype=torch.float32).reshape(-1)
+    if scale.numel() == 0 or not bool(torch.isfinite(scale).all()):
+        raise SJDInputError(f"cfg_scale must be a finite float or one per request, got {cfg_scale!r}")
+    use_cfg = bool((scale != 1.0).any())
+    if uncond is not None and not use_cfg:
+        raise SJDInputError("uncond is given but cfg_scale is 1 (no guidance): set cfg_scale or drop uncond")
+    pre = model.prefix(cond, use_cfg, uncond)
+    rows = pre.embeds.shape[0]
+    if pre.embeds.dim() != 3 or pre.lengths.shape != (rows,) or (use_cfg and rows % 2):
+        raise SJDInputError(f"{type(model).__name__}.prefix returned embeds {list(pre.embeds.shape)} and lengths "
+                            f"{list(pre.lengths.shape)}: expected [R, L, d] and [R] with R = B (x2 with CFG)")
+    B = rows // 2 if use_cfg else rows
     if B < 1:
         raise SJDInputError("cond must hold at least one request")
-    use_cfg = cfg_scale != 1.0
+    if scale.numel() not in (1, B):
+        raise SJDInputError(f"cfg_scale must be a float or give one value per request ({B}), got {scale.numel()}")
+    cfg_t = scale.expand(B).contiguous().to(dev) if use_cfg else None
     seeds = request_seeds(seed, B, dev)
-    beta_eff = float(beta) if method == "sjd_vp" else 0.0
+    if forced is not None:
+        if not isinstance(forced, torch.Tensor) or forced.dtype != torch.int64 or forced.dim() != 2 \
+                or forced.shape[0] != B:
+            raise SJDInputError(f"forced must be an int64 tensor [B={B}, L] (-1 = free), got "
+                                f"{getattr(forced, 'dtype', type(forced))} {list(getattr(forced, 'shape', []))}")
+        limit = V + int(getattr(model, "num_extra_tokens", 0))
+        if forced.numel() and (int(forced.min()) < -1 or int(forced.max()) >= limit):
+            raise SJDInputError(f"forced ids must be -1 or in [0, {limit}), got range "
+                                f"[{int(forced.min())}, {int(forced.max())}]")
+        forced = forced.to(dev).contiguous()
+    lengths = pre.lengths.to(device=dev, dtype=torch.int64)
+    L_max, L_min = int(lengths.max()), int(lengths.min())
+    if L_min < 1:
+        raise SJDInputError(f"every prompt needs at least one position, got prefix lengths {lengths.tolist()}")
+    need = L_max + N + W
+    S = need if cache_len is None else _int_arg("cache_len", cache_len, 1)
+    if S < need:
+        raise SJDInputError(f"cache_len {S} is too small: a prompt of {L_max} + {N} image tokens + a window of {W} "
+                            f"needs {need} slots per row (use a smaller window or a larger cache)")
 
-    # model rows: B conditional (+ B unconditional); the condition is at model position 0
-    cond_emb = model.embed_cond(cond)                                        # [B, 1, d]
-    if use_cfg:
-        cond_emb = torch.cat([cond_emb, model.embed_cond(model.null_condition(B, dev))], 0)
-    rows = cond_emb.shape[0]
-    S = num_tokens + W + 1
+    # ---- allocation and prefill (prompt positions 0 .. L-2; the last one is fed with the first window)
+    t_start = time.perf_counter()
     cache = StaticKVCache(model.num_layers, rows, model.num_kv_heads, S, model.head_dim, dtype=dtype, device=dev)
-    state = JacobiState.create(B, max(W, 1), V, seeds, device=dev, vp=(method == "sjd_vp"))
-    cfg_t = torch.full((B,), float(cfg_scale), dtype=torch.float32, device=dev) if use_cfg else None
-    n = torch.zeros(B, dtype=torch.int64, device=dev)                      # committed tokens per request
-    out = torch.full((B, num_tokens + W + 1), -1, dtype=torch.int64, device=dev)
-    drafts = init_window(state, n, W, forced) if W > 0 else torch.zeros(B, 0, dtype=torch.int64, device=dev)
-    last_tok = torch.zeros(B, dtype=torch.int64, device=dev)
-    stats = GenerateStats(method=method, num_tokens=num_tokens, accepted_hist=[0] * (W + 1))
+    state = JacobiState.create(B, W, V, seeds, device=dev, vp=beta != 0.0)
+    stats = GenerateStats(method=method, window=W, batch=B, num_tokens=N, state_bytes=state.state_bytes(),
+                          cache_bytes=cache.nbytes())
+    embeds = pre.embeds.to(dtype)
+    if L_max > 1:
+        T = L_max - 1
+        slots, mask = cache.window(T)
+        model(embeds[:, :T], slots, cache=cache, mask=mask, write_slots=slots)
+        stats.nfe_prefill = 1
+    cache.set_lengths(lengths - 1)
+    first_emb = embeds[torch.arange(rows, device=dev), lengths - 1].unsqueeze(1)    # [rows, 1, d]
+    stats.prefill_s = time.perf_counter() - t_start
+
+    i64 = torch.int64
+    n = torch.zeros(B, dtype=i64, device=dev)
+    last_tok = torch.zeros(B, dtype=i64, device=dev)
+    out = torch.full((B, N + 1), -1, dtype=i64, device=dev)          # column N takes discarded writes
+    drafts = init_window(state, n, W, forced)
+    hist = torch.zeros(W + 1, dtype=i64, device=dev)
+    steps = torch.zeros(B, dtype=i64, device=dev)
+    cols = torch.arange(W + 1, device=dev)
+    timer = _Timer(dev)
+    mode = spec.mode
+
+    def step():
+        nonlocal drafts, last_tok
+        t0 = timer.now()
+        active = n < N
+        win_len = torch.where(active, (N - 1 - n).clamp(max=W), torch.zeros_like(n))
+        tok_in = torch.cat([last_tok.view(B, 1), drafts], 1)
+        emb = model.embed_tokens(tok_in)                                           # [B, W+1, d]
+        n_rows = n
+        if use_cfg:
+            emb = torch.cat([emb, emb], 0)
+            n_rows = torch.cat([n, n])
+        emb0 = torch.where((n_rows == 0).view(rows, 1, 1), first_emb, emb[:, :1])
+        emb = torch.cat([emb0, emb[:, 1:]], 1)
+        slots, mask = cache.window(W + 1)
+        logits = model(emb, slots, cache=cache, mask=mask, write_slots=slots)
+        t1 = timer.now()
+        if logits.shape[-1] != V or logits.shape[:2] != (rows, W + 1):
+            raise SJDInputError(f"the model returned logits {list(logits.shape)}, expected [{rows}, {W + 1}, "
+                                f"vocab_size={V}]: its vocab_size does not match its LM head")
+        if logits.dtype not in FLOAT_DTYPES:
+            logits = logits.float()
+        o = jacobi_step(logits[:B], drafts, win_len, n, state,
+                        uncond_logits=logits[B:] if use_cfg else None, cfg_scale=cfg_t, forced=forced,
+                        temperature=float(temperature), top_k=top_k, top_p=float(top_p), mode=mode, beta=beta,
+                        vp_form=vp_form, tail_init=draft_init, backend=be)
+        m = o.num_accepted
+        cnt = torch.where(active & (m >= 0), m + 1, torch.zeros_like(m))
+        keep = cols.view(1, -1) < cnt.view(B, 1)
+        out.scatter_(1, torch.where(keep, n.view(B, 1) + cols, torch.full_like(keep, N, dtype=i64)), o.tokens)
+        last = torch.gather(o.tokens, 1, m.clamp(min=0).view(B, 1)).squeeze(1)
+        last_tok = torch.where(cnt > 0, last, last_tok)
+        drafts = torch.where(active.view(B, 1), o.next_drafts, drafts)
+        n.add_(cnt)
+        cache.set_lengths(lengths - 1 + (torch.cat([n, n]) if use_cfg else n))
+        hist.scatter_add_(0, m.clamp(0, W), active.to(i64))
+        steps.add_(active.to(i64))
+        timer.add(t0, t1, timer.now())
+        if on_step is not None:
+            on_step(out[:, :N], n, cache)
+
     if progress is None:
         progress = sys.stderr.isatty()
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=num_tokens * B, desc=f"{method} W={W}", unit="tok", leave=False)
-    t_start = time.perf_counter()
-    cols = torch.arange(W + 1, device=dev)
-    while True:
-        done = n >= num_tokens
-        if bool(done.all()):
-            break
-        t0 = time.perf_counter()
-        win_len = torch.clamp(torch.minimum(torch.full_like(n, W), num_tokens - n - 1), min=0)
-        # inputs [X[n-1], D0..D_{W-1}]; at n = 0 the condition plays X[-1]
-        tok_in = torch.cat([last_tok.view(B, 1), drafts], 1)
-        emb = model.embed_tokens(tok_in.clamp(0, V - 1))
-        first = (n == 0).view(B, 1, 1)
-        emb = torch.where(first & (cols.view(1, -1, 1) == 0), cond_emb[:B].expand(-1, W + 1, -1), emb)
-        if use_cfg:
-            emb_u = torch.where(first & (cols.view(1, -1, 1) == 0), cond_emb[B:].expand(-1, W + 1, -1),
-                                model.embed_tokens(tok_in.clamp(0, V - 1)))
-            emb = torch.cat([emb, emb_u], 0)
-        nr = torch.cat([n, n]) if use_cfg else n
-        cache.lengths.copy_(nr)
-        slots, mask = cache.window_mask(W + 1)
-        logits = model(emb, slots, cache=cache, mask=mask, write_slots=slots)
-        _sync(dev)
-        t1 = time.perf_counter()
-        if logits.dtype == torch.float64:          # tiny float64 test models: the op reads fp32/bf16/fp16
-            logits = logits.float()
-        lc = logits[:B]
-        lu = logits[B:] if use_cfg else None
-        o = jacobi_step(lc, drafts, win_len, n, state, uncond_logits=lu, cfg_scale=cfg_t, forced=forced,
-                        temperature=temperature, top_k=top_k, top_p=top_p, mode=mode, beta=beta_eff,
-                        vp_form=vp_form, tail_init=draft_init, backend=backend)
-        m = torch.where(done, torch.zeros_like(o.num_accepted), o.num_accepted)
-        # commit: tokens[b, :m+1] -> out[b, n : n+m+1]; finished requests write nothing
-        keep = (cols.view(1, -1) <= m.view(B, 1)) & ~done.view(B, 1)
-        dst = (n.view(B, 1) + cols).clamp(max=out.shape[1] - 1)
-        out.scatter_(1, torch.where(keep, dst, torch.full_like(dst, out.shape[1] - 1)),
-                     torch.where(keep, o.tokens, out.gather(1, torch.full_like(dst, out.shape[1] - 1))))
-        new_last = torch.gather(o.tokens, 1, m.clamp(min=0).view(B, 1)).squeeze(1)
-        last_tok = torch.where(done, last_tok, new_last)
-        n = torch.where(done, n, n + m + 1)
-        drafts = o.next_drafts
-        _sync(dev)
-        t2 = time.perf_counter()
-        stats.nfe += 1
-        stats.forward_s += t1 - t0
-        stats.post_s += t2 - t1
-        hist = torch.bincount(m[~done], minlength=W + 1)
-        stats.accepted_hist = [a + int(b) for a, b in zip(stats.accepted_hist, hist.tolist())]
-        if check:
-            counters = check_status(state.status)
-            stats.zero_mass_residuals += counters["zero_mass_residuals"]
+        bar = tqdm(total=N * B, desc=f"{method} W={W}", unit="tok", leave=False)
+    pending = -(-N // (W + 1))                       # steps that must run before any request can finish
+    guard = N + 1
+    try:
+        while pending > 0:
+            for _ in range(pending):
+                step()
+            stats.nfe += pending
+            vals = torch.cat([n, state.status.to(i64)]).tolist()     # the one host synchronisation
+            if vals[B]:
+                check_status(state.status)
+            if stats.nfe > guard:
+                raise RuntimeError(f"decoding did not finish in {guard} steps (committed {vals[:B]})")
+            if bar is not None:
+                bar.n = sum(vals[:B])
+                bar.refresh()
+            pending = max(-(-(N - v) // (W + 1)) for v in vals[:B])
+    finally:
         if bar is not None:
-            bar.n = int(torch.clamp(n, max=num_tokens).sum())
-            bar.refresh()
-    if bar is not None:
-        bar.close()
+            bar.close()
+    counters = check_status(state.status)
+    stats.zero_mass_residuals = counters["zero_mass_residuals"]
+    stats.zero_mass_coupling = counters["zero_mass_coupling"]
+    stats.steps = steps.tolist()
+    stats.accepted_hist = hist.tolist()
+    split = timer.sums()
+    if split:
+        stats.forward_s, stats.post_s = split
     stats.wall_s = time.perf_counter() - t_start
-    return GenerateOutput(out[:, :num_tokens].contiguous(), stats)
+    return GenerateOutput(out[:, :N].contiguous(), stats, cache if return_cache else None)
+
+
+def _generate_sjd2(model, cond, num_tokens, *, window, temperature, top_k, top_p, cfg_scale, seed, backend, sjd2,
+                   kv, progress) -> GenerateOutput:
+    """``method='sjd2'``: ``sjd_kernels.sjd2.generate_sjd2`` (same seed and CFG conventions)."""
+    from ..sjd2.decode import generate_sjd2
+    extra = {} if kv is None else {"kv": kv}
+    return generate_sjd2(model, cond, num_tokens, sjd2=sjd2, window=window, seed=seed, cfg_scale=cfg_scale,
+                         temperature=temperature, top_k=top_k, top_p=top_p, backend=backend, progress=progress,
+                         **extra)

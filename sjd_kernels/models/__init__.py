@@ -1,4 +1,7 @@
-"""Models: the in-package GPT, the bundled trained models and their tokenizers."""
-from .gpt import GPT, GPTConfig, drop_condition
+"""Models: the decoding protocol, the in-package GPT, Hugging Face adapters, the bundled models."""
+from .gpt import GPT, GPTCheckpointError, GPTConfig, drop_condition, load_gpt, save_gpt
+from .hf import HFImageLM, from_chameleon, grid_forced
+from .protocol import ImageModel, KVCacheLike, Prefix, check_model
 
-__all__ = ["GPT", "GPTConfig", "drop_condition"]
+__all__ = ["GPT", "GPTCheckpointError", "GPTConfig", "HFImageLM", "ImageModel", "KVCacheLike", "Prefix", "check_model",
+           "drop_condition", "from_chameleon", "grid_forced", "load_gpt", "save_gpt"]

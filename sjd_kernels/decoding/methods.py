@@ -1,0 +1,57 @@
+"""The decoding methods ``generate`` offers, as settings of one chain loop and the ``jacobi_step`` op.
+
+| method          | window | op mode         | lossless | note |
+|-----------------|--------|-----------------|----------|------|
+| ``ar``          | 0      | sjd             | target   | one token per forward |
+| ``ar_gumbel``   | 0      | gumbel_jacobi   | target   | AR with position-keyed Gumbel noise |
+| ``sjd``         | W      | sjd             | yes | fresh drafts from the current rows |
+| ``sjd_vp``      | W      | sjd + beta      | yes | verification prediction; ``Qvp`` stored |
+| ``coupling``    | W      | coupling        | yes | maximal coupling (MC-SJD); ``beta``: to ``Qvp`` |
+| ``gumbel``      | W      | gumbel          | yes | shared Gumbel noise, probabilistic check |
+| ``gumbel_jacobi`` | W    | gumbel_jacobi   | yes | exact match; same tokens as ``ar_gumbel`` |
+| ``pac``         | tree   | coupling + tree | yes | needs tree_verify / tree_kv_update: not yet |
+| ``sjd2``        | W      | sjd, noisy in   | no  | ``sjd_kernels.sjd2`` (a fine-tuned model) |
+
+``ar`` and ``gumbel_jacobi`` at window 0 run the same op as the Jacobi methods, so all methods
+share one target pipeline (SPEC section 2) and one generator (section 7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    mode: str               # jacobi_step draft mode
+    windowed: bool          # False: window forced to 0 (AR)
+    lossless: bool
+    vp: bool = False        # keeps previous target rows (beta)
+    default_beta: float = 0.0
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ar", "sjd", False, True),
+    Method("ar_gumbel", "gumbel_jacobi", False, True),
+    Method("sjd", "sjd", True, True),
+    Method("sjd_vp", "sjd", True, True, vp=True, default_beta=0.5),
+    Method("coupling", "coupling", True, True),
+    Method("gumbel", "gumbel", True, True),
+    Method("gumbel_jacobi", "gumbel_jacobi", True, True),
+)}
+PENDING = {
+    "pac": "method 'pac' (maximal coupling plus a K-ary draft tree at the rejection point, SPEC section 5) "
+           "needs the tree ops tree_verify and tree_kv_update, which are not in this build yet",
+}
+EXTERNAL = ("sjd2",)
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names ``generate`` accepts in this build."""
+    out = list(METHODS)
+    try:
+        from ..sjd2.decode import generate_sjd2  # noqa: F401
+        out.append("sjd2")
+    except ImportError:
+        pass
+    return tuple(out)

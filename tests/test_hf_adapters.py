@@ -1,0 +1,155 @@
+"""Hugging Face adapters on tiny random configs (offline): image-only logits, the per-row KV cache
+bridge, prompts of different lengths, CFG, forced structural tokens, and the decoding oracles."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sjd_kernels.decoding import generate                                    # noqa: E402
+from sjd_kernels.models import check_model                                   # noqa: E402
+from sjd_kernels.models.hf import HFImageLM, chameleon_image_ids, from_chameleon, grid_forced  # noqa: E402
+
+WINDOWED = ["sjd", "sjd_vp", "coupling", "gumbel", "gumbel_jacobi"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def llama(attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = attn
+    m = transformers.LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20.0)                  # spread the logits so greedy paths vary
+    return m
+
+
+def chameleon(seed=0, V=16):
+    torch.manual_seed(seed)
+    name = lambda k: "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(k)) + "Z"   # noqa: E731
+    vocab_map = {"<image>": 3, **{name(k): 4 + k for k in range(V)}}
+    cfg = transformers.ChameleonConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocabulary_map=vocab_map,
+        vq_config=dict(embed_dim=4, num_embeddings=V, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
+                       attn_resolutions=[], latent_channels=4, resolution=8, in_channels=3))
+    m = transformers.ChameleonForConditionalGeneration(cfg).double().eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20.0)
+    return m
+
+
+def greedy_reference(hf, image_ids, cond, uncond, N, cfg_scale, extra=(), forced=None):
+    """Greedy CFG decoding with the model's own full forward (no cache), image ids only."""
+    image_ids = torch.as_tensor(image_ids)
+    table = torch.cat([image_ids, torch.as_tensor(list(extra), dtype=torch.int64)])
+    out = []
+    for b, prompt in enumerate(cond):
+        codes = []
+        for i in range(N):
+            if forced is not None and forced[b, i] >= 0:
+                codes.append(int(forced[b, i]))
+                continue
+            gen = [int(table[c]) for c in codes]
+            with torch.no_grad():
+                h = hf.get_decoder()(input_ids=torch.tensor([list(prompt) + gen])).last_hidden_state[0, -1]
+                c = hf.get_output_embeddings()(h)        # Chameleon masks image logits in its forward
+                x = c[image_ids]
+                if cfg_scale != 1.0:
+                    hu = hf.get_decoder()(input_ids=torch.tensor([list(uncond[b]) + gen])).last_hidden_state[0, -1]
+                    u = hf.get_output_embeddings()(hu)[image_ids]
+                    x = u.float() + cfg_scale * (x.float() - u.float())
+            codes.append(int(torch.argmax(x.float())))
+        out.append(codes)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_llama_logits_and_greedy(attn):
+    hf = llama(attn)
+    ids = list(range(8, 24))
+    a = HFImageLM(hf, ids, uncond_prompt=[1])
+    check_model(a)
+    assert a._attn_impl == attn and a.vocab_size == 16 and a.num_layers == 2 and a.num_kv_heads == 2 and a.head_dim == 8
+    seq = torch.tensor([[1, 5, 9, 30, 12]])
+    with torch.no_grad():
+        want = hf(input_ids=seq).logits[..., 8:24]
+        got = a(hf.get_input_embeddings()(seq), torch.arange(5)[None])
+    assert torch.allclose(got, want, atol=1e-12)
+    assert a.image_head()[0].data_ptr() == hf.lm_head.weight[8].data_ptr()     # a view, no copy
+    cond = [[1, 5, 6], [1, 7], [2, 3, 4, 5]]                                     # ragged prompts
+    uncond = [[1], [1, 2], [1]]
+    ref = greedy_reference(hf, ids, cond, uncond, 10, 2.0)
+    ar = generate(a, cond, 10, "ar", top_k=1, cfg_scale=2.0, uncond=uncond)
+    assert ar.stats.nfe_prefill == 1
+    assert torch.equal(ar.tokens, ref)
+    for method in WINDOWED:
+        out = generate(a, cond, 10, method, window=4, top_k=1, cfg_scale=2.0, uncond=uncond, seed=3)
+        assert torch.equal(out.tokens, ref), method
+    g1 = generate(a, cond, 10, "ar_gumbel", cfg_scale=2.0, uncond=uncond, seed=5)
+    g2 = generate(a, cond, 10, "gumbel_jacobi", window=6, cfg_scale=2.0, uncond=uncond, seed=5)
+    assert torch.equal(g1.tokens, g2.tokens)
+
+
+def test_non_contiguous_image_ids():
+    hf = llama(seed=1)
+    ids = [30, 2, 17, 9, 11, 25, 4, 38]
+    a = HFImageLM(hf, ids)
+    seq = torch.tensor([[1, 5, 9, 30, 12]])
+    with torch.no_grad():
+        want = hf(input_ids=seq).logits[..., ids]
+        got = a(hf.get_input_embeddings()(seq), torch.arange(5)[None])
+        emb = hf.get_input_embeddings()(torch.tensor([[30, 17, 38]]))
+        assert torch.equal(a.embed_tokens(torch.tensor([[0, 2, 7]])), emb)
+    assert torch.allclose(got, want, atol=1e-12)
+    ref = greedy_reference(hf, ids, [[1, 2]], None, 8, 1.0)
+    assert torch.equal(generate(a, [[1, 2]], 8, "sjd", window=3, top_k=1).tokens, ref)
+
+
+def test_chameleon_image_logits_and_forced_row_ends():
+    hf = chameleon()
+    ids = chameleon_image_ids(hf)
+    assert ids == list(range(4, 20))
+    a = from_chameleon(hf, extra_token_ids=[30], uncond_prompt=[0])
+    seq = torch.tensor([[0, 1, 2, 5, 6]])
+    with torch.no_grad():
+        own = hf(input_ids=seq).logits[..., 4:20]
+        got = a(hf.get_input_embeddings()(seq), torch.arange(5)[None])
+        h = hf.get_decoder()(input_ids=seq).last_hidden_state
+    assert (own == torch.finfo(own.dtype).min).all()          # the model's own forward masks image logits
+    assert torch.allclose(got, hf.lm_head(h)[..., 4:20], atol=1e-12) and got.isfinite().all()
+    forced = grid_forced(2, 3, 4, a.vocab_size)                # 3 rows of 4 codes + a row end (code 16 = id 30)
+    cond, uncond = [[0, 1], [0, 2, 1]], [[0], [0]]
+    ref = greedy_reference(hf, ids, cond, uncond, forced.shape[1], 3.0, extra=[30], forced=forced)
+    assert (ref[:, 4::5] == 16).all()
+    for method in ["ar"] + WINDOWED:
+        out = generate(a, cond, forced.shape[1], method, window=4, top_k=1, cfg_scale=3.0, uncond=uncond,
+                       forced=forced)
+        assert torch.equal(out.tokens, ref), method
+    s = generate(a, cond, forced.shape[1], "coupling", window=4, cfg_scale=3.0, forced=forced, seed=2)
+    assert (s.tokens[:, 4::5] == 16).all() and (s.tokens[:, torch.arange(15) % 5 != 4] < 16).all()
+
+
+def test_adapter_errors():
+    hf = llama()
+    with pytest.raises(ValueError, match="distinct ids"):
+        HFImageLM(hf, [3, 3, 4])
+    with pytest.raises(ValueError, match="distinct ids"):
+        HFImageLM(hf, [38, 39, 40])
+    a = HFImageLM(hf, list(range(8, 24)))
+    with pytest.raises(ValueError, match="CFG needs unconditional prompts"):
+        generate(a, [[1, 2]], 4, "sjd", cfg_scale=2.0)
+    with pytest.raises(ValueError, match="outside"):
+        generate(a, [[1, 99]], 4, "sjd")
+    with pytest.raises(ValueError, match="is empty"):
+        generate(a, [[]], 4, "sjd")
+    from sjd_kernels.ops import SJDInputError
+    with pytest.raises(SJDInputError, match="forced ids must be"):
+        generate(a, [[1]], 4, "sjd", forced=torch.full((1, 4), 16))          # no extra tokens declared
