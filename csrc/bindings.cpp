@@ -13,6 +13,8 @@
 
 #include "common.cuh"
 #include "jacobi_step.h"
+#include "tree_kv_update.h"
+#include "tree_verify.h"
 
 namespace py = pybind11;
 
@@ -130,6 +132,66 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scratch"), py::arg("rowbuf"), py::arg("device"), py::arg("stream"),
         "launch jacobi_step on `stream` (see sjd_kernels/cuda/jacobi_step.py for the tensor contract)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("tree_verify_max_smem_lanes", &sjd::tree_verify_max_smem_lanes, py::arg("device"),
+        "largest V tree_verify keeps in shared memory on this device; larger V needs rowbuf",
+        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "tree_verify",
+      [](int dtype, std::uintptr_t logits, int64_t logits_sb, int64_t logits_sn, std::uintptr_t uncond,
+         int64_t uncond_sb, int64_t uncond_sn, std::uintptr_t cfg_scale, std::uintptr_t tokens, std::uintptr_t parent,
+         std::uintptr_t depth, std::uintptr_t sib, std::uintptr_t q_slot, std::uintptr_t pos, std::uintptr_t seed,
+         std::uintptr_t step, std::uintptr_t forced, int64_t forced_len, std::uintptr_t q_state,
+         std::uintptr_t q_kind, std::uintptr_t status, int B, int N, int V, int R, int max_depth, double temperature,
+         int top_k, double top_p, std::uintptr_t num_accepted, std::uintptr_t path, std::uintptr_t out_tokens,
+         std::uintptr_t rowflag, std::uintptr_t rowbuf, int device, std::uintptr_t stream) {
+        sjd::TreeVerifyArgs a;
+        a.dtype = dtype;
+        a.logits = ptr<const void>(logits);
+        a.logits_sb = logits_sb;
+        a.logits_sn = logits_sn;
+        a.uncond = ptr<const void>(uncond);
+        a.uncond_sb = uncond_sb;
+        a.uncond_sn = uncond_sn;
+        a.cfg_scale = ptr<const float>(cfg_scale);
+        a.tokens = ptr<const int64_t>(tokens);
+        a.parent = ptr<const int64_t>(parent);
+        a.depth = ptr<const int64_t>(depth);
+        a.sib = ptr<const int64_t>(sib);
+        a.q_slot = ptr<const int64_t>(q_slot);
+        a.pos = ptr<const int64_t>(pos);
+        a.seed = ptr<const int64_t>(seed);
+        a.step = ptr<const int64_t>(step);
+        a.forced = ptr<const int64_t>(forced);
+        a.forced_len = forced_len;
+        a.q_state = ptr<const float>(q_state);
+        a.q_kind = ptr<const int32_t>(q_kind);
+        a.status = ptr<int32_t>(status);
+        a.B = B;
+        a.N = N;
+        a.V = V;
+        a.R = R;
+        a.max_depth = max_depth;
+        a.temperature = temperature;
+        a.top_k = top_k;
+        a.top_p = top_p;
+        a.num_accepted = ptr<int64_t>(num_accepted);
+        a.path = ptr<int64_t>(path);
+        a.out_tokens = ptr<int64_t>(out_tokens);
+        a.rowflag = ptr<int32_t>(rowflag);
+        a.rowbuf = ptr<float>(rowbuf);
+        a.device = device;
+        a.stream = reinterpret_cast<void*>(stream);
+        sjd::tree_verify_launch(a);
+      },
+      py::arg("dtype"), py::arg("logits"), py::arg("logits_sb"), py::arg("logits_sn"), py::arg("uncond"),
+      py::arg("uncond_sb"), py::arg("uncond_sn"), py::arg("cfg_scale"), py::arg("tokens"), py::arg("parent"),
+      py::arg("depth"), py::arg("sib"), py::arg("q_slot"), py::arg("pos"), py::arg("seed"), py::arg("step"),
+      py::arg("forced"), py::arg("forced_len"), py::arg("q_state"), py::arg("q_kind"), py::arg("status"), py::arg("B"),
+      py::arg("N"), py::arg("V"), py::arg("R"), py::arg("max_depth"), py::arg("temperature"), py::arg("top_k"),
+      py::arg("top_p"), py::arg("num_accepted"), py::arg("path"), py::arg("out_tokens"), py::arg("rowflag"),
+      py::arg("rowbuf"), py::arg("device"), py::arg("stream"),
+      "launch tree_verify on `stream` (see sjd_kernels/cuda/tree_verify.py for the tensor contract)",
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "philox_fill",
       [](std::uintptr_t out_ptr, int64_t n, int64_t seed, int64_t position, int64_t step, int64_t stream,
@@ -140,5 +202,41 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("position"), py::arg("step"), py::arg("stream"),
       py::arg("stream_ptr"), py::arg("device") = -1,
       "fill n uint32 Philox words (lanes 0..n-1 of rng.lane_words) at out_ptr on stream_ptr",
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "tree_kv_update",
+      [](std::uintptr_t cache, std::uintptr_t ptr_table, int ptr_align, int64_t stride_layer, int64_t stride_kv,
+         int64_t stride_row, int64_t stride_head, int64_t stride_slot, std::uintptr_t path, std::uintptr_t cache_len,
+         std::uintptr_t status, int layers, int R, int H, int P, int64_t S, int D, int elem_size, int device,
+         std::uintptr_t stream) {
+        sjd::TreeKvUpdateArgs a;
+        a.cache = reinterpret_cast<void*>(cache);
+        a.ptr_table = reinterpret_cast<const int64_t*>(ptr_table);
+        a.ptr_align = ptr_align;
+        a.stride_layer = stride_layer;
+        a.stride_kv = stride_kv;
+        a.stride_row = stride_row;
+        a.stride_head = stride_head;
+        a.stride_slot = stride_slot;
+        a.path = reinterpret_cast<const int64_t*>(path);
+        a.cache_len = reinterpret_cast<const int64_t*>(cache_len);
+        a.status = reinterpret_cast<int32_t*>(status);
+        a.layers = layers;
+        a.R = R;
+        a.H = H;
+        a.P = P;
+        a.S = S;
+        a.D = D;
+        a.elem_size = elem_size;
+        a.device = device;
+        a.stream = reinterpret_cast<void*>(stream);
+        return sjd::tree_kv_update_launch(a);
+      },
+      py::arg("cache"), py::arg("ptr_table"), py::arg("ptr_align"), py::arg("stride_layer"), py::arg("stride_kv"),
+      py::arg("stride_row"), py::arg("stride_head"), py::arg("stride_slot"), py::arg("path"), py::arg("cache_len"),
+      py::arg("status"), py::arg("layers"), py::arg("R"), py::arg("H"), py::arg("P"), py::arg("S"), py::arg("D"),
+      py::arg("elem_size"), py::arg("device"), py::arg("stream"),
+      "launch tree_kv_update on `stream` (stacked cache, or cache=0 and a device ptr_table); returns the access "
+      "width in bytes (see sjd_kernels/cuda/tree_kv_update.py)",
       py::call_guard<py::gil_scoped_release>());
 }

@@ -1,7 +1,7 @@
 // jacobi_step: the fused step after the LM head, CUDA version of sjd_kernels/reference/jacobi_step.py.
 //
 // Two launches on the caller's stream, no host synchronisation (CUDA-graph capturable):
-//   rows   grid (W+1, B): one block per used row j <= win_len[b]. The row's target law P is built
+//   rows   grid (B, W+1): one block per used row j <= win_len[b]. The row's target law P is built
 //          in shared memory (CFG, 1/T, top-k threshold by a 7-pivot search over order-preserving
 //          keys, softmax, top-p threshold by the same search over probability bits, or the greedy
 //          one-hot), then one fused pass over the vocabulary runs every exponential race the row
@@ -27,6 +27,7 @@
 #include "jacobi_step.h"
 #include "rng.cuh"
 #include "sampling.cuh"
+#include "target.cuh"
 
 namespace sjd {
 namespace {
@@ -133,8 +134,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   __shared__ float red_f7[2 * kMaxWarps * kPivots];
   int par_u1 = 0, par_u6 = 0, par_f = 0, par_i = 0, par_i7 = 0, par_f7 = 0;
 
-  const int b = blockIdx.y;
-  const int j = blockIdx.x;
+  const int b = blockIdx.x;  // requests on grid x (grid y stops at 65535)
+  const int j = blockIdx.y;
   const int W = p.W, V = p.V;
   const int tid = threadIdx.x, nth = blockDim.x;
   const int64_t wl64 = p.win_len[b];
@@ -156,105 +157,13 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   const int64_t seed = p.seed[b], step = p.step[b];
   float* S = p.rowbuf ? p.rowbuf + (static_cast<int64_t>(b) * (W + 1) + j) * V : reinterpret_cast<float*>(smem_dyn);
 
-  // ---- 1. combined logits (CFG in float32), temperature, non-finite detection
+  // ---- 1-2. target law P in S (shared pipeline of target.cuh; a bad row's P is all zeros)
   const T* crow = static_cast<const T*>(p.logits) + b * p.l_sb + j * p.l_sj;
   const T* urow = p.uncond ? static_cast<const T*>(p.uncond) + b * p.u_sb + j * p.u_sj : nullptr;
   const float cfg = urow ? p.cfg_scale[b] : 0.0f;
-  int flags = 0;  // 1: NaN logit, 2: +inf logit, 4: some logit > -inf, 8: NaN after 1/T
-  float ymax = -INFINITY;
-  uint64_t amax = 0;
-  const bool greedy = p.greedy != 0;
-  for_each_logit<T>(crow, urow, V, [&](int i, float c, float u) {
-    const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
-    if (x != x) flags |= 1;
-    if (x == INFINITY) flags |= 2;
-    if (x > -INFINITY) flags |= 4;
-    if (greedy) {
-      const uint64_t k = (static_cast<uint64_t>(order_key(x)) << 32) | static_cast<uint64_t>(~static_cast<uint32_t>(i));
-      amax = k > amax ? k : amax;
-    } else {
-      const float y = __fmul_rn(x, p.inv_temperature);
-      if (y != y) flags |= 8;
-      ymax = fmaxf(ymax, y);
-      S[i] = y;
-    }
-  });
-  flags = block_allreduce1(flags, OpOrI(), red_i, par_i);
-  bool bad = (flags & 3) != 0 || (flags & 4) == 0;
-  if (greedy) {
-    amax = block_allreduce1(amax, OpMaxU64(), red_u64_1, par_u1);
-  } else {
-    ymax = block_allreduce1(ymax, OpMaxF(), red_f, par_f);
-    // +inf or all -inf after scaling makes the reference's softmax NaN, i.e. a bad row.
-    bad = bad || (flags & 8) != 0 || !isfinite(ymax);
-  }
-
-  // ---- 2. target law P in S (a bad row's P is all zeros, as after the reference's nan_to_num)
-  if (bad) {
-    for (int i = tid; i < V; i += nth) S[i] = 0.0f;
-  } else if (greedy) {
-    const int am = static_cast<int>(~static_cast<uint32_t>(amax));
-    for (int i = tid; i < V; i += nth) S[i] = i == am ? 1.0f : 0.0f;
-  } else {
-    if (p.top_k > 0 && p.top_k < V) {
-      // k-th largest value: the largest key K with #{key >= K} >= k (ties at the boundary kept).
-      const uint32_t kth = search_last_true(0u, order_key(ymax), [&](const uint32_t* piv, bool* ok) {
-        int cnt[kPivots] = {};
-        for (int i = tid; i < V; i += nth) {
-          const uint32_t key = order_key(S[i]);
-#pragma unroll
-          for (int m = 0; m < kPivots; ++m) cnt[m] += key >= piv[m] ? 1 : 0;
-        }
-        block_allreduce<kPivots>(cnt, OpSumI(), red_i7, par_i7);
-#pragma unroll
-        for (int m = 0; m < kPivots; ++m) ok[m] = cnt[m] >= p.top_k;
-      });
-      const float thr = key_to_float(kth);
-      for (int i = tid; i < V; i += nth)
-        if (!(S[i] >= thr)) S[i] = -INFINITY;
-    }
-    float sum = 0.0f;
-    for (int i = tid; i < V; i += nth) {
-      const float e = expf(__fsub_rn(S[i], ymax));
-      S[i] = e;
-      sum = __fadd_rn(sum, e);
-    }
-    sum = block_allreduce1(sum, OpSumF(), red_f, par_f);
-    for (int i = tid; i < V; i += nth) S[i] = __fdiv_rn(S[i], sum);
-    if (p.use_top_p) {
-      // Threshold t*: the largest probability with mass{P >= t*} >= top_p (ties kept), searched
-      // over the bits of non-negative floats, which order like their values (a float sum of a
-      // subset only shrinks as t grows, so the predicate is monotone). When rounding leaves the
-      // total below top_p every lane is kept (the reference's clamp to the last index).
-      float tot = 0.0f;
-      for (int i = tid; i < V; i += nth) tot = __fadd_rn(tot, S[i]);
-      tot = block_allreduce1(tot, OpSumF(), red_f, par_f);
-      uint32_t lo = 0u;
-      if (tot >= p.top_p) {
-        // the largest P is 1 / sum (its e is exp(0) = 1)
-        lo = search_last_true(0u, __float_as_uint(__fdiv_rn(1.0f, sum)), [&](const uint32_t* piv, bool* ok) {
-          float acc[kPivots] = {};
-          for (int i = tid; i < V; i += nth) {
-            const float v = S[i];
-#pragma unroll
-            for (int m = 0; m < kPivots; ++m) acc[m] = __fadd_rn(acc[m], v >= __uint_as_float(piv[m]) ? v : 0.0f);
-          }
-          block_allreduce<kPivots>(acc, OpSumF(), red_f7, par_f7);
-#pragma unroll
-          for (int m = 0; m < kPivots; ++m) ok[m] = acc[m] >= p.top_p;
-        });
-      }
-      const float thr = __uint_as_float(lo);
-      float s2 = 0.0f;
-      for (int i = tid; i < V; i += nth) {
-        const float v = S[i] >= thr ? S[i] : 0.0f;
-        S[i] = v;
-        s2 = __fadd_rn(s2, v);
-      }
-      s2 = block_allreduce1(s2, OpSumF(), red_f, par_f);
-      for (int i = tid; i < V; i += nth) S[i] = __fdiv_rn(S[i], s2);
-    }
-  }
+  const TargetLaw law{p.greedy, p.inv_temperature, p.top_k, p.use_top_p, p.top_p};
+  TargetRed red{red_u64_1, par_u1, red_f, par_f, red_i, par_i, red_i7, par_i7, red_f7, par_f7};
+  const bool bad = target_row<T>(crow, urow, cfg, V, law, S, red);
   __syncthreads();  // P complete and visible to every thread
 
   // ---- 3. row scalars: verification of the draft, coupling decision
@@ -506,9 +415,14 @@ __global__ void jacobi_commit_kernel(const Params p) {
           }
         }
       }
+      // A left copy of an id outside [0, V) (a forced structural token) draws uniformly instead.
+      bool uniform_law = ft < 0 && p.tail_init == kTailUniform;
+      if (ft < 0 && p.tail_init != kTailUniform && (nd < 0 || nd >= p.V)) {
+        nd = uniform_token(seed, tpos, step, kStreamTail, p.V);
+        uniform_law = true;
+      }
       if (!rb)
-        p.q_kind[static_cast<int64_t>(b) * p.R + slot_of(tpos, p.R)] =
-            (ft >= 0 || p.tail_init != kTailUniform) ? kKindOnehot : kKindUniform;
+        p.q_kind[static_cast<int64_t>(b) * p.R + slot_of(tpos, p.R)] = uniform_law ? kKindUniform : kKindOnehot;
     }
     p.next_drafts[static_cast<int64_t>(b) * W + i] = rb ? -1 : nd;
   }
@@ -572,7 +486,7 @@ void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
   const int threads = threads_for(prm.V, global_rows);
   const int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
   if (!global_rows) set_dyn_smem<T>(device, dtype, smem);
-  const dim3 grid(static_cast<unsigned>(prm.W + 1), static_cast<unsigned>(prm.B));
+  const dim3 grid(static_cast<unsigned>(prm.B), static_cast<unsigned>(prm.W + 1));
   jacobi_rows_kernel<T><<<grid, threads, smem, st>>>(prm);
   SJD_CHECK_LAUNCH("jacobi_rows_kernel");
   jacobi_commit_kernel<<<prm.B, 128, 0, st>>>(prm);
@@ -595,8 +509,9 @@ int jacobi_step_max_smem_lanes(int device) {
 
 void jacobi_step_launch(const JacobiStepArgs& a) {
   SJD_REQUIRE(a.dtype == kF32 || a.dtype == kF16 || a.dtype == kBF16, "jacobi_step: dtype code must be 0, 1 or 2");
-  SJD_REQUIRE(a.B >= 1 && a.B <= 65535, "jacobi_step: B must be in [1, 65535], got " + std::to_string(a.B));
-  SJD_REQUIRE(a.W >= 0 && a.W < (1 << 20), "jacobi_step: W out of range: " + std::to_string(a.W));
+  SJD_REQUIRE(a.B >= 1, "jacobi_step: B must be >= 1, got " + std::to_string(a.B));
+  SJD_REQUIRE(a.W >= 0 && a.W + 1 <= 65535, "jacobi_step: W + 1 must be at most 65535 (grid y), got W = " +
+                                                std::to_string(a.W));
   SJD_REQUIRE(a.V >= 1, "jacobi_step: V must be >= 1");
   SJD_REQUIRE(a.R >= a.W + 1, "jacobi_step: ring R must be >= W + 1");
   SJD_REQUIRE(a.top_k >= 0 && a.top_k <= a.V, "jacobi_step: top_k must be in [0, V]");

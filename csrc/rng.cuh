@@ -21,6 +21,9 @@ constexpr uint32_t kStreamCouple = 4;
 constexpr uint32_t kStreamCoupleRes = 5;
 constexpr uint32_t kStreamTail = 6;
 constexpr uint32_t kStreamGumbel = 7;
+constexpr uint32_t kStreamTree = 8;
+constexpr uint32_t kStreamTreeAccept = 9;
+constexpr uint32_t kStreamTreeResid = 10;
 
 struct Philox4 {
   uint32_t w[4];

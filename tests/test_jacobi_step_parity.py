@@ -256,6 +256,10 @@ GRID = {
     "W128-tinyV": dict(B=2, W=128, V=5, steps=2, scale=0.5),
     "W2-V2": dict(B=2, W=2, V=2, mode="coupling", steps=4),
     "W0-plain-AR": dict(B=3, W=0, V=37, mode="sjd", tail_init=LEFT),
+    # a left copy of a forced id outside [0, V) must fall back to a uniform draft (not an error)
+    "sjd-f32-left-wideforced": dict(B=4, W=8, V=37, tail_init=LEFT, forced="wide", steps=4),
+    "coupling-bf16-left-wideforced": dict(B=3, W=6, V=37, dtype=BF16, mode="coupling", tail_init=LEFT,
+                                          forced="wide", steps=4),
 }
 TOTAL = {"mismatch": 0, "configs": 0, "accepting": 0}
 

@@ -1,7 +1,7 @@
 """CUDA backend: Python wrappers over the compiled, torch-free kernels in ``sjd_kernels._C``.
 
-One module per op (``jacobi_step``). Importing this package never loads the extension; the
-wrappers call ``sjd_kernels._ext.ext()``, which raises a RuntimeError saying why when it is
+One module per op (``jacobi_step``, ``tree_verify``, ``tree_kv_update``). Importing this package
+never loads the extension; the wrappers call ``sjd_kernels._ext.ext()``, which raises a RuntimeError saying why when it is
 missing. ``philox_words`` exposes the CUDA generator for bit-for-bit tests against ``sjd_kernels.rng``.
 """
 from __future__ import annotations

@@ -103,6 +103,8 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
     dev = logits.device
     if B < 1 or V < 1:
         raise SJDInputError(f"logits must have B >= 1 requests and V >= 1 lanes, got {list(logits.shape)}")
+    if W1 > 65535:
+        raise SJDInputError(f"logits has W + 1 = {W1} window rows; at most 65535 are supported")
     if uncond is not None:
         check_tensor("uncond_logits", uncond, dtypes=FLOAT_DTYPES, shape=(B, W1, V), dim=3, device=dev)
         if cfg_scale is None:

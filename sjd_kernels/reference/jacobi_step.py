@@ -193,6 +193,9 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
         tail_tok = torch.where(ft >= 0, ft, tail_tok)
         nd = torch.where(tail, tail_tok, nd)
     else:                                                              # copy the left neighbour, one-hot law
+        # A copied value outside [0, V) (a forced structural id such as a row end) cannot be a
+        # draft: that slot draws uniformly instead (law KIND_UNIFORM). The copy chain itself is
+        # unchanged by the fallback, so every backend computes it with a scan.
         last = torch.gather(tokens, 1, m.view(B, 1)).squeeze(1)
         cols = []
         prev_tok = last
@@ -201,7 +204,10 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
             cols.append(t)
             prev_tok = t
         nd = torch.stack(cols, 1) if W > 0 else nd
-        tail_kind = torch.full_like(tpos, KIND_ONEHOT)
+        uni = rng.uniform_token(seedb, tpos, stepb, rng.STREAM_TAIL, V)
+        oob = tail & (ft < 0) & ((nd < 0) | (nd >= V))
+        nd = torch.where(oob, uni, nd)
+        tail_kind = torch.where(oob, torch.full_like(tpos, KIND_UNIFORM), torch.full_like(tpos, KIND_ONEHOT))
     tail_kind = torch.where(ft >= 0, torch.full_like(tail_kind, KIND_ONEHOT), tail_kind)
     tw = tail & ~req_bad.view(B, 1)
     bt = torch.arange(B, device=dev).view(B, 1).expand(B, W)

@@ -2,7 +2,7 @@
 
 Two launches, no host synchronisation, fixed output shapes (CUDA-graph capturable):
 
-1. ``_jacobi_rows_kernel``, grid ``(W+1, B)``: one program per target row ``j`` of request ``b``
+1. ``_jacobi_rows_kernel``, grid ``(B, W+1)``: one program per target row ``j`` of request ``b``
    (rows beyond ``win_len[b]`` exit at once). It fuses CFG combine, temperature, top-k, softmax,
    top-p (or greedy), verification of the row's draft, the row's commit candidate (residual race,
    or bonus race on the last row), the row's next draft (sjd / vp / coupling / gumbel /
@@ -41,8 +41,7 @@ import triton.language as tl
 from .. import rng as _rng
 from ..reference import jacobi_step as _ref
 from .rng import counter_word, four_words, lane_words, seed_key
-from .sampling import (argmax_first, exp_accurate, exponential, float_key, gather_lane, kth_largest_key,
-                       pow_accurate, race, top_p_key, uniform24, uniform_token)
+from .sampling import (exponential, gather_lane, pow_accurate, race, target_row, uniform24, uniform_token)
 
 try:
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
@@ -125,8 +124,8 @@ def _jacobi_rows_kernel(
         HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_PREV: tl.constexpr, USE_VP: tl.constexpr,
         VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
         DO_TOPP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr, BLOCK_V: tl.constexpr):
-    j = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)      # requests on grid x (up to 2**31 - 1; y stops at 65535)
+    j = tl.program_id(1)
     wl = tl.load(win_ptr + b)
     if j <= wl:
         W1 = W + 1
@@ -151,29 +150,8 @@ def _jacobi_rows_kernel(
             u = tl.load(uncond_ptr + b * stride_ub + j * stride_uj + lanes, mask=valid, other=0.0).to(tl.float32)
             s = tl.load(cfg_ptr + b)
             x = u + s * (x - u)
-        nonfin = (x != x) | (x == float("inf"))
-        n_nonfin = tl.max(tl.where(valid & nonfin, 1, 0), 0)
-        n_fin = tl.max(tl.where(valid & (x > float("-inf")), 1, 0), 0)
-        bad = (n_nonfin > 0) | (n_fin == 0)
-        x = tl.where(bad, 0.0, x)
-        x = tl.where(valid, x, float("-inf"))
-        if GREEDY:
-            a = argmax_first(x, lanes, valid)
-            P = tl.where(lanes == a, 1.0, 0.0)
-        else:
-            y = x * temperature      # the float32 reciprocal of T, as the reference and the CUDA kernel
-            if DO_TOPK:
-                key = float_key(y)
-                thr = kth_largest_key(key, valid, top_k)
-                y = tl.where(key >= thr, y, float("-inf"))
-            mx = tl.max(y, 0)
-            e = tl.where(valid, exp_accurate(y - mx, INTERP), 0.0)
-            P = tl.math.div_rn(e, tl.zeros_like(e) + tl.sum(e, 0))
-            if DO_TOPP:
-                t = top_p_key(P, valid, top_p)
-                P = tl.where(P.to(tl.int32, bitcast=True) >= t, P, 0.0)
-                P = tl.math.div_rn(P, tl.zeros_like(P) + tl.sum(P, 0))
-        P = tl.where(valid & (~bad), P, 0.0)
+        # ``temperature`` is the float32 reciprocal of T, as in the reference and the CUDA kernel
+        P, bad = target_row(x, lanes, valid, temperature, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
         row_bad = bad & (~is_forced)
 
         # ---- the stored law of the draft
@@ -326,7 +304,14 @@ def _jacobi_commit_kernel(
         else:
             lf = tl.full([BLOCK_W], -1, tl.int64)
         tt = tl.where(last >= 0, lf, base)
-        tkind = tl.full([BLOCK_W], K_ONEHOT, tl.int32)
+        # a copied id outside [0, V) (forced structural token) draws uniformly instead
+        k0, k1 = seed_key(tl.load(seed_ptr + b))
+        c_pos = counter_word(tpos)
+        c_step = tl.zeros_like(c_pos) + counter_word(tl.load(step_ptr + b))
+        w0, w1, w2, w3 = four_words(k0, k1, c_pos, c_step, S_TAIL)
+        oob = (ft < 0) & ((tt < 0) | (tt >= V))
+        tt = tl.where(oob, uniform_token(w0, w1, w2, w3, V), tt)
+        tkind = tl.where(oob, K_UNIFORM, K_ONEHOT).to(tl.int32)
     else:
         k0, k1 = seed_key(tl.load(seed_ptr + b))
         c_pos = counter_word(tpos)
@@ -402,7 +387,7 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     interp = is_interpreted()
 
     unc = uncond if uncond is not None else logits
-    _jacobi_rows_kernel[(W1, B)](
+    _jacobi_rows_kernel[(B, W1)](
         logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1),
         cfg_scale if uncond is not None else q_state,
         drafts, win_len, pos, seed, step, forced_t, L,

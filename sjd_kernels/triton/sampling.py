@@ -163,3 +163,52 @@ def top_p_key(p, valid, top_p):
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     return lo
+
+
+@triton.jit
+def row_nonfinite(x, valid, inv_t, GREEDY: tl.constexpr):
+    """True where the reference's target row of combined float32 logits ``x`` is NaN (a bad row).
+
+    NaN or +inf anywhere, or no logit above -inf; for sampling (not greedy) also ``max(x / T)``
+    overflowing to +-inf (the reference's softmax is then NaN). Padded lanes are not read.
+    """
+    nonfin = (x != x) | (x == float("inf"))
+    n_nonfin = tl.max(tl.where(valid & nonfin, 1, 0), 0)
+    n_fin = tl.max(tl.where(valid & (x > float("-inf")), 1, 0), 0)
+    bad = (n_nonfin > 0) | (n_fin == 0)
+    if not GREEDY:
+        ym = tl.max(tl.where(valid, tl.where(bad, 0.0, x) * inv_t, float("-inf")), 0)
+        bad = bad | (ym == float("inf")) | (ym == float("-inf"))
+    return bad
+
+
+@triton.jit
+def target_row(x, lanes, valid, inv_t, top_k, top_p, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
+               DO_TOPP: tl.constexpr, INTERP: tl.constexpr):
+    """The target law of ``reference.target.target_probs`` on one tile of combined float32 logits.
+
+    ``inv_t`` is the float32 reciprocal of the temperature (unused when GREEDY). Returns ``(P, bad)``:
+    P float32 with padded lanes 0, and all zeros when ``bad`` (see ``row_nonfinite``), as after the
+    callers' ``nan_to_num``.
+    """
+    bad = row_nonfinite(x, valid, inv_t, GREEDY)
+    x = tl.where(bad, 0.0, x)
+    x = tl.where(valid, x, float("-inf"))
+    if GREEDY:
+        a = argmax_first(x, lanes, valid)
+        P = tl.where(lanes == a, 1.0, 0.0)
+    else:
+        y = x * inv_t
+        if DO_TOPK:
+            key = float_key(y)
+            thr = kth_largest_key(key, valid, top_k)
+            y = tl.where(key >= thr, y, float("-inf"))
+        mx = tl.max(y, 0)
+        e = tl.where(valid, exp_accurate(y - mx, INTERP), 0.0)
+        P = tl.math.div_rn(e, tl.zeros_like(e) + tl.sum(e, 0))
+        if DO_TOPP:
+            t = top_p_key(P, valid, top_p)
+            P = tl.where(P.to(tl.int32, bitcast=True) >= t, P, 0.0)
+            P = tl.math.div_rn(P, tl.zeros_like(P) + tl.sum(P, 0))
+    P = tl.where(valid & (~bad), P, 0.0)
+    return P, bad

@@ -1,0 +1,104 @@
+"""CUDA backend of ``tree_verify`` (kernels: ``csrc/tree_verify.cu``; spec: ``sjd_kernels.reference.tree``).
+
+``tree_verify_cuda`` takes the reference's positional arguments, allocates the outputs and a small
+scratch with torch on the logits' device and launches two kernels on the current stream: one block
+per node row (non-finite target rows of every node, as the reference flags them), then one block
+per request (structure and draft checks, the walk from the root with the target row in shared
+memory, sibling laws, residuals and the final race). No host synchronisation and fixed output
+shapes, so a call can be captured in a CUDA graph.
+
+``logits`` / ``uncond`` may be views whose last dimension is contiguous. Rows with more lanes than
+fit in shared memory (about 56k fp32 on H100) go through a ``[B, V]`` float32 buffer instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._ext import ext
+from ..ops._common import SJDInputError
+from .jacobi_step import _DTYPE_CODE, _check
+
+# Tests set this to run the global-memory row path (used for large V) with a small V.
+FORCE_GLOBAL_ROWS = False
+
+_smem_lanes: dict[int, int] = {}
+
+
+def _max_smem_lanes(C, index: int) -> int:
+    if index not in _smem_lanes:
+        _smem_lanes[index] = int(C.tree_verify_max_smem_lanes(index))
+    return _smem_lanes[index]
+
+
+def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced,
+                     q_state, q_kind, status, temperature: float, top_k: int, top_p: float, max_depth: int):
+    """Same arguments, results and status updates as ``reference.tree.tree_verify``.
+
+    Returns ``num_accepted [B] i64``, ``path [B, max_depth+1] i64``, ``tokens [B, max_depth+1] i64``.
+    """
+    C = ext()
+    dev = logits.device
+    if dev.type != "cuda":
+        raise SJDInputError(f"the CUDA backend needs CUDA tensors, got logits on {dev}")
+    if logits.dim() != 3:
+        raise SJDInputError(f"logits must be [B, N, V], got shape {list(logits.shape)}")
+    B, N, V = logits.shape
+    L1 = int(max_depth) + 1
+    if uncond is not None and uncond.dtype != logits.dtype:
+        logits, uncond = logits.float(), uncond.float()   # one kernel dtype; float32 is exact for both
+    if logits.dtype not in _DTYPE_CODE:
+        raise SJDInputError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if V > 1 and logits.stride(2) != 1:
+        logits = logits.contiguous()
+    if uncond is not None:
+        if uncond.shape != logits.shape or uncond.device != dev:
+            raise SJDInputError(f"uncond must match logits {list(logits.shape)} on {dev}, got {list(uncond.shape)} "
+                                f"on {uncond.device}")
+        if V > 1 and uncond.stride(2) != 1:
+            uncond = uncond.contiguous()
+        if cfg_scale is None:
+            raise SJDInputError("cfg_scale is required with uncond")
+        _check("cfg_scale", cfg_scale, torch.float32, dev, B)
+    for name, t in (("tokens", tokens), ("parent", parent), ("depth", depth), ("sib", sib), ("q_slot", q_slot)):
+        _check(f"tree.{name}", t, torch.int64, dev, B * N)
+    for name, t in (("pos", pos), ("seed", seed), ("step", step)):
+        _check(name, t, torch.int64, dev, B)
+    _check("q_state", q_state, torch.float32, dev)
+    if q_state.dim() != 3 or q_state.shape[0] != B or q_state.shape[2] != V:
+        raise SJDInputError(f"q_state must be [B={B}, R, V={V}], got {list(q_state.shape)}")
+    R = q_state.shape[1]
+    _check("q_kind", q_kind, torch.int32, dev, B * R)
+    _check("status", status, torch.int32, dev, 4)
+    has_forced = forced is not None and forced.numel() > 0
+    if has_forced:
+        _check("forced", forced, torch.int64, dev)
+        if forced.dim() != 2 or forced.shape[0] != B:
+            raise SJDInputError(f"forced must be [B={B}, L], got {list(forced.shape)}")
+
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    num_accepted = torch.empty((B,), dtype=torch.int64, device=dev)
+    path = torch.empty((B, L1), dtype=torch.int64, device=dev)
+    out = torch.empty((B, L1), dtype=torch.int64, device=dev)
+    rowflag = torch.empty((B, N), dtype=torch.int32, device=dev)
+    rowbuf = None
+    if FORCE_GLOBAL_ROWS or V > _max_smem_lanes(C, index):
+        rowbuf = torch.empty((B, V), dtype=torch.float32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+
+    C.tree_verify(
+        dtype=_DTYPE_CODE[logits.dtype],
+        logits=logits.data_ptr(), logits_sb=logits.stride(0), logits_sn=logits.stride(1),
+        uncond=uncond.data_ptr() if uncond is not None else 0,
+        uncond_sb=uncond.stride(0) if uncond is not None else 0,
+        uncond_sn=uncond.stride(1) if uncond is not None else 0,
+        cfg_scale=cfg_scale.data_ptr() if uncond is not None else 0,
+        tokens=tokens.data_ptr(), parent=parent.data_ptr(), depth=depth.data_ptr(), sib=sib.data_ptr(),
+        q_slot=q_slot.data_ptr(), pos=pos.data_ptr(), seed=seed.data_ptr(), step=step.data_ptr(),
+        forced=forced.data_ptr() if has_forced else 0, forced_len=forced.shape[1] if has_forced else 0,
+        q_state=q_state.data_ptr(), q_kind=q_kind.data_ptr(), status=status.data_ptr(),
+        B=B, N=N, V=V, R=R, max_depth=int(max_depth),
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        num_accepted=num_accepted.data_ptr(), path=path.data_ptr(), out_tokens=out.data_ptr(),
+        rowflag=rowflag.data_ptr(), rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index,
+        stream=stream)
+    return num_accepted, path, out

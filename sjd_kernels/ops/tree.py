@@ -1,0 +1,354 @@
+"""Tree ops: ``tree_verify`` and ``tree_kv_update`` (validation, ``torch.library`` registration, dispatch).
+
+Declared once each as ``sjd::tree_verify``, ``sjd::tree_kv_update`` (stacked cache) and
+``sjd::tree_kv_update_list`` (per-layer K/V tensors) with the PyTorch reference
+(``sjd_kernels.reference.tree``) as the implementation for every device, the Triton and CUDA
+kernels selected by the ``backend`` code, and fake kernels for ``torch.compile``. Outputs have
+fixed shapes and device errors go to a status tensor, so a step can be captured in a CUDA graph.
+
+Typical use in a decoding loop (``state`` is a :class:`JacobiState` whose ring holds the laws)::
+
+    tree = build_tree(state, root_token, pos, K=4, depth=3, window=W, first=coupled)   # drafts
+    ... one forward over tree.input_ids() with tree.attention_mask(...), tree.position_ids(...),
+        K/V written at tree.node_slots(cache_len) ...
+    out = tree_verify(logits, tree, pos, state)          # logits [B, N, V], row i = node i's output
+    tree_kv_update(cache.kv, out.path, cache_len, status=state.status)   # (path per model row)
+    cache_len += out.num_accepted + 1;  pos += out.num_accepted + 1
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..reference import tree as ref
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_status,
+                      check_tensor, new_status, resolve_backend)
+from .jacobi_step import JacobiState
+
+I64 = (torch.int64,)
+KV_DTYPES = FLOAT_DTYPES + (torch.float64,)      # float64 caches: torch backend only (tests' tiny models)
+TreeLayout = ref.TreeLayout
+
+
+# ----------------------------------------------------------------------------- registration
+
+@torch.library.custom_op("sjd::tree_verify", mutates_args=("status",))
+def _tree_verify_op(logits: torch.Tensor, uncond: Optional[torch.Tensor], cfg_scale: Optional[torch.Tensor],
+                    tokens: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor, sib: torch.Tensor,
+                    q_slot: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+                    forced: Optional[torch.Tensor], q_state: torch.Tensor, q_kind: torch.Tensor,
+                    status: torch.Tensor, temperature: float, top_k: int, top_p: float, max_depth: int,
+                    backend: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced, q_state, q_kind,
+            status, temperature, top_k, top_p, max_depth)
+    name = CODE_BACKEND[backend]
+    if name == "triton":
+        from ..triton.tree_verify import tree_verify_triton
+        return tree_verify_triton(*args)
+    if name == "cuda":
+        from ..cuda.tree_verify import tree_verify_cuda
+        return tree_verify_cuda(*args)
+    return ref.tree_verify(*args)
+
+
+@_tree_verify_op.register_fake
+def _(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced, q_state, q_kind,
+      status, temperature, top_k, top_p, max_depth, backend):
+    B = logits.shape[0]
+    return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, max_depth + 1), dtype=torch.int64),
+            logits.new_empty((B, max_depth + 1), dtype=torch.int64))
+
+
+@torch.library.custom_op("sjd::tree_kv_update", mutates_args=("kv", "status"))
+def _tree_kv_update_op(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tensor,
+                       backend: int) -> None:
+    name = CODE_BACKEND[backend]
+    if name == "triton":
+        from ..triton.tree_kv_update import tree_kv_update_triton
+        return tree_kv_update_triton(kv, path, cache_len, status)
+    if name == "cuda":
+        from ..cuda.tree_kv_update import tree_kv_update_cuda
+        return tree_kv_update_cuda(kv, path, cache_len, status)
+    return ref.tree_kv_update(kv, path, cache_len, status)
+
+
+@_tree_kv_update_op.register_fake
+def _(kv, path, cache_len, status, backend):
+    return None
+
+
+@torch.library.custom_op("sjd::tree_kv_update_list", mutates_args=("keys", "values", "status"))
+def _tree_kv_update_list_op(keys: List[torch.Tensor], values: List[torch.Tensor], path: torch.Tensor,
+                            cache_len: torch.Tensor, ptr_table: Optional[torch.Tensor], status: torch.Tensor,
+                            backend: int) -> None:
+    name = CODE_BACKEND[backend]
+    if name == "triton":
+        from ..triton.tree_kv_update import tree_kv_update_list_triton
+        return tree_kv_update_list_triton(keys, values, path, cache_len, ptr_table, status)
+    if name == "cuda":
+        from ..cuda.tree_kv_update import tree_kv_update_list_cuda
+        return tree_kv_update_list_cuda(keys, values, path, cache_len, ptr_table, status)
+    return ref.tree_kv_update_list(keys, values, path, cache_len, status)
+
+
+@_tree_kv_update_list_op.register_fake
+def _(keys, values, path, cache_len, ptr_table, status, backend):
+    return None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _compiling() -> bool:
+    f = getattr(torch.compiler, "is_compiling", None)
+    return bool(f()) if f is not None else False
+
+
+def _host_checks(t: torch.Tensor) -> bool:
+    """Host-side checks (they synchronise) run for CPU tensors only, never while tracing."""
+    return t.device.type == "cpu" and not _compiling()
+
+
+def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, K: int, depth: int, window: int,
+               first: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> TreeLayout:
+    """Draw a K-ary draft tree of ``depth`` levels then a chain to ``window`` levels (SPEC section 5).
+
+    Laws come from the state's ring (slot ``p % R`` holds the law of absolute position p), noise
+    from stream ``STREAM_TREE`` at ``state.step``; ``first [B, window]`` (-1 = none) gives a
+    coupled first sibling per level. See ``sjd_kernels.reference.tree.build_tree``.
+    """
+    B, R, V = state.q_state.shape
+    check_tensor("root_token", root_token, dtypes=I64, shape=(B,), dim=1, last_contiguous=False)   # e.g. x[:, -1]
+    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1)
+    if not (isinstance(K, int) and K >= 1 and K <= ref.MAX_SIBLINGS):
+        raise SJDInputError(f"K must be an int in [1, {ref.MAX_SIBLINGS}], got {K!r}")
+    if not (isinstance(depth, int) and isinstance(window, int) and 0 <= depth <= window):
+        raise SJDInputError(f"need ints 0 <= depth <= window, got depth={depth!r}, window={window!r}")
+    if R < window + 1:
+        raise SJDInputError(f"state ring ({R} slots) must be >= window + 1 = {window + 1}")
+    if first is not None:
+        check_tensor("first", first, dtypes=I64, shape=(B, window), dim=2)
+    if forced is not None:
+        check_tensor("forced", forced, dtypes=I64, shape=(B, None), dim=2)
+    try:
+        return ref.build_tree(root_token, pos, state.seed, state.step, state.q_state, state.q_kind, K, depth, window,
+                              first=first, forced=forced)
+    except ValueError as e:
+        raise SJDInputError(str(e)) from None
+
+
+@dataclass
+class TreeOutput:
+    num_accepted: torch.Tensor   # [B] i64: accepted draft nodes m; -1 for a request in error
+    path: torch.Tensor           # [B, max_depth+1] i64: node indices from the root (m + 1), then -1
+    tokens: torch.Tensor         # [B, max_depth+1] i64: the m + 1 committed tokens, then -1
+
+
+def _describe_structure(tree: TreeLayout, R: int) -> str:
+    bad, _ = ref.structure_errors(tree.parent, tree.depth, tree.sib, tree.q_slot, R, tree.max_depth)
+    rows = bad.nonzero().flatten().tolist()
+    return (f"malformed tree in request(s) {rows[:8]}: need parent[0] = -1 and depth[0] = 0; for every node i > 0 "
+            f"0 <= parent[i] < i with parent a node, depth[i] = depth[parent] + 1 <= max_depth={tree.max_depth}; "
+            f"each node's children numbered 0..n-1 by sib (n <= {ref.MAX_SIBLINGS}); q_slot in [0, {R}) at nodes "
+            f"with children")
+
+
+def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, cfg_scale, forced,
+                    temperature, top_k, top_p):
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, dim=3)
+    B, N, V = logits.shape
+    dev = logits.device
+    if B < 1 or V < 1 or N < 1:
+        raise SJDInputError(f"logits must be [B >= 1, N >= 1, V >= 1], got {list(logits.shape)}")
+    if N > ref.MAX_NODES:
+        raise SJDInputError(f"at most {ref.MAX_NODES} tree nodes per request, got N = {N}")
+    if uncond is not None:
+        check_tensor("uncond_logits", uncond, dtypes=FLOAT_DTYPES, shape=(B, N, V), dim=3, device=dev)
+        if cfg_scale is None:
+            raise SJDInputError("cfg_scale is required with uncond_logits")
+        check_tensor("cfg_scale", cfg_scale, dtypes=(torch.float32,), shape=(B,), dim=1, device=dev)
+    for name in ("tokens", "parent", "depth", "sib", "q_slot"):
+        check_tensor(f"tree.{name}", getattr(tree, name), dtypes=I64, shape=(B, N), dim=2, device=dev,
+                     contiguous=True)
+    if not (isinstance(tree.max_depth, int) and 0 <= tree.max_depth < N):
+        raise SJDInputError(f"tree.max_depth must be an int in [0, N-1 = {N - 1}], got {tree.max_depth!r}")
+    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, V), dim=3, device=dev,
+                 contiguous=True)
+    R = state.q_state.shape[1]
+    check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, R), dim=2, device=dev,
+                 contiguous=True)
+    check_tensor("state.seed", state.seed, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("state.step", state.step, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    if forced is not None:
+        check_tensor("forced", forced, dtypes=I64, dim=2, shape=(B, None), device=dev, contiguous=True)
+    if not (temperature >= 0.0) or temperature != temperature:
+        raise SJDInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0 or top_k > V:
+        raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if _host_checks(tree.parent):
+        bad, _ = ref.structure_errors(tree.parent, tree.depth, tree.sib, tree.q_slot, R, tree.max_depth)
+        if bool(bad.any()):
+            raise SJDInputError(_describe_structure(tree, R))
+
+
+# ----------------------------------------------------------------------------- public ops
+
+def tree_verify(logits: torch.Tensor, tree: TreeLayout, pos: torch.Tensor, state: JacobiState, *,
+                uncond_logits: torch.Tensor | None = None, cfg_scale: torch.Tensor | None = None,
+                forced: torch.Tensor | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                backend: str = "auto", advance: bool = True) -> TreeOutput:
+    """Verify a ragged batch of draft trees by recursive rejection sampling (SPEC section 5).
+
+    ``logits [B, N, V]`` bf16/fp16/fp32 (row i: the model's output at node i, the target of its
+    children's position; may be an image-slice view), ``tree`` the :class:`TreeLayout` the drafts
+    were drawn into, ``pos [B]`` the absolute position of the root's children (n). The laws of the
+    children of node i are ``state.q_state[b, tree.q_slot[b, i]]`` with ``state.q_kind``. Randomness:
+    ``state.seed`` and ``state.step`` (advanced by one with ``advance``). No host synchronisation
+    for CUDA tensors: device errors land in ``state.status`` (``check_status``); CPU tensors are
+    checked on the host and raise ``SJDInputError``.
+    """
+    validate_verify(logits, tree, pos, state, uncond_logits, cfg_scale, forced, temperature, top_k, top_p)
+    be = resolve_backend(backend, logits.device)
+    host = _host_checks(logits)
+    # CPU: run into a scratch status so that an input error raises before anything is changed
+    status = new_status(logits.device) if host else state.status
+    out = torch.ops.sjd.tree_verify(
+        logits, uncond_logits, cfg_scale, tree.tokens, tree.parent, tree.depth, tree.sib, tree.q_slot, pos,
+        state.seed, state.step, forced, state.q_state, state.q_kind, status, float(temperature), int(top_k),
+        float(top_p), int(tree.max_depth), BACKEND_CODE[be])
+    if host:
+        if int(status[0]):
+            raise SJDInputError(_describe_inputs(logits, tree, pos, uncond_logits, cfg_scale, forced, int(status[0]),
+                                                 out[0]))
+        state.status[1:] += status[1:]
+    if advance:
+        state.step.add_(1)
+    return TreeOutput(*out)
+
+
+def _describe_inputs(logits, tree: TreeLayout, pos, uncond, cfg_scale, forced, err: int, num_accepted) -> str:
+    """The message of a CPU input error found by the op (non-finite rows, token ids out of range)."""
+    B, N, V = logits.shape
+    msgs = []
+    rows = (num_accepted < 0).nonzero().flatten().tolist()
+    valid = tree.valid
+    if err & ref.ERR_NONFINITE:
+        x = ref.combine_logits(logits, uncond, cfg_scale)
+        nonfinite = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | ~(x > float("-inf")).any(-1)
+        f = ref._forced_at(forced, pos.view(B, 1) + tree.depth.clamp(min=0))
+        bad = (nonfinite & valid & (f < 0)).nonzero().tolist()
+        msgs.append(f"non-finite logits (NaN, +inf, or no finite value) at (request, node) {bad[:8]}; every node's "
+                    f"row is the target of its children's position and must be finite unless that position is forced")
+    if err & ref.ERR_DRAFT_RANGE:
+        idx = torch.arange(N).view(1, N)
+        f = ref._forced_at(forced, pos.view(B, 1) + tree.depth.clamp(min=0) - 1)
+        bad = (valid & (idx > 0) & ((tree.tokens < 0) | (tree.tokens >= V)) & ((f < 0) | (tree.tokens != f))).nonzero().tolist()
+        toks = [int(tree.tokens[b, i]) for b, i in bad[:8]]
+        msgs.append(f"draft token ids outside [0, V={V}) at (request, node) {bad[:8]} (tokens {toks}); only the forced "
+                    f"id of a forced position may lie outside")
+    if err & ref.ERR_TREE_INDEX:
+        msgs.append("malformed tree")
+    return f"tree_verify: request(s) {rows[:8]}: " + "; ".join(msgs) + " (nothing was changed)"
+
+
+def kv_pointer_table(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Device array ``[2 * layers]`` int64 of base addresses ``k0, v0, k1, v1, ...`` for the list layout.
+
+    Build it once per cache allocation and pass it as ``ptr_table`` to keep ``tree_kv_update`` free of
+    host-to-device copies (and CUDA-graph capturable). It is only valid while those tensors live.
+    """
+    ptrs = [t.data_ptr() for kv in zip(keys, values) for t in kv]
+    return torch.tensor(ptrs, dtype=torch.int64).to(keys[0].device, non_blocking=False)
+
+
+def _normalise_cache(cache):
+    """``(stacked_tensor, None, None)`` or ``(None, keys, values)`` from any accepted cache form."""
+    if isinstance(cache, torch.Tensor):
+        return cache, None, None
+    if hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):          # transformers DynamicCache (older)
+        return None, list(cache.key_cache), list(cache.value_cache)
+    if hasattr(cache, "layers") and all(hasattr(l, "keys") for l in cache.layers):   # transformers >= 4.54
+        return None, [l.keys for l in cache.layers], [l.values for l in cache.layers]
+    # (keys, values) lists; with 2 layers a list of (k, v) pairs reads the same way, which is harmless:
+    # every tensor gets the same moves. Unequal lengths are reported by _validate_kv.
+    if isinstance(cache, (tuple, list)) and len(cache) == 2 and all(isinstance(c, (tuple, list)) for c in cache) \
+            and all(isinstance(t, torch.Tensor) for c in cache for t in c):
+        return None, list(cache[0]), list(cache[1])
+    if isinstance(cache, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in cache):
+        return None, [p[0] for p in cache], [p[1] for p in cache]
+    raise SJDInputError("cache must be a stacked tensor [layers, 2, R, H_kv, S, D], a pair (keys, values) of "
+                        "per-layer lists, a list of per-layer (k, v) pairs, or a transformers cache; got "
+                        f"{type(cache).__name__}")
+
+
+def _validate_kv(kv, keys, values, path, cache_len, status):
+    if kv is not None:
+        check_tensor("cache", kv, dtypes=KV_DTYPES, dim=6)
+        L, two, R, H, S, D = kv.shape
+        if two != 2:
+            raise SJDInputError(f"cache must be [layers, 2, R, H_kv, S, D] (dim 1 = K, V), got {list(kv.shape)}")
+        dev, dt = kv.device, kv.dtype
+    else:
+        if len(keys) == 0 or len(keys) != len(values):
+            raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)} and "
+                                f"{len(values)}")
+        check_tensor("keys[0]", keys[0], dtypes=KV_DTYPES, dim=4)
+        R, H, S, D = keys[0].shape
+        dev, dt, st = keys[0].device, keys[0].dtype, keys[0].stride()
+        for name, lst in (("keys", keys), ("values", values)):
+            for i, t in enumerate(lst):
+                check_tensor(f"{name}[{i}]", t, dtypes=(dt,), shape=(R, H, S, D), dim=4, device=dev)
+                if t.stride() != st:
+                    raise SJDInputError(f"{name}[{i}] must have the strides of keys[0] {st}, got {t.stride()}")
+    check_tensor("path", path, dtypes=I64, dim=2, shape=(R, None), device=dev, contiguous=True)
+    check_tensor("cache_len", cache_len, dtypes=I64, shape=(R,), dim=1, device=dev, contiguous=True)
+    if status is not None:
+        check_tensor("status", status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    return S
+
+
+def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status: torch.Tensor | None = None,
+                   ptr_table: torch.Tensor | None = None, backend: str = "auto") -> None:
+    """Move the accepted path's K/V into place after each row's committed prefix (in place, one launch).
+
+    ``cache``: a stacked tensor ``[layers, 2, R, H_kv, S, D]`` or per-layer K/V tensors ``[R, H_kv, S, D]``
+    (``(keys, values)`` lists, a list of ``(k, v)`` pairs, or a transformers cache), bf16/fp16/fp32.
+    ``path [R, P]`` i64 per model row (``tree_verify``'s path; repeat it for CFG rows), ``cache_len [R]``
+    the committed prefix length before the step (node i sits at slot ``cache_len + i``). Slot
+    ``cache_len + j`` receives node ``path[j]``; negative entries are padding. Every entry must have
+    ``path[j] >= j`` and a source slot inside the cache; a row that breaks this is left untouched.
+    Errors: with ``status`` given they set bit 4 of ``status[0]`` on the device (check it with
+    ``check_status``; nothing synchronises); without it, and always for CPU tensors, the call
+    checks on the host and raises ``SJDInputError``.
+    """
+    kv, keys, values = _normalise_cache(cache)
+    S = _validate_kv(kv, keys, values, path, cache_len, status)
+    dev = path.device
+    sync_check = status is None or _host_checks(path)
+    if sync_check and not _compiling():
+        _, _, _, row_bad = ref.kv_moves(path, cache_len, S)
+        if bool(row_bad.any()):
+            rows = row_bad.nonzero().flatten().tolist()
+            raise SJDInputError(f"tree_kv_update: bad path in row(s) {rows[:8]}: need path[j] >= j for every "
+                                f"entry >= 0, cache_len >= 0 and source slots cache_len + path[j] < S = {S}; "
+                                f"path = {path[rows[0]].tolist()}, cache_len = {int(cache_len[rows[0]])}")
+    st = status if status is not None else new_status(dev)
+    be = resolve_backend(backend, dev)
+    if (kv if kv is not None else keys[0]).dtype == torch.float64 and be != "torch":
+        raise SJDInputError(f"a float64 cache needs backend 'torch' (the {be} kernels take fp32/fp16/bf16)")
+    if kv is not None:
+        torch.ops.sjd.tree_kv_update(kv, path, cache_len, st, BACKEND_CODE[be])
+    else:
+        if ptr_table is not None:
+            check_tensor("ptr_table", ptr_table, dtypes=I64, shape=(2 * len(keys),), dim=1, device=dev,
+                         contiguous=True)
+        torch.ops.sjd.tree_kv_update_list(list(keys), list(values), path, cache_len, ptr_table, st, BACKEND_CODE[be])
+
+
+__all__ = ["TreeLayout", "TreeOutput", "build_tree", "tree_verify", "tree_kv_update", "kv_pointer_table",
+           "SJDDeviceError", "check_status"]
