@@ -286,7 +286,6 @@ def test_bad_input_fails_before_work():
     c2 = torch.tensor([0, 1])
     bad = [
         (SJDInputError, "method must be one of", dict(method="magic")),
-        (NotImplementedError, "tree", dict(method="pac")),
         (SJDInputError, "one seed per request", dict(seed=[1, 2, 3])),
         (SJDInputError, "num_tokens must be", dict(num_tokens=0)),
         (SJDInputError, "exceeds the model's max_image_tokens", dict(num_tokens=13)),

@@ -11,6 +11,10 @@ Every request ``b`` has ``n[b]`` committed image tokens. One step, for the whole
    row's cache length is set to ``prefix_len - 1 + n`` (a rewind: the K/V of ``X[n-1]`` and
    the accepted drafts are already in place; nothing is copied).
 
+Method ``pac`` replaces steps 1-3 with a tree step (``sjd_kernels.decoding.pac``): one forward over
+a draft tree under a tree attention mask, ``tree_verify``, ``tree_kv_update`` of the accepted path
+per model row, then coupled drafts for the next window.
+
 Near the end of the image a request's window is cut to ``min(W, num_tokens - n - 1)`` drafts;
 finished requests keep their shapes and are masked (``win_len = 0``, nothing committed, their
 cache length frozen). Op positions are image-token positions (0 = first image token); model
@@ -37,9 +41,11 @@ import torch
 
 from ..models.protocol import check_model
 from ..ops import JacobiState, SJDInputError, check_status, init_window, jacobi_step
+from ..ops.tree import build_tree, tree_kv_update, tree_verify
 from ..ops._common import FLOAT_DTYPES, resolve_backend
 from .cache import StaticKVCache
 from .methods import METHODS, PENDING, available_methods
+from . import pac as _pac
 
 _MASK64 = (1 << 64) - 1
 
@@ -88,6 +94,7 @@ class GenerateStats:
     zero_mass_coupling: int = 0
     state_bytes: int = 0           # JacobiState
     cache_bytes: int = 0           # KV cache
+    tree_nodes: int = 0            # pac: node slots per request (forward inputs per model row and step)
 
     @property
     def nfe_total(self) -> int:
@@ -167,7 +174,8 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
              beta: float | None = None, vp_form: str = "add", forced: torch.Tensor | None = None,
              backend: str = "auto", progress: bool | None = None, cache_len: int | None = None,
              return_cache: bool = False, on_step=None, cuda_graph: bool = False, sjd2=None,
-             sjd2_kv: str | None = None) -> GenerateOutput:
+             sjd2_kv: str | None = None, tree_width: int | None = None,
+             tree_depth: int | None = None) -> GenerateOutput:
     """Generate ``num_tokens`` image tokens per request; returns tokens ``[B, num_tokens]`` and stats.
 
     ``cond``: the model's conditions (class ids ``[B]`` for the in-package GPT); ``uncond``:
@@ -188,6 +196,8 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     ``cuda_graph``: reserved for capturing the window step in a CUDA graph (not implemented yet).
     ``sjd2``/``sjd2_kv``: the SJD2 embedding (default: ``model.sjd2``) and KV policy for
     ``method='sjd2'`` (``sjd_kernels.sjd2.generate_sjd2``).
+    ``tree_width``/``tree_depth``: ``method='pac'``: children per tree node K (default 3) and tree
+    levels D (default 3, at most ``window``) before the chain (``sjd_kernels.decoding.pac``).
     """
     if method in PENDING:
         raise NotImplementedError(PENDING[method])
@@ -206,6 +216,14 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     if max_tok is not None and N > max_tok:
         raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
     W = min(_int_arg("window", window, 0), N - 1) if spec.windowed else 0
+    if spec.tree:
+        K_tree, D_tree = _pac.check_tree_options(tree_width, tree_depth, window)
+        D_tree = min(D_tree, W)
+        if not getattr(model, "tree_attention", True):
+            raise NotImplementedError(f"method 'pac' needs a model that runs tree-masked windows; "
+                                      f"{type(model).__name__} sets tree_attention = False")
+    elif tree_width is not None or tree_depth is not None:
+        raise SJDInputError(f"tree_width/tree_depth apply to method 'pac', not {method!r}")
 
     # ---- sampling settings, checked before any work
     if not isinstance(temperature, (int, float)) or not temperature >= 0.0 or math.isinf(temperature):
@@ -262,10 +280,13 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     L_max, L_min = int(lengths.max()), int(lengths.min())
     if L_min < 1:
         raise SJDInputError(f"every prompt needs at least one position, got prefix lengths {lengths.tolist()}")
-    need = L_max + N + W
+    plan = _pac.PacPlan.create(K_tree, D_tree, W, dev) if spec.tree else None
+    span = plan.num_nodes - 1 if spec.tree else W                  # slots a step writes past X[n-1]
+    need = L_max + N + span
     S = need if cache_len is None else _int_arg("cache_len", cache_len, 1)
     if S < need:
-        raise SJDInputError(f"cache_len {S} is too small: a prompt of {L_max} + {N} image tokens + a window of {W} "
+        what = f"a tree of {plan.num_nodes} nodes" if spec.tree else f"a window of {W}"
+        raise SJDInputError(f"cache_len {S} is too small: a prompt of {L_max} + {N} image tokens + {what} "
                             f"needs {need} slots per row (use a smaller window or a larger cache)")
 
     # ---- allocation and prefill (prompt positions 0 .. L-2; the last one is fed with the first window)
@@ -273,7 +294,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     cache = StaticKVCache(model.num_layers, rows, model.num_kv_heads, S, model.head_dim, dtype=dtype, device=dev)
     state = JacobiState.create(B, W, V, seeds, device=dev, vp=beta != 0.0)
     stats = GenerateStats(method=method, window=W, batch=B, num_tokens=N, state_bytes=state.state_bytes(),
-                          cache_bytes=cache.nbytes())
+                          cache_bytes=cache.nbytes(), tree_nodes=plan.num_nodes if spec.tree else 0)
     embeds = pre.embeds.to(dtype)
     if L_max > 1:
         T = L_max - 1
@@ -334,6 +355,62 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         timer.add(t0, t1, timer.now())
         if on_step is not None:
             on_step(out[:, :N], n, cache)
+
+    if spec.tree:
+        row_index = torch.arange(B, device=dev).repeat(2) if use_cfg else None
+
+        def step():                                                # method 'pac' (sjd_kernels.decoding.pac)
+            nonlocal drafts, last_tok
+            t0 = timer.now()
+            active = n < N
+            win_len = torch.where(active, (N - 1 - n).clamp(max=W), torch.zeros_like(n))
+            tree = build_tree(state, last_tok, n, plan.K, plan.D, W, first=drafts, forced=forced)
+            tree = _pac.prune(tree, win_len)
+            emb = model.embed_tokens(tree.input_ids())                             # [B, nodes, d]
+            trow = tree
+            n_rows = n
+            if use_cfg:
+                emb = torch.cat([emb, emb], 0)
+                trow = tree.rows(row_index)
+                n_rows = torch.cat([n, n])
+            emb0 = torch.where((n_rows == 0).view(rows, 1, 1), first_emb, emb[:, :1])
+            emb = torch.cat([emb0, emb[:, 1:]], 1)
+            cl = cache.lengths.clone()
+            logits = model(emb, trow.position_ids(cl), cache=cache, mask=plan.attention_mask(trow, cl, S),
+                           write_slots=trow.node_slots(cl))
+            t1 = timer.now()
+            if logits.shape[-1] != V or logits.shape[:2] != (rows, plan.num_nodes):
+                raise SJDInputError(f"the model returned logits {list(logits.shape)}, expected [{rows}, "
+                                    f"{plan.num_nodes}, vocab_size={V}]: its vocab_size does not match its LM head")
+            if logits.dtype not in FLOAT_DTYPES:
+                logits = logits.float()
+            lc, lu = logits[:B], (logits[B:] if use_cfg else None)
+            o = tree_verify(lc, tree, n, state, uncond_logits=lu, cfg_scale=cfg_t, forced=forced,
+                            temperature=float(temperature), top_k=top_k, top_p=float(top_p), backend=be,
+                            advance=False)
+            m = o.num_accepted
+            ok = active & (m >= 0)
+            cnt = torch.where(ok, m + 1, torch.zeros_like(m))
+            path = torch.where(ok.view(B, 1), o.path, torch.full_like(o.path, -1))
+            tree_kv_update(cache.kv, torch.cat([path, path]) if use_cfg else path, cl, status=state.status,
+                           backend=be)
+            cont = _pac.continuation(plan, tree, o.path, m)
+            nxt = _pac.propose(lc, lu, cfg_t, cont, m, drafts, win_len, n, o.tokens.gather(
+                1, m.clamp(min=0).view(B, 1)).squeeze(1), state, forced, temperature=float(temperature),
+                top_k=top_k, top_p=float(top_p), tail_init=draft_init, write=ok)
+            state.step.add_(1)
+            keep = cols.view(1, -1) < cnt.view(B, 1)
+            out.scatter_(1, torch.where(keep, n.view(B, 1) + cols, torch.full_like(keep, N, dtype=i64)), o.tokens)
+            last = torch.gather(o.tokens, 1, m.clamp(min=0).view(B, 1)).squeeze(1)
+            last_tok = torch.where(cnt > 0, last, last_tok)
+            drafts = torch.where(ok.view(B, 1), nxt, drafts)
+            n.add_(cnt)
+            cache.set_lengths(lengths - 1 + (torch.cat([n, n]) if use_cfg else n))
+            hist.scatter_add_(0, m.clamp(0, W), active.to(i64))
+            steps.add_(active.to(i64))
+            timer.add(t0, t1, timer.now())
+            if on_step is not None:
+                on_step(out[:, :N], n, cache)
 
     if progress is None:
         progress = sys.stderr.isatty()

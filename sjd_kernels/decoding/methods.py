@@ -9,7 +9,7 @@
 | ``coupling``    | W      | coupling        | yes | maximal coupling (MC-SJD); ``beta``: to ``Qvp`` |
 | ``gumbel``      | W      | gumbel          | yes | shared Gumbel noise, probabilistic check |
 | ``gumbel_jacobi`` | W    | gumbel_jacobi   | yes | exact match; same tokens as ``ar_gumbel`` |
-| ``pac``         | tree   | coupling + tree | yes | needs tree_verify / tree_kv_update: not yet |
+| ``pac``         | tree   | coupling + tree | yes | K-ary tree (``tree_width``, ``tree_depth``) then a chain; ``decoding.pac`` |
 | ``sjd2``        | W      | sjd, noisy in   | no  | ``sjd_kernels.sjd2`` (a fine-tuned model) |
 
 ``ar`` and ``gumbel_jacobi`` at window 0 run the same op as the Jacobi methods, so all methods
@@ -28,6 +28,7 @@ class Method:
     lossless: bool
     vp: bool = False        # keeps previous target rows (beta)
     default_beta: float = 0.0
+    tree: bool = False      # draft tree verified by tree_verify (method pac)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -38,11 +39,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("coupling", "coupling", True, True),
     Method("gumbel", "gumbel", True, True),
     Method("gumbel_jacobi", "gumbel_jacobi", True, True),
+    Method("pac", "coupling", True, True, tree=True),
 )}
-PENDING = {
-    "pac": "method 'pac' (maximal coupling plus a K-ary draft tree at the rejection point, SPEC section 5) "
-           "needs the tree ops tree_verify and tree_kv_update, which are not in this build yet",
-}
+PENDING: dict[str, str] = {}
 EXTERNAL = ("sjd2",)
 
 

@@ -18,7 +18,11 @@ Model (``ImageModel``):
 - ``forward(inputs_embeds [R, T, d], positions [R, T], cache=None, mask=None,
   write_slots=None) -> logits [R, T, V]``: with a cache, the new K/V go to ``write_slots
   [R, T]`` and attention reads the whole cache under ``mask [R, T, S]`` (True = may attend);
-  without, attention is causal over the inputs.
+  without, attention is causal over the inputs. ``mask`` may be any boolean mask and
+  ``positions`` need not be consecutive or distinct: method ``pac`` feeds a draft tree (node i
+  at slot ``cache_len + i``, position id ``cache_len + depth``, attending to the prefix and its
+  ancestors). A model that cannot honour such masks sets ``tree_attention = False`` (optional
+  attribute, default True) and ``pac`` refuses it.
 
 KV cache (``KVCacheLike``; ``sjd_kernels.decoding.cache.StaticKVCache``):
 - ``write(layer, k, v, slots)``: store ``k, v [R, H_kv, T, D]`` at per-row ``slots [R, T]``.
