@@ -11,9 +11,9 @@
 # (every log and junit xml), ops.csv, e2e.csv and up to 3 PNG plots.
 #
 # Knobs (environment):
-#   STAGES="info build tests sanitize bench e2e"   stages to run, in this order
+#   STAGES="info build tests sanitize bench tree e2e"   stages to run, in this order
 #   TOTAL_S=480                                   overall deadline in seconds
-#   BUILD_S=170 TESTS_GPU_S=45 TESTS_S=100 SAN_S=35 (each of 3 tools) BENCH_S=110 E2E_S=90
+#   BUILD_S=170 TESTS_GPU_S=45 TESTS_S=100 SAN_S=35 (each of 3 tools) BENCH_S=110 TREE_S=60 E2E_S=90
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
 #   E2E_ARGS=""             extra arguments of `bench e2e` (e.g. "--model llamagen-xl")
 #   SAN_K="test_cuda_jacobi_step or (tree and cuda)"   pytest -k expression for the sanitizer runs
@@ -27,10 +27,10 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-python3}
-STAGES=${STAGES:-"info build tests sanitize bench e2e"}
+STAGES=${STAGES:-"info build tests sanitize bench tree e2e"}
 TOTAL_S=${TOTAL_S:-480}
 BUILD_S=${BUILD_S:-170}; TESTS_GPU_S=${TESTS_GPU_S:-45}; TESTS_S=${TESTS_S:-100}; SAN_S=${SAN_S:-35}
-BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-90}
+BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-90}; TREE_S=${TREE_S:-60}
 OPS_ARGS=${OPS_ARGS:-"--grid full"}
 E2E_ARGS=${E2E_ARGS:-""}
 SAN_K=${SAN_K:-"test_cuda_jacobi_step or (tree and cuda)"}
@@ -84,6 +84,7 @@ package() {   # called after every stage, so a run stopped from outside still re
     [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"
   done
   cp "$RES"/*.json "$RES"/*.md "$LOGS/" 2>/dev/null
+  cp -r "$RES"/tree_kv_update "$RES"/tree_verify.csv "$LOGS/" 2>/dev/null
   tar -C "$WORK" -czf "$WORK/logs.tar.gz" logs 2>/dev/null && cp "$WORK/logs.tar.gz" "$OUT/logs.tar.gz"
 }
 
@@ -185,6 +186,12 @@ if want bench; then
   # the benchmark stops starting new cases 25 s before its box ends, so it writes its files
   stage bench "$BENCH_S" "$LOGS/ops.log" -- \
     "$PY" -m sjd_kernels.bench ops $OPS_ARGS --out "$RES" --json "$RES/ops.json" --budget-s $(( b > 40 ? b - 25 : 15 ))
+fi
+if want tree; then
+  stage tree-kv "$TREE_S" "$LOGS/bench_tree_kv_update.log" -- \
+    "$PY" benchmarks/bench_tree_kv_update.py --quick --out "$RES/tree_kv_update"
+  stage tree-verify "$TREE_S" "$LOGS/bench_tree_verify.log" -- \
+    "$PY" benchmarks/bench_tree_verify.py --quick --csv "$RES/tree_verify.csv"
 fi
 if want e2e; then
   b=$(box e2e "$E2E_S")
