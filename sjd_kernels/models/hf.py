@@ -19,8 +19,52 @@ Prompts are token ids of the full vocabulary: ``cond`` a LongTensor ``[B, L]`` o
 id sequences (lengths may differ); ``uncond`` the same for the CFG rows (default: the
 adapter's ``uncond_prompt`` for every request).
 
+Model-specific constructors (all take a loaded ``transformers`` model; nothing is downloaded here):
+
+- ``from_chameleon`` (``ChameleonForConditionalGeneration``: Chameleon, Anole, Lumina-mGPT): image
+  ids from the model's vocabulary map; structural tokens (row end, end of image) passed as
+  ``extra_token_ids`` and forced with ``grid_forced``.
+- ``from_emu3`` (``Emu3ForConditionalGeneration``, Emu3-Gen): the ``<|visual token......|>`` ids
+  of the vocabulary map, codes ``V, V+1, V+2`` = EOL ``<|extra_200|>``, EOF ``<|extra_201|>``,
+  ``<|image end|>``; ``emu3_forced(B, H, W, V)`` is Emu3's layout (H rows of W codes + EOL, then
+  EOF and image end). CFG uses a negative prompt (``uncond=``).
+- ``from_janus`` / ``JanusImageLM`` (``JanusForConditionalGeneration``, Janus and Janus-Pro): a
+  separate image vocabulary (16384 VQ codes) with its own input embedding
+  (``generation_embeddings`` + ``generation_aligner``) and head (``generation_head``); 576 codes
+  per 384 x 384 image, no row ends; CFG rows default to Janus's masked prompt (all but BOS / BOI
+  replaced by PAD).
+
+Usage with weights (bf16 on a GPU; prompts from the models' own processors)::
+
+    import torch, transformers
+    from sjd_kernels import generate
+    from sjd_kernels.models.hf import from_emu3, emu3_forced, from_janus
+
+    # Emu3-Gen
+    m = transformers.Emu3ForConditionalGeneration.from_pretrained("BAAI/Emu3-Gen-hf", dtype=torch.bfloat16,
+                                                                  attn_implementation="sdpa").cuda().eval()
+    proc = transformers.Emu3Processor.from_pretrained("BAAI/Emu3-Gen-hf")
+    x = proc(text=["a red fox in snow"], return_for_image_generation=True, return_tensors="pt")
+    neg = proc(text=["lowres, blurry"], return_for_image_generation=True, return_tensors="pt")
+    H, W = map(int, x["image_sizes"][0])                # the token grid
+    a = from_emu3(m)
+    out = generate(a, x.input_ids, H * (W + 1) + 2, "coupling", window=16, cfg_scale=3.0,
+                   uncond=neg.input_ids, forced=emu3_forced(1, H, W, a.vocab_size, device="cuda"))
+    codes = out.tokens[:, :H * (W + 1)].view(1, H, W + 1)[..., :W]     # VQ codes; drop the EOL column
+    image = m.model.vqmodel.decode(codes)
+
+    # Janus-Pro
+    m = transformers.JanusForConditionalGeneration.from_pretrained("deepseek-community/Janus-Pro-1B",
+                                                                   dtype=torch.bfloat16).cuda().eval()
+    proc = transformers.JanusProcessor.from_pretrained("deepseek-community/Janus-Pro-1B")
+    x = proc(text=["a red fox in snow"], generation_mode="image", return_tensors="pt")
+    out = generate(from_janus(m), x.input_ids, 576, "coupling", window=16, cfg_scale=5.0)
+    image = m.decode_image_tokens(out.tokens)
+
 Written against transformers 5.x (``cache=`` keyword) and 4.x (``past_key_values=``); tested
-offline with tiny random Llama and Chameleon configs (tests/test_hf_adapters.py).
+offline with tiny random Llama and Chameleon configs (tests/test_hf_adapters.py) and Emu3 and
+Janus configs (tests/test_hf_emu3_janus.py, against the models' own ``generate``); the Emu3 and
+Janus tests are skipped, with the reason, on a ``transformers`` without those classes.
 """
 from __future__ import annotations
 
@@ -183,9 +227,12 @@ class HFImageLM(nn.Module):
             kw[self._cache_kw] = _CacheBridge(cache, write_slots)
         if mask is not None:
             kw["attention_mask"] = self._mask4d(mask, inputs_embeds.dtype)
-        h = self.decoder(**kw).last_hidden_state
+        return self.image_logits(self.decoder(**kw).last_hidden_state)
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The image-only head: decoder hidden states ``[..., d]`` -> image logits ``[..., V]``."""
         w, b = self.image_head()
-        logits = F.linear(h, w, b)
+        logits = F.linear(hidden, w, b)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
@@ -224,3 +271,157 @@ def grid_forced(batch: int, height: int, width: int, vocab_size: int, *, row_end
     row = [-1] * width + ([vocab_size] if row_end else [])
     f = torch.tensor(row * height + list(tail), dtype=torch.int64, device=device)
     return f.expand(batch, -1).contiguous()
+
+
+# ---- Emu3 (``Emu3ForConditionalGeneration``): visual tokens of the text vocabulary, EOL row ends
+EMU3_EOL, EMU3_EOF, EMU3_EOI = "<|extra_200|>", "<|extra_201|>", "<|image end|>"
+
+
+def _emu3_mapping(model):
+    vm = getattr(model, "vocabulary_mapping", None)
+    if vm is None:
+        base = getattr(model, "model", None)
+        vm = getattr(base, "vocabulary_mapping", None)
+    if vm is None or not hasattr(vm, "vocab_map"):
+        raise TypeError(f"{type(model).__name__} has no Emu3 vocabulary_mapping: pass image_token_ids to HFImageLM")
+    return vm
+
+
+def emu3_image_ids(model) -> list[int]:
+    """Model ids of Emu3's visual tokens (``<|visual token000000|>`` ..) in VQ code order."""
+    img2bpe = _emu3_mapping(model).img2bpe
+    if not img2bpe:
+        raise ValueError("the model's vocabulary map has no '<|visual token......|>' entries")
+    codes = sorted(img2bpe)
+    if codes != list(range(len(codes))):
+        raise ValueError("visual token codes in the vocabulary map are not 0..K-1")
+    return [int(img2bpe[c]) for c in codes]
+
+
+def from_emu3(model, *, extra_token_ids: Sequence[int] | None = None, uncond_prompt=None,
+              max_image_tokens: int | None = None) -> HFImageLM:
+    """``HFImageLM`` of an ``Emu3ForConditionalGeneration`` (Emu3-Gen).
+
+    Codes ``0..V-1`` are the VQ codes (visual tokens); by default codes ``V, V+1, V+2`` are the
+    row end ``<|extra_200|>`` (EOL), ``<|extra_201|>`` (EOF) and ``<|image end|>``, looked up in
+    the model's vocabulary map; force them with ``emu3_forced``. Emu3's own forward does not mask
+    logits; the adapter still applies only the visual rows of the LM head.
+    """
+    ids = emu3_image_ids(model)
+    if extra_token_ids is None:
+        vm = _emu3_mapping(model).vocab_map
+        missing = [t for t in (EMU3_EOL, EMU3_EOF, EMU3_EOI) if t not in vm]
+        if missing:
+            raise ValueError(f"the vocabulary map lacks {missing}: pass extra_token_ids (row end first)")
+        extra_token_ids = [int(vm[t]) for t in (EMU3_EOL, EMU3_EOF, EMU3_EOI)]
+    return HFImageLM(model, ids, extra_token_ids=extra_token_ids, uncond_prompt=uncond_prompt,
+                     max_image_tokens=max_image_tokens)
+
+
+def emu3_forced(batch: int, height: int, width: int, vocab_size: int, *, tail: bool = True,
+                device="cpu") -> torch.Tensor:
+    """Emu3's image layout after the prompt's ``<|image token|>``: ``height`` rows of ``width`` codes
+    each followed by EOL (code V), then (``tail``) EOF and ``<|image end|>`` (codes V+1, V+2), as in
+    Emu3's ``prefix_allowed_tokens_fn``. ``num_tokens = height * (width + 1) + 2 * tail``."""
+    return grid_forced(batch, height, width, vocab_size, row_end=True,
+                       tail=(vocab_size + 1, vocab_size + 2) if tail else (), device=device)
+
+
+# ---- Janus / Janus-Pro (``JanusForConditionalGeneration``): a separate image vocabulary
+class JanusImageLM(HFImageLM):
+    """Janus image generation: the text decoder with Janus's generation embeddings and head.
+
+    Janus writes images in their own vocabulary of ``vq_config.num_embeddings`` VQ codes (16384):
+    a code enters as ``generation_aligner(generation_embeddings(code))`` and the next code's
+    logits are ``generation_head(hidden)`` (an MLP, not the text LM head, so nothing is masked and
+    no slice is needed). No row ends: an image is ``vision_config.num_image_tokens`` codes (576,
+    24 x 24 for 384 x 384 pixels), the default ``max_image_tokens``. The prompt (text ids, ending
+    with ``<begin_of_image>``) goes through the text embeddings.
+
+    CFG: without ``uncond`` / ``uncond_prompt`` the unconditional row of a request is its own
+    prompt with every id except BOS and BOI replaced by PAD, as Janus's ``generate`` does (ids from
+    ``uncond_keep_ids`` / ``uncond_pad_token_id``, default: the model's generation config).
+    """
+
+    def __init__(self, model: nn.Module, *, uncond_prompt: Sequence[int] | None = None,
+                 uncond_pad_token_id: int | None = None, uncond_keep_ids: Sequence[int] | None = None,
+                 max_image_tokens: int | None = None):
+        nn.Module.__init__(self)
+        base = getattr(model, "model", None)
+        parts = {n: getattr(base, n, None) for n in ("generation_embeddings", "generation_aligner", "generation_head")}
+        if any(p is None for p in parts.values()):
+            raise TypeError(f"{type(model).__name__} is not a Janus model: it lacks model."
+                            f"{'/'.join(n for n, p in parts.items() if p is None)}")
+        self.hf = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()        # text head: prompt vocabulary, device, dtype
+        if self.lm_head is None or not hasattr(self.lm_head, "weight"):
+            raise TypeError(f"{type(model).__name__} has no text LM head (needed for the prompt vocabulary)")
+        self.gen_embed, self.gen_aligner, self.gen_head = parts.values()
+        cfg = _text_config(model.config)
+        V = int(self.gen_head.vision_head.out_features)
+        if self.gen_embed.num_embeddings != V:
+            raise ValueError(f"vocabulary mismatch: generation_embeddings has {self.gen_embed.num_embeddings} codes, "
+                             f"generation_head predicts {V}")
+        d = int(cfg.hidden_size)
+        d_in = int(self.gen_head.proj_out.in_features)
+        with torch.no_grad():
+            d_emb = int(self.gen_aligner(self.gen_embed.weight[:1]).shape[-1])
+        if d_in != d or d_emb != d:
+            raise ValueError(f"hidden size mismatch: decoder {d}, generation_head input {d_in}, "
+                             f"generation_aligner output {d_emb}")
+        self.vocab_size = V
+        self.num_extra_tokens = 0
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        if max_image_tokens is None:
+            vis = getattr(model.config, "vision_config", None)
+            max_image_tokens = getattr(vis, "num_image_tokens", None)
+        self.max_image_tokens = max_image_tokens
+        self.uncond_prompt = None if uncond_prompt is None else [int(t) for t in uncond_prompt]
+        gc = getattr(model, "generation_config", None)
+        if uncond_pad_token_id is None:
+            uncond_pad_token_id = getattr(gc, "pad_token_id", None)
+        if uncond_keep_ids is None:
+            boi = (getattr(gc, "generation_kwargs", None) or {}).get("boi_token_id")
+            uncond_keep_ids = [t for t in (getattr(gc, "bos_token_id", None), boi) if t is not None]
+        full = self.lm_head.weight.shape[0]
+        keep = [int(t) for t in uncond_keep_ids]
+        if uncond_pad_token_id is not None and not 0 <= int(uncond_pad_token_id) < full \
+                or any(not 0 <= t < full for t in keep):
+            raise ValueError(f"uncond_pad_token_id and uncond_keep_ids must lie in [0, {full})")
+        self.uncond_pad_token_id = None if uncond_pad_token_id is None else int(uncond_pad_token_id)
+        self.uncond_keep_ids = keep
+        self._softcap = None
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Image codes ``[0, V)`` -> ``generation_aligner(generation_embeddings(code))``."""
+        return self.gen_aligner(self.gen_embed(ids.clamp(0, self.vocab_size - 1)))
+
+    def image_head(self):
+        raise NotImplementedError("Janus's generation_head is an MLP, not rows of a linear head: use image_logits")
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.gen_head(hidden)
+
+    def uncond_of(self, cond) -> list[torch.Tensor]:
+        """Janus's unconditional prompts: ``cond`` with every id except BOS / BOI replaced by PAD."""
+        if self.uncond_pad_token_id is None:
+            raise ValueError("CFG needs unconditional prompts: pass uncond=, set uncond_prompt, or give the adapter "
+                             "uncond_pad_token_id (no pad_token_id in the model's generation config)")
+        rows = self._ids_list(cond, "cond")
+        keep = torch.tensor(self.uncond_keep_ids, dtype=torch.int64, device=rows[0].device)
+        return [torch.where(torch.isin(r, keep), r, torch.full_like(r, self.uncond_pad_token_id)) for r in rows]
+
+    def prefix(self, cond, cfg: bool, uncond=None) -> Prefix:
+        if cfg and uncond is None and self.uncond_prompt is None:
+            uncond = self.uncond_of(cond)
+        return super().prefix(cond, cfg, uncond)
+
+
+def from_janus(model, **kw) -> JanusImageLM:
+    """``JanusImageLM`` of a ``JanusForConditionalGeneration`` (Janus, Janus-Pro); see its arguments."""
+    return JanusImageLM(model, **kw)
