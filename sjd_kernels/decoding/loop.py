@@ -24,6 +24,26 @@ Host synchronisation: the loop reads ``n`` back only when every request may have
 (after ``max_b ceil((num_tokens - n[b]) / (W + 1))`` steps, a lower bound on the steps left),
 so most steps launch without waiting for the device.
 
+CUDA graphs (``cuda_graph=True``, chain methods: ``ar``, ``ar_gumbel``, ``sjd``, ``sjd_vp``,
+``coupling``, ``gumbel``, ``gumbel_jacobi``): the whole window step (input preparation, the model
+forward over the window on the static KV cache, ``jacobi_step`` with the ``triton`` or ``cuda``
+backend, the commit and the cache-length update) reads and writes only tensors allocated before
+the loop, has fixed shapes (finished requests run masked with ``win_len = 0``) and no host
+synchronisation, so it is captured once in a ``torch.cuda.CUDAGraph`` and replayed every step.
+The first ``GRAPH_WARMUP_STEPS`` steps run eagerly on a side stream (the standard warm-up: Triton
+compilation, cuBLAS and attention set-up happen outside the capture; they are real steps of the
+generation, not repeated), the next step captures the graph and every later step replays it.
+The host schedule is the eager one (``n`` and the status read back only when every request may
+have finished), so tokens, NFE, ``steps`` and ``accepted_hist`` equal the eager run's under the
+same seeds. Timing is coarser: ``stats.step_s`` holds the whole window steps (CUDA events around
+each warm-up step and replay), ``forward_s``/``post_s`` stay 0, ``capture_s`` is the host time of
+the capture and ``graph_replays`` the number of replayed steps. Refused with a clear error: models
+not on a CUDA device, the ``torch`` backend (the reference indexes with boolean masks, a host
+synchronisation), and methods ``pac`` and ``sjd2`` (``NotImplementedError``). The model's forward
+must itself be capturable (no ``.item()``, ``bool(tensor)`` or data-dependent shapes with a static
+cache): the in-package GPT is; a forward that is not fails at capture with a ``RuntimeError``.
+``on_step`` is still called after every step (it then runs outside the graph).
+
 Seeds (``seed``): a list or tensor gives one seed per request, in the order of ``cond``; an
 int ``s`` gives request ``i`` the seed ``derive_seeds(s, B)[i]`` (splitmix64 of ``s`` and
 ``i``). A request's tokens depend only on its seed, its condition and the settings, so the
@@ -95,6 +115,10 @@ class GenerateStats:
     state_bytes: int = 0           # JacobiState
     cache_bytes: int = 0           # KV cache
     tree_nodes: int = 0            # pac: node slots per request (forward inputs per model row and step)
+    step_s: float = 0.0            # window steps in total (eager: forward_s + post_s; CUDA graph: events per step)
+    cuda_graph: bool = False       # the window step was captured in a CUDA graph and replayed
+    graph_replays: int = 0         # steps run by replaying the graph (the others: warm-up, eager)
+    capture_s: float = 0.0         # host time of the capture
 
     @property
     def nfe_total(self) -> int:
@@ -168,6 +192,79 @@ class _Timer:
         return tot
 
 
+GRAPH_WARMUP_STEPS = 2       # eager steps on a side stream before the capture (real steps of the generation)
+GRAPH_METHODS_REFUSED = {
+    "pac": "method 'pac' runs a tree step whose forward uses per-step tree masks and a KV compaction "
+           "that are not captured yet; use cuda_graph=False",
+    "sjd2": "method 'sjd2' runs its own loop (sjd_kernels.sjd2) with a KV policy that re-forwards noisy "
+            "windows; it is not captured yet; use cuda_graph=False",
+}
+# Tests only: a callable ``run(step_fn)`` that replaces the side-stream warm-up, the capture and the
+# replays (each call runs one step, e.g. ``lambda f: f()``), so the graph path's driver and step
+# function can be checked on CPU. ``None`` (the default) captures a real CUDA graph.
+_graph_dry_run = None
+
+
+class _GraphStep:
+    """One window step captured in a CUDA graph and replayed (``generate(..., cuda_graph=True)``).
+
+    ``fn`` is the step: it reads and writes only tensors allocated before the loop (static buffers),
+    with fixed shapes and no host synchronisation. Every call of this object runs exactly one step:
+    the first ``warmup`` calls run ``fn`` eagerly on a side stream (the standard ``torch.cuda.graph``
+    warm-up; Triton compiles, cuBLAS and the attention kernels set up outside the capture); the next
+    call captures ``fn`` (recording only: nothing executes during the capture) and replays it; later
+    calls replay it. Each call is timed with CUDA events on the current stream.
+    """
+
+    def __init__(self, fn, device: torch.device, timer: "_Timer", warmup: int = GRAPH_WARMUP_STEPS,
+                 dry_run=None):
+        self.fn, self.device, self.timer = fn, device, timer
+        self.warmup = max(1, int(warmup))
+        self.dry_run = dry_run
+        self.calls = 0
+        self.replays = 0
+        self.capture_s = 0.0
+        self.graph = None
+        self.side = None if dry_run is not None else torch.cuda.Stream(device)
+
+    def _capture(self) -> None:
+        t = time.perf_counter()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                self.fn()
+        except Exception as e:
+            raise RuntimeError(
+                "cuda_graph=True: capturing the window step failed. The model's forward must run on the "
+                "static KV cache without host synchronisation (.item(), bool(tensor), .tolist(), nonzero, "
+                f"boolean-mask indexing, data-dependent shapes); use cuda_graph=False. {type(e).__name__}: {e}"
+            ) from e
+        self.graph = g
+        self.capture_s = time.perf_counter() - t
+
+    def __call__(self) -> None:
+        if self.dry_run is not None:
+            self.dry_run(self.fn)
+            self.replays += int(self.calls >= self.warmup)
+            self.calls += 1
+            return
+        with torch.cuda.device(self.device):
+            if self.calls >= self.warmup and self.graph is None:
+                self._capture()
+            t0 = self.timer.now()
+            if self.graph is None:
+                cur = torch.cuda.current_stream(self.device)
+                self.side.wait_stream(cur)
+                with torch.cuda.stream(self.side):
+                    self.fn()
+                cur.wait_stream(self.side)
+            else:
+                self.graph.replay()
+                self.replays += 1
+            self.calls += 1
+            self.timer.add(t0, self.timer.now())
+
+
 @torch.no_grad()
 def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int = 16, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, cfg_scale=1.0, uncond=None, seed=0, draft_init: str = "uniform",
@@ -193,7 +290,8 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     stderr is a terminal). ``cache_len``: KV slots per row (default: just enough).
     ``return_cache``: also return the KV cache. ``on_step(tokens [B, num_tokens], n [B], cache)``:
     called after every step's commit (tests, debugging; -1 marks uncommitted tokens).
-    ``cuda_graph``: reserved for capturing the window step in a CUDA graph (not implemented yet).
+    ``cuda_graph``: capture the window step in a CUDA graph and replay it (chain methods on a CUDA
+    model with the ``triton`` or ``cuda`` backend; tokens and stats as eager; module docstring).
     ``sjd2``/``sjd2_kv``: the SJD2 embedding (default: ``model.sjd2``) and KV policy for
     ``method='sjd2'`` (``sjd_kernels.sjd2.generate_sjd2``).
     ``tree_width``/``tree_depth``: ``method='pac'``: children per tree node K (default 3) and tree
@@ -201,6 +299,10 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     """
     if method in PENDING:
         raise NotImplementedError(PENDING[method])
+    if not isinstance(cuda_graph, bool):
+        raise SJDInputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph and method in GRAPH_METHODS_REFUSED:
+        raise NotImplementedError(f"cuda_graph=True: {GRAPH_METHODS_REFUSED[method]}")
     if method == "sjd2":
         return _generate_sjd2(model, cond, num_tokens, window=window, temperature=temperature, top_k=top_k,
                               top_p=top_p, cfg_scale=cfg_scale, seed=seed, backend=backend, sjd2=sjd2, kv=sjd2_kv,
@@ -243,9 +345,16 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         raise SJDInputError(f"beta (verification prediction) applies to sjd_vp and coupling, not {method!r}")
     if beta != 0.0 and W == 0:
         beta = 0.0
-    if cuda_graph:
-        raise NotImplementedError("cuda_graph=True: CUDA-graph capture of the window step is not implemented yet")
+    dry_run = _graph_dry_run if cuda_graph else None
+    if cuda_graph and dry_run is None and dev.type != "cuda":
+        raise SJDInputError(f"cuda_graph=True needs a model on a CUDA device, got a model on {dev} "
+                            f"(use cuda_graph=False)")
     be = resolve_backend(backend, dev)
+    if cuda_graph and dry_run is None and be == "torch":
+        raise SJDInputError("cuda_graph=True needs backend 'triton' or 'cuda': the torch reference backend "
+                            "indexes with boolean masks (host synchronisation) and cannot be captured"
+                            + ("" if backend == "torch" else f" (backend={backend!r} resolved to 'torch': "
+                               "neither the CUDA extension nor Triton is usable here)"))
 
     # ---- conditions, CFG, seeds
     scale = torch.as_tensor(cfg_scale, dtype=torch.float32).reshape(-1)
@@ -316,9 +425,12 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     timer = _Timer(dev)
     mode = spec.mode
 
-    def step():
-        nonlocal drafts, last_tok
-        t0 = timer.now()
+    def step(timed: bool = True):
+        # Static buffers only: every tensor that outlives the step (n, last_tok, drafts, out, hist, steps,
+        # the cache and the state) is updated in place, so the same function is the eager step and the
+        # body of the CUDA graph. No host synchronisation on a CUDA device (Python branches below read
+        # shapes and dtypes only).
+        t0 = timer.now() if timed else None
         active = n < N
         win_len = torch.where(active, (N - 1 - n).clamp(max=W), torch.zeros_like(n))
         tok_in = torch.cat([last_tok.view(B, 1), drafts], 1)
@@ -331,7 +443,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         emb = torch.cat([emb0, emb[:, 1:]], 1)
         slots, mask = cache.window(W + 1)
         logits = model(emb, slots, cache=cache, mask=mask, write_slots=slots)
-        t1 = timer.now()
+        t1 = timer.now() if timed else None
         if logits.shape[-1] != V or logits.shape[:2] != (rows, W + 1):
             raise SJDInputError(f"the model returned logits {list(logits.shape)}, expected [{rows}, {W + 1}, "
                                 f"vocab_size={V}]: its vocab_size does not match its LM head")
@@ -346,21 +458,19 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         keep = cols.view(1, -1) < cnt.view(B, 1)
         out.scatter_(1, torch.where(keep, n.view(B, 1) + cols, torch.full_like(keep, N, dtype=i64)), o.tokens)
         last = torch.gather(o.tokens, 1, m.clamp(min=0).view(B, 1)).squeeze(1)
-        last_tok = torch.where(cnt > 0, last, last_tok)
-        drafts = torch.where(active.view(B, 1), o.next_drafts, drafts)
+        last_tok.copy_(torch.where(cnt > 0, last, last_tok))
+        drafts.copy_(torch.where(active.view(B, 1), o.next_drafts, drafts))
         n.add_(cnt)
         cache.set_lengths(lengths - 1 + (torch.cat([n, n]) if use_cfg else n))
         hist.scatter_add_(0, m.clamp(0, W), active.to(i64))
         steps.add_(active.to(i64))
-        timer.add(t0, t1, timer.now())
-        if on_step is not None:
-            on_step(out[:, :N], n, cache)
+        if timed:
+            timer.add(t0, t1, timer.now())
 
     if spec.tree:
         row_index = torch.arange(B, device=dev).repeat(2) if use_cfg else None
 
         def step():                                                # method 'pac' (sjd_kernels.decoding.pac)
-            nonlocal drafts, last_tok
             t0 = timer.now()
             active = n < N
             win_len = torch.where(active, (N - 1 - n).clamp(max=W), torch.zeros_like(n))
@@ -402,15 +512,13 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
             keep = cols.view(1, -1) < cnt.view(B, 1)
             out.scatter_(1, torch.where(keep, n.view(B, 1) + cols, torch.full_like(keep, N, dtype=i64)), o.tokens)
             last = torch.gather(o.tokens, 1, m.clamp(min=0).view(B, 1)).squeeze(1)
-            last_tok = torch.where(cnt > 0, last, last_tok)
-            drafts = torch.where(ok.view(B, 1), nxt, drafts)
+            last_tok.copy_(torch.where(cnt > 0, last, last_tok))
+            drafts.copy_(torch.where(ok.view(B, 1), nxt, drafts))
             n.add_(cnt)
             cache.set_lengths(lengths - 1 + (torch.cat([n, n]) if use_cfg else n))
             hist.scatter_add_(0, m.clamp(0, W), active.to(i64))
             steps.add_(active.to(i64))
             timer.add(t0, t1, timer.now())
-            if on_step is not None:
-                on_step(out[:, :N], n, cache)
 
     if progress is None:
         progress = sys.stderr.isatty()
@@ -418,12 +526,19 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=N * B, desc=f"{method} W={W}", unit="tok", leave=False)
+    run = step
+    runner = None
+    if cuda_graph:
+        runner = _GraphStep(lambda: step(False), dev, timer, dry_run=dry_run)
+        run = runner
     pending = -(-N // (W + 1))                       # steps that must run before any request can finish
     guard = N + 1
     try:
         while pending > 0:
             for _ in range(pending):
-                step()
+                run()
+                if on_step is not None:
+                    on_step(out[:, :N], n, cache)
             stats.nfe += pending
             vals = torch.cat([n, state.status.to(i64)]).tolist()     # the one host synchronisation
             if vals[B]:
@@ -443,8 +558,14 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     stats.steps = steps.tolist()
     stats.accepted_hist = hist.tolist()
     split = timer.sums()
-    if split:
+    if runner is not None:
+        stats.cuda_graph = runner.dry_run is None
+        stats.graph_replays = runner.replays
+        stats.capture_s = runner.capture_s
+        stats.step_s = split[0] if split else 0.0
+    elif split:
         stats.forward_s, stats.post_s = split
+        stats.step_s = stats.forward_s + stats.post_s
     stats.wall_s = time.perf_counter() - t_start
     return GenerateOutput(out[:, :N].contiguous(), stats, cache if return_cache else None)
 
