@@ -52,7 +52,7 @@ def run(gpt, sjd2, vq, quality, real_ref, real_same, classes, seed, *, levels, w
         seeds = [seed * 1_000_003 + i + j for j in range(len(c))]
         res = generate_sjd2(gpt, c, T, sjd2=with_levels(sjd2, levels) if sjd2 is not None else None,
                             window=window, seed=seeds, cfg_scale=cfg_scale, top_k=top_k, temperature=temperature,
-                            kv=kv)
+                            kv=kv).stats.sjd2
         toks.append(res.tokens)
         steps.append(res.steps)
         noisy_kv += int(res.noisy_kv.sum())

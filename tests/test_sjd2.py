@@ -462,6 +462,12 @@ def test_sjd2_levels0_equals_loop_sjd(cfg):
     m.__dict__["sjd2"] = emb0
     via_loop = generate(m, cls, T, method="sjd2", window=W, seed=11, cfg_scale=cfg, progress=False)
     assert torch.equal(via_loop.tokens, want.tokens)
+    # an explicit sjd2=None is SJD even when the model carries SJD2 parameters with noise levels
+    m.__dict__["sjd2"] = SJD2Embedding(NoiseSchedule(levels=4), EmbedNorm.from_embedding(_emb_rows(m)))
+    plain = generate_sjd2(m, cls, T, sjd2=None, window=W, seed=11, cfg_scale=cfg)
+    assert torch.equal(plain.tokens, want.tokens)
+    noisy = generate_sjd2(m, cls, T, window=W, seed=11, cfg_scale=cfg)      # default: the model's own levels
+    assert not torch.equal(noisy.tokens, want.tokens)
 
 
 @pytest.mark.parametrize("kv", ["keep", "recompute"])

@@ -575,6 +575,6 @@ def _generate_sjd2(model, cond, num_tokens, *, window, temperature, top_k, top_p
     """``method='sjd2'``: ``sjd_kernels.sjd2.generate_sjd2`` (same seed and CFG conventions)."""
     from ..sjd2.decode import generate_sjd2
     extra = {} if kv is None else {"kv": kv}
-    return generate_sjd2(model, cond, num_tokens, sjd2=sjd2, window=window, seed=seed, cfg_scale=cfg_scale,
-                         temperature=temperature, top_k=top_k, top_p=top_p, backend=backend, progress=progress,
-                         **extra)
+    return generate_sjd2(model, cond, num_tokens, sjd2="model" if sjd2 is None else sjd2, window=window, seed=seed,
+                         cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, backend=backend,
+                         progress=progress, **extra)

@@ -238,22 +238,24 @@ class KVForward:
         return logits, None
 
 
-def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None = None, window: int = 16,
+def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | str = "model", window: int = 16,
                   seed=0, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   kv: str = "recompute", backend: str = "auto", forward=None, progress=None):
     """SJD2 decoding of a class-conditional GPT: ``cond [B]`` class ids, ``num_tokens`` image tokens.
 
     The entry the decoding loop calls for ``generate(..., method="sjd2")``; same seed and CFG
     conventions as ``generate`` (an int seed s gives request i the seed ``s * 1_000_003 + i``;
-    ``cfg_scale != 1`` runs CFG). ``sjd2``: the SJD2 parameters; by default the model's own
-    ``model.sjd2`` (set by ``checkpoint.load_finetuned``); None or 0 levels is SJD and
+    ``cfg_scale != 1`` runs CFG). ``sjd2``: the SJD2 parameters; ``"model"`` (default) takes the
+    model's own ``model.sjd2`` (set by ``checkpoint.load_finetuned``); None or 0 levels is SJD and
     ``window=0`` AR, through the same loop, op and randomness. ``forward``: a callable as in
     ``sjd2_loop``; by default the loop's static KV cache (``KVForward``). Returns
     ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the ``SJD2Result``.
     """
     from ..decoding.loop import GenerateOutput, GenerateStats, request_seeds
     from .checkpoint import gpt_forward_parts
-    if sjd2 is None:
+    if isinstance(sjd2, str):
+        if sjd2 != "model":
+            raise ValueError(f"sjd2 must be an SJD2Embedding, None (SJD) or 'model', got {sjd2!r}")
         sjd2 = getattr(model, "sjd2", None)
     dev = next(model.parameters()).device
     cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1).to(dev)
@@ -269,6 +271,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None = 
                         top_p=top_p, cfg_scale=cfg_scale if use_cfg else None, kv=kv, backend=backend)
     stats = GenerateStats(method="sjd2", num_tokens=num_tokens, nfe=res.nfe, nfe_prefill=0,
                           wall_s=time.perf_counter() - t0,
-                          zero_mass_residuals=res.status.get("zero_mass_residuals", 0))
+                          zero_mass_residuals=res.status.get("zero_mass_residuals", 0),
+                          window=window, batch=B, steps=res.steps.tolist())
     stats.sjd2 = res
     return GenerateOutput(res.tokens, stats)
