@@ -41,6 +41,9 @@ def test_list_runs_anywhere():
         assert op in r.stdout
     assert "B32_W64_V32768_cfg_bf16_sjd" in r.stdout      # SPEC section 8 grid is registered
     assert "state/req" in r.stdout
+    assert "e2e models: mnist, photo, llamagen-xl, chameleon-7b" in r.stdout
+    offered = {x.strip(",") for x in r.stdout.split("e2e methods (this build):")[1].split()}
+    assert {"ar", "sjd", "sjd_vp", "reference_sjd"} <= offered
 
 
 def test_grid_covers_spec_shapes():
@@ -58,6 +61,10 @@ def test_ops_check_quick_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _read_csv(tmp_path / "ops.csv")
     assert rows and (tmp_path / "ops.md").exists()
+    md = (tmp_path / "ops.md").read_text()
+    assert "command: `python -m sjd_kernels.bench ops --check --quick" in md and "commit: " in md
+    if NO_GPU:
+        assert "CPU times do not mean GPU speed" in md
     assert all(row["median_us"] == "" for row in rows)           # checks only: no times
     checked = [row for row in rows if row["check"] == "pass"]
     assert {"torch", "reference_sjd"} <= {row["backend"] for row in checked}
@@ -77,8 +84,82 @@ def test_ops_refuses_timings_without_gpu(tmp_path):
     from sjd_kernels.bench.timing import NoGPUError, time_cuda
     with pytest.raises(NoGPUError):
         time_cuda(lambda: None)
-    e = _run(["e2e", "--out", str(tmp_path)])
-    assert e.returncode == 0 and "timings refused" in e.stdout
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the refusal applies to machines without a CUDA device")
+def test_e2e_refuses_gpu_only_models_without_gpu(tmp_path):
+    """The random 7B/XL-shaped models are built on the GPU only: a clean refusal (exit 2), no traceback."""
+    e = _run(["e2e", "--model", "chameleon-7b", "--out", str(tmp_path / "c")])
+    assert e.returncode == 2, e.stdout + e.stderr
+    assert "refused" in e.stdout and "no CUDA device" in e.stdout and "Traceback" not in e.stderr
+    assert "status: refused" in (tmp_path / "c" / "e2e.md").read_text()
+    from sjd_kernels.bench.e2e import run_e2e
+    res = run_e2e(model="llamagen-xl", log=lambda *a: None)
+    assert res["status"] == "refused" and not res["rows"]
+
+
+def test_e2e_skips_a_bundled_model_without_weights(tmp_path, monkeypatch):
+    from sjd_kernels.bench.e2e import run_e2e
+    from sjd_kernels.models import bundled
+    monkeypatch.setattr(bundled, "WEIGHTS_DIR", tmp_path / "no_weights")
+    logs = []
+    res = run_e2e(model="photo", out_dir=str(tmp_path / "out"), log=logs.append)
+    assert res["status"] == "skipped" and not res["failed"] and not res["rows"]
+    assert any("skipped" in x and "photo" in x for x in logs)
+    assert "status: skipped" in (tmp_path / "out" / "e2e.md").read_text()
+
+
+E2E_TINY = ["--model", "mnist", "--num-tokens", "12", "--batch", "2", "--samples", "2", "--law-samples", "8",
+            "--windows", "4", "8", "--betas", "0", "0.5", "--methods", "ar", "sjd", "sjd_vp", "gumbel_jacobi",
+            "reference_sjd"]
+
+
+def test_e2e_tiny_on_bundled_model_and_compare(tmp_path):
+    """`e2e` on the bundled model (tiny settings) writes CSV, JSON, markdown and both plots; its numbers
+    come from the loop (NFE, per-step split); `compare` passes against itself and fails on a regression."""
+    out = tmp_path / "e2e"
+    r = _run(["e2e", *E2E_TINY, "--out", str(out), "--json", str(tmp_path / "run.json")])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for f in ("e2e.csv", "e2e.md", "e2e_speedup.png", "e2e_beta.png"):     # e2e.json: at --json instead
+        assert (out / f).exists(), f
+    for f in ("e2e_speedup.png", "e2e_beta.png"):
+        assert (out / f).read_bytes()[:4] == b"\x89PNG"
+    res = json.loads((tmp_path / "run.json").read_text())
+    assert res["status"] == "ok" and res["settings"]["batch"] == 2 and len(res["rows"]) >= 9
+    rows = _read_csv(out / "e2e.csv")
+    by = {(row["sweep"], row["method"], row["window"], row["beta"]): row for row in rows}
+    assert {("method", m) for m in ("ar", "sjd", "sjd_vp", "gumbel_jacobi", "reference_sjd")} <= \
+        {(row["sweep"], row["method"]) for row in rows}
+    assert {("window", "sjd", "4"), ("window", "reference_sjd", "4")} <= {(r_["sweep"], r_["method"], r_["window"])
+                                                                          for r_ in rows}
+    assert {row["beta"] for row in rows if row["sweep"] == "beta"} == {"0.0", "0.5"}
+    ar = by[("method", "ar", "", "")]
+    assert float(ar["nfe"]) == 12 and float(ar["step_compression"]) == 1.0     # AR: one token per forward
+    for row in rows:
+        assert row["clock"] == ("cpu" if NO_GPU else "cuda") and row["commit"]
+        T, nfe, comp = 12, float(row["nfe"]), float(row["step_compression"])
+        assert 1 <= nfe <= T and abs(comp - T / nfe) < 1e-2
+        f, p, frac = float(row["forward_ms_per_step"]), float(row["post_head_ms_per_step"]), float(row["post_head_frac"])
+        assert f > 0 and p > 0 and abs(frac - p / (f + p)) < 2e-3       # measured by the loop, per step
+        assert float(row["latency_ms"]) > 0 and float(row["tokens_per_s"]) > 0
+    for m in ("sjd", "sjd_vp", "reference_sjd", "gumbel_jacobi"):
+        row = next(r_ for r_ in rows if r_["sweep"] == "method" and r_["method"] == m)
+        assert row["law_test"] == "pass", row
+        assert int(row["law_n"]) == 8 and 1 <= float(row["tokens_per_step_law"]) <= 12
+    md = (out / "e2e.md").read_text()
+    assert "E2E".lower() in md.lower() and "commit: " in md and "command: `python -m sjd_kernels.bench e2e" in md
+    if NO_GPU:
+        assert "NOT GPU speed" in md
+    # compare: the run against itself passes; against a baseline twice as fast it fails
+    assert _run(["compare", str(out / "e2e.csv"), str(out / "e2e.csv")]).returncode == 0
+    fast = [dict(row, latency_ms=str(float(row["latency_ms"]) / 2)) for row in rows]
+    base = tmp_path / "base.csv"
+    with open(base, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(fast)
+    c = _run(["compare", str(out / "e2e.csv"), str(base), "--tol", "0.2"])
+    assert c.returncode == 1 and "REGRESSION" in c.stdout and "latency_ms" in c.stdout
 
 
 def test_check_detects_a_wrong_backend():

@@ -2,7 +2,8 @@
 
   list                         the registered op cases (works anywhere)
   ops [--check] [--quick]      check every op/backend against the reference, then time it (GPU)
-  e2e [--model NAME]           decoding on a model: NFE, compression, tokens/s, latency, split, laws (GPU)
+  e2e [--model NAME]           decoding on a model: NFE, compression, tokens/s, latency, split, laws
+                               (bundled models run on the CPU too, times labelled as CPU wall clock)
   compare CURRENT BASELINE     exit 1 when CURRENT regresses beyond --tol against BASELINE
 """
 from __future__ import annotations
@@ -33,9 +34,9 @@ def cmd_list(args) -> int:
                 continue
             print(f"  {c.name:<72} grids={','.join(c.grids):<16} bytes_min={bench.bytes_min(c) / 2**20:10.2f} MiB"
                   f"  state/req={bench.state_bytes_per_request(c) / 2**20:8.2f} MiB")
-    from .e2e import MODELS, METHODS
-    print("e2e models: " + ", ".join(MODELS))
-    print("e2e methods: " + ", ".join(METHODS))
+    from .e2e import MODELS, decoding_methods
+    print("e2e models: " + ", ".join(MODELS) + "  (bundled = mnist; llamagen-xl and chameleon-7b: GPU only)")
+    print("e2e methods (this build): " + ", ".join(decoding_methods()))
     return 0
 
 
@@ -58,9 +59,12 @@ def cmd_e2e(args) -> int:
     from .e2e import run_e2e
     res = run_e2e(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
                   vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
-                  law_samples=args.law_samples, seed=args.seed, out_dir=args.out, csv_path=args.csv,
+                  law_samples=args.law_samples, seed=args.seed, out_dir=args.out or DEFAULT_OUT, csv_path=args.csv,
                   json_path=args.json, budget_s=args.budget_s, quick=args.quick, backend=args.backend_name,
-                  command=_command(), allow_cpu=args.allow_cpu)
+                  command=_command(), threads=args.threads,
+                  write_when_not_run=bool(args.out or args.csv or args.json))
+    if res.get("status") == "refused":
+        return 2
     return 1 if res.get("failed") else 0
 
 
@@ -97,25 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-plots", action="store_true")
     s.set_defaults(func=cmd_ops)
 
-    s = sub.add_parser("e2e", help="decoding benchmark on a model (GPU)")
-    s.add_argument("--model", default="bundled", help="bundled (default), llamagen-xl, chameleon-7b, tiny")
+    s = sub.add_parser("e2e", help="decoding benchmark on a model",
+                       description="Decoding benchmark. Exit status: 0 done (or a bundled model without weights "
+                                   "skipped), 1 a configuration or law test failed, 2 refused (a GPU-only model "
+                                   "without a CUDA device).")
+    s.add_argument("--model", default="mnist", choices=["mnist", "bundled", "photo", "llamagen-xl", "chameleon-7b",
+                                                        "tiny"],
+                   help="mnist (default; alias bundled), photo, llamagen-xl / chameleon-7b (random weights, GPU "
+                        "only, latency only), tiny (random, smoke tests)")
     s.add_argument("--methods", nargs="+", help="default: all methods the loop offers")
     s.add_argument("--windows", nargs="+", type=int)
     s.add_argument("--betas", nargs="+", type=float)
     s.add_argument("--vp-forms", nargs="+", default=["add"], choices=["add", "log"])
     s.add_argument("--num-tokens", type=int)
-    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--batch", type=int, help="requests per generation (default: 1 on a GPU, 8 on the CPU)")
     s.add_argument("--samples", type=int, help="generations per timed configuration")
     s.add_argument("--law-samples", type=int, help="generations per method for the two-sample test against AR")
     s.add_argument("--backend", dest="backend_name", default="auto", help="op backend for the loop")
     s.add_argument("--quick", action="store_true")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: 1 without a GPU)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=DEFAULT_OUT)
+    s.add_argument("--out", help=f"folder for e2e.csv, e2e.json, e2e.md, e2e_speedup.png, e2e_beta.png "
+                                 f"(default {DEFAULT_OUT})")
     s.add_argument("--csv")
     s.add_argument("--json")
-    s.add_argument("--budget-s", type=float, default=1e9)
-    s.add_argument("--allow-cpu", action="store_true",
-                   help="run on CPU for a smoke test: counts and laws only, no timing columns")
+    s.add_argument("--budget-s", type=float, default=1e9, help="start no new configuration after this many seconds")
     s.set_defaults(func=cmd_e2e)
 
     s = sub.add_parser("compare", help="compare a run with a saved baseline (exit 1 on regression)")

@@ -247,12 +247,18 @@ def _pivot(timed: list) -> str:
 
 def summary_markdown(result: dict) -> str:
     info = result["info"]
-    lines = ["# sjd_kernels ops benchmark", "",
-             f"- machine: {info['gpu']} (SMs {info.get('sm_count', 0)}, L2 {info.get('l2_bytes', 0) >> 20} MiB, "
-             f"driver {info.get('driver', 'n/a')})",
+    lines = ["# sjd_kernels ops benchmark", ""]
+    if result.get("check_only") and not info.get("sm_count"):
+        interp = (" Triton kernels ran under the Triton interpreter (TRITON_INTERPRET=1)."
+                  if info.get("triton_interpret") == "1" else "")
+        lines += ["**CPU run: correctness checks only. No timing is printed: CPU times do not mean GPU speed."
+                  + interp + "**", ""]
+    lines += [f"- machine: {info.get('host', '')}; CPU {info.get('cpu', '?')} ({info.get('cpu_count', '?')} logical "
+              f"cores); GPU {info['gpu']} (SMs {info.get('sm_count', 0)}, L2 {info.get('l2_bytes', 0) >> 20} MiB, "
+              f"driver {info.get('driver', 'n/a')})",
              f"- versions: torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
-             f"python {info['python']}",
-             f"- commit: {info['commit']}",
+             f"python {info['python']}; TRITON_INTERPRET={info.get('triton_interpret', '0')}",
+             f"- commit: {info.get('commit_full', info['commit'])}",
              f"- command: `{result.get('command', '')}`",
              f"- grid: {result['grid']}; {'checks only' if result['check_only'] else 'checks, then timing'}; "
              f"{result['seconds']:.0f} s"]
@@ -262,8 +268,9 @@ def summary_markdown(result: dict) -> str:
         c = result["copy"]
         lines.append(f"- copy bandwidth (same run, device-to-device, bytes read + written): "
                      f"{c['copy_Bps'] / 1e9:.0f} GB/s; roofline = bytes_min / this")
-    lines.append("- timing: CUDA events, cold L2 (a buffer > L2 written between reps, outside the events), state "
-                 "restored before every rep, random inputs (never zeros); eager and CUDA-graph replay")
+    if not result.get("check_only"):
+        lines.append("- timing: CUDA events, cold L2 (a buffer > L2 written between reps, outside the events), state "
+                     "restored before every rep, random inputs (never zeros); eager and CUDA-graph replay")
     if result.get("skipped_budget"):
         lines.append(f"- time budget reached: {result['skipped_budget']} cases not run")
     if result["failed_checks"]:

@@ -66,26 +66,35 @@ def plot_ops_latency(rows: list, path: str) -> str:
 
 
 def plot_speedup_vs_window(rows: list, path: str, model: str = "") -> str:
-    """e2e: latency speed-up over AR against window size, one line per method (with step compression dashed)."""
+    """e2e: against window size, one line per method: step compression (left) and latency speed-up over AR
+    (right; labelled as CPU wall clock when the rows were timed on the CPU)."""
     rs = [r for r in rows if _num(r.get("speedup_latency")) is not None and _num(r.get("window")) is not None
-          and _num(r.get("beta") or 0) in (0.0, None)]
+          and r.get("sweep", "method") in ("method", "window")]
+    multi = {m for m in {r["method"] for r in rs} if len({_num(r["window"]) for r in rs if r["method"] == m}) > 1}
+    if multi:                       # a window sweep ran: plot the swept methods only
+        rs = [r for r in rs if r["method"] in multi]
     if not rs:
         raise ValueError("no e2e rows with a window and a speed-up")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, m in enumerate(sorted({r["method"] for r in rs})):
+    cpu = any(r.get("clock") == "cpu" for r in rs)
+    fig, (ax_c, ax_l) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for m in sorted({r["method"] for r in rs}):
         pts = sorted((_num(r["window"]), _num(r["speedup_latency"]), _num(r.get("step_compression")))
                      for r in rs if r["method"] == m)
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m}: latency")
+        line, = ax_l.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         if all(p[2] is not None for p in pts):
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", color=line.get_color(),
-                    alpha=0.6, label=f"{m}: step compression")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("window W")
-    ax.set_ylabel("speed-up over AR")
-    ax.set_title(f"speed-up against window size{(' (' + model + ')') if model else ''}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+            ax_c.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", color=line.get_color(), label=m)
+    for ax in (ax_c, ax_l):
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("window W")
+        ax.grid(True, alpha=0.3)
+    ax_c.set_ylabel("step compression (tokens / NFE)")
+    ax_c.set_title("step compression (device-independent)", fontsize=10)
+    ax_l.set_ylabel("latency speed-up over AR" + (" (CPU wall clock)" if cpu else ""))
+    ax_l.set_title("latency speed-up: CPU wall clock, NOT GPU speed" if cpu else "latency speed-up over AR",
+                   fontsize=10, color="darkred" if cpu else "black")
+    ax_l.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"speed-up against window size{(' (' + model + ')') if model else ''}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -94,12 +103,13 @@ def plot_speedup_vs_window(rows: list, path: str, model: str = "") -> str:
 
 def plot_acceptance_vs_beta(rows: list, path: str, model: str = "") -> str:
     """e2e beta sweep: mean tokens committed per step (and its 95% interval) against beta, per VP form."""
-    rs = [r for r in rows if r.get("sweep") == "beta" and _num(r.get("beta")) is not None]
+    rs = [r for r in rows if r.get("sweep") == "beta" and _num(r.get("beta")) is not None
+          and _num(r.get("tokens_per_step")) is not None]
     if not rs:
         raise ValueError("no beta-sweep rows")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for form in sorted({r.get("vp_form", "add") for r in rs}):
-        pts = sorted((_num(r["beta"]), _num(r["tokens_per_step"]), _num(r.get("tokens_per_step_ci") or 0))
+        pts = sorted((_num(r["beta"]), _num(r["tokens_per_step"]), _num(r.get("tokens_per_step_ci")) or 0.0)
                      for r in rs if r.get("vp_form", "add") == form)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                     label=f"vp_form={form}")

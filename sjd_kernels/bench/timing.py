@@ -48,11 +48,39 @@ def git_commit(repo: Optional[str] = None) -> str:
         return os.environ.get("SJD_GIT_COMMIT", "unknown")
 
 
+def git_commit_full(repo: Optional[str] = None) -> str:
+    """``git rev-parse HEAD``, plus `` + uncommitted changes`` when the checkout differs from it
+    (tracked or untracked files); ``unknown (not a git checkout)`` for an installed copy."""
+    repo = repo or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        sha = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return os.environ.get("SJD_GIT_COMMIT", "unknown (not a git checkout)")
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return sha + (" + uncommitted changes" if dirty else "")
+    except Exception:
+        return os.environ.get("SJD_GIT_COMMIT", "unknown (not a git checkout)")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict:
     """GPU name, SM count, L2 size, memory, and the versions of torch, triton, CUDA, python; git commit."""
     info = {"gpu": "none (CPU only)", "sm_count": 0, "l2_bytes": 0, "gpu_mem_bytes": 0,
             "torch": torch.__version__, "cuda": torch.version.cuda or "none", "python": platform.python_version(),
-            "triton": "not importable", "commit": git_commit(), "host": platform.node(),
+            "triton": "not importable", "commit": git_commit(), "commit_full": git_commit_full(), "host": platform.node(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
     try:
         import triton
