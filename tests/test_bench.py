@@ -37,7 +37,7 @@ def _read_csv(path):
 def test_list_runs_anywhere():
     r = _run(["list"])
     assert r.returncode == 0, r.stderr
-    for op in ("jacobi_step", "sjd2_prepare", "verify_only"):
+    for op in ("jacobi_step", "sjd2_prepare", "verify_only", "tree_verify", "tree_kv_update"):
         assert op in r.stdout
     assert "B32_W64_V32768_cfg_bf16_sjd" in r.stdout      # SPEC section 8 grid is registered
     assert "state/req" in r.stdout
@@ -68,9 +68,31 @@ def test_ops_check_quick_on_cpu(tmp_path):
     assert all(row["median_us"] == "" for row in rows)           # checks only: no times
     checked = [row for row in rows if row["check"] == "pass"]
     assert {"torch", "reference_sjd"} <= {row["backend"] for row in checked}
+    assert {"tree_verify", "tree_kv_update"} <= {row["op"] for row in checked}
     assert not [row for row in rows if row["check"] == "FAIL"]
     for row in rows:
         assert int(row["bytes_min"]) > 0 and row["commit"]
+
+
+def test_tree_ops_listed_and_checked_quick():
+    """The tree ops are registered with SPEC shapes and their small cases are checked (and pass) in quick mode."""
+    names = {c.name for c in C.select(["tree_verify", "tree_kv_update"], "full")}
+    assert {f"tree_verify:B{B}_V{V}_K4_d3_W32_{c}_bf16" for B in (1, 8, 32) for V in (16384, 32768)
+            for c in ("cfg", "nocfg")} <= {n.rsplit("_k", 1)[0] for n in names if n.startswith("tree_verify")}
+    for m in ("llamagen-xl_L36_H20_D64_S2048", "7b_L32_H32_D128_S4096"):
+        for R in (1, 8):
+            for lay in ("stacked", "list"):
+                assert f"tree_kv_update:{m}_R{R}_P8_{lay}_bf16" in names
+    grid = "cpu-quick" if NO_GPU else "quick"
+    cases = C.select(["tree_verify", "tree_kv_update"], grid)
+    assert {c.op for c in cases} == {"tree_verify", "tree_kv_update"}
+    if not NO_GPU:
+        return                                  # full-size checks run in `bench ops` on the GPU
+    for case in cases:
+        bench = C.OPS[case.op]
+        assert bench.bytes_min(case) > 0 and bench.state_bytes_per_request(case) > 0
+        res = bench.check(case, "torch", "cpu", 1, min_requests=8)
+        assert res["check"] == "pass", (case.name, res)
 
 
 @pytest.mark.skipif(not NO_GPU, reason="the refusal applies to machines without a CUDA device")

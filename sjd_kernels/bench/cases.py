@@ -577,6 +577,317 @@ class VerifyOnlyBench(OpBench):
         return p["W"] * p["V"] * 4
 
 
+# =========================================================================== tree_verify
+_TREE_KV_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _tree_verify_params(B, V, *, K=4, depth=3, W=32, cfg=True, dtype=torch.bfloat16, top_k=None):
+    tk, s = FAMILY.get(V, (max(1, V // 4), 3.0))
+    tk = tk if top_k is None else top_k
+    label = f"B{B}_V{V}_K{K}_d{depth}_W{W}_{'cfg' if cfg else 'nocfg'}_{_DT[dtype]}_k{tk}"
+    return {"B": B, "V": V, "K": K, "depth": depth, "W": W, "cfg": cfg, "dtype": dtype, "top_k": tk,
+            "cfg_scale": s, "label": label}
+
+
+class TreeVerifyBench(OpBench):
+    """``tree_verify``: recursive rejection sampling over a K-ary draft tree plus a chain (SPEC section 5).
+
+    Inputs are a decoding step's steady state: the ring of ``JacobiState`` holds the laws of a
+    previous iteration (target laws of perturbed logits), the tree is drawn from them with
+    ``build_tree`` (so drafts follow their stored laws), and node i's logits are a noisy copy of
+    the logits those laws came from (so whole paths get accepted, partial paths end in residual
+    draws and leaves in bonus draws). ``tree_verify`` mutates only ``state.status`` (``advance``
+    off), which ``reset`` restores.
+    """
+    name = "tree_verify"
+    backends = ("torch", "triton", "cuda")
+    doc = ("verify a draft tree (K-ary tree then a chain) by recursive rejection sampling: CFG, top-k, "
+           "softmax per walked node, sibling residuals, final draw; non-finite check at every node")
+
+    def cases(self) -> list:
+        out = []
+        for V in (16384, 32768):
+            for cfg in (True, False):
+                for B in (1, 8, 32):
+                    out.append(Case(self.name, _tree_verify_params(B, V, cfg=cfg),
+                                    ("full", "quick") if V == 16384 else ("full",)))
+        # small shapes for CPU checks (K 4 depth 3 with a chain; V=257 with top-k off, fp32, no CFG)
+        out.append(Case(self.name, _tree_verify_params(3, 64, W=5, top_k=16), ("cpu", "cpu-quick")))
+        out.append(Case(self.name, _tree_verify_params(2, 257, K=3, depth=2, W=6, cfg=False, dtype=torch.float32,
+                                                       top_k=0), ("cpu",)))
+        return out
+
+    def _inputs(self, p: dict, device, seed: int) -> dict:
+        from ..ops.jacobi_step import JacobiState
+        from ..ops.tree import build_tree
+        from ..reference.jacobi_step import KIND_DENSE
+        from ..reference.target import target_probs
+        B, V, K, depth, W = p["B"], p["V"], p["K"], p["depth"], p["W"]
+        dev = torch.device(device)
+        g = _gen(device, seed)
+        st = JacobiState.create(B, W, V, seed=[int(seed) * 1009 + i for i in range(B)], device=dev)
+        R = st.q_state.shape[1]
+        pos = torch.randint(0, 1000, (B,), generator=g, device=dev)
+        st.step.copy_(torch.randint(0, 30, (B,), generator=g, device=dev))
+        base = 3.0 * torch.randn(B, R, V, generator=g, device=dev)        # logits of position p at slot p % R
+        prev = base + 1.0 * torch.randn(B, R, V, generator=g, device=dev)
+        st.q_state.copy_(target_probs(prev, 1.0, p["top_k"], 1.0))     # the drafts' laws (previous iteration)
+        st.q_kind.fill_(KIND_DENSE)
+        root = torch.randint(0, V, (B,), generator=g, device=dev)
+        tree = build_tree(st, root, pos, K, depth, W)
+        N = tree.num_nodes
+        slot = (pos.view(B, 1) + tree.depth.clamp(min=0)) % R         # node i: the target of its children
+        x = base[torch.arange(B, device=dev).view(B, 1), slot] + 0.5 * torch.randn(B, N, V, generator=g, device=dev)
+        uncond = cfg = None
+        if p["cfg"]:
+            cfg = torch.full((B,), float(p["cfg_scale"]), device=dev)
+            u = x + 1.0 * torch.randn(B, N, V, generator=g, device=dev)
+            x = u + (x - u) / cfg.view(B, 1, 1)                        # so that the CFG row is x
+            uncond = u.to(p["dtype"])
+        return {"logits": x.to(p["dtype"]), "uncond": uncond, "cfg": cfg, "tree": tree, "pos": pos, "state": st}
+
+    def _call(self, p: dict, inp: dict, state, backend: str):
+        from ..ops.tree import tree_verify
+        return tree_verify(inp["logits"], inp["tree"], inp["pos"], state, uncond_logits=inp["uncond"],
+                           cfg_scale=inp["cfg"], top_k=int(p["top_k"]), backend=backend, advance=False)
+
+    def prepare(self, case: Case, device, seed: int) -> Prepared:
+        inp = self._inputs(case.params, device, seed)
+        st = inp["state"]
+        status0 = st.status.clone()
+        return Prepared(call=lambda be: (lambda: self._call(case.params, inp, st, be)),
+                        reset=lambda: st.status.copy_(status0))
+
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+        """Backend vs the PyTorch reference on fresh inputs, token for token (same Philox numbers).
+
+        Compared per request: ``num_accepted``, ``path`` and the committed tokens; and the error word
+        ``status[0]`` (must be 0 for both). On the CPU (small shapes, the Triton interpreter) every
+        request must agree exactly; on a GPU at most ``max(1, 2%)`` of requests may differ (a different
+        float summation order can move a sample across a boundary), and the count is reported.
+        """
+        from ..ops.jacobi_step import JacobiState
+        p = case.params
+        B, V = p["B"], p["V"]
+        trials = max(1, math.ceil(min_requests / B))
+        n_req = n_bad = 0
+        m_sum = 0
+        problems = []
+        for t in range(trials):
+            inp = self._inputs(p, device, seed + 7919 * t)
+            st_ref = inp["state"]
+            st_be = JacobiState(*(x.clone() for x in (st_ref.q_state, st_ref.q_kind, st_ref.p_prev, st_ref.seed,
+                                                         st_ref.step, st_ref.status)))
+            o_ref = self._call(p, inp, st_ref, "torch")
+            o_be = self._call(p, inp, st_be, backend)
+            same = (o_ref.num_accepted == o_be.num_accepted) & (o_ref.path == o_be.path).all(1) & \
+                (o_ref.tokens == o_be.tokens).all(1)
+            n_req += B
+            n_bad += int((~same).sum())
+            m_sum += int(o_ref.num_accepted.clamp(min=0).sum())
+            if int(st_ref.status[0]) or int(st_be.status[0]):
+                problems.append(f"device status error bits ref={int(st_ref.status[0])} {backend}={int(st_be.status[0])}")
+            m = o_be.num_accepted
+            if not bool(((m >= 0) & (m <= p["W"])).all()):
+                problems.append("num_accepted out of [0, W]")
+            L1 = o_be.tokens.shape[1]
+            valid = torch.arange(L1, device=m.device).view(1, -1) <= m.view(-1, 1)
+            tok = o_be.tokens
+            if not bool((((tok >= 0) & (tok < V)) | ~valid).all()) or not bool((tok[~valid] == -1).all()):
+                problems.append("committed tokens out of range or not -1-padded")
+        exact = torch.device(device).type == "cpu"
+        allowed = 0 if exact else max(1, int(0.02 * n_req))
+        ok = n_bad <= allowed and not problems
+        if backend == "torch":
+            detail = f"reference itself; {n_req} requests well-formed, mean accepted {m_sum / n_req:.2f}"
+        else:
+            detail = (f"vs torch: {n_bad}/{n_req} requests differ in num_accepted/path/tokens (allowed {allowed}"
+                      f"{', exact on CPU' if exact else ''}); mean accepted {m_sum / n_req:.2f}")
+        if problems:
+            detail += "; " + "; ".join(sorted(set(problems)))
+        return {"check": "pass" if ok else "FAIL", "check_detail": detail, "mismatch_rate": n_bad / max(1, n_req)}
+
+    @staticmethod
+    def num_nodes(p: dict) -> int:
+        from ..reference.tree import tree_template
+        return len(tree_template(p["K"], p["depth"], p["W"])[0])
+
+    def bytes_min(self, case: Case) -> int:
+        """Fewest bytes one call must move. Choice: the logits of EVERY node (and uncond with CFG),
+        ``B N V e`` each, read once: the op's contract checks every node's row for non-finite values
+        (error bit 1), not only the walked ones, so no implementation may skip a row. A walk-only
+        variant without that check would read ``(m + 1)`` rows per request instead. Draft laws: one
+        fp32 row ``B V 4`` per request (the root's; the deeper levels' rows are read only as far as
+        the walk goes, which is data dependent: a lower bound). Tree tensors (tokens, parent, depth,
+        sib, q_slot: ``5 B N 8``), q_kind, pos/seed/step/cfg and the outputs at their sizes."""
+        p = case.params
+        B, V, W = p["B"], p["V"], p["W"]
+        N = self.num_nodes(p)
+        e = torch.empty((), dtype=p["dtype"]).element_size()
+        b = (2 if p["cfg"] else 1) * B * N * V * e
+        b += B * V * 4
+        b += 5 * B * N * 8 + B * (W + 1) * 4 + B * (3 * 8 + (4 if p["cfg"] else 0))
+        b += B * (8 + 2 * (W + 1) * 8)
+        return int(b)
+
+    def state_bytes_per_request(self, case: Case) -> int:
+        p = case.params
+        R = p["W"] + 1
+        return R * p["V"] * 4 + R * 4 + 2 * 8
+
+
+# =========================================================================== tree_kv_update
+TREE_KV_MODELS = {"llamagen-xl": dict(L=36, H=20, D=64, S=2048), "7b": dict(L=32, H=32, D=128, S=4096)}
+
+
+def _tree_kv_params(model, R, P, layout, *, dtype=torch.bfloat16, ragged=False, **shape):
+    m = dict(TREE_KV_MODELS.get(model, {}), **shape)
+    label = f"{model}_L{m['L']}_H{m['H']}_D{m['D']}_S{m['S']}_R{R}_P{P}_{layout}_{_DT[dtype]}"
+    if ragged:
+        label += "_ragged"
+    return {"model": model, **m, "R": R, "P": P, "layout": layout, "dtype": dtype, "ragged": ragged,
+            "label": label}
+
+
+class TreeKVUpdateBench(OpBench):
+    """``tree_kv_update``: move the accepted path's K/V (all layers, K and V, all heads) in place.
+
+    Path per row: nodes 0, 2, 5, 9, ... (gaps growing by one), so every entry after the root moves
+    and sources overlap the destinations of later entries (the in-place hazard); with ``ragged``
+    row r keeps ``P - r % 3`` entries (the rest -1 padding). ``cache_len`` differs per row. Random
+    cache contents (never zeros); the list layout passes a pointer table built once, as a decoding
+    loop would. ``reset`` restores the slot window the moves touch.
+    """
+    name = "tree_kv_update"
+    backends = ("torch", "triton", "cuda")
+    doc = "move the accepted tree path's K/V into place after the committed prefix (all layers, one launch)"
+
+    def cases(self) -> list:
+        out = []
+        for model in TREE_KV_MODELS:
+            for R in (1, 8):
+                for layout in ("stacked", "list"):
+                    grids = ("full", "quick") if (layout == "stacked" or R == 1) else ("full",)
+                    out.append(Case(self.name, _tree_kv_params(model, R, 8, layout), grids))
+        # small versions for CPU checks
+        out.append(Case(self.name, _tree_kv_params("small", 1, 8, "stacked", L=3, H=2, D=64, S=64),
+                        ("cpu", "cpu-quick")))
+        out.append(Case(self.name, _tree_kv_params("small", 3, 8, "list", L=2, H=3, D=32, S=96, ragged=True),
+                        ("cpu", "cpu-quick")))
+        out.append(Case(self.name, _tree_kv_params("small", 2, 8, "stacked", L=2, H=2, D=16, S=80,
+                                                   dtype=torch.float32), ("cpu",)))
+        return out
+
+    @staticmethod
+    def _path(p: dict, device) -> torch.Tensor:
+        R, P = p["R"], p["P"]
+        nodes, n = [0], 0
+        for j in range(1, P):
+            n += j + 1
+            nodes.append(n)
+        path = torch.tensor(nodes, dtype=torch.int64).repeat(R, 1)
+        if p["ragged"]:
+            for r in range(R):
+                path[r, P - r % 3:] = -1
+        return path.to(device)
+
+    def _inputs(self, p: dict, device, seed: int) -> dict:
+        from ..ops.tree import kv_pointer_table
+        L, H, D, S, R = p["L"], p["H"], p["D"], p["S"], p["R"]
+        dev = torch.device(device)
+        g = _gen(device, seed)
+        path = self._path(p, dev)
+        span = int(path.max()) + 1
+        lo = max(0, S // 2 - 2 * span)
+        cache_len = torch.randint(lo, S - span + 1, (R,), generator=g, device=dev)
+        if p["layout"] == "stacked":
+            kv = torch.empty(L, 2, R, H, S, D, dtype=p["dtype"], device=dev)
+            for l in range(L):                      # layer by layer: no float32 temporary of the whole cache
+                kv[l].normal_(generator=g)
+            cache, tensors, table = kv, [kv], None
+        else:
+            keys = [torch.empty(R, H, S, D, dtype=p["dtype"], device=dev).normal_(generator=g) for _ in range(L)]
+            values = [torch.empty(R, H, S, D, dtype=p["dtype"], device=dev).normal_(generator=g) for _ in range(L)]
+            cache, tensors, table = (keys, values), keys + values, kv_pointer_table(keys, values)
+        status = torch.zeros(4, dtype=torch.int32, device=dev)
+        return {"cache": cache, "tensors": tensors, "ptr_table": table, "path": path, "cache_len": cache_len,
+                "status": status, "window": (int(cache_len.min()), int(cache_len.max()) + span)}
+
+    def _call(self, inp: dict, backend: str):
+        from ..ops.tree import tree_kv_update
+        return tree_kv_update(inp["cache"], inp["path"], inp["cache_len"], status=inp["status"],
+                              ptr_table=inp["ptr_table"], backend=backend)
+
+    def prepare(self, case: Case, device, seed: int) -> Prepared:
+        inp = self._inputs(case.params, device, seed)
+        a, b = inp["window"]                    # the slots any move touches (S is dim -2 in both layouts)
+        saved = [t[..., a:b, :].clone() for t in inp["tensors"]]
+
+        def reset():
+            for t, s in zip(inp["tensors"], saved):
+                t[..., a:b, :].copy_(s)
+            inp["status"].zero_()
+
+        return Prepared(call=lambda be: (lambda: self._call(inp, be)), reset=reset)
+
+    @staticmethod
+    def _oracle(tensors: list, stacked: bool, path: torch.Tensor, cache_len: torch.Tensor) -> None:
+        """Independent sequential copy in increasing j (safe in place because ``path[j] >= j``)."""
+        pth, cl = path.tolist(), cache_len.tolist()
+        for r, row in enumerate(pth):
+            for j, n in enumerate(row):
+                if n >= 0 and n != j:
+                    for t in tensors:
+                        if stacked:
+                            t[:, :, r, :, cl[r] + j] = t[:, :, r, :, cl[r] + n]
+                        else:
+                            t[r, :, cl[r] + j] = t[r, :, cl[r] + n]
+
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+        """Bit-identical caches: the backend's result against the PyTorch reference's (the torch backend
+        against an independent sequential copy), compared as integers over the whole cache (nothing
+        outside the moved slots may change); ``status[0]`` must stay 0. One trial (inputs are
+        regenerated from the seed rather than cloned, so a full-size cache exists at most twice)."""
+        p = case.params
+        bits = _TREE_KV_BITS[p["dtype"]]
+        stacked = p["layout"] == "stacked"
+        got = self._inputs(p, device, seed)
+        self._call(got, backend)
+        want = self._inputs(p, device, seed)
+        if backend == "torch":
+            self._oracle(want["tensors"], stacked, want["path"], want["cache_len"])
+        else:
+            self._call(want, "torch")
+        n_t = len(got["tensors"])
+        bad = [i for i in range(n_t) if not torch.equal(got["tensors"][i].view(bits), want["tensors"][i].view(bits))]
+        moved = int(((got["path"] >= 0) & (got["path"] != torch.arange(p["P"], device=got["path"].device))).sum())
+        problems = []
+        if int(got["status"][0]) or int(want["status"][0]):
+            problems.append(f"status error bits {backend}={int(got['status'][0])} ref={int(want['status'][0])}")
+        ok = not bad and not problems
+        ref_name = "independent sequential copy" if backend == "torch" else "torch"
+        detail = (f"vs {ref_name}: {'bit-identical' if not bad else f'{len(bad)}/{n_t} cache tensors differ'} "
+                  f"({n_t} tensor{'s' if n_t > 1 else ''}, {moved} moved entries over {p['R']} rows)")
+        if problems:
+            detail += "; " + "; ".join(problems)
+        return {"check": "pass" if ok else "FAIL", "check_detail": detail, "mismatch_rate": 0.0 if ok else 1.0}
+
+    def bytes_min(self, case: Case) -> int:
+        """2 x the bytes moved (each moved entry's K and V of every layer and head read once and
+        written once: ``2 x moves x L x 2 x H x D x e``), plus the path and cache lengths."""
+        p = case.params
+        path = self._path(p, "cpu")
+        moves = int(((path >= 0) & (path != torch.arange(p["P"]))).sum())
+        e = torch.empty((), dtype=p["dtype"]).element_size()
+        return int(2 * moves * p["L"] * 2 * p["H"] * p["D"] * e + p["R"] * (p["P"] + 1) * 8)
+
+    def state_bytes_per_request(self, case: Case) -> int:
+        """The KV cache of one model row: ``L x 2 x H x S x D x e``."""
+        p = case.params
+        e = torch.empty((), dtype=p["dtype"]).element_size()
+        return p["L"] * 2 * p["H"] * p["S"] * p["D"] * e
+
+
 # =========================================================================== registry
 OPS: dict = {}
 
@@ -589,6 +900,8 @@ def register(bench: OpBench) -> OpBench:
 register(JacobiStepBench())
 register(SJD2PrepareBench())
 register(VerifyOnlyBench())
+register(TreeVerifyBench())
+register(TreeKVUpdateBench())
 
 
 def select(ops=None, grid: str = "full") -> list:
