@@ -581,9 +581,14 @@ def test_finetuned_model_keeps_ar_quality():
                                                              tok.flatten()))
               for name, m in (("base", base.gpt), ("ft", gpt))}
     assert ce["ft"] < 1.05 * ce["base"], ce
-    classes = torch.arange(30) % base.num_classes
+    n = 100
+    classes = torch.arange(n) % base.num_classes
     acc = {}
     for name, m in (("base", base.gpt), ("ft", gpt)):
-        r = generate_sjd2(m, classes, base.tokens_per_image, window=0, seed=list(range(30)))
+        r = generate_sjd2(m, classes, base.tokens_per_image, window=0, seed=list(range(n)), cfg_scale=3.0)
         acc[name] = base.quality.accuracy(base.tokenizer.decode(r.tokens).numpy(), classes.numpy())
-    assert acc["ft"] >= acc["base"] - 0.15, acc
+    # one-sided two-proportion test at false-alarm rate 1e-3 (z = 3.09) on the pooled accuracy: catches a
+    # fine-tune that destroyed the class conditioning (accuracy towards 0.1), not sampling noise
+    p = (acc["ft"] + acc["base"]) / 2
+    tol = 3.09 * (2 * p * (1 - p) / n) ** 0.5
+    assert acc["ft"] >= acc["base"] - tol, (acc, tol)

@@ -145,7 +145,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
         acc_level = torch.gather(in_level, 1, (r.view(B, 1) + 1 + jW).clamp(max=N - 1))
         acc_noisy = (jW.view(1, W) < m.view(B, 1)) & (acc_level > 0) & live.view(B, 1)
         n_new = n + m + 1
-        if kv == "keep":
+        if kv == "keep" or W == 0:                                  # W = 0 (AR): nothing noisy to re-feed
             new_feed = n_new - 1
             noisy_kv += acc_noisy.sum(1)
         else:
