@@ -43,6 +43,28 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dev: torch.device, nu
         raise SJDInputError(f"{name} must have {numel} elements, got shape {list(t.shape)}")
 
 
+def _prepare_logits(logits: torch.Tensor, uncond, cfg_scale):
+    """Shared by the CUDA wrappers: one kernel dtype for logits and uncond (float32 when they
+    differ; exact for both), a unit vocabulary stride, and the CFG arguments checked."""
+    dev, B, V = logits.device, logits.shape[0], logits.shape[2]
+    if uncond is not None and uncond.dtype != logits.dtype:
+        logits, uncond = logits.float(), uncond.float()
+    if logits.dtype not in _DTYPE_CODE:
+        raise SJDInputError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if V > 1 and logits.stride(2) != 1:
+        logits = logits.contiguous()
+    if uncond is not None:
+        if uncond.shape != logits.shape or uncond.device != dev:
+            raise SJDInputError(f"uncond must match logits {list(logits.shape)} on {dev}, got {list(uncond.shape)} "
+                                f"on {uncond.device}")
+        if V > 1 and uncond.stride(2) != 1:
+            uncond = uncond.contiguous()
+        if cfg_scale is None:
+            raise SJDInputError("cfg_scale is required with uncond")
+        _check("cfg_scale", cfg_scale, torch.float32, dev, B)
+    return logits, uncond
+
+
 def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced,
                      q_state, q_kind, p_prev, status,
                      temperature: float, top_k: int, top_p: float, mode: int,
@@ -60,21 +82,7 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
     B, W1, V = logits.shape
     W = W1 - 1
     R = q_state.shape[1] if q_state.dim() == 3 else -1
-    if uncond is not None and uncond.dtype != logits.dtype:
-        logits, uncond = logits.float(), uncond.float()   # one kernel dtype; float32 is exact for both
-    if logits.dtype not in _DTYPE_CODE:
-        raise SJDInputError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if V > 1 and logits.stride(2) != 1:
-        logits = logits.contiguous()
-    if uncond is not None:
-        if uncond.shape != logits.shape or uncond.device != dev:
-            raise SJDInputError(f"uncond must match logits {list(logits.shape)} on {dev}, got {list(uncond.shape)} "
-                                f"on {uncond.device}")
-        if V > 1 and uncond.stride(2) != 1:
-            uncond = uncond.contiguous()
-        if cfg_scale is None:
-            raise SJDInputError("cfg_scale is required with uncond")
-        _check("cfg_scale", cfg_scale, torch.float32, dev, B)
+    logits, uncond = _prepare_logits(logits, uncond, cfg_scale)
     if W > 0:
         _check("drafts", drafts, torch.int64, dev, B * W)
     for name, t in (("win_len", win_len), ("pos", pos), ("seed", seed), ("step", step)):

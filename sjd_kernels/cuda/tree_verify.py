@@ -16,7 +16,7 @@ import torch
 
 from .._ext import ext
 from ..ops._common import SJDInputError
-from .jacobi_step import _DTYPE_CODE, _check
+from .jacobi_step import _DTYPE_CODE, _check, _prepare_logits
 
 # Tests set this to run the global-memory row path (used for large V) with a small V.
 FORCE_GLOBAL_ROWS = False
@@ -44,21 +44,7 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
         raise SJDInputError(f"logits must be [B, N, V], got shape {list(logits.shape)}")
     B, N, V = logits.shape
     L1 = int(max_depth) + 1
-    if uncond is not None and uncond.dtype != logits.dtype:
-        logits, uncond = logits.float(), uncond.float()   # one kernel dtype; float32 is exact for both
-    if logits.dtype not in _DTYPE_CODE:
-        raise SJDInputError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if V > 1 and logits.stride(2) != 1:
-        logits = logits.contiguous()
-    if uncond is not None:
-        if uncond.shape != logits.shape or uncond.device != dev:
-            raise SJDInputError(f"uncond must match logits {list(logits.shape)} on {dev}, got {list(uncond.shape)} "
-                                f"on {uncond.device}")
-        if V > 1 and uncond.stride(2) != 1:
-            uncond = uncond.contiguous()
-        if cfg_scale is None:
-            raise SJDInputError("cfg_scale is required with uncond")
-        _check("cfg_scale", cfg_scale, torch.float32, dev, B)
+    logits, uncond = _prepare_logits(logits, uncond, cfg_scale)
     for name, t in (("tokens", tokens), ("parent", parent), ("depth", depth), ("sib", sib), ("q_slot", q_slot)):
         _check(f"tree.{name}", t, torch.int64, dev, B * N)
     for name, t in (("pos", pos), ("seed", seed), ("step", step)):

@@ -1,7 +1,6 @@
 """Shared plumbing of every op: backend choice, input validation, device status."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -123,3 +122,20 @@ def check_status(status: torch.Tensor, clear: bool = True) -> dict:
         raise SJDDeviceError("device status reports: " + "; ".join(msgs) +
                              " (the affected requests returned -1 and their state must be re-initialised)")
     return {"zero_mass_residuals": int(vals[1]), "zero_mass_coupling": int(vals[2])}
+
+
+def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, top_k, top_p) -> None:
+    """Checks shared by every sampling op: the state's seed/step/status, ``forced`` and the
+    temperature / top-k / top-p knobs (messages name the argument and what was expected)."""
+    i64 = (torch.int64,)
+    check_tensor("state.seed", state.seed, dtypes=i64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("state.step", state.step, dtypes=i64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    if forced is not None:
+        check_tensor("forced", forced, dtypes=i64, dim=2, shape=(B, None), device=dev, contiguous=True)
+    if not (temperature >= 0.0) or temperature != temperature:
+        raise SJDInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0 or top_k > V:
+        raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")

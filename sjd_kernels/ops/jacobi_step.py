@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..reference import jacobi_step as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor,
+from ._common import (check_state_and_sampling, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor,
                       new_status, resolve_backend)
 
 I64 = (torch.int64,)
@@ -123,17 +123,7 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
     if state.p_prev.numel() > 0:
         check_tensor("state.p_prev", state.p_prev, dtypes=(torch.float32,), shape=(B, R, V), dim=3, device=dev,
                      contiguous=True)
-    check_tensor("state.seed", state.seed, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
-    check_tensor("state.step", state.step, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
-    check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
-    if forced is not None:
-        check_tensor("forced", forced, dtypes=I64, dim=2, shape=(B, None), device=dev, contiguous=True)
-    if not (temperature >= 0.0) or temperature != temperature:
-        raise SJDInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0 or top_k > V:
-        raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
-    if not (0.0 < top_p <= 1.0):
-        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
     m = _MODE_ALIASES.get(mode, mode)
     if m not in ref.MODES:
         raise SJDInputError(f"mode must be one of sjd, vp, coupling, coupling_vp, gumbel, gumbel_jacobi, got {mode!r}")

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..reference import tree as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_status,
+from ._common import (check_state_and_sampling, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_status,
                       check_tensor, new_status, resolve_backend)
 from .jacobi_step import JacobiState
 
@@ -179,17 +179,7 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
     R = state.q_state.shape[1]
     check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, R), dim=2, device=dev,
                  contiguous=True)
-    check_tensor("state.seed", state.seed, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
-    check_tensor("state.step", state.step, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
-    check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
-    if forced is not None:
-        check_tensor("forced", forced, dtypes=I64, dim=2, shape=(B, None), device=dev, contiguous=True)
-    if not (temperature >= 0.0) or temperature != temperature:
-        raise SJDInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0 or top_k > V:
-        raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
-    if not (0.0 < top_p <= 1.0):
-        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
     if _host_checks(tree.parent):
         bad, _ = ref.structure_errors(tree.parent, tree.depth, tree.sib, tree.q_slot, R, tree.max_depth)
         if bool(bad.any()):
