@@ -16,7 +16,7 @@
 #   BUILD_S=170 TESTS_GPU_S=45 TESTS_S=100 SAN_S=35 (each of 3 tools) BENCH_S=110 TREE_S=60 E2E_S=90
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
 #   E2E_ARGS=""             extra arguments of `bench e2e` (e.g. "--model llamagen-xl")
-#   SAN_K="test_cuda_jacobi_step or (tree and cuda)"   pytest -k expression for the sanitizer runs
+#   SAN_K="test_cuda_jacobi_step or (tree and cuda) or (...sparse...)"   pytest -k expression (sanitizer runs)
 #   SAN_KERNELS=""          compute-sanitizer --kernel-name filter (e.g. "regex:jacobi|tree")
 #   SJD_CUDA_ARCHS="90a;90" PY=python3
 set -u
@@ -33,7 +33,7 @@ BUILD_S=${BUILD_S:-170}; TESTS_GPU_S=${TESTS_GPU_S:-45}; TESTS_S=${TESTS_S:-100}
 BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-90}; TREE_S=${TREE_S:-60}
 OPS_ARGS=${OPS_ARGS:-"--grid full"}
 E2E_ARGS=${E2E_ARGS:-""}
-SAN_K=${SAN_K:-"test_cuda_jacobi_step or (tree and cuda)"}
+SAN_K=${SAN_K:-"test_cuda_jacobi_step or (tree and cuda) or (test_sparse_cuda_matches_reference_larger and sjd)"}
 SAN_KERNELS=${SAN_KERNELS:-""}
 export SJD_CUDA_ARCHS=${SJD_CUDA_ARCHS:-"90a;90"}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg

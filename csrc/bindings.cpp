@@ -67,7 +67,8 @@ void jacobi_step(int dtype, std::uintptr_t logits, int64_t logits_sb, int64_t lo
                  std::uintptr_t p_prev, std::uintptr_t status, int B, int W, int V, int R, double temperature,
                  int top_k, double top_p, int mode, double beta, int vp_form, double vp_eps, int tail_init,
                  std::uintptr_t num_accepted, std::uintptr_t tokens, std::uintptr_t next_drafts,
-                 std::uintptr_t scratch, std::uintptr_t rowbuf, int device, std::uintptr_t stream) {
+                 std::uintptr_t scratch, std::uintptr_t rowbuf, int device, std::uintptr_t stream,
+                 std::uintptr_t q_idx, int C) {
   sjd::JacobiStepArgs a;
   a.dtype = dtype;
   a.logits = ptr<const void>(logits);
@@ -87,6 +88,8 @@ void jacobi_step(int dtype, std::uintptr_t logits, int64_t logits_sb, int64_t lo
   a.q_state = ptr<float>(q_state);
   a.q_kind = ptr<int32_t>(q_kind);
   a.p_prev = ptr<float>(p_prev);
+  a.q_idx = ptr<int32_t>(q_idx);
+  a.C = C;
   a.status = ptr<int32_t>(status);
   a.B = B;
   a.W = W;
@@ -129,7 +132,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("W"), py::arg("V"), py::arg("R"), py::arg("temperature"), py::arg("top_k"),
         py::arg("top_p"), py::arg("mode"), py::arg("beta"), py::arg("vp_form"), py::arg("vp_eps"),
         py::arg("tail_init"), py::arg("num_accepted"), py::arg("tokens"), py::arg("next_drafts"),
-        py::arg("scratch"), py::arg("rowbuf"), py::arg("device"), py::arg("stream"),
+        py::arg("scratch"), py::arg("rowbuf"), py::arg("device"), py::arg("stream"), py::arg("q_idx") = 0,
+        py::arg("C") = 0,
         "launch jacobi_step on `stream` (see sjd_kernels/cuda/jacobi_step.py for the tensor contract)",
         py::call_guard<py::gil_scoped_release>());
   m.def("tree_verify_max_smem_lanes", &sjd::tree_verify_max_smem_lanes, py::arg("device"),

@@ -38,7 +38,8 @@ constexpr int kVpAdd = 0, kVpLog = 1;
 constexpr int kTailUniform = 0, kTailLeft = 1;
 constexpr int kKindDense = 0, kKindUniform = 1, kKindOnehot = 2, kKindMask = 3, kFlagPrev = 4;
 constexpr int kErrNonfinite = 1, kErrDraftRange = 2;
-constexpr int kStatusErr = 0, kStatusZeroResid = 1, kStatusZeroCouple = 2;
+constexpr int kStatusErr = 0, kStatusZeroResid = 1, kStatusZeroCouple = 2, kStatusOverflow = 3;
+constexpr int32_t kIdxPad = 0x7fffffff;  // unused sparse entry (sorts after every lane)
 
 // torch.pow(tensor, python_float) on CUDA special-cases these exponents (a copy for 1, sqrt, rsqrt,
 // reciprocal, x*x, x*x*x, 1/(x*x) in double); the log-form VP mirrors them so rounding agrees.
@@ -66,6 +67,8 @@ struct Params {
   float* q_state;
   int32_t* q_kind;
   float* p_prev;
+  int32_t* q_idx;  // sparse form: [B, R, C] ascending lane ids; null: dense rows of V
+  int C;
   int32_t* status;
   int B, W, V, R;
   int greedy;
@@ -123,6 +126,47 @@ __device__ __forceinline__ float vp_weight(const Params& p, float P, float pp) {
   return __fmul_rn(P, pow_scalar(r, p.pow_code, p.pow_exp));
 }
 
+// Entry of ``key`` among the C ascending ids of a sparse slot, -1 when absent (binary search).
+__device__ __forceinline__ int sparse_find(const int32_t* __restrict__ idx, int C, int64_t key) {
+  int lo = 0, hi = C;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (static_cast<int64_t>(idx[mid]) < key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < C && static_cast<int64_t>(idx[lo]) == key ? lo : -1;
+}
+
+// Exclusive prefix sum of one int per thread over the block (blockDim a multiple of 32); the block
+// total goes to ``total``. ``buf`` holds kMaxWarps + 1 ints of shared memory.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* buf, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) buf[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    const int w = lane < nw ? buf[lane] : 0;
+    int s = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, s, o);
+      if (lane >= o) s += y;
+    }
+    if (lane < nw) buf[lane] = s - w;
+    if (lane == 31) buf[kMaxWarps] = s;
+  }
+  __syncthreads();
+  const int out = buf[warp] + x - v;
+  total = buf[kMaxWarps];
+  __syncthreads();  // buf may be reused at once
+  return out;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem_dyn[];
@@ -132,6 +176,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   __shared__ int red_i[2 * kMaxWarps];
   __shared__ int red_i7[2 * kMaxWarps * kPivots];
   __shared__ float red_f7[2 * kMaxWarps * kPivots];
+  __shared__ int scan_buf[kMaxWarps + 1];
   int par_u1 = 0, par_u6 = 0, par_f = 0, par_i = 0, par_i7 = 0, par_f7 = 0;
 
   const int b = blockIdx.x;  // requests on grid x (grid y stops at 65535)
@@ -151,9 +196,11 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   const bool in_range = D >= 0 && D < V;
   const int kind_all = p.q_kind[static_cast<int64_t>(b) * p.R + slot];
   const int kind = kind_all & kKindMask;
-  const int64_t row_off = (static_cast<int64_t>(b) * p.R + slot) * V;
+  const bool sparse = p.q_idx != nullptr;
+  const int64_t row_off = (static_cast<int64_t>(b) * p.R + slot) * (sparse ? p.C : V);
   float* __restrict__ qrow = p.q_state + row_off;
   float* __restrict__ prow = p.has_prev ? p.p_prev + row_off : nullptr;
+  int32_t* __restrict__ irow = sparse ? p.q_idx + row_off : nullptr;
   const int64_t seed = p.seed[b], step = p.step[b];
   float* S = p.rowbuf ? p.rowbuf + (static_cast<int64_t>(b) * (W + 1) + j) * V : reinterpret_cast<float*>(smem_dyn);
 
@@ -172,8 +219,23 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   const bool gj = p.mode == kModeGumbelJacobi;
   const bool gum = gj || p.mode == kModeGumbel;
   const float Pd = in_range ? S[D] : 0.0f;
+  // Stored law of a dense-kind slot at lane i (sparse: the entry with id i, else 0).
+  auto qstored = [&](int64_t i) -> float {
+    if (!sparse) return qrow[i];
+    const int e = sparse_find(irow, p.C, i);
+    return e >= 0 ? qrow[e] : 0.0f;
+  };
+  // Previous target row at lane i. Sparse slots keep only lanes where that row was positive; lanes
+  // where this row's P is 0 get no VP weight either way (additive form with beta >= 0: the clamp;
+  // log form: P times a finite power), so they skip the search.
+  auto pp_of = [&](int64_t i, float P) -> float {
+    if (!sparse) return prow[i];
+    if (!(P > 0.0f)) return 0.0f;
+    const int e = sparse_find(irow, p.C, i);
+    return e >= 0 ? prow[e] : 0.0f;
+  };
   float Qd = 0.0f;
-  if (in_range) Qd = kind == kKindDense ? qrow[D] : (kind == kKindUniform ? p.inv_v : 1.0f);
+  if (in_range) Qd = kind == kKindDense ? qstored(D) : (kind == kKindUniform ? p.inv_v : 1.0f);
   const float u_acc = uniform24(RowRng(seed, posj, step, kStreamAccept).group(0).w[0]);
   const bool accept0 = __fmul_rn(u_acc, Qd) < Pd;
   const bool live = !row_bad && !is_forced;
@@ -184,16 +246,26 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   float vp_sum = 0.0f;
   if (use_vp_row) {
     float s = 0.0f;
-    for (int i = tid; i < V; i += nth) s = __fadd_rn(s, vp_weight(p, S[i], prow[i]));
+    for (int i = tid; i < V; i += nth) s = __fadd_rn(s, vp_weight(p, S[i], pp_of(i, S[i])));
     vp_sum = block_allreduce1(s, OpSumF(), red_f, par_f);
+  }
+  // Sparse state: a row whose support does not fit the slot drafts this position uniformly.
+  bool ovf = false;
+  int n_sup = 0;
+  if (sparse && j >= 1 && !is_forced && !row_bad) {
+    int c = 0;
+    for (int i = tid; i < V; i += nth) c += S[i] > 0.0f ? 1 : 0;
+    n_sup = block_allreduce1(c, OpSumI(), red_i, par_i);
+    ovf = n_sup > p.C;
   }
   // Qt of lane i (the law new drafts are drawn from and the state stores).
   auto qt_of = [&](int64_t i, float P) -> float {
+    if (ovf) return p.inv_v;
     if (!use_vp_row) return P;
-    return vp_sum > 0.0f ? __fdiv_rn(vp_weight(p, P, prow[i]), vp_sum) : P;
+    return vp_sum > 0.0f ? __fdiv_rn(vp_weight(p, P, pp_of(i, P)), vp_sum) : P;
   };
   auto qold_of = [&](int64_t i) -> float {
-    return kind == kKindDense ? qrow[i] : (kind == kKindUniform ? p.inv_v : (i == D ? 1.0f : 0.0f));
+    return kind == kKindDense ? qstored(i) : (kind == kKindUniform ? p.inv_v : (i == D ? 1.0f : 0.0f));
   };
 
   bool keep = false;
@@ -206,7 +278,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   const bool need_g = live && (gj || (gum && j >= 1));
   const bool need_resid = live && !gj && is_draft && !accept0;
   const bool need_bonus = live && !gj && !is_draft;
-  const bool need_draft = live && j >= 1 && (p.mode == kModeSjd || (p.mode == kModeCoupling && !is_draft));
+  const bool need_draft =
+      live && j >= 1 && (p.mode == kModeSjd || (p.mode == kModeCoupling && !is_draft) || (gum && ovf));
   const bool need_couple = live && p.mode == kModeCoupling && is_draft && j >= 1 && !keep;
   const bool write_state = j >= 1 && !row_bad && !draft_bad;
   const bool need_qold = need_resid || need_couple;
@@ -233,8 +306,9 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
         const int i = 4 * g + e;
         const bool ok = i < V;
         P4[e] = ok ? S[i] : 0.0f;
-        Qo4[e] = (ok && need_qold) ? qold_of(i) : 0.0f;
         Qt4[e] = (ok && need_qt) ? qt_of(i, P4[e]) : 0.0f;
+        // the residual race reads lanes with P > 0, the coupling redraw lanes with Qt > 0
+        Qo4[e] = (ok && need_qold && (P4[e] > 0.0f || Qt4[e] > 0.0f)) ? qold_of(i) : 0.0f;
         anyP |= P4[e] > 0.0f;
         anyQt |= Qt4[e] > 0.0f;
       }
@@ -273,7 +347,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
         for (int e = 0; e < 4; ++e)
           if (P4[e] > 0.0f) k[5] = umax64(k[5], race_pack(P4[e], exponential(w.w[e]), 4u * g + e));
       }
-      if (write_state) {
+      if (write_state && !sparse) {
         // Same thread, same lanes as the reads above: the row is read before it is overwritten.
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -286,6 +360,45 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
       }
     }
     block_allreduce<6>(k, OpMaxU64(), red_u64_6, par_u6);
+  }
+  if (sparse && write_state && !is_forced && !ovf) {
+    // Ordered compaction of the support (lanes with P > 0) into the slot. Every read of the old
+    // entries (qstored, pp_of) is finished block-wide before the pass that overwrites them: first
+    // the Qt values (which still search the old ids and p_prev), then the ids and P.
+    __syncthreads();
+    for (int pass = 0; pass < 2; ++pass) {
+      int base_out = 0;
+      for (int base = 0; base < V; base += 4 * nth) {
+        const int i0 = base + 4 * tid;
+        float P4[4];
+        int c = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          P4[e] = i0 + e < V ? S[i0 + e] : 0.0f;
+          c += P4[e] > 0.0f ? 1 : 0;
+        }
+        int total = 0;
+        int at = base_out + block_exclusive_scan(c, scan_buf, total);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!(P4[e] > 0.0f)) continue;
+          if (pass == 0) {
+            qrow[at] = qt_of(i0 + e, P4[e]);
+          } else {
+            irow[at] = i0 + e;
+            if (prow) prow[at] = P4[e];
+          }
+          ++at;
+        }
+        base_out += total;
+      }
+      __syncthreads();
+    }
+    for (int c = n_sup + tid; c < p.C; c += nth) {
+      irow[c] = kIdxPad;
+      qrow[c] = 0.0f;
+      if (prow) prow[c] = 0.0f;
+    }
   }
   if (need_resid && k[0] == 0ull) {
     // Zero residual mass (rounding only, or an adversarial stored law): race over P with the same
@@ -334,7 +447,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
       if (is_forced) {
         nd = f;
       } else if (gum) {
-        nd = g;
+        nd = ovf ? race_winner(k[2]) : g;
       } else if (p.mode == kModeSjd || !is_draft) {
         nd = race_winner(k[2]);
       } else if (keep) {
@@ -349,6 +462,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
     }
     const int badbits = (row_bad ? kErrNonfinite : 0) | (draft_bad ? kErrDraftRange : 0);
     if (badbits) atomicOr(p.status + kStatusErr, badbits);
+    if (ovf) atomicAdd(p.status + kStatusOverflow, 1);
     int64_t* sc = p.scratch + (static_cast<int64_t>(b) * (W + 1) + j) * 4;
     sc[kScAccept] = accept ? 1 : 0;
     sc[kScCand] = cand;
@@ -356,7 +470,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
     sc[kScBad] = badbits;
     if (write_state)
       p.q_kind[static_cast<int64_t>(b) * p.R + slot] =
-          is_forced ? kKindOnehot : (kKindDense | (p.has_prev ? kFlagPrev : 0));
+          is_forced ? kKindOnehot : (ovf ? kKindUniform : (kKindDense | (p.has_prev ? kFlagPrev : 0)));
   }
 }
 
@@ -525,6 +639,7 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
               "jacobi_step: a required pointer is null");
   SJD_REQUIRE(!a.uncond || a.cfg_scale, "jacobi_step: cfg_scale is required with uncond");
   SJD_REQUIRE(!a.forced || a.forced_len > 0, "jacobi_step: forced_len must be > 0 with forced");
+  SJD_REQUIRE(!a.q_idx || a.C >= 1, "jacobi_step: C (sparse entries per slot) must be >= 1 with q_idx");
   require_device(a.device, "jacobi_step");
   SJD_REQUIRE(a.device < kMaxDevices, "device index above 63");
   if (!a.rowbuf) {
@@ -553,6 +668,8 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   p.q_state = a.q_state;
   p.q_kind = a.q_kind;
   p.p_prev = a.p_prev;
+  p.q_idx = a.q_idx;
+  p.C = a.q_idx ? a.C : 0;
   p.status = a.status;
   p.B = a.B;
   p.W = a.W;

@@ -24,9 +24,11 @@ struct JacobiStepArgs {
   const int64_t* step = nullptr;     // [B]
   const int64_t* forced = nullptr;   // [B, forced_len] or null
   int64_t forced_len = 0;
-  float* q_state = nullptr;  // [B, R, V]
+  float* q_state = nullptr;  // [B, R, V] ([B, R, C] in the sparse form)
   int32_t* q_kind = nullptr; // [B, R]
-  float* p_prev = nullptr;   // [B, R, V] or null
+  float* p_prev = nullptr;   // [B, R, V] or null ([B, R, C] in the sparse form)
+  int32_t* q_idx = nullptr;  // sparse form: [B, R, C] lane ids (ascending, then 2^31-1); null: dense
+  int C = 0;                 // sparse form: entries per slot
   int32_t* status = nullptr; // [4]
   int B = 0, W = 0, V = 0, R = 0;
   double temperature = 1.0;

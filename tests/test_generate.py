@@ -317,3 +317,35 @@ def test_bad_input_fails_before_work():
         generate(w, c2, 12, "sjd", window=4)
     with pytest.raises(TypeError, match="not a decoding model"):
         generate(torch.nn.Linear(2, 2), c2, 12, "sjd")
+
+
+# ------------------------------------------------------------------------------------ sparse state
+@pytest.mark.parametrize("method,kw", [("sjd", {}), ("sjd_vp", dict(beta=0.5)), ("coupling", dict(beta=0.5)),
+                                       ("gumbel", {}), ("gumbel_jacobi", {})])
+def test_sparse_state_same_tokens_as_dense(method, kw):
+    """With room for every top-k support, ``state_capacity`` changes memory, not a single token."""
+    m = tiny(seed=4, head=8.0)
+    cond = torch.tensor([0, 1, 2, 0])
+    a = generate(m, cond, 12, method, window=4, seed=[5, 6, 7, 8], cfg_scale=1.5, top_k=4, **kw)
+    b = generate(m, cond, 12, method, window=4, seed=[5, 6, 7, 8], cfg_scale=1.5, top_k=4, state_capacity=4, **kw)
+    assert torch.equal(a.tokens, b.tokens) and a.stats.steps == b.stats.steps
+    assert b.stats.state_overflows == 0
+    assert b.stats.state_bytes < a.stats.state_bytes
+
+
+@pytest.mark.parametrize("method", ["sjd", "coupling"])
+def test_sparse_state_overflow_law_equals_ar(law_model, method):
+    """Capacity 1 without top-k: nearly every row overflows and drafts uniformly; the law stays AR's."""
+    p = exact_sequence_law(law_model, 1, 1.0)
+    n = 90_000
+    out = generate(law_model, torch.full((n,), 1), N_LAW, method, window=2, seed=321, state_capacity=1)
+    assert out.stats.state_overflows > n
+    assert_law(sequence_codes(out.tokens.numpy(), V_LAW), p, label=f"{method} sparse capacity 1")
+
+
+def test_sparse_state_bad_options():
+    m = tiny()
+    with pytest.raises(SJDInputError, match="state_capacity"):
+        generate(m, torch.tensor([0]), 12, "sjd", window=4, state_capacity=0)
+    with pytest.raises(SJDInputError, match="chain methods"):
+        generate(m, torch.tensor([0]), 12, "pac", window=4, state_capacity=8)

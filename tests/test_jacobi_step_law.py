@@ -83,7 +83,7 @@ def public_impl(backend: str = "torch", device: str = "cpu", chunk: int = 0):
     dev = torch.device(device)
 
     def step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, stp, forced, q_state, q_kind, p_prev, status,
-             temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init):
+             temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init, q_idx=None):
         B = logits.shape[0]
         size = chunk if chunk > 0 else B
         outs = []
@@ -93,7 +93,8 @@ def public_impl(backend: str = "torch", device: str = "cpu", chunk: int = 0):
             qs, qk = cut(q_state), cut(q_kind)
             pp = cut(p_prev) if p_prev.numel() else p_prev.to(dev)
             stt = torch.zeros_like(status, device=dev)
-            st = sk.JacobiState(qs, qk, pp, cut(seed), cut(stp), stt)
+            qi = cut(q_idx) if q_idx is not None else None
+            st = sk.JacobiState(qs, qk, pp, cut(seed), cut(stp), stt, q_idx=qi, vocab_size=logits.shape[2])
             out = sk.jacobi_step(cut(logits), cut(drafts), cut(win_len), cut(pos), st, uncond_logits=cut(uncond),
                                  cfg_scale=cut(cfg_scale), forced=cut(forced), temperature=temperature, top_k=top_k,
                                  top_p=top_p, mode=MODE_NAMES[mode], beta=beta,
@@ -102,6 +103,8 @@ def public_impl(backend: str = "torch", device: str = "cpu", chunk: int = 0):
                                  backend=backend, advance=False)
             q_state[sl] = qs.cpu()
             q_kind[sl] = qk.cpu()
+            if qi is not None:
+                q_idx[sl] = qi.cpu()
             if p_prev.numel():
                 p_prev[sl] = pp.cpu()
             stt = stt.cpu()
@@ -431,18 +434,22 @@ def prefix_joint_checks(impl, spec: str, n: int = NJ, seed0: int = 2000, cases=N
 # ----------------------------------------------------------------------------- multi-step sequences
 
 def run_sequences(impl, spec, model: TableModel, n, W, seed0, T=1.0, k=0, p=1.0, tail_init=ref.TAIL_UNIFORM,
-                  forced=None, ring=None, step0=0):
+                  forced=None, ring=None, step0=0, capacity=None):
     """Generate ``n`` sequences of ``model.L`` tokens by repeated steps; returns ``X [n, L]`` and stats.
 
     Each step builds the logits of rows ``j = 0..win_len`` from the committed tokens and the
     current drafts through the table (as a model would), calls ``impl``, commits, and feeds
     ``next_drafts`` and the state back. ``win_len = min(W, L - 1 - pos)`` (ragged near the end).
+    ``capacity``: run with the sparse state of that many entries per slot (``impl`` takes ``q_idx``).
     """
     mode, beta, form, vp = MODE_SPECS[spec]
     V, L = model.V, model.L
     B = n
     R = ring or W + 1
-    q_state, q_kind, p_prev, status = _new_state(B, R, V, vp)
+    q_state, q_kind, p_prev, status = _new_state(B, R, V if capacity is None else capacity, vp)
+    extra = {}
+    if capacity is not None:
+        extra["q_idx"] = torch.full((B, R, capacity), ref.IDX_PAD, dtype=torch.int32)
     seed = torch.arange(B, dtype=I64) + seed0 * 10_000_000
     stp = torch.full((B,), step0, dtype=I64)
     pos = torch.zeros(B, dtype=I64)
@@ -460,7 +467,7 @@ def run_sequences(impl, spec, model: TableModel, n, W, seed0, T=1.0, k=0, p=1.0,
         seq.scatter_(1, (pos.view(B, 1) + torch.arange(W)).clamp(max=L + W), drafts)
         logits = model.rows(seq[:, : L + W], pos.view(B, 1) + jj)
         na, tok, nd = impl(logits, None, None, drafts, win, pos, seed, stp, f, q_state, q_kind, p_prev, status,
-                           T, k, p, mode, beta, form, 1e-6, tail_init)
+                           T, k, p, mode, beta, form, 1e-6, tail_init, **extra)
         _check_outputs(na, tok, nd, win, V, f"{spec}/step{steps}")
         assert int(status[0]) == 0, f"{spec}: status error {status.tolist()}"
         commit = active.view(B, 1) & (jj.view(1, -1) <= na.view(B, 1))
@@ -473,7 +480,8 @@ def run_sequences(impl, spec, model: TableModel, n, W, seed0, T=1.0, k=0, p=1.0,
         steps += 1
         assert steps <= L
     assert (X[:, :L] >= 0).all(), "a sequence was left incomplete"
-    return X[:, :L], {"steps": steps, "accepted_per_step": accepted / max(1, steps)}   # mean over active requests
+    return X[:, :L], {"steps": steps, "accepted_per_step": accepted / max(1, steps),  # mean over active requests
+                      "status": status.tolist()}
 
 
 VS, LS, WS = 3, 4, 2           # sequence checks: vocabulary, length, window

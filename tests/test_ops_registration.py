@@ -19,7 +19,7 @@ def _case(B=3, W=4, V=11, seed0=7, vp=False):
 def test_schema_registered_with_mutations():
     op = torch.ops.sjd.jacobi_step.default
     names = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    assert names == ["q_state", "q_kind", "p_prev", "status"]
+    assert names == ["q_state", "q_kind", "p_prev", "q_idx", "status"]
 
 
 def test_fake_kernel_shapes():
@@ -28,7 +28,7 @@ def test_fake_kernel_shapes():
     with FakeTensorMode(allow_non_fake_inputs=True):
         fl = torch.empty_like(logits)
         out = torch.ops.sjd.jacobi_step(fl, None, None, drafts, win, pos, st.seed, st.step, None, st.q_state,
-                                        st.q_kind, st.p_prev, st.status, 1.0, 0, 1.0, 0, 0.0, 0, 1e-6, 0, 1)
+                                        st.q_kind, st.p_prev, st.q_idx, st.status, 1.0, 0, 1.0, 0, 0.0, 0, 1e-6, 0, 1)
     assert [tuple(t.shape) for t in out] == [(3,), (3, 5), (3, 4)]
     assert all(t.dtype == torch.int64 for t in out)
 
@@ -85,7 +85,7 @@ def test_check_status_raises_and_clears():
     with pytest.raises(sk.SJDDeviceError, match="non-finite logits"):
         sk.check_status(st.status)
     assert int(st.status[0]) == 0
-    assert sk.check_status(st.status) == {"zero_mass_residuals": 0, "zero_mass_coupling": 0}
+    assert sk.check_status(st.status) == {"zero_mass_residuals": 0, "zero_mass_coupling": 0, "state_overflows": 0}
 
 
 def test_seed_must_be_per_request():

@@ -101,7 +101,9 @@ def _gen(device, seed: int) -> torch.Generator:
 FAMILY = {8192: (2000, 3.0), 16384: (1000, 4.0), 32768: (2048, 3.0)}
 
 
-def _jacobi_params(B, W, V, *, cfg=True, dtype=torch.bfloat16, mode="sjd", beta=0.0, ragged=False, top_k=None):
+def _jacobi_params(B, W, V, *, cfg=True, dtype=torch.bfloat16, mode="sjd", beta=0.0, ragged=False, top_k=None,
+                   capacity=None):
+    """``capacity``: sparse state with that many entries per slot (None: dense state)."""
     tk, s = FAMILY.get(V, (max(1, V // 4), 3.0))
     tk = tk if top_k is None else top_k
     label = f"B{B}_W{W}_V{V}_{'cfg' if cfg else 'nocfg'}_{_DT[dtype]}_{mode}_k{tk}"
@@ -109,8 +111,10 @@ def _jacobi_params(B, W, V, *, cfg=True, dtype=torch.bfloat16, mode="sjd", beta=
         label += f"_beta{beta:g}"
     if ragged:
         label += "_ragged"
+    if capacity is not None:
+        label += f"_sparse{capacity}"
     return {"B": B, "W": W, "V": V, "cfg": cfg, "dtype": dtype, "mode": mode, "beta": beta, "ragged": ragged,
-            "top_k": tk, "cfg_scale": s, "label": label}
+            "top_k": tk, "cfg_scale": s, "label": label, "capacity": capacity}
 
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -123,26 +127,39 @@ class JacobiStepBench(OpBench):
            "state update")
 
     def cases(self) -> list:
-        out = []
+        # the target shapes of the issue first (a time-boxed run reaches them), each with its sparse twin
+        out = [Case(self.name, _jacobi_params(1, 32, 16384), ("full", "quick")),
+               Case(self.name, _jacobi_params(1, 32, 16384, capacity=1064), ("full", "quick")),
+               Case(self.name, _jacobi_params(32, 32, 16384), ("full", "quick")),
+               Case(self.name, _jacobi_params(32, 32, 16384, capacity=1064), ("full", "quick")),
+               Case(self.name, _jacobi_params(32, 32, 16384, mode="coupling"), ("full", "quick")),
+               Case(self.name, _jacobi_params(32, 32, 16384, mode="coupling", capacity=1064), ("full", "quick"))]
         for B in (1, 32):
             for W in (16, 32, 64):
                 for V in (8192, 16384, 32768):
+                    if W == 32 and V == 16384:
+                        continue                                   # listed above
                     grids = ("full", "quick") if (W == 16 and V == 16384) or (B == 32 and W == 32 and V == 32768) \
                         else ("full",)
                     out.append(Case(self.name, _jacobi_params(B, W, V), grids))
-        out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="coupling"), ("full", "quick")))
         out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="sjd", beta=0.5), ("full",)))
         out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="gumbel"), ("full",)))
         out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="gumbel_jacobi"), ("full",)))
         out.append(Case(self.name, _jacobi_params(32, 32, 16384, ragged=True), ("full",)))
         out.append(Case(self.name, _jacobi_params(32, 32, 16384, cfg=False, dtype=torch.float16), ("full",)))
         out.append(Case(self.name, _jacobi_params(64, 128, 32768), ("full",)))
+        # sparse state (capacity top-k + 64): the same shapes with C entries per slot instead of V floats
+        out.append(Case(self.name, _jacobi_params(32, 32, 16384, mode="sjd", beta=0.5, capacity=1064), ("full",)))
+        out.append(Case(self.name, _jacobi_params(32, 32, 32768, capacity=2112), ("full",)))
+        out.append(Case(self.name, _jacobi_params(64, 128, 32768, capacity=2112), ("full",)))
         # small shapes for CPU checks (V=257: not a multiple of any block size; V=100 with top-k off)
         out.append(Case(self.name, _jacobi_params(3, 4, 64, top_k=16), ("cpu", "cpu-quick")))
         out.append(Case(self.name, _jacobi_params(2, 8, 257, cfg=False, dtype=torch.float32, mode="coupling",
                                                   ragged=True, top_k=40), ("cpu", "cpu-quick")))
         out.append(Case(self.name, _jacobi_params(3, 4, 64, mode="sjd", beta=0.5, top_k=0), ("cpu",)))
         out.append(Case(self.name, _jacobi_params(2, 4, 100, mode="gumbel_jacobi", top_k=0), ("cpu",)))
+        out.append(Case(self.name, _jacobi_params(3, 4, 64, mode="coupling", beta=0.5, top_k=16, capacity=24),
+                        ("cpu", "cpu-quick")))
         return out
 
     # ---- inputs
@@ -159,8 +176,9 @@ class JacobiStepBench(OpBench):
             uncond = (logits.float() + 1.0 * torch.randn(B, W + 1, V, generator=g, device=dev)).to(p["dtype"])
             cfg = torch.full((B,), float(p["cfg_scale"]), device=dev)
         vp = p["beta"] != 0.0
+        cap = p.get("capacity")
         seeds = [int(seed) * 1009 + i for i in range(B)]
-        st = JacobiState.create(B, W, V, seed=seeds, device=dev, vp=vp)
+        st = JacobiState.create(B, W, V, seed=seeds, device=dev, vp=vp, capacity=cap)
         pos = torch.randint(0, 1000, (B,), generator=g, device=dev)
         win = torch.full((B,), W, dtype=torch.int64, device=dev)
         if p["ragged"]:
@@ -175,12 +193,22 @@ class JacobiStepBench(OpBench):
         R = st.q_state.shape[1]
         slots = (pos.view(B, 1) + torch.arange(W, device=dev)) % R
         bi = torch.arange(B, device=dev).view(B, 1).expand(B, W)
-        st.q_state[bi, slots] = Q
         kind = ref.KIND_DENSE | (ref.FLAG_PREV if vp else 0)
         st.q_kind[bi, slots] = kind
-        if vp:
-            st.p_prev[bi, slots] = target_probs(prevx + 0.5 * torch.randn(B, W, V, generator=g, device=dev), 1.0,
-                                                p["top_k"], 1.0)
+        if cap is None:
+            st.q_state[bi, slots] = Q
+            if vp:
+                st.p_prev[bi, slots] = target_probs(prevx + 0.5 * torch.randn(B, W, V, generator=g, device=dev),
+                                                    1.0, p["top_k"], 1.0)
+        else:
+            # a sparse slot stores the support of the row it came from: Q and the previous row share it
+            pp = target_probs(prevx + 0.5 * torch.randn(B, W, V, generator=g, device=dev), 1.0, p["top_k"], 1.0)
+            pp = torch.where(Q > 0, pp, torch.zeros_like(pp))
+            idx, (qv, pv) = ref.sparsify(Q > 0, [Q, pp], cap)
+            st.q_idx[bi, slots] = idx
+            st.q_state[bi, slots] = qv
+            if vp:
+                st.p_prev[bi, slots] = pv
         return {"logits": logits, "uncond": uncond, "cfg": cfg, "drafts": drafts, "win": win, "pos": pos, "state": st,
                 "Q": Q}
 
@@ -195,10 +223,10 @@ class JacobiStepBench(OpBench):
         p = case.params
         inp = self._inputs(p, device, seed)
         st = inp["state"]
-        pristine = [t.clone() for t in (st.q_state, st.q_kind, st.p_prev, st.status, st.step)]
+        pristine = [t.clone() for t in (st.q_state, st.q_kind, st.p_prev, st.status, st.step, st.q_idx)]
 
         def reset():
-            for dst, src in zip((st.q_state, st.q_kind, st.p_prev, st.status, st.step), pristine):
+            for dst, src in zip((st.q_state, st.q_kind, st.p_prev, st.status, st.step, st.q_idx), pristine):
                 dst.copy_(src)
 
         extra = {}
@@ -236,6 +264,7 @@ class JacobiStepBench(OpBench):
         own randomness, so its target rows are compared with the library's target law instead.
         """
         from ..ops.jacobi_step import JacobiState
+        from ..reference import jacobi_step as ref_js
         from ..reference.target import combine_logits, target_probs
         p = case.params
         B, W, V = p["B"], p["W"], p["V"]
@@ -268,8 +297,13 @@ class JacobiStepBench(OpBench):
                 continue
             st_ref = inp["state"]
             st_be = JacobiState(*(x.clone() for x in (st_ref.q_state, st_ref.q_kind, st_ref.p_prev, st_ref.seed,
-                                                         st_ref.step, st_ref.status)))
-            q_before, pp_before = st_ref.q_state.clone(), st_ref.p_prev.clone()
+                                                         st_ref.step, st_ref.status)),
+                                q_idx=st_ref.q_idx.clone(), vocab_size=V)
+            sparse = st_ref.sparse
+
+            def laws(st, vals):                # stored rows as dense [B, R, V] (sparse: densified)
+                return ref_js.densify(st.q_idx, vals, V) if sparse else vals
+            q_before, pp_before = laws(st_ref, st_ref.q_state).clone(), laws(st_ref, st_ref.p_prev).clone()
             out_ref = self._call(p, inp, st_ref, "torch")
             out_be = self._call(p, inp, st_be, backend)
             same = (out_ref.num_accepted == out_be.num_accepted) & (out_ref.tokens == out_be.tokens).all(1) & \
@@ -284,9 +318,9 @@ class JacobiStepBench(OpBench):
             rows = (j.view(1, -1) >= 1) & (j.view(1, -1) <= inp["win"].view(B, 1))
             written = torch.zeros(B, R, dtype=torch.bool, device=slots.device)
             written.scatter_(1, slots, rows)
-            pairs = [(st_ref.q_state, st_be.q_state, q_before)]
+            pairs = [(laws(st_ref, st_ref.q_state), laws(st_be, st_be.q_state), q_before)]
             if st_ref.p_prev.numel():
-                pairs.append((st_ref.p_prev, st_be.p_prev, pp_before))
+                pairs.append((laws(st_ref, st_ref.p_prev), laws(st_be, st_be.p_prev), pp_before))
             for a, b_, before in pairs:
                 err = (a - b_).abs()
                 bad = ~(err <= 1e-6 + 1e-4 * a.abs()).all(-1) & written
@@ -334,22 +368,26 @@ class JacobiStepBench(OpBench):
         - VP: previous target rows ``B (W-1) V 4`` read, ``B W V 4`` written;
         - state writes: ``B W V 4`` (rows 1..W get their new law);
         - small tensors (drafts, ids, counters, kinds, outputs) at their sizes.
-        With ragged windows, ``W`` is replaced by the mean window length.
+        With ragged windows, ``W`` is replaced by the mean window length. With a sparse state of C
+        entries, a law row is ``C`` ids and values (``8 C`` bytes) and a previous row ``4 C``.
         """
         p = case.params
         B, W, V = p["B"], p["W"], p["V"]
         Wm = W / 2.0 if p["ragged"] else W
         e = torch.empty((), dtype=p["dtype"]).element_size()
         n_logit = 2 if p["cfg"] else 1
+        cap = p.get("capacity")
+        law_row = V * 4 if cap is None else cap * 8
+        prev_row = V * 4 if cap is None else cap * 4
         b = n_logit * B * (Wm + 1) * V * e
         mode = p["mode"]
         if mode == "coupling":
-            b += B * Wm * V * 4
+            b += B * Wm * law_row
         elif mode != "gumbel_jacobi":
-            b += B * V * 4
+            b += B * law_row
         if p["beta"] != 0.0:
-            b += B * max(Wm - 1, 0) * V * 4 + B * Wm * V * 4
-        b += B * Wm * V * 4                                            # q_state writes
+            b += B * max(Wm - 1, 0) * prev_row + B * Wm * prev_row
+        b += B * Wm * law_row                                          # q_state (and q_idx) writes
         b += B * (W * 8 + 4 * 8 + (4 if p["cfg"] else 0))              # drafts, win_len, pos, seed, step, cfg
         b += B * (W + 1) * 4 * 2                                       # q_kind read + write
         b += B * (8 + (W + 1) * 8 + W * 8)                             # outputs
@@ -359,6 +397,9 @@ class JacobiStepBench(OpBench):
         p = case.params
         W, V = p["W"], p["V"]
         R = W + 1
+        cap = p.get("capacity")
+        if cap is not None:
+            return R * cap * (8 + (4 if p["beta"] != 0.0 else 0)) + R * 4 + 2 * 8
         return R * V * 4 * (2 if p["beta"] != 0.0 else 1) + R * 4 + 2 * 8
 
 

@@ -68,7 +68,7 @@ def _prepare_logits(logits: torch.Tensor, uncond, cfg_scale):
 def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced,
                      q_state, q_kind, p_prev, status,
                      temperature: float, top_k: int, top_p: float, mode: int,
-                     beta: float, vp_form: int, vp_eps: float, tail_init: int):
+                     beta: float, vp_form: int, vp_eps: float, tail_init: int, q_idx=None):
     """Same arguments, results and in-place updates as ``reference.jacobi_step.jacobi_step``.
 
     Returns ``num_accepted [B] i64``, ``tokens [B, W+1] i64``, ``next_drafts [B, W] i64``.
@@ -81,6 +81,7 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
         raise SJDInputError(f"logits must be [B, W+1, V], got shape {list(logits.shape)}")
     B, W1, V = logits.shape
     W = W1 - 1
+    sparse = q_idx is not None and q_idx.numel() > 0
     R = q_state.shape[1] if q_state.dim() == 3 else -1
     logits, uncond = _prepare_logits(logits, uncond, cfg_scale)
     if W > 0:
@@ -89,8 +90,14 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
         _check(name, t, torch.int64, dev, B)
     _check("q_state", q_state, torch.float32, dev)
     _check("q_kind", q_kind, torch.int32, dev, B * R)
-    if q_state.shape[0] != B or q_state.shape[2] != V or R < W1:
-        raise SJDInputError(f"q_state must be [B={B}, R>={W1}, V={V}], got {list(q_state.shape)}")
+    width = q_idx.shape[2] if sparse and q_idx.dim() == 3 else V
+    if q_state.shape[0] != B or q_state.shape[2] != width or R < W1:
+        raise SJDInputError(f"q_state must be [B={B}, R>={W1}, {'C' if sparse else 'V'}={width}], "
+                            f"got {list(q_state.shape)}")
+    if sparse:
+        _check("q_idx", q_idx, torch.int32, dev, q_state.numel())
+        if q_idx.dim() != 3 or q_idx.shape[:2] != q_state.shape[:2]:
+            raise SJDInputError(f"q_idx must be [B, R, C] like q_state, got {list(q_idx.shape)}")
     has_prev = p_prev is not None and p_prev.numel() > 0
     if has_prev:
         _check("p_prev", p_prev, torch.float32, dev, q_state.numel())
@@ -127,5 +134,6 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
         vp_form=int(vp_form), vp_eps=float(vp_eps), tail_init=int(tail_init),
         num_accepted=num_accepted.data_ptr(), tokens=tokens.data_ptr(),
         next_drafts=next_drafts.data_ptr() if W > 0 else 0, scratch=scratch.data_ptr(),
-        rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index, stream=stream)
+        rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index, stream=stream,
+        q_idx=q_idx.data_ptr() if sparse else 0, C=width if sparse else 0)
     return num_accepted, tokens, next_drafts

@@ -112,6 +112,7 @@ class GenerateStats:
     post_s: float = 0.0            # window steps: everything after the LM head (the op, the commit)
     zero_mass_residuals: int = 0
     zero_mass_coupling: int = 0
+    state_overflows: int = 0       # sparse state: rows whose support exceeded the capacity (drafted uniformly)
     state_bytes: int = 0           # JacobiState
     cache_bytes: int = 0           # KV cache
     tree_nodes: int = 0            # pac: node slots per request (forward inputs per model row and step)
@@ -272,7 +273,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
              backend: str = "auto", progress: bool | None = None, cache_len: int | None = None,
              return_cache: bool = False, on_step=None, cuda_graph: bool = False, sjd2=None,
              sjd2_kv: str | None = None, tree_width: int | None = None,
-             tree_depth: int | None = None) -> GenerateOutput:
+             tree_depth: int | None = None, state_capacity: int | None = None) -> GenerateOutput:
     """Generate ``num_tokens`` image tokens per request; returns tokens ``[B, num_tokens]`` and stats.
 
     ``cond``: the model's conditions (class ids ``[B]`` for the in-package GPT); ``uncond``:
@@ -296,6 +297,10 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     ``method='sjd2'`` (``sjd_kernels.sjd2.generate_sjd2``).
     ``tree_width``/``tree_depth``: ``method='pac'``: children per tree node K (default 3) and tree
     levels D (default 3, at most ``window``) before the chain (``sjd_kernels.decoding.pac``).
+    ``state_capacity``: None keeps the drafts' laws dense (``[B, W+1, V]`` floats); an int C keeps
+    them sparse, C entries per position (exact; worth it with top-k: C = top_k + 64 leaves room for
+    ties; a row whose support exceeds C drafts that position uniformly, counted in
+    ``stats.state_overflows``). Chain methods, torch and triton backends.
     """
     if method in PENDING:
         raise NotImplementedError(PENDING[method])
@@ -326,6 +331,11 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
                                       f"{type(model).__name__} sets tree_attention = False")
     elif tree_width is not None or tree_depth is not None:
         raise SJDInputError(f"tree_width/tree_depth apply to method 'pac', not {method!r}")
+    if state_capacity is not None:
+        if isinstance(state_capacity, bool) or not isinstance(state_capacity, int) or state_capacity < 1:
+            raise SJDInputError(f"state_capacity must be a positive int or None (dense), got {state_capacity!r}")
+        if spec.tree:
+            raise SJDInputError("state_capacity (sparse state) applies to the chain methods; 'pac' keeps dense laws")
 
     # ---- sampling settings, checked before any work
     if not isinstance(temperature, (int, float)) or not temperature >= 0.0 or math.isinf(temperature):
@@ -401,7 +411,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     # ---- allocation and prefill (prompt positions 0 .. L-2; the last one is fed with the first window)
     t_start = time.perf_counter()
     cache = StaticKVCache(model.num_layers, rows, model.num_kv_heads, S, model.head_dim, dtype=dtype, device=dev)
-    state = JacobiState.create(B, W, V, seeds, device=dev, vp=beta != 0.0)
+    state = JacobiState.create(B, W, V, seeds, device=dev, vp=beta != 0.0, capacity=state_capacity)
     stats = GenerateStats(method=method, window=W, batch=B, num_tokens=N, state_bytes=state.state_bytes(),
                           cache_bytes=cache.nbytes(), tree_nodes=plan.num_nodes if spec.tree else 0)
     embeds = pre.embeds.to(dtype)
@@ -555,6 +565,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     counters = check_status(state.status)
     stats.zero_mass_residuals = counters["zero_mass_residuals"]
     stats.zero_mass_coupling = counters["zero_mass_coupling"]
+    stats.state_overflows = counters["state_overflows"]
     stats.steps = steps.tolist()
     stats.accepted_hist = hist.tolist()
     split = timer.sums()

@@ -99,7 +99,8 @@ CODE_BACKEND = {v: k for k, v in BACKEND_CODE.items()}
 
 
 def new_status(device) -> torch.Tensor:
-    """A device status tensor ``int32 [4]``: [error bits, zero-mass residuals, zero-mass coupling redraws, 0]."""
+    """A device status tensor ``int32 [4]``: [error bits, zero-mass residuals, zero-mass coupling redraws,
+    sparse-state overflows]."""
     return torch.zeros(4, dtype=torch.int32, device=device)
 
 
@@ -121,7 +122,7 @@ def check_status(status: torch.Tensor, clear: bool = True) -> dict:
         msgs = [t for bit, t in ERROR_TEXT.items() if err & bit]
         raise SJDDeviceError("device status reports: " + "; ".join(msgs) +
                              " (the affected requests returned -1 and their state must be re-initialised)")
-    return {"zero_mass_residuals": int(vals[1]), "zero_mass_coupling": int(vals[2])}
+    return {"zero_mass_residuals": int(vals[1]), "zero_mass_coupling": int(vals[2]), "state_overflows": int(vals[3])}
 
 
 def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, top_k, top_p) -> None:

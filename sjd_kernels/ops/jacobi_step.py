@@ -20,27 +20,27 @@ from ._common import (check_state_and_sampling, BACKEND_CODE, CODE_BACKEND, FLOA
 I64 = (torch.int64,)
 
 
-@torch.library.custom_op("sjd::jacobi_step", mutates_args=("q_state", "q_kind", "p_prev", "status"))
+@torch.library.custom_op("sjd::jacobi_step", mutates_args=("q_state", "q_kind", "p_prev", "q_idx", "status"))
 def _jacobi_step_op(logits: torch.Tensor, uncond: Optional[torch.Tensor], cfg_scale: Optional[torch.Tensor],
                     drafts: torch.Tensor, win_len: torch.Tensor, pos: torch.Tensor, seed: torch.Tensor,
                     step: torch.Tensor, forced: Optional[torch.Tensor], q_state: torch.Tensor,
-                    q_kind: torch.Tensor, p_prev: torch.Tensor, status: torch.Tensor,
+                    q_kind: torch.Tensor, p_prev: torch.Tensor, q_idx: torch.Tensor, status: torch.Tensor,
                     temperature: float, top_k: int, top_p: float, draft_mode: int, beta: float, vp_form: int,
                     vp_eps: float, tail_init: int, backend: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev, status,
-            temperature, top_k, top_p, draft_mode, beta, vp_form, vp_eps, tail_init)
+    args = (logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev,
+            status, temperature, top_k, top_p, draft_mode, beta, vp_form, vp_eps, tail_init)
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.jacobi_step import jacobi_step_triton
-        return jacobi_step_triton(*args)
+        return jacobi_step_triton(*args, q_idx=q_idx)
     if name == "cuda":
         from ..cuda.jacobi_step import jacobi_step_cuda
-        return jacobi_step_cuda(*args)
-    return ref.jacobi_step(*args)
+        return jacobi_step_cuda(*args, q_idx=q_idx)
+    return ref.jacobi_step(*args, q_idx=q_idx)
 
 
 @_jacobi_step_op.register_fake
-def _(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev, status,
+def _(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev, q_idx, status,
       temperature, top_k, top_p, draft_mode, beta, vp_form, vp_eps, tail_init, backend):
     B, W1, _ = logits.shape
     return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B, W1), dtype=torch.int64),
@@ -54,6 +54,14 @@ class JacobiState:
     q_state [B, R, V] f32 and q_kind [B, R] i32: the law each draft was drawn from, slot
     ``p % R`` for absolute position p; p_prev [B, R, V] f32 (empty unless VP is wanted):
     the previous target row per position; seed, step [B] i64; status [4] i32.
+
+    Sparse form (``create(..., capacity=C)``, for sampling with top-k): q_idx [B, R, C] i32
+    holds each slot's lane ids (the support of its target row, ascending, then IDX_PAD) and
+    q_state / p_prev hold ``[B, R, C]`` values at those ids. Exact (no mass is dropped); a row
+    whose support exceeds C draws that position's next draft uniformly and counts the event in
+    ``status[3]`` (see ``sjd_kernels.reference.jacobi_step``). C = top_k plus room for ties at the
+    threshold (``top_k + 64`` is the loop's default) keeps overflows rare. q_idx is empty for the
+    dense form.
     """
     q_state: torch.Tensor
     q_kind: torch.Tensor
@@ -61,28 +69,52 @@ class JacobiState:
     seed: torch.Tensor
     step: torch.Tensor
     status: torch.Tensor
+    q_idx: torch.Tensor | None = None
+    vocab_size: int = 0      # V the lanes index (dense: q_state's last dim; required in the sparse form)
+
+    def __post_init__(self):
+        if self.q_idx is None:
+            self.q_idx = torch.empty(0, dtype=torch.int32, device=self.q_state.device)
+        if not self.sparse and self.q_state.dim() == 3:
+            self.vocab_size = self.q_state.shape[2]
+
+    @property
+    def sparse(self) -> bool:
+        return self.q_idx.numel() > 0
 
     @classmethod
     def create(cls, batch: int, window: int, vocab: int, seed, *, device="cpu", vp: bool = False,
-               ring: int | None = None) -> "JacobiState":
+               ring: int | None = None, capacity: int | None = None) -> "JacobiState":
         ring = window + 1 if ring is None else ring
         if ring < window + 1:
             raise SJDInputError(f"ring must be >= window + 1 = {window + 1}, got {ring}")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise SJDInputError(f"capacity must be a positive int (sparse state) or None (dense), got {capacity!r}")
         seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1)
         if seed.numel() == 1 and batch > 1:
             raise SJDInputError("seed must give one value per request (a [B] tensor or list); "
                                 "derive per-request seeds explicitly so results do not depend on the batch")
         if seed.numel() != batch:
             raise SJDInputError(f"seed must have {batch} values (one per request), got {seed.numel()}")
-        return cls(q_state=torch.zeros(batch, ring, vocab, dtype=torch.float32, device=device),
-                   q_kind=torch.full((batch, ring), ref.KIND_UNIFORM, dtype=torch.int32, device=device),
-                   p_prev=(torch.zeros(batch, ring, vocab, dtype=torch.float32, device=device) if vp
-                           else torch.empty(0, dtype=torch.float32, device=device)),
-                   seed=seed.clone(), step=torch.zeros(batch, dtype=torch.int64, device=device),
-                   status=new_status(device))
+        width = vocab if capacity is None else capacity
+        st = cls(q_state=torch.zeros(batch, ring, width, dtype=torch.float32, device=device),
+                 q_kind=torch.full((batch, ring), ref.KIND_UNIFORM, dtype=torch.int32, device=device),
+                 p_prev=(torch.zeros(batch, ring, width, dtype=torch.float32, device=device) if vp
+                         else torch.empty(0, dtype=torch.float32, device=device)),
+                 seed=seed.clone(), step=torch.zeros(batch, dtype=torch.int64, device=device),
+                 status=new_status(device),
+                 q_idx=(torch.full((batch, ring, capacity), ref.IDX_PAD, dtype=torch.int32, device=device)
+                        if capacity is not None else None), vocab_size=vocab)
+        return st
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q_state, self.q_kind, self.p_prev))
+        return sum(t.numel() * t.element_size() for t in (self.q_state, self.q_kind, self.p_prev, self.q_idx))
+
+    def dense_laws(self) -> torch.Tensor:
+        """The stored laws as dense ``[B, R, V]`` float32 rows (a copy in the sparse form)."""
+        if not self.sparse:
+            return self.q_state
+        return ref.densify(self.q_idx, self.q_state, self.vocab_size)
 
 
 @dataclass
@@ -114,14 +146,23 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
     check_tensor("win_len", win_len, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
     R = state.q_kind.shape[1] if state.q_kind.dim() == 2 else -1
-    check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, V), dim=3, device=dev,
+    sparse = state.sparse
+    if sparse:
+        check_tensor("state.q_idx", state.q_idx, dtypes=(torch.int32,), shape=(B, None, None), dim=3, device=dev,
+                     contiguous=True)
+        if state.vocab_size != V:
+            raise SJDInputError(f"the sparse state was created for vocab {state.vocab_size}, the logits have V = {V}")
+    C = state.q_idx.shape[2] if sparse else V
+    check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, C), dim=3, device=dev,
                  contiguous=True)
     check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, state.q_state.shape[1]), dim=2,
                  device=dev, contiguous=True)
+    if sparse:
+        check_tensor("state.q_idx", state.q_idx, shape=(B, R, C))
     if R < W + 1:
         raise SJDInputError(f"state ring ({R} slots) must be >= W + 1 = {W + 1}; create the state with window >= {W}")
     if state.p_prev.numel() > 0:
-        check_tensor("state.p_prev", state.p_prev, dtypes=(torch.float32,), shape=(B, R, V), dim=3, device=dev,
+        check_tensor("state.p_prev", state.p_prev, dtypes=(torch.float32,), shape=(B, R, C), dim=3, device=dev,
                      contiguous=True)
     check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
     m = _MODE_ALIASES.get(mode, mode)
@@ -133,6 +174,9 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
         raise SJDInputError("beta != 0 needs the previous target rows: create the state with vp=True")
     if vp_form not in ("add", "log"):
         raise SJDInputError(f"vp_form must be 'add' or 'log', got {vp_form!r}")
+    if sparse and vp_form == "add" and beta < 0.0:
+        raise SJDInputError("the sparse state stores the support of P; additive VP with beta < 0 puts mass outside it: "
+                            "use beta >= 0, vp_form='log' or a dense state")
     if tail_init not in ("uniform", "left"):
         raise SJDInputError(f"tail_init must be 'uniform' or 'left', got {tail_init!r}")
     return ref.MODES[m]
@@ -172,7 +216,7 @@ def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tenso
         win_len = torch.where(win_bad, torch.zeros_like(win_len), win_len)
     out = torch.ops.sjd.jacobi_step(
         logits, uncond_logits, cfg_scale, drafts, win_len, pos, state.seed, state.step, forced,
-        state.q_state, state.q_kind, state.p_prev, state.status,
+        state.q_state, state.q_kind, state.p_prev, state.q_idx, state.status,
         float(temperature), int(top_k), float(top_p), mode_code, float(beta),
         ref.VP_ADD if vp_form == "add" else ref.VP_LOG, float(vp_eps),
         ref.TAIL_UNIFORM if tail_init == "uniform" else ref.TAIL_LEFT, BACKEND_CODE[be])
@@ -189,5 +233,5 @@ def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tenso
 
 def init_window(state: JacobiState, pos: torch.Tensor, window: int, forced: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform drafts ``[B, window]`` for positions ``pos .. pos+window-1`` (one shared implementation)."""
-    V = state.q_state.shape[2]
+    V = state.vocab_size
     return ref.init_window(state.seed, pos, state.step, window, V, state.q_kind, forced)

@@ -110,6 +110,12 @@ def _host_checks(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not _compiling()
 
 
+def _dense_only(state: JacobiState) -> None:
+    if state.sparse:
+        raise SJDInputError("tree drafting needs the dense state (JacobiState.create without capacity): "
+                            "siblings are drawn from the stored laws with earlier siblings removed")
+
+
 def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, K: int, depth: int, window: int,
                first: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> TreeLayout:
     """Draw a K-ary draft tree of ``depth`` levels then a chain to ``window`` levels (SPEC section 5).
@@ -118,6 +124,7 @@ def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, 
     from stream ``STREAM_TREE`` at ``state.step``; ``first [B, window]`` (-1 = none) gives a
     coupled first sibling per level. See ``sjd_kernels.reference.tree.build_tree``.
     """
+    _dense_only(state)
     B, R, V = state.q_state.shape
     check_tensor("root_token", root_token, dtypes=I64, shape=(B,), dim=1, last_contiguous=False)   # e.g. x[:, -1]
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1)
@@ -174,6 +181,7 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
     if not (isinstance(tree.max_depth, int) and 0 <= tree.max_depth < N):
         raise SJDInputError(f"tree.max_depth must be an int in [0, N-1 = {N - 1}], got {tree.max_depth!r}")
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    _dense_only(state)
     check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, V), dim=3, device=dev,
                  contiguous=True)
     R = state.q_state.shape[1]

@@ -17,10 +17,22 @@ committing never moves the V-sized state):
     pos             [B] i64      absolute position n of D[0] (= committed tokens)
     seed, step      [B] i64      randomness key and the request's iteration counter
     forced          [B, L] i64   per absolute position, -1 or a token forced there (optional)
-    q_state         [B, R, V] f32   dense draft laws (mutated)
+    q_state         [B, R, V] f32   dense draft laws (mutated); [B, R, C] values in the sparse form
     q_kind          [B, R] i32      KIND_* of each slot, | FLAG_PREV when p_prev holds a row (mutated)
-    p_prev          [B, R, V] f32   previous target row per position, for VP (mutated; may be empty)
-    status          [4] i32         [error bits, zero-mass residuals, zero-mass coupling redraws, 0]
+    p_prev          [B, R, V] f32   previous target row per position, for VP (mutated; may be empty);
+                                    [B, R, C] values at the same ids as q_state in the sparse form
+    q_idx           [B, R, C] i32   sparse form only (empty = dense): lane ids of each slot's entries,
+                                    ascending, then IDX_PAD (mutated)
+    status          [4] i32         [error bits, zero-mass residuals, zero-mass coupling redraws,
+                                    sparse-state overflows]
+
+Sparse state (``q_idx`` non-empty, capacity C): a slot of kind KIND_DENSE stores the lanes where
+the row's target ``P`` is positive (the support of ``Qt`` lies inside it: VP's additive form with
+``beta >= 0`` and the log form never add mass where ``P = 0``), ascending, with ``Qt`` in
+``q_state`` and ``P`` in ``p_prev``; no mass is dropped, so the law is the dense one, bit for bit.
+With top-k the support has at most k lanes plus ties at the threshold. A row whose support exceeds
+C cannot be stored: that position's next draft is drawn from the uniform law instead (KIND_UNIFORM,
+exact since any proposal is, SPEC section 3) and ``status[3]`` counts the event.
 
 Returns ``num_accepted [B] i64`` (m; -1 for a request with an error), ``tokens [B, W+1]
 i64`` (the m + 1 committed tokens, then -1) and ``next_drafts [B, W] i64`` (positions
@@ -40,7 +52,8 @@ TAIL_UNIFORM, TAIL_LEFT = 0, 1
 KIND_DENSE, KIND_UNIFORM, KIND_ONEHOT = 0, 1, 2
 KIND_MASK, FLAG_PREV = 3, 4
 ERR_NONFINITE, ERR_DRAFT_RANGE, ERR_TREE_INDEX, ERR_WIN_LEN = 1, 2, 4, 8
-STATUS_ERR, STATUS_ZERO_RESID, STATUS_ZERO_COUPLE = 0, 1, 2
+STATUS_ERR, STATUS_ZERO_RESID, STATUS_ZERO_COUPLE, STATUS_OVERFLOW = 0, 1, 2, 3
+IDX_PAD = 2**31 - 1                      # id of an unused sparse entry (sorts after every lane)
 
 
 def vp_predict(p: torch.Tensor, p_prev: torch.Tensor, beta: float, form: int, eps: float) -> torch.Tensor:
@@ -57,15 +70,41 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, idx.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
 
 
+def densify(idx: torch.Tensor, val: torch.Tensor, V: int) -> torch.Tensor:
+    """Dense ``[..., V]`` float32 rows from sparse entries (ids outside [0, V), e.g. IDX_PAD, dropped)."""
+    i = idx.to(torch.int64)
+    i = torch.where((i >= 0) & (i < V), i, torch.full_like(i, V))
+    out = torch.zeros(*idx.shape[:-1], V + 1, dtype=torch.float32, device=val.device)
+    return out.scatter_(-1, i, val.to(torch.float32))[..., :V]
+
+
+def sparsify(support: torch.Tensor, rows: list, C: int):
+    """The first C lanes (ascending) where ``support [..., V]`` is true, as ``(idx i32 [..., C],
+    [row values at idx, ...])``; unused entries get IDX_PAD and 0. Rows with more than C such
+    lanes must not be stored (callers check the count)."""
+    V = support.shape[-1]
+    lanes = torch.arange(V, device=support.device)
+    key = torch.where(support, lanes, torch.full_like(lanes, IDX_PAD))
+    srt = key.sort(-1).values[..., :C]
+    if srt.shape[-1] < C:
+        pad = torch.full((*srt.shape[:-1], C - srt.shape[-1]), IDX_PAD, dtype=srt.dtype, device=srt.device)
+        srt = torch.cat([srt, pad], -1)
+    used = srt < V
+    g = srt.clamp(max=V - 1)
+    vals = [torch.where(used, torch.gather(r, -1, g), torch.zeros_like(r[..., :1])) for r in rows]
+    return srt.to(torch.int32), vals
+
+
 def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced,
                 q_state, q_kind, p_prev, status,
                 temperature: float, top_k: int, top_p: float, mode: int,
-                beta: float, vp_form: int, vp_eps: float, tail_init: int):
+                beta: float, vp_form: int, vp_eps: float, tail_init: int, q_idx=None):
     B, W1, V = logits.shape
     W = W1 - 1
     R = q_state.shape[1]
     dev = logits.device
     has_prev = p_prev.numel() > 0
+    sparse = q_idx is not None and q_idx.numel() > 0
     use_vp = has_prev and beta != 0.0 and mode in (MODE_SJD, MODE_COUPLING)
     i64 = torch.int64
     j = torch.arange(W1, device=dev, dtype=i64)
@@ -93,7 +132,11 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
     D = torch.cat([drafts, torch.zeros(B, 1, dtype=i64, device=dev)], 1)   # pad the bonus row
     kind_all = q_kind[bidx, slot].to(i64)
     kind = kind_all & KIND_MASK
-    Qrow = q_state[bidx, slot]                                         # [B, W+1, V]
+    if sparse:
+        idx_rows = q_idx[bidx, slot]
+        Qrow = densify(idx_rows, q_state[bidx, slot], V)                 # [B, W+1, V]
+    else:
+        Qrow = q_state[bidx, slot]                                     # [B, W+1, V]
     in_range = (D >= 0) & (D < V)
     draft_bad = is_draft & ~in_range & ~(is_forced & (D == f))
     Qd = torch.where(kind == KIND_DENSE, _gather(Qrow, D),
@@ -140,11 +183,18 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
         # only draft rows can hold this position's previous row: the bonus slot still holds a stale
         # row of an earlier position (SPEC section 4: the bonus uses Qvp = P)
         prev_ok = (((kind_all & FLAG_PREV) != 0) & is_draft).unsqueeze(-1)
-        Qt = torch.where(prev_ok, vp_predict(P, p_prev[bidx, slot], beta, vp_form, vp_eps), P)
+        pp = densify(idx_rows, p_prev[bidx, slot], V) if sparse else p_prev[bidx, slot]
+        Qt = torch.where(prev_ok, vp_predict(P, pp, beta, vp_form, vp_eps), P)
+    ovf = torch.zeros_like(is_forced)
+    if sparse:
+        # a state row that cannot hold this row's support: the position's next draft is uniform
+        ovf = ((P > 0).sum(-1) > q_idx.shape[2]) & valid & (j.view(1, W1) >= 1) & ~is_forced & ~row_bad
+        Qt = torch.where(ovf.unsqueeze(-1), torch.full_like(Qt, 1.0 / V), Qt)
+        status[STATUS_OVERFLOW] += ovf.sum().to(status.dtype)
+    E_dr = rng.exponential(rng.lane_words(seedb, posj, stepb, rng.STREAM_DRAFT, V))
     if mode in (MODE_GUMBEL, MODE_GUMBEL_JACOBI):
-        new = g
+        new = torch.where(ovf, rng.race(Qt, E_dr), g)
     else:
-        E_dr = rng.exponential(rng.lane_words(seedb, posj, stepb, rng.STREAM_DRAFT, V))
         fresh = rng.race(Qt, E_dr)
         new = fresh
         if mode == MODE_COUPLING:
@@ -166,11 +216,21 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
     # ---- state update: rows 1..win_len (row 0 is always committed), skipped for requests in error
     wr = valid & (j.view(1, W1) >= 1) & ~req_bad.view(B, 1)
     new_kind = torch.where(is_forced, torch.full_like(kind_all, KIND_ONEHOT),
-                           torch.full_like(kind_all, KIND_DENSE | (FLAG_PREV if has_prev else 0)))
+                           torch.where(ovf, torch.full_like(kind_all, KIND_UNIFORM),
+                                       torch.full_like(kind_all, KIND_DENSE | (FLAG_PREV if has_prev else 0))))
     b_w, s_w = bidx[wr], slot[wr]
-    q_state[b_w, s_w] = Qt[wr]
-    if has_prev:
-        p_prev[b_w, s_w] = P[wr]
+    if sparse:
+        # only KIND_DENSE slots store entries (forced and overflow slots keep stale ones, unread)
+        wd = wr & ~is_forced & ~ovf
+        idx_new, vals = sparsify(P[wd] > 0, [Qt[wd], P[wd]], q_idx.shape[2])
+        q_idx[bidx[wd], slot[wd]] = idx_new
+        q_state[bidx[wd], slot[wd]] = vals[0]
+        if has_prev:
+            p_prev[bidx[wd], slot[wd]] = vals[1]
+    else:
+        q_state[b_w, s_w] = Qt[wr]
+        if has_prev:
+            p_prev[b_w, s_w] = P[wr]
     q_kind[b_w, s_w] = new_kind[wr].to(q_kind.dtype)
 
     # ---- outputs

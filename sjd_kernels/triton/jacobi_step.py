@@ -72,6 +72,8 @@ F_DRAFT_BAD: tl.constexpr = tl.constexpr(_ref.ERR_DRAFT_RANGE)  # 2
 F_ZERO_RESID: tl.constexpr = tl.constexpr(4)
 F_ZERO_COUPLE: tl.constexpr = tl.constexpr(8)
 F_ACCEPT: tl.constexpr = tl.constexpr(16)
+F_OVERFLOW: tl.constexpr = tl.constexpr(32)
+IDX_PAD: tl.constexpr = tl.constexpr(_ref.IDX_PAD)
 
 # exponent special cases of torch.pow(tensor, scalar), which the reference's log-form VP hits
 POW_GENERAL, POW_ONE, POW_TWO, POW_HALF, POW_THREE, POW_NEG_ONE, POW_NEG_HALF, POW_NEG_TWO = range(8)
@@ -115,15 +117,34 @@ def _vp_predict(p, pp, valid, beta, eps, VP_FORM: tl.constexpr, BETA_POW: tl.con
 
 
 @triton.jit
+def _sparse_find(idx_row, keys, want, C, NSTEPS: tl.constexpr):
+    """Lower bound of each key in the ascending ids ``idx_row[0:C]`` (NSTEPS >= ceil(log2(C + 1))
+    halvings); returns the entry of each key and whether the id there equals it (masked by ``want``)."""
+    lo = tl.zeros_like(keys)
+    hi = lo + C
+    for _ in tl.static_range(NSTEPS):
+        live = want & (lo < hi)
+        mid = (lo + hi) >> 1
+        v = tl.load(idx_row + mid, mask=live, other=0)
+        right = live & (v < keys)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(live & (~right), mid, hi)
+    hit = want & (lo < C)
+    found = hit & (tl.load(idx_row + lo, mask=hit, other=-1) == keys)
+    return lo, found
+
+
+@triton.jit
 def _jacobi_rows_kernel(
         logits_ptr, stride_lb, stride_lj, uncond_ptr, stride_ub, stride_uj, cfg_ptr,
         drafts_ptr, win_ptr, pos_ptr, seed_ptr, step_ptr, forced_ptr, L,
-        q_state_ptr, q_kind_ptr, p_prev_ptr,
+        q_state_ptr, q_kind_ptr, p_prev_ptr, q_idx_ptr,
         flags_ptr, cand_ptr, new_ptr,
-        W, V, R, temperature, top_k, top_p, beta, vp_eps, q_unif,
+        W, V, R, C, temperature, top_k, top_p, beta, vp_eps, q_unif,
         HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_PREV: tl.constexpr, USE_VP: tl.constexpr,
         VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
-        DO_TOPP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr, BLOCK_V: tl.constexpr):
+        DO_TOPP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr, BLOCK_V: tl.constexpr,
+        SPARSE: tl.constexpr = False, BLOCK_C: tl.constexpr = 1, C_STEPS: tl.constexpr = 1):
     b = tl.program_id(0).to(tl.int64)      # requests on grid x (up to 2**31 - 1; y stops at 65535)
     j = tl.program_id(1)
     wl = tl.load(win_ptr + b)
@@ -159,8 +180,15 @@ def _jacobi_rows_kernel(
         draft_bad = is_draft & (~in_range) & (~(is_forced & (D == f)))
         kind_all = tl.load(q_kind_ptr + b * R + slot)
         kind = kind_all & K_MASK
-        q_row = q_state_ptr + (b * R + slot) * V
-        Qold = tl.load(q_row + lanes, mask=valid & (is_draft & (kind == K_DENSE)), other=0.0)
+        if SPARSE:
+            # entries of this slot: ascending lane ids, values of Qt and P at them (row width C)
+            q_row = q_state_ptr + (b * R + slot) * C
+            i_row = q_idx_ptr + (b * R + slot) * C
+            at, found = _sparse_find(i_row, lanes, valid & (is_draft & (kind == K_DENSE)), C, C_STEPS)
+            Qold = tl.load(q_row + at, mask=found, other=0.0)
+        else:
+            q_row = q_state_ptr + (b * R + slot) * V
+            Qold = tl.load(q_row + lanes, mask=valid & (is_draft & (kind == K_DENSE)), other=0.0)
         Qold = tl.where(kind == K_UNIFORM, q_unif, Qold)
         Qold = tl.where(kind >= K_ONEHOT, tl.where(lanes == D, 1.0, 0.0), Qold)
         Qold = tl.where(valid & is_draft, Qold, 0.0)
@@ -190,6 +218,7 @@ def _jacobi_rows_kernel(
 
         # ---- the row's next draft and its law Qt (row 0's position is always committed: skipped)
         zero_cpl = tl.full([], 0, tl.int1)
+        ovf_flag = tl.full([], 0, tl.int1)
         new = tl.full([], -1, tl.int64)
         if j >= 1:
             Qt = P
@@ -197,10 +226,23 @@ def _jacobi_rows_kernel(
                 # only a draft row's slot holds this position's previous row (the bonus slot holds a
                 # stale row of an earlier position): the bonus row uses Qt = P
                 if ((kind_all & K_FLAG_PREV) != 0) & is_draft:
-                    pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
+                    if SPARSE:
+                        pp = tl.load(p_prev_ptr + (b * R + slot) * C + at, mask=found, other=0.0)
+                    else:
+                        pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
                     Qt = _vp_predict(P, pp, valid, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
+            ovf = tl.full([], 0, tl.int1)
+            if SPARSE:
+                # the support does not fit the slot: this position drafts from the uniform law
+                n_sup = tl.sum((valid & (P > 0.0)).to(tl.int32), 0)
+                ovf = (n_sup > C) & (~is_forced) & (~row_bad)
+                if ovf:
+                    Qt = tl.where(valid, q_unif, 0.0)
             if MODE >= M_GUMBEL:
                 new = g.to(tl.int64)
+                if ovf:
+                    E_dr = exponential(lane_words(k0, k1, c_pos, c_step, S_DRAFT, BLOCK_V))
+                    new = race(Qt, E_dr, lanes, valid).to(tl.int64)
             elif MODE == M_COUPLING:
                 if is_draft:
                     wc, _c1, _c2, _c3 = four_words(k0, k1, c_pos, c_step, S_COUPLE)
@@ -225,17 +267,36 @@ def _jacobi_rows_kernel(
             # state of this position; every thread has read Q_old / p_prev of this slot before
             # any thread overwrites it (the loads and stores may use different layouts)
             tl.debug_barrier()
-            tl.store(q_row + lanes, Qt, mask=valid)
+            if SPARSE:
+                # ordered compaction of the support (forced and overflowing rows store no entries)
+                if (~is_forced) & (~ovf):
+                    keep = valid & (P > 0.0)
+                    at_new = tl.cumsum(keep.to(tl.int32), 0) - 1
+                    tl.store(i_row + at_new, lanes, mask=keep)
+                    tl.store(q_row + at_new, Qt, mask=keep)
+                    if HAS_PREV:
+                        tl.store(p_prev_ptr + (b * R + slot) * C + at_new, P, mask=keep)
+                    c = tl.arange(0, BLOCK_C)
+                    pad = (c >= n_sup) & (c < C)
+                    tl.store(i_row + c, tl.full([BLOCK_C], IDX_PAD, tl.int32), mask=pad)
+                    tl.store(q_row + c, tl.zeros([BLOCK_C], tl.float32), mask=pad)
+                    if HAS_PREV:
+                        tl.store(p_prev_ptr + (b * R + slot) * C + c, tl.zeros([BLOCK_C], tl.float32), mask=pad)
+            else:
+                tl.store(q_row + lanes, Qt, mask=valid)
+                if HAS_PREV:
+                    tl.store(p_prev_ptr + (b * R + slot) * V + lanes, P, mask=valid)
             if HAS_PREV:
-                tl.store(p_prev_ptr + (b * R + slot) * V + lanes, P, mask=valid)
                 kind_new = tl.where(is_forced, K_ONEHOT, K_DENSE | K_FLAG_PREV)
             else:
                 kind_new = tl.where(is_forced, K_ONEHOT, K_DENSE)
+            kind_new = tl.where(ovf, K_UNIFORM, kind_new)
             tl.store(q_kind_ptr + b * R + slot, kind_new.to(tl.int32))
+            ovf_flag = ovf
 
         flags = tl.where(row_bad, F_ROW_BAD, 0) | tl.where(draft_bad, F_DRAFT_BAD, 0) \
             | tl.where(zero_res, F_ZERO_RESID, 0) | tl.where(zero_cpl, F_ZERO_COUPLE, 0) \
-            | tl.where(accept, F_ACCEPT, 0)
+            | tl.where(accept, F_ACCEPT, 0) | tl.where(ovf_flag, F_OVERFLOW, 0)
         tl.store(flags_ptr + b * W1 + j, flags)
         tl.store(cand_ptr + b * W1 + j, cand)
         tl.store(new_ptr + b * W1 + j, new)
@@ -267,12 +328,15 @@ def _jacobi_commit_kernel(
     req_bad = err != 0
     n_zero = tl.sum((fl >> 2) & 1, 0)
     n_zcpl = tl.sum((fl >> 3) & 1, 0)
+    n_ovf = tl.sum((fl >> 5) & 1, 0)
     if err != 0:
         tl.atomic_or(status_ptr, err)
     if n_zero > 0:
         tl.atomic_add(status_ptr + 1, n_zero)
     if n_zcpl > 0:
         tl.atomic_add(status_ptr + 2, n_zcpl)
+    if n_ovf > 0:
+        tl.atomic_add(status_ptr + 3, n_ovf)
 
     # ---- committed tokens
     cand_m = tl.load(cand_ptr + b * W1 + m)
@@ -340,6 +404,15 @@ def kernel_config(V: int, W: int) -> dict:
             "BLOCK_W1": max(2, triton.next_power_of_2(W + 1)), "BLOCK_W": max(2, triton.next_power_of_2(max(W, 1)))}
 
 
+def sparse_block(C: int) -> int:
+    return max(16, triton.next_power_of_2(C))
+
+
+def sparse_steps(C: int) -> int:
+    """Halvings of the binary search over C entries: ceil(log2(C + 1))."""
+    return max(1, int(C).bit_length())
+
+
 def is_interpreted() -> bool:
     return isinstance(_jacobi_rows_kernel, _Interpreted) if _Interpreted else False
 
@@ -352,7 +425,7 @@ def _inv_temperature(t: float) -> float:
 
 def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced,
                        q_state, q_kind, p_prev, status,
-                       temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init):
+                       temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init, q_idx=None):
     """Fused Triton ``jacobi_step``: same arguments, outputs and in-place updates as the reference.
 
     ``logits``/``uncond`` ``[B, W+1, V]`` bf16/fp16/fp32 with a contiguous last dim (any row
@@ -366,6 +439,8 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     temperature, top_p, beta, vp_eps = float(temperature), float(top_p), float(beta), float(vp_eps)
     top_k, mode, vp_form, tail_init = int(top_k), int(mode), int(vp_form), int(tail_init)
     has_prev = p_prev.numel() > 0
+    sparse = q_idx is not None and q_idx.numel() > 0
+    Cap = q_idx.shape[2] if sparse else V
     has_forced = forced is not None and forced.numel() > 0
     greedy = temperature == 0.0
     use_vp = has_prev and beta != 0.0 and mode in (_ref.MODE_SJD, _ref.MODE_COUPLING)
@@ -391,13 +466,14 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
         logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1),
         cfg_scale if uncond is not None else q_state,
         drafts, win_len, pos, seed, step, forced_t, L,
-        q_state, q_kind, p_prev if has_prev else q_state,
+        q_state, q_kind, p_prev if has_prev else q_state, q_idx if sparse else q_kind,
         flags, cand, new,
-        W, V, R, _inv_temperature(temperature) if not greedy else 1.0, top_k, top_p, beta, vp_eps, 1.0 / V,
+        W, V, R, Cap, _inv_temperature(temperature) if not greedy else 1.0, top_k, top_p, beta, vp_eps, 1.0 / V,
         HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, HAS_PREV=has_prev, USE_VP=use_vp,
         VP_FORM=vp_form, BETA_POW=_POW_CASES.get(beta, POW_GENERAL), GREEDY=greedy,
         DO_TOPK=(not greedy) and 0 < top_k < V, DO_TOPP=(not greedy) and top_p < 1.0, MODE=mode,
-        INTERP=interp, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)
+        INTERP=interp, BLOCK_V=cfg["BLOCK_V"], SPARSE=sparse, BLOCK_C=sparse_block(Cap) if sparse else 1,
+        C_STEPS=sparse_steps(Cap) if sparse else 1, num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)
     _jacobi_commit_kernel[(B,)](
         drafts, win_len, pos, seed, step, forced_t, L,
         q_kind, flags, cand, new, status,
@@ -411,8 +487,8 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
 _ROWS_TYPES = dict(
     logits_ptr=None, stride_lb="i64", stride_lj="i64", uncond_ptr=None, stride_ub="i64", stride_uj="i64",
     cfg_ptr="*fp32", drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
-    forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", flags_ptr="*i32",
-    cand_ptr="*i64", new_ptr="*i64", W="i32", V="i32", R="i32", temperature="fp32", top_k="i32", top_p="fp32",
+    forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", q_idx_ptr="*i32",
+    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", W="i32", V="i32", R="i32", C="i32", temperature="fp32", top_k="i32", top_p="fp32",
     beta="fp32", vp_eps="fp32", q_unif="fp32")
 _COMMIT_TYPES = dict(
     drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64", forced_ptr="*i64",
@@ -441,12 +517,20 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
                       BETA_POW=POW_HALF, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_SJD)),
         ("fp32", dict(HAS_UNCOND=False, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=False, DO_TOPP=False, MODE=_ref.MODE_GUMBEL)),
+        # sparse state, capacity 1064 (top-k 1000 plus room for ties)
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_COUPLING,
+                      SPARSE=True, BLOCK_C=sparse_block(1064), C_STEPS=sparse_steps(1064))),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_GUMBEL,
+                      SPARSE=True, BLOCK_C=sparse_block(1064), C_STEPS=sparse_steps(1064))),
     ]
     for dt, ce in rows:
         sig = dict(_ROWS_TYPES, logits_ptr=f"*{dt}", uncond_ptr=f"*{dt}")
         ce = dict(ce, INTERP=False, BLOCK_V=cfg["BLOCK_V"])
         sig.update({k: "constexpr" for k in ce})
-        name = f"rows-{dt}-mode{ce['MODE']}{'-greedy' if ce['GREEDY'] else ''}{'-vp' if ce['USE_VP'] else ''}"
+        name = (f"rows-{dt}-mode{ce['MODE']}{'-greedy' if ce['GREEDY'] else ''}{'-vp' if ce['USE_VP'] else ''}"
+                f"{'-sparse' if ce.get('SPARSE') else ''}")
         cases.append(dict(name=name, kernel="_jacobi_rows_kernel", signature=sig, constexprs=ce,
                           options=dict(num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)))
     for forced, left in ((True, False), (False, True)):
