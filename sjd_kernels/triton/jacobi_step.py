@@ -184,7 +184,13 @@ def _jacobi_rows_kernel(
             # entries of this slot: ascending lane ids, values of Qt and P at them (row width C)
             q_row = q_state_ptr + (b * R + slot) * C
             i_row = q_idx_ptr + (b * R + slot) * C
-            at, found = _sparse_find(i_row, lanes, valid & (is_draft & (kind == K_DENSE)), C, C_STEPS)
+            # support of this row; a row whose support does not fit the slot drafts uniformly (below)
+            n_sup = tl.sum((valid & (P > 0.0)).to(tl.int32), 0)
+            ovf_row = (j >= 1) & (n_sup > C) & (~is_forced) & (~row_bad)
+            # only lanes a race can pick need the old law: P > 0 (residual), Qt > 0 (coupling; Qt lies
+            # in P's support unless the row overflows), and the draft's own lane
+            want = valid & is_draft & (kind == K_DENSE) & ((P > 0.0) | (lanes == D) | ovf_row)
+            at, found = _sparse_find(i_row, lanes, want, C, C_STEPS)
             Qold = tl.load(q_row + at, mask=found, other=0.0)
         else:
             q_row = q_state_ptr + (b * R + slot) * V
@@ -234,8 +240,7 @@ def _jacobi_rows_kernel(
             ovf = tl.full([], 0, tl.int1)
             if SPARSE:
                 # the support does not fit the slot: this position drafts from the uniform law
-                n_sup = tl.sum((valid & (P > 0.0)).to(tl.int32), 0)
-                ovf = (n_sup > C) & (~is_forced) & (~row_bad)
+                ovf = ovf_row
                 if ovf:
                     Qt = tl.where(valid, q_unif, 0.0)
             if MODE >= M_GUMBEL:
