@@ -18,7 +18,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -26,6 +25,7 @@
 #include "common.cuh"
 #include "jacobi_step.h"
 #include "rng.cuh"
+#include "row_smem.cuh"
 #include "sampling.cuh"
 #include "target.cuh"
 
@@ -49,7 +49,6 @@ enum PowCode : int { kPowGeneric = 0, kPowOne, kPowSqrt, kPowRsqrt, kPowRecip, k
 constexpr int kScAccept = 0, kScCand = 1, kScNew = 2, kScBad = 3;
 
 constexpr int kMaxThreads = 1024;
-constexpr int kMaxDevices = 64;
 
 struct Params {
   const void* logits;
@@ -567,39 +566,14 @@ int pow_code_for(double beta, float* exp_out) {
   return kPowGeneric;
 }
 
-int threads_for(int V, bool global_rows) {
-  if (global_rows) return kMaxThreads;
-  int t = ((V + 15) / 16 + 31) / 32 * 32;  // about 16 lanes per thread
-  return t < 128 ? 128 : (t > kMaxThreads ? kMaxThreads : t);
-}
-
-struct DeviceInfo {
-  std::atomic<int> max_lanes{-1};
-  std::atomic<int> dyn_set[3]{};
-};
-DeviceInfo g_dev[kMaxDevices];
-
-int static_smem_bytes() {
-  cudaFuncAttributes a{};
-  SJD_CUDA_CHECK(cudaFuncGetAttributes(&a, jacobi_rows_kernel<float>));
-  return static_cast<int>(a.sharedSizeBytes);
-}
-
-template <typename T>
-void set_dyn_smem(int device, int dtype, int bytes) {
-  if (bytes <= 48 * 1024) return;
-  std::atomic<int>& done = g_dev[device].dyn_set[dtype];
-  if (done.load() >= bytes) return;
-  SJD_CUDA_CHECK(cudaFuncSetAttribute(jacobi_rows_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.store(bytes);
-}
+RowSmemCache g_rows;  // per-device shared-memory facts of jacobi_rows_kernel
 
 template <typename T>
 void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
   const bool global_rows = prm.rowbuf != nullptr;
-  const int threads = threads_for(prm.V, global_rows);
+  const int threads = row_block_threads(prm.V, global_rows, kMaxThreads);
   const int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
-  if (!global_rows) set_dyn_smem<T>(device, dtype, smem);
+  if (!global_rows) g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(jacobi_rows_kernel<T>), smem);
   const dim3 grid(static_cast<unsigned>(prm.B), static_cast<unsigned>(prm.W + 1));
   jacobi_rows_kernel<T><<<grid, threads, smem, st>>>(prm);
   SJD_CHECK_LAUNCH("jacobi_rows_kernel");
@@ -610,15 +584,7 @@ void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
 }  // namespace
 
 int jacobi_step_max_smem_lanes(int device) {
-  require_device(device, "jacobi_step_max_smem_lanes");
-  SJD_REQUIRE(device < kMaxDevices, "device index above 63");
-  int cached = g_dev[device].max_lanes.load();
-  if (cached >= 0) return cached;
-  int optin = 0;
-  SJD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int lanes = (optin - static_smem_bytes()) / static_cast<int>(sizeof(float));
-  g_dev[device].max_lanes.store(lanes > 0 ? lanes : 0);
-  return lanes > 0 ? lanes : 0;
+  return g_rows.max_lanes(device, reinterpret_cast<const void*>(jacobi_rows_kernel<float>), "jacobi_step_max_smem_lanes");
 }
 
 void jacobi_step_launch(const JacobiStepArgs& a) {

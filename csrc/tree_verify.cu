@@ -19,13 +19,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "common.cuh"
 #include "jacobi_step.h"
 #include "rng.cuh"
+#include "row_smem.cuh"
 #include "sampling.cuh"
 #include "target.cuh"
 #include "tree_verify.h"
@@ -40,7 +40,6 @@ constexpr int kStatusErr = 0, kStatusZeroResid = 1;
 constexpr int kMaxSiblings = 16, kMaxNodes = 1024;
 constexpr int kMaxThreads = 1024;
 constexpr int kRowcheckThreads = 256;
-constexpr int kMaxDevices = 64;
 
 struct Params {
   const void* logits;
@@ -316,26 +315,7 @@ __global__ void __launch_bounds__(kMaxThreads) tree_verify_kernel(const Params p
   }
 }
 
-int threads_for(int V, bool global_rows) {
-  if (global_rows) return kMaxThreads;
-  int t = ((V + 15) / 16 + 31) / 32 * 32;  // about 16 lanes per thread
-  return t < 128 ? 128 : (t > kMaxThreads ? kMaxThreads : t);
-}
-
-struct DeviceInfo {
-  std::atomic<int> max_lanes{-1};
-  std::atomic<int> dyn_set[3]{};
-};
-DeviceInfo g_dev[kMaxDevices];
-
-template <typename T>
-void set_dyn_smem(int device, int dtype, int bytes) {
-  if (bytes <= 48 * 1024) return;
-  std::atomic<int>& done = g_dev[device].dyn_set[dtype];
-  if (done.load() >= bytes) return;
-  SJD_CUDA_CHECK(cudaFuncSetAttribute(tree_verify_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.store(bytes);
-}
+RowSmemCache g_rows;  // per-device shared-memory facts of tree_verify_kernel
 
 template <typename T>
 void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
@@ -344,26 +324,15 @@ void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
   SJD_CHECK_LAUNCH("tree_rowcheck_kernel");
   const bool global_rows = prm.rowbuf != nullptr;
   const int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
-  if (!global_rows) set_dyn_smem<T>(device, dtype, smem);
-  tree_verify_kernel<T><<<prm.B, threads_for(prm.V, global_rows), smem, st>>>(prm);
+  if (!global_rows) g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(tree_verify_kernel<T>), smem);
+  tree_verify_kernel<T><<<prm.B, row_block_threads(prm.V, global_rows, kMaxThreads), smem, st>>>(prm);
   SJD_CHECK_LAUNCH("tree_verify_kernel");
 }
 
 }  // namespace
 
 int tree_verify_max_smem_lanes(int device) {
-  require_device(device, "tree_verify_max_smem_lanes");
-  SJD_REQUIRE(device < kMaxDevices, "device index above 63");
-  int cached = g_dev[device].max_lanes.load();
-  if (cached >= 0) return cached;
-  int optin = 0;
-  SJD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  cudaFuncAttributes a{};
-  SJD_CUDA_CHECK(cudaFuncGetAttributes(&a, tree_verify_kernel<float>));
-  int lanes = (optin - static_cast<int>(a.sharedSizeBytes)) / static_cast<int>(sizeof(float));
-  lanes = lanes > 0 ? lanes : 0;
-  g_dev[device].max_lanes.store(lanes);
-  return lanes;
+  return g_rows.max_lanes(device, reinterpret_cast<const void*>(tree_verify_kernel<float>), "tree_verify_max_smem_lanes");
 }
 
 void tree_verify_launch(const TreeVerifyArgs& a) {
