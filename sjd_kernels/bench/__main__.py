@@ -61,7 +61,7 @@ def cmd_e2e(args) -> int:
                   vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
                   law_samples=args.law_samples, seed=args.seed, out_dir=args.out or DEFAULT_OUT, csv_path=args.csv,
                   json_path=args.json, budget_s=args.budget_s, quick=args.quick, backend=args.backend_name,
-                  command=_command(), threads=args.threads,
+                  command=_command(), threads=args.threads, state_capacity=args.state_capacity,
                   write_when_not_run=bool(args.out or args.csv or args.json))
     if res.get("status") == "refused":
         return 2
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", dest="backend_name", default="auto", help="op backend for the loop")
     s.add_argument("--quick", action="store_true")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: 1 without a GPU)")
+    s.add_argument("--state-capacity", type=int,
+                   help="sparse Jacobi state with this many entries per position for the windowed chain methods "
+                        "(e.g. top-k + 64; default: dense)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help=f"folder for e2e.csv, e2e.json, e2e.md, e2e_speedup.png, e2e_beta.png "
                                  f"(default {DEFAULT_OUT})")

@@ -57,12 +57,14 @@ ALIASES = {"bundled": "mnist"}
 METHODS = ("ar", "ar_gumbel", "sjd", "sjd_vp", "coupling", "gumbel", "gumbel_jacobi", "pac", "sjd2", "reference_sjd")
 WINDOW_SWEEP = ("sjd", "coupling", "gumbel", "pac", "sjd2", "reference_sjd")
 RANDOM_MODEL_METHODS = ("ar", "sjd", "sjd_vp", "coupling", "gumbel", "reference_sjd")
+SPARSE_STATE_METHODS = ("sjd", "sjd_vp", "coupling", "gumbel", "gumbel_jacobi")   # what --state-capacity applies to
 
 COLUMNS = ["model", "method", "sweep", "window", "beta", "vp_form", "batch", "num_tokens", "samples", "nfe", "nfe_sd",
            "nfe_prefill", "step_compression", "tokens_per_step", "tokens_per_step_sd", "tokens_per_step_ci",
            "latency_ms", "latency_p20_ms", "latency_p80_ms", "tokens_per_s", "speedup_latency", "step_ms",
            "step_cost_vs_ar", "forward_ms_per_step", "post_head_ms_per_step", "post_head_frac", "clock", "law_test",
-           "law_p", "law_detail", "law_n", "tokens_per_step_law", "tokens_per_step_law_sd", "note", "backend", "device",
+           "law_p", "law_detail", "law_n", "tokens_per_step_law", "tokens_per_step_law_sd", "state_bytes", "note",
+           "backend", "device",
            "gpu", "torch", "triton", "cuda", "python", "commit"]
 
 # settings when not given on the command line: (device kind, trained) -> defaults
@@ -186,12 +188,14 @@ def generate_any(models: Models, method: str, cond, num_tokens: int, *, seeds, w
     extra = {}
     if method in ("sjd_vp", "coupling") and beta is not None:
         extra = {"beta": beta, "vp_form": vp_form}
+    if getattr(models, "state_capacity", None) and method in SPARSE_STATE_METHODS and window:
+        extra["state_capacity"] = models.state_capacity
     out = generate(models.gpt, cond, num_tokens, method, window=window or 0, backend=backend, progress=False,
                    **extra, **kw)
     st = out.stats
     return {"tokens": out.tokens, "nfe": st.nfe, "nfe_prefill": st.nfe_prefill,
             "steps": list(st.steps) or [st.nfe] * out.tokens.shape[0], "forward_s": st.forward_s,
-            "post_s": st.post_s, "split": True}
+            "post_s": st.post_s, "split": True, "state_bytes": st.state_bytes}
 
 
 @torch.no_grad()
@@ -341,6 +345,7 @@ def run_config(models: Models, *, method: str, num_tokens: int, batch: int, samp
     warm = num_tokens if dev.type == "cuda" else min(num_tokens, 2 * (window or 1) + 2)
     generate_any(models, method, models.cond(batch, seed), warm, seeds=seeds_of(seed), **kw)
     lat, nfe, pre, fwd, post, per_req = [], [], [], [], [], []
+    state_bytes = ""
     split = True
     for s in range(samples):
         sd = seed + 1 + s
@@ -357,13 +362,14 @@ def run_config(models: Models, *, method: str, num_tokens: int, batch: int, samp
             fwd.append(r["forward_s"] * 1e3 / r["nfe"])
             post.append(r["post_s"] * 1e3 / r["nfe"])
         per_req += [num_tokens / max(1, st) for st in r["steps"]]
+        state_bytes = r.get("state_bytes", "")
     lat = np.array(lat)
     nfe_m = float(np.mean(nfe))
     out = {"method": method, "window": window if window is not None else "", "beta": beta if beta is not None else "",
            "vp_form": vp_form if beta is not None else "", "batch": batch, "num_tokens": num_tokens,
            "samples": samples, "nfe": _r(nfe_m, 2), "nfe_sd": _r(np.std(nfe, ddof=1), 2) if len(nfe) > 1 else "",
            "nfe_prefill": _r(np.mean(pre), 2), "step_compression": _r(num_tokens / max(nfe_m, 1e-9)),
-           "clock": "cuda" if dev.type == "cuda" else "cpu"}
+           "clock": "cuda" if dev.type == "cuda" else "cpu", "state_bytes": state_bytes}
     per = np.array(per_req)
     out["tokens_per_step"] = _r(per.mean())
     if len(per) > 1:
@@ -397,7 +403,8 @@ def _settings(device_type: str, trained: bool, quick: bool, **given) -> dict:
 def run_e2e(model: str = "mnist", methods=None, windows=None, betas=None, vp_forms=("add",), num_tokens=None,
             batch=None, samples=None, law_samples=None, seed: int = 0, out_dir=None, csv_path=None,
             json_path=None, budget_s: float = 1e9, quick: bool = False, backend: str = "auto", command: str = "",
-            threads: Optional[int] = None, write_when_not_run: bool = True, log=print) -> dict:
+            threads: Optional[int] = None, write_when_not_run: bool = True, log=print,
+            state_capacity: Optional[int] = None) -> dict:
     """Run the sweep; returns ``{"rows", "info", "failed", "status", "notes", ...}``.
 
     ``status``: ``ok``, ``skipped`` (a bundled model without weights), ``refused`` (a GPU-only
@@ -405,6 +412,8 @@ def run_e2e(model: str = "mnist", methods=None, windows=None, betas=None, vp_for
     without a GPU, where the small bundled models gain little from more and a shared machine's
     wall clock stays steadier; unchanged with one); restored afterwards. ``write_when_not_run``:
     write the files of a skipped or refused run too (the CLI does when the output was named).
+    ``state_capacity``: sparse Jacobi state (that many entries per position) for the windowed chain
+    methods (``SPARSE_STATE_METHODS``); None keeps it dense.
     """
     old_threads = torch.get_num_threads()
     if threads is None and not has_gpu():
@@ -413,13 +422,15 @@ def run_e2e(model: str = "mnist", methods=None, windows=None, betas=None, vp_for
         torch.set_num_threads(int(threads))
     try:
         return _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, samples, law_samples, seed,
-                        out_dir, csv_path, json_path, budget_s, quick, backend, command, write_when_not_run, log)
+                        out_dir, csv_path, json_path, budget_s, quick, backend, command, write_when_not_run, log,
+                        state_capacity)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, samples, law_samples, seed, out_dir,
-             csv_path, json_path, budget_s, quick, backend, command, write_when_not_run, log) -> dict:
+             csv_path, json_path, budget_s, quick, backend, command, write_when_not_run, log,
+             state_capacity=None) -> dict:
     t0 = time.time()
     info = machine_info()
     gpu = has_gpu()
@@ -450,6 +461,7 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
         _write(result, out_dir, csv_path, json_path)
         return result
     trained = models.trained
+    models.state_capacity = state_capacity
     st = _settings(device, trained, quick, batch=batch, samples=samples, windows=windows, betas=betas,
                    law=law_samples)
     batch, samples, law_n = int(st["batch"]), int(st["samples"]), int(st["law"])
@@ -476,7 +488,8 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
     lossless = lossless_methods()
     log(f"e2e: model {model} ({'trained' if trained else 'random weights: step costs only'}) on {device}, {T} tokens, "
         f"batch {batch}, cfg {models.cfg_scale}, top-k {models.top_k}, methods {methods}, windows {windows} "
-        f"(default {default_w}), sjd_vp betas {betas}, {samples} timed samples, law samples {law_n}")
+        f"(default {default_w}), sjd_vp betas {betas}, {samples} timed samples, law samples {law_n}, "
+        f"state {'sparse, capacity ' + str(state_capacity) if state_capacity else 'dense'}")
     if not gpu:
         log(CPU_NOTE)
     vp_default = 0.5
@@ -578,6 +591,7 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
                           "top_k": models.top_k, "samples": samples, "law_samples": law_n, "trained": trained,
                           "methods": methods, "windows": windows, "default_window": default_w, "betas": betas,
                           "vp_forms": list(vp_forms), "seed": seed, "backend": backend,
+                          "state_capacity": state_capacity or "",
                           "torch_threads": torch.get_num_threads()}
     result["seconds"] = time.time() - t0
     _write(result, out_dir, csv_path, json_path)
@@ -675,7 +689,8 @@ def summary_markdown(result: dict) -> str:
                      f"top-k {st['top_k']}, {st['samples']} timed generations per configuration after one warm-up "
                      f"({'the same generation' if st['device'] == 'cuda' else 'a short generation'}), "
                      f"default window {st['default_window']}, law test on {st['law_samples']} images per method, "
-                     f"seed {st['seed']}, backend {st['backend']}")
+                     f"seed {st['seed']}, backend {st['backend']}, Jacobi state "
+                     f"{'sparse, capacity ' + str(st['state_capacity']) if st.get('state_capacity') else 'dense'}")
     if "seconds" in result:
         lines.append(f"- run time: {result['seconds']:.0f} s")
     if result["rows"]:
