@@ -9,12 +9,7 @@ from sjd_kernels.decoding import StaticKVCache, generate
 from test_generate import prefix_model, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def test_layout_writes_and_mask():

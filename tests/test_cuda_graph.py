@@ -34,12 +34,7 @@ STATS = ("nfe", "nfe_prefill", "steps", "accepted_hist", "zero_mass_residuals", 
          "tokens_per_step", "mean_tokens_per_step", "state_bytes", "cache_bytes", "window", "batch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def assert_same(graph, eager, label=""):

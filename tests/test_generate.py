@@ -19,13 +19,7 @@ from stats import assert_law, sequence_codes, target_law64
 WINDOWED = ["sjd", "sjd_vp", "coupling", "gumbel", "gumbel_jacobi"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 matmuls are ~40x slower with 2 threads on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def tiny(V=16, N=12, layers=2, d=32, seed=0, classes=3, kv=1, head=40.0, emb=20.0):

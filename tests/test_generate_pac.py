@@ -21,12 +21,7 @@ from test_cache import ar_kv
 from test_generate import Counting, prefix_model, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 # ------------------------------------------------------------------------------------ oracles

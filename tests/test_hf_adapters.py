@@ -12,12 +12,7 @@ from sjd_kernels.models.hf import HFImageLM, chameleon_image_ids, from_chameleon
 WINDOWED = ["sjd", "sjd_vp", "coupling", "gumbel", "gumbel_jacobi"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def llama(attn="sdpa", seed=0):

@@ -27,12 +27,7 @@ EOL, EOF, EOI, IMG_TOKEN = 30, 31, 29, 4
 BOI = 38                                         # Janus <begin_of_image>
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def emu3_vocab_map(visual=VISUAL, eol=True):

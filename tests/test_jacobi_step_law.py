@@ -61,14 +61,7 @@ SINGLE_STEP_MODES = list(MODE_SPECS)
 SEQUENCE_MODES = ["sjd", "vp_add_b0.5", "vp_log_b1", "coupling", "coupling_vp_add_b0.5", "gumbel"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The large vectorised batches run single-threaded: on a shared machine, intra-op threads waiting
-    on each other cost far more than they save (a 20 s run took minutes with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 # ----------------------------------------------------------------------------- implementations

@@ -30,14 +30,7 @@ W2_CASE = [c for c in law.SEQUENCE_CASES if c[0] == "table_W2"]
 W3_CASE = [c for c in law.SEQUENCE_CASES if c[0] == "table_W3_topk2_left"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The large vectorised batches run single-threaded: on a shared machine, intra-op threads waiting
-    on each other cost far more than they save (a 20 s run took minutes with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def _p(results):

@@ -29,12 +29,7 @@ from sjd_kernels.reference import jacobi_step as ref  # noqa: E402
 SPECS = ["sjd", "vp_add_b0.5", "vp_log_b1", "coupling", "coupling_vp_add_b0.5", "gumbel", "gumbel_jacobi"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def _record_states(impl):

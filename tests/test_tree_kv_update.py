@@ -32,12 +32,7 @@ BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: 
 LAYERS, R, H, S, D = 3, 4, 2, 24, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def poisoned(shape, dtype, seed, device="cpu"):

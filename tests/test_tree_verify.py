@@ -69,13 +69,7 @@ def backend_device(backend: str) -> str:
 BACKENDS = available_backends()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded: on a shared machine, intra-op threads waiting on each other cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
 def public_verify(backend: str = "torch", device: str = "cpu"):
