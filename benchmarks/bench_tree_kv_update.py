@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                             print(f"{be:6s} {layout:7s} {model:11s} R={R:<3d} {dname} L2 {l2}: {t.median:8.2f} us "
                                   f"(p20 {t.p20:.2f}, p80 {t.p80:.2f}), {nbytes / 1e6:.2f} MB, {gbps:7.1f} GB/s = "
                                   f"{row['frac_copy_bw']:.1%} of copy bw; copy_ of the same bytes {floor:.2f} us")
-                del kv, keys, values, want, want_k, want_v
+                kv = keys = values = want = want_k = want_v = None          # free before the next shape
                 torch.cuda.empty_cache()
 
     out = Path(args.out)

@@ -608,13 +608,9 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   SJD_REQUIRE(!a.q_idx || a.C >= 1, "jacobi_step: C (sparse entries per slot) must be >= 1 with q_idx");
   require_device(a.device, "jacobi_step");
   SJD_REQUIRE(a.device < kMaxDevices, "device index above 63");
-  if (!a.rowbuf) {
-    const int lanes = jacobi_step_max_smem_lanes(a.device);
-    if (a.V > lanes)
-      throw std::runtime_error("sjd_kernels._C.jacobi_step: V = " + std::to_string(a.V) +
-                               " lanes do not fit in shared memory (at most " + std::to_string(lanes) +
-                               " on this device); pass a [B, W+1, V] float32 rowbuf");
-  }
+  if (!a.rowbuf)
+    g_rows.require_fits(a.device, reinterpret_cast<const void*>(jacobi_rows_kernel<float>), a.V, "jacobi_step",
+                        "[B, W+1, V]");
 
   Params p{};
   p.logits = a.logits;

@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 
@@ -39,6 +41,15 @@ class RowSmemCache {
     lanes = lanes > 0 ? lanes : 0;
     dev_[device].max_lanes.store(lanes);
     return lanes;
+  }
+
+  // Without a global row buffer the row must fit in shared memory: a clear error when it does not.
+  void require_fits(int device, const void* kernel, int V, const char* op, const char* rowbuf_shape) {
+    const int lanes = max_lanes(device, kernel, op);
+    if (V > lanes)
+      throw std::runtime_error(std::string("sjd_kernels._C.") + op + ": V = " + std::to_string(V) +
+                               " lanes do not fit in shared memory (at most " + std::to_string(lanes) +
+                               " on this device); pass a " + rowbuf_shape + " float32 rowbuf");
   }
 
   // Opt ``kernel`` (the instantiation for dtype code 0..2) in to ``bytes`` of dynamic shared

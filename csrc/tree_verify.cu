@@ -352,13 +352,9 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   SJD_REQUIRE(!a.forced || a.forced_len > 0, "tree_verify: forced_len must be > 0 with forced");
   require_device(a.device, "tree_verify");
   SJD_REQUIRE(a.device < kMaxDevices, "device index above 63");
-  if (!a.rowbuf) {
-    const int lanes = tree_verify_max_smem_lanes(a.device);
-    if (a.V > lanes)
-      throw std::runtime_error("sjd_kernels._C.tree_verify: V = " + std::to_string(a.V) +
-                               " lanes do not fit in shared memory (at most " + std::to_string(lanes) +
-                               " on this device); pass a [B, V] float32 rowbuf");
-  }
+  if (!a.rowbuf)
+    g_rows.require_fits(a.device, reinterpret_cast<const void*>(tree_verify_kernel<float>), a.V, "tree_verify",
+                        "[B, V]");
   Params p{};
   p.logits = a.logits;
   p.l_sb = a.logits_sb;

@@ -73,7 +73,7 @@ def _compare(spec, V, L, n, W, k, cap, device, seed0=91, backend="triton"):
     assert torch.equal(Xr, Xt), f"{spec}: tokens differ"
     assert len(r_rec) == len(t_rec)
     for s, (a, b) in enumerate(zip(r_rec, t_rec)):
-        (qr, kr, pr, ir_, str_, *outr), (qt, kt, pt, it_, stt, *outt) = a, b
+        (qr, kr, pr, ir_, _, *outr), (qt, kt, pt, it_, _, *outt) = a, b
         for x, y in zip(outr, outt):
             assert torch.equal(x, y), f"{spec} step {s}: outputs differ"
         assert torch.equal(kr, kt), f"{spec} step {s}: kinds differ"

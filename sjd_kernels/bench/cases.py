@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -219,7 +219,6 @@ class JacobiStepBench(OpBench):
                            mode=p["mode"], beta=float(p["beta"]), backend=backend, advance=False)
 
     def prepare(self, case: Case, device, seed: int) -> Prepared:
-        from ..ops.jacobi_step import JacobiState
         p = case.params
         inp = self._inputs(p, device, seed)
         st = inp["state"]

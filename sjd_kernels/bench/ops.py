@@ -13,14 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import time
 from typing import Optional
 
 import torch
 
 from . import cases as C
-from .timing import L2Flusher, NoGPUError, copy_bandwidth, has_gpu, machine_info, time_cuda
+from .timing import L2Flusher, copy_bandwidth, has_gpu, machine_info, time_cuda
 
 COLUMNS = ["op", "case", "backend", "graph", "check", "check_detail", "median_us", "p20_us", "p80_us", "min_us",
            "reps", "bytes_min", "achieved_GBps", "roofline_us", "roofline_frac", "speedup_vs_ref", "ref_baseline",

@@ -43,6 +43,16 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dev: torch.device, nu
         raise SJDInputError(f"{name} must have {numel} elements, got shape {list(t.shape)}")
 
 
+def _check_forced(forced, B: int, dev: torch.device) -> bool:
+    """Shared by the CUDA wrappers: True when ``forced [B, L]`` is given (and valid), False for None/empty."""
+    if forced is None or forced.numel() == 0:
+        return False
+    _check("forced", forced, torch.int64, dev)
+    if forced.dim() != 2 or forced.shape[0] != B:
+        raise SJDInputError(f"forced must be [B={B}, L], got {list(forced.shape)}")
+    return True
+
+
 def _prepare_logits(logits: torch.Tensor, uncond, cfg_scale):
     """Shared by the CUDA wrappers: one kernel dtype for logits and uncond (float32 when they
     differ; exact for both), a unit vocabulary stride, and the CFG arguments checked."""
@@ -102,11 +112,7 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
     if has_prev:
         _check("p_prev", p_prev, torch.float32, dev, q_state.numel())
     _check("status", status, torch.int32, dev, 4)
-    has_forced = forced is not None and forced.numel() > 0
-    if has_forced:
-        _check("forced", forced, torch.int64, dev)
-        if forced.dim() != 2 or forced.shape[0] != B:
-            raise SJDInputError(f"forced must be [B={B}, L], got {list(forced.shape)}")
+    has_forced = _check_forced(forced, B, dev)
 
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     num_accepted = torch.empty((B,), dtype=torch.int64, device=dev)

@@ -16,7 +16,7 @@ import torch
 
 from .._ext import ext
 from ..ops._common import SJDInputError
-from .jacobi_step import _DTYPE_CODE, _check, _prepare_logits
+from .jacobi_step import _DTYPE_CODE, _check, _check_forced, _prepare_logits
 
 # Tests set this to run the global-memory row path (used for large V) with a small V.
 FORCE_GLOBAL_ROWS = False
@@ -55,11 +55,7 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
     R = q_state.shape[1]
     _check("q_kind", q_kind, torch.int32, dev, B * R)
     _check("status", status, torch.int32, dev, 4)
-    has_forced = forced is not None and forced.numel() > 0
-    if has_forced:
-        _check("forced", forced, torch.int64, dev)
-        if forced.dim() != 2 or forced.shape[0] != B:
-            raise SJDInputError(f"forced must be [B={B}, L], got {list(forced.shape)}")
+    has_forced = _check_forced(forced, B, dev)
 
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     num_accepted = torch.empty((B,), dtype=torch.int64, device=dev)

@@ -45,10 +45,9 @@ def check_tensor(name: str, t, *, dtypes=None, dim=None, shape=None, device=None
 
 def triton_available() -> tuple[bool, str]:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as e:
         return False, f"triton: not importable ({type(e).__name__}: {e})"
-    import triton
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True, f"triton {triton.__version__}: interpreter (TRITON_INTERPRET=1), runs on CPU tensors"
     if torch.cuda.is_available():
