@@ -159,9 +159,9 @@ fi
 # ------------------------------------------------------------------ tests
 if want tests; then
   stage tests-gpu "$TESTS_GPU_S" "$LOGS/tests-gpu.log" -- \
-    "$PY" -m pytest tests -m gpu -q -ra --junitxml="$LOGS/junit-gpu.xml" -p no:cacheprovider
+    "$PY" -m pytest tests -m gpu -q -ra --durations=30 --junitxml="$LOGS/junit-gpu.xml" -p no:cacheprovider
   stage tests "$TESTS_S" "$LOGS/tests.log" -- \
-    "$PY" -m pytest tests -q -ra --junitxml="$LOGS/junit.xml" -p no:cacheprovider
+    "$PY" -m pytest tests -q -ra --durations=30 --junitxml="$LOGS/junit.xml" -p no:cacheprovider
 fi
 
 # ------------------------------------------------------------------ compute-sanitizer
