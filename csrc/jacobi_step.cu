@@ -9,6 +9,9 @@
 //          state. Per-row results go to scratch.
 //   commit grid (B): first rejection m, committed tokens, next drafts, tail initialisation and
 //          tail q_kind, error outputs.
+// Sparse state (q_idx != null): a slot holds C ascending lane ids with the values of Qt (q_state)
+// and P (p_prev); lanes are looked up by binary search, and the new entries are an ordered block-wide
+// compaction of the lanes with P > 0 written after every read of the slot (see DESIGN.md).
 // Every float operation is rounded as the reference rounds it on CUDA: nvcc runs with
 // --fmad=false, division by the temperature is a multiply by its float reciprocal (what PyTorch
 // does for a tensor / Python-scalar division on CUDA), and torch.pow's special exponents are

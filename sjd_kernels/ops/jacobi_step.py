@@ -60,8 +60,7 @@ class JacobiState:
     q_state / p_prev hold ``[B, R, C]`` values at those ids. Exact (no mass is dropped); a row
     whose support exceeds C draws that position's next draft uniformly and counts the event in
     ``status[3]`` (see ``sjd_kernels.reference.jacobi_step``). C = top_k plus room for ties at the
-    threshold (``top_k + 64`` is the loop's default) keeps overflows rare. q_idx is empty for the
-    dense form.
+    threshold (e.g. ``top_k + 64``) keeps overflows rare. q_idx is empty for the dense form.
     """
     q_state: torch.Tensor
     q_kind: torch.Tensor
@@ -151,7 +150,8 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
         check_tensor("state.q_idx", state.q_idx, dtypes=(torch.int32,), shape=(B, None, None), dim=3, device=dev,
                      contiguous=True)
         if state.vocab_size != V:
-            raise SJDInputError(f"the sparse state was created for vocab {state.vocab_size}, the logits have V = {V}")
+            raise SJDInputError(f"the sparse state's vocab_size is {state.vocab_size} (JacobiState.create sets it), "
+                                f"the logits have V = {V}")
     C = state.q_idx.shape[2] if sparse else V
     check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, C), dim=3, device=dev,
                  contiguous=True)

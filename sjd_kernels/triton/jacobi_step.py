@@ -14,6 +14,12 @@ Two launches, no host synchronisation, fixed output shapes (CUDA-graph capturabl
    of ``rng.uniform_token``, or a copy of the left neighbour), tail ``q_kind`` writes (after every
    row write of kernel 1, as in the reference), error outputs (-1) and the status atomics.
 
+Sparse state (``q_idx`` given, constexpr ``SPARSE``): a slot is C ascending lane ids with values
+(``reference.jacobi_step``). The old law of a lane comes from a vectorised binary search over the
+slot's ids (``_sparse_find``, only on lanes a race can pick); the new entries are an ordered
+compaction of the lanes with ``P > 0`` (``tl.cumsum``), written after the barrier that ends every
+read of the slot; a row with more than C such lanes drafts uniformly and raises flag ``F_OVERFLOW``.
+
 State after an error is undefined (kernel 1 cannot know that another row of the same request is
 bad): DESIGN.md asks callers to re-initialise it; outputs of that request are -1 as in the reference.
 
