@@ -5,7 +5,8 @@
   the stored laws densify to the dense state's rows exactly.
 - Exact law when rows overflow: with C smaller than the supports, overflowing positions draft
   uniformly; the whole-sequence law still equals the enumerated AR law (chi-square, false-alarm
-  rate ``stats.ALPHA``), and the overflow counter is positive (the path was exercised).
+  rate ``stats.ALPHA``), and the overflow counter is positive (the path was exercised). Backends
+  as in ``test_jacobi_step_law`` (``SJD_LAW_BACKENDS``, default torch).
 - A mutation that keeps the C largest entries of an overflowing row (mass dropped, SPEC section
   3 condition 2) fails the same test.
 - Errors: additive VP with beta < 0, a tree op with a sparse state, a state of the wrong vocab.
@@ -85,9 +86,11 @@ def _sparse_sequence_checks(impl, spec, capacity, min_overflows=100):
 
 
 @pytest.mark.parametrize("spec", ["sjd", "vp_log_b1", "coupling", "coupling_vp_add_b0.5", "gumbel"])
-def test_sparse_overflow_law(spec):
-    """Capacity 1 on V 3: most rows overflow and draft uniformly; the law is still AR's."""
-    law._assert_all(_sparse_sequence_checks(ref.jacobi_step, spec, capacity=1))
+@pytest.mark.parametrize("impl", law.IMPLS)
+def test_sparse_overflow_law(impl, spec):
+    """Capacity 1 on V 3: most rows overflow and draft uniformly; the law is still AR's. Through the
+    public op; ``SJD_LAW_BACKENDS=torch,triton,cuda`` runs it on the kernels too (as the law tests)."""
+    law._assert_all(_sparse_sequence_checks(impl, spec, capacity=1))
 
 
 def truncating_step(C):
