@@ -369,3 +369,17 @@ def test_e2e_sparse_state_option(tmp_path):
     assert int(rows["ar"]["state_bytes"]) < B * 1 * V * 4 + 64                 # W 0: one dense slot
     for m in ("sjd", "coupling"):
         assert rows[m]["law_test"] == "pass", rows[m]
+
+
+def test_state_bytes_table(tmp_path):
+    """benchmarks/state_bytes.py: one row per family, shape and mode; sparse is smaller wherever C < V / 2."""
+    out = tmp_path / "state_bytes.md"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "state_bytes.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "family" not in line]
+    assert len(rows) == 3 * 3 * 2
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        dense, sparse = float(cells[7].replace(",", "")), float(cells[8].replace(",", ""))
+        assert sparse < dense
