@@ -141,3 +141,32 @@ def test_sparse_state_errors():
     with pytest.raises(sk.SJDInputError, match="dense state"):
         sk.build_tree(st, torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64), 2, 1, W)
     assert st.state_bytes() < sk.JacobiState.create(B, W, V, [1, 2], vp=True).state_bytes()
+
+
+@pytest.mark.parametrize("mode,beta", [("sjd", 0.0), ("coupling", 0.5), ("gumbel", 0.0)])
+def test_sparse_large_window_and_batch_equals_dense(mode, beta):
+    """B 64, W 128, ragged windows, bf16 logits with CFG, top-k 20 (C 40): two steps, sparse == dense."""
+    B, W, V = 64, 128, 300
+    g = torch.Generator().manual_seed(5)
+    seeds = [1000 + i for i in range(B)]
+    dense = sk.JacobiState.create(B, W, V, seeds, vp=beta != 0.0)
+    sparse = sk.JacobiState.create(B, W, V, seeds, vp=beta != 0.0, capacity=40)
+    pos = torch.randint(0, 50, (B,), generator=g)
+    d_d = sk.init_window(dense, pos, W)
+    d_s = sk.init_window(sparse, pos, W)
+    assert torch.equal(d_d, d_s)
+    for _ in range(2):
+        logits = (2.0 * torch.randn(B, W + 1, V, generator=g)).to(torch.bfloat16)
+        uncond = (2.0 * torch.randn(B, W + 1, V, generator=g)).to(torch.bfloat16)
+        win = torch.randint(0, W + 1, (B,), generator=g)
+        kw = dict(uncond_logits=uncond, cfg_scale=torch.full((B,), 3.0), top_k=20, mode=mode, beta=beta)
+        a = sk.jacobi_step(logits, d_d, win, pos, dense, **kw)
+        b = sk.jacobi_step(logits, d_s, win, pos, sparse, **kw)
+        for x, y in zip((a.num_accepted, a.tokens, a.next_drafts), (b.num_accepted, b.tokens, b.next_drafts)):
+            assert torch.equal(x, y)
+        assert torch.equal(dense.q_kind, sparse.q_kind)
+        written = (dense.q_kind & ref.KIND_MASK) == ref.KIND_DENSE
+        assert torch.equal(dense.q_state[written], sparse.dense_laws()[written])
+        assert sk.check_status(sparse.status)["state_overflows"] == 0
+        pos = pos + a.num_accepted + 1
+        d_d, d_s = a.next_drafts, b.next_drafts
