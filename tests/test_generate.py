@@ -343,3 +343,5 @@ def test_sparse_state_bad_options():
         generate(m, torch.tensor([0]), 12, "sjd", window=4, state_capacity=0)
     with pytest.raises(SJDInputError, match="chain methods"):
         generate(m, torch.tensor([0]), 12, "pac", window=4, state_capacity=8)
+    with pytest.raises(SJDInputError, match="chain methods"):
+        generate(m, torch.tensor([0]), 12, "sjd2", window=4, state_capacity=8)

@@ -309,6 +309,8 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     if cuda_graph and method in GRAPH_METHODS_REFUSED:
         raise NotImplementedError(f"cuda_graph=True: {GRAPH_METHODS_REFUSED[method]}")
     if method == "sjd2":
+        if state_capacity is not None:
+            raise SJDInputError("state_capacity (sparse state) applies to the chain methods, not 'sjd2'")
         return _generate_sjd2(model, cond, num_tokens, window=window, temperature=temperature, top_k=top_k,
                               top_p=top_p, cfg_scale=cfg_scale, seed=seed, backend=backend, sjd2=sjd2, kv=sjd2_kv,
                               progress=progress)
