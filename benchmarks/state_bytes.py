@@ -1,6 +1,7 @@
 """Jacobi state memory, dense against sparse, at the SPEC section 8 shapes (no GPU needed).
 
     python benchmarks/state_bytes.py [--out benchmarks/results/state_bytes.md]
+    python benchmarks/state_bytes.py --floors      # the HBM-floor table of benchmarks/NOTES.md
 
 The numbers are ``JacobiState.state_bytes()`` of states allocated on the ``meta`` device with the
 library's own ``JacobiState.create`` (so they follow the real layouts), and the minimal bytes one
@@ -43,6 +44,23 @@ def rows():
                            step_dense=dense, step_sparse=sparse)
 
 
+# vendor datasheet peak HBM bandwidths (bytes/s): H100 SXM5 80 GB, H200 141 GB
+PEAK_BW = (("3.35 TB/s", 3.35e12), ("4.8 TB/s", 4.8e12))
+
+
+def floor_table() -> str:
+    """``bytes_min`` of the issue's target shapes (the first ``bench ops`` cases: B 1 and 32, W 32,
+    V 16384, dense and sparse) divided by each peak bandwidth."""
+    bench = JacobiStepBench()
+    head = "| case | bytes_min | " + " | ".join(f"floor at {n}" for n, _ in PEAK_BW) + " |"
+    lines = [head, "|" + "---|" * (2 + len(PEAK_BW))]
+    for case in bench.cases()[:6]:
+        b = bench.bytes_min(case)
+        lines.append(f"| {case.params['label']} | {mib(b)} MiB | "
+                     + " | ".join(f"{b / bw * 1e6:.1f} us" for _, bw in PEAK_BW) + " |")
+    return "\n".join(lines)
+
+
 def mib(x: int) -> str:
     return f"{x / 2**20:,.1f}"
 
@@ -50,7 +68,11 @@ def mib(x: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the markdown table here as well")
+    ap.add_argument("--floors", action="store_true", help="print the HBM-floor table of benchmarks/NOTES.md instead")
     args = ap.parse_args(argv)
+    if args.floors:
+        print(floor_table())
+        return 0
     lines = ["| family | V | top-k | C | B | W | mode | state dense MiB | state sparse MiB | ratio | "
              "step bytes dense MiB | step bytes sparse MiB | ratio |", "|" + "---|" * 13]
     for r in rows():

@@ -30,19 +30,16 @@
 #include "rng.cuh"
 #include "row_smem.cuh"
 #include "sampling.cuh"
+#include "state.cuh"
 #include "target.cuh"
 
 namespace sjd {
 namespace {
 
-// Constants of sjd_kernels/reference/jacobi_step.py.
+// Constants of sjd_kernels/reference/jacobi_step.py (the state codes: state.cuh).
 constexpr int kModeSjd = 0, kModeCoupling = 1, kModeGumbel = 2, kModeGumbelJacobi = 3;
 constexpr int kVpAdd = 0, kVpLog = 1;
 constexpr int kTailUniform = 0, kTailLeft = 1;
-constexpr int kKindDense = 0, kKindUniform = 1, kKindOnehot = 2, kKindMask = 3, kFlagPrev = 4;
-constexpr int kErrNonfinite = 1, kErrDraftRange = 2;
-constexpr int kStatusErr = 0, kStatusZeroResid = 1, kStatusZeroCouple = 2, kStatusOverflow = 3;
-constexpr int32_t kIdxPad = 0x7fffffff;  // unused sparse entry (sorts after every lane)
 
 // torch.pow(tensor, python_float) on CUDA special-cases these exponents (a copy for 1, sqrt, rsqrt,
 // reciprocal, x*x, x*x*x, 1/(x*x) in double); the log-form VP mirrors them so rounding agrees.
@@ -96,8 +93,7 @@ struct Params {
 };
 
 __device__ __forceinline__ int64_t forced_at(const Params& p, int b, int64_t position) {
-  if (p.forced == nullptr || position < 0 || position >= p.forced_len) return -1;
-  return p.forced[static_cast<int64_t>(b) * p.forced_len + position];
+  return forced_token(p.forced, p.forced_len, b, position);
 }
 
 __device__ __forceinline__ int64_t slot_of(int64_t position, int R) {

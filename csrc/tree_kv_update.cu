@@ -35,13 +35,12 @@
 #include <string>
 
 #include "common.cuh"
+#include "state.cuh"
 #include "tree_kv_update.h"
 
 namespace sjd {
 namespace {
 
-constexpr int kErrTreeIndex = 4;  // ERR_TREE_INDEX of sjd_kernels/reference/jacobi_step.py
-constexpr int kStatusErr = 0;
 constexpr int kMaxPath = 8192;    // entries of the shared path copy (32 KB)
 
 struct MoveParams {

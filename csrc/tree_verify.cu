@@ -27,16 +27,14 @@
 #include "rng.cuh"
 #include "row_smem.cuh"
 #include "sampling.cuh"
+#include "state.cuh"
 #include "target.cuh"
 #include "tree_verify.h"
 
 namespace sjd {
 namespace {
 
-// Constants of sjd_kernels/reference/jacobi_step.py and reference/tree.py.
-constexpr int kKindDense = 0, kKindUniform = 1, kKindMask = 3;
-constexpr int kErrNonfinite = 1, kErrDraftRange = 2, kErrTreeIndex = 4;
-constexpr int kStatusErr = 0, kStatusZeroResid = 1;
+// Constants of sjd_kernels/reference/tree.py (the state codes: state.cuh).
 constexpr int kMaxSiblings = 16, kMaxNodes = 1024;
 constexpr int kMaxThreads = 1024;
 constexpr int kRowcheckThreads = 256;
@@ -71,8 +69,7 @@ struct Params {
 };
 
 __device__ __forceinline__ int64_t forced_at(const Params& p, int64_t b, int64_t position) {
-  if (p.forced == nullptr || position < 0 || position >= p.forced_len) return -1;
-  return p.forced[b * p.forced_len + position];
+  return forced_token(p.forced, p.forced_len, b, position);
 }
 
 template <typename T>

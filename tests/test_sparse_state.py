@@ -33,13 +33,15 @@ SPECS = ["sjd", "vp_add_b0.5", "vp_log_b1", "coupling", "coupling_vp_add_b0.5", 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
-def _record_states(impl):
-    """Wrap a raw step so every call's (q_state, q_kind, p_prev, q_idx) after the step is recorded."""
+def record_steps(impl):
+    """Wrap a raw step (reference signature) so that every call appends, after the step,
+    ``(q_state, q_kind, p_prev, q_idx or None, status, num_accepted, tokens, next_drafts)``."""
     rec = []
 
     def step(*a, **kw):
         out = impl(*a, **kw)
-        rec.append((a[9].clone(), a[10].clone(), a[11].clone(), kw["q_idx"].clone() if "q_idx" in kw else None))
+        qi = kw["q_idx"].clone() if "q_idx" in kw else None
+        rec.append((a[9].clone(), a[10].clone(), a[11].clone(), qi, a[12].clone(), *(o.clone() for o in out)))
         return out
     return step, rec
 
@@ -49,14 +51,14 @@ def _record_states(impl):
 def test_sparse_equals_dense_token_for_token(spec, k, cap):
     """V 5, L 6, W 3: the sparse run reproduces the dense run exactly whenever nothing overflows."""
     model = law.TableModel(5, 6, 21, 2.0)
-    d_impl, d_rec = _record_states(ref.jacobi_step)
-    s_impl, s_rec = _record_states(ref.jacobi_step)
+    d_impl, d_rec = record_steps(ref.jacobi_step)
+    s_impl, s_rec = record_steps(ref.jacobi_step)
     Xd, info_d = law.run_sequences(d_impl, spec, model, 400, 3, 77, 1.0, k)
     Xs, info_s = law.run_sequences(s_impl, spec, model, 400, 3, 77, 1.0, k, capacity=cap)
     if info_s["status"][3] == 0:
         assert torch.equal(Xd, Xs), f"{spec}: sparse state changed the tokens"
         assert info_d["steps"] == info_s["steps"]
-        for (qd, kd, pd, _), (qs, ks, ps, qi) in zip(d_rec, s_rec):
+        for (qd, kd, pd, *_), (qs, ks, ps, qi, *_) in zip(d_rec, s_rec):
             assert torch.equal(kd, ks)
             dense = (kd & ref.KIND_MASK) == ref.KIND_DENSE
             assert torch.equal(ref.densify(qi, qs, 5)[dense], qd[dense])

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 sys.path.insert(0, os.path.dirname(__file__))
 import test_jacobi_step_law as law  # noqa: E402
+from test_sparse_state import SPECS, record_steps  # noqa: E402
 from _util import gpu, requires_cuda_ext  # noqa: E402
 
 from sjd_kernels.reference import jacobi_step as ref  # noqa: E402
@@ -32,17 +33,6 @@ if not INTERP and not HAS_CUDA:
     pytest.skip("triton kernels need TRITON_INTERPRET=1 (set before triton is imported) or a CUDA device",
                 allow_module_level=True)
 
-SPECS = ["sjd", "vp_add_b0.5", "vp_log_b1", "coupling", "coupling_vp_add_b0.5", "gumbel", "gumbel_jacobi"]
-
-
-def _recorder(impl):
-    rec = []
-
-    def step(*a, **kw):
-        out = impl(*a, **kw)
-        rec.append([t.clone() for t in (a[9], a[10], a[11], kw["q_idx"], a[12])] + [o.clone() for o in out])
-        return out
-    return step, rec
 
 
 class BigramModel:
@@ -65,8 +55,8 @@ class BigramModel:
 
 def _compare(spec, V, L, n, W, k, cap, device, seed0=91, backend="triton"):
     model = law.TableModel(V, L, 31, 2.0) if V ** L <= 10 ** 6 else BigramModel(V, L, 31, 2.0)
-    r_impl, r_rec = _recorder(ref.jacobi_step)
-    t_impl, t_rec = _recorder(law.public_impl(backend, device, 0))
+    r_impl, r_rec = record_steps(ref.jacobi_step)
+    t_impl, t_rec = record_steps(law.public_impl(backend, device, 0))
     Xr, ir = law.run_sequences(r_impl, spec, model, n, W, seed0, 1.0, k, capacity=cap)
     Xt, it = law.run_sequences(t_impl, spec, model, n, W, seed0, 1.0, k, capacity=cap)
     assert ir["status"] == it["status"], (ir["status"], it["status"])

@@ -262,7 +262,6 @@ class JacobiStepBench(OpBench):
         ``1e-6 + 1e-4 |ref|``, no device error, outputs in range. ``reference_sjd`` draws its
         own randomness, so its target rows are compared with the library's target law instead.
         """
-        from ..ops.jacobi_step import JacobiState
         from ..reference import jacobi_step as ref_js
         from ..reference.target import combine_logits, target_probs
         p = case.params
@@ -295,9 +294,7 @@ class JacobiStepBench(OpBench):
                     n_bad_req += B
                 continue
             st_ref = inp["state"]
-            st_be = JacobiState(*(x.clone() for x in (st_ref.q_state, st_ref.q_kind, st_ref.p_prev, st_ref.seed,
-                                                         st_ref.step, st_ref.status)),
-                                q_idx=st_ref.q_idx.clone(), vocab_size=V)
+            st_be = st_ref.clone()
             sparse = st_ref.sparse
 
             def laws(st, vals):                # stored rows as dense [B, R, V] (sparse: densified)
@@ -706,7 +703,6 @@ class TreeVerifyBench(OpBench):
         request must agree exactly; on a GPU at most ``max(1, 2%)`` of requests may differ (a different
         float summation order can move a sample across a boundary), and the count is reported.
         """
-        from ..ops.jacobi_step import JacobiState
         p = case.params
         B, V = p["B"], p["V"]
         trials = max(1, math.ceil(min_requests / B))
@@ -716,8 +712,7 @@ class TreeVerifyBench(OpBench):
         for t in range(trials):
             inp = self._inputs(p, device, seed + 7919 * t)
             st_ref = inp["state"]
-            st_be = JacobiState(*(x.clone() for x in (st_ref.q_state, st_ref.q_kind, st_ref.p_prev, st_ref.seed,
-                                                         st_ref.step, st_ref.status)))
+            st_be = st_ref.clone()
             o_ref = self._call(p, inp, st_ref, "torch")
             o_be = self._call(p, inp, st_be, backend)
             same = (o_ref.num_accepted == o_be.num_accepted) & (o_ref.path == o_be.path).all(1) & \

@@ -24,13 +24,17 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Tests set this to run the global-memory row path (used for large V) with a small V.
 FORCE_GLOBAL_ROWS = False
 
-_smem_lanes: dict[int, int] = {}
+_smem_lanes: dict[tuple[str, int], int] = {}
 
 
-def _max_smem_lanes(C, index: int) -> int:
-    if index not in _smem_lanes:
-        _smem_lanes[index] = int(C.jacobi_step_max_smem_lanes(index))
-    return _smem_lanes[index]
+def _needs_rowbuf(query, V: int, index: int, force: bool) -> bool:
+    """Shared by the CUDA wrappers: True when a float32 row of V lanes does not fit in shared memory
+    on device ``index`` (``query``: the extension's ``*_max_smem_lanes``, asked once per device)
+    or when the tests force the global-memory row path."""
+    key = (query.__name__, index)
+    if key not in _smem_lanes:
+        _smem_lanes[key] = int(query(index))
+    return force or V > _smem_lanes[key]
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype, dev: torch.device, numel: int | None = None,
@@ -120,7 +124,7 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
     next_drafts = torch.empty((B, W), dtype=torch.int64, device=dev)
     scratch = torch.empty((B, W1, 4), dtype=torch.int64, device=dev)
     rowbuf = None
-    if FORCE_GLOBAL_ROWS or V > _max_smem_lanes(C, index):
+    if _needs_rowbuf(C.jacobi_step_max_smem_lanes, V, index, FORCE_GLOBAL_ROWS):
         rowbuf = torch.empty((B, W1, V), dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
 

@@ -16,18 +16,10 @@ import torch
 
 from .._ext import ext
 from ..ops._common import SJDInputError
-from .jacobi_step import _DTYPE_CODE, _check, _check_forced, _prepare_logits
+from .jacobi_step import _DTYPE_CODE, _check, _check_forced, _needs_rowbuf, _prepare_logits
 
 # Tests set this to run the global-memory row path (used for large V) with a small V.
 FORCE_GLOBAL_ROWS = False
-
-_smem_lanes: dict[int, int] = {}
-
-
-def _max_smem_lanes(C, index: int) -> int:
-    if index not in _smem_lanes:
-        _smem_lanes[index] = int(C.tree_verify_max_smem_lanes(index))
-    return _smem_lanes[index]
 
 
 def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced,
@@ -63,7 +55,7 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
     out = torch.empty((B, L1), dtype=torch.int64, device=dev)
     rowflag = torch.empty((B, N), dtype=torch.int32, device=dev)
     rowbuf = None
-    if FORCE_GLOBAL_ROWS or V > _max_smem_lanes(C, index):
+    if _needs_rowbuf(C.tree_verify_max_smem_lanes, V, index, FORCE_GLOBAL_ROWS):
         rowbuf = torch.empty((B, V), dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
 

@@ -124,6 +124,17 @@ def check_status(status: torch.Tensor, clear: bool = True) -> dict:
     return {"zero_mass_residuals": int(vals[1]), "zero_mass_coupling": int(vals[2]), "state_overflows": int(vals[3])}
 
 
+def check_cfg(uncond, cfg_scale, logits) -> None:
+    """Optional unconditional logits shaped like ``logits`` and, with them, a float32 ``cfg_scale [B]``."""
+    if uncond is None:
+        return
+    B = logits.shape[0]
+    check_tensor("uncond_logits", uncond, dtypes=FLOAT_DTYPES, shape=tuple(logits.shape), dim=3, device=logits.device)
+    if cfg_scale is None:
+        raise SJDInputError("cfg_scale is required with uncond_logits")
+    check_tensor("cfg_scale", cfg_scale, dtypes=(torch.float32,), shape=(B,), dim=1, device=logits.device)
+
+
 def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, top_k, top_p) -> None:
     """Checks shared by every sampling op: the state's seed/step/status, ``forced`` and the
     temperature / top-k / top-p knobs (messages name the argument and what was expected)."""

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from ..reference import jacobi_step as ref
-from ._common import (check_state_and_sampling, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor,
-                      new_status, resolve_backend)
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_cfg, check_state_and_sampling,
+                      check_tensor, new_status, resolve_backend)
 
 I64 = (torch.int64,)
 
@@ -106,6 +106,12 @@ class JacobiState:
                         if capacity is not None else None), vocab_size=vocab)
         return st
 
+    def clone(self) -> "JacobiState":
+        """An independent copy (every tensor cloned), e.g. to run two backends from one state."""
+        return JacobiState(self.q_state.clone(), self.q_kind.clone(), self.p_prev.clone(), self.seed.clone(),
+                           self.step.clone(), self.status.clone(), q_idx=self.q_idx.clone(),
+                           vocab_size=self.vocab_size)
+
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q_state, self.q_kind, self.p_prev, self.q_idx))
 
@@ -136,11 +142,7 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
         raise SJDInputError(f"logits must have B >= 1 requests and V >= 1 lanes, got {list(logits.shape)}")
     if W1 > 65535:
         raise SJDInputError(f"logits has W + 1 = {W1} window rows; at most 65535 are supported")
-    if uncond is not None:
-        check_tensor("uncond_logits", uncond, dtypes=FLOAT_DTYPES, shape=(B, W1, V), dim=3, device=dev)
-        if cfg_scale is None:
-            raise SJDInputError("cfg_scale is required with uncond_logits")
-        check_tensor("cfg_scale", cfg_scale, dtypes=(torch.float32,), shape=(B,), dim=1, device=dev)
+    check_cfg(uncond, cfg_scale, logits)
     check_tensor("drafts", drafts, dtypes=I64, shape=(B, W), dim=2, device=dev, contiguous=True)
     check_tensor("win_len", win_len, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)

@@ -23,8 +23,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..reference import tree as ref
-from ._common import (check_state_and_sampling, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_status,
-                      check_tensor, new_status, resolve_backend)
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_cfg,
+                      check_state_and_sampling, check_status, check_tensor, new_status, resolve_backend)
 from .jacobi_step import JacobiState
 
 I64 = (torch.int64,)
@@ -170,11 +170,7 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
         raise SJDInputError(f"logits must be [B >= 1, N >= 1, V >= 1], got {list(logits.shape)}")
     if N > ref.MAX_NODES:
         raise SJDInputError(f"at most {ref.MAX_NODES} tree nodes per request, got N = {N}")
-    if uncond is not None:
-        check_tensor("uncond_logits", uncond, dtypes=FLOAT_DTYPES, shape=(B, N, V), dim=3, device=dev)
-        if cfg_scale is None:
-            raise SJDInputError("cfg_scale is required with uncond_logits")
-        check_tensor("cfg_scale", cfg_scale, dtypes=(torch.float32,), shape=(B,), dim=1, device=dev)
+    check_cfg(uncond, cfg_scale, logits)
     for name in ("tokens", "parent", "depth", "sib", "q_slot"):
         check_tensor(f"tree.{name}", getattr(tree, name), dtypes=I64, shape=(B, N), dim=2, device=dev,
                      contiguous=True)

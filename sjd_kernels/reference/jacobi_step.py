@@ -191,9 +191,10 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
         ovf = ((P > 0).sum(-1) > q_idx.shape[2]) & valid & (j.view(1, W1) >= 1) & ~is_forced & ~row_bad
         Qt = torch.where(ovf.unsqueeze(-1), torch.full_like(Qt, 1.0 / V), Qt)
         status[STATUS_OVERFLOW] += ovf.sum().to(status.dtype)
-    E_dr = rng.exponential(rng.lane_words(seedb, posj, stepb, rng.STREAM_DRAFT, V))
+    E_dr = None if mode in (MODE_GUMBEL, MODE_GUMBEL_JACOBI) and not sparse else \
+        rng.exponential(rng.lane_words(seedb, posj, stepb, rng.STREAM_DRAFT, V))
     if mode in (MODE_GUMBEL, MODE_GUMBEL_JACOBI):
-        new = torch.where(ovf, rng.race(Qt, E_dr), g)
+        new = torch.where(ovf, rng.race(Qt, E_dr), g) if sparse else g
     else:
         fresh = rng.race(Qt, E_dr)
         new = fresh

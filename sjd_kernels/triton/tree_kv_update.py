@@ -89,10 +89,9 @@ def _move_plane(base, path_row, cl, P, stride_s, D: tl.constexpr, VEC: tl.conste
 
 
 @triton.jit
-def _tree_kv_update_kernel(kv_ptr, path_ptr, cl_ptr, status_ptr, P, S,
-                           s_l, s_kv, s_r, s_h, s_s,
-                           D: tl.constexpr, VEC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                           N_P: tl.constexpr, BLOCK_PB: tl.constexpr, N_PB: tl.constexpr):
+def _program_row(path_ptr, cl_ptr, status_ptr, P, S, BLOCK_PB: tl.constexpr, N_PB: tl.constexpr):
+    """This program's (head, layer/K-V, row), the row's path and cache length, and whether the row is
+    bad (then bit 4 of ``status[0]`` is set once, by the program of head 0 / layer 0 / K)."""
     h = tl.program_id(0).to(tl.int64)
     lk = tl.program_id(1).to(tl.int64)
     r = tl.program_id(2).to(tl.int64)
@@ -101,7 +100,16 @@ def _tree_kv_update_kernel(kv_ptr, path_ptr, cl_ptr, status_ptr, P, S,
     bad = _row_is_bad(path_row, cl, P, S, BLOCK_PB, N_PB)
     if bad:
         tl.atomic_or(status_ptr + 0, E_TREE, mask=(h == 0) & (lk == 0))
-    else:
+    return h, lk, r, path_row, cl, bad
+
+
+@triton.jit
+def _tree_kv_update_kernel(kv_ptr, path_ptr, cl_ptr, status_ptr, P, S,
+                           s_l, s_kv, s_r, s_h, s_s,
+                           D: tl.constexpr, VEC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                           N_P: tl.constexpr, BLOCK_PB: tl.constexpr, N_PB: tl.constexpr):
+    h, lk, r, path_row, cl, bad = _program_row(path_ptr, cl_ptr, status_ptr, P, S, BLOCK_PB, N_PB)
+    if not bad:
         base = kv_ptr + ((lk // 2) * s_l + (lk % 2) * s_kv + r * s_r + h * s_h)
         if VEC > 1:
             base = tl.multiple_of(base, 16)      # bytes: the host checked the address and every stride
@@ -114,15 +122,8 @@ def _tree_kv_update_list_kernel(table_ptr, path_ptr, cl_ptr, status_ptr, P, S,
                                 ELEM: tl.constexpr, D: tl.constexpr, VEC: tl.constexpr, BLOCK_P: tl.constexpr,
                                 BLOCK_D: tl.constexpr, N_P: tl.constexpr, BLOCK_PB: tl.constexpr,
                                 N_PB: tl.constexpr):
-    h = tl.program_id(0).to(tl.int64)
-    lk = tl.program_id(1).to(tl.int64)
-    r = tl.program_id(2).to(tl.int64)
-    path_row = path_ptr + r * P
-    cl = tl.load(cl_ptr + r)
-    bad = _row_is_bad(path_row, cl, P, S, BLOCK_PB, N_PB)
-    if bad:
-        tl.atomic_or(status_ptr + 0, E_TREE, mask=(h == 0) & (lk == 0))
-    else:
+    h, lk, r, path_row, cl, bad = _program_row(path_ptr, cl_ptr, status_ptr, P, S, BLOCK_PB, N_PB)
+    if not bad:
         if ELEM == 32:
             base = tl.load(table_ptr + lk).to(tl.pointer_type(tl.int32))
         else:

@@ -33,19 +33,12 @@ import triton.language as tl
 from .. import rng as _rng
 from ..reference import jacobi_step as _js
 from ..reference import tree as _ref
+from .jacobi_step import K_DENSE, K_MASK, K_UNIFORM, _num_warps, is_interpreted  # noqa: F401 (is_interpreted: public)
 from .rng import counter_word, lane_words, seed_key
 from .sampling import exponential, gather_lane, race, row_nonfinite, target_row, uniform24
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
-except Exception:  # pragma: no cover - older layouts
-    _Interpreted = ()
-
 S_TREE_ACCEPT: tl.constexpr = tl.constexpr(_rng.STREAM_TREE_ACCEPT)
 S_TREE_RESID: tl.constexpr = tl.constexpr(_rng.STREAM_TREE_RESID)
-K_DENSE: tl.constexpr = tl.constexpr(_js.KIND_DENSE)
-K_UNIFORM: tl.constexpr = tl.constexpr(_js.KIND_UNIFORM)
-K_MASK: tl.constexpr = tl.constexpr(_js.KIND_MASK)
 E_NONFINITE: tl.constexpr = tl.constexpr(_js.ERR_NONFINITE)
 E_DRAFT: tl.constexpr = tl.constexpr(_js.ERR_DRAFT_RANGE)
 E_TREE: tl.constexpr = tl.constexpr(_js.ERR_TREE_INDEX)
@@ -260,24 +253,12 @@ def _tree_verify_kernel(
     tl.store(out_ptr + b * L1 + lidx, out_t, mask=lidx < L1)
 
 
-def _num_warps(block_v: int) -> int:
-    if block_v <= 1024:
-        return 4
-    if block_v <= 4096:
-        return 8
-    return 16
-
-
 def kernel_config(V: int, N: int, max_depth: int) -> dict:
     """Block sizes and warps of both kernels (also used by the codegen test)."""
     block_v = max(16, triton.next_power_of_2(V))
     block_n = max(2, triton.next_power_of_2(N))
     return {"BLOCK_V": block_v, "num_warps": _num_warps(block_v), "BLOCK_N": block_n,
             "BLOCK_J": min(block_n, 16), "BLOCK_L": max(2, triton.next_power_of_2(max_depth + 1))}
-
-
-def is_interpreted() -> bool:
-    return isinstance(_tree_verify_kernel, _Interpreted) if _Interpreted else False
 
 
 def tree_verify_triton(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced,
