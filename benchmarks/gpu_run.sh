@@ -6,19 +6,26 @@
 #
 # Every stage has its own `timeout`, runs even when an earlier one failed (its status is
 # recorded), and the whole script stops starting stages once TOTAL_S (default 480 s) is near,
-# so it ends well inside a 10-minute command limit. What comes back (at most 8 files, no
+# so it ends well inside a 10-minute command limit. Correctness stages overlap to save device
+# time: the compiled-Triton GPU tests run while the extension builds; the CUDA GPU tests, the
+# law tests on the kernels and compute-sanitizer run side by side after it. The timed
+# benchmarks run alone, one after another. What comes back (at most 8 files, no
 # folders): summary.md (stage table, machine, versions, benchmark summaries), logs.tar.gz
 # (every log and junit xml), ops.csv, e2e.csv and up to 3 PNG plots.
 #
 # Knobs (environment):
-#   STAGES="info build tests sanitize bench tree e2e"   stages to run, in this order
+#   STAGES="info build tests law sanitize bench tree e2e"   stages to run (add "suite" for the
+#                           whole test suite on the GPU machine, after the overlapped stages)
 #   TOTAL_S=480                                   overall deadline in seconds
-#   BUILD_S=170 TESTS_GPU_S=45 TESTS_S=100 SAN_S=35 (each of 3 tools) BENCH_S=110 TREE_S=60 E2E_S=90
+#   BUILD_S=170 TESTS_GPU_S=150 LAW_S=150 TESTS_S=150 SAN_S=90 (each tool) BENCH_S=110 TREE_S=45 E2E_S=70
+#   XDIST=4                 pytest-xdist workers per test stage (whole files per worker), when installed
+#   SAN_TOOLS="memcheck racecheck"   compute-sanitizer tools (add initcheck)
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
 #   E2E_ARGS=""             extra arguments of `bench e2e` (e.g. "--model llamagen-xl")
-#   SAN_K="test_cuda_jacobi_step or (tree and cuda) or (...sparse...)"   pytest -k expression (sanitizer runs)
+#   SAN_K="test_matches_reference or ..."   pytest -k expression of the memcheck run (its 4 kernel test files);
+#                           racecheck/initcheck run the fixed SAN_NODES list
 #   SAN_KERNELS=""          compute-sanitizer --kernel-name filter (e.g. "regex:jacobi|tree")
-#   SJD_CUDA_ARCHS="90a;90" PY=python3
+#   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
 set -u
 OUT=${1:-${OUT:-}}
 if [ -z "$OUT" ]; then echo "usage: bash benchmarks/gpu_run.sh OUT_DIR" >&2; exit 2; fi
@@ -27,17 +34,29 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-python3}
-STAGES=${STAGES:-"info build tests sanitize bench tree e2e"}
+STAGES=${STAGES:-"info build tests law sanitize bench tree e2e"}
 TOTAL_S=${TOTAL_S:-480}
-BUILD_S=${BUILD_S:-170}; TESTS_GPU_S=${TESTS_GPU_S:-45}; TESTS_S=${TESTS_S:-100}; SAN_S=${SAN_S:-35}
-BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-90}; TREE_S=${TREE_S:-60}
+BUILD_S=${BUILD_S:-170}; TESTS_GPU_S=${TESTS_GPU_S:-150}; LAW_S=${LAW_S:-150}; TESTS_S=${TESTS_S:-150}
+SAN_S=${SAN_S:-90}; BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-70}; TREE_S=${TREE_S:-45}
+XDIST=${XDIST:-4}; SAN_TOOLS=${SAN_TOOLS:-"memcheck racecheck"}
 OPS_ARGS=${OPS_ARGS:-"--grid full"}
 E2E_ARGS=${E2E_ARGS:-""}
-SAN_K=${SAN_K:-"test_cuda_jacobi_step or (tree and cuda) or (test_sparse_cuda_matches_reference_larger and sjd)"}
+SAN_FILES=(tests/test_cuda_jacobi_step.py tests/test_sparse_state_kernels.py tests/test_tree_verify_kernels.py
+           tests/test_tree_kv_kernels.py)
+SAN_K=${SAN_K:-"test_matches_reference or test_global_row_path or test_vocabulary_larger or test_sparse_cuda_matches_reference_larger or (test_gpu_backend_matches_reference and cuda) or (test_random_tree_paths and cuda)"}
+SAN_NODES=("tests/test_cuda_jacobi_step.py::test_matches_reference[sjd-bf16-cfg-topk-topp]"
+           "tests/test_cuda_jacobi_step.py::test_matches_reference[coupling+vp]"
+           "tests/test_cuda_jacobi_step.py::test_matches_reference[gumbel_jacobi]"
+           "tests/test_cuda_jacobi_step.py::test_vocabulary_larger_than_shared_memory"
+           "tests/test_sparse_state_kernels.py::test_sparse_cuda_matches_reference_larger[sjd]"
+           "tests/test_sparse_state_kernels.py::test_sparse_cuda_matches_reference_larger[coupling_vp_add_b0.5]"
+           "tests/test_tree_verify_kernels.py::test_gpu_backend_matches_reference[K4-depth3-bf16-cuda]"
+           "tests/test_tree_kv_kernels.py::test_random_tree_paths[0-bf16-cuda]")
 SAN_KERNELS=${SAN_KERNELS:-""}
-export SJD_CUDA_ARCHS=${SJD_CUDA_ARCHS:-"90a;90"}
+export SJD_CUDA_ARCHS=${SJD_CUDA_ARCHS:-"90"}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
-unset TRITON_INTERPRET
+# 0, not unset: several test modules set TRITON_INTERPRET=1 when it is absent (for CPU runs)
+export TRITON_INTERPRET=0
 WORK=$(mktemp -d /tmp/sjd_gpu_run.XXXXXX)
 LOGS=$WORK/logs; RES=$WORK/results
 mkdir -p "$LOGS" "$RES"
@@ -72,7 +91,10 @@ package() {   # called after every stage, so a run stopped from outside still re
     cat "$STATUS"
     for f in "$LOGS/info.txt"; do [ -f "$f" ] && { echo; echo '## Machine and versions'; echo '```'; cat "$f"; echo '```'; }; done
     for f in "$RES/ops.md" "$RES/e2e.md"; do [ -f "$f" ] && { echo; sed 's/^# /## /' "$f"; }; done
-    if [ -f "$LOGS/tests.log" ]; then echo; echo '## Test summary (tail)'; echo '```'; grep -E "passed|failed|error|skipped|FAILED|ERROR" "$LOGS/tests.log" | tail -40; echo '```'; fi
+    for t in tests-triton tests-cuda law tests; do
+      f=$LOGS/$t.log
+      [ -f "$f" ] && { echo; echo "## pytest $t (tail)"; echo '```'; grep -E "passed|failed|error|skipped|FAILED|ERROR" "$f" | tail -30; echo '```'; }
+    done
     for t in memcheck racecheck initcheck; do
       f=$LOGS/sanitize-$t.log
       [ -f "$f" ] && { echo; echo "## compute-sanitizer $t (tail)"; echo '```'; grep -E "ERROR SUMMARY|========= (Invalid|Race|Uninitialized|Error)|passed|failed" "$f" | tail -15; echo '```'; }
@@ -88,14 +110,14 @@ package() {   # called after every stage, so a run stopped from outside still re
   tar -C "$WORK" -czf "$WORK/logs.tar.gz" logs 2>/dev/null && cp "$WORK/logs.tar.gz" "$OUT/logs.tar.gz"
 }
 
-# stage NAME MAX LOG -- command...: run with `timeout`, record status, never stop the script
-stage() {
+# run_stage NAME MAX LOG -- command...: run with `timeout`, record status, never stop the script
+run_stage() {
   local name=$1 max=$2 log=$3; shift 4
   local b; b=$(box "$name" "$max")
   if [ "$b" -eq 0 ]; then
     printf '| %s | skipped (deadline) | - | 0 | 0 | - |\n' "$name" >> "$STATUS"
     echo "=== $name: skipped, deadline near ($(elapsed) s elapsed)"
-    package; return 0
+    return 0
   fi
   echo "=== $name (time box ${b} s, $(elapsed) s elapsed)"
   local s; s=$(date +%s)
@@ -105,13 +127,27 @@ stage() {
   local st=ok
   [ $rc -ne 0 ] && st=FAILED
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && st="TIMED OUT"
-  [ "$name" = "tests-gpu" ] && [ $rc -eq 5 ] && st="no tests selected"
+  [ $rc -eq 5 ] && case "$name" in tests*|law*) st="no tests selected" ;; esac
   printf '| %s | %s | %s | %s | %s | %s |\n' "$name" "$st" "$rc" "$d" "$b" "$(basename "$log")" >> "$STATUS"
-  echo "    -> $st (rc $rc, ${d} s); last lines of $(basename "$log"):"
+  echo "    -> $name: $st (rc $rc, ${d} s, $(elapsed) s elapsed); last lines of $(basename "$log"):"
   tail -n 6 "$log" | sed 's/^/       /'
-  package
   return 0
 }
+
+# stage ...: one stage in the foreground, then package
+stage() { run_stage "$@"; package; }
+
+# stage_bg ...: one stage in the background (join with `join_stages`)
+BG_PIDS=()
+stage_bg() { run_stage "$@" & BG_PIDS+=($!); }
+join_stages() { local p; for p in "${BG_PIDS[@]}"; do wait "$p"; done; BG_PIDS=(); package; }
+
+# pytest with whole files per xdist worker when pytest-xdist is there (the parity grid's total
+# test needs its whole file in one process)
+PYTEST=("$PY" -m pytest -q -ra --durations=30 -p no:cacheprovider)
+if [ "$XDIST" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  PYTEST+=(-n "$XDIST" --dist loadfile)
+fi
 
 # ------------------------------------------------------------------ info
 if want info; then
@@ -139,9 +175,14 @@ for m in ("flashinfer", "pybind11", "cmake", "ninja", "scipy", "matplotlib", "py
 EOF'
 fi
 
-# ------------------------------------------------------------------ build
+# ------------------------------------------------------------------ build (Triton GPU tests beside it)
+# the compiled-Triton GPU tests need no extension: they run while it builds
+if want tests; then
+  stage_bg tests-triton "$TESTS_GPU_S" "$LOGS/tests-triton.log" -- \
+    "${PYTEST[@]}" tests -m gpu -k "not cuda" --junitxml="$LOGS/junit-triton.xml"
+fi
 if want build; then
-  stage build "$BUILD_S" "$LOGS/build.log" -- bash -c '
+  run_stage build "$BUILD_S" "$LOGS/build.log" -- bash -c '
     set -o pipefail
     export SJD_BUILD_CUDA=1 SJD_BUILD_JOBS=${SJD_BUILD_JOBS:-8}
     [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDACXX=/usr/local/cuda/bin/nvcc
@@ -154,30 +195,47 @@ if want build; then
     info=$(dirname "$so")/_build_info.json; [ -f "$info" ] && cp -f "$info" sjd_kernels/ && cat "$info"
     '"$PY"' -c "import sjd_kernels as s; print(s.backends())"
     '
+  package
 fi
 
-# ------------------------------------------------------------------ tests
+# ------------------------------------------------------------------ CUDA tests, law tests, sanitizer side by side
+# SJD_REQUIRE_EXT=1: a missing extension fails these tests instead of skipping them
 if want tests; then
-  stage tests-gpu "$TESTS_GPU_S" "$LOGS/tests-gpu.log" -- \
-    "$PY" -m pytest tests -m gpu -q -ra --durations=30 --junitxml="$LOGS/junit-gpu.xml" -p no:cacheprovider
-  stage tests "$TESTS_S" "$LOGS/tests.log" -- \
-    "$PY" -m pytest tests -q -ra --durations=30 --junitxml="$LOGS/junit.xml" -p no:cacheprovider
+  SJD_REQUIRE_EXT=1 stage_bg tests-cuda "$TESTS_GPU_S" "$LOGS/tests-cuda.log" -- \
+    "${PYTEST[@]}" tests -m gpu -k cuda --junitxml="$LOGS/junit-cuda.xml"
 fi
-
-# ------------------------------------------------------------------ compute-sanitizer
+if want law; then
+  # the chi-square law tests (alpha 1e-6 each) and the bad-input tests on both GPU backends,
+  # spread test by test over the workers
+  LAW_PYTEST=("$PY" -m pytest -q -ra --durations=15 -p no:cacheprovider)
+  "$PY" -c "import xdist" 2>/dev/null && LAW_PYTEST+=(-n "$(( XDIST + 2 ))" --dist load)
+  SJD_LAW_BACKENDS=triton,cuda SJD_LAW_DEVICE=cuda SJD_REQUIRE_EXT=1 stage_bg law "$LAW_S" "$LOGS/law.log" -- \
+    "${LAW_PYTEST[@]}" tests/test_jacobi_step_law.py tests/test_jacobi_step_inputs.py tests/test_sparse_state.py \
+    -k "not test_sparse_equals_dense and not truncation" --junitxml="$LOGS/junit-law.xml"
+fi
 if want sanitize; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
-  for tool in memcheck racecheck initcheck; do
+  for tool in $SAN_TOOLS; do
     if [ -z "$SAN" ]; then
       printf '| sanitize-%s | skipped (compute-sanitizer not found) | - | 0 | 0 | - |\n' "$tool" >> "$STATUS"; continue
     fi
     extra=()
     [ "$tool" = "initcheck" ] && extra+=(--track-unused-memory no)
     [ -n "$SAN_KERNELS" ] && extra+=(--kernel-name "$SAN_KERNELS")
-    stage "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- \
+    if [ "$tool" = "memcheck" ]; then
+      sel=("${SAN_FILES[@]}" -k "$SAN_K")
+    else   # racecheck / initcheck are far slower: a few cases that reach every kernel and path
+      sel=("${SAN_NODES[@]}")
+    fi
+    SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- \
       "$SAN" --tool "$tool" --error-exitcode 3 "${extra[@]}" \
-      "$PY" -m pytest tests -q -x -k "$SAN_K" -p no:cacheprovider
+      "$PY" -m pytest -q -p no:cacheprovider "${sel[@]}"
   done
+fi
+join_stages
+
+if want suite; then
+  stage suite "$TESTS_S" "$LOGS/tests.log" -- "${PYTEST[@]}" tests --junitxml="$LOGS/junit.xml"
 fi
 
 # ------------------------------------------------------------------ benchmarks
