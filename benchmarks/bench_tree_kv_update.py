@@ -157,6 +157,7 @@ def main(argv=None) -> int:
                 a = torch.randn(n_el, device="cuda").to(dt)
                 b = torch.empty_like(a)
                 floor = time_cuda(lambda: b.copy_(a), reps=reps, warmup=10, flush=flush).median
+                kv0, keys0, values0 = kv.clone(), [k.clone() for k in keys], [v.clone() for v in values]
                 want = kv.clone()
                 ref.tree_kv_update(want, path, cl, None)
                 want_k = [k.clone() for k in keys]
@@ -173,13 +174,16 @@ def main(argv=None) -> int:
                             fn = (lambda fs=fs: fs(kv, path, cl, st)) if layout == "stacked" else \
                                  (lambda fl=fl: fl(keys, values, path, cl, table, st))
                             chk_fn = (lambda x, fs=fs: fs(x, path, cl, st)) if layout == "stacked" else None
-                        # correctness first, on copies of the inputs
+                        # correctness first, on copies of the untouched inputs (the timed calls of the
+                        # backends before this one moved entries of kv/keys/values in place: the update
+                        # is not idempotent when a path reads a slot that an earlier copy wrote)
+                        st.zero_()
                         if layout == "stacked":
-                            x = kv.clone()
+                            x = kv0.clone()
                             chk_fn(x)
                             ok = torch.equal(x.view(_BITS[dt]), want.view(_BITS[dt]))
                         else:
-                            kk, vv = [k.clone() for k in keys], [v.clone() for v in values]
+                            kk, vv = [k.clone() for k in keys0], [v.clone() for v in values0]
                             if be == "torch":
                                 ref.tree_kv_update_list(kk, vv, path, cl, st)
                             else:
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
                             print(f"{be:6s} {layout:7s} {model:11s} R={R:<3d} {dname} L2 {l2}: {t.median:8.2f} us "
                                   f"(p20 {t.p20:.2f}, p80 {t.p80:.2f}), {nbytes / 1e6:.2f} MB, {gbps:7.1f} GB/s = "
                                   f"{row['frac_copy_bw']:.1%} of copy bw; copy_ of the same bytes {floor:.2f} us")
-                kv = keys = values = want = want_k = want_v = None          # free before the next shape
+                kv = keys = values = want = want_k = want_v = kv0 = keys0 = values0 = None   # free before the next shape
                 torch.cuda.empty_cache()
 
     out = Path(args.out)

@@ -15,16 +15,22 @@
 #
 # Knobs (environment):
 #   STAGES="info build tests law sanitize bench tree e2e"   stages to run (add "suite" for the
-#                           whole test suite on the GPU machine, after the overlapped stages)
+#                           whole test suite on the GPU machine, after the overlapped stages, and
+#                           "profile" for Nsight Compute on PROFILE_CASES, before e2e)
 #   TOTAL_S=480                                   overall deadline in seconds
 #   BUILD_S=170 TESTS_GPU_S=150 LAW_S=150 TESTS_S=150 SAN_S=90 (each tool) BENCH_S=110 TREE_S=45 E2E_S=70
 #   XDIST=4                 pytest-xdist workers per test stage (whole files per worker), when installed
 #   SAN_TOOLS="memcheck racecheck"   compute-sanitizer tools (add initcheck)
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
 #   E2E_ARGS=""             extra arguments of `bench e2e` (e.g. "--model llamagen-xl")
-#   SAN_K="test_matches_reference or ..."   pytest -k expression of the memcheck run (its 4 kernel test files);
-#                           racecheck/initcheck run the fixed SAN_NODES list
+#   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda` (every CUDA kernel
+#   and path on small shapes, checked against the reference: dense and sparse state, every draft
+#   mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger than
+#   shared memory; the sparse compaction over several chunks).
+#   SAN_REQUESTS=6          requests per check under the sanitizer
 #   SAN_KERNELS=""          compute-sanitizer --kernel-name filter (e.g. "regex:jacobi|tree")
+#   PROFILE_CASES="B32_W32_V16384_cfg_bf16_sjd_k1000"   cases for the `profile` stage (Nsight Compute,
+#                           one launch of the rows kernel per backend; add "profile" to STAGES)
 #   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
 set -u
 OUT=${1:-${OUT:-}}
@@ -41,17 +47,11 @@ SAN_S=${SAN_S:-90}; BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-70}; TREE_S=${TREE_S
 XDIST=${XDIST:-4}; SAN_TOOLS=${SAN_TOOLS:-"memcheck racecheck"}
 OPS_ARGS=${OPS_ARGS:-"--grid full"}
 E2E_ARGS=${E2E_ARGS:-""}
-SAN_FILES=(tests/test_cuda_jacobi_step.py tests/test_sparse_state_kernels.py tests/test_tree_verify_kernels.py
-           tests/test_tree_kv_kernels.py)
-SAN_K=${SAN_K:-"test_matches_reference or test_global_row_path or test_vocabulary_larger or test_sparse_cuda_matches_reference_larger or (test_gpu_backend_matches_reference and cuda) or (test_random_tree_paths and cuda)"}
-SAN_NODES=("tests/test_cuda_jacobi_step.py::test_matches_reference[sjd-bf16-cfg-topk-topp]"
-           "tests/test_cuda_jacobi_step.py::test_matches_reference[coupling+vp]"
-           "tests/test_cuda_jacobi_step.py::test_matches_reference[gumbel_jacobi]"
-           "tests/test_cuda_jacobi_step.py::test_vocabulary_larger_than_shared_memory"
-           "tests/test_sparse_state_kernels.py::test_sparse_cuda_matches_reference_larger[sjd]"
-           "tests/test_sparse_state_kernels.py::test_sparse_cuda_matches_reference_larger[coupling_vp_add_b0.5]"
-           "tests/test_tree_verify_kernels.py::test_gpu_backend_matches_reference[K4-depth3-bf16-cuda]"
-           "tests/test_tree_kv_kernels.py::test_random_tree_paths[0-bf16-cuda]")
+SAN_NODES=("tests/test_cuda_jacobi_step.py::test_vocabulary_larger_than_shared_memory"
+           "tests/test_sparse_state_kernels.py::test_sparse_cuda_matches_reference_larger[sjd]")
+SAN_REQUESTS=${SAN_REQUESTS:-6}
+PROFILE_CASES=${PROFILE_CASES:-"B32_W32_V16384_cfg_bf16_sjd_k1000"}
+PROFILE_S=${PROFILE_S:-60}
 SAN_KERNELS=${SAN_KERNELS:-""}
 export SJD_CUDA_ARCHS=${SJD_CUDA_ARCHS:-"90"}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
@@ -121,12 +121,13 @@ run_stage() {
   fi
   echo "=== $name (time box ${b} s, $(elapsed) s elapsed)"
   local s; s=$(date +%s)
-  timeout -k 10 "$b" "$@" > "$log" 2>&1
+  # SIGINT first: pytest then stops and still prints its failures and summary
+  timeout -s INT -k 20 "$b" "$@" > "$log" 2>&1
   local rc=$?
   local d=$(( $(date +%s) - s ))
   local st=ok
   [ $rc -ne 0 ] && st=FAILED
-  [ $rc -eq 124 ] || [ $rc -eq 137 ] && st="TIMED OUT"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] || [ $rc -eq 130 ] || [ $rc -eq 2 -a $d -ge $b ] && st="TIMED OUT"
   [ $rc -eq 5 ] && case "$name" in tests*|law*) st="no tests selected" ;; esac
   printf '| %s | %s | %s | %s | %s | %s |\n' "$name" "$st" "$rc" "$d" "$b" "$(basename "$log")" >> "$STATUS"
   echo "    -> $name: $st (rc $rc, ${d} s, $(elapsed) s elapsed); last lines of $(basename "$log"):"
@@ -144,9 +145,12 @@ join_stages() { local p; for p in "${BG_PIDS[@]}"; do wait "$p"; done; BG_PIDS=(
 
 # pytest with whole files per xdist worker when pytest-xdist is there (the parity grid's total
 # test needs its whole file in one process)
-PYTEST=("$PY" -m pytest -q -ra --durations=30 -p no:cacheprovider)
+# pytest: one line per test (a stopped run still shows which failed), short tracebacks, tests spread
+# one by one over the xdist workers when pytest-xdist is there (the parity grid's whole-grid total
+# then skips: it needs the whole file in one process)
+PYTEST=("$PY" -m pytest -v --tb=short -ra --durations=30 -p no:cacheprovider -p no:benchmark)
 if [ "$XDIST" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
-  PYTEST+=(-n "$XDIST" --dist loadfile)
+  PYTEST+=(-n "$XDIST" --dist load)
 fi
 
 # ------------------------------------------------------------------ info
@@ -219,17 +223,18 @@ if want sanitize; then
     if [ -z "$SAN" ]; then
       printf '| sanitize-%s | skipped (compute-sanitizer not found) | - | 0 | 0 | - |\n' "$tool" >> "$STATUS"; continue
     fi
-    extra=()
-    [ "$tool" = "initcheck" ] && extra+=(--track-unused-memory no)
-    [ -n "$SAN_KERNELS" ] && extra+=(--kernel-name "$SAN_KERNELS")
-    if [ "$tool" = "memcheck" ]; then
-      sel=("${SAN_FILES[@]}" -k "$SAN_K")
-    else   # racecheck / initcheck are far slower: a few cases that reach every kernel and path
-      sel=("${SAN_NODES[@]}")
-    fi
-    SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- \
-      "$SAN" --tool "$tool" --error-exitcode 3 "${extra[@]}" \
-      "$PY" -m pytest -q -p no:cacheprovider "${sel[@]}"
+    extra="--tool $tool --error-exitcode 3"
+    [ "$tool" = "initcheck" ] && extra="$extra --track-unused-memory no"
+    [ -n "$SAN_KERNELS" ] && extra="$extra --kernel-name $SAN_KERNELS"
+    nodes=""
+    [ "$tool" = "memcheck" ] && nodes="${SAN_NODES[*]}"
+    SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- bash -c '
+      "$0" '"$extra"' "$1" -m sjd_kernels.bench ops --check --grid cpu --backend cuda \
+        --min-requests "$2" --no-plots --out "$3"; r1=$?
+      r2=0
+      if [ -n "$4" ]; then "$0" '"$extra"' "$1" -m pytest -q -p no:cacheprovider -p no:benchmark $4; r2=$?; fi
+      echo "sanitizer exit codes: bench check $r1, pytest $r2"
+      [ $r1 -eq 0 ] && [ $r2 -eq 0 ]' "$SAN" "$PY" "$SAN_REQUESTS" "$WORK/san-$tool" "$nodes"
   done
 fi
 join_stages
@@ -250,6 +255,18 @@ if want tree; then
     "$PY" benchmarks/bench_tree_kv_update.py --quick --out "$RES/tree_kv_update"
   stage tree-verify "$TREE_S" "$LOGS/bench_tree_verify.log" -- \
     "$PY" benchmarks/bench_tree_verify.py --quick --csv "$RES/tree_verify.csv"
+fi
+if want profile; then
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  for c in $PROFILE_CASES; do
+    for be in cuda triton; do
+      if [ -z "$NCU" ]; then printf '| profile-%s | skipped (ncu not found) | - | 0 | 0 | - |\n' "$be" >> "$STATUS"; continue; fi
+      stage "profile-$be-$c" "$PROFILE_S" "$LOGS/ncu-$be-$c.log" -- "$NCU" --clock-control none \
+        -k regex:jacobi_rows --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        "$PY" benchmarks/profile_step.py --case "$c" --backend "$be"
+    done
+  done
 fi
 if want e2e; then
   b=$(box e2e "$E2E_S")

@@ -67,11 +67,11 @@ def _mulhilo(a: torch.Tensor, m: int):
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     """Philox4x32 on int64 tensors holding uint32 values (broadcastable). Returns 4 int64 tensors."""
     c0 = torch.as_tensor(c0, dtype=torch.int64) & MASK32
-    c1 = torch.as_tensor(c1, dtype=torch.int64, device=c0.device) & MASK32
-    c2 = torch.as_tensor(c2, dtype=torch.int64, device=c0.device) & MASK32
-    c3 = torch.as_tensor(c3, dtype=torch.int64, device=c0.device) & MASK32
-    k0 = torch.as_tensor(k0, dtype=torch.int64, device=c0.device) & MASK32
-    k1 = torch.as_tensor(k1, dtype=torch.int64, device=c0.device) & MASK32
+
+    def u32(x):   # Python ints become device fills, not host tensors copied over (CUDA-graph safe)
+        x = x.to(torch.int64) if isinstance(x, torch.Tensor) else torch.full_like(c0, int(x))
+        return x & MASK32
+    c1, c2, c3, k0, k1 = u32(c1), u32(c2), u32(c3), u32(k0), u32(k1)
     for r in range(rounds):
         hi0, lo0 = _mulhilo(c0, PHILOX_M0)
         hi1, lo1 = _mulhilo(c2, PHILOX_M1)

@@ -55,6 +55,19 @@ def test_grid_covers_spec_shapes():
     assert C.select(["jacobi_step"], "quick") and len(C.select(None, "quick")) < len(C.select(None, "full"))
 
 
+def test_ops_case_filter_and_request_count(tmp_path):
+    """`--case` keeps the matching cases only (a sparse state without VP here); no match is exit 2."""
+    r = _run(["ops", "--check", "--op", "jacobi_step", "--case", "sparse20", "--backend", "torch",
+              "--min-requests", "4", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _read_csv(tmp_path / "ops.csv")
+    assert rows and {row["case"] for row in rows} == {"jacobi_step:B2_W4_V64_cfg_bf16_sjd_k16_sparse20"}
+    assert all(row["check"] == "pass" for row in rows)
+    assert "4 requests well-formed" in rows[0]["check_detail"]
+    bad = _run(["ops", "--check", "--case", "no-such-case", "--out", str(tmp_path / "none")])
+    assert bad.returncode == 2 and "no case of this grid matches" in bad.stderr
+
+
 def test_ops_check_quick_on_cpu(tmp_path):
     """`ops --check --quick` runs here: the reference (and Triton under the interpreter) on small shapes."""
     r = _run(["ops", "--check", "--quick", "--out", str(tmp_path)], {"TRITON_INTERPRET": "1"})

@@ -2,17 +2,17 @@
 
 GPU tests (marker ``gpu``, skipped without a device): for the chain methods on a tiny float32 GPT,
 graph replay gives the same tokens and stats as the eager loop under the same seeds (CFG, ragged
-acceptance in a batch of 4, prompts of several positions, forced tokens, the triton and the cuda
-backends when available).
+acceptance in a batch of 4, prompts of several positions, forced tokens; the triton and cuda
+backends when available, and the torch reference).
 
-CPU tests: the refusals (CPU model, torch backend is checked on GPU, pac, sjd2, a non-bool flag) and
+CPU tests: the refusals (CPU model, pac, sjd2, a non-bool flag) and
 a dry run of the graph path (``loop._graph_dry_run``): the step function the graph would capture is
 run eagerly on CPU under a dispatch mode that fails on host synchronisation (``.item()``,
 ``bool(tensor)``, ``.tolist()``, ``nonzero``, boolean-mask indexing, tensors built from Python data,
 cross-device copies). The ``jacobi_step`` custom op is opaque to the mode: its triton/cuda kernels are
-checked for capture by their own graph tests, and the torch reference (which indexes with boolean
-masks) is refused with ``cuda_graph=True``. The op's wrapper runs its device path (no CPU-only
-``win_len`` check), as it does on a GPU.
+checked for capture by their own graph tests, and the torch reference step by
+``test_reference_graph_safe.py`` under the same mode. The op's wrapper runs its device path (no
+CPU-only ``win_len`` check), as it does on a GPU.
 """
 import sys
 import traceback
@@ -246,7 +246,7 @@ def test_graph_step_sequence_with_fake_cuda(monkeypatch):
 # ------------------------------------------------------------------------------------ GPU
 def _graph_backends():
     b = backends()
-    return [name for name in ("triton", "cuda") if b[name]["available"]] if HAS_CUDA else []
+    return [name for name in ("triton", "cuda", "torch") if b[name]["available"]] if HAS_CUDA else []
 
 
 GPU_BACKENDS = _graph_backends() or ["none"]
@@ -254,7 +254,7 @@ GPU_BACKENDS = _graph_backends() or ["none"]
 
 def _need(backend):
     if backend == "none":
-        pytest.skip("neither the triton nor the cuda backend is usable on this device")
+        pytest.skip("no backend is usable on this device")
 
 
 @gpu
@@ -305,11 +305,3 @@ def test_graph_ragged_batch_prefixes_forced(backend):
         assert (graph.tokens[:, 5::6] == 15).all()
         ragged |= len(set(graph.stats.steps)) > 1
     assert ragged                                          # some batch finished its requests at different steps
-
-
-@gpu
-@requires_cuda
-def test_graph_refuses_the_torch_backend():
-    m = tiny().float().cuda()
-    with pytest.raises(SJDInputError, match="needs backend 'triton' or 'cuda'"):
-        generate(m, torch.tensor([0, 1], device="cuda"), 12, "sjd", window=4, backend="torch", cuda_graph=True)

@@ -43,10 +43,18 @@ def cmd_list(args) -> int:
 def cmd_ops(args) -> int:
     from .ops import run_ops
     grid = args.grid or ("quick" if args.quick else None)
+    if args.case:
+        from . import cases as C
+        from .ops import resolve_grid
+        from .timing import has_gpu
+        names = [c.name for c in C.select(args.op, resolve_grid(grid, has_gpu()))]
+        if not any(k in n for k in args.case for n in names):
+            print(f"--case {args.case}: no case of this grid matches (see `bench list`)", file=sys.stderr)
+            return 2
     res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
                   warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=args.out, csv_path=args.csv,
                   json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
-                  command=_command())
+                  command=_command(), cases=args.case, min_requests=args.min_requests)
     if res["failed_checks"]:
         print(f"{len(res['failed_checks'])} checks FAILED", file=sys.stderr)
         return 1
@@ -90,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="only the correctness checks")
     s.add_argument("--quick", action="store_true", help="the small grid")
     s.add_argument("--grid", choices=["full", "quick", "cpu", "cpu-quick"])
+    s.add_argument("--case", action="append",
+                   help="keep cases whose name contains this text (repeatable), e.g. sparse1064")
+    s.add_argument("--min-requests", type=int,
+                   help="requests per correctness check (default 64 on a GPU, 8 on the CPU)")
     s.add_argument("--reps", type=int, default=50)
     s.add_argument("--warmup", type=int, default=5)
     s.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])

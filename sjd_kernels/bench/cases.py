@@ -160,6 +160,8 @@ class JacobiStepBench(OpBench):
         out.append(Case(self.name, _jacobi_params(2, 4, 100, mode="gumbel_jacobi", top_k=0), ("cpu",)))
         out.append(Case(self.name, _jacobi_params(3, 4, 64, mode="coupling", beta=0.5, top_k=16, capacity=24),
                         ("cpu", "cpu-quick")))
+        # sparse without VP: the state keeps no previous rows (p_prev is empty)
+        out.append(Case(self.name, _jacobi_params(2, 4, 64, top_k=16, capacity=20), ("cpu", "cpu-quick")))
         return out
 
     # ---- inputs
@@ -299,7 +301,8 @@ class JacobiStepBench(OpBench):
 
             def laws(st, vals):                # stored rows as dense [B, R, V] (sparse: densified)
                 return ref_js.densify(st.q_idx, vals, V) if sparse else vals
-            q_before, pp_before = laws(st_ref, st_ref.q_state).clone(), laws(st_ref, st_ref.p_prev).clone()
+            q_before = laws(st_ref, st_ref.q_state).clone()
+            pp_before = laws(st_ref, st_ref.p_prev).clone() if st_ref.p_prev.numel() else None   # VP only
             out_ref = self._call(p, inp, st_ref, "torch")
             out_be = self._call(p, inp, st_be, backend)
             same = (out_ref.num_accepted == out_be.num_accepted) & (out_ref.tokens == out_be.tokens).all(1) & \

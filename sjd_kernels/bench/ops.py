@@ -58,11 +58,23 @@ class CSVSink:
                 csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow(row)
 
 
+def resolve_grid(grid: Optional[str], gpu: bool) -> str:
+    """The grid a run uses: without a GPU the GPU grids map to their small CPU twins."""
+    if not gpu:
+        return {None: "cpu", "full": "cpu", "quick": "cpu-quick"}.get(grid, grid)
+    return grid or "full"
+
+
 def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: bool = False, reps: int = 50,
             warmup: int = 5, graph_modes=("eager", "graph"), out_dir: Optional[str] = None,
             csv_path: Optional[str] = None, json_path: Optional[str] = None, budget_s: float = 1e9,
-            seed: int = 0, plots: bool = True, command: str = "", log=print) -> dict:
-    """Run the ops benchmark; returns ``{"rows", "info", "copy", "failed_checks", "refused_timing"}``."""
+            seed: int = 0, plots: bool = True, command: str = "", log=print, cases=None,
+            min_requests: Optional[int] = None) -> dict:
+    """Run the ops benchmark; returns ``{"rows", "info", "copy", "failed_checks", "refused_timing"}``.
+
+    ``cases``: keep only cases whose name contains one of these strings. ``min_requests``: requests
+    each correctness check compares (default 64 on a GPU, 8 on the CPU; fewer keeps a run under
+    compute-sanitizer short)."""
     t0 = time.time()
     gpu = has_gpu()
     device = "cuda" if gpu else "cpu"
@@ -73,11 +85,7 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
                 "running the correctness checks only, on the small 'cpu' shapes")
             refused = True
         check_only = True
-        if grid in (None, "full"):
-            grid = "cpu"
-        elif grid == "quick":
-            grid = "cpu-quick"
-    grid = grid or "full"
+    grid = resolve_grid(grid, gpu)
     info = machine_info()
     copy = {}
     flusher = None
@@ -90,6 +98,8 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
         csv_path = os.path.join(out_dir, "ops.csv")
     sink = CSVSink(csv_path)
     selected = C.select(ops, grid)
+    if cases:
+        selected = [c for c in selected if any(k in c.name for k in cases)]
     failed = []
     skipped_budget = 0
     for case in selected:
@@ -107,7 +117,8 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
                 sink.add(row)
                 continue
             try:
-                chk = bench.check(case, be, device, seed + 1, min_requests=64 if gpu else 8)
+                chk = bench.check(case, be, device, seed + 1,
+                                  min_requests=min_requests or (64 if gpu else 8))
             except ModuleNotFoundError as e:
                 if (e.name or "").startswith("sjd_kernels."):     # the backend's kernel is not written yet
                     row.update(check="skip", note=f"{be}: kernel module {e.name} not present")

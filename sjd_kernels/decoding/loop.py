@@ -38,8 +38,8 @@ have finished), so tokens, NFE, ``steps`` and ``accepted_hist`` equal the eager 
 same seeds. Timing is coarser: ``stats.step_s`` holds the whole window steps (CUDA events around
 each warm-up step and replay), ``forward_s``/``post_s`` stay 0, ``capture_s`` is the host time of
 the capture and ``graph_replays`` the number of replayed steps. Refused with a clear error: models
-not on a CUDA device, the ``torch`` backend (the reference indexes with boolean masks, a host
-synchronisation), and methods ``pac`` and ``sjd2`` (``NotImplementedError``). The model's forward
+not on a CUDA device, and methods ``pac`` and ``sjd2`` (``NotImplementedError``). Every backend of
+the op captures, the ``torch`` reference too (it has no host synchronisation; slow, but exact). The model's forward
 must itself be capturable (no ``.item()``, ``bool(tensor)`` or data-dependent shapes with a static
 cache): the in-package GPT is; a forward that is not fails at capture with a ``RuntimeError``.
 ``on_step`` is still called after every step (it then runs outside the graph).
@@ -362,11 +362,6 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         raise SJDInputError(f"cuda_graph=True needs a model on a CUDA device, got a model on {dev} "
                             f"(use cuda_graph=False)")
     be = resolve_backend(backend, dev)
-    if cuda_graph and dry_run is None and be == "torch":
-        raise SJDInputError("cuda_graph=True needs backend 'triton' or 'cuda': the torch reference backend "
-                            "indexes with boolean masks (host synchronisation) and cannot be captured"
-                            + ("" if backend == "torch" else f" (backend={backend!r} resolved to 'torch': "
-                               "neither the CUDA extension nor Triton is usable here)"))
 
     # ---- conditions, CFG, seeds
     scale = torch.as_tensor(cfg_scale, dtype=torch.float32).reshape(-1)

@@ -219,20 +219,27 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
     new_kind = torch.where(is_forced, torch.full_like(kind_all, KIND_ONEHOT),
                            torch.where(ovf, torch.full_like(kind_all, KIND_UNIFORM),
                                        torch.full_like(kind_all, KIND_DENSE | (FLAG_PREV if has_prev else 0))))
-    b_w, s_w = bidx[wr], slot[wr]
+    # Every (request, row) slot is written, unselected ones with their current value: integer
+    # indices only (no boolean-mask indexing, so no host synchronisation and the reference can be
+    # captured in a CUDA graph). The W+1 slots of a request are distinct (R > W), so no write races.
+    def put(buf, sel, new_rows):
+        cur = buf[bidx, slot]
+        m_ = sel.view(*sel.shape, *([1] * (cur.dim() - 2)))
+        buf[bidx, slot] = torch.where(m_, new_rows.to(buf.dtype), cur)
+
     if sparse:
         # only KIND_DENSE slots store entries (forced and overflow slots keep stale ones, unread)
         wd = wr & ~is_forced & ~ovf
-        idx_new, vals = sparsify(P[wd] > 0, [Qt[wd], P[wd]], q_idx.shape[2])
-        q_idx[bidx[wd], slot[wd]] = idx_new
-        q_state[bidx[wd], slot[wd]] = vals[0]
+        idx_new, vals = sparsify(P > 0, [Qt, P], q_idx.shape[2])
+        put(q_idx, wd, idx_new)
+        put(q_state, wd, vals[0])
         if has_prev:
-            p_prev[bidx[wd], slot[wd]] = vals[1]
+            put(p_prev, wd, vals[1])
     else:
-        q_state[b_w, s_w] = Qt[wr]
+        put(q_state, wr, Qt)
         if has_prev:
-            p_prev[b_w, s_w] = P[wr]
-    q_kind[b_w, s_w] = new_kind[wr].to(q_kind.dtype)
+            put(p_prev, wr, P)
+    put(q_kind, wr, new_kind)
 
     # ---- outputs
     tokens = torch.where(j.view(1, W1) < m.view(B, 1), D, torch.full_like(D, -1))
@@ -272,7 +279,8 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
     tail_kind = torch.where(ft >= 0, torch.full_like(tail_kind, KIND_ONEHOT), tail_kind)
     tw = tail & ~req_bad.view(B, 1)
     bt = torch.arange(B, device=dev).view(B, 1).expand(B, W)
-    q_kind[bt[tw], (tpos % R)[tw]] = tail_kind[tw].to(q_kind.dtype)
+    ts = tpos % R
+    q_kind[bt, ts] = torch.where(tw, tail_kind.to(q_kind.dtype), q_kind[bt, ts])
 
     neg = torch.full_like
     num_accepted = torch.where(req_bad, neg(m, -1), m)

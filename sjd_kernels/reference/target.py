@@ -8,6 +8,7 @@ at the argmax, lowest id on ties. Rows at forced positions are handled by the ca
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -51,8 +52,9 @@ def target_probs(x: torch.Tensor, temperature: float, top_k: int, top_p: float) 
         p = torch.zeros_like(x).scatter_(-1, idx, 1.0)
     else:
         # multiply by the float32 reciprocal: the same rounding on CPU, CUDA and in the kernels
-        inv_t = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temperature, dtype=torch.float32)
-        y = x * inv_t.to(x.device)
+        # (a host float: no host-to-device copy, so a CUDA graph can capture it; x * s rounds s to float32)
+        inv_t = float(np.float32(1.0) / np.float32(temperature))
+        y = x * inv_t
         if 0 < top_k < V:
             y = torch.where(y >= topk_threshold(y, top_k), y, torch.full_like(y, float("-inf")))
         m = y.amax(-1, keepdim=True)

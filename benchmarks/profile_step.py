@@ -1,0 +1,56 @@
+"""Launch one benchmark case of an op a few times on the GPU, for Nsight Compute.
+
+    ncu --clock-control none -k regex:jacobi_rows --launch-skip 2 --launch-count 1 \\
+        --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+        python benchmarks/profile_step.py --case B32_W32_V16384_cfg_bf16_sjd_k1000 --backend cuda
+
+The inputs are the ones ``python -m sjd_kernels.bench ops`` times for that case (same builder,
+same seed); the state is restored before every call, as in the benchmark, so each launch solves
+the same problem. ``--case`` is matched against the case names of ``bench list`` (exact name, or
+the single case that contains the text).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from sjd_kernels.bench import cases as C
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--op", default="jacobi_step")
+    ap.add_argument("--case", required=True)
+    ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--calls", type=int, default=4, help="calls of the op (the profiler picks one)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step: needs a CUDA device", file=sys.stderr)
+        return 2
+    bench = C.OPS[a.op]
+    found = [c for c in bench.cases() if c.name in (a.case, f"{a.op}:{a.case}")] or \
+        [c for c in bench.cases() if a.case in c.name]
+    if len(found) != 1:
+        print(f"profile_step: --case {a.case!r} matches {len(found)} cases: {[c.name for c in found][:8]}",
+              file=sys.stderr)
+        return 2
+    case = found[0]
+    ok, why = bench.available(a.backend, "cuda")
+    if not ok:
+        print(f"profile_step: backend {a.backend} not usable: {why}", file=sys.stderr)
+        return 2
+    prep = bench.prepare(case, "cuda", a.seed)
+    fn = prep.call(a.backend)
+    for _ in range(a.calls):
+        prep.reset()
+        fn()
+    torch.cuda.synchronize()
+    print(f"profile_step: {case.name} backend {a.backend}: {a.calls} calls done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The PyTorch reference of ``jacobi_step`` can be captured in a CUDA graph.
+
+The op's benchmark times every backend eagerly and inside a CUDA graph, the reference too, so the
+reference step must not synchronise with the host: no boolean-mask indexing, no ``.item()`` on
+device tensors, no tensors built from host data and copied over. Checked here on the CPU by running
+the reference step under the dispatch mode of ``test_cuda_graph`` (``NoHostSync``), which raises on
+each such operation, for every draft mode, dense and sparse state, forced tokens, both tail rules,
+top-k, top-p and greedy targets, over whole multi-step runs (acceptance, rejection, ragged ends).
+"""
+import pytest
+import torch
+
+import test_jacobi_step_law as law
+from test_cuda_graph import HostSync, NoHostSync
+from test_sparse_state import SPECS
+
+from sjd_kernels.reference import jacobi_step as ref
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
+
+# (label, table seed, scale, temperature, top-k, top-p, W, tail rule, forced)
+CASES = [
+    ("W2", 11, 2.5, 1.0, 0, 1.0, 2, ref.TAIL_UNIFORM, None),
+    ("W3-topk2-left", 12, 2.0, 1.0, 2, 1.0, 3, ref.TAIL_LEFT, None),
+    ("W3-forced", 13, 2.5, 0.8, 0, 1.0, 3, ref.TAIL_UNIFORM, [-1, -1, 1, -1]),
+    ("W3-topp", 14, 2.0, 1.0, 0, 0.8, 3, ref.TAIL_UNIFORM, None),
+    ("W2-greedy", 15, 2.0, 0.0, 0, 1.0, 2, ref.TAIL_UNIFORM, None),
+]
+
+
+def guarded(*a, **kw):
+    with NoHostSync():
+        return ref.jacobi_step(*a, **kw)
+
+
+@pytest.mark.parametrize("capacity", [None, 3], ids=["dense", "sparse-C3"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("spec", SPECS)
+def test_reference_step_never_syncs_with_the_host(spec, case, capacity):
+    label, tseed, scale, T, k, p, W, tail, forced = case
+    model = law.TableModel(law.VS, law.LS, tseed, scale)
+    X, info = law.run_sequences(guarded, spec, model, 64, W, 500 + tseed, T, k, p, tail, forced,
+                                capacity=capacity)
+    assert X.shape == (64, law.LS) and bool(((X >= 0) & (X < law.VS)).all())
+    assert info["steps"] >= 2
+
+
+def test_the_guard_catches_the_old_masked_state_write():
+    """The form the reference used before (``buf[b[mask], s[mask]] = rows[mask]``) is refused."""
+    buf = torch.zeros(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    b = torch.arange(2).view(2, 1).expand(2, 3)
+    s = torch.arange(3).view(1, 3).expand(2, 3)
+    rows = torch.ones(2, 3, 4)
+    with pytest.raises(HostSync):
+        with NoHostSync():
+            buf[b[mask], s[mask]] = rows[mask]
