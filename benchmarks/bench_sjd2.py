@@ -31,7 +31,7 @@ from sjd_kernels import data  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
 from sjd_kernels.sjd2.decode import generate_sjd2  # noqa: E402
-from sjd_kernels.sjd2.noise import NoiseSchedule, SJD2Embedding  # noqa: E402
+from sjd_kernels.sjd2.noise import SJD2Embedding  # noqa: E402
 
 
 def with_levels(sjd2: SJD2Embedding, levels: int) -> SJD2Embedding | None:
@@ -121,7 +121,7 @@ def main(argv=None):
                    for k in ("step_compression", "accuracy", "fd", "fd_real")}
             summary.append((name, agg, sum(r["noisy_kv_tokens"] for r in per_seed),
                             sum(r["refed_tokens"] for r in per_seed)))
-    print(f"\n| method | step compression | class accuracy | FD | FD real floor | noisy KV kept | re-fed |")
+    print("\n| method | step compression | class accuracy | FD | FD real floor | noisy KV kept | re-fed |")
     print("|---|---|---|---|---|---|---|")
     for name, a, nk, rf in summary:
         print(f"| {name} | {a['step_compression'][0]:.2f} ± {a['step_compression'][1]:.2f} | "

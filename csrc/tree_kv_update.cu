@@ -139,7 +139,9 @@ int tree_kv_update_launch(const TreeKvUpdateArgs& a) {
   SJD_REQUIRE(!table || (a.ptr_align >= 1 && a.ptr_align <= 16 && (a.ptr_align & (a.ptr_align - 1)) == 0),
               "tree_kv_update: ptr_align must be a power of two in [1, 16] with a ptr_table, got " +
                   std::to_string(a.ptr_align));
-  SJD_REQUIRE(a.path && a.cache_len && a.status, "tree_kv_update: path, cache_len and status are required");
+  // an empty path (P = 0) may have no storage: the kernel then reads only cache_len
+  SJD_REQUIRE((a.path || a.P == 0) && a.cache_len && a.status,
+              "tree_kv_update: path (when P > 0), cache_len and status are required");
   SJD_REQUIRE(a.elem_size == 1 || a.elem_size == 2 || a.elem_size == 4 || a.elem_size == 8,
               "tree_kv_update: elem_size must be 1, 2, 4 or 8 bytes, got " + std::to_string(a.elem_size));
   SJD_REQUIRE(a.layers >= 1 && 2 * static_cast<int64_t>(a.layers) <= 65535,

@@ -631,7 +631,7 @@ def vp_state_mismatches(impl, spec, B=96, W=3, V=5, seed0=8000):
     bad = 0
     for it in range(4):
         logits = torch.randn(B, W + 1, V, generator=g) * 1.5
-        before_q, before_k, before_p = q_state.clone(), q_kind.clone(), p_prev.clone()
+        before_k, before_p = q_kind.clone(), p_prev.clone()
         na, tok, nd = impl(logits, None, None, drafts, win, pos, seed, stp, None, q_state, q_kind, p_prev, status,
                            1.0, 0, 1.0, mode, beta, form, 1e-6, ref.TAIL_UNIFORM)
         P = stats.target_law64(logits.numpy())

@@ -21,7 +21,7 @@ from _util import gpu, requires_cuda, requires_cuda_ext, requires_ext
 
 from sjd_kernels.reference import tree as ref
 from sjd_kernels.reference.jacobi_step import KIND_DENSE, KIND_ONEHOT, KIND_UNIFORM
-from sjd_kernels.reference.target import combine_logits, target_probs
+from sjd_kernels.reference.target import target_probs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -171,7 +171,6 @@ def run(case: Case, verify=None, mutation: str | None = None, n: int | None = No
             forced[:, p_] = t_
     steps = 0
     ar = torch.arange(n)
-    uncond_all = None
     while bool((count < L).any()):
         steps += 1
         pos = count.clone()

@@ -163,9 +163,10 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
                 r.update(t.row())
                 r["note"] = t.note
                 bmin = r["bytes_min"]
-                r["achieved_GBps"] = round(bmin / (t.median * 1e-6) / 1e9, 1)
-                r["roofline_us"] = round(bmin / copy["copy_Bps"] * 1e6, 3)
-                r["roofline_frac"] = round(r["roofline_us"] / t.median, 4)
+                # significant digits, not decimals: the slow reference's fraction is ~1e-5, not 0
+                r["achieved_GBps"] = float(f"{bmin / (t.median * 1e-6) / 1e9:.4g}")
+                r["roofline_us"] = float(f"{bmin / copy['copy_Bps'] * 1e6:.4g}")
+                r["roofline_frac"] = float(f"{r['roofline_us'] / t.median:.3g}")
                 log(f"[time]  {case.name:<60} {be:<14} {mode:<5} median {t.median:10.1f} us  p20 {t.p20:10.1f}  "
                     f"p80 {t.p80:10.1f}  {r['achieved_GBps']:8.1f} GB/s  roofline {r['roofline_us']:8.1f} us "
                     f"({100 * r['roofline_frac']:.1f}%)  state {r['state_bytes_per_req'] / 2**20:.2f} MiB/req")

@@ -77,7 +77,6 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     B, T, W, R = seed.numel(), int(num_tokens), int(window), int(window) + 1
     V, d = embed_weight.shape
     i64 = torch.int64
-    K = 0 if sjd2 is None else sjd2.levels
     if sjd2 is not None:
         mean, std = sjd2.norm.mean.to(dev), sjd2.norm.std.to(dev)
         table = sjd2.level_embed.table().detach().to(dev).contiguous()
