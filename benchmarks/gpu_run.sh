@@ -28,11 +28,14 @@
 #   mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger than
 #   shared memory; the sparse compaction over several chunks).
 #   SAN_REQUESTS=6          requests per check under the sanitizer
-#   SAN_KERNELS=""          compute-sanitizer --kernel-name filter, so that the PyTorch reference's
-#                           kernels run uninstrumented (the info stage prints the installed syntax)
+#   SAN_KERNELS=""          compute-sanitizer --kernel-name filter; when empty and the sanitizer
+#                           accepts `--kernel-name-exclude kns=native`, PyTorch's at::native kernels
+#                           (the reference in the checks) run uninstrumented (the info stage prints
+#                           the installed syntax)
 #   PROFILE_CASES="B32_W32_V16384_cfg_bf16_sjd_k1000"   cases for the `profile` stage (Nsight Compute,
 #                           one launch of the rows kernel per backend; add "profile" to STAGES)
 #   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
+#   WHEELS=.whl             folder of wheels to install first (see NOTES.md for FlashInfer)
 set -u
 OUT=${1:-${OUT:-}}
 if [ -z "$OUT" ]; then echo "usage: bash benchmarks/gpu_run.sh OUT_DIR" >&2; exit 2; fi
@@ -56,6 +59,13 @@ PROFILE_S=${PROFILE_S:-60}
 SAN_KERNELS=${SAN_KERNELS:-""}
 export SJD_CUDA_ARCHS=${SJD_CUDA_ARCHS:-"90"}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
+# Optional Python packages carried as wheels (the machine has no registry), e.g. FlashInfer for the
+# verify_only peer: put them in $WHEELS (ignored by git, named in the device call's carry).
+WHEELS=${WHEELS:-.whl}
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sjd_site \
+    "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/sjd_site" && echo "wheels from $WHEELS installed"
+fi
 # 0, not unset: several test modules set TRITON_INTERPRET=1 when it is absent (for CPU runs)
 export TRITON_INTERPRET=0
 WORK=$(mktemp -d /tmp/sjd_gpu_run.XXXXXX)
@@ -223,6 +233,15 @@ if want law; then
 fi
 if want sanitize; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  # Leave PyTorch's own kernels (the reference in the checks) uninstrumented when this sanitizer
+  # takes an exclusion filter: probed on a program without GPU code, so a wrong syntax costs nothing.
+  SAN_FILTER=""
+  if [ -z "$SAN_KERNELS" ] && [ -n "$SAN" ] && \
+     "$SAN" --kernel-name-exclude kns=native /bin/true > "$LOGS/sanitize-filter-probe.log" 2>&1; then
+    SAN_FILTER="--kernel-name-exclude kns=native"
+  fi
+  echo "compute-sanitizer kernel filter: ${SAN_KERNELS:+--kernel-name $SAN_KERNELS}${SAN_FILTER:-none}" \
+    >> "$LOGS/sanitize-filter-probe.log"
   for tool in $SAN_TOOLS; do
     if [ -z "$SAN" ]; then
       printf '| sanitize-%s | skipped (compute-sanitizer not found) | - | 0 | 0 | - |\n' "$tool" >> "$STATUS"; continue
@@ -230,6 +249,7 @@ if want sanitize; then
     extra="--tool $tool --error-exitcode 3"
     [ "$tool" = "initcheck" ] && extra="$extra --track-unused-memory no"
     [ -n "$SAN_KERNELS" ] && extra="$extra --kernel-name $SAN_KERNELS"
+    [ -n "$SAN_FILTER" ] && extra="$extra $SAN_FILTER"
     nodes=""
     [ "$tool" = "memcheck" ] && nodes="${SAN_NODES[*]}"
     SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- bash -c '

@@ -370,9 +370,14 @@ def test_extension_exposes_tree_kv_update():
         C.tree_kv_update(**{**args, "P": 1 << 20})
     with pytest.raises(ValueError, match="ptr_table"):
         C.tree_kv_update(**{**args, "cache": 0})
+    with pytest.raises(ValueError, match=r"path \(when P > 0\)"):
+        C.tree_kv_update(**{**args, "path": 0})
     if C.device_count() == 0:
         with pytest.raises(RuntimeError, match="no CUDA device is visible"):
             C.tree_kv_update(**args)
+        # an empty path may come without storage (a null pointer): it passes the argument checks
+        with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+            C.tree_kv_update(**{**args, "path": 0, "P": 0})
 
 
 @requires_ext

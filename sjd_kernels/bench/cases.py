@@ -133,7 +133,9 @@ class JacobiStepBench(OpBench):
                Case(self.name, _jacobi_params(32, 32, 16384), ("full", "quick")),
                Case(self.name, _jacobi_params(32, 32, 16384, capacity=1064), ("full", "quick")),
                Case(self.name, _jacobi_params(32, 32, 16384, mode="coupling"), ("full", "quick")),
-               Case(self.name, _jacobi_params(32, 32, 16384, mode="coupling", capacity=1064), ("full", "quick"))]
+               Case(self.name, _jacobi_params(32, 32, 16384, mode="coupling", capacity=1064), ("full", "quick")),
+               # the same step without top-k: its difference to the k1000 row is the top-k search's share
+               Case(self.name, _jacobi_params(32, 32, 16384, top_k=0), ("full", "quick"))]
         for B in (1, 32):
             for W in (16, 32, 64):
                 for V in (8192, 16384, 32768):
