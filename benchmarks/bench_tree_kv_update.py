@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tree_kv_update.py [--out benchmarks/results/tree_kv_update] [--quick]
         [--dtypes bf16,fp16,fp32] [--batches 1,2,8] [--path 8] [--S 2048] [--reps 200]
+        [--backends torch,cuda,triton]
 
 Caches: LlamaGen-XL-like (36 layers, 20 KV heads, head dim 64) and 7B-like (32 layers, 32 KV heads,
 head dim 128), ``S`` slots, rows ``R`` in ``--batches`` (1: one request, the latency case; 2: one
@@ -117,7 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--S", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="batch 1 only, 50 reps")
+    ap.add_argument("--backends", default="torch,cuda,triton",
+                    help="backends to time (the check always compares with the reference)")
     args = ap.parse_args(argv)
+    wanted = {b.strip() for b in args.backends.split(",") if b.strip()}
+    if not wanted <= {"torch", "cuda", "triton"}:
+        ap.error(f"--backends: unknown names {sorted(wanted - {'torch', 'cuda', 'triton'})}")
 
     cpu_check()
     if not torch.cuda.is_available():
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     print(f"{info['gpu']}: device-to-device copy {bw['copy_Bps'] / 1e9:.0f} GB/s (read + write, 1 GiB)")
     flush = L2Flusher()
-    bes = backends_available()
+    bes = {k: v for k, v in backends_available().items() if k in wanted}
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
     reps = 50 if args.quick else args.reps
     P = args.path

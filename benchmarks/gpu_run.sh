@@ -23,6 +23,9 @@
 #   SAN_TOOLS="memcheck racecheck"   compute-sanitizer tools (add initcheck)
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
 #   E2E_ARGS=""             extra arguments of `bench e2e` (e.g. "--model llamagen-xl")
+#   TREE_KV_LARGE_ARGS="--batches 32 --S 256 --reps 50 --backends cuda,triton"   the second tree-KV benchmark (batch 32 of
+#                           the 7B-like cache moves 235 MB: the over-100-MB bandwidth case;
+#                           S 256 keeps the caches and their check copies near 30 GB)
 #   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda` (every CUDA kernel
 #   and path on small shapes, checked against the reference: dense and sparse state, every draft
 #   mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger than
@@ -51,6 +54,7 @@ SAN_S=${SAN_S:-90}; BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-70}; TREE_S=${TREE_S
 XDIST=${XDIST:-4}; SAN_TOOLS=${SAN_TOOLS:-"memcheck racecheck"}
 OPS_ARGS=${OPS_ARGS:-"--grid full"}
 E2E_ARGS=${E2E_ARGS:-""}
+TREE_KV_LARGE_ARGS=${TREE_KV_LARGE_ARGS:-"--batches 32 --S 256 --reps 50 --backends cuda,triton"}
 SAN_NODES=("tests/test_cuda_jacobi_step.py::test_vocabulary_larger_than_shared_memory"
            "tests/test_sparse_state_kernels.py::test_sparse_cuda_matches_reference_larger[sjd]")
 SAN_REQUESTS=${SAN_REQUESTS:-6}
@@ -117,7 +121,7 @@ package() {   # called after every stage, so a run stopped from outside still re
     [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"
   done
   cp "$RES"/*.json "$RES"/*.md "$LOGS/" 2>/dev/null
-  cp -r "$RES"/tree_kv_update "$RES"/tree_verify.csv "$LOGS/" 2>/dev/null
+  cp -r "$RES"/tree_kv_update "$RES"/tree_kv_update_large "$RES"/tree_verify.csv "$LOGS/" 2>/dev/null
   tar -C "$WORK" -czf "$WORK/logs.tar.gz" logs 2>/dev/null && cp "$WORK/logs.tar.gz" "$OUT/logs.tar.gz"
 }
 
@@ -277,6 +281,8 @@ fi
 if want tree; then
   stage tree-kv "$TREE_S" "$LOGS/bench_tree_kv_update.log" -- \
     "$PY" benchmarks/bench_tree_kv_update.py --quick --out "$RES/tree_kv_update"
+  stage tree-kv-large "$TREE_S" "$LOGS/bench_tree_kv_update_large.log" -- \
+    "$PY" benchmarks/bench_tree_kv_update.py $TREE_KV_LARGE_ARGS --out "$RES/tree_kv_update_large"
   stage tree-verify "$TREE_S" "$LOGS/bench_tree_verify.log" -- \
     "$PY" benchmarks/bench_tree_verify.py --quick --csv "$RES/tree_verify.csv"
 fi
