@@ -396,3 +396,19 @@ def test_state_bytes_table(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         dense, sparse = float(cells[7].replace(",", "")), float(cells[8].replace(",", ""))
         assert sparse < dense
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the refusal without a GPU")
+def test_tree_kv_bench_script_checks_on_cpu_and_refuses_timings(tmp_path):
+    """`benchmarks/bench_tree_kv_update.py`: its CPU oracle check runs, timings are refused, nothing is
+    written; an unknown backend name is a usage error (exit 2)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = os.path.join(ROOT, "benchmarks", "bench_tree_kv_update.py")
+    r = subprocess.run([sys.executable, script, "--backends", "cuda,triton", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "equal a sequential copy (bf16, fp16, fp32): ok" in r.stdout and "refusing to time" in r.stdout
+    assert not (tmp_path / "o").exists()
+    bad = subprocess.run([sys.executable, script, "--backends", "cuda,nope"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=240)
+    assert bad.returncode == 2 and "unknown names ['nope']" in bad.stderr
