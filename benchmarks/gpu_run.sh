@@ -26,10 +26,11 @@
 #   TREE_KV_LARGE_ARGS="--batches 32 --S 256 --reps 50 --backends cuda,triton"   the second tree-KV benchmark (batch 32 of
 #                           the 7B-like cache moves 235 MB: the issue's over-100-MB bandwidth case;
 #                           S 256 keeps the caches and their check copies near 30 GB)
-#   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda` (every CUDA kernel
-#   and path on small shapes, checked against the reference: dense and sparse state, every draft
-#   mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger than
-#   shared memory; the sparse compaction over several chunks).
+#   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda --ref-device cpu`
+#   (every CUDA kernel and path on small shapes, checked against the reference computed on the CPU,
+#   so the sanitizer watches little besides this package's kernels: dense and sparse state, every
+#   draft mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger
+#   than shared memory; the sparse compaction over several chunks).
 #   SAN_REQUESTS=6          requests per check under the sanitizer
 #   SAN_KERNELS=""          compute-sanitizer --kernel-name filter; when empty and the sanitizer
 #                           accepts `--kernel-name-exclude kns=native`, PyTorch's at::native kernels
@@ -257,7 +258,7 @@ if want sanitize; then
     nodes=""
     [ "$tool" = "memcheck" ] && nodes="${SAN_NODES[*]}"
     SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- bash -c '
-      "$0" '"$extra"' "$1" -m sjd_kernels.bench ops --check --grid cpu --backend cuda \
+      "$0" '"$extra"' "$1" -m sjd_kernels.bench ops --check --grid cpu --backend cuda --ref-device cpu \
         --min-requests "$2" --no-plots --out "$3"; r1=$?
       r2=0
       if [ -n "$4" ]; then "$0" '"$extra"' "$1" -m pytest -q -p no:cacheprovider -p no:benchmark $4; r2=$?; fi

@@ -68,6 +68,35 @@ def test_ops_case_filter_and_request_count(tmp_path):
     assert bad.returncode == 2 and "no case of this grid matches" in bad.stderr
 
 
+def test_ops_check_with_the_reference_on_another_device(tmp_path):
+    """`--ref-device cpu` (what compute-sanitizer runs use): the checks of jacobi_step and tree_verify
+    copy their inputs to that device for the reference and compare there; the other ops refuse it in
+    their check and run_ops does not pass it to them."""
+    r = _run(["ops", "--check", "--case", "sparse20", "--case", "tree_verify", "--case", "tree_kv",
+              "--ref-device", "cpu", "--min-requests", "4", "--out", str(tmp_path)], {"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _read_csv(tmp_path / "ops.csv")
+    assert {row["op"] for row in rows} == {"jacobi_step", "tree_verify", "tree_kv_update"}
+    assert all(row["check"] == "pass" for row in rows if row["check"] != "skip")
+    with pytest.raises(ValueError, match="reference beside the backend"):
+        C.OPS["tree_kv_update"].check(C.select(["tree_kv_update"], "cpu")[0], "torch", "cpu", 0, ref_device="cpu")
+
+
+def test_moved_copies_every_tensor_of_nested_inputs():
+    from sjd_kernels.ops.jacobi_step import JacobiOutput, JacobiState
+    from sjd_kernels.reference.tree import TreeLayout
+    st = JacobiState.create(2, 3, 8, seed=[1, 2], capacity=4)
+    out = JacobiOutput(torch.zeros(2), torch.zeros(2, 4), torch.zeros(2, 3))
+    moved = C._moved({"state": st, "out": out, "xs": [torch.ones(1), None], "k": 3}, "meta")
+    assert isinstance(moved["state"], JacobiState) and moved["state"].q_idx.device.type == "meta"
+    assert moved["state"].vocab_size == st.vocab_size and st.q_state.device.type == "cpu"   # the original stays
+    assert isinstance(moved["out"], JacobiOutput) and moved["out"].tokens.device.type == "meta"
+    assert moved["xs"][0].device.type == "meta" and moved["xs"][1] is None and moved["k"] == 3
+    z = torch.zeros(1, 3, dtype=torch.int64)
+    tree = C._moved(TreeLayout(z, z - 1, z, z, z, 2), "meta")
+    assert isinstance(tree, TreeLayout) and tree.parent.device.type == "meta" and tree.max_depth == 2
+
+
 def test_ops_check_quick_on_cpu(tmp_path):
     """`ops --check --quick` runs here: the reference (and Triton under the interpreter) on small shapes."""
     r = _run(["ops", "--check", "--quick", "--out", str(tmp_path)], {"TRITON_INTERPRET": "1"})

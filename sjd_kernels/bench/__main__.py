@@ -54,7 +54,8 @@ def cmd_ops(args) -> int:
     res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
                   warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=args.out, csv_path=args.csv,
                   json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
-                  command=_command(), cases=args.case, min_requests=args.min_requests)
+                  command=_command(), cases=args.case, min_requests=args.min_requests,
+                  ref_device=args.ref_device)
     if res["failed_checks"]:
         print(f"{len(res['failed_checks'])} checks FAILED", file=sys.stderr)
         return 1
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep cases whose name contains this text (repeatable), e.g. sparse1064")
     s.add_argument("--min-requests", type=int,
                    help="requests per correctness check (default 64 on a GPU, 8 on the CPU)")
+    s.add_argument("--ref-device", choices=["cpu", "cuda"],
+                   help="run the checks' PyTorch reference on this device (jacobi_step, tree_verify); "
+                        "e.g. cpu under compute-sanitizer")
     s.add_argument("--reps", type=int, default=50)
     s.add_argument("--warmup", type=int, default=5)
     s.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])

@@ -64,7 +64,13 @@ class OpBench:
     def prepare(self, case: Case, device, seed: int) -> Prepared:
         raise NotImplementedError
 
-    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+    # whether check() can run the reference on another device (``ref_device``) than the backend
+    ref_device_ok = False
+
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
+        """Backend vs the reference on fresh inputs. ``ref_device`` (where ``ref_device_ok``): run the
+        reference on that device instead (inputs copied there, the backend's outputs compared there),
+        e.g. the CPU while compute-sanitizer watches the GPU kernels."""
         raise NotImplementedError
 
     def bytes_min(self, case: Case) -> int:
@@ -90,6 +96,30 @@ def _library_backend_available(backend: str, device) -> tuple:
     except Exception as e:
         return False, f"{backend}: {e}"
     return True, info["why"]
+
+
+def _moved(x, device):
+    """``x`` with every tensor moved to ``device`` (tensors inside dicts, lists, tuples and dataclasses
+    such as JacobiState, TreeLayout and the op outputs; other values as they are)."""
+    import copy
+    import dataclasses
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _moved(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_moved(v, device) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        y = copy.copy(x)
+        for f in dataclasses.fields(x):
+            object.__setattr__(y, f.name, _moved(getattr(x, f.name), device))
+        return y
+    return x
+
+
+def _refuse_ref_device(bench, ref_device) -> None:
+    if ref_device is not None:
+        raise ValueError(f"{bench.name}: its check runs the reference beside the backend only (ref_device)")
 
 
 def _gen(device, seed: int) -> torch.Generator:
@@ -122,6 +152,7 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 class JacobiStepBench(OpBench):
     name = "jacobi_step"
+    ref_device_ok = True
     backends = ("torch", "triton", "cuda", "reference_sjd")
     doc = ("one Jacobi step after the LM head: CFG, top-k, softmax, verification, residual/bonus, next drafts, "
            "state update")
@@ -258,7 +289,7 @@ class JacobiStepBench(OpBench):
             return True, "reference_sjd: the public SJD loop in PyTorch (sjd_kernels/bench/reference_sjd.py)"
         return _library_backend_available(backend, device)
 
-    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
         """Backend vs the PyTorch reference on fresh random inputs (same seeds => same tokens).
 
         Pass: at most ``max(1, 2%)`` of requests differ in any output token (float rounding may
@@ -297,8 +328,11 @@ class JacobiStepBench(OpBench):
                     problems.append("reference_sjd output out of range")
                     n_bad_req += B
                 continue
+            st_be = inp["state"].clone()
+            inp_be = inp
+            if ref_device is not None:       # the reference runs there; the backend's results are compared there
+                inp = _moved(inp, ref_device)
             st_ref = inp["state"]
-            st_be = st_ref.clone()
             sparse = st_ref.sparse
 
             def laws(st, vals):                # stored rows as dense [B, R, V] (sparse: densified)
@@ -306,7 +340,9 @@ class JacobiStepBench(OpBench):
             q_before = laws(st_ref, st_ref.q_state).clone()
             pp_before = laws(st_ref, st_ref.p_prev).clone() if st_ref.p_prev.numel() else None   # VP only
             out_ref = self._call(p, inp, st_ref, "torch")
-            out_be = self._call(p, inp, st_be, backend)
+            out_be = self._call(p, inp_be, st_be, backend)
+            if ref_device is not None:
+                out_be, st_be = _moved(out_be, ref_device), _moved(st_be, ref_device)
             same = (out_ref.num_accepted == out_be.num_accepted) & (out_ref.tokens == out_be.tokens).all(1) & \
                    (out_ref.next_drafts == out_be.next_drafts).all(1)
             n_req += B
@@ -470,7 +506,8 @@ class SJD2PrepareBench(OpBench):
 
         return Prepared(call=lambda be: (lambda: self._call(inp, be)), reset=reset)
 
-    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
+        _refuse_ref_device(self, ref_device)
         p = case.params
         trials = max(1, math.ceil(min_requests / p["B"]))
         worst = 0.0
@@ -588,7 +625,8 @@ class VerifyOnlyBench(OpBench):
         inp = self._inputs(case.params, device, seed)
         return Prepared(call=lambda be: (lambda: self._call(inp, be)), reset=lambda: None)
 
-    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
+        _refuse_ref_device(self, ref_device)
         p = case.params
         inp = self._inputs(p, device, seed)
         out = self._call(inp, backend)
@@ -700,7 +738,7 @@ class TreeVerifyBench(OpBench):
         return Prepared(call=lambda be: (lambda: self._call(case.params, inp, st, be)),
                         reset=lambda: st.status.copy_(status0))
 
-    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
         """Backend vs the PyTorch reference on fresh inputs, token for token (same Philox numbers).
 
         Compared per request: ``num_accepted``, ``path`` and the committed tokens; and the error word
@@ -716,10 +754,13 @@ class TreeVerifyBench(OpBench):
         problems = []
         for t in range(trials):
             inp = self._inputs(p, device, seed + 7919 * t)
-            st_ref = inp["state"]
-            st_be = st_ref.clone()
-            o_ref = self._call(p, inp, st_ref, "torch")
+            st_be = inp["state"].clone()
+            inp_ref = inp if ref_device is None else _moved(inp, ref_device)
+            st_ref = inp_ref["state"]
+            o_ref = self._call(p, inp_ref, st_ref, "torch")
             o_be = self._call(p, inp, st_be, backend)
+            if ref_device is not None:       # compared where the reference ran
+                o_be, st_be = _moved(o_be, ref_device), _moved(st_be, ref_device)
             same = (o_ref.num_accepted == o_be.num_accepted) & (o_ref.path == o_be.path).all(1) & \
                 (o_ref.tokens == o_be.tokens).all(1)
             n_req += B
@@ -883,11 +924,12 @@ class TreeKVUpdateBench(OpBench):
                         else:
                             t[r, :, cl[r] + j] = t[r, :, cl[r] + n]
 
-    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64) -> dict:
+    def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
         """Bit-identical caches: the backend's result against the PyTorch reference's (the torch backend
         against an independent sequential copy), compared as integers over the whole cache (nothing
         outside the moved slots may change); ``status[0]`` must stay 0. One trial (inputs are
         regenerated from the seed rather than cloned, so a full-size cache exists at most twice)."""
+        _refuse_ref_device(self, ref_device)
         p = case.params
         bits = _TREE_KV_BITS[p["dtype"]]
         stacked = p["layout"] == "stacked"

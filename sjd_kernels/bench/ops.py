@@ -69,12 +69,14 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
             warmup: int = 5, graph_modes=("eager", "graph"), out_dir: Optional[str] = None,
             csv_path: Optional[str] = None, json_path: Optional[str] = None, budget_s: float = 1e9,
             seed: int = 0, plots: bool = True, command: str = "", log=print, cases=None,
-            min_requests: Optional[int] = None) -> dict:
+            min_requests: Optional[int] = None, ref_device: Optional[str] = None) -> dict:
     """Run the ops benchmark; returns ``{"rows", "info", "copy", "failed_checks", "refused_timing"}``.
 
     ``cases``: keep only cases whose name contains one of these strings. ``min_requests``: requests
     each correctness check compares (default 64 on a GPU, 8 on the CPU; fewer keeps a run under
-    compute-sanitizer short)."""
+    compute-sanitizer short). ``ref_device``: run the checks' reference there (e.g. ``"cpu"``, so that
+    compute-sanitizer instruments only the backend's kernels), for the ops that can; the others
+    keep their reference beside the backend."""
     t0 = time.time()
     gpu = has_gpu()
     device = "cuda" if gpu else "cpu"
@@ -118,7 +120,8 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
                 continue
             try:
                 chk = bench.check(case, be, device, seed + 1,
-                                  min_requests=min_requests or (64 if gpu else 8))
+                                  min_requests=min_requests or (64 if gpu else 8),
+                                  ref_device=ref_device if bench.ref_device_ok and be != "torch" else None)
             except ModuleNotFoundError as e:
                 if (e.name or "").startswith("sjd_kernels."):     # the backend's kernel is not written yet
                     row.update(check="skip", note=f"{be}: kernel module {e.name} not present")
