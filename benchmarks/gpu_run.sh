@@ -19,13 +19,14 @@
 #                           "profile" for Nsight Compute on PROFILE_CASES, before e2e)
 #   TOTAL_S=480                                   overall deadline in seconds
 #   BUILD_S=170 TESTS_GPU_S=200 LAW_S=150 TESTS_S=150 SAN_S=90 (each tool) BENCH_S=110 TREE_S=45 E2E_S=70
-#   XDIST=4                 pytest-xdist workers per test stage (whole files per worker), when installed
+#   XDIST=4                 pytest-xdist workers per test stage (tests spread one by one), when installed
 #   SAN_TOOLS="memcheck racecheck"   compute-sanitizer tools (add initcheck)
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
 #   E2E_ARGS=""             extra arguments of `bench e2e` (e.g. "--model llamagen-xl")
-#   TREE_KV_LARGE_ARGS="--batches 32 --S 256 --reps 50 --backends cuda,triton"   the second tree-KV benchmark (batch 32 of
-#                           the 7B-like cache moves 235 MB: the over-100-MB bandwidth case;
-#                           S 256 keeps the caches and their check copies near 30 GB)
+#   TREE_KV_LARGE_ARGS="--batches 32 --S 256 --reps 50 --backends cuda,triton"
+#                           the second tree-KV benchmark (batch 32 of the 7B-like cache moves 235 MB:
+#                           the over-100-MB bandwidth case; S 256 keeps the caches and their
+#                           check copies near 40 GB)
 #   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda --ref-device cpu`
 #   (every CUDA kernel and path on small shapes, checked against the reference computed on the CPU,
 #   so the sanitizer watches little besides this package's kernels: dense and sparse state, every
