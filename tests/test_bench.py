@@ -78,6 +78,9 @@ def test_ops_check_with_the_reference_on_another_device(tmp_path):
     rows = _read_csv(tmp_path / "ops.csv")
     assert {row["op"] for row in rows} == {"jacobi_step", "tree_verify", "tree_kv_update"}
     assert all(row["check"] == "pass" for row in rows if row["check"] != "skip")
+    triton = {row["op"]: row["check_detail"] for row in rows if row["backend"] == "triton"}
+    assert triton["jacobi_step"].startswith("vs torch on cpu:") and triton["tree_verify"].startswith("vs torch on cpu:")
+    assert "on cpu" not in triton["tree_kv_update"]
     with pytest.raises(ValueError, match="reference beside the backend"):
         C.OPS["tree_kv_update"].check(C.select(["tree_kv_update"], "cpu")[0], "torch", "cpu", 0, ref_device="cpu")
 

@@ -117,6 +117,10 @@ def _moved(x, device):
     return x
 
 
+def _on(ref_device) -> str:
+    return "" if ref_device is None else f" on {torch.device(ref_device).type}"
+
+
 def _refuse_ref_device(bench, ref_device) -> None:
     if ref_device is not None:
         raise ValueError(f"{bench.name}: its check runs the reference beside the backend only (ref_device)")
@@ -388,8 +392,8 @@ class JacobiStepBench(OpBench):
             detail = (f"target rows vs library law: {n_bad_rows}/{n_rows} rows off (max abs err {max_err:.2e}); "
                       f"{n_req} requests well-formed")
         else:
-            detail = (f"vs torch: {n_bad_req}/{n_req} requests differ (allowed {allowed_req}); state rows "
-                      f"{n_bad_rows}/{n_rows} off (allowed {allowed_rows}, max abs err {max_err:.2e})")
+            detail = (f"vs torch{_on(ref_device)}: {n_bad_req}/{n_req} requests differ (allowed {allowed_req}); "
+                      f"state rows {n_bad_rows}/{n_rows} off (allowed {allowed_rows}, max abs err {max_err:.2e})")
         if problems:
             detail += "; " + "; ".join(sorted(set(problems)))
         return {"check": "pass" if ok else "FAIL", "check_detail": detail, "mismatch_rate": n_bad_req / max(1, n_req)}
@@ -680,6 +684,7 @@ class TreeVerifyBench(OpBench):
     off), which ``reset`` restores.
     """
     name = "tree_verify"
+    ref_device_ok = True
     backends = ("torch", "triton", "cuda")
     doc = ("verify a draft tree (K-ary tree then a chain) by recursive rejection sampling: CFG, top-k, "
            "softmax per walked node, sibling residuals, final draw; non-finite check at every node")
@@ -782,7 +787,8 @@ class TreeVerifyBench(OpBench):
         if backend == "torch":
             detail = f"reference itself; {n_req} requests well-formed, mean accepted {m_sum / n_req:.2f}"
         else:
-            detail = (f"vs torch: {n_bad}/{n_req} requests differ in num_accepted/path/tokens (allowed {allowed}"
+            detail = (f"vs torch{_on(ref_device)}: {n_bad}/{n_req} requests differ in num_accepted/path/tokens "
+                      f"(allowed {allowed}"
                       f"{', exact on CPU' if exact else ''}); mean accepted {m_sum / n_req:.2f}")
         if problems:
             detail += "; " + "; ".join(sorted(set(problems)))

@@ -96,15 +96,14 @@ class JacobiState:
         if seed.numel() != batch:
             raise SJDInputError(f"seed must have {batch} values (one per request), got {seed.numel()}")
         width = vocab if capacity is None else capacity
-        st = cls(q_state=torch.zeros(batch, ring, width, dtype=torch.float32, device=device),
-                 q_kind=torch.full((batch, ring), ref.KIND_UNIFORM, dtype=torch.int32, device=device),
-                 p_prev=(torch.zeros(batch, ring, width, dtype=torch.float32, device=device) if vp
-                         else torch.empty(0, dtype=torch.float32, device=device)),
-                 seed=seed.clone(), step=torch.zeros(batch, dtype=torch.int64, device=device),
-                 status=new_status(device),
-                 q_idx=(torch.full((batch, ring, capacity), ref.IDX_PAD, dtype=torch.int32, device=device)
-                        if capacity is not None else None), vocab_size=vocab)
-        return st
+        return cls(q_state=torch.zeros(batch, ring, width, dtype=torch.float32, device=device),
+                   q_kind=torch.full((batch, ring), ref.KIND_UNIFORM, dtype=torch.int32, device=device),
+                   p_prev=(torch.zeros(batch, ring, width, dtype=torch.float32, device=device) if vp
+                           else torch.empty(0, dtype=torch.float32, device=device)),
+                   seed=seed.clone(), step=torch.zeros(batch, dtype=torch.int64, device=device),
+                   status=new_status(device),
+                   q_idx=(torch.full((batch, ring, capacity), ref.IDX_PAD, dtype=torch.int32, device=device)
+                          if capacity is not None else None), vocab_size=vocab)
 
     def clone(self) -> "JacobiState":
         """An independent copy (every tensor cloned), e.g. to run two backends from one state."""

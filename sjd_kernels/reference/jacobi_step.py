@@ -132,11 +132,14 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
     D = torch.cat([drafts, torch.zeros(B, 1, dtype=i64, device=dev)], 1)   # pad the bonus row
     kind_all = q_kind[bidx, slot].to(i64)
     kind = kind_all & KIND_MASK
+    # the state rows of the window's slots, as stored (the writes below reuse them)
+    q_rows = q_state[bidx, slot]                                       # [B, W+1, V] ([.., C] sparse)
+    p_rows = p_prev[bidx, slot] if has_prev else None
     if sparse:
         idx_rows = q_idx[bidx, slot]
-        Qrow = densify(idx_rows, q_state[bidx, slot], V)                 # [B, W+1, V]
+        Qrow = densify(idx_rows, q_rows, V)                            # [B, W+1, V]
     else:
-        Qrow = q_state[bidx, slot]                                     # [B, W+1, V]
+        Qrow = q_rows
     in_range = (D >= 0) & (D < V)
     draft_bad = is_draft & ~in_range & ~(is_forced & (D == f))
     Qd = torch.where(kind == KIND_DENSE, _gather(Qrow, D),
@@ -183,7 +186,7 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
         # only draft rows can hold this position's previous row: the bonus slot still holds a stale
         # row of an earlier position (SPEC section 4: the bonus uses Qvp = P)
         prev_ok = (((kind_all & FLAG_PREV) != 0) & is_draft).unsqueeze(-1)
-        pp = densify(idx_rows, p_prev[bidx, slot], V) if sparse else p_prev[bidx, slot]
+        pp = densify(idx_rows, p_rows, V) if sparse else p_rows
         Qt = torch.where(prev_ok, vp_predict(P, pp, beta, vp_form, vp_eps), P)
     ovf = torch.zeros_like(is_forced)
     if sparse:
@@ -219,27 +222,27 @@ def jacobi_step(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, for
     new_kind = torch.where(is_forced, torch.full_like(kind_all, KIND_ONEHOT),
                            torch.where(ovf, torch.full_like(kind_all, KIND_UNIFORM),
                                        torch.full_like(kind_all, KIND_DENSE | (FLAG_PREV if has_prev else 0))))
-    # Every (request, row) slot is written, unselected ones with their current value: integer
-    # indices only (no boolean-mask indexing, so no host synchronisation and the reference can be
-    # captured in a CUDA graph). The W+1 slots of a request are distinct (R > W), so no write races.
-    def put(buf, sel, new_rows):
-        cur = buf[bidx, slot]
+    # Every (request, row) slot is written, unselected ones with their current value (the rows
+    # gathered above; nothing wrote the state since): integer indices only (no boolean-mask
+    # indexing, so no host synchronisation and the reference can be captured in a CUDA graph). The
+    # W+1 slots of a request are distinct (R > W), so no write races.
+    def put(buf, sel, new_rows, cur):
         m_ = sel.view(*sel.shape, *([1] * (cur.dim() - 2)))
-        buf[bidx, slot] = torch.where(m_, new_rows.to(buf.dtype), cur)
+        buf[bidx, slot] = torch.where(m_, new_rows, cur).to(buf.dtype)
 
     if sparse:
         # only KIND_DENSE slots store entries (forced and overflow slots keep stale ones, unread)
         wd = wr & ~is_forced & ~ovf
         idx_new, vals = sparsify(P > 0, [Qt, P], q_idx.shape[2])
-        put(q_idx, wd, idx_new)
-        put(q_state, wd, vals[0])
+        put(q_idx, wd, idx_new, idx_rows)
+        put(q_state, wd, vals[0], q_rows)
         if has_prev:
-            put(p_prev, wd, vals[1])
+            put(p_prev, wd, vals[1], p_rows)
     else:
-        put(q_state, wr, Qt)
+        put(q_state, wr, Qt, q_rows)
         if has_prev:
-            put(p_prev, wr, P)
-    put(q_kind, wr, new_kind)
+            put(p_prev, wr, P, p_rows)
+    put(q_kind, wr, new_kind, kind_all)
 
     # ---- outputs
     tokens = torch.where(j.view(1, W1) < m.view(B, 1), D, torch.full_like(D, -1))

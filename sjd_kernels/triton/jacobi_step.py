@@ -499,8 +499,8 @@ _ROWS_TYPES = dict(
     logits_ptr=None, stride_lb="i64", stride_lj="i64", uncond_ptr=None, stride_ub="i64", stride_uj="i64",
     cfg_ptr="*fp32", drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
     forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", q_idx_ptr="*i32",
-    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", W="i32", V="i32", R="i32", C="i32", temperature="fp32", top_k="i32", top_p="fp32",
-    beta="fp32", vp_eps="fp32", q_unif="fp32")
+    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", W="i32", V="i32", R="i32", C="i32", temperature="fp32",
+    top_k="i32", top_p="fp32", beta="fp32", vp_eps="fp32", q_unif="fp32")
 _COMMIT_TYPES = dict(
     drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64", forced_ptr="*i64",
     L="i32", q_kind_ptr="*i32", flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", status_ptr="*i32",
