@@ -97,6 +97,7 @@ class Models:
         spec = MODELS[name]
         self.spec = spec
         self.cfg_scale, self.top_k = spec["cfg_scale"], spec["top_k"]
+        self.state_capacity = None          # sparse Jacobi state for SPARSE_STATE_METHODS (None: dense)
         self._sjd2 = None
         if "bundled" in spec:
             from ..models import bundled
@@ -188,7 +189,7 @@ def generate_any(models: Models, method: str, cond, num_tokens: int, *, seeds, w
     extra = {}
     if method in ("sjd_vp", "coupling") and beta is not None:
         extra = {"beta": beta, "vp_form": vp_form}
-    if getattr(models, "state_capacity", None) and method in SPARSE_STATE_METHODS and window:
+    if models.state_capacity and method in SPARSE_STATE_METHODS and window:
         extra["state_capacity"] = models.state_capacity
     out = generate(models.gpt, cond, num_tokens, method, window=window or 0, backend=backend, progress=False,
                    **extra, **kw)

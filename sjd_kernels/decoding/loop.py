@@ -39,9 +39,10 @@ same seeds. Timing is coarser: ``stats.step_s`` holds the whole window steps (CU
 each warm-up step and replay), ``forward_s``/``post_s`` stay 0, ``capture_s`` is the host time of
 the capture and ``graph_replays`` the number of replayed steps. Refused with a clear error: models
 not on a CUDA device, and methods ``pac`` and ``sjd2`` (``NotImplementedError``). Every backend of
-the op captures, the ``torch`` reference too (it has no host synchronisation; slow, but exact). The model's forward
-must itself be capturable (no ``.item()``, ``bool(tensor)`` or data-dependent shapes with a static
-cache): the in-package GPT is; a forward that is not fails at capture with a ``RuntimeError``.
+the op captures, the ``torch`` reference too (it has no host synchronisation; slow, but exact).
+The model's forward must itself be capturable (no ``.item()``, ``bool(tensor)`` or data-dependent
+shapes with a static cache): the in-package GPT is; a forward that is not fails at capture with a
+``RuntimeError``.
 ``on_step`` is still called after every step (it then runs outside the graph).
 
 Seeds (``seed``): a list or tensor gives one seed per request, in the order of ``cond``; an
@@ -300,7 +301,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     ``state_capacity``: None keeps the drafts' laws dense (``[B, W+1, V]`` floats); an int C keeps
     them sparse, C entries per position (exact; worth it with top-k: C = top_k + 64 leaves room for
     ties; a row whose support exceeds C drafts that position uniformly, counted in
-    ``stats.state_overflows``). Chain methods, torch and triton backends.
+    ``stats.state_overflows``). Chain methods, every backend.
     """
     if method in PENDING:
         raise NotImplementedError(PENDING[method])
