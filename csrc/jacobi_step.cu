@@ -75,6 +75,7 @@ struct Params {
   int top_k;
   int use_top_p;
   float top_p;
+  int topk_select;
   int mode;
   int use_vp;
   int has_prev;
@@ -175,6 +176,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   __shared__ int red_i7[2 * kMaxWarps * kPivots];
   __shared__ float red_f7[2 * kMaxWarps * kPivots];
   __shared__ int scan_buf[kMaxWarps + 1];
+  __shared__ uint32_t cand[kCandMax];
+  __shared__ uint32_t cand_n[2];
   int par_u1 = 0, par_u6 = 0, par_f = 0, par_i = 0, par_i7 = 0, par_f7 = 0;
 
   const int b = blockIdx.x;  // requests on grid x (grid y stops at 65535)
@@ -206,8 +209,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   const T* crow = static_cast<const T*>(p.logits) + b * p.l_sb + j * p.l_sj;
   const T* urow = p.uncond ? static_cast<const T*>(p.uncond) + b * p.u_sb + j * p.u_sj : nullptr;
   const float cfg = urow ? p.cfg_scale[b] : 0.0f;
-  const TargetLaw law{p.greedy, p.inv_temperature, p.top_k, p.use_top_p, p.top_p};
-  TargetRed red{red_u64_1, par_u1, red_f, par_f, red_i, par_i, red_i7, par_i7, red_f7, par_f7};
+  const TargetLaw law{p.greedy, p.inv_temperature, p.top_k, p.use_top_p, p.top_p, p.topk_select};
+  TargetRed red{red_u64_1, par_u1, red_f, par_f, red_i, par_i, red_i7, par_i7, red_f7, par_f7, cand, cand_n};
   const bool bad = target_row<T>(crow, urow, cfg, V, law, S, red);
   __syncthreads();  // P complete and visible to every thread
 
@@ -594,6 +597,8 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   SJD_REQUIRE(a.V >= 1, "jacobi_step: V must be >= 1");
   SJD_REQUIRE(a.R >= a.W + 1, "jacobi_step: ring R must be >= W + 1");
   SJD_REQUIRE(a.top_k >= 0 && a.top_k <= a.V, "jacobi_step: top_k must be in [0, V]");
+  SJD_REQUIRE(a.topk_select == kTopkPivots || a.topk_select == kTopkBracket,
+              "jacobi_step: topk_select code must be 0 (pivots) or 1 (bracket)");
   SJD_REQUIRE(a.temperature >= 0.0, "jacobi_step: temperature must be >= 0");
   SJD_REQUIRE(a.top_p > 0.0 && a.top_p <= 1.0, "jacobi_step: top_p must be in (0, 1]");
   SJD_REQUIRE(a.mode >= kModeSjd && a.mode <= kModeGumbelJacobi, "jacobi_step: mode code must be 0..3");
@@ -642,6 +647,7 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   p.top_k = a.top_k;
   p.use_top_p = a.top_p < 1.0;
   p.top_p = static_cast<float>(a.top_p);
+  p.topk_select = a.topk_select;
   p.mode = a.mode;
   p.has_prev = a.p_prev != nullptr;
   p.use_vp = p.has_prev && a.beta != 0.0 && (a.mode == kModeSjd || a.mode == kModeCoupling);

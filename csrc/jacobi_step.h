@@ -33,6 +33,7 @@ struct JacobiStepArgs {
   int B = 0, W = 0, V = 0, R = 0;
   double temperature = 1.0;
   int top_k = 0;
+  int topk_select = 0;  // how the top-k threshold is found: 0 7-pivot search, 1 bracket (target.cuh)
   double top_p = 1.0;
   int mode = 0;
   double beta = 0.0;

@@ -1,7 +1,7 @@
 // The target law of one row (sjd_kernels/reference/target.py) for a whole thread block, shared by
 // every kernel that needs a target row: CFG in float32, the float32 reciprocal of the temperature,
-// top-k threshold by a 7-pivot search over order-preserving keys, softmax, top-p threshold by the
-// same search over probability bits, or the greedy one-hot.
+// top-k threshold (a 7-pivot search over order-preserving keys, or the bracket selection below),
+// softmax, top-p threshold by the 7-pivot search over probability bits, or the greedy one-hot.
 #pragma once
 
 #include <cstdint>
@@ -10,13 +10,23 @@
 
 namespace sjd {
 
+// How the top-k threshold is found (the same key either way: the k-th largest is unique).
+enum TopkSelect : int {
+  kTopkPivots = 0,   // search_last_true over the 32-bit key range: about 11 passes over the row
+  kTopkBracket = 1,  // value-spaced pivots, then an exact rank among <= kCandMax candidates
+};
+
 struct TargetLaw {
   int greedy;             // T == 0
   float inv_temperature;  // float32(1) / float32(T): what PyTorch does for tensor / T on CUDA
   int top_k;              // 0 = off
   int use_top_p;
   float top_p;
+  int topk_select = kTopkPivots;
 };
+
+// Candidates the bracket selection ranks exactly (shared memory: kCandMax keys and 2 words).
+constexpr int kCandMax = 128;
 
 // Shared-memory reduction buffers (2 * kMaxWarps * width elements each) and their ping-pong
 // parities, owned by the calling kernel (it may keep reducing with the same buffers afterwards).
@@ -31,7 +41,137 @@ struct TargetRed {
   int& par_i7;
   float* f7;      // width kPivots
   int& par_f7;
+  uint32_t* cand;  // kCandMax keys (bracket selection)
+  uint32_t* cand_n;  // 2 words: candidate count, selected key
 };
+
+struct OpMaxU32 {
+  using T = uint32_t;
+  __device__ __forceinline__ static T identity() { return 0u; }
+  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+// Key of the k-th largest of the V floats S[0..V) (no NaN; 1 <= k <= V), the same for every
+// thread: the largest key K with #{key >= K} >= k. ``ymin`` / ``ymax`` are the smallest value
+// above -inf and the largest value of the row.
+//
+// The search keeps a bracket [lo, hi] of keys that holds the answer, with the counts
+// cge = #{key >= lo} and cgt = #{key > hi}. Each round is one pass over the row counting 7 pivots,
+// spaced evenly in value (not in key) between the bracket's ends: for a smooth row each round
+// leaves about 1/8 of the candidates (the 32-bit key range needs about 11 such rounds; the
+// candidates fall below kCandMax after about 3, sjd_kernels/bench/topk_model.py). A round that
+// keeps more than half the candidates (ties, a far outlier) is followed by one pass that shrinks
+// the bracket to the smallest and largest candidate, and if that stalls too, rounds space their
+// pivots evenly in key, which cuts the key range 8-fold each round, so the loop always ends. The
+// remaining cge - cgt <= kCandMax candidates are collected in shared memory and the one whose rank
+// among them is k - cgt (ties included) is found by counting, G threads per candidate.
+__device__ __forceinline__ uint32_t kth_key_bracket(const float* S, int V, int k, float ymin, float ymax,
+                                                    TargetRed& red) {
+  const int tid = threadIdx.x, nth = blockDim.x;
+  uint32_t lo = 0u, hi = order_key(ymax);
+  int cge = V, cgt = 0;
+  const uint32_t kmin = order_key(ymin);
+  int last = V;         // candidates before the previous round
+  bool fresh = true;    // no round since the start or the last shrink pass
+  bool shrunk = false;  // the shrink pass has run
+  while (lo < hi && cge - cgt > kCandMax) {
+    const int ncand = cge - cgt;
+    const bool stalled = !fresh && 2 * static_cast<int64_t>(ncand) > last;
+    if (stalled && !shrunk) {
+      // smallest and largest key in [lo, hi] (max of key and of ~key), one pass
+      uint32_t mm[2] = {0u, 0u};
+      for (int i = tid; i < V; i += nth) {
+        const uint32_t key = order_key(S[i]);
+        if (key >= lo && key <= hi) {
+          mm[0] = key > mm[0] ? key : mm[0];
+          mm[1] = ~key > mm[1] ? ~key : mm[1];
+        }
+      }
+      block_allreduce<2>(mm, OpMaxU32(), reinterpret_cast<uint32_t*>(red.i7), red.par_i7);
+      lo = ~mm[1];  // no key in [old lo, new lo) or (new hi, old hi]: cge and cgt stay
+      hi = mm[0];
+      shrunk = true;
+      fresh = true;
+      continue;
+    }
+    uint32_t piv[kPivots];
+    bool by_key = stalled;
+    if (!by_key) {
+      const float a = lo < kmin ? ymin : key_to_float(lo);
+      const float d = __fsub_rn(key_to_float(hi), a);
+      if (isfinite(d) && d > 0.0f) {
+#pragma unroll
+        for (int m = 0; m < kPivots; ++m) {  // non-decreasing (rounding is monotone), then clamped into (lo, hi]
+          uint32_t kk = order_key(__fadd_rn(a, __fmul_rn(d, 0.125f * static_cast<float>(m + 1))));
+          kk = kk < lo + 1u ? lo + 1u : kk;
+          piv[m] = kk > hi ? hi : kk;
+        }
+      } else {
+        by_key = true;
+      }
+    }
+    if (by_key) {
+      const uint64_t span = static_cast<uint64_t>(hi) - lo;
+#pragma unroll
+      for (int m = 0; m < kPivots; ++m)
+        piv[m] = lo + 1u + static_cast<uint32_t>(((span - 1) * static_cast<uint64_t>(m + 1)) / kPivots);
+    }
+    int cnt[kPivots] = {};
+    for (int i = tid; i < V; i += nth) {
+      const uint32_t key = order_key(S[i]);
+#pragma unroll
+      for (int m = 0; m < kPivots; ++m) cnt[m] += key >= piv[m] ? 1 : 0;
+    }
+    block_allreduce<kPivots>(cnt, OpSumI(), red.i7, red.par_i7);
+    last = ncand;
+    fresh = false;
+#pragma unroll
+    for (int m = kPivots - 1; m >= 0; --m) {
+      if (cnt[m] >= k) {
+        lo = piv[m];
+        cge = cnt[m];
+        break;
+      }
+      hi = piv[m] - 1u;
+      cgt = cnt[m];
+    }
+  }
+  if (lo >= hi) return lo;
+
+  // ---- exact rank among the candidates (keys in [lo, hi], at most kCandMax of them)
+  const int r = k - cgt;  // 1 <= r <= number of candidates
+  if (tid == 0) red.cand_n[0] = 0u;
+  __syncthreads();
+  for (int i = tid; i < V; i += nth) {
+    const uint32_t key = order_key(S[i]);
+    if (key >= lo && key <= hi) {
+      const uint32_t at = atomicAdd(red.cand_n, 1u);
+      if (at < static_cast<uint32_t>(kCandMax)) red.cand[at] = key;
+    }
+  }
+  __syncthreads();
+  const int nc = min(static_cast<int>(red.cand_n[0]), kCandMax);
+  int G = 1;  // threads per candidate: a power of two <= 8 (it divides a warp)
+  while (G < 8 && 2 * G * kCandMax <= nth) G *= 2;
+  const int c = tid / G, part = tid % G;
+  const uint32_t kc = c < nc ? red.cand[c] : 0u;
+  int gt = 0, ge = 0;
+  if (c < nc) {
+    for (int i = part; i < nc; i += G) {
+      const uint32_t o = red.cand[i];
+      gt += o > kc ? 1 : 0;
+      ge += o >= kc ? 1 : 0;
+    }
+  }
+  for (int o = 1; o < G; o <<= 1) {
+    gt += __shfl_xor_sync(0xffffffffu, gt, o);
+    ge += __shfl_xor_sync(0xffffffffu, ge, o);
+  }
+  // the candidates ranked r-th (several when tied: they hold the same key) write it
+  if (c < nc && part == 0 && gt < r && r <= ge) red.cand_n[1] = kc;
+  __syncthreads();
+  return red.cand_n[1];
+}
 
 // Whether the reference's target row is NaN from the flags of one pass over the combined logits:
 // flags bit 1 NaN, 2 +inf, 4 some logit > -inf, 8 NaN after 1/T; ``ymax`` the max of x / T (sampling).
@@ -61,9 +201,10 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
   const int tid = threadIdx.x, nth = blockDim.x;
   // ---- 1. combined logits (CFG in float32), temperature, non-finite detection
   int flags = 0;
-  float ymax = -INFINITY;
+  float ymax = -INFINITY, ymin = INFINITY;  // ymin: smallest y above -inf (bracket selection only)
   uint64_t amax = 0;
   const bool greedy = p.greedy != 0;
+  const bool bracket = p.topk_select == kTopkBracket && p.top_k > 0 && p.top_k < V;
   for_each_logit<T>(crow, urow, V, [&](int i, float c, float u) {
     const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
     if (greedy) {
@@ -74,12 +215,18 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
       const float y = __fmul_rn(x, p.inv_temperature);
       flags |= target_logit_flags(x, y, false);
       ymax = fmaxf(ymax, y);
+      if (bracket && y > -INFINITY) ymin = fminf(ymin, y);
       S[i] = y;
     }
   });
   flags = block_allreduce1(flags, OpOrI(), red.i, red.par_i);
   if (greedy) {
     amax = block_allreduce1(amax, OpMaxU64(), red.u64, red.par_u64);
+  } else if (bracket) {
+    float mm[2] = {ymax, -ymin};
+    block_allreduce<2>(mm, OpMaxF(), red.f7, red.par_f7);
+    ymax = mm[0];
+    ymin = -mm[1];
   } else {
     ymax = block_allreduce1(ymax, OpMaxF(), red.f, red.par_f);
   }
@@ -92,7 +239,11 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
     const int am = static_cast<int>(~static_cast<uint32_t>(amax));
     for (int i = tid; i < V; i += nth) S[i] = i == am ? 1.0f : 0.0f;
   } else {
-    if (p.top_k > 0 && p.top_k < V) {
+    if (bracket) {
+      const float thr = key_to_float(kth_key_bracket(S, V, p.top_k, ymin, ymax, red));
+      for (int i = tid; i < V; i += nth)
+        if (!(S[i] >= thr)) S[i] = -INFINITY;
+    } else if (p.top_k > 0 && p.top_k < V) {
       // k-th largest value: the largest key K with #{key >= K} >= k (ties at the boundary kept).
       const uint32_t kth = search_last_true(0u, order_key(ymax), [&](const uint32_t* piv, bool* ok) {
         int cnt[kPivots] = {};

@@ -115,8 +115,10 @@ __global__ void __launch_bounds__(kMaxThreads) tree_verify_kernel(const Params p
   __shared__ unsigned s_sibmask[kMaxNodes];    // sibling orders seen under each node (clamped to 0..16)
   __shared__ int s_kid[kMaxSiblings];          // children of the current node, by sibling order
   __shared__ int64_t s_ktok[kMaxSiblings];
+  __shared__ uint32_t cand[kCandMax];
+  __shared__ uint32_t cand_n[2];
   int par_u1 = 0, par_f = 0, par_i = 0, par_i7 = 0, par_f7 = 0;
-  TargetRed red{red_u64_1, par_u1, red_f, par_f, red_i, par_i, red_i7, par_i7, red_f7, par_f7};
+  TargetRed red{red_u64_1, par_u1, red_f, par_f, red_i, par_i, red_i7, par_i7, red_f7, par_f7, cand, cand_n};
 
   const int64_t b = blockIdx.x;
   const int N = p.N, V = p.V, R = p.R;

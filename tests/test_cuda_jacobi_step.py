@@ -44,8 +44,13 @@ def _randint(g, lo, hi, shape=()):
 
 def build_case(B, W, V, *, seed=0, dtype=torch.bfloat16, cfg=False, uncond_dtype=None, top_k=0, top_p=1.0,
                temperature=1.0, mode="sjd", vp=False, beta=0.0, vp_form=ref.VP_ADD, vp_eps=1e-6,
-               tail_init=ref.TAIL_UNIFORM, forced=False, slice_logits=False, scale=2.5):
-    """Random inputs on the GPU, with stored laws that make acceptance likely, adversarial and in between."""
+               tail_init=ref.TAIL_UNIFORM, forced=False, slice_logits=False, scale=2.5, logits_kind="randn"):
+    """Random inputs on the GPU, with stored laws that make acceptance likely, adversarial and in between.
+
+    ``logits_kind`` shapes the rows for the top-k searches: "randn", "ties" (integers: few distinct
+    values), "masked" (about 60 % of the lanes -inf, so top-k may exceed the finite lanes; no CFG),
+    "outlier" (lane 0 far above the rest), "heavy" (cubed normals: long tails).
+    """
     g = torch.Generator().manual_seed(seed)
     R = W + 1 + int(_randint(g, 0, 4))
     pos = _randint(g, 0, 200, (B,))
@@ -56,12 +61,25 @@ def build_case(B, W, V, *, seed=0, dtype=torch.bfloat16, cfg=False, uncond_dtype
     seeds = _randint(g, -(2**62), 2**62, (B,))
     step = _randint(g, 0, 50, (B,))
 
+    def shaped(x):
+        if logits_kind == "ties":
+            return torch.round(x)
+        if logits_kind == "masked":
+            return torch.where(torch.rand(x.shape, generator=g) < 0.6, torch.full_like(x, float("-inf")), x)
+        if logits_kind == "outlier":
+            x[..., 0] = 300.0
+            return x
+        if logits_kind == "heavy":
+            return x ** 3 / scale ** 2
+        assert logits_kind == "randn", logits_kind
+        return x
+
     def logits_like():
         if slice_logits:   # an image-token slice of a larger vocabulary at an odd element offset
             off = int(_randint(g, 1, 8))
-            full = (torch.randn(B, W + 1, V + 9, generator=g) * scale).to(dtype).to(DEV)
+            full = shaped(torch.randn(B, W + 1, V + 9, generator=g) * scale).to(dtype).to(DEV)
             return full[..., off:off + V]
-        return (torch.randn(B, W + 1, V, generator=g) * scale).to(dtype).to(DEV)
+        return shaped(torch.randn(B, W + 1, V, generator=g) * scale).to(dtype).to(DEV)
 
     logits = logits_like()
     uncond = cfg_scale = None
@@ -247,7 +265,17 @@ CONFIGS = {
     "slice-fp16": dict(B=3, W=8, V=1003, slice_logits=True, dtype=torch.float16),
     "slice-fp32-cfg": dict(B=3, W=8, V=1000, slice_logits=True, dtype=torch.float32, cfg=True),
     "mixed-dtype-cfg": dict(B=3, W=8, V=1000, cfg=True, uncond_dtype=torch.float32),
+    # rows that stress the top-k searches (both selections run these: see BRACKET below)
+    "topk-ties": dict(B=4, W=16, V=4096, top_k=700, logits_kind="ties"),
+    "topk-masked": dict(B=4, W=16, V=4096, top_k=2000, logits_kind="masked", dtype=torch.float32),
+    "topk-outlier-cfg": dict(B=3, W=8, V=8192, top_k=1000, cfg=True, logits_kind="outlier"),
+    "topk-heavy-cfg": dict(B=2, W=16, V=16384, top_k=1000, cfg=True, logits_kind="heavy"),
 }
+
+# Configurations with top-k that also run with the bracket selection of the top-k threshold.
+BRACKET = ["sjd-bf16-cfg-topk-topp", "vp_add-0.5", "coupling+vp", "gumbel_jacobi", "temp-0.7-topk", "topk-1",
+           "V-16384+3-topk1000", "slice-bf16-cfg", "forced-sjd", "topk-ties", "topk-masked", "topk-outlier-cfg",
+           "topk-heavy-cfg"]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -257,6 +285,28 @@ def test_matches_reference(name):
     stats = check_config(reps=reps, **cfg)
     if cfg["W"] > 0 and cfg["V"] > 1 and cfg.get("temperature", 1.0) > 0:
         assert (stats["accepted"] > 0).any(), "no draft was ever accepted: the case does not exercise verification"
+
+
+@pytest.mark.parametrize("name", BRACKET)
+def test_bracket_topk_selection_matches_reference(name):
+    """The bracket top-k selection (csrc/target.cuh kth_key_bracket) finds the same threshold."""
+    from sjd_kernels.cuda.jacobi_step import topk_select
+    cfg = dict(CONFIGS[name])
+    reps = cfg.pop("reps", 3)
+    with topk_select("bracket"):
+        check_config(reps=reps, **cfg)
+        if name == "sjd-bf16-cfg-topk-topp":
+            check_config(reps=2, force_global=True, **cfg)
+
+
+def test_bracket_selection_is_the_selected_one():
+    # the knob reaches the kernel: an unknown name is refused, the setting is restored on exit
+    import sjd_kernels.cuda.jacobi_step as cj
+    with pytest.raises(ValueError, match="topk_select"):
+        cj.topk_select("radix")
+    with cj.topk_select("bracket"):
+        assert cj.TOPK_SELECT == "bracket"
+    assert cj.TOPK_SELECT == "pivots"
 
 
 @pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk-topp", "coupling+vp", "gumbel_jacobi", "tail-left"])

@@ -157,7 +157,8 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 class JacobiStepBench(OpBench):
     name = "jacobi_step"
     ref_device_ok = True
-    backends = ("torch", "triton", "cuda", "reference_sjd")
+    # cuda_bracket: the CUDA kernel with the bracket top-k selection (sjd_kernels.cuda.jacobi_step.topk_select)
+    backends = ("torch", "triton", "cuda", "cuda_bracket", "reference_sjd")
     doc = ("one Jacobi step after the LM head: CFG, top-k, softmax, verification, residual/bonus, next drafts, "
            "state update")
 
@@ -253,6 +254,10 @@ class JacobiStepBench(OpBench):
 
     def _call(self, p: dict, inp: dict, state, backend: str):
         from ..ops.jacobi_step import jacobi_step
+        if backend == "cuda_bracket":
+            from ..cuda.jacobi_step import topk_select
+            with topk_select("bracket"):
+                return self._call(p, inp, state, "cuda")
         return jacobi_step(inp["logits"], inp["drafts"], inp["win"], inp["pos"], state,
                            uncond_logits=inp["uncond"], cfg_scale=inp["cfg"], top_k=int(p["top_k"]),
                            mode=p["mode"], beta=float(p["beta"]), backend=backend, advance=False)
@@ -291,6 +296,9 @@ class JacobiStepBench(OpBench):
     def available(self, backend: str, device) -> tuple:
         if backend == "reference_sjd":
             return True, "reference_sjd: the public SJD loop in PyTorch (sjd_kernels/bench/reference_sjd.py)"
+        if backend == "cuda_bracket":
+            ok, why = _library_backend_available("cuda", device)
+            return ok, why + "; bracket top-k selection" if ok else why
         return _library_backend_available(backend, device)
 
     def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:

@@ -24,6 +24,34 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Tests set this to run the global-memory row path (used for large V) with a small V.
 FORCE_GLOBAL_ROWS = False
 
+# How the rows kernel finds the top-k threshold (both give the same key, the k-th largest):
+# "pivots", a 7-pivot search over the 32-bit key range (about 11 passes over the row), or
+# "bracket", value-spaced pivots then an exact rank among at most 128 candidates (about 3 passes
+# on smooth rows; csrc/target.cuh, model in sjd_kernels/bench/topk_model.py). Read at each call,
+# so a CUDA graph keeps the choice it was captured with. ``topk_select`` below sets it for a block.
+TOPK_SELECT = "pivots"
+_TOPK_SELECT_CODE = {"pivots": 0, "bracket": 1}
+
+
+class topk_select:
+    """Context manager: ``with topk_select("bracket"): ...`` runs the CUDA jacobi_step calls inside
+    with that top-k selection (tests and ``bench ops``' ``cuda_bracket`` backend use it)."""
+
+    def __init__(self, name: str):
+        if name not in _TOPK_SELECT_CODE:
+            raise ValueError(f"topk_select must be one of {sorted(_TOPK_SELECT_CODE)}, got {name!r}")
+        self.name = name
+
+    def __enter__(self):
+        global TOPK_SELECT
+        self.old, TOPK_SELECT = TOPK_SELECT, self.name
+        return self
+
+    def __exit__(self, *exc):
+        global TOPK_SELECT
+        TOPK_SELECT = self.old
+        return False
+
 _smem_lanes: dict[tuple[str, int], int] = {}
 
 
@@ -145,5 +173,6 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
         num_accepted=num_accepted.data_ptr(), tokens=tokens.data_ptr(),
         next_drafts=next_drafts.data_ptr() if W > 0 else 0, scratch=scratch.data_ptr(),
         rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index, stream=stream,
-        q_idx=q_idx.data_ptr() if sparse else 0, C=width if sparse else 0)
+        q_idx=q_idx.data_ptr() if sparse else 0, C=width if sparse else 0,
+        topk_select=_TOPK_SELECT_CODE[TOPK_SELECT])
     return num_accepted, tokens, next_drafts

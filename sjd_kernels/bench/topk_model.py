@@ -1,0 +1,171 @@
+"""Host model of the CUDA rows kernel's two top-k threshold searches (``csrc/target.cuh``).
+
+Both find the key of the k-th largest value of a row; they differ in how many passes over the
+row they make, which is what an instruction-bound kernel pays for (``benchmarks/NOTES.md``):
+
+- ``pivots``: ``search_last_true`` over the 32-bit key range, 7 pivots per pass.
+- ``bracket``: ``kth_key_bracket``, 7 value-spaced pivots per pass until at most 128 candidates
+  remain, then one collecting pass and an exact rank among the candidates.
+
+The functions below follow the device code step by step in float32 / uint32 arithmetic, so the
+pass counts they report are the kernel's for the same row, and the CPU tests check the bracket
+logic (every branch: shrink pass, key-spaced rounds, candidates) against a sort. They are a model:
+the kernel itself is checked against the reference on a GPU (``tests/test_cuda_jacobi_step.py``).
+
+``python -m sjd_kernels.bench.topk_model`` prints the passes of both on synthetic row families.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+PIVOTS = 7
+CAND_MAX = 128
+
+
+def order_key(x) -> np.ndarray:
+    """``order_key`` of sampling.cuh: float32 -> uint32, order-preserving, -0 as +0."""
+    f = np.array(x, dtype=np.float32, ndmin=1)
+    f = np.where(f == 0, np.float32(0), f).astype(np.float32)
+    b = f.view(np.uint32)
+    return np.where(b & np.uint32(0x80000000), ~b, b | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def key_to_float(k: int) -> np.float32:
+    k = np.uint32(k)
+    b = np.uint32(k & 0x7FFFFFFF) if k & 0x80000000 else np.uint32(~k)
+    return np.array([b], dtype=np.uint32).view(np.float32)[0]
+
+
+def kth_key_exact(y: np.ndarray, k: int) -> int:
+    """The answer both searches must give: the key of the k-th largest value."""
+    return int(np.sort(order_key(y))[::-1][k - 1])
+
+
+def _update(piv, keys, k, lo, hi, cge, cgt):
+    cnt = [int((keys >= p).sum()) for p in piv]
+    for m in range(PIVOTS - 1, -1, -1):
+        if cnt[m] >= k:
+            return int(piv[m]), hi, cnt[m], cgt
+        hi, cgt = int(piv[m]) - 1, cnt[m]
+    return lo, hi, cge, cgt
+
+
+def kth_key_pivots(y: np.ndarray, k: int) -> tuple[int, int]:
+    """(key, passes) of ``search_last_true(0, order_key(ymax), ...)`` counting keys >= pivot."""
+    keys = order_key(y)
+    lo, hi = 0, int(order_key(np.max(y))[0])
+    passes = 0
+    while lo < hi:
+        span = hi - lo
+        piv = [lo + 1 + ((span - 1) * (m + 1)) // PIVOTS for m in range(PIVOTS)]
+        passes += 1
+        lo, hi, _, _ = _update(piv, keys, k, lo, hi, 0, 0)
+    return lo, passes
+
+
+def kth_key_bracket(y: np.ndarray, k: int) -> tuple[int, int, dict]:
+    """(key, passes, info) of ``kth_key_bracket``; passes counts the passes over the row (rounds,
+    the shrink pass and the collecting pass; the first pass that computes ymin / ymax is shared
+    with the target law and not counted). ``info`` says which branches ran."""
+    y = np.asarray(y, dtype=np.float32)
+    V = y.size
+    keys = order_key(y)
+    fin = y[y > -np.inf]
+    ymin, ymax = np.float32(fin.min()), np.float32(y.max())
+    lo, hi = 0, int(order_key(ymax)[0])
+    cge, cgt = V, 0
+    kmin = int(order_key(ymin)[0])
+    last, fresh, shrunk = V, True, False
+    passes = 0
+    info = {"value_rounds": 0, "key_rounds": 0, "shrink": 0, "candidates": 0}
+    while lo < hi and cge - cgt > CAND_MAX:
+        ncand = cge - cgt
+        stalled = (not fresh) and 2 * ncand > last
+        if stalled and not shrunk:
+            inb = keys[(keys >= lo) & (keys <= hi)]
+            lo, hi = int(inb.min()), int(inb.max())
+            shrunk, fresh = True, True
+            passes += 1
+            info["shrink"] += 1
+            continue
+        by_key = stalled
+        piv = None
+        if not by_key:
+            a = ymin if lo < kmin else key_to_float(lo)
+            with np.errstate(over="ignore", invalid="ignore"):
+                d = np.float32(key_to_float(hi) - a)
+            if np.isfinite(d) and d > 0:
+                piv = []
+                for m in range(PIVOTS):
+                    with np.errstate(over="ignore"):
+                        v = np.float32(a + np.float32(d * np.float32(np.float32(0.125) * np.float32(m + 1))))
+                    kk = int(order_key(v)[0])
+                    piv.append(min(max(kk, lo + 1), hi))
+            else:
+                by_key = True
+        if by_key:
+            span = hi - lo
+            piv = [lo + 1 + ((span - 1) * (m + 1)) // PIVOTS for m in range(PIVOTS)]
+            info["key_rounds"] += 1
+        else:
+            info["value_rounds"] += 1
+        passes += 1
+        lo, hi, cge, cgt = _update(piv, keys, k, lo, hi, cge, cgt)
+        last, fresh = ncand, False
+    if lo >= hi:
+        return lo, passes, info
+    r = k - cgt
+    cand = keys[(keys >= lo) & (keys <= hi)]
+    passes += 1
+    info["candidates"] = int(cand.size)
+    assert 1 <= r <= cand.size <= CAND_MAX, (r, cand.size)
+    for kc in cand:                     # the exact rank: #{> kc} < r <= #{>= kc}
+        if int((cand > kc).sum()) < r <= int((cand >= kc).sum()):
+            return int(kc), passes, info
+    raise AssertionError("no candidate has rank r")
+
+
+def families(V: int, rng: np.random.Generator):
+    """Synthetic logit rows (float32): name -> row."""
+    g = rng.standard_normal(V).astype(np.float32)
+    c, u = 3 * rng.standard_normal(V), 3 * rng.standard_normal(V)
+    masked = 3 * g
+    masked[: V // 2] = -np.inf
+    return {
+        "gaussian": 3 * g,
+        "cfg-4": (u + 4 * (c - u)).astype(np.float32),
+        "student-t3": (2 * rng.standard_t(3, V)).astype(np.float32),
+        "bf16-grid": (np.round(48 * g) / 16).astype(np.float32),
+        "one-outlier": np.concatenate([g[:-1], [1e4]]).astype(np.float32),
+        "gumbel": (-np.log(-np.log(rng.random(V)))).astype(np.float32),
+        "log-uniform": (5 * np.log(rng.random(V) + 1e-12)).astype(np.float32),
+        "half-masked": masked,
+        "16-values": np.floor(2 * g).astype(np.float32),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="16384:1000,16384:50,32768:1000,8192:2",
+                    help="comma-separated V:k pairs")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    print("| V | k | row family | pivots passes | bracket passes | bracket branches |")
+    print("|---|---|---|---|---|---|")
+    for item in args.shapes.split(","):
+        V, k = (int(x) for x in item.split(":"))
+        for name, y in families(V, rng).items():
+            want = kth_key_exact(y, k)
+            kp, pp = kth_key_pivots(y, k)
+            kb, pb, info = kth_key_bracket(y, k)
+            assert kp == want and kb == want, (name, V, k)
+            br = ", ".join(f"{n} {v}" for n, v in info.items() if v)
+            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The host model of the CUDA kernel's top-k threshold searches (sjd_kernels/bench/topk_model.py).
+
+The model follows csrc/target.cuh step by step; these tests check the bracket selection's logic
+(every branch) against a sort on rows built to reach each branch. The CUDA kernel itself is
+compared with the reference on a GPU (tests/test_cuda_jacobi_step.py, both selections).
+"""
+import numpy as np
+import pytest
+
+from sjd_kernels.bench import topk_model as tm
+
+
+def _rows(rng):
+    for V in (130, 300, 1000, 4096):
+        yield from tm.families(V, rng).items()
+        yield "few-values", rng.integers(0, 5, V).astype(np.float32)
+        yield "all-equal", np.full(V, 1.5, np.float32)
+        x = rng.standard_normal(V).astype(np.float32)
+        x[rng.random(V) < 0.7] = -np.inf
+        yield "mostly-masked", x
+        yield "huge-range", np.concatenate([[3e38, -3e38], rng.standard_normal(V - 2)]).astype(np.float32)
+        yield "subnormal", (rng.standard_normal(V) * 1e-40).astype(np.float32)
+        z = rng.standard_normal(V).astype(np.float32)
+        z[: V // 3] = -0.0
+        z[V // 3: V // 2] = 0.0
+        yield "signed-zeros", z
+        yield "clusters", (np.repeat(rng.standard_normal(8), V // 8 + 1)[:V] +
+                           1e-6 * rng.standard_normal(V)).astype(np.float32)
+
+
+def test_bracket_and_pivots_find_the_kth_largest_key_and_reach_every_branch():
+    rng = np.random.default_rng(1234)
+    seen = {"value_rounds": 0, "key_rounds": 0, "shrink": 0, "candidates": 0, "exact_bracket": 0}
+    n = 0
+    for name, y in _rows(rng):
+        V = y.size
+        for k in sorted({1, 2, V // 3, V // 2, V - 1, V, int(rng.integers(1, V + 1))}):
+            want = tm.kth_key_exact(y, k)
+            got, passes, info = tm.kth_key_bracket(y, k)
+            assert got == want, (name, V, k)
+            assert passes <= 40, (name, V, k, passes)
+            kp, _ = tm.kth_key_pivots(y, k)
+            assert kp == want, (name, V, k)
+            for b in ("value_rounds", "key_rounds", "shrink"):
+                seen[b] += info[b] > 0
+            seen["candidates"] += info["candidates"] > 0
+            seen["exact_bracket"] += info["candidates"] == 0
+            n += 1
+    assert n > 300
+    assert all(v > 0 for v in seen.values()), seen      # each branch of the device code was exercised
+
+
+def test_keys_order_like_floats():
+    x = np.array([-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3e38, np.inf], np.float32)
+    k = tm.order_key(x).astype(np.int64)
+    assert (np.diff(k) >= 0).all() and k[4] == k[5]
+    assert all(tm.key_to_float(int(kk)) == xx for kk, xx in zip(tm.order_key(x), x))
+
+
+@pytest.mark.parametrize("V,k", [(16384, 1000), (32768, 1000), (16384, 50)])
+def test_bracket_makes_fewer_passes_on_smooth_rows(V, k):
+    # the reason the selection exists: on smooth rows a handful of passes instead of about 11
+    rng = np.random.default_rng(7)
+    fam = tm.families(V, rng)
+    for name in ("gaussian", "cfg-4", "gumbel", "bf16-grid"):
+        _, pb, _ = tm.kth_key_bracket(fam[name], k)
+        _, pp = tm.kth_key_pivots(fam[name], k)
+        assert pb <= 4 and pp >= 10, (name, pb, pp)
+
+
+def test_cli_prints_the_table(capsys):
+    assert tm.main(["--shapes", "2048:100"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2048 | 100 | gaussian |" in out and out.count("\n") == 2 + len(tm.families(16, np.random.default_rng(0)))
