@@ -239,10 +239,10 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
     const int am = static_cast<int>(~static_cast<uint32_t>(amax));
     for (int i = tid; i < V; i += nth) S[i] = i == am ? 1.0f : 0.0f;
   } else {
+    // top-k: keep the values >= the k-th largest (ties kept); the others get e = 0, as exp(-inf)
+    float thr = -INFINITY;
     if (bracket) {
-      const float thr = key_to_float(kth_key_bracket(S, V, p.top_k, ymin, ymax, red));
-      for (int i = tid; i < V; i += nth)
-        if (!(S[i] >= thr)) S[i] = -INFINITY;
+      thr = key_to_float(kth_key_bracket(S, V, p.top_k, ymin, ymax, red));
     } else if (p.top_k > 0 && p.top_k < V) {
       // k-th largest value: the largest key K with #{key >= K} >= k (ties at the boundary kept).
       const uint32_t kth = search_last_true(0u, order_key(ymax), [&](const uint32_t* piv, bool* ok) {
@@ -256,13 +256,12 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
 #pragma unroll
         for (int m = 0; m < kPivots; ++m) ok[m] = cnt[m] >= p.top_k;
       });
-      const float thr = key_to_float(kth);
-      for (int i = tid; i < V; i += nth)
-        if (!(S[i] >= thr)) S[i] = -INFINITY;
+      thr = key_to_float(kth);
     }
     float sum = 0.0f;
     for (int i = tid; i < V; i += nth) {
-      const float e = expf(__fsub_rn(S[i], ymax));
+      const float y = S[i];
+      const float e = y >= thr ? expf(__fsub_rn(y, ymax)) : 0.0f;
       S[i] = e;
       sum = __fadd_rn(sum, e);
     }
