@@ -19,6 +19,7 @@
 #                           "profile" for Nsight Compute on PROFILE_CASES, before e2e)
 #   TOTAL_S=480                                   overall deadline in seconds
 #   BUILD_S=170 TESTS_GPU_S=200 LAW_S=150 TESTS_S=150 SAN_S=90 (each tool) BENCH_S=110 TREE_S=45 E2E_S=70
+#   FI_S=240                the FlashInfer JIT warm-up beside the tests (only when its wheels are installed)
 #   XDIST=4                 pytest-xdist workers per test stage (tests spread one by one), when installed
 #   SAN_TOOLS="memcheck racecheck"   compute-sanitizer tools (add initcheck)
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
@@ -53,7 +54,7 @@ PY=${PY:-python3}
 STAGES=${STAGES:-"info build tests law sanitize bench tree e2e"}
 TOTAL_S=${TOTAL_S:-480}
 BUILD_S=${BUILD_S:-170}; TESTS_GPU_S=${TESTS_GPU_S:-200}; LAW_S=${LAW_S:-150}; TESTS_S=${TESTS_S:-150}
-SAN_S=${SAN_S:-90}; BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-70}; TREE_S=${TREE_S:-45}
+SAN_S=${SAN_S:-90}; BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-70}; TREE_S=${TREE_S:-45}; FI_S=${FI_S:-240}
 XDIST=${XDIST:-4}; SAN_TOOLS=${SAN_TOOLS:-"memcheck racecheck"}
 OPS_ARGS=${OPS_ARGS:-"--grid full"}
 E2E_ARGS=${E2E_ARGS:-""}
@@ -71,7 +72,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MPLBACKE
 WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sjd_site \
-    "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/sjd_site" && echo "wheels from $WHEELS installed"
+    "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/sjd_site" PATH="$PATH:/tmp/sjd_site/bin" && \
+    echo "wheels from $WHEELS installed"
 fi
 # 0, not unset: several test modules set TRITON_INTERPRET=1 when it is absent (for CPU runs)
 export TRITON_INTERPRET=0
@@ -113,6 +115,8 @@ package() {   # called after every stage, so a run stopped from outside still re
       f=$LOGS/$t.log
       [ -f "$f" ] && { echo; echo "## pytest $t (tail)"; echo '```'; grep -E "passed|failed|error|skipped|FAILED|ERROR" "$f" | tail -30; echo '```'; }
     done
+    f=$LOGS/flashinfer-jit.log
+    [ -f "$f" ] && { echo; echo "## FlashInfer JIT warm-up (tail)"; echo '```'; tail -n 8 "$f"; echo '```'; }
     for t in memcheck racecheck initcheck; do
       f=$LOGS/sanitize-$t.log
       [ -f "$f" ] && { echo; echo "## compute-sanitizer $t (tail)"; echo '```'; grep -E "ERROR SUMMARY|========= (Invalid|Race|Uninitialized|Error)|passed|failed" "$f" | tail -15; echo '```'; }
@@ -237,6 +241,21 @@ if want law; then
   SJD_LAW_BACKENDS=triton,cuda SJD_LAW_DEVICE=cuda SJD_REQUIRE_EXT=1 stage_bg law "$LAW_S" "$LOGS/law.log" -- \
     "${LAW_PYTEST[@]}" tests/test_jacobi_step_law.py tests/test_jacobi_step_inputs.py tests/test_sparse_state.py \
     -k "not test_sparse_equals_dense and not truncation" --junitxml="$LOGS/junit-law.xml"
+fi
+# FlashInfer (carried as wheels) JIT-compiles its sampling kernels on first use: compile them now,
+# beside the tests, so the timed benchmark does not pay it (its cache is ~/.cache/flashinfer)
+if want bench && "$PY" -c "import flashinfer.sampling" > /dev/null 2>&1; then
+  stage_bg flashinfer-jit "$FI_S" "$LOGS/flashinfer-jit.log" -- "$PY" -c '
+import time, torch, flashinfer
+from flashinfer.sampling import chain_speculative_sampling
+t = time.time()
+d = torch.softmax(torch.randn(2, 4, 64, device="cuda"), -1)
+p = torch.softmax(torch.randn(2, 5, 64, device="cuda"), -1)
+ids = torch.multinomial(d.view(8, 64), 1).view(2, 4).int()
+out = chain_speculative_sampling(d, ids, p)
+torch.cuda.synchronize()
+print("flashinfer", flashinfer.__version__, "chain_speculative_sampling ready in", round(time.time() - t, 1), "s")
+print(out[0] if isinstance(out, (tuple, list)) else out)'
 fi
 if want sanitize; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)

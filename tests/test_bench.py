@@ -245,6 +245,56 @@ def test_check_detects_a_wrong_backend():
     assert res["check"] == "FAIL" and res["mismatch_rate"] > 0.02
 
 
+def test_verify_only_runs_the_fused_step_and_its_check_can_fail(monkeypatch):
+    """verify_only's library backends run jacobi_step on log(target) with the drafts' laws stored:
+    they pass against the torch step, and a step that returns the drafts unverified fails."""
+    b = C.VerifyOnlyBench()
+    case = next(c for c in b.cases() if "cpu" in c.grids)
+    assert b.check(case, "torch", "cpu", 5)["check"] == "pass"
+    res = b.check(case, "torch", "cpu", 5)
+    assert "0/3 requests differ" in res["check_detail"]
+    inp = b._inputs(case.params, "cpu", 5)
+    lib = b._library_inputs(inp, 5)
+    assert torch.allclose(torch.softmax(lib["logits"], -1), inp["target"], atol=1e-6)
+    assert torch.equal(lib["state"].q_state[:, :case.params["W"]], inp["draft"])
+
+    real = C.VerifyOnlyBench._library_call
+
+    def accept_all(libin, backend):
+        out = real(libin, backend)
+        if backend == "torch" and libin is not lib_seen.get("ref"):
+            B, W = libin["drafts"].shape
+            tok = torch.cat([libin["drafts"], torch.zeros(B, 1, dtype=torch.int64)], 1)
+            return type(out)(torch.full_like(out.num_accepted, W), tok, out.next_drafts)
+        return out
+
+    lib_seen = {}
+    orig_inputs = C.VerifyOnlyBench._library_inputs
+
+    def inputs(inp, seed):
+        x = orig_inputs(inp, seed)
+        if "be" in lib_seen:
+            lib_seen["ref"] = x          # the second call builds the reference's inputs
+        lib_seen.setdefault("be", x)
+        return x
+
+    monkeypatch.setattr(C.VerifyOnlyBench, "_library_call", staticmethod(accept_all))
+    monkeypatch.setattr(C.VerifyOnlyBench, "_library_inputs", staticmethod(inputs))
+    bad = b.check(case, "torch", "cpu", 5)
+    assert bad["check"] == "FAIL", bad
+
+
+def test_summary_names_the_flashinfer_ratio():
+    from sjd_kernels.bench.ops import _pivot, _speedups
+    base = {"op": "verify_only", "case": "verify_only:B32_W16_V16384", "graph": "graph", "roofline_us": 1.0,
+            "state_bytes_per_req": 2**20, "roofline_frac": 0.1}
+    rows = [dict(base, backend="torch_verify", median_us=400.0), dict(base, backend="flashinfer", median_us=50.0),
+            dict(base, backend="cuda", median_us=40.0), dict(base, backend="triton", median_us=80.0)]
+    _speedups(rows)
+    table = _pivot(rows)
+    assert "cuda graph: 10% of roofline, 10.0x vs torch_verify graph, 1.25x vs flashinfer graph" in table
+
+
 def _rows(median):
     base = {"op": "jacobi_step", "backend": "cuda", "graph": "graph", "check": "pass", "gpu": "NVIDIA H100"}
     return [dict(base, case="jacobi_step:a", median_us=str(median[0])),

@@ -567,13 +567,17 @@ class SJD2PrepareBench(OpBench):
 # =========================================================================== verification only (FlashInfer peer)
 class VerifyOnlyBench(OpBench):
     """The verification-only subset (target and draft laws given as probabilities): FlashInfer's
-    chain speculative sampling against a vectorised PyTorch verification written here. The
-    library has no verify-only op: its fused step does this plus the target law, the drafts
-    and the state update, so these rows are a peer reference point, not a like-for-like race."""
+    chain speculative sampling, a vectorised PyTorch verification written here, and this library's
+    fused step on the same laws (backends torch, triton, cuda, cuda_bracket): the target logits are
+    log(target) at temperature 1 without filters, so the step's target law is the given one up to
+    rounding, and the stored law of each window row is the draft row. The fused step does more
+    than verify (it also draws the next drafts and writes the state of every row), so its rows are
+    an upper bound on what verification alone costs it."""
     name = "verify_only"
-    backends = ("torch_verify", "flashinfer")
+    backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda", "cuda_bracket")
     reference_backend = "torch_verify"
-    doc = "verification only (probabilities in): FlashInfer chain_speculative_sampling peer"
+    doc = "verification only (probabilities in): FlashInfer chain_speculative_sampling peer, and the fused step"
+    _LIB = ("torch", "triton", "cuda", "cuda_bracket")
 
     def cases(self) -> list:
         out = []
@@ -581,12 +585,14 @@ class VerifyOnlyBench(OpBench):
             for W in (16, 64):
                 for V in (16384, 32768):
                     out.append(Case(self.name, {"B": B, "W": W, "V": V}, ("full", "quick") if W == 16 else ("full",)))
-        out.append(Case(self.name, {"B": 3, "W": 4, "V": 64}, ("cpu",)))
+        out.append(Case(self.name, {"B": 3, "W": 4, "V": 64}, ("cpu", "cpu-quick")))
         return out
 
     def available(self, backend: str, device) -> tuple:
         if backend == "torch_verify":
             return True, "torch_verify: vectorised PyTorch verification (sjd_kernels/bench/cases.py)"
+        if backend in self._LIB:
+            return JacobiStepBench.available(JacobiStepBench(), backend, device)
         try:
             import flashinfer  # noqa: F401
             from flashinfer.sampling import chain_speculative_sampling  # noqa: F401
@@ -605,6 +611,29 @@ class VerifyOnlyBench(OpBench):
         draft = torch.softmax(x[:, :W] + torch.randn(B, W, V, generator=g, device=dev), -1)
         ids = torch.multinomial(draft.reshape(B * W, V), 1, generator=g).view(B, W).to(torch.int32)
         return {"target": target, "draft": draft, "ids": ids, "gen": _gen(device, seed + 3)}
+
+    @staticmethod
+    def _library_inputs(inp: dict, seed: int) -> dict:
+        """The fused step's inputs for the same laws: logits log(target), the drafts' laws stored as dense rows."""
+        from ..ops.jacobi_step import JacobiState
+        from ..reference import jacobi_step as ref
+        draft, target = inp["draft"], inp["target"]
+        B, W, V = draft.shape
+        dev = draft.device
+        st = JacobiState.create(B, W, V, seed=[int(seed) * 1009 + i for i in range(B)], device=dev)
+        st.q_state[:, :W] = draft                           # pos 0: window row j lives in ring slot j
+        st.q_kind[:, :W] = ref.KIND_DENSE
+        return {"logits": torch.log(target), "drafts": inp["ids"].long(), "state": st,
+                "win": torch.full((B,), W, dtype=torch.int64, device=dev),
+                "pos": torch.zeros(B, dtype=torch.int64, device=dev)}
+
+    @staticmethod
+    def _library_call(lib: dict, backend: str):
+        from ..ops.jacobi_step import jacobi_step
+        if backend == "cuda_bracket":    # no top-k here: the same kernel path as cuda
+            backend = "cuda"
+        return jacobi_step(lib["logits"], lib["drafts"], lib["win"], lib["pos"], lib["state"], top_k=0,
+                           mode="sjd", backend=backend, advance=False)
 
     @staticmethod
     def torch_verify(draft, ids, target, gen):
@@ -631,18 +660,46 @@ class VerifyOnlyBench(OpBench):
         if backend == "flashinfer":
             from flashinfer.sampling import chain_speculative_sampling
             return chain_speculative_sampling(inp["draft"], inp["ids"], inp["target"])
+        if backend in self._LIB:
+            return self._library_call(inp["lib"], backend)
         return self.torch_verify(inp["draft"], inp["ids"], inp["target"], inp["gen"])
 
     def prepare(self, case: Case, device, seed: int) -> Prepared:
         inp = self._inputs(case.params, device, seed)
-        return Prepared(call=lambda be: (lambda: self._call(inp, be)), reset=lambda: None)
+        inp["lib"] = lib = self._library_inputs(inp, seed)
+        st = lib["state"]
+        pristine = [t.clone() for t in (st.q_state, st.q_kind, st.status, st.step)]
+
+        def reset():
+            for dst, src in zip((st.q_state, st.q_kind, st.status, st.step), pristine):
+                dst.copy_(src)
+
+        return Prepared(call=lambda be: (lambda: self._call(inp, be)), reset=reset)
 
     def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
+        """Well-formed output: a prefix of the drafts, one sampled token, then -1 padding. For the
+        library's backends also: every request's committed tokens equal the reference's (the torch
+        backend of the same step with the same seeds) and no device error. The laws themselves are
+        tested in tests/test_jacobi_step_law.py."""
         _refuse_ref_device(self, ref_device)
         p = case.params
         inp = self._inputs(p, device, seed)
-        out = self._call(inp, backend)
-        tok = out[0] if isinstance(out, (tuple, list)) else out
+        detail = "well-formed accepted prefix + one sample (law: see the library's tests)"
+        same_ok = True
+        if backend in self._LIB:
+            inp["lib"] = self._library_inputs(inp, seed)
+            ref_lib = self._library_inputs(inp, seed)
+            out_lib = self._call(inp, backend)
+            out_ref = self._library_call(ref_lib, "torch")
+            tok = out_lib.tokens
+            differ = int((~(out_lib.tokens == out_ref.tokens).all(1)).sum())
+            allowed = max(1, int(0.02 * p["B"]))
+            same_ok = differ <= allowed and int(inp["lib"]["state"].status[0]) == 0
+            detail = (f"vs the torch step: {differ}/{p['B']} requests differ (allowed {allowed}); "
+                      f"status {int(inp['lib']['state'].status[0])}; " + detail)
+        else:
+            out = self._call(inp, backend)
+            tok = out[0] if isinstance(out, (tuple, list)) else out
         tok = tok.long()
         B, W, V = p["B"], p["W"], p["V"]
         ok = tok.shape == (B, W + 1)
@@ -652,10 +709,10 @@ class VerifyOnlyBench(OpBench):
             n = emitted.sum(1)
             pref = torch.arange(W + 1, device=tok.device).view(1, -1) < (n - 1).view(-1, 1)
             drafts_ok = ((tok[:, :W] == inp["ids"].long()) | ~pref[:, :W]).all()
-            ok = bool(drafts_ok) and bool(((tok < V) | ~emitted).all()) and bool((n >= 1).all())
-        return {"check": "pass" if ok else "FAIL",
-                "check_detail": "well-formed accepted prefix + one sample (law: see the library's tests)",
-                "mismatch_rate": 0.0 if ok else 1.0}
+            contiguous = (emitted == (torch.arange(W + 1, device=tok.device).view(1, -1) < n.view(-1, 1))).all()
+            ok = bool(drafts_ok) and bool(contiguous) and bool(((tok < V) | ~emitted).all()) and bool((n >= 1).all())
+        ok = ok and same_ok
+        return {"check": "pass" if ok else "FAIL", "check_detail": detail, "mismatch_rate": 0.0 if ok else 1.0}
 
     def bytes_min(self, case: Case) -> int:
         """Draft and target ids read as the scalar gathers; one full draft row and one target row per request

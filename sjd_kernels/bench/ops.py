@@ -254,6 +254,9 @@ def _pivot(timed: list) -> str:
              f"{best['speedup_vs_ref']}x vs {best['ref_baseline']}" if best else "")
         if best and best.get("speedup_vs_reference_sjd"):
             b += f", {best['speedup_vs_reference_sjd']}x vs reference SJD"
+        peer = rs.get("flashinfer graph") or rs.get("flashinfer eager")
+        if best and peer:
+            b += f", {peer['median_us'] / best['median_us']:.2f}x vs flashinfer {peer['graph']}"
         out.append(f"| {c.split(':', 1)[1]} | {any_r['state_bytes_per_req'] / 2**20:.2f} | {any_r['roofline_us']} | "
                    + " | ".join(f"{rs[k]['median_us']:.1f}" if k in rs else "" for k in keys) + f" | {b} |")
     return "\n".join(out)
