@@ -28,8 +28,9 @@
 #                           the second tree-KV benchmark (batch 32 of the 7B-like cache moves 235 MB:
 #                           the issue's over-100-MB bandwidth case; S 256 keeps the caches and their
 #                           check copies near 40 GB)
-#   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda --backend cuda_bracket
-#   --ref-device cpu` (every CUDA kernel and path on small shapes, both top-k selections, checked against the reference computed on the CPU,
+#   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda --backend cuda_lists
+#   --ref-device cpu` (every CUDA kernel and path on small shapes, the default rows kernel and the
+#   one with every optional path, checked against the reference computed on the CPU,
 #   so the sanitizer watches little besides this package's kernels: dense and sparse state, every
 #   draft mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger
 #   than shared memory; the sparse compaction over several chunks).
@@ -39,7 +40,8 @@
 #                           (the reference in the checks) run uninstrumented (the info stage prints
 #                           the installed syntax)
 #   PROFILE_CASES="B32_W32_V16384_cfg_bf16_sjd_k1000"   cases for the `profile` stage (Nsight Compute,
-#                           one launch of the rows kernel per backend (cuda, cuda_bracket, triton);
+#                           one launch of the rows kernel per backend (cuda, cuda_bracket, cuda_lists,
+#                           triton);
 #                           add "profile" to STAGES)
 #   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
 #   WHEELS=.whl             folder of wheels to install first (see NOTES.md for FlashInfer)
@@ -279,7 +281,7 @@ if want sanitize; then
     nodes=""
     [ "$tool" = "memcheck" ] && nodes="${SAN_NODES[*]}"
     SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- bash -c '
-      "$0" '"$extra"' "$1" -m sjd_kernels.bench ops --check --grid cpu --backend cuda --backend cuda_bracket \
+      "$0" '"$extra"' "$1" -m sjd_kernels.bench ops --check --grid cpu --backend cuda --backend cuda_lists \
         --ref-device cpu \
         --min-requests "$2" --no-plots --out "$3"; r1=$?
       r2=0
@@ -312,7 +314,7 @@ fi
 if want profile; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   for c in $PROFILE_CASES; do
-    for be in cuda cuda_bracket triton; do
+    for be in cuda cuda_bracket cuda_lists triton; do
       if [ -z "$NCU" ]; then printf '| profile-%s | skipped (ncu not found) | - | 0 | 0 | - |\n' "$be" >> "$STATUS"; continue; fi
       stage "profile-$be-$c" "$PROFILE_S" "$LOGS/ncu-$be-$c.log" -- "$NCU" --clock-control none \
         -k regex:jacobi_rows --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \

@@ -68,7 +68,7 @@ void jacobi_step(int dtype, std::uintptr_t logits, int64_t logits_sb, int64_t lo
                  int top_k, double top_p, int mode, double beta, int vp_form, double vp_eps, int tail_init,
                  std::uintptr_t num_accepted, std::uintptr_t tokens, std::uintptr_t next_drafts,
                  std::uintptr_t scratch, std::uintptr_t rowbuf, int device, std::uintptr_t stream,
-                 std::uintptr_t q_idx, int C, int topk_select) {
+                 std::uintptr_t q_idx, int C, int features) {
   sjd::JacobiStepArgs a;
   a.dtype = dtype;
   a.logits = ptr<const void>(logits);
@@ -97,7 +97,7 @@ void jacobi_step(int dtype, std::uintptr_t logits, int64_t logits_sb, int64_t lo
   a.R = R;
   a.temperature = temperature;
   a.top_k = top_k;
-  a.topk_select = topk_select;
+  a.features = features;
   a.top_p = top_p;
   a.mode = mode;
   a.beta = beta;
@@ -134,7 +134,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("top_p"), py::arg("mode"), py::arg("beta"), py::arg("vp_form"), py::arg("vp_eps"),
         py::arg("tail_init"), py::arg("num_accepted"), py::arg("tokens"), py::arg("next_drafts"),
         py::arg("scratch"), py::arg("rowbuf"), py::arg("device"), py::arg("stream"), py::arg("q_idx") = 0,
-        py::arg("C") = 0, py::arg("topk_select") = 0,
+        py::arg("C") = 0, py::arg("features") = 0,
         "launch jacobi_step on `stream` (see sjd_kernels/cuda/jacobi_step.py for the tensor contract)",
         py::call_guard<py::gil_scoped_release>());
   m.def("tree_verify_max_smem_lanes", &sjd::tree_verify_max_smem_lanes, py::arg("device"),

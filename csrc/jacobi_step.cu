@@ -6,7 +6,9 @@
 //          keys, softmax, top-p threshold by the same search over probability bits, or the greedy
 //          one-hot), then one fused pass over the vocabulary runs every exponential race the row
 //          needs (residual or bonus, fresh draft, coupling redraw, Gumbel) and writes the row's new
-//          state. Per-row results go to scratch.
+//          state. Per-row results go to scratch. Optional paths with the same results (Feature in
+//          jacobi_step.h, timed against the default): the bracket top-k selection (target.cuh), and
+//          the races over a shared-memory list of the lanes with P > 0 followed by a write-only pass.
 //   commit grid (B): first rejection m, committed tokens, next drafts, tail initialisation and
 //          tail q_kind, error outputs.
 // Sparse state (q_idx != null): a slot holds C ascending lane ids with the values of Qt (q_state)
@@ -49,6 +51,7 @@ enum PowCode : int { kPowGeneric = 0, kPowOne, kPowSqrt, kPowRsqrt, kPowRecip, k
 constexpr int kScAccept = 0, kScCand = 1, kScNew = 2, kScBad = 3;
 
 constexpr int kMaxThreads = 1024;
+constexpr int kListMax = 2048;  // lanes a row may list for kFeatListRaces (more: the dense races)
 
 struct Params {
   const void* logits;
@@ -75,7 +78,7 @@ struct Params {
   int top_k;
   int use_top_p;
   float top_p;
-  int topk_select;
+  int features;
   int mode;
   int use_vp;
   int has_prev;
@@ -123,6 +126,13 @@ __device__ __forceinline__ float vp_weight(const Params& p, float P, float pp) {
   }
   const float r = __fdiv_rn(__fadd_rn(P, p.vp_eps), __fadd_rn(pp, p.vp_eps));
   return __fmul_rn(P, pow_scalar(r, p.pow_code, p.pow_exp));
+}
+
+// Word e (0..3) of a Philox group, by selects (an indexed read would put the group in local memory).
+__device__ __forceinline__ uint32_t philox_word(const Philox4& w, uint32_t e) {
+  const uint32_t lo = (e & 1u) ? w.w[1] : w.w[0];
+  const uint32_t hi = (e & 1u) ? w.w[3] : w.w[2];
+  return (e & 2u) ? hi : lo;
 }
 
 // Entry of ``key`` among the C ascending ids of a sparse slot, -1 when absent (binary search).
@@ -178,6 +188,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   __shared__ int scan_buf[kMaxWarps + 1];
   __shared__ uint32_t cand[kCandMax];
   __shared__ uint32_t cand_n[2];
+  __shared__ int lane_list[kListMax];  // kFeatListRaces: lanes with P > 0
+  __shared__ int list_n;
   int par_u1 = 0, par_u6 = 0, par_f = 0, par_i = 0, par_i7 = 0, par_f7 = 0;
 
   const int b = blockIdx.x;  // requests on grid x (grid y stops at 65535)
@@ -209,7 +221,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   const T* crow = static_cast<const T*>(p.logits) + b * p.l_sb + j * p.l_sj;
   const T* urow = p.uncond ? static_cast<const T*>(p.uncond) + b * p.u_sb + j * p.u_sj : nullptr;
   const float cfg = urow ? p.cfg_scale[b] : 0.0f;
-  const TargetLaw law{p.greedy, p.inv_temperature, p.top_k, p.use_top_p, p.top_p, p.topk_select};
+  const TargetLaw law{p.greedy, p.inv_temperature, p.top_k, p.use_top_p, p.top_p,
+                      (p.features & kFeatBracketTopk) ? kTopkBracket : kTopkPivots};
   TargetRed red{red_u64_1, par_u1, red_f, par_f, red_i, par_i, red_i7, par_i7, red_f7, par_f7, cand, cand_n};
   const bool bad = target_row<T>(crow, urow, cfg, V, law, S, red);
   __syncthreads();  // P complete and visible to every thread
@@ -293,7 +306,67 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   // k[0] residual max(0, P - Qold) or, on the bonus row, k[1] P (RESID noise), k[2] Qt (DRAFT),
   // k[3] max(0, Qt - Qold), k[4] Qt (both COUPLE_RES), k[5] P (GUMBEL, step 0)
   uint64_t k[6] = {0ull, 0ull, 0ull, 0ull, 0ull, 0ull};
-  if (need_g || need_resid || need_bonus || need_draft || need_couple || write_state) {
+  const bool any_race = need_g || need_resid || need_bonus || need_draft || need_couple;
+  // kFeatListRaces: every race weight is zero where P is (residual, bonus and Gumbel race over P;
+  // the draft and coupling races over Qt, which is P, a VP weight of P in log form or in additive
+  // form with beta >= 0, never the uniform law of an overflowing sparse row), so the races may run
+  // over the lanes with P > 0 alone: one Philox call per listed lane instead of one per group of 4
+  // lanes of the whole row (all of whose groups draw when a warp holds one lane with P > 0).
+  bool listed = false;
+  if ((p.features & kFeatListRaces) && any_race && !ovf &&
+      !(use_vp_row && p.vp_form == kVpAdd && !(p.beta >= 0.0f))) {
+    const int lane = tid & 31;
+    if (tid == 0) list_n = 0;
+    __syncthreads();
+    for (int base = 0; base < V; base += nth) {  // block-uniform trip count: the ballot sees whole warps
+      const int i = base + tid;
+      const bool has_p = i < V && S[i] > 0.0f;
+      const unsigned bal = __ballot_sync(0xffffffffu, has_p);
+      int at = 0;
+      if (lane == 0 && bal != 0u) at = atomicAdd(&list_n, __popc(bal));
+      at = __shfl_sync(0xffffffffu, at, 0) + __popc(bal & ((1u << lane) - 1u));
+      if (has_p && at < kListMax) lane_list[at] = i;
+    }
+    __syncthreads();
+    const int nl = list_n;
+    listed = nl <= kListMax;
+    if (listed) {
+      const RowRng r_res(seed, posj, step, kStreamResid);
+      const RowRng r_dr(seed, posj, step, kStreamDraft);
+      const RowRng r_cr(seed, posj, step, kStreamCoupleRes);
+      const RowRng r_g(seed, posj, 0, kStreamGumbel);
+      for (int t = tid; t < nl; t += nth) {
+        const int i = lane_list[t];
+        const uint32_t g = static_cast<uint32_t>(i) >> 2, e = static_cast<uint32_t>(i) & 3u;
+        const float P = S[i];
+        const float Qt = need_qt ? qt_of(i, P) : 0.0f;
+        const float Qo = need_qold ? qold_of(i) : 0.0f;
+        if (need_resid || need_bonus) {
+          const float E = exponential(philox_word(r_res.group(g), e));
+          if (need_resid) k[0] = umax64(k[0], race_pack(__fsub_rn(P, Qo), E, i));
+          else k[1] = umax64(k[1], race_pack(P, E, i));
+        }
+        if (need_draft && Qt > 0.0f)
+          k[2] = umax64(k[2], race_pack(Qt, exponential(philox_word(r_dr.group(g), e)), i));
+        if (need_couple && Qt > 0.0f) {
+          const float E = exponential(philox_word(r_cr.group(g), e));
+          k[4] = umax64(k[4], race_pack(Qt, E, i));
+          k[3] = umax64(k[3], race_pack(__fsub_rn(Qt, Qo), E, i));
+        }
+        if (need_g) k[5] = umax64(k[5], race_pack(P, exponential(philox_word(r_g.group(g), e)), i));
+      }
+      // its barrier also orders every read of the old row (qold_of, qt_of) before the writes below
+      block_allreduce<6>(k, OpMaxU64(), red_u64_6, par_u6);
+      if (write_state && !sparse) {
+        for (int i = tid; i < V; i += nth) {  // this thread reads lane i's old p_prev (VP) before writing it
+          const float P = S[i];
+          qrow[i] = qt_of(i, P);
+          if (prow) prow[i] = P;
+        }
+      }
+    }
+  }
+  if (!listed && (any_race || write_state)) {
     const RowRng r_res(seed, posj, step, kStreamResid);
     const RowRng r_dr(seed, posj, step, kStreamDraft);
     const RowRng r_cr(seed, posj, step, kStreamCoupleRes);
@@ -597,8 +670,8 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   SJD_REQUIRE(a.V >= 1, "jacobi_step: V must be >= 1");
   SJD_REQUIRE(a.R >= a.W + 1, "jacobi_step: ring R must be >= W + 1");
   SJD_REQUIRE(a.top_k >= 0 && a.top_k <= a.V, "jacobi_step: top_k must be in [0, V]");
-  SJD_REQUIRE(a.topk_select == kTopkPivots || a.topk_select == kTopkBracket,
-              "jacobi_step: topk_select code must be 0 (pivots) or 1 (bracket)");
+  SJD_REQUIRE((a.features & ~kFeatAll) == 0, "jacobi_step: features must be a mask of bits 1 and 2, got " +
+                                                 std::to_string(a.features));
   SJD_REQUIRE(a.temperature >= 0.0, "jacobi_step: temperature must be >= 0");
   SJD_REQUIRE(a.top_p > 0.0 && a.top_p <= 1.0, "jacobi_step: top_p must be in (0, 1]");
   SJD_REQUIRE(a.mode >= kModeSjd && a.mode <= kModeGumbelJacobi, "jacobi_step: mode code must be 0..3");
@@ -647,7 +720,7 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   p.top_k = a.top_k;
   p.use_top_p = a.top_p < 1.0;
   p.top_p = static_cast<float>(a.top_p);
-  p.topk_select = a.topk_select;
+  p.features = a.features;
   p.mode = a.mode;
   p.has_prev = a.p_prev != nullptr;
   p.use_vp = p.has_prev && a.beta != 0.0 && (a.mode == kModeSjd || a.mode == kModeCoupling);

@@ -7,6 +7,15 @@ namespace sjd {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+// Optional code paths of the rows kernel (JacobiStepArgs::features), each giving the same results
+// as the default path; they exist to be timed against it (benchmarks/NOTES.md).
+enum Feature : int {
+  kFeatBracketTopk = 1,  // top-k threshold by the bracket selection (target.cuh) instead of the 7-pivot search
+  kFeatListRaces = 2,    // exponential races over a list of the lanes with P > 0 (one Philox call per
+                         // listed lane) instead of every group of 4 lanes of the row
+  kFeatAll = 3,
+};
+
 // Everything one jacobi_step call needs. Pointers are device pointers (0 = absent). Shapes and
 // meanings follow sjd_kernels/reference/jacobi_step.py; logits strides are in elements, the last
 // dimension is contiguous.
@@ -33,7 +42,7 @@ struct JacobiStepArgs {
   int B = 0, W = 0, V = 0, R = 0;
   double temperature = 1.0;
   int top_k = 0;
-  int topk_select = 0;  // how the top-k threshold is found: 0 7-pivot search, 1 bracket (target.cuh)
+  int features = 0;  // Feature bits
   double top_p = 1.0;
   int mode = 0;
   double beta = 0.0;

@@ -182,10 +182,10 @@ def test_entry_points_raise_clearly_without_device():
         C.jacobi_step(**args)
     with pytest.raises(ValueError, match="mode"):        # argument checks come first, as ValueError
         C.jacobi_step(**{**args, "mode": 9})
-    with pytest.raises(ValueError, match="topk_select"):
-        C.jacobi_step(**{**args, "topk_select": 2})
-    with pytest.raises(RuntimeError, match="no CUDA device is visible"):    # both selections are accepted
-        C.jacobi_step(**{**args, "topk_select": 1})
+    with pytest.raises(ValueError, match="features"):
+        C.jacobi_step(**{**args, "features": 4})
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):    # the optional paths are accepted
+        C.jacobi_step(**{**args, "features": 3})
 
 
 @requires_ext

@@ -272,41 +272,47 @@ CONFIGS = {
     "topk-heavy-cfg": dict(B=2, W=16, V=16384, top_k=1000, cfg=True, logits_kind="heavy"),
 }
 
-# Configurations with top-k that also run with the bracket selection of the top-k threshold.
-BRACKET = ["sjd-bf16-cfg-topk-topp", "vp_add-0.5", "coupling+vp", "gumbel_jacobi", "temp-0.7-topk", "topk-1",
-           "V-16384+3-topk1000", "slice-bf16-cfg", "forced-sjd", "topk-ties", "topk-masked", "topk-outlier-cfg",
-           "topk-heavy-cfg"]
+# The kernel's optional paths (sjd_kernels.cuda.jacobi_step.FEATURES) give the same results as the
+# default path: each runs the parity check on the configurations that exercise it.
+FEATURE_CASES = {
+    # top-k threshold by the bracket selection: every configuration with top-k, and rows built for it
+    ("bracket_topk",): ["sjd-bf16-cfg-topk-topp", "vp_add-0.5", "coupling+vp", "gumbel_jacobi", "temp-0.7-topk",
+                        "topk-1", "V-16384+3-topk1000", "slice-bf16-cfg", "forced-sjd", "topk-ties", "topk-masked",
+                        "topk-outlier-cfg", "topk-heavy-cfg"],
+    # races over the listed lanes: every draft mode and VP form (the additive form with beta < 0 and
+    # rows without top-k fall back to the dense races), greedy one-hot rows, forced rows, W = 0
+    ("list_races",): ["sjd-bf16-cfg-topk-topp", "vp_add-0.5", "vp_log-0.5", "vp_add-negative", "coupling-bf16-cfg",
+                      "coupling+vp", "coupling+vp_log", "gumbel", "gumbel_jacobi", "greedy-sjd", "temp-0.7-topk",
+                      "topk-1", "forced-coupling-vp", "tail-left-coupling", "W0-plain-AR", "topk-masked",
+                      "sjd-fp32-plain-8192"],
+    ("bracket_topk", "list_races"): ["sjd-bf16-cfg-topk-topp", "coupling+vp", "V-16384+3-topk1000", "topk-ties",
+                                     "W64-B8"],
+}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_reference(name):
+@pytest.mark.parametrize("features,name", [(f, n) for f, names in FEATURE_CASES.items() for n in names],
+                         ids=lambda x: "+".join(x) if isinstance(x, tuple) else x)
+def test_optional_kernel_paths_match_reference(features, name):
+    from sjd_kernels.cuda.jacobi_step import kernel_features
     cfg = dict(CONFIGS[name])
     reps = cfg.pop("reps", 3)
-    stats = check_config(reps=reps, **cfg)
-    if cfg["W"] > 0 and cfg["V"] > 1 and cfg.get("temperature", 1.0) > 0:
-        assert (stats["accepted"] > 0).any(), "no draft was ever accepted: the case does not exercise verification"
-
-
-@pytest.mark.parametrize("name", BRACKET)
-def test_bracket_topk_selection_matches_reference(name):
-    """The bracket top-k selection (csrc/target.cuh kth_key_bracket) finds the same threshold."""
-    from sjd_kernels.cuda.jacobi_step import topk_select
-    cfg = dict(CONFIGS[name])
-    reps = cfg.pop("reps", 3)
-    with topk_select("bracket"):
+    with kernel_features(*features):
         check_config(reps=reps, **cfg)
-        if name == "sjd-bf16-cfg-topk-topp":
+        if name == "sjd-bf16-cfg-topk-topp":          # the [B, W+1, V] global-memory rows too
             check_config(reps=2, force_global=True, **cfg)
 
 
-def test_bracket_selection_is_the_selected_one():
-    # the knob reaches the kernel: an unknown name is refused, the setting is restored on exit
+def test_kernel_features_knob():
+    # an unknown name is refused; the setting reaches the launcher as a bit mask and is restored on exit
     import sjd_kernels.cuda.jacobi_step as cj
-    with pytest.raises(ValueError, match="topk_select"):
-        cj.topk_select("radix")
-    with cj.topk_select("bracket"):
-        assert cj.TOPK_SELECT == "bracket"
-    assert cj.TOPK_SELECT == "pivots"
+    with pytest.raises(ValueError, match="unknown kernel feature"):
+        cj.kernel_features("radix")
+    with cj.kernel_features("bracket_topk", "list_races"):
+        assert cj._feature_mask() == 3
+        with cj.kernel_features("list_races"):
+            assert cj._feature_mask() == 2
+        assert cj._feature_mask() == 3
+    assert cj.FEATURES == frozenset() and cj._feature_mask() == 0
 
 
 @pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk-topp", "coupling+vp", "gumbel_jacobi", "tail-left"])

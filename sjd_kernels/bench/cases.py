@@ -126,6 +126,11 @@ def _refuse_ref_device(bench, ref_device) -> None:
         raise ValueError(f"{bench.name}: its check runs the reference beside the backend only (ref_device)")
 
 
+# Bench-only backends: the CUDA kernel with optional code paths (sjd_kernels.cuda.jacobi_step.FEATURES),
+# timed beside the default one to measure each path's share (leave one in at a time).
+CUDA_VARIANTS = {"cuda_bracket": ("bracket_topk",), "cuda_lists": ("bracket_topk", "list_races")}
+
+
 def _gen(device, seed: int) -> torch.Generator:
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
@@ -157,8 +162,7 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 class JacobiStepBench(OpBench):
     name = "jacobi_step"
     ref_device_ok = True
-    # cuda_bracket: the CUDA kernel with the bracket top-k selection (sjd_kernels.cuda.jacobi_step.topk_select)
-    backends = ("torch", "triton", "cuda", "cuda_bracket", "reference_sjd")
+    backends = ("torch", "triton", "cuda", "cuda_bracket", "cuda_lists", "reference_sjd")
     doc = ("one Jacobi step after the LM head: CFG, top-k, softmax, verification, residual/bonus, next drafts, "
            "state update")
 
@@ -254,9 +258,9 @@ class JacobiStepBench(OpBench):
 
     def _call(self, p: dict, inp: dict, state, backend: str):
         from ..ops.jacobi_step import jacobi_step
-        if backend == "cuda_bracket":
-            from ..cuda.jacobi_step import topk_select
-            with topk_select("bracket"):
+        if backend in CUDA_VARIANTS:
+            from ..cuda.jacobi_step import kernel_features
+            with kernel_features(*CUDA_VARIANTS[backend]):
                 return self._call(p, inp, state, "cuda")
         return jacobi_step(inp["logits"], inp["drafts"], inp["win"], inp["pos"], state,
                            uncond_logits=inp["uncond"], cfg_scale=inp["cfg"], top_k=int(p["top_k"]),
@@ -296,9 +300,9 @@ class JacobiStepBench(OpBench):
     def available(self, backend: str, device) -> tuple:
         if backend == "reference_sjd":
             return True, "reference_sjd: the public SJD loop in PyTorch (sjd_kernels/bench/reference_sjd.py)"
-        if backend == "cuda_bracket":
+        if backend in CUDA_VARIANTS:
             ok, why = _library_backend_available("cuda", device)
-            return ok, why + "; bracket top-k selection" if ok else why
+            return ok, why + "; kernel features " + "+".join(CUDA_VARIANTS[backend]) if ok else why
         return _library_backend_available(backend, device)
 
     def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
@@ -568,16 +572,16 @@ class SJD2PrepareBench(OpBench):
 class VerifyOnlyBench(OpBench):
     """The verification-only subset (target and draft laws given as probabilities): FlashInfer's
     chain speculative sampling, a vectorised PyTorch verification written here, and this library's
-    fused step on the same laws (backends torch, triton, cuda, cuda_bracket): the target logits are
+    fused step on the same laws (backends torch, triton, cuda): the target logits are
     log(target) at temperature 1 without filters, so the step's target law is the given one up to
     rounding, and the stored law of each window row is the draft row. The fused step does more
     than verify (it also draws the next drafts and writes the state of every row), so its rows are
     an upper bound on what verification alone costs it."""
     name = "verify_only"
-    backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda", "cuda_bracket")
+    backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda")
     reference_backend = "torch_verify"
     doc = "verification only (probabilities in): FlashInfer chain_speculative_sampling peer, and the fused step"
-    _LIB = ("torch", "triton", "cuda", "cuda_bracket")
+    _LIB = ("torch", "triton", "cuda")
 
     def cases(self) -> list:
         out = []
@@ -630,8 +634,6 @@ class VerifyOnlyBench(OpBench):
     @staticmethod
     def _library_call(lib: dict, backend: str):
         from ..ops.jacobi_step import jacobi_step
-        if backend == "cuda_bracket":    # no top-k here: the same kernel path as cuda
-            backend = "cuda"
         return jacobi_step(lib["logits"], lib["drafts"], lib["win"], lib["pos"], lib["state"], top_k=0,
                            mode="sjd", backend=backend, advance=False)
 

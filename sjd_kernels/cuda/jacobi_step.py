@@ -24,33 +24,43 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Tests set this to run the global-memory row path (used for large V) with a small V.
 FORCE_GLOBAL_ROWS = False
 
-# How the rows kernel finds the top-k threshold (both give the same key, the k-th largest):
-# "pivots", a 7-pivot search over the 32-bit key range (about 11 passes over the row), or
-# "bracket", value-spaced pivots then an exact rank among at most 128 candidates (about 3 passes
-# on smooth rows; csrc/target.cuh, model in sjd_kernels/bench/topk_model.py). Read at each call,
-# so a CUDA graph keeps the choice it was captured with. ``topk_select`` below sets it for a block.
-TOPK_SELECT = "pivots"
-_TOPK_SELECT_CODE = {"pivots": 0, "bracket": 1}
+# Optional code paths of the rows kernel, each with the same results as the default one; they are
+# timed against it (``bench ops`` backends cuda_bracket and cuda_lists, benchmarks/NOTES.md):
+#   "bracket_topk": the top-k threshold by value-spaced pivots and an exact rank among at most 128
+#       candidates (about 3 passes over a smooth row) instead of the 7-pivot search over the 32-bit
+#       key range (about 11 passes); csrc/target.cuh, host model sjd_kernels/bench/topk_model.py.
+#   "list_races": the exponential races over a list of the lanes with P > 0 (one Philox call per
+#       listed lane) instead of every group of 4 lanes of the row; csrc/jacobi_step.cu.
+# Read at each call, so a CUDA graph keeps the paths it was captured with; ``kernel_features`` sets
+# them for a block of code.
+FEATURES: frozenset = frozenset()
+_FEATURE_BITS = {"bracket_topk": 1, "list_races": 2}
 
 
-class topk_select:
-    """Context manager: ``with topk_select("bracket"): ...`` runs the CUDA jacobi_step calls inside
-    with that top-k selection (tests and ``bench ops``' ``cuda_bracket`` backend use it)."""
+class kernel_features:
+    """Context manager: ``with kernel_features("bracket_topk", "list_races"): ...`` runs the CUDA
+    jacobi_step calls inside with exactly these optional paths (none: the default kernel)."""
 
-    def __init__(self, name: str):
-        if name not in _TOPK_SELECT_CODE:
-            raise ValueError(f"topk_select must be one of {sorted(_TOPK_SELECT_CODE)}, got {name!r}")
-        self.name = name
+    def __init__(self, *names: str):
+        bad = [n for n in names if n not in _FEATURE_BITS]
+        if bad:
+            raise ValueError(f"unknown kernel feature(s) {bad}; known: {sorted(_FEATURE_BITS)}")
+        self.names = frozenset(names)
 
     def __enter__(self):
-        global TOPK_SELECT
-        self.old, TOPK_SELECT = TOPK_SELECT, self.name
+        global FEATURES
+        self.old, FEATURES = FEATURES, self.names
         return self
 
     def __exit__(self, *exc):
-        global TOPK_SELECT
-        TOPK_SELECT = self.old
+        global FEATURES
+        FEATURES = self.old
         return False
+
+
+def _feature_mask() -> int:
+    return sum(_FEATURE_BITS[n] for n in FEATURES)
+
 
 _smem_lanes: dict[tuple[str, int], int] = {}
 
@@ -174,5 +184,5 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
         next_drafts=next_drafts.data_ptr() if W > 0 else 0, scratch=scratch.data_ptr(),
         rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index, stream=stream,
         q_idx=q_idx.data_ptr() if sparse else 0, C=width if sparse else 0,
-        topk_select=_TOPK_SELECT_CODE[TOPK_SELECT])
+        features=_feature_mask())
     return num_accepted, tokens, next_drafts
