@@ -41,6 +41,8 @@ def test_bracket_and_pivots_find_the_kth_largest_key_and_reach_every_branch():
             assert passes <= 40, (name, V, k, passes)
             kp, _ = tm.kth_key_pivots(y, k)
             assert kp == want, (name, V, k)
+            kh, red = tm.kth_key_halving(y, k)
+            assert kh == want and red <= 80, (name, V, k, red)
             for b in ("value_rounds", "key_rounds", "shrink"):
                 seen[b] += info[b] > 0
             seen["candidates"] += info["candidates"] > 0
@@ -65,7 +67,8 @@ def test_bracket_makes_fewer_passes_on_smooth_rows(V, k):
     for name in ("gaussian", "cfg-4", "gumbel", "bf16-grid"):
         _, pb, _ = tm.kth_key_bracket(fam[name], k)
         _, pp = tm.kth_key_pivots(fam[name], k)
-        assert pb <= 4 and pp >= 10, (name, pb, pp)
+        _, rh = tm.kth_key_halving(fam[name], k)
+        assert pb <= 4 and pp >= 10 and rh <= 24, (name, pb, pp, rh)
 
 
 def test_cli_prints_the_table(capsys):

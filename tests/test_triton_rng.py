@@ -267,6 +267,26 @@ def _thresholds(x, k, p, top_p):
     return kth.cpu(), keep.cpu().bool()
 
 
+
+def test_kth_largest_on_rows_built_for_every_search_branch():
+    """The bracket search of ``kth_largest_key`` (value-halving rounds, the shrink after a round in
+    a gap, the max/min finish, key-halving when the value gap is not a positive finite float) on
+    the adversarial rows of the CUDA search's host model, k from 1 to V."""
+    import numpy as np
+    from test_topk_model import _rows
+    rng_np = np.random.default_rng(5)
+    rows = [(name, y) for name, y in _rows(rng_np) if y.size <= 1000]
+    assert len(rows) >= 30
+    for V in sorted({y.size for _, y in rows}):
+        ys = [y for _, y in rows if y.size == V]
+        x = torch.from_numpy(np.stack(ys))
+        for ks in ([1] * len(ys), [2] * len(ys), [V // 3] * len(ys), [V - 1] * len(ys), [V] * len(ys),
+                   rng_np.integers(1, V + 1, len(ys)).tolist()):
+            k = torch.tensor(ks)
+            kth, _ = _thresholds(x, k, torch.softmax(torch.nan_to_num(x, neginf=-1e30), -1), 0.9)
+            want = torch.cat([topk_threshold(x[i:i + 1], int(k[i])) for i in range(len(ys))]).view(-1)
+            assert torch.equal(kth, want), (V, ks)
+
 @pytest.mark.parametrize("V", [5, 37, 100])
 def test_kth_largest_and_top_p(V):
     g = torch.Generator().manual_seed(100 + V)

@@ -1,18 +1,23 @@
-"""Host model of the CUDA rows kernel's two top-k threshold searches (``csrc/target.cuh``).
+"""Host models of the kernels' top-k threshold searches.
 
-Both find the key of the k-th largest value of a row; they differ in how many passes over the
-row they make, which is what an instruction-bound kernel pays for (``benchmarks/NOTES.md``):
+Each finds the key of the k-th largest value of a row; they differ in how many passes over the
+row (and block-wide reductions) they make, which is what an instruction-bound kernel pays for
+(``benchmarks/NOTES.md``):
 
-- ``pivots``: ``search_last_true`` over the 32-bit key range, 7 pivots per pass.
-- ``bracket``: ``kth_key_bracket``, 7 value-spaced pivots per pass until at most 128 candidates
-  remain, then one collecting pass and an exact rank among the candidates.
+- ``pivots`` (CUDA default, ``csrc/target.cuh``): ``search_last_true`` over the 32-bit key
+  range, 7 pivots per pass.
+- ``bracket`` (CUDA feature "bracket_topk"): ``kth_key_bracket``, 7 value-spaced pivots per pass
+  until at most 128 candidates remain, then one collecting pass and an exact rank among them.
+- ``halving`` (Triton, ``sjd_kernels/triton/sampling.py``): ``kth_largest_key``, one pivot per
+  reduction halfway in value, a shrink to the data after a round in a gap, a max/min finish.
+  (Before it, the Triton kernel made 34 reductions on every row: 2 for the range, 32 bisections.)
 
 The functions below follow the device code step by step in float32 / uint32 arithmetic, so the
-pass counts they report are the kernel's for the same row, and the CPU tests check the bracket
-logic (every branch: shrink pass, key-spaced rounds, candidates) against a sort. They are a model:
-the kernel itself is checked against the reference on a GPU (``tests/test_cuda_jacobi_step.py``).
+counts they report are the kernels' for the same row, and the CPU tests check the logic (every
+branch) against a sort. They are models: the CUDA kernel itself is checked against the reference
+on a GPU (``tests/test_cuda_jacobi_step.py``), the Triton one also under the interpreter.
 
-``python -m sjd_kernels.bench.topk_model`` prints the passes of both on synthetic row families.
+``python -m sjd_kernels.bench.topk_model`` prints the counts on synthetic row families.
 """
 from __future__ import annotations
 
@@ -127,6 +132,51 @@ def kth_key_bracket(y: np.ndarray, k: int) -> tuple[int, int, dict]:
     raise AssertionError("no candidate has rank r")
 
 
+def _signed(keys: np.ndarray) -> np.ndarray:
+    """Triton's ``float_key`` (signed int32 order) from the uint32 keys: the same order, shifted."""
+    return keys.astype(np.int64) - (1 << 31)
+
+
+def kth_key_halving(y: np.ndarray, k: int) -> tuple[int, int]:
+    """(key, reductions) of the Triton ``kth_largest_key`` (the key as ``order_key`` gives it);
+    reductions counts every block-wide reduction, the 4 before the loop included."""
+    y = np.asarray(y, dtype=np.float32)
+    keys = _signed(order_key(y))
+    valid_fin = keys > _signed(order_key(np.float32(-np.inf)))[0]
+    lo, hi = int(keys.min()), int(keys.max())
+    kmin = int(keys[valid_fin].min())
+    cge, cgt, gap = y.size, 0, False
+    red = 4
+
+    def value(kk):                               # key_value: the float of a signed key
+        u = np.array([kk + (1 << 31)], dtype=np.uint64).astype(np.uint32)[0]
+        return key_to_float(int(u))
+
+    while lo < hi:
+        n, r = cge - cgt, k - cgt
+        inb = keys[(keys >= lo) & (keys <= hi)]
+        red += 1
+        if r == 1 or r == n:
+            lo = hi = int(inb.max() if r == 1 else inb.min())
+        elif gap:
+            lo, hi, gap = int(inb.min()), int(inb.max()), False
+            red += 1
+        else:
+            a = value(max(lo, kmin))
+            with np.errstate(over="ignore", invalid="ignore"):
+                d = np.float32(value(hi) - a)
+            piv = lo + (hi - lo + 1) // 2
+            if d > 0 and d < np.inf:
+                piv = int(_signed(order_key(np.float32(a + np.float32(d * np.float32(0.5)))))[0])
+            piv = min(max(piv, lo + 1), hi)
+            c = int((keys >= piv).sum())
+            if c >= k:
+                gap, lo, cge = c == cge, piv, c
+            else:
+                gap, hi, cgt = c == cgt, piv - 1, c
+    return lo + (1 << 31), red
+
+
 def families(V: int, rng: np.random.Generator):
     """Synthetic logit rows (float32): name -> row."""
     g = rng.standard_normal(V).astype(np.float32)
@@ -153,17 +203,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    print("| V | k | row family | pivots passes | bracket passes | bracket branches |")
-    print("|---|---|---|---|---|---|")
+    print("| V | k | row family | CUDA pivots: passes | CUDA bracket: passes | bracket branches | "
+          "Triton halving: reductions |")
+    print("|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
         V, k = (int(x) for x in item.split(":"))
         for name, y in families(V, rng).items():
             want = kth_key_exact(y, k)
             kp, pp = kth_key_pivots(y, k)
             kb, pb, info = kth_key_bracket(y, k)
-            assert kp == want and kb == want, (name, V, k)
+            kh, rh = kth_key_halving(y, k)
+            assert kp == want and kb == want and kh == want, (name, V, k)
             br = ", ".join(f"{n} {v}" for n, v in info.items() if v)
-            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} |")
+            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {rh} |")
     return 0
 
 

@@ -4,8 +4,9 @@
   ``uniform_token``: the 4-word rejection rule of ``rng.uniform_token``.
 - ``race``: the exponential race ``argmax_i w_i / E_i`` over lanes with ``w_i > 0``, lowest lane
   on ties, padded lanes masked, -1 on zero mass.
-- ``kth_largest_key``: the k-th largest value (ties kept) by bisection over the order-preserving
-  int32 image of float32 values; ``top_p_key``: the top-p probability threshold by bisection.
+- ``kth_largest_key``: the k-th largest value (ties kept) by a bracket search over the
+  order-preserving int32 image of float32 values (value-halving pivots); ``top_p_key``: the top-p
+  probability threshold by bisection.
 
 Every function works on one 1-D tile ``[BLOCK]`` held in registers. Exactness choices: the race key
 uses IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA), ties are broken by a
@@ -21,6 +22,7 @@ from triton.language.extra import libdevice
 
 TWO_M24: tl.constexpr = tl.constexpr(5.9604644775390625e-08)   # 2**-24
 INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
+KEY_NEG_INF: tl.constexpr = tl.constexpr(-2139095041)   # float_key(-inf): 0xFF800000 ^ 0x7FFFFFFF as int32
 
 
 @triton.jit
@@ -123,22 +125,73 @@ def float_key(x):
 
 
 @triton.jit
+def key_value(kk):
+    """The float32 whose ``float_key`` is ``kk`` (the inverse map; key 0 gives +0.0)."""
+    return tl.where(kk < 0, kk ^ 0x7FFFFFFF, kk).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def kth_largest_key(key, valid, k):
     """Key of the k-th largest valid element (1 <= k <= number of valid lanes), int32 scalar.
 
-    Bisection for the largest t with ``count(key >= t) >= k``: that t is a key present in the
-    tile, the k-th largest, and every element tied with it passes ``key >= t`` (ties kept,
-    as top-k of the reference keeps every value ``>=`` the k-th largest). 32 count passes.
+    The answer is the largest t with ``count(key >= t) >= k``: a key present in the tile, the k-th
+    largest, and every element tied with it passes ``key >= t`` (ties kept, as top-k of the
+    reference keeps every value ``>=`` the k-th largest). The search keeps a bracket ``[lo, hi]``
+    of keys holding it, with ``cge = count(key >= lo)`` and ``cgt = count(key > hi)``:
+
+    - a round counts the lanes at or above the pivot halfway in value between the bracket's ends
+      (halfway in key when the value gap is not a positive finite float) and keeps one half;
+    - a round whose half held no element (the pivot fell in a gap of the data, or values walk down
+      through empty binades) is followed by one that shrinks the bracket to the smallest and
+      largest key inside it;
+    - when the answer is the largest (or smallest) candidate of the bracket, one max (min) ends it.
+
+    Every round shrinks the bracket, so it ends. Smooth rows of 16384 lanes take 12-21 reductions
+    in all where the bisection over the key range this replaces took 34 (the host model
+    ``sjd_kernels.bench.topk_model.kth_key_halving`` counts them; the CPU tests run this function
+    on rows built for every branch).
     """
-    lo = tl.min(tl.where(valid, key, INT32_MAX), 0).to(tl.int64)
-    hi = tl.max(tl.where(valid, key, -INT32_MAX - 1), 0).to(tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum(tl.where(valid & (key >= mid.to(tl.int32)), 1, 0), 0)
-        ok = cnt >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    return lo.to(tl.int32)
+    lo = tl.min(tl.where(valid, key, INT32_MAX), 0)
+    hi = tl.max(tl.where(valid, key, -INT32_MAX - 1), 0)
+    # the smallest key above -inf: value pivots start there (lanes at -inf sit below every pivot)
+    kmin = tl.min(tl.where(valid & (key > KEY_NEG_INF), key, INT32_MAX), 0)
+    cge = tl.sum(valid.to(tl.int32), 0)
+    cgt = cge * 0
+    gap = cge < 0
+    while lo < hi:
+        n = cge - cgt
+        r = k - cgt
+        if (r == 1) | (r == n):
+            inb = valid & (key >= lo) & (key <= hi)
+            if r == 1:
+                m = tl.max(tl.where(inb, key, -INT32_MAX - 1), 0)
+            else:
+                m = tl.min(tl.where(inb, key, INT32_MAX), 0)
+            lo = m
+            hi = m
+        elif gap:
+            inb = valid & (key >= lo) & (key <= hi)
+            lo = tl.min(tl.where(inb, key, INT32_MAX), 0)
+            hi = tl.max(tl.where(inb, key, -INT32_MAX - 1), 0)
+            gap = cge < 0
+        else:
+            a = key_value(tl.maximum(lo, kmin))
+            d = key_value(hi) - a
+            span = hi.to(tl.int64) - lo.to(tl.int64)
+            piv = (lo.to(tl.int64) + (span + 1) // 2).to(tl.int32)
+            if (d > 0.0) & (d < float("inf")):
+                piv = float_key(a + d * 0.5)
+            piv = tl.minimum(tl.maximum(piv, lo + 1), hi)
+            c = tl.sum(tl.where(valid & (key >= piv), 1, 0), 0)
+            if c >= k:
+                gap = c == cge
+                lo = piv
+                cge = c
+            else:
+                gap = c == cgt
+                hi = piv - 1
+                cgt = c
+    return lo
 
 
 @triton.jit
