@@ -148,7 +148,7 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t step, std::uintptr_t forced, int64_t forced_len, std::uintptr_t q_state,
          std::uintptr_t q_kind, std::uintptr_t status, int B, int N, int V, int R, int max_depth, double temperature,
          int top_k, double top_p, std::uintptr_t num_accepted, std::uintptr_t path, std::uintptr_t out_tokens,
-         std::uintptr_t rowflag, std::uintptr_t rowbuf, int device, std::uintptr_t stream) {
+         std::uintptr_t rowflag, std::uintptr_t rowbuf, int device, std::uintptr_t stream, int features) {
         sjd::TreeVerifyArgs a;
         a.dtype = dtype;
         a.logits = ptr<const void>(logits);
@@ -179,6 +179,7 @@ PYBIND11_MODULE(_C, m) {
         a.temperature = temperature;
         a.top_k = top_k;
         a.top_p = top_p;
+        a.features = features;
         a.num_accepted = ptr<int64_t>(num_accepted);
         a.path = ptr<int64_t>(path);
         a.out_tokens = ptr<int64_t>(out_tokens);
@@ -194,7 +195,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("forced"), py::arg("forced_len"), py::arg("q_state"), py::arg("q_kind"), py::arg("status"), py::arg("B"),
       py::arg("N"), py::arg("V"), py::arg("R"), py::arg("max_depth"), py::arg("temperature"), py::arg("top_k"),
       py::arg("top_p"), py::arg("num_accepted"), py::arg("path"), py::arg("out_tokens"), py::arg("rowflag"),
-      py::arg("rowbuf"), py::arg("device"), py::arg("stream"),
+      py::arg("rowbuf"), py::arg("device"), py::arg("stream"), py::arg("features") = 0,
       "launch tree_verify on `stream` (see sjd_kernels/cuda/tree_verify.py for the tensor contract)",
       py::call_guard<py::gil_scoped_release>());
   m.def(

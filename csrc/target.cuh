@@ -51,6 +51,19 @@ struct OpMaxU32 {
   __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 
+// cnt[m] = #{i < V : order_key(S[i]) >= piv[m]}, the same in every thread of the block.
+__device__ __forceinline__ void count_keys_at_least(const float* S, int V, const uint32_t* piv, int (&cnt)[kPivots],
+                                                    TargetRed& red) {
+#pragma unroll
+  for (int m = 0; m < kPivots; ++m) cnt[m] = 0;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    const uint32_t key = order_key(S[i]);
+#pragma unroll
+    for (int m = 0; m < kPivots; ++m) cnt[m] += key >= piv[m] ? 1 : 0;
+  }
+  block_allreduce<kPivots>(cnt, OpSumI(), red.i7, red.par_i7);
+}
+
 // Key of the k-th largest of the V floats S[0..V) (no NaN; 1 <= k <= V), the same for every
 // thread: the largest key K with #{key >= K} >= k. ``ymin`` / ``ymax`` are the smallest value
 // above -inf and the largest value of the row.
@@ -116,13 +129,8 @@ __device__ __forceinline__ uint32_t kth_key_bracket(const float* S, int V, int k
       for (int m = 0; m < kPivots; ++m)
         piv[m] = lo + 1u + static_cast<uint32_t>(((span - 1) * static_cast<uint64_t>(m + 1)) / kPivots);
     }
-    int cnt[kPivots] = {};
-    for (int i = tid; i < V; i += nth) {
-      const uint32_t key = order_key(S[i]);
-#pragma unroll
-      for (int m = 0; m < kPivots; ++m) cnt[m] += key >= piv[m] ? 1 : 0;
-    }
-    block_allreduce<kPivots>(cnt, OpSumI(), red.i7, red.par_i7);
+    int cnt[kPivots];
+    count_keys_at_least(S, V, piv, cnt, red);
     last = ncand;
     fresh = false;
 #pragma unroll
@@ -246,13 +254,8 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
     } else if (p.top_k > 0 && p.top_k < V) {
       // k-th largest value: the largest key K with #{key >= K} >= k (ties at the boundary kept).
       const uint32_t kth = search_last_true(0u, order_key(ymax), [&](const uint32_t* piv, bool* ok) {
-        int cnt[kPivots] = {};
-        for (int i = tid; i < V; i += nth) {
-          const uint32_t key = order_key(S[i]);
-#pragma unroll
-          for (int m = 0; m < kPivots; ++m) cnt[m] += key >= piv[m] ? 1 : 0;
-        }
-        block_allreduce<kPivots>(cnt, OpSumI(), red.i7, red.par_i7);
+        int cnt[kPivots];
+        count_keys_at_least(S, V, piv, cnt, red);
 #pragma unroll
         for (int m = 0; m < kPivots; ++m) ok[m] = cnt[m] >= p.top_k;
       });

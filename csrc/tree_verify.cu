@@ -340,6 +340,8 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   SJD_REQUIRE(a.N >= 1 && a.N <= kMaxNodes, "tree_verify: N must be in [1, 1024], got " + std::to_string(a.N));
   SJD_REQUIRE(a.V >= 1, "tree_verify: V must be >= 1");
   SJD_REQUIRE(a.R >= 1, "tree_verify: ring R must be >= 1");
+  SJD_REQUIRE((a.features & ~kFeatAll) == 0, "tree_verify: features must be a mask of bits 1 and 2, got " +
+                                                 std::to_string(a.features));
   SJD_REQUIRE(a.max_depth >= 0 && a.max_depth < a.N, "tree_verify: max_depth must be in [0, N-1]");
   SJD_REQUIRE(a.top_k >= 0 && a.top_k <= a.V, "tree_verify: top_k must be in [0, V]");
   SJD_REQUIRE(a.temperature >= 0.0, "tree_verify: temperature must be >= 0");
@@ -386,6 +388,7 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   p.law.top_k = a.top_k;
   p.law.use_top_p = a.top_p < 1.0;
   p.law.top_p = static_cast<float>(a.top_p);
+  p.law.topk_select = (a.features & kFeatBracketTopk) ? kTopkBracket : kTopkPivots;
   p.inv_v = static_cast<float>(1.0 / static_cast<double>(a.V));
   p.num_accepted = a.num_accepted;
   p.path = a.path;

@@ -32,6 +32,7 @@ struct TreeVerifyArgs {
   double temperature = 1.0;
   int top_k = 0;
   double top_p = 1.0;
+  int features = 0;                  // jacobi_step.h Feature bits; kFeatBracketTopk applies here
   int64_t* num_accepted = nullptr;   // [B]
   int64_t* path = nullptr;           // [B, max_depth + 1]
   int64_t* out_tokens = nullptr;     // [B, max_depth + 1]

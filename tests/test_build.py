@@ -186,6 +186,14 @@ def test_entry_points_raise_clearly_without_device():
         C.jacobi_step(**{**args, "features": 4})
     with pytest.raises(RuntimeError, match="no CUDA device is visible"):    # the optional paths are accepted
         C.jacobi_step(**{**args, "features": 3})
+    targs = dict(dtype=0, logits=1, logits_sb=8, logits_sn=4, uncond=0, uncond_sb=0, uncond_sn=0, cfg_scale=0,
+                 tokens=1, parent=1, depth=1, sib=1, q_slot=1, pos=1, seed=1, step=1, forced=0, forced_len=0,
+                 q_state=1, q_kind=1, status=1, B=1, N=2, V=4, R=2, max_depth=1, temperature=1.0, top_k=0,
+                 top_p=1.0, num_accepted=1, path=1, out_tokens=1, rowflag=1, rowbuf=0, device=0, stream=0)
+    with pytest.raises(ValueError, match="features"):
+        C.tree_verify(**{**targs, "features": 8})
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+        C.tree_verify(**{**targs, "features": 1})
 
 
 @requires_ext

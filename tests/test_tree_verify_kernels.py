@@ -252,6 +252,7 @@ LARGE = {
     "V16384-bf16-cfg-topk": dict(B=8, V=16384, K=4, depth=3, dtype=torch.bfloat16, cfg=True, top_k=1000,
                                  top_p=0.9, noise=0.05),
     "V16384-forced-onehot": dict(B=8, V=16384, K=3, depth=2, window=4, kind="onehot", forced=True, noise=0.05),
+    "V2048-bf16-cfg-topk": dict(B=8, V=2048, K=4, depth=3, dtype=torch.bfloat16, cfg=True, top_k=300, noise=0.05),
 }
 
 
@@ -275,6 +276,16 @@ def test_gpu_backend_matches_reference(backend, name):
             mismatches += int(not same)
     # rounding may move one sample across a boundary; a broken kernel differs in most requests
     assert mismatches <= max(1, total // 50), f"{name}: {mismatches} of {total} requests differ"
+
+
+@gpu
+@requires_cuda_ext
+@pytest.mark.parametrize("name", ["topk-topp", "V2048-bf16-cfg-topk"])
+def test_cuda_bracket_topk_matches_reference(name):
+    """The bracket top-k selection (kernel_features "bracket_topk") in the tree walk's target rows."""
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    with kernel_features("bracket_topk", "list_races"):      # list_races does not apply here: ignored
+        test_gpu_backend_matches_reference("cuda", name)
 
 
 @requires_ext

@@ -85,6 +85,9 @@ class OpBench:
 
 
 def _library_backend_available(backend: str, device) -> tuple:
+    if backend in CUDA_VARIANTS:
+        ok, why = _library_backend_available("cuda", device)
+        return ok, why + "; kernel features " + "+".join(CUDA_VARIANTS[backend]) if ok else why
     from ..ops._common import backends as lib_backends, resolve_backend
     info = lib_backends().get(backend)
     if info is None:
@@ -300,9 +303,6 @@ class JacobiStepBench(OpBench):
     def available(self, backend: str, device) -> tuple:
         if backend == "reference_sjd":
             return True, "reference_sjd: the public SJD loop in PyTorch (sjd_kernels/bench/reference_sjd.py)"
-        if backend in CUDA_VARIANTS:
-            ok, why = _library_backend_available("cuda", device)
-            return ok, why + "; kernel features " + "+".join(CUDA_VARIANTS[backend]) if ok else why
         return _library_backend_available(backend, device)
 
     def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
@@ -752,7 +752,7 @@ class TreeVerifyBench(OpBench):
     """
     name = "tree_verify"
     ref_device_ok = True
-    backends = ("torch", "triton", "cuda")
+    backends = ("torch", "triton", "cuda", "cuda_bracket")
     doc = ("verify a draft tree (K-ary tree then a chain) by recursive rejection sampling: CFG, top-k, "
            "softmax per walked node, sibling residuals, final draw; non-finite check at every node")
 
@@ -800,6 +800,10 @@ class TreeVerifyBench(OpBench):
 
     def _call(self, p: dict, inp: dict, state, backend: str):
         from ..ops.tree import tree_verify
+        if backend in CUDA_VARIANTS:
+            from ..cuda.jacobi_step import kernel_features
+            with kernel_features(*CUDA_VARIANTS[backend]):
+                return self._call(p, inp, state, "cuda")
         return tree_verify(inp["logits"], inp["tree"], inp["pos"], state, uncond_logits=inp["uncond"],
                            cfg_scale=inp["cfg"], top_k=int(p["top_k"]), backend=backend, advance=False)
 

@@ -7,6 +7,9 @@ per request (structure and draft checks, the walk from the root with the target 
 memory, sibling laws, residuals and the final race). No host synchronisation and fixed output
 shapes, so a call can be captured in a CUDA graph.
 
+Of the rows kernel's optional paths (``sjd_kernels.cuda.jacobi_step.kernel_features``) the
+bracket top-k selection applies here too (the target row is built by the same code).
+
 ``logits`` / ``uncond`` may be views whose last dimension is contiguous. Rows with more lanes than
 fit in shared memory (about 56k fp32 on H100) go through a ``[B, V]`` float32 buffer instead.
 """
@@ -16,10 +19,15 @@ import torch
 
 from .._ext import ext
 from ..ops._common import SJDInputError
-from .jacobi_step import _DTYPE_CODE, _check, _check_forced, _needs_rowbuf, _prepare_logits
+from .jacobi_step import (_DTYPE_CODE, _FEATURE_BITS, _check, _check_forced, _feature_mask, _needs_rowbuf,
+                          _prepare_logits)
 
 # Tests set this to run the global-memory row path (used for large V) with a small V.
 FORCE_GLOBAL_ROWS = False
+
+
+def _feature_mask_of(name: str) -> int:
+    return _FEATURE_BITS[name]
 
 
 def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced,
@@ -74,5 +82,5 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
         num_accepted=num_accepted.data_ptr(), path=path.data_ptr(), out_tokens=out.data_ptr(),
         rowflag=rowflag.data_ptr(), rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index,
-        stream=stream)
+        stream=stream, features=_feature_mask() & _feature_mask_of("bracket_topk"))
     return num_accepted, path, out
