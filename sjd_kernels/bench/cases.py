@@ -680,8 +680,9 @@ class VerifyOnlyBench(OpBench):
 
     def check(self, case: Case, backend: str, device, seed: int, min_requests: int = 64, ref_device=None) -> dict:
         """Well-formed output: a prefix of the drafts, one sampled token, then -1 padding. For the
-        library's backends also: every request's committed tokens equal the reference's (the torch
-        backend of the same step with the same seeds) and no device error. The laws themselves are
+        library's backends also: the committed tokens equal those of the torch backend of the same
+        step with the same seeds in all but max(1, 2 %) of the requests (float rounding may move a
+        sample across a boundary), and no device error. The laws themselves are
         tested in tests/test_jacobi_step_law.py."""
         _refuse_ref_device(self, ref_device)
         p = case.params

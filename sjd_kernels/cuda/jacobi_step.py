@@ -10,7 +10,8 @@ captured in a CUDA graph. The state of a request that reports an error is undefi
 
 ``logits`` / ``uncond`` may be views whose last dimension is contiguous (``full[..., 4:8196]``): the
 row strides are passed and unaligned rows are read with a scalar head. Rows with more lanes than
-fit in shared memory (about 56k fp32 on H100) go through a ``[B, W+1, V]`` float32 buffer instead.
+fit in shared memory (about 54k fp32 on H100: 227 KiB less the kernel's 16 KiB of static buffers)
+go through a ``[B, W+1, V]`` float32 buffer instead.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ FORCE_GLOBAL_ROWS = False
 # Optional code paths of the rows kernel, each with the same results as the default one; they are
 # timed against it (``bench ops`` backends cuda_bracket and cuda_lists, benchmarks/NOTES.md):
 #   "bracket_topk": the top-k threshold by value-spaced pivots and an exact rank among at most 128
-#       candidates (about 3 passes over a smooth row) instead of the 7-pivot search over the 32-bit
-#       key range (about 11 passes); csrc/target.cuh, host model sjd_kernels/bench/topk_model.py.
+#       candidates (about 4 passes over a smooth row: 3 rounds and a collecting pass) instead of the
+#       7-pivot search over the 32-bit key range (11-12 passes); csrc/target.cuh, host model
+#       sjd_kernels/bench/topk_model.py. tree_verify's CUDA kernel takes it too.
 #   "list_races": the exponential races over a list of the lanes with P > 0 (one Philox call per
 #       listed lane) instead of every group of 4 lanes of the row; csrc/jacobi_step.cu.
 # Read at each call, so a CUDA graph keeps the paths it was captured with; ``kernel_features`` sets
@@ -39,7 +41,8 @@ _FEATURE_BITS = {"bracket_topk": 1, "list_races": 2}
 
 class kernel_features:
     """Context manager: ``with kernel_features("bracket_topk", "list_races"): ...`` runs the CUDA
-    jacobi_step calls inside with exactly these optional paths (none: the default kernel)."""
+    jacobi_step (and tree_verify) calls inside with exactly these optional paths (none: the
+    default kernels)."""
 
     def __init__(self, *names: str):
         bad = [n for n in names if n not in _FEATURE_BITS]
