@@ -218,12 +218,17 @@ def _jacobi_rows_kernel(
         else:
             wa, _a1, _a2, _a3 = four_words(k0, k1, c_pos, c_step, S_ACCEPT)
             accept = uniform24(wa) * Qd < Pd
-            E_res = exponential(lane_words(k0, k1, c_pos, c_step, S_RESID, BLOCK_V))
-            w_res = tl.where(is_draft, tl.maximum(P - Qold, 0.0), P)
-            r = race(w_res, E_res, lanes, valid)
-            zero_res = (r < 0) & is_draft & (~is_forced) & (~row_bad) & (~accept)
-            if r < 0:
-                r = race(P, E_res, lanes, valid)
+            # the commit reads a row's candidate only where the window stops: at the first rejected
+            # draft or at the bonus row, so an accepted draft row draws no residual (its candidate
+            # stays -1, as in the CUDA kernel)
+            r = tl.full([], -1, tl.int32)
+            if (~accept) | (~is_draft):
+                E_res = exponential(lane_words(k0, k1, c_pos, c_step, S_RESID, BLOCK_V))
+                w_res = tl.where(is_draft, tl.maximum(P - Qold, 0.0), P)
+                r = race(w_res, E_res, lanes, valid)
+                zero_res = (r < 0) & is_draft & (~is_forced) & (~row_bad)
+                if r < 0:
+                    r = race(P, E_res, lanes, valid)
             cand = r.to(tl.int64)
         accept = tl.where(is_forced, D == f, accept)
         cand = tl.where(is_forced, f, cand)
