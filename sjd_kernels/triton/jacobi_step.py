@@ -123,6 +123,15 @@ def _vp_predict(p, pp, valid, beta, eps, VP_FORM: tl.constexpr, BETA_POW: tl.con
 
 
 @triton.jit
+def _old_law(stored, lanes, valid, is_draft, kind, D, q_unif):
+    """The law the draft of this row was drawn from, as a tile: the stored dense row, uniform, or
+    one-hot at D (0 outside a draft row and on padded lanes)."""
+    Qold = tl.where(kind == K_UNIFORM, q_unif, stored)
+    Qold = tl.where(kind >= K_ONEHOT, tl.where(lanes == D, 1.0, 0.0), Qold)
+    return tl.where(valid & is_draft, Qold, 0.0)
+
+
+@triton.jit
 def _sparse_find(idx_row, keys, want, C, NSTEPS: tl.constexpr):
     """Lower bound of each key in the ascending ids ``idx_row[0:C]`` (NSTEPS >= ceil(log2(C + 1))
     halvings); returns the entry of each key and whether the id there equals it (masked by ``want``)."""
@@ -197,14 +206,16 @@ def _jacobi_rows_kernel(
             # in P's support unless the row overflows), and the draft's own lane
             want = valid & is_draft & (kind == K_DENSE) & ((P > 0.0) | (lanes == D) | ovf_row)
             at, found = _sparse_find(i_row, lanes, want, C, C_STEPS)
-            Qold = tl.load(q_row + at, mask=found, other=0.0)
+            Qold = _old_law(tl.load(q_row + at, mask=found, other=0.0), lanes, valid, is_draft, kind, D, q_unif)
+            Qd = gather_lane(Qold, lanes, D)         # 0 when D is not a lane of [0, V)
         else:
+            # the dense old law: the acceptance test reads one lane; the whole row is read below
+            # only by the races that use it (the residual of a rejected draft, the coupling redraw)
             q_row = q_state_ptr + (b * R + slot) * V
-            Qold = tl.load(q_row + lanes, mask=valid & (is_draft & (kind == K_DENSE)), other=0.0)
-        Qold = tl.where(kind == K_UNIFORM, q_unif, Qold)
-        Qold = tl.where(kind >= K_ONEHOT, tl.where(lanes == D, 1.0, 0.0), Qold)
-        Qold = tl.where(valid & is_draft, Qold, 0.0)
-        Qd = gather_lane(Qold, lanes, D)         # 0 when D is not a lane of [0, V)
+            Qd = tl.load(q_row + D, mask=is_draft & in_range & (kind == K_DENSE), other=0.0)
+            Qd = tl.where(kind == K_UNIFORM, q_unif, tl.where(kind >= K_ONEHOT, 1.0, Qd))
+            Qd = tl.where(is_draft & in_range, Qd, 0.0)
+            Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
         Pd = gather_lane(P, lanes, D)
 
         # ---- verification and the row's commit candidate
@@ -223,6 +234,9 @@ def _jacobi_rows_kernel(
             # stays -1, as in the CUDA kernel)
             r = tl.full([], -1, tl.int32)
             if (~accept) | (~is_draft):
+                if not SPARSE:
+                    Qold = _old_law(tl.load(q_row + lanes, mask=valid & (is_draft & (kind == K_DENSE)), other=0.0),
+                                    lanes, valid, is_draft, kind, D, q_unif)
                 E_res = exponential(lane_words(k0, k1, c_pos, c_step, S_RESID, BLOCK_V))
                 w_res = tl.where(is_draft, tl.maximum(P - Qold, 0.0), P)
                 r = race(w_res, E_res, lanes, valid)
@@ -266,6 +280,9 @@ def _jacobi_rows_kernel(
                     if keep:
                         new = D
                     else:
+                        if not SPARSE:
+                            Qold = _old_law(tl.load(q_row + lanes, mask=valid & (kind == K_DENSE), other=0.0),
+                                            lanes, valid, is_draft, kind, D, q_unif)
                         E_cr = exponential(lane_words(k0, k1, c_pos, c_step, S_COUPLE_RES, BLOCK_V))
                         rc = race(tl.maximum(Qt - Qold, 0.0), E_cr, lanes, valid)
                         zero_cpl = (rc < 0) & (~is_forced) & (~row_bad)
