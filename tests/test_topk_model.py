@@ -52,6 +52,20 @@ def test_bracket_and_pivots_find_the_kth_largest_key_and_reach_every_branch():
     assert all(v > 0 for v in seen.values()), seen      # each branch of the device code was exercised
 
 
+def test_topp_halving_model_equals_bisection():
+    rng = np.random.default_rng(3)
+    n = 0
+    for name, y in _rows(rng):
+        e = np.exp(np.nan_to_num(y.astype(np.float64), neginf=-1e300, posinf=1e300) -
+                   np.max(np.nan_to_num(y.astype(np.float64), neginf=-1e300, posinf=1e300)))
+        p = (e / e.sum()).astype(np.float32)
+        for top_p in (0.2, 0.9, 0.999, 1.0):
+            t, red = tm.topp_key_halving(p, top_p)
+            assert t == tm.topp_key_bisect(p, top_p) and red <= 80, (name, y.size, top_p, red)
+            n += 1
+    assert n > 150
+
+
 def test_keys_order_like_floats():
     x = np.array([-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3e38, np.inf], np.float32)
     k = tm.order_key(x).astype(np.int64)
@@ -74,4 +88,6 @@ def test_bracket_makes_fewer_passes_on_smooth_rows(V, k):
 def test_cli_prints_the_table(capsys):
     assert tm.main(["--shapes", "2048:100"]) == 0
     out = capsys.readouterr().out
-    assert "| 2048 | 100 | gaussian |" in out and out.count("\n") == 2 + len(tm.families(16, np.random.default_rng(0)))
+    nf = len(tm.families(16, np.random.default_rng(0)))
+    assert "| 2048 | 100 | gaussian |" in out and "| 2048 | 0.95 | gaussian |" in out
+    assert out.count("\n") == 2 + nf + 1 + 2 + 2 * nf

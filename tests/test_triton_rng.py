@@ -286,6 +286,30 @@ def test_kth_largest_on_rows_built_for_every_search_branch():
             kth, _ = _thresholds(x, k, torch.softmax(torch.nan_to_num(x, neginf=-1e30), -1), 0.9)
             want = torch.cat([topk_threshold(x[i:i + 1], int(k[i])) for i in range(len(ys))]).view(-1)
             assert torch.equal(kth, want), (V, ks)
+        # the top-p search on the same rows' laws (ties, tiny and equal probabilities, masked lanes)
+        p = torch.softmax(torch.nan_to_num(x, neginf=-1e30, posinf=1e30, nan=0.0).clamp(-1e30, 1e30), -1)
+        for top_p in (0.3, 0.9, 0.999):
+            _, keep = _thresholds(x, torch.ones(len(ys), dtype=torch.int64), p, top_p)
+            assert torch.equal(keep, topp_keep(p, top_p)), (V, top_p)
+    # values on consecutive float32 bit patterns: every pivot lands next to a value, so an off-by-one
+    # in a bracket update shows
+    V = 300
+
+    def run(base):
+        return (np.array([base], np.float32).view(np.int32)[0] + np.arange(V, dtype=np.int32)).view(np.float32)
+
+    keys = np.stack([run(b) for b in (1e-3, 0.25, 3.0, 1e-30)] + [-run(1e-3), -run(5.0)])
+    x = torch.from_numpy(rng_np.permuted(keys, axis=1).copy())
+    for k in (1, 2, 77, 150, 299, 300):
+        kk = torch.full((x.shape[0],), k)
+        kth, _ = _thresholds(x, kk, torch.ones_like(x), 0.5)
+        want = torch.cat([topk_threshold(x[i:i + 1], k) for i in range(x.shape[0])]).view(-1)
+        assert torch.equal(kth, want), k
+    # probabilities on consecutive bits (rows summing to about 1.03, 1.0 and 0.94)
+    p = torch.from_numpy(rng_np.permuted(np.stack([run(1 / 290), run(1 / 300), run(1 / 320)]), axis=1).copy())
+    for top_p in (0.2, 0.5, 0.77, 0.93):
+        _, keep = _thresholds(p, torch.ones(3, dtype=torch.int64), p, top_p)
+        assert torch.equal(keep, topp_keep(p, top_p)), top_p
 
 @pytest.mark.parametrize("V", [5, 37, 100])
 def test_kth_largest_and_top_p(V):

@@ -11,6 +11,8 @@ row (and block-wide reductions) they make, which is what an instruction-bound ke
 - ``halving`` (Triton, ``sjd_kernels/triton/sampling.py``): ``kth_largest_key``, one pivot per
   reduction halfway in value, a shrink to the data after a round in a gap, a max/min finish.
   (Before it, the Triton kernel made 34 reductions on every row: 2 for the range, 32 bisections.)
+- the Triton top-p threshold ``top_p_key``: halving in bits while the bracket spans more than a
+  binade, then in value, with the same shrink (``topp_key_halving``; before: 32 reductions).
 
 The functions below follow the device code step by step in float32 / uint32 arithmetic, so the
 counts they report are the kernels' for the same row, and the CPU tests check the logic (every
@@ -177,6 +179,57 @@ def kth_key_halving(y: np.ndarray, k: int) -> tuple[int, int]:
     return lo + (1 << 31), red
 
 
+def _f32_bits(x) -> int:
+    return int(np.array([x], dtype=np.float32).view(np.int32)[0])
+
+
+def _bits_f32(b: int) -> np.float32:
+    return np.array([b], dtype=np.int32).view(np.float32)[0]
+
+
+def topp_key_bisect(p: np.ndarray, top_p: float) -> int:
+    """Bits of the top-p threshold by 31 bisections over the bits (the Triton search before)."""
+    key = p.astype(np.float32).view(np.int32).astype(np.int64)
+    pd = p.astype(np.float64)
+    lo, hi = 0, int(key.max())
+    for _ in range(31):
+        mid = lo + (hi - lo + 1) // 2
+        if np.float32(pd[key >= mid].sum()) >= np.float32(top_p):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def topp_key_halving(p: np.ndarray, top_p: float) -> tuple[int, int]:
+    """(bits, reductions) of the Triton ``top_p_key``; reductions include the 2 before the loop."""
+    key = p.astype(np.float32).view(np.int32).astype(np.int64)
+    pd = p.astype(np.float64)
+    lo, hi, red = 0, int(key.max()), 2
+    s_lo, s_hi = pd.sum(), 0.0
+    if np.float32(s_lo) < np.float32(top_p):
+        return 0, red
+    gap = False
+    while lo < hi:
+        red += 1
+        if gap:
+            inb = key[(key >= lo) & (key <= hi)]
+            lo, hi, gap = int(inb.min()), int(inb.max()), False
+            red += 1
+            continue
+        piv = lo + (hi - lo + 1) // 2
+        if hi - lo <= 1 << 23:
+            a = _bits_f32(lo)
+            piv = _f32_bits(np.float32(a + np.float32((_bits_f32(hi) - a) * np.float32(0.5))))
+        piv = min(max(piv, lo + 1), hi)
+        s = pd[key >= piv].sum()
+        if np.float32(s) >= np.float32(top_p):
+            gap, lo, s_lo = s == s_lo, piv, s
+        else:
+            gap, hi, s_hi = s == s_hi, piv - 1, s
+    return lo, red
+
+
 def families(V: int, rng: np.random.Generator):
     """Synthetic logit rows (float32): name -> row."""
     g = rng.standard_normal(V).astype(np.float32)
@@ -216,6 +269,18 @@ def main(argv=None) -> int:
             assert kp == want and kb == want and kh == want, (name, V, k)
             br = ", ".join(f"{n} {v}" for n, v in info.items() if v)
             print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {rh} |")
+    print()
+    print("| V | top-p | row family (softmax of the row) | Triton top-p: reductions (bisection: 32) |")
+    print("|---|---|---|---|")
+    for item in args.shapes.split(","):
+        V = int(item.split(":")[0])
+        for name, y in families(V, rng).items():
+            e = np.exp(y.astype(np.float64) - np.max(y))
+            pr = (e / e.sum()).astype(np.float32)
+            for top_p in (0.8, 0.95):
+                t, red = topp_key_halving(pr, top_p)
+                assert t == topp_key_bisect(pr, top_p), (name, V, top_p)
+                print(f"| {V} | {top_p} | {name} | {red} |")
     return 0
 
 
