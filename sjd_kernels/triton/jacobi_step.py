@@ -221,8 +221,11 @@ def _jacobi_rows_kernel(
         # ---- verification and the row's commit candidate
         zero_res = tl.full([], 0, tl.int1)
         g = tl.full([], -1, tl.int32)
-        if MODE >= M_GUMBEL:                     # position-keyed noise, step 0
+        if MODE == M_GUMBEL_JACOBI:              # position-keyed noise, step 0
             g = race(P, exponential(lane_words(k0, k1, c_pos, c_zero, S_GUMBEL, BLOCK_V)), lanes, valid)
+        elif MODE == M_GUMBEL:
+            if j >= 1:                           # row 0 draws no next draft: its g is never read
+                g = race(P, exponential(lane_words(k0, k1, c_pos, c_zero, S_GUMBEL, BLOCK_V)), lanes, valid)
         if MODE == M_GUMBEL_JACOBI:
             accept = D == g
             cand = g.to(tl.int64)
