@@ -246,6 +246,11 @@ GRID = {
                                                    cfg=True, forced="wide", steps=4),
     "coupling-vp-add-0.5-bf16": dict(B=3, W=5, V=37, dtype=BF16, mode="coupling", vp=True, beta=0.5),
     "gumbel-bf16-topk-left": dict(B=3, W=5, V=100, dtype=BF16, mode="gumbel", top_k=5, tail_init=LEFT),
+    # races over the listed lanes with P > 0 (top-k on, dense state, no VP): coupling and gumbel_jacobi
+    # too, and rows whose support overflows the list (every logit tied: the dense races run instead)
+    "coupling-bf16-topk-list": dict(B=4, W=6, V=100, dtype=BF16, cfg=True, mode="coupling", top_k=12, forced="in"),
+    "gumbel-jacobi-bf16-topk-list": dict(B=3, W=5, V=100, dtype=BF16, mode="gumbel_jacobi", top_k=8),
+    "sjd-f32-topk-alltied": dict(B=2, W=4, V=100, top_k=20, scale=0.0, drift=0.0),
     "gumbel-jacobi-f32-cfg-topp-wideforced": dict(B=4, W=6, V=37, mode="gumbel_jacobi", cfg=True, top_p=0.9,
                                                   forced="wide"),
     "gumbel-jacobi-f16-vpstate": dict(B=2, W=4, V=100, dtype=F16, mode="gumbel_jacobi", vp=True),
@@ -433,6 +438,28 @@ def test_coupling_vp_redraws(vp_form, beta):
     assert torch.equal(states[0]["status"], states[1]["status"])
     assert states_close(states[0], states[1], vp=True)
     assert int((outs[0][0] < win).sum()) >= 3          # rejections happened, so redraws were compared
+
+
+@pytest.mark.parametrize("mode", ["sjd", "coupling", "gumbel", "gumbel_jacobi"])
+def test_list_races_equal_dense_races(mode, monkeypatch):
+    """The Triton races over the listed lanes with P > 0 give exactly the dense races' outputs and state
+    (same noise, same weights), with and without CFG, on rows where some drafts are rejected."""
+    import sjd_kernels.triton.jacobi_step as tj
+    B, W, V = 4, 6, 100
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(B, W + 1, V, generator=g) * 3).to(BF16)
+    win = torch.tensor([W, 3, 0, W])
+    outs = {}
+    for lists in (True, False):
+        monkeypatch.setattr(tj, "LIST_RACES", lists)
+        (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, mode=mode, top_k=9, q_fill=0.01)
+        outs[lists] = (o_t, s_t)
+    (o1, s1), (o0, s0) = outs[True], outs[False]
+    for x, y in zip(o1, o0):
+        assert torch.equal(x, y)
+    for k in STATE:
+        assert torch.equal(s1[k], s0[k]), k
+    assert int((o1[0] < W).sum()) >= 1          # some request stopped at a rejection (residual race ran)
 
 
 def test_window_zero_and_all_rows_padded():

@@ -55,7 +55,7 @@ def _philox_kernel(c_ptr, k_ptr, out_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lane_kernel(seed_ptr, pos_ptr, step_ptr, words_ptr, u_ptr, e_ptr, four_ptr,
+def _lane_kernel(seed_ptr, pos_ptr, step_ptr, words_ptr, u_ptr, e_ptr, four_ptr, at_ptr,
                  STREAM: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     k0, k1 = trng.seed_key(tl.load(seed_ptr + r))
@@ -67,6 +67,9 @@ def _lane_kernel(seed_ptr, pos_ptr, step_ptr, words_ptr, u_ptr, e_ptr, four_ptr,
     tl.store(u_ptr + r * BLOCK + lanes, ts.uniform24(w))
     tl.store(e_ptr + r * BLOCK + lanes, ts.exponential(w))
     f0, f1, f2, f3 = trng.four_words(k0, k1, c_pos, c_step, STREAM)
+    # the same words at scattered lane ids (reversed, so every word position moves)
+    at = trng.lane_words_at(k0, k1, c_pos, c_step, STREAM, BLOCK - 1 - lanes)
+    tl.store(at_ptr + r * BLOCK + lanes, at.to(tl.int64))
     tl.store(four_ptr + r * 4, f0.to(tl.int64))
     tl.store(four_ptr + r * 4 + 1, f1.to(tl.int64))
     tl.store(four_ptr + r * 4 + 2, f2.to(tl.int64))
@@ -159,9 +162,11 @@ def test_lane_words_uniform_exponential(stream):
     u = torch.empty(n, block, dtype=torch.float32, device=DEV)
     e = torch.empty(n, block, dtype=torch.float32, device=DEV)
     four = torch.empty(n, 4, dtype=torch.int64, device=DEV)
-    _lane_kernel[(n,)](seed.to(DEV), pos.to(DEV), step.to(DEV), words, u, e, four, STREAM=stream, BLOCK=block)
+    at = torch.empty(n, block, dtype=torch.int64, device=DEV)
+    _lane_kernel[(n,)](seed.to(DEV), pos.to(DEV), step.to(DEV), words, u, e, four, at, STREAM=stream, BLOCK=block)
     ref_w = rng.lane_words(seed.view(n, 1), pos.view(n, 1), step.view(n, 1), stream, block).reshape(n, block)
     assert torch.equal(words.cpu(), ref_w)
+    assert torch.equal(at.cpu(), ref_w.flip(1))       # lane_words_at: the words of the ids it is given
     assert torch.equal(four.cpu(), ref_w[:, :4])
     assert torch.equal(u.cpu(), rng.uniform24(ref_w))
     # exponential: same formula; log implementations (Sleef on CPU, numpy in the interpreter,

@@ -20,6 +20,13 @@ slot's ids (``_sparse_find``, only on lanes a race can pick); the new entries ar
 compaction of the lanes with ``P > 0`` (``tl.cumsum``), written after the barrier that ends every
 read of the slot; a row with more than C such lanes drafts uniformly and raises flag ``F_OVERFLOW``.
 
+Races over a list (constexpr ``LIST_K``, on when top-k is on, the state dense and VP off): the
+lanes with ``P > 0`` (about top-k of them) go, in lane order, to a per-row scratch list, and the
+residual, bonus, fresh-draft and Gumbel races run over it (a race weighs no other lane), so their
+Philox words, logs and divisions cost LIST_K lanes instead of the whole row; a row whose support
+overflows the list (ties at the threshold) races densely. Same results as the dense races (the
+interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
+
 State after an error is undefined (kernel 1 cannot know that another row of the same request is
 bad): DESIGN.md asks callers to re-initialise it; outputs of that request are -1 as in the reference.
 
@@ -46,7 +53,7 @@ import triton.language as tl
 
 from .. import rng as _rng
 from ..reference import jacobi_step as _ref
-from .rng import counter_word, four_words, lane_words, seed_key
+from .rng import counter_word, four_words, lane_words, lane_words_at, seed_key
 from .sampling import (exponential, gather_lane, pow_accurate, race, target_row, uniform24, uniform_token)
 
 try:
@@ -132,6 +139,28 @@ def _old_law(stored, lanes, valid, is_draft, kind, D, q_unif):
 
 
 @triton.jit
+def _residual_race(P, Qold, E, lanes, valid, is_draft):
+    """The row's candidate: the residual race ``max(0, P - Qold)`` of a draft row (the bonus race over
+    P on the last row); on zero residual mass the race over P with the same noise. Returns the lane
+    and whether the residual mass was zero."""
+    r = race(tl.where(is_draft, tl.maximum(P - Qold, 0.0), P), E, lanes, valid)
+    zero = r < 0
+    if r < 0:
+        r = race(P, E, lanes, valid)
+    return r, zero
+
+
+@triton.jit
+def _draft_race(Qt, Pl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V: tl.constexpr):
+    """The row's next draft from Qt (DRAFT noise): over the listed lanes (where Qt = P) or the whole row."""
+    if use_list:
+        new = race(Pl, exponential(lane_words_at(k0, k1, c_pos, c_step, S_DRAFT, ids)), ids, lval)
+    else:
+        new = race(Qt, exponential(lane_words(k0, k1, c_pos, c_step, S_DRAFT, BLOCK_V)), lanes, valid)
+    return new.to(tl.int64)
+
+
+@triton.jit
 def _sparse_find(idx_row, keys, want, C, NSTEPS: tl.constexpr):
     """Lower bound of each key in the ascending ids ``idx_row[0:C]`` (NSTEPS >= ceil(log2(C + 1))
     halvings); returns the entry of each key and whether the id there equals it (masked by ``want``)."""
@@ -154,12 +183,13 @@ def _jacobi_rows_kernel(
         logits_ptr, stride_lb, stride_lj, uncond_ptr, stride_ub, stride_uj, cfg_ptr,
         drafts_ptr, win_ptr, pos_ptr, seed_ptr, step_ptr, forced_ptr, L,
         q_state_ptr, q_kind_ptr, p_prev_ptr, q_idx_ptr,
-        flags_ptr, cand_ptr, new_ptr,
+        flags_ptr, cand_ptr, new_ptr, list_ptr, listp_ptr,
         W, V, R, C, temperature, top_k, top_p, beta, vp_eps, q_unif,
         HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_PREV: tl.constexpr, USE_VP: tl.constexpr,
         VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
         DO_TOPP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr, BLOCK_V: tl.constexpr,
-        SPARSE: tl.constexpr = False, BLOCK_C: tl.constexpr = 1, C_STEPS: tl.constexpr = 1):
+        SPARSE: tl.constexpr = False, BLOCK_C: tl.constexpr = 1, C_STEPS: tl.constexpr = 1,
+        LIST_K: tl.constexpr = 0):
     b = tl.program_id(0).to(tl.int64)      # requests on grid x (up to 2**31 - 1; y stops at 65535)
     j = tl.program_id(1)
     wl = tl.load(win_ptr + b)
@@ -218,14 +248,40 @@ def _jacobi_rows_kernel(
             Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
         Pd = gather_lane(P, lanes, D)
 
+        # ---- LIST_K > 0: the lanes with P > 0 (about top_k of them), in lane order, go to a
+        # per-row scratch list. Every race of a row without VP on the dense state weighs only such
+        # lanes (residual, bonus, fresh draft and Gumbel over P; the coupling redraw stays dense),
+        # so those races draw Philox words, logs and divisions for LIST_K lanes instead of BLOCK_V.
+        # A row whose support does not fit the list (ties at the top-k threshold) races densely.
+        use_list = tl.full([], 0, tl.int1)
+        if LIST_K > 0:
+            keep_l = valid & (P > 0.0)
+            n_list = tl.sum(keep_l.to(tl.int32), 0)
+            at_l = tl.cumsum(keep_l.to(tl.int32), 0) - 1
+            lbase = (b * W1 + j) * LIST_K
+            tl.store(list_ptr + lbase + at_l, lanes, mask=keep_l & (at_l < LIST_K))
+            tl.store(listp_ptr + lbase + at_l, P, mask=keep_l & (at_l < LIST_K))
+            tl.debug_barrier()
+            li = tl.arange(0, LIST_K)
+            lval = li < n_list
+            # written by other threads of this program before the barrier: read through L2 (.cg)
+            ids = tl.load(list_ptr + lbase + li, mask=lval, other=0, cache_modifier=".cg")
+            Pl = tl.load(listp_ptr + lbase + li, mask=lval, other=0.0, cache_modifier=".cg")
+            use_list = n_list <= LIST_K
+        else:                                    # one-lane stand-ins: the list branches never run
+            ids = tl.zeros([1], dtype=tl.int32)
+            Pl = tl.zeros([1], dtype=tl.float32)
+            lval = ids < 0
+
         # ---- verification and the row's commit candidate
         zero_res = tl.full([], 0, tl.int1)
         g = tl.full([], -1, tl.int32)
-        if MODE == M_GUMBEL_JACOBI:              # position-keyed noise, step 0
-            g = race(P, exponential(lane_words(k0, k1, c_pos, c_zero, S_GUMBEL, BLOCK_V)), lanes, valid)
-        elif MODE == M_GUMBEL:
-            if j >= 1:                           # row 0 draws no next draft: its g is never read
-                g = race(P, exponential(lane_words(k0, k1, c_pos, c_zero, S_GUMBEL, BLOCK_V)), lanes, valid)
+        if MODE >= M_GUMBEL:
+            if (MODE == M_GUMBEL_JACOBI) | (j >= 1):    # position-keyed noise, step 0; row 0 of gumbel
+                if use_list:                            # draws no next draft, so reads no g
+                    g = race(Pl, exponential(lane_words_at(k0, k1, c_pos, c_zero, S_GUMBEL, ids)), ids, lval)
+                else:
+                    g = race(P, exponential(lane_words(k0, k1, c_pos, c_zero, S_GUMBEL, BLOCK_V)), lanes, valid)
         if MODE == M_GUMBEL_JACOBI:
             accept = D == g
             cand = g.to(tl.int64)
@@ -237,15 +293,18 @@ def _jacobi_rows_kernel(
             # stays -1, as in the CUDA kernel)
             r = tl.full([], -1, tl.int32)
             if (~accept) | (~is_draft):
-                if not SPARSE:
-                    Qold = _old_law(tl.load(q_row + lanes, mask=valid & (is_draft & (kind == K_DENSE)), other=0.0),
-                                    lanes, valid, is_draft, kind, D, q_unif)
-                E_res = exponential(lane_words(k0, k1, c_pos, c_step, S_RESID, BLOCK_V))
-                w_res = tl.where(is_draft, tl.maximum(P - Qold, 0.0), P)
-                r = race(w_res, E_res, lanes, valid)
-                zero_res = (r < 0) & is_draft & (~is_forced) & (~row_bad)
-                if r < 0:
-                    r = race(P, E_res, lanes, valid)
+                if use_list:
+                    Qol = _old_law(tl.load(q_row + ids, mask=lval & (is_draft & (kind == K_DENSE)), other=0.0),
+                                   ids, lval, is_draft, kind, D, q_unif)
+                    r, zr = _residual_race(Pl, Qol, exponential(lane_words_at(k0, k1, c_pos, c_step, S_RESID, ids)),
+                                           ids, lval, is_draft)
+                else:
+                    if not SPARSE:
+                        Qold = _old_law(tl.load(q_row + lanes, mask=valid & (is_draft & (kind == K_DENSE)), other=0.0),
+                                        lanes, valid, is_draft, kind, D, q_unif)
+                    r, zr = _residual_race(P, Qold, exponential(lane_words(k0, k1, c_pos, c_step, S_RESID, BLOCK_V)),
+                                           lanes, valid, is_draft)
+                zero_res = zr & is_draft & (~is_forced) & (~row_bad)
             cand = r.to(tl.int64)
         accept = tl.where(is_forced, D == f, accept)
         cand = tl.where(is_forced, f, cand)
@@ -293,11 +352,9 @@ def _jacobi_rows_kernel(
                             rc = race(Qt, E_cr, lanes, valid)
                         new = rc.to(tl.int64)
                 else:
-                    E_dr = exponential(lane_words(k0, k1, c_pos, c_step, S_DRAFT, BLOCK_V))
-                    new = race(Qt, E_dr, lanes, valid).to(tl.int64)
+                    new = _draft_race(Qt, Pl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V)
             else:
-                E_dr = exponential(lane_words(k0, k1, c_pos, c_step, S_DRAFT, BLOCK_V))
-                new = race(Qt, E_dr, lanes, valid).to(tl.int64)
+                new = _draft_race(Qt, Pl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V)
             new = tl.where(is_forced, f, new)
 
             # state of this position; every thread has read Q_old / p_prev of this slot before
@@ -440,6 +497,10 @@ def kernel_config(V: int, W: int) -> dict:
             "BLOCK_W1": max(2, triton.next_power_of_2(W + 1)), "BLOCK_W": max(2, triton.next_power_of_2(max(W, 1)))}
 
 
+# The races over the list of lanes with P > 0 (module docstring); False: always the dense races.
+LIST_RACES = True
+
+
 def sparse_block(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
@@ -498,18 +559,26 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     interp = is_interpreted()
 
     unc = uncond if uncond is not None else logits
+    # the races over the lanes with P > 0 (see the rows kernel): top-k on, dense state, no VP (Qt = P)
+    do_topk = (not greedy) and 0 < top_k < V
+    list_k = triton.next_power_of_2(top_k + 16) if LIST_RACES and do_topk and not sparse and not use_vp else 0
+    if list_k * 4 > cfg["BLOCK_V"]:
+        list_k = 0
+    lists = torch.empty((B, W1, max(list_k, 1)), dtype=torch.int32, device=dev)
+    listp = torch.empty((B, W1, max(list_k, 1)), dtype=torch.float32, device=dev)
     _jacobi_rows_kernel[(B, W1)](
         logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1),
         cfg_scale if uncond is not None else q_state,
         drafts, win_len, pos, seed, step, forced_t, L,
         q_state, q_kind, p_prev if has_prev else q_state, q_idx if sparse else q_kind,
-        flags, cand, new,
+        flags, cand, new, lists, listp,
         W, V, R, Cap, _inv_temperature(temperature) if not greedy else 1.0, top_k, top_p, beta, vp_eps, 1.0 / V,
         HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, HAS_PREV=has_prev, USE_VP=use_vp,
         VP_FORM=vp_form, BETA_POW=_POW_CASES.get(beta, POW_GENERAL), GREEDY=greedy,
-        DO_TOPK=(not greedy) and 0 < top_k < V, DO_TOPP=(not greedy) and top_p < 1.0, MODE=mode,
+        DO_TOPK=do_topk, DO_TOPP=(not greedy) and top_p < 1.0, MODE=mode,
         INTERP=interp, BLOCK_V=cfg["BLOCK_V"], SPARSE=sparse, BLOCK_C=sparse_block(Cap) if sparse else 1,
-        C_STEPS=sparse_steps(Cap) if sparse else 1, num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)
+        C_STEPS=sparse_steps(Cap) if sparse else 1, LIST_K=list_k, num_warps=cfg["num_warps_rows"],
+        enable_fp_fusion=False)
     _jacobi_commit_kernel[(B,)](
         drafts, win_len, pos, seed, step, forced_t, L,
         q_kind, flags, cand, new, status,
@@ -524,7 +593,7 @@ _ROWS_TYPES = dict(
     logits_ptr=None, stride_lb="i64", stride_lj="i64", uncond_ptr=None, stride_ub="i64", stride_uj="i64",
     cfg_ptr="*fp32", drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
     forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", q_idx_ptr="*i32",
-    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", W="i32", V="i32", R="i32", C="i32", temperature="fp32",
+    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", list_ptr="*i32", listp_ptr="*fp32", W="i32", V="i32", R="i32", C="i32", temperature="fp32",
     top_k="i32", top_p="fp32", beta="fp32", vp_eps="fp32", q_unif="fp32")
 _COMMIT_TYPES = dict(
     drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64", forced_ptr="*i64",
@@ -546,6 +615,16 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD)),
+        # races over the listed lanes (top-k 1000): sjd, coupling, gumbel
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD,
+                      LIST_K=1024)),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING,
+                      LIST_K=1024)),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_GUMBEL,
+                      LIST_K=1024)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=True, DO_TOPK=False, DO_TOPP=False,
                       MODE=_ref.MODE_GUMBEL_JACOBI)),
@@ -564,9 +643,10 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
     for dt, ce in rows:
         sig = dict(_ROWS_TYPES, logits_ptr=f"*{dt}", uncond_ptr=f"*{dt}")
         ce = dict(ce, INTERP=False, BLOCK_V=cfg["BLOCK_V"])
+        ce.setdefault("LIST_K", 0)                       # ASTSource does not apply constexpr defaults
         sig.update({k: "constexpr" for k in ce})
         name = (f"rows-{dt}-mode{ce['MODE']}{'-greedy' if ce['GREEDY'] else ''}{'-vp' if ce['USE_VP'] else ''}"
-                f"{'-sparse' if ce.get('SPARSE') else ''}")
+                f"{'-sparse' if ce.get('SPARSE') else ''}{'-list' if ce.get('LIST_K') else ''}")
         cases.append(dict(name=name, kernel="_jacobi_rows_kernel", signature=sig, constexprs=ce,
                           options=dict(num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)))
     for forced, left in ((True, False), (False, True)):
