@@ -440,8 +440,11 @@ def test_coupling_vp_redraws(vp_form, beta):
     assert int((outs[0][0] < win).sum()) >= 3          # rejections happened, so redraws were compared
 
 
-@pytest.mark.parametrize("mode", ["sjd", "coupling", "gumbel", "gumbel_jacobi"])
-def test_list_races_equal_dense_races(mode, monkeypatch):
+@pytest.mark.parametrize("mode,vp,vp_form,beta", [("sjd", False, ADD, 0.0), ("coupling", False, ADD, 0.0),
+                                                  ("gumbel", False, ADD, 0.0), ("gumbel_jacobi", False, ADD, 0.0),
+                                                  ("sjd", True, ADD, 0.5), ("sjd", True, LOG, 2.0),
+                                                  ("coupling", True, LOG, -1.0), ("sjd", True, ADD, -0.5)])
+def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
     """The Triton races over the listed lanes with P > 0 give exactly the dense races' outputs and state
     (same noise, same weights), with and without CFG, on rows where some drafts are rejected."""
     import sjd_kernels.triton.jacobi_step as tj
@@ -452,7 +455,8 @@ def test_list_races_equal_dense_races(mode, monkeypatch):
     outs = {}
     for lists in (True, False):
         monkeypatch.setattr(tj, "LIST_RACES", lists)
-        (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, mode=mode, top_k=9, q_fill=0.01)
+        (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, mode=mode, top_k=9, q_fill=0.01,
+                                           vp=vp, beta=beta, vp_form=vp_form)
         outs[lists] = (o_t, s_t)
     (o1, s1), (o0, s0) = outs[True], outs[False]
     for x, y in zip(o1, o0):

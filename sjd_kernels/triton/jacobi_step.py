@@ -20,7 +20,8 @@ slot's ids (``_sparse_find``, only on lanes a race can pick); the new entries ar
 compaction of the lanes with ``P > 0`` (``tl.cumsum``), written after the barrier that ends every
 read of the slot; a row with more than C such lanes drafts uniformly and raises flag ``F_OVERFLOW``.
 
-Races over a list (constexpr ``LIST_K``, on when top-k is on, the state dense and VP off): the
+Races over a list (constexpr ``LIST_K``, on when top-k is on and the state dense, unless the VP
+law is additive with beta < 0, which can be positive where P is 0): the
 lanes with ``P > 0`` (about top-k of them) go, in lane order, to a per-row scratch list, and the
 residual, bonus, fresh-draft and Gumbel races run over it (a race weighs no other lane), so their
 Philox words, logs and divisions cost LIST_K lanes instead of the whole row; a row whose support
@@ -151,10 +152,10 @@ def _residual_race(P, Qold, E, lanes, valid, is_draft):
 
 
 @triton.jit
-def _draft_race(Qt, Pl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V: tl.constexpr):
-    """The row's next draft from Qt (DRAFT noise): over the listed lanes (where Qt = P) or the whole row."""
+def _draft_race(Qt, Qtl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V: tl.constexpr):
+    """The row's next draft from Qt (DRAFT noise): over the listed lanes (Qtl: Qt there) or the whole row."""
     if use_list:
-        new = race(Pl, exponential(lane_words_at(k0, k1, c_pos, c_step, S_DRAFT, ids)), ids, lval)
+        new = race(Qtl, exponential(lane_words_at(k0, k1, c_pos, c_step, S_DRAFT, ids)), ids, lval)
     else:
         new = race(Qt, exponential(lane_words(k0, k1, c_pos, c_step, S_DRAFT, BLOCK_V)), lanes, valid)
     return new.to(tl.int64)
@@ -183,7 +184,7 @@ def _jacobi_rows_kernel(
         logits_ptr, stride_lb, stride_lj, uncond_ptr, stride_ub, stride_uj, cfg_ptr,
         drafts_ptr, win_ptr, pos_ptr, seed_ptr, step_ptr, forced_ptr, L,
         q_state_ptr, q_kind_ptr, p_prev_ptr, q_idx_ptr,
-        flags_ptr, cand_ptr, new_ptr, list_ptr, listp_ptr,
+        flags_ptr, cand_ptr, new_ptr, list_ptr, listp_ptr, listq_ptr,
         W, V, R, C, temperature, top_k, top_p, beta, vp_eps, q_unif,
         HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_PREV: tl.constexpr, USE_VP: tl.constexpr,
         VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
@@ -249,8 +250,9 @@ def _jacobi_rows_kernel(
         Pd = gather_lane(P, lanes, D)
 
         # ---- LIST_K > 0: the lanes with P > 0 (about top_k of them), in lane order, go to a
-        # per-row scratch list. Every race of a row without VP on the dense state weighs only such
-        # lanes (residual, bonus, fresh draft and Gumbel over P; the coupling redraw stays dense),
+        # per-row scratch list. Every race of a row on the dense state weighs only such lanes
+        # (residual, bonus and Gumbel over P, the fresh draft over Qt: P or a VP law that is zero
+        # where P is; the coupling redraw stays dense),
         # so those races draw Philox words, logs and divisions for LIST_K lanes instead of BLOCK_V.
         # A row whose support does not fit the list (ties at the top-k threshold) races densely.
         use_list = tl.full([], 0, tl.int1)
@@ -324,6 +326,13 @@ def _jacobi_rows_kernel(
                     else:
                         pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
                     Qt = _vp_predict(P, pp, valid, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
+            Qtl = Pl                             # Qt at the listed lanes (Qt = P without VP)
+            if USE_VP:
+                if LIST_K > 0:
+                    if use_list:                 # the VP law is zero where P is (the launcher checks the form)
+                        tl.store(listq_ptr + lbase + at_l, Qt, mask=keep_l & (at_l < LIST_K))
+                        tl.debug_barrier()
+                        Qtl = tl.load(listq_ptr + lbase + li, mask=lval, other=0.0, cache_modifier=".cg")
             ovf = tl.full([], 0, tl.int1)
             if SPARSE:
                 # the support does not fit the slot: this position drafts from the uniform law
@@ -352,9 +361,9 @@ def _jacobi_rows_kernel(
                             rc = race(Qt, E_cr, lanes, valid)
                         new = rc.to(tl.int64)
                 else:
-                    new = _draft_race(Qt, Pl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V)
+                    new = _draft_race(Qt, Qtl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V)
             else:
-                new = _draft_race(Qt, Pl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V)
+                new = _draft_race(Qt, Qtl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V)
             new = tl.where(is_forced, f, new)
 
             # state of this position; every thread has read Q_old / p_prev of this slot before
@@ -559,19 +568,22 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     interp = is_interpreted()
 
     unc = uncond if uncond is not None else logits
-    # the races over the lanes with P > 0 (see the rows kernel): top-k on, dense state, no VP (Qt = P)
+    # the races over the lanes with P > 0 (see the rows kernel): top-k on, dense state
     do_topk = (not greedy) and 0 < top_k < V
-    list_k = triton.next_power_of_2(top_k + 16) if LIST_RACES and do_topk and not sparse and not use_vp else 0
+    # (the additive VP law with beta < 0 can be positive where P is 0: those rows race densely)
+    vp_outside = use_vp and vp_form == _ref.VP_ADD and beta < 0.0
+    list_k = triton.next_power_of_2(top_k + 16) if LIST_RACES and do_topk and not sparse and not vp_outside else 0
     if list_k * 4 > cfg["BLOCK_V"]:
         list_k = 0
     lists = torch.empty((B, W1, max(list_k, 1)), dtype=torch.int32, device=dev)
     listp = torch.empty((B, W1, max(list_k, 1)), dtype=torch.float32, device=dev)
+    listq = torch.empty((B, W1, max(list_k, 1) if use_vp else 1), dtype=torch.float32, device=dev)
     _jacobi_rows_kernel[(B, W1)](
         logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1),
         cfg_scale if uncond is not None else q_state,
         drafts, win_len, pos, seed, step, forced_t, L,
         q_state, q_kind, p_prev if has_prev else q_state, q_idx if sparse else q_kind,
-        flags, cand, new, lists, listp,
+        flags, cand, new, lists, listp, listq,
         W, V, R, Cap, _inv_temperature(temperature) if not greedy else 1.0, top_k, top_p, beta, vp_eps, 1.0 / V,
         HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, HAS_PREV=has_prev, USE_VP=use_vp,
         VP_FORM=vp_form, BETA_POW=_POW_CASES.get(beta, POW_GENERAL), GREEDY=greedy,
@@ -593,7 +605,7 @@ _ROWS_TYPES = dict(
     logits_ptr=None, stride_lb="i64", stride_lj="i64", uncond_ptr=None, stride_ub="i64", stride_uj="i64",
     cfg_ptr="*fp32", drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
     forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", q_idx_ptr="*i32",
-    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", list_ptr="*i32", listp_ptr="*fp32", W="i32", V="i32", R="i32", C="i32", temperature="fp32",
+    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", list_ptr="*i32", listp_ptr="*fp32", listq_ptr="*fp32", W="i32", V="i32", R="i32", C="i32", temperature="fp32",
     top_k="i32", top_p="fp32", beta="fp32", vp_eps="fp32", q_unif="fp32")
 _COMMIT_TYPES = dict(
     drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64", forced_ptr="*i64",
@@ -613,6 +625,9 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
     rows = [
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_LOG,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING)),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD,
+                      LIST_K=1024)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD)),
         # races over the listed lanes (top-k 1000): sjd, coupling, gumbel
