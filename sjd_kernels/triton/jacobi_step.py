@@ -41,8 +41,8 @@ sample across a boundary in rare cases.
 Tile: one row is one register tile ``BLOCK_V = next_power_of_2(V)`` (V up to 32768; 16 warps
 above 8192 lanes). Several V-sized fp32 vectors are live at once (P, Q_old, Q_t, noise), which
 spills registers for V >= 16384. A chunked version would keep P (or the combined logits) in a
-global/L2 scratch row, loop over V in chunks for each pass (max, exp-sum, the 32 top-k and 31 top-p
-bisection counts, each race as a running (best key, lowest lane) pair), and regenerate Philox words
+global/L2 scratch row, loop over V in chunks for each pass (max, exp-sum, each count of the top-k and
+top-p bracket searches, each race as a running (best key, lowest lane) pair), and regenerate Philox words
 per chunk from the lane offset (``lane_words`` would take a ``lane0``); results are the same since
 every reduction used here is order-insensitive except the float sums.
 """
