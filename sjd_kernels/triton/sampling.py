@@ -132,6 +132,16 @@ def key_value(kk):
 
 
 @triton.jit
+def _bracket_step(ok, piv, m, lo, hi, m_lo, m_hi):
+    """One update of the bracket searches below: keep ``[piv, hi]`` when the predicate holds at the
+    pivot, else ``[lo, piv - 1]``. ``m`` is the measure at or above the pivot (a count or a mass),
+    ``m_lo`` / ``m_hi`` those at or above ``lo`` / above ``hi``; ``gap``: the half given up held
+    nothing (the measure did not change), so the next round shrinks the bracket to its data."""
+    gap = tl.where(ok, m == m_lo, m == m_hi)
+    return (tl.where(ok, piv, lo), tl.where(ok, hi, piv - 1), tl.where(ok, m, m_lo), tl.where(ok, m_hi, m), gap)
+
+
+@triton.jit
 def kth_largest_key(key, valid, k):
     """Key of the k-th largest valid element (1 <= k <= number of valid lanes), int32 scalar.
 
@@ -184,14 +194,7 @@ def kth_largest_key(key, valid, k):
                 piv = float_key(a + d * 0.5)
             piv = tl.minimum(tl.maximum(piv, lo + 1), hi)
             c = tl.sum(tl.where(valid & (key >= piv), 1, 0), 0)
-            if c >= k:
-                gap = c == cge
-                lo = piv
-                cge = c
-            else:
-                gap = c == cgt
-                hi = piv - 1
-                cgt = c
+            lo, hi, cge, cgt, gap = _bracket_step(c >= k, piv, c, lo, hi, cge, cgt)
     return lo
 
 
@@ -236,14 +239,7 @@ def top_p_key(p, valid, top_p):
                 piv = (a + (hi.to(tl.float32, bitcast=True) - a) * 0.5).to(tl.int32, bitcast=True)
             piv = tl.minimum(tl.maximum(piv, lo + 1), hi)
             s = tl.sum(tl.where(key >= piv, pd, 0.0), 0)
-            if s.to(tl.float32) >= top_p:
-                gap = s == s_lo
-                lo = piv
-                s_lo = s
-            else:
-                gap = s == s_hi
-                hi = piv - 1
-                s_hi = s
+            lo, hi, s_lo, s_hi, gap = _bracket_step(s.to(tl.float32) >= top_p, piv, s, lo, hi, s_lo, s_hi)
     return lo
 
 
