@@ -284,6 +284,19 @@ def test_verify_only_runs_the_fused_step_and_its_check_can_fail(monkeypatch):
     assert bad["check"] == "FAIL", bad
 
 
+def test_cuda_variant_backends_run_cuda_with_their_features():
+    import sjd_kernels.cuda.jacobi_step as cj
+    for name, feats in C.CUDA_VARIANTS.items():
+        be, ctx = C._cuda_variant(name)
+        with ctx:
+            assert be == "cuda" and cj.FEATURES == frozenset(feats)
+        assert cj.FEATURES == frozenset()
+    be, ctx = C._cuda_variant("triton")
+    with ctx:
+        assert be == "triton" and cj.FEATURES == frozenset()
+    assert set(C.CUDA_VARIANTS) <= set(C.JacobiStepBench.backends)
+
+
 def test_summary_names_the_flashinfer_ratio():
     from sjd_kernels.bench.ops import _pivot, _speedups
     base = {"op": "verify_only", "case": "verify_only:B32_W16_V16384", "graph": "graph", "roofline_us": 1.0,

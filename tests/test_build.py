@@ -217,3 +217,17 @@ def test_required_extension_is_present_when_ci_asks():
     assert _ext._C is not None, f"sjd_kernels._C missing: {_ext._ERR}"
     assert Path(_ext._C.__file__).name.startswith("_C"), _ext._C.__file__
     assert "sjd_kernels" in sys.modules
+
+
+def test_kernel_features_knob():
+    # no GPU needed: an unknown name is refused; the launcher's bit mask follows the innermost
+    # setting, which is restored on exit
+    import sjd_kernels.cuda.jacobi_step as cj
+    with pytest.raises(ValueError, match="unknown kernel feature"):
+        cj.kernel_features("radix")
+    with cj.kernel_features("bracket_topk", "list_races"):
+        assert cj._feature_mask() == 3
+        with cj.kernel_features("list_races"):
+            assert cj._feature_mask() == 2
+        assert cj._feature_mask() == 3
+    assert cj.FEATURES == frozenset() and cj._feature_mask() == 0

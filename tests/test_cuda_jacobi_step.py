@@ -302,19 +302,6 @@ def test_optional_kernel_paths_match_reference(features, name):
             check_config(reps=2, force_global=True, **cfg)
 
 
-def test_kernel_features_knob():
-    # an unknown name is refused; the setting reaches the launcher as a bit mask and is restored on exit
-    import sjd_kernels.cuda.jacobi_step as cj
-    with pytest.raises(ValueError, match="unknown kernel feature"):
-        cj.kernel_features("radix")
-    with cj.kernel_features("bracket_topk", "list_races"):
-        assert cj._feature_mask() == 3
-        with cj.kernel_features("list_races"):
-            assert cj._feature_mask() == 2
-        assert cj._feature_mask() == 3
-    assert cj.FEATURES == frozenset() and cj._feature_mask() == 0
-
-
 @pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk-topp", "coupling+vp", "gumbel_jacobi", "tail-left"])
 def test_global_row_path_matches_reference(name):
     """The [B, W+1, V] global-memory row path (used when V exceeds shared memory), forced at small V."""

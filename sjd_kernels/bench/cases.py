@@ -13,6 +13,7 @@ and writes counted). Grids:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -132,6 +133,15 @@ def _refuse_ref_device(bench, ref_device) -> None:
 # Bench-only backends: the CUDA kernel with optional code paths (sjd_kernels.cuda.jacobi_step.FEATURES),
 # timed beside the default one to measure each path's share (leave one in at a time).
 CUDA_VARIANTS = {"cuda_bracket": ("bracket_topk",), "cuda_lists": ("bracket_topk", "list_races")}
+
+
+def _cuda_variant(backend: str):
+    """(library backend to call, context to call it in): a bench-only CUDA variant runs the cuda
+    backend inside ``kernel_features``; every other backend passes through."""
+    if backend in CUDA_VARIANTS:
+        from ..cuda.jacobi_step import kernel_features
+        return "cuda", kernel_features(*CUDA_VARIANTS[backend])
+    return backend, contextlib.nullcontext()
 
 
 def _gen(device, seed: int) -> torch.Generator:
@@ -261,13 +271,11 @@ class JacobiStepBench(OpBench):
 
     def _call(self, p: dict, inp: dict, state, backend: str):
         from ..ops.jacobi_step import jacobi_step
-        if backend in CUDA_VARIANTS:
-            from ..cuda.jacobi_step import kernel_features
-            with kernel_features(*CUDA_VARIANTS[backend]):
-                return self._call(p, inp, state, "cuda")
-        return jacobi_step(inp["logits"], inp["drafts"], inp["win"], inp["pos"], state,
-                           uncond_logits=inp["uncond"], cfg_scale=inp["cfg"], top_k=int(p["top_k"]),
-                           mode=p["mode"], beta=float(p["beta"]), backend=backend, advance=False)
+        be, ctx = _cuda_variant(backend)
+        with ctx:
+            return jacobi_step(inp["logits"], inp["drafts"], inp["win"], inp["pos"], state,
+                               uncond_logits=inp["uncond"], cfg_scale=inp["cfg"], top_k=int(p["top_k"]),
+                               mode=p["mode"], beta=float(p["beta"]), backend=be, advance=False)
 
     def prepare(self, case: Case, device, seed: int) -> Prepared:
         p = case.params
@@ -596,7 +604,7 @@ class VerifyOnlyBench(OpBench):
         if backend == "torch_verify":
             return True, "torch_verify: vectorised PyTorch verification (sjd_kernels/bench/cases.py)"
         if backend in self._LIB:
-            return JacobiStepBench.available(JacobiStepBench(), backend, device)
+            return _library_backend_available(backend, device)
         try:
             import flashinfer  # noqa: F401
             from flashinfer.sampling import chain_speculative_sampling  # noqa: F401
@@ -801,12 +809,10 @@ class TreeVerifyBench(OpBench):
 
     def _call(self, p: dict, inp: dict, state, backend: str):
         from ..ops.tree import tree_verify
-        if backend in CUDA_VARIANTS:
-            from ..cuda.jacobi_step import kernel_features
-            with kernel_features(*CUDA_VARIANTS[backend]):
-                return self._call(p, inp, state, "cuda")
-        return tree_verify(inp["logits"], inp["tree"], inp["pos"], state, uncond_logits=inp["uncond"],
-                           cfg_scale=inp["cfg"], top_k=int(p["top_k"]), backend=backend, advance=False)
+        be, ctx = _cuda_variant(backend)
+        with ctx:
+            return tree_verify(inp["logits"], inp["tree"], inp["pos"], state, uncond_logits=inp["uncond"],
+                               cfg_scale=inp["cfg"], top_k=int(p["top_k"]), backend=be, advance=False)
 
     def prepare(self, case: Case, device, seed: int) -> Prepared:
         inp = self._inputs(case.params, device, seed)

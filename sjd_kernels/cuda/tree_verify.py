@@ -26,10 +26,6 @@ from .jacobi_step import (_DTYPE_CODE, _FEATURE_BITS, _check, _check_forced, _fe
 FORCE_GLOBAL_ROWS = False
 
 
-def _feature_mask_of(name: str) -> int:
-    return _FEATURE_BITS[name]
-
-
 def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced,
                      q_state, q_kind, status, temperature: float, top_k: int, top_p: float, max_depth: int):
     """Same arguments, results and status updates as ``reference.tree.tree_verify``.
@@ -82,5 +78,5 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
         num_accepted=num_accepted.data_ptr(), path=path.data_ptr(), out_tokens=out.data_ptr(),
         rowflag=rowflag.data_ptr(), rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index,
-        stream=stream, features=_feature_mask() & _feature_mask_of("bracket_topk"))
+        stream=stream, features=_feature_mask() & _FEATURE_BITS["bracket_topk"])
     return num_accepted, path, out

@@ -575,9 +575,11 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     list_k = triton.next_power_of_2(top_k + 16) if LIST_RACES and do_topk and not sparse and not vp_outside else 0
     if list_k * 4 > cfg["BLOCK_V"]:
         list_k = 0
-    lists = torch.empty((B, W1, max(list_k, 1)), dtype=torch.int32, device=dev)
-    listp = torch.empty((B, W1, max(list_k, 1)), dtype=torch.float32, device=dev)
-    listq = torch.empty((B, W1, max(list_k, 1) if use_vp else 1), dtype=torch.float32, device=dev)
+    # the scratch lists exist only when a row can use them (otherwise the kernel never reads the
+    # pointers: the state tensors stand in, with the right dtypes)
+    lists = torch.empty((B, W1, list_k), dtype=torch.int32, device=dev) if list_k else q_kind
+    listp = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k else q_state
+    listq = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k and use_vp else q_state
     _jacobi_rows_kernel[(B, W1)](
         logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1),
         cfg_scale if uncond is not None else q_state,
