@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "pivot_count.cuh"
 #include "sampling.cuh"
 
 namespace sjd {
@@ -51,15 +52,20 @@ struct OpMaxU32 {
   __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 
-// cnt[m] = #{i < V : order_key(S[i]) >= piv[m]}, the same in every thread of the block.
+// cnt[m] = #{i < V : order_key(S[i]) >= piv[m]} for non-decreasing piv (both searches below make
+// them so), the same in every thread of the block. Each lane finds its bucket among the pivots
+// and bumps a packed byte counter (pivot_count.cuh), flushed every kBucketFlush lanes of a thread.
 __device__ __forceinline__ void count_keys_at_least(const float* S, int V, const uint32_t* piv, int (&cnt)[kPivots],
                                                     TargetRed& red) {
+  static_assert(kPivots == kBucketPivots, "pivot_count.cuh counts 7 pivots");
 #pragma unroll
   for (int m = 0; m < kPivots; ++m) cnt[m] = 0;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
-    const uint32_t key = order_key(S[i]);
-#pragma unroll
-    for (int m = 0; m < kPivots; ++m) cnt[m] += key >= piv[m] ? 1 : 0;
+  const int nth = blockDim.x;
+  for (int i0 = threadIdx.x; i0 < V; i0 += kBucketFlush * nth) {
+    const int end = static_cast<int>(min(static_cast<int64_t>(V), static_cast<int64_t>(i0) + kBucketFlush * nth));
+    uint32_t lo = 0u, hi = 0u;
+    for (int i = i0; i < end; i += nth) bucket_count(order_key(S[i]), piv, lo, hi);
+    bucket_flush(lo, hi, cnt);
   }
   block_allreduce<kPivots>(cnt, OpSumI(), red.i7, red.par_i7);
 }

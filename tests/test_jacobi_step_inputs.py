@@ -107,6 +107,8 @@ BAD = [
     ("top_p_nan", "top_p", lambda s, l, d, w, p: dict(top_p=float("nan"))),
     ("temperature_negative", "temperature", lambda s, l, d, w, p: dict(temperature=-0.5)),
     ("temperature_nan", "temperature", lambda s, l, d, w, p: dict(temperature=float("nan"))),
+    ("temperature_inf", "temperature", lambda s, l, d, w, p: dict(temperature=float("inf"))),
+    ("temperature_tiny", "temperature", lambda s, l, d, w, p: dict(temperature=1e-39)),
     ("mode_unknown", "mode", lambda s, l, d, w, p: dict(mode="fast")),
     ("beta_with_gumbel", "beta", lambda s, l, d, w, p: dict(st=_vp_state(), mode="gumbel", beta=0.5)),
     ("beta_with_gumbel_jacobi", "beta", lambda s, l, d, w, p: dict(st=_vp_state(), mode="gumbel_jacobi", beta=0.5)),

@@ -345,3 +345,72 @@ def test_kth_largest_and_top_p(V):
         # both are exact rules on float32 sums; they can only disagree where a partial sum sits
         # within rounding of top_p, which these draws avoid
         assert torch.equal(keep, want_keep), top_p
+
+
+@triton.jit
+def _prefix_kernel(m_ptr, out_ptr, V, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    valid = lanes < V
+    keep = valid & (tl.load(m_ptr + r * V + lanes, mask=valid, other=1) != 0)
+    tl.store(out_ptr + r * V + lanes, ts.prefix_count(keep, BLOCK), mask=valid)
+
+
+@pytest.mark.parametrize("V", [1, 13, 64, 100, 1000])
+def test_prefix_count_is_the_exclusive_count_of_kept_lanes(V):
+    """``prefix_count`` (a scan on a [BLOCK // 32, 32] view from 64 lanes up) gives lane i the number
+    of kept lanes before it, on rows with nothing, everything, runs and random masks kept; padded
+    lanes (loaded as kept on purpose) never count."""
+    g = torch.Generator().manual_seed(V)
+    m = (torch.rand(6, V, generator=g) < torch.tensor([0.0, 1.0, 0.5, 0.05, 0.95, 0.5]).view(6, 1)).to(torch.int32)
+    m[5] = (torch.arange(V) // 7) % 2                       # runs of 7 across the 32-lane rows
+    out = torch.full((6, V), -5, dtype=torch.int32, device=DEV)
+    _prefix_kernel[(6,)](m.to(DEV), out, V, BLOCK=max(16, triton.next_power_of_2(V)))
+    want = torch.cumsum(m, 1, dtype=torch.int32) - m
+    assert torch.equal(out.cpu(), want)
+
+
+@triton.jit
+def _target_kernel(x_ptr, p_ptr, bad_ptr, V, inv_t, top_k, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    valid = lanes < V
+    x = tl.load(x_ptr + r * V + lanes, mask=valid, other=float("nan"))   # padded lanes: NaN, never read
+    P, bad = ts.target_row(x, lanes, valid, inv_t, top_k, 1.0, GREEDY, DO_TOPK, False, INTERP)
+    tl.store(p_ptr + r * V + lanes, P, mask=valid)
+    tl.store(bad_ptr + r, bad.to(tl.int32))
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.7, 4), (1e-37, 0)])
+def test_target_row_bad_rows_as_the_reference(temperature, top_k):
+    """``target_row`` flags exactly the rows the reference makes NaN (one reduction finds NaN / +inf
+    lanes, rows without a finite logit and a scaled maximum that overflows) and gives the
+    reference's law on the others."""
+    import numpy as np
+    from sjd_kernels.reference.target import target_probs
+    V = 37
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, V, generator=g) * 3
+    x[0, 5] = float("nan")
+    x[1, 9] = float("inf")
+    x[2] = float("-inf")                                   # no finite logit
+    x[3, :30] = float("-inf")                              # masked lanes, finite rest
+    x[4, 3] = 3e38                                         # finite; x / T overflows for tiny T
+    x[5, 0] = float("-inf")
+    x[5, 1] = float("nan")
+    x[6] = -3e38                                           # x / T underflows to -inf for tiny T
+    x[7] = 0.0
+    P = torch.empty(9, V, device=DEV)
+    bad = torch.empty(9, dtype=torch.int32, device=DEV)
+    inv_t = float(np.float32(1.0) / np.float32(temperature)) if temperature > 0 else 1.0
+    _target_kernel[(9,)](x.to(DEV), P, bad, V, inv_t, top_k, GREEDY=temperature == 0.0, DO_TOPK=top_k > 0,
+                         BLOCK=64)
+    want = target_probs(x, temperature, top_k, 1.0)
+    want_bad = torch.isnan(want).any(-1)
+    assert torch.equal(bad.cpu().bool(), want_bad)
+    assert bool(want_bad[:3].all()) and not bool(want_bad[3])
+    ok = ~want_bad
+    assert torch.equal(P.cpu()[ok], want[ok]) if temperature == 0.0 else \
+        torch.allclose(P.cpu()[ok], want[ok], rtol=1e-6, atol=1e-7)
+    assert torch.equal(P.cpu()[want_bad], torch.zeros_like(P.cpu()[want_bad]))

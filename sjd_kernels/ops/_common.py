@@ -135,6 +135,20 @@ def check_cfg(uncond, cfg_scale, logits) -> None:
     check_tensor("cfg_scale", cfg_scale, dtypes=(torch.float32,), shape=(B,), dim=1, device=logits.device)
 
 
+def _temperature_range() -> tuple[float, float]:
+    """The positive temperatures T for which float32(T) and float32(1) / float32(T) are finite."""
+    import numpy as np
+    f32 = np.float32
+    t = f32(1.0) / np.finfo(np.float32).max
+    with np.errstate(over="ignore", divide="ignore"):
+        while not np.isfinite(f32(1.0) / t):
+            t = np.nextafter(t, f32(1.0))
+    return float(t), float(np.finfo(np.float32).max)
+
+
+_T_MIN, _T_MAX = _temperature_range()
+
+
 def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, top_k, top_p) -> None:
     """Checks shared by every sampling op: the state's seed/step/status, ``forced`` and the
     temperature / top-k / top-p knobs (messages name the argument and what was expected)."""
@@ -146,6 +160,10 @@ def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, to
         check_tensor("forced", forced, dtypes=i64, dim=2, shape=(B, None), device=dev, contiguous=True)
     if not (temperature >= 0.0) or temperature != temperature:
         raise SJDInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature > 0.0 and not (_T_MIN <= temperature <= _T_MAX):
+        # the rows are scaled by the float32 reciprocal of float32(T): both must be finite
+        raise SJDInputError(f"temperature must be 0 (greedy) or in [{_T_MIN:.4g}, {_T_MAX:.4g}] (a float32 with a "
+                            f"finite float32 reciprocal), got {temperature}")
     if not isinstance(top_k, int) or top_k < 0 or top_k > V:
         raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
     if not (0.0 < top_p <= 1.0):

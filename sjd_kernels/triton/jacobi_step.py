@@ -17,13 +17,14 @@ Two launches, no host synchronisation, fixed output shapes (CUDA-graph capturabl
 Sparse state (``q_idx`` given, constexpr ``SPARSE``): a slot is C ascending lane ids with values
 (``reference.jacobi_step``). The old law of a lane comes from a vectorised binary search over the
 slot's ids (``_sparse_find``, only on lanes a race can pick); the new entries are an ordered
-compaction of the lanes with ``P > 0`` (``tl.cumsum``), written after the barrier that ends every
+compaction of the lanes with ``P > 0`` (``prefix_count``), written after the barrier that ends every
 read of the slot; a row with more than C such lanes drafts uniformly and raises flag ``F_OVERFLOW``.
 
 Races over a list (constexpr ``LIST_K``, on when top-k is on and the state dense, unless the VP
 law is additive with beta < 0, which can be positive where P is 0): the
 lanes with ``P > 0`` (about top-k of them) go, in lane order, to a per-row scratch list, and the
-residual, bonus, fresh-draft and Gumbel races run over it (a race weighs no other lane), so their
+residual, bonus, fresh-draft, coupling-redraw and Gumbel races run over it (a race weighs no
+other lane), so their
 Philox words, logs and divisions cost LIST_K lanes instead of the whole row; a row whose support
 overflows the list (ties at the threshold) races densely. Same results as the dense races (the
 interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
@@ -55,7 +56,8 @@ import triton.language as tl
 from .. import rng as _rng
 from ..reference import jacobi_step as _ref
 from .rng import counter_word, four_words, lane_words, lane_words_at, seed_key
-from .sampling import (exponential, gather_lane, pow_accurate, race, target_row, uniform24, uniform_token)
+from .sampling import (exponential, gather_lane, pow_accurate, prefix_count, race, target_row, uniform24,
+                       uniform_token)
 
 try:
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
@@ -141,9 +143,10 @@ def _old_law(stored, lanes, valid, is_draft, kind, D, q_unif):
 
 @triton.jit
 def _residual_race(P, Qold, E, lanes, valid, is_draft):
-    """The row's candidate: the residual race ``max(0, P - Qold)`` of a draft row (the bonus race over
-    P on the last row); on zero residual mass the race over P with the same noise. Returns the lane
-    and whether the residual mass was zero."""
+    """The residual race ``max(0, P - Qold)`` of a draft row (the race over P on the bonus row); on
+    zero residual mass the race over P with the same noise. Returns the lane and whether the
+    residual mass was zero. The row's commit candidate (P, the stored law) and the coupling
+    redraw (Qt, the stored law) are both this race."""
     r = race(tl.where(is_draft, tl.maximum(P - Qold, 0.0), P), E, lanes, valid)
     zero = r < 0
     if r < 0:
@@ -251,15 +254,15 @@ def _jacobi_rows_kernel(
 
         # ---- LIST_K > 0: the lanes with P > 0 (about top_k of them), in lane order, go to a
         # per-row scratch list. Every race of a row on the dense state weighs only such lanes
-        # (residual, bonus and Gumbel over P, the fresh draft over Qt: P or a VP law that is zero
-        # where P is; the coupling redraw stays dense),
+        # (residual, bonus and Gumbel over P; the fresh draft and the coupling redraw over Qt: P or
+        # a VP law that is zero where P is),
         # so those races draw Philox words, logs and divisions for LIST_K lanes instead of BLOCK_V.
         # A row whose support does not fit the list (ties at the top-k threshold) races densely.
         use_list = tl.full([], 0, tl.int1)
         if LIST_K > 0:
             keep_l = valid & (P > 0.0)
             n_list = tl.sum(keep_l.to(tl.int32), 0)
-            at_l = tl.cumsum(keep_l.to(tl.int32), 0) - 1
+            at_l = prefix_count(keep_l, BLOCK_V)
             lbase = (b * W1 + j) * LIST_K
             tl.store(list_ptr + lbase + at_l, lanes, mask=keep_l & (at_l < LIST_K))
             tl.store(listp_ptr + lbase + at_l, P, mask=keep_l & (at_l < LIST_K))
@@ -350,15 +353,24 @@ def _jacobi_rows_kernel(
                     keep = uniform24(wc) * Qd < gather_lane(Qt, lanes, D)
                     if keep:
                         new = D
+                    elif use_list:
+                        # the redraw weighs max(Qt - Qold, 0), zero where Qt is: the listed lanes suffice
+                        # (names apart from the dense branch's: a tile of LIST_K lanes, not BLOCK_V)
+                        Qo_l = _old_law(tl.load(q_row + ids, mask=lval & (kind == K_DENSE), other=0.0),
+                                        ids, lval, is_draft, kind, D, q_unif)
+                        rc, zc = _residual_race(Qtl, Qo_l, exponential(lane_words_at(k0, k1, c_pos, c_step,
+                                                                                      S_COUPLE_RES, ids)),
+                                                ids, lval, is_draft)
+                        zero_cpl = zc & (~is_forced) & (~row_bad)
+                        new = rc.to(tl.int64)
                     else:
                         if not SPARSE:
                             Qold = _old_law(tl.load(q_row + lanes, mask=valid & (kind == K_DENSE), other=0.0),
                                             lanes, valid, is_draft, kind, D, q_unif)
-                        E_cr = exponential(lane_words(k0, k1, c_pos, c_step, S_COUPLE_RES, BLOCK_V))
-                        rc = race(tl.maximum(Qt - Qold, 0.0), E_cr, lanes, valid)
-                        zero_cpl = (rc < 0) & (~is_forced) & (~row_bad)
-                        if rc < 0:
-                            rc = race(Qt, E_cr, lanes, valid)
+                        rc, zc = _residual_race(Qt, Qold, exponential(lane_words(k0, k1, c_pos, c_step, S_COUPLE_RES,
+                                                                                 BLOCK_V)),
+                                                lanes, valid, is_draft)
+                        zero_cpl = zc & (~is_forced) & (~row_bad)
                         new = rc.to(tl.int64)
                 else:
                     new = _draft_race(Qt, Qtl, ids, lval, use_list, lanes, valid, k0, k1, c_pos, c_step, BLOCK_V)
@@ -373,7 +385,7 @@ def _jacobi_rows_kernel(
                 # ordered compaction of the support (forced and overflowing rows store no entries)
                 if (~is_forced) & (~ovf):
                     keep = valid & (P > 0.0)
-                    at_new = tl.cumsum(keep.to(tl.int32), 0) - 1
+                    at_new = prefix_count(keep, BLOCK_V)
                     tl.store(i_row + at_new, lanes, mask=keep)
                     tl.store(q_row + at_new, Qt, mask=keep)
                     if HAS_PREV:
