@@ -284,17 +284,40 @@ def test_verify_only_runs_the_fused_step_and_its_check_can_fail(monkeypatch):
     assert bad["check"] == "FAIL", bad
 
 
-def test_cuda_variant_backends_run_cuda_with_their_features():
+def test_variant_backends_run_their_library_backend_in_their_context():
     import sjd_kernels.cuda.jacobi_step as cj
+    import sjd_kernels.triton.jacobi_step as tj
     for name, feats in C.CUDA_VARIANTS.items():
-        be, ctx = C._cuda_variant(name)
+        be, ctx = C._variant(name)
         with ctx:
             assert be == "cuda" and cj.FEATURES == frozenset(feats)
         assert cj.FEATURES == frozenset()
-    be, ctx = C._cuda_variant("triton")
+    default = tj.kernel_config(16384, 32)["num_warps_rows"]
+    for name, warps in C.TRITON_VARIANTS.items():
+        be, ctx = C._variant(name)
+        with ctx:
+            assert be == "triton" and tj.kernel_config(16384, 32)["num_warps_rows"] == warps
+            assert tj.kernel_config(1000, 32)["num_warps_rows"] == 4        # small rows keep theirs
+        assert tj.kernel_config(16384, 32)["num_warps_rows"] == default == 16
+    be, ctx = C._variant("triton")
     with ctx:
-        assert be == "triton" and cj.FEATURES == frozenset()
-    assert set(C.CUDA_VARIANTS) <= set(C.JacobiStepBench.backends)
+        assert be == "triton" and cj.FEATURES == frozenset() and tj.ROWS_WARPS_LARGE == 16
+    assert set(C.VARIANTS) <= set(C.JacobiStepBench.backends)
+    with pytest.raises(ValueError):
+        with tj.rows_warps(12):
+            pass
+
+
+def test_triton_warps_variant_checks_against_the_reference_on_cpu():
+    """The bench's check of the variant runs the Triton op (interpreter here) inside its context."""
+    b = C.OPS["jacobi_step"]
+    case = [c for c in b.cases() if "cpu-quick" in c.grids][0]
+    ok, why = b.available("triton_w32", "cpu")
+    if not ok:
+        pytest.skip(why)
+    assert "32 warps" in why
+    r = b.check(case, "triton_w32", "cpu", 3)
+    assert r["check"] == "pass", r
 
 
 def test_summary_names_the_flashinfer_ratio():

@@ -89,6 +89,9 @@ def _library_backend_available(backend: str, device) -> tuple:
     if backend in CUDA_VARIANTS:
         ok, why = _library_backend_available("cuda", device)
         return ok, why + "; kernel features " + "+".join(CUDA_VARIANTS[backend]) if ok else why
+    if backend in TRITON_VARIANTS:
+        ok, why = _library_backend_available("triton", device)
+        return ok, why + f"; rows kernel with {TRITON_VARIANTS[backend]} warps" if ok else why
     from ..ops._common import backends as lib_backends, resolve_backend
     info = lib_backends().get(backend)
     if info is None:
@@ -131,16 +134,23 @@ def _refuse_ref_device(bench, ref_device) -> None:
 
 
 # Bench-only backends: the CUDA kernel with optional code paths (sjd_kernels.cuda.jacobi_step.FEATURES),
-# timed beside the default one to measure each path's share (leave one in at a time).
+# timed beside the default one to measure each path's share (leave one in at a time), and the
+# Triton rows kernel with another warp count for rows of more than 4096 lanes (triton.jacobi_step.rows_warps).
 CUDA_VARIANTS = {"cuda_bracket": ("bracket_topk",), "cuda_lists": ("bracket_topk", "list_races")}
+TRITON_VARIANTS = {"triton_w32": 32}
+VARIANTS = {**{k: "cuda" for k in CUDA_VARIANTS}, **{k: "triton" for k in TRITON_VARIANTS}}
 
 
-def _cuda_variant(backend: str):
-    """(library backend to call, context to call it in): a bench-only CUDA variant runs the cuda
-    backend inside ``kernel_features``; every other backend passes through."""
+def _variant(backend: str):
+    """(library backend to call, context to call it in): a bench-only variant runs its library
+    backend inside ``kernel_features`` (CUDA) or ``rows_warps`` (Triton); every other backend
+    passes through."""
     if backend in CUDA_VARIANTS:
         from ..cuda.jacobi_step import kernel_features
         return "cuda", kernel_features(*CUDA_VARIANTS[backend])
+    if backend in TRITON_VARIANTS:
+        from ..triton.jacobi_step import rows_warps
+        return "triton", rows_warps(TRITON_VARIANTS[backend])
     return backend, contextlib.nullcontext()
 
 
@@ -175,7 +185,7 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 class JacobiStepBench(OpBench):
     name = "jacobi_step"
     ref_device_ok = True
-    backends = ("torch", "triton", "cuda", "cuda_bracket", "cuda_lists", "reference_sjd")
+    backends = ("torch", "triton", "triton_w32", "cuda", "cuda_bracket", "cuda_lists", "reference_sjd")
     doc = ("one Jacobi step after the LM head: CFG, top-k, softmax, verification, residual/bonus, next drafts, "
            "state update")
 
@@ -271,7 +281,7 @@ class JacobiStepBench(OpBench):
 
     def _call(self, p: dict, inp: dict, state, backend: str):
         from ..ops.jacobi_step import jacobi_step
-        be, ctx = _cuda_variant(backend)
+        be, ctx = _variant(backend)
         with ctx:
             return jacobi_step(inp["logits"], inp["drafts"], inp["win"], inp["pos"], state,
                                uncond_logits=inp["uncond"], cfg_scale=inp["cfg"], top_k=int(p["top_k"]),
@@ -809,7 +819,7 @@ class TreeVerifyBench(OpBench):
 
     def _call(self, p: dict, inp: dict, state, backend: str):
         from ..ops.tree import tree_verify
-        be, ctx = _cuda_variant(backend)
+        be, ctx = _variant(backend)
         with ctx:
             return tree_verify(inp["logits"], inp["tree"], inp["pos"], state, uncond_logits=inp["uncond"],
                                cfg_scale=inp["cfg"], top_k=int(p["top_k"]), backend=be, advance=False)

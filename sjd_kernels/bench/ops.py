@@ -248,7 +248,7 @@ def _pivot(timed: list) -> str:
     for c in cases:
         rs = {f"{r['backend']} {r['graph']}": r for r in timed if r["case"] == c}
         any_r = next(iter(rs.values()))
-        lib = [r for r in rs.values() if r["backend"] in ("triton", "cuda") or r["backend"] in C.CUDA_VARIANTS]
+        lib = [r for r in rs.values() if r["backend"] in ("triton", "cuda") or r["backend"] in C.VARIANTS]
         best = min(lib, key=lambda r: r["median_us"]) if lib else None
         b = (f"{best['backend']} {best['graph']}: {100 * best['roofline_frac']:.0f}% of roofline, "
              f"{best['speedup_vs_ref']}x vs {best['ref_baseline']}" if best else "")

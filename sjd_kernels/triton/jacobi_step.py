@@ -49,6 +49,8 @@ every reduction used here is order-insensitive except the float sums.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -503,12 +505,33 @@ def _jacobi_commit_kernel(
     tl.store(q_kind_ptr + b * R + tpos % R, tkind, mask=tail & (~req_bad))
 
 
+# Warps of the rows kernels (jacobi_step, tree_verify) for rows of more than 4096 lanes. 16 gives
+# each thread 32 lanes of the
+# row in up to 128 registers (one block per SM: 25 % occupancy on an H100/H200); 32 halves the
+# lanes per thread at 64 registers with some spilling (`python -m sjd_kernels.bench.sass`), for
+# twice the warps to hide latency. The bench variant ``triton_w32`` times 32 beside the default.
+ROWS_WARPS_LARGE = 16
+
+
+@contextlib.contextmanager
+def rows_warps(n: int):
+    """Run the rows kernel with ``n`` warps for rows of more than 4096 lanes inside this block."""
+    global ROWS_WARPS_LARGE
+    if n not in (8, 16, 32):
+        raise ValueError(f"rows_warps: 8, 16 or 32, got {n}")
+    old, ROWS_WARPS_LARGE = ROWS_WARPS_LARGE, n
+    try:
+        yield
+    finally:
+        ROWS_WARPS_LARGE = old
+
+
 def _num_warps(block_v: int) -> int:
     if block_v <= 1024:
         return 4
     if block_v <= 4096:
         return 8
-    return 16
+    return ROWS_WARPS_LARGE
 
 
 def kernel_config(V: int, W: int) -> dict:
@@ -669,15 +692,20 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_GUMBEL,
                       SPARSE=True, BLOCK_C=sparse_block(1064), C_STEPS=sparse_steps(1064))),
     ]
-    for dt, ce in rows:
+    warps = [cfg["num_warps_rows"]] * len(rows)
+    if cfg["BLOCK_V"] > 4096:                            # the B 32 benchmark case with 32 warps (triton_w32)
+        rows.append(rows[3])
+        warps.append(32)
+    for (dt, ce), nw in zip(rows, warps):
         sig = dict(_ROWS_TYPES, logits_ptr=f"*{dt}", uncond_ptr=f"*{dt}")
         ce = dict(ce, INTERP=False, BLOCK_V=cfg["BLOCK_V"])
         ce.setdefault("LIST_K", 0)                       # ASTSource does not apply constexpr defaults
         sig.update({k: "constexpr" for k in ce})
         name = (f"rows-{dt}-mode{ce['MODE']}{'-greedy' if ce['GREEDY'] else ''}{'-vp' if ce['USE_VP'] else ''}"
-                f"{'-sparse' if ce.get('SPARSE') else ''}{'-list' if ce.get('LIST_K') else ''}")
+                f"{'-sparse' if ce.get('SPARSE') else ''}{'-list' if ce.get('LIST_K') else ''}"
+                f"{'' if nw == cfg['num_warps_rows'] else f'-w{nw}'}")
         cases.append(dict(name=name, kernel="_jacobi_rows_kernel", signature=sig, constexprs=ce,
-                          options=dict(num_warps=cfg["num_warps_rows"], enable_fp_fusion=False)))
+                          options=dict(num_warps=nw, enable_fp_fusion=False)))
     for forced, left in ((True, False), (False, True)):
         ce = dict(HAS_FORCED=forced, TAIL_LEFT=left, BLOCK_W1=cfg["BLOCK_W1"], BLOCK_W=cfg["BLOCK_W"])
         sig = dict(_COMMIT_TYPES, **{k: "constexpr" for k in ce})
