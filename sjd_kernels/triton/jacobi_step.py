@@ -24,9 +24,8 @@ Races over a list (constexpr ``LIST_K``, on when top-k is on and the state dense
 law is additive with beta < 0, which can be positive where P is 0): the
 lanes with ``P > 0`` (about top-k of them) go, in lane order, to a per-row scratch list, and the
 residual, bonus, fresh-draft, coupling-redraw and Gumbel races run over it (a race weighs no
-other lane), so their
-Philox words, logs and divisions cost LIST_K lanes instead of the whole row; a row whose support
-overflows the list (ties at the threshold) races densely. Same results as the dense races (the
+other lane), so their Philox words, logs and divisions cost LIST_K lanes instead of the whole row;
+a row whose support overflows the list (ties at the threshold) races densely. Same results as the dense races (the
 interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
 
 State after an error is undefined (kernel 1 cannot know that another row of the same request is
@@ -506,10 +505,10 @@ def _jacobi_commit_kernel(
 
 
 # Warps of the rows kernels (jacobi_step, tree_verify) for rows of more than 4096 lanes. 16 gives
-# each thread 32 lanes of the
-# row in up to 128 registers (one block per SM: 25 % occupancy on an H100/H200); 32 halves the
-# lanes per thread at 64 registers with some spilling (`python -m sjd_kernels.bench.sass`), for
-# twice the warps to hide latency. The bench variant ``triton_w32`` times 32 beside the default.
+# each thread 32 lanes of the row in up to 128 registers (one block per SM: 25 % occupancy on an
+# H100/H200); 32 halves the lanes per thread at 64 registers with some spilling (`python -m
+# sjd_kernels.bench.sass`), for twice the warps to hide latency. The bench variant ``triton_w32``
+# times 32 beside the default.
 ROWS_WARPS_LARGE = 16
 
 
