@@ -225,22 +225,27 @@ def _wanted(name: str, only) -> bool:
     return not [o for o in only if o] or any(o in name for o in only if o)
 
 
-def run_phases(V: int = V_PROBE, warps: int = WARPS, only=()) -> list:
+def _progress(i: int, n: int, name: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[{i}/{n}] compiling {name}", file=sys.stderr, flush=True)
+
+
+def run_phases(V: int = V_PROBE, warps: int = WARPS, only=(), quiet: bool = True) -> list:
     rows = []
-    for name, fn, sig, ce, note in phase_probes(V):
-        if not _wanted(name, only):
-            continue
+    todo = [p for p in phase_probes(V) if _wanted(p[0], only)]
+    for i, (name, fn, sig, ce, note) in enumerate(todo, 1):
+        _progress(i, len(todo), name, quiet)
         m = compile_metrics(fn, sig, ce, num_warps=warps)
         rows.append(dict(m, name=name, note=note, V=V, warps=warps))
     return rows
 
 
-def run_rows_kernels(V: int = V_PROBE, only=()) -> list:
+def run_rows_kernels(V: int = V_PROBE, only=(), quiet: bool = True) -> list:
     from ..triton import jacobi_step as tj
     rows = []
-    for case in tj.codegen_cases(V):
-        if not _wanted(case["name"], only):
-            continue
+    todo = [c for c in tj.codegen_cases(V) if _wanted(c["name"], only)]
+    for i, case in enumerate(todo, 1):
+        _progress(i, len(todo), case["name"], quiet)
         opts = dict(case.get("options", {}))
         nw = opts.pop("num_warps", 4)
         m = compile_metrics(getattr(tj, case["kernel"]), case["signature"], case["constexprs"], num_warps=nw, **opts)
@@ -370,24 +375,34 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", action="store_true", help="also the full rows kernels of the codegen cases")
     ap.add_argument("--only", action="append", default=[], help="substring filter on the names (repeatable)")
     ap.add_argument("--cuda", action="store_true", help="also the CUDA rows kernels (csrc/jacobi_step.cu, nvcc)")
+    ap.add_argument("--cuda-src", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "csrc", "jacobi_step.cu"), help="the .cu file for --cuda (a source checkout's)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--out", default=None, help="folder for sass_sm90.md and sass_sm90.json")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET"):
         print("TRITON_INTERPRET is set: unset it (the interpreter does not compile)", file=sys.stderr)
         return 2
-    rows = run_phases(a.V, a.warps, a.only)
+    if a.cuda and not os.path.exists(a.cuda_src):
+        print(f"--cuda: {a.cuda_src} not found (installed package: pass --cuda-src from a source checkout)",
+              file=sys.stderr)
+        return 2
+    if a.cuda and find_nvcc() is None:
+        print("--cuda: nvcc not found (set CUDACXX)", file=sys.stderr)
+        return 2
+    rows = run_phases(a.V, a.warps, a.only, a.quiet)
     text = (f"Static sm_90 code of phase probes (row of {a.V} lanes, {a.warps} warps, "
             f"{max(1, triton.next_power_of_2(a.V) // (32 * a.warps))} lanes per thread), Triton {triton.__version__}; "
             "compile-time counts, not timings.\n\n" + table(rows))
     if a.rows:
-        rk = run_rows_kernels(a.V, a.only)
+        rk = run_rows_kernels(a.V, a.only, a.quiet)
         rows += rk
         text += "\n\nFull rows kernels (`triton.jacobi_step.codegen_cases`); straight-line code of branches a row " \
                 "does not take is counted too.\n\n" + table(rk)
     if a.cuda:
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc",
-                           "jacobi_step.cu")
-        cr = cuda_metrics(src)
+        if not a.quiet:
+            print(f"compiling {a.cuda_src} with nvcc", file=sys.stderr, flush=True)
+        cr = cuda_metrics(a.cuda_src)
         rows += [dict(r, kind="cuda") for r in cr]
         text += ("\n\nCUDA rows kernel (`csrc/jacobi_step.cu`, nvcc with the build's flags, -lineinfo): every loop "
                  "of the kernel (one iteration per lane or group of 4 lanes of a thread, or one search round), "
