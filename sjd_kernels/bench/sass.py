@@ -165,24 +165,19 @@ def _probe_scan(x_ptr, out_ptr, V, PREFIX: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _probe_race(p_ptr, out_ptr, seed, V, BLOCK: tl.constexpr):
-    lanes = tl.arange(0, BLOCK)
-    valid = lanes < V
-    P = tl.load(p_ptr + lanes, mask=valid, other=0.0)
-    k0, k1 = seed_key(seed)
-    c = counter_word(seed + 1)
-    tl.store(out_ptr, ts.race(P, ts.exponential(lane_words(k0, k1, c, c, 3, BLOCK)), lanes, valid))
-
-
-@triton.jit
-def _probe_race_list(ids_ptr, p_ptr, out_ptr, seed, n, LIST_K: tl.constexpr):
-    li = tl.arange(0, LIST_K)
+def _probe_race(p_ptr, ids_ptr, out_ptr, seed, n, LIST: tl.constexpr, BLOCK: tl.constexpr):
+    # over the row (n = V lanes, noise per group of 4) or over a list of lane ids (noise per id)
+    li = tl.arange(0, BLOCK)
     ok = li < n
-    ids = tl.load(ids_ptr + li, mask=ok, other=0)
     P = tl.load(p_ptr + li, mask=ok, other=0.0)
     k0, k1 = seed_key(seed)
     c = counter_word(seed + 1)
-    tl.store(out_ptr, ts.race(P, ts.exponential(lane_words_at(k0, k1, c, c, 3, ids)), ids, ok))
+    if LIST:
+        ids = tl.load(ids_ptr + li, mask=ok, other=0)
+        r = ts.race(P, ts.exponential(lane_words_at(k0, k1, c, c, 3, ids)), ids, ok)
+    else:
+        r = ts.race(P, ts.exponential(lane_words(k0, k1, c, c, 3, BLOCK)), li, ok)
+    tl.store(out_ptr, r)
 
 
 @triton.jit
@@ -198,6 +193,7 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
     row = {"l_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*fp32", "V": "i32", "s": "fp32"}
     tgt = dict(row, inv_t="fp32", k="i32", top_p="fp32")
     f32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32"}
+    race = {"p_ptr": "*fp32", "ids_ptr": "*i32", "out_ptr": "*i32", "seed": "i64", "n": "i32"}
     return [
         ("copy fp32 row (load + store)", _probe_copy, f32, B, "the floor every probe contains"),
         ("load bf16 + CFG + store", _probe_load_cfg, row, B, ""),
@@ -213,10 +209,8 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
         ("scan: tl.cumsum", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"}, dict(B, PREFIX=False), ""),
         ("scan: prefix_count", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"}, dict(B, PREFIX=True),
          "list / sparse compaction"),
-        ("race over the row", _probe_race, {"p_ptr": "*fp32", "out_ptr": "*i32", "seed": "i64", "V": "i32"}, B,
-         "Philox + exponential + race"),
-        (f"race over a list of {list_k}", _probe_race_list,
-         {"ids_ptr": "*i32", "p_ptr": "*fp32", "out_ptr": "*i32", "seed": "i64", "n": "i32"}, {"LIST_K": list_k}, ""),
+        ("race over the row", _probe_race, race, dict(B, LIST=False), "Philox + exponential + race"),
+        (f"race over a list of {list_k}", _probe_race, race, {"LIST": True, "BLOCK": list_k}, ""),
     ]
 
 
