@@ -23,20 +23,27 @@ namespace sjd {
 constexpr int kBucketPivots = 7;
 constexpr int kBucketFlush = 255;  // lanes per thread between flushes (one byte per bucket)
 
-// #{m : key >= piv[m]} for non-decreasing piv[0..6] (the tests' reference for the bucket).
+// The 3-level binary search over non-decreasing piv[0..6]: key >= piv[3] (t1), then against
+// piv[5] or piv[1] (t2), then against piv[6], piv[4], piv[2] or piv[0] (t3). The bucket
+// #{m : key >= piv[m]} is 4 t1 + 2 t2 + t3.
+SJD_HD void pivot_search(uint32_t key, const uint32_t* piv, bool& t1, bool& t2, bool& t3) {
+  t1 = key >= piv[3];
+  t2 = key >= (t1 ? piv[5] : piv[1]);
+  t3 = key >= (t1 ? (t2 ? piv[6] : piv[4]) : (t2 ? piv[2] : piv[0]));
+}
+
+// #{m : key >= piv[m]} (0..7).
 SJD_HD int pivot_bucket(uint32_t key, const uint32_t* piv) {
-  const bool t1 = key >= piv[3];
-  const bool t2 = key >= (t1 ? piv[5] : piv[1]);
-  const bool t3 = key >= (t1 ? (t2 ? piv[6] : piv[4]) : (t2 ? piv[2] : piv[0]));
+  bool t1, t2, t3;
+  pivot_search(key, piv, t1, t2, t3);
   return (t1 ? 4 : 0) + (t2 ? 2 : 0) + (t3 ? 1 : 0);
 }
 
 // Adds one lane with this key to the packed byte counters: byte (b & 3) of hi when b >= 4, else
-// of lo, for the bucket b of pivot_bucket (the search's three answers pick the byte directly).
+// of lo, for its bucket b (the three answers pick the byte directly, without forming b).
 SJD_HD void bucket_count(uint32_t key, const uint32_t* piv, uint32_t& lo, uint32_t& hi) {
-  const bool t1 = key >= piv[3];
-  const bool t2 = key >= (t1 ? piv[5] : piv[1]);
-  const bool t3 = key >= (t1 ? (t2 ? piv[6] : piv[4]) : (t2 ? piv[2] : piv[0]));
+  bool t1, t2, t3;
+  pivot_search(key, piv, t1, t2, t3);
   const uint32_t one = 1u << ((t2 ? 16u : 0u) + (t3 ? 8u : 0u));
   if (t1) {
     hi += one;

@@ -309,7 +309,9 @@ def test_variant_backends_run_their_library_backend_in_their_context():
 
 
 def test_triton_warps_variant_checks_against_the_reference_on_cpu():
-    """The bench's check of the variant runs the Triton op (interpreter here) inside its context."""
+    """The bench plumbing of the variant: its check runs the Triton op inside ``rows_warps`` and
+    passes. (The interpreter ignores warps; the compiled 32-warp kernel is checked on a GPU by
+    test_jacobi_step_parity.py::test_parity_gpu_rows_kernel_with_32_warps.)"""
     b = C.OPS["jacobi_step"]
     case = [c for c in b.cases() if "cpu-quick" in c.grids][0]
     ok, why = b.available("triton_w32", "cpu")

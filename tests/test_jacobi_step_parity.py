@@ -455,6 +455,9 @@ def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
     outs = {}
     for lists in (True, False):
         monkeypatch.setattr(tj, "LIST_RACES", lists)
+        # the list path runs unless off or the VP law can be positive outside P's support
+        excluded = vp and vp_form == ADD and beta < 0
+        assert (tj.list_size(V, 9, False, False, vp, vp_form, beta) > 0) == (lists and not excluded)
         (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, mode=mode, top_k=9, q_fill=0.01,
                                            vp=vp, beta=beta, vp_form=vp_form)
         outs[lists] = (o_t, s_t)
@@ -535,6 +538,17 @@ def test_parity_gpu(name, monkeypatch):
         allowed = max(1, rows // 300)
     assert r.errors == 0
     assert len(r.mismatch) <= allowed, f"{name}: {len(r.mismatch)} of {r.compared} requests differ: {r.mismatch[:10]}"
+
+
+@gpu
+@needs_compiled_gpu
+@pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk", "coupling"])
+def test_parity_gpu_rows_kernel_with_32_warps(name, monkeypatch):
+    """The compiled rows kernel with 32 warps (the bench variant triton_w32) against the reference."""
+    from sjd_kernels.triton.jacobi_step import kernel_config, rows_warps
+    with rows_warps(32):
+        assert kernel_config(16384, 32)["num_warps_rows"] == 32
+        test_parity_gpu(name, monkeypatch)
 
 
 @gpu

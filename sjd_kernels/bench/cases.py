@@ -86,12 +86,11 @@ class OpBench:
 
 
 def _library_backend_available(backend: str, device) -> tuple:
-    if backend in CUDA_VARIANTS:
-        ok, why = _library_backend_available("cuda", device)
-        return ok, why + "; kernel features " + "+".join(CUDA_VARIANTS[backend]) if ok else why
-    if backend in TRITON_VARIANTS:
-        ok, why = _library_backend_available("triton", device)
-        return ok, why + f"; rows kernel with {TRITON_VARIANTS[backend]} warps" if ok else why
+    if backend in VARIANTS:
+        ok, why = _library_backend_available(VARIANTS[backend], device)
+        what = (f"kernel features {'+'.join(CUDA_VARIANTS[backend])}" if backend in CUDA_VARIANTS
+                else f"rows kernel with {TRITON_VARIANTS[backend]} warps")
+        return ok, f"{why}; {what}" if ok else why
     from ..ops._common import backends as lib_backends, resolve_backend
     info = lib_backends().get(backend)
     if info is None:

@@ -11,7 +11,8 @@ Of the rows kernel's optional paths (``sjd_kernels.cuda.jacobi_step.kernel_featu
 bracket top-k selection applies here too (the target row is built by the same code).
 
 ``logits`` / ``uncond`` may be views whose last dimension is contiguous. Rows with more lanes than
-fit in shared memory (about 56k fp32 on H100) go through a ``[B, V]`` float32 buffer instead.
+fit in shared memory (about 54k fp32 on H100: 227 KiB less the kernel's 13 KiB of static
+buffers) go through a ``[B, V]`` float32 buffer instead.
 """
 from __future__ import annotations
 

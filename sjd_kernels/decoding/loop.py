@@ -63,7 +63,7 @@ import torch
 from ..models.protocol import check_model
 from ..ops import JacobiState, SJDInputError, check_status, init_window, jacobi_step
 from ..ops.tree import build_tree, tree_kv_update, tree_verify
-from ..ops._common import FLOAT_DTYPES, resolve_backend
+from ..ops._common import FLOAT_DTYPES, check_temperature, resolve_backend
 from .cache import StaticKVCache
 from .methods import METHODS, PENDING, available_methods
 from . import pac as _pac
@@ -341,8 +341,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
             raise SJDInputError("state_capacity (sparse state) applies to the chain methods; 'pac' keeps dense laws")
 
     # ---- sampling settings, checked before any work
-    if not isinstance(temperature, (int, float)) or not temperature >= 0.0 or math.isinf(temperature):
-        raise SJDInputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    check_temperature(temperature)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= V:
         raise SJDInputError(f"top_k must be an int in [0, vocab_size={V}] (0 = off), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:

@@ -1,6 +1,7 @@
 """Shared plumbing of every op: backend choice, input validation, device status."""
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -149,6 +150,15 @@ def _temperature_range() -> tuple[float, float]:
 _T_MIN, _T_MAX = _temperature_range()
 
 
+def check_temperature(temperature) -> None:
+    """0 (greedy) or a positive number whose float32 value and float32 reciprocal are finite (the
+    rows are scaled by that reciprocal); anything else is an SJDInputError."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            temperature == 0.0 or _T_MIN <= temperature <= _T_MAX):
+        raise SJDInputError(f"temperature must be 0 (greedy) or a number in [{_T_MIN:.4g}, {_T_MAX:.4g}] (a float32 "
+                            f"with a finite float32 reciprocal), got {temperature!r}")
+
+
 def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, top_k, top_p) -> None:
     """Checks shared by every sampling op: the state's seed/step/status, ``forced`` and the
     temperature / top-k / top-p knobs (messages name the argument and what was expected)."""
@@ -158,12 +168,7 @@ def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, to
     check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
     if forced is not None:
         check_tensor("forced", forced, dtypes=i64, dim=2, shape=(B, None), device=dev, contiguous=True)
-    if not (temperature >= 0.0) or temperature != temperature:
-        raise SJDInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if temperature > 0.0 and not (_T_MIN <= temperature <= _T_MAX):
-        # the rows are scaled by the float32 reciprocal of float32(T): both must be finite
-        raise SJDInputError(f"temperature must be 0 (greedy) or in [{_T_MIN:.4g}, {_T_MAX:.4g}] (a float32 with a "
-                            f"finite float32 reciprocal), got {temperature}")
+    check_temperature(temperature)
     if not isinstance(top_k, int) or top_k < 0 or top_k > V:
         raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
     if not (0.0 < top_p <= 1.0):

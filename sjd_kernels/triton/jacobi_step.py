@@ -20,13 +20,13 @@ slot's ids (``_sparse_find``, only on lanes a race can pick); the new entries ar
 compaction of the lanes with ``P > 0`` (``prefix_count``), written after the barrier that ends every
 read of the slot; a row with more than C such lanes drafts uniformly and raises flag ``F_OVERFLOW``.
 
-Races over a list (constexpr ``LIST_K``, on when top-k is on and the state dense, unless the VP
-law is additive with beta < 0, which can be positive where P is 0): the
-lanes with ``P > 0`` (about top-k of them) go, in lane order, to a per-row scratch list, and the
-residual, bonus, fresh-draft, coupling-redraw and Gumbel races run over it (a race weighs no
-other lane), so their Philox words, logs and divisions cost LIST_K lanes instead of the whole row;
-a row whose support overflows the list (ties at the threshold) races densely. Same results as the dense races (the
-interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
+Races over a list (constexpr ``LIST_K``, ``list_size``: on when top-k is on and the state dense,
+unless the VP law is additive with beta < 0, which can be positive where P is 0): the lanes with
+``P > 0`` (about top-k of them) go, in lane order, to a per-row scratch list, and the residual,
+bonus, fresh-draft, coupling-redraw and Gumbel races run over it (a race weighs no other lane), so
+their Philox words, logs and divisions cost LIST_K lanes instead of the whole row; a row whose
+support overflows the list (ties at the threshold) races densely. Same results as the dense races
+(the interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
 
 State after an error is undefined (kernel 1 cannot know that another row of the same request is
 bad): DESIGN.md asks callers to re-initialise it; outputs of that request are -1 as in the reference.
@@ -38,13 +38,14 @@ libdevice ``expf``, ``log`` the libdevice polynomial. What remains different is 
 (softmax and top-p sums, VP normalisation) and last-ulp exp/log differences, which can move a
 sample across a boundary in rare cases.
 
-Tile: one row is one register tile ``BLOCK_V = next_power_of_2(V)`` (V up to 32768; 16 warps
-above 8192 lanes). Several V-sized fp32 vectors are live at once (P, Q_old, Q_t, noise), which
-spills registers for V >= 16384. A chunked version would keep P (or the combined logits) in a
-global/L2 scratch row, loop over V in chunks for each pass (max, exp-sum, each count of the top-k and
-top-p bracket searches, each race as a running (best key, lowest lane) pair), and regenerate Philox words
-per chunk from the lane offset (``lane_words`` would take a ``lane0``); results are the same since
-every reduction used here is order-insensitive except the float sums.
+Tile: one row is one register tile ``BLOCK_V = next_power_of_2(V)`` (V up to 32768; 16 warps above
+4096 lanes, ``rows_warps``). Several V-sized vectors are live at once (the logits or keys, P, Q_t;
+Q_old and the noise in the dense races), which spills registers for V >= 16384 (``python -m
+sjd_kernels.bench.sass`` shows the stack). A chunked version would keep P (or the combined logits)
+in a global/L2 scratch row, loop over V in chunks for each pass (max, exp-sum, each count of the
+top-k and top-p bracket searches, each race as a running (best key, lowest lane) pair), and
+regenerate Philox words per chunk from the lane offset (``lane_words`` would take a ``lane0``);
+results are the same since every reduction used here is order-insensitive except the float sums.
 """
 from __future__ import annotations
 
@@ -544,6 +545,16 @@ def kernel_config(V: int, W: int) -> dict:
 LIST_RACES = True
 
 
+def list_size(V: int, top_k: int, greedy: bool, sparse: bool, use_vp: bool, vp_form: int, beta: float) -> int:
+    """LIST_K of the rows kernel: room for the lanes with P > 0 when every race of a row weighs only
+    them (top-k on, dense state, not the additive VP law with beta < 0, which can be positive where
+    P is 0), and the list is at most a quarter of the row tile; 0 (dense races) otherwise."""
+    if not LIST_RACES or greedy or not 0 < top_k < V or sparse or (use_vp and vp_form == _ref.VP_ADD and beta < 0.0):
+        return 0
+    k = triton.next_power_of_2(top_k + 16)
+    return k if 4 * k <= kernel_config(V, 1)["BLOCK_V"] else 0
+
+
 def sparse_block(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
@@ -602,13 +613,8 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     interp = is_interpreted()
 
     unc = uncond if uncond is not None else logits
-    # the races over the lanes with P > 0 (see the rows kernel): top-k on, dense state
     do_topk = (not greedy) and 0 < top_k < V
-    # (the additive VP law with beta < 0 can be positive where P is 0: those rows race densely)
-    vp_outside = use_vp and vp_form == _ref.VP_ADD and beta < 0.0
-    list_k = triton.next_power_of_2(top_k + 16) if LIST_RACES and do_topk and not sparse and not vp_outside else 0
-    if list_k * 4 > cfg["BLOCK_V"]:
-        list_k = 0
+    list_k = list_size(V, top_k, greedy, sparse, use_vp, vp_form, beta)
     # the scratch lists exist only when a row can use them (otherwise the kernel never reads the
     # pointers: the state tensors stand in, with the right dtypes)
     lists = torch.empty((B, W1, list_k), dtype=torch.int32, device=dev) if list_k else q_kind
@@ -641,8 +647,9 @@ _ROWS_TYPES = dict(
     logits_ptr=None, stride_lb="i64", stride_lj="i64", uncond_ptr=None, stride_ub="i64", stride_uj="i64",
     cfg_ptr="*fp32", drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
     forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", q_idx_ptr="*i32",
-    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", list_ptr="*i32", listp_ptr="*fp32", listq_ptr="*fp32", W="i32", V="i32", R="i32", C="i32", temperature="fp32",
-    top_k="i32", top_p="fp32", beta="fp32", vp_eps="fp32", q_unif="fp32")
+    flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", list_ptr="*i32", listp_ptr="*fp32", listq_ptr="*fp32",
+    W="i32", V="i32", R="i32", C="i32", temperature="fp32", top_k="i32", top_p="fp32", beta="fp32", vp_eps="fp32",
+    q_unif="fp32")
 _COMMIT_TYPES = dict(
     drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64", forced_ptr="*i64",
     L="i32", q_kind_ptr="*i32", flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", status_ptr="*i32",
