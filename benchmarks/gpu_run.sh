@@ -41,7 +41,7 @@
 #                           the installed syntax)
 #   PROFILE_CASES="B32_W32_V16384_cfg_bf16_sjd_k1000"   cases for the `profile` stage (Nsight Compute,
 #                           one launch of the rows kernel per backend (cuda, cuda_bracket, cuda_lists,
-#                           triton, triton_w32);
+#                           triton, triton_w32, triton_rowsearch);
 #                           add "profile" to STAGES)
 #   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
 #   WHEELS=.whl             folder of wheels to install first (see NOTES.md for FlashInfer)
@@ -314,7 +314,7 @@ fi
 if want profile; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   for c in $PROFILE_CASES; do
-    for be in cuda cuda_bracket cuda_lists triton triton_w32; do
+    for be in cuda cuda_bracket cuda_lists triton triton_w32 triton_rowsearch; do
       if [ -z "$NCU" ]; then printf '| profile-%s | skipped (ncu not found) | - | 0 | 0 | - |\n' "$be" >> "$STATUS"; continue; fi
       stage "profile-$be-$c" "$PROFILE_S" "$LOGS/ncu-$be-$c.log" -- "$NCU" --clock-control none \
         -k regex:jacobi_rows --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \

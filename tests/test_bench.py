@@ -293,12 +293,17 @@ def test_variant_backends_run_their_library_backend_in_their_context():
             assert be == "cuda" and cj.FEATURES == frozenset(feats)
         assert cj.FEATURES == frozenset()
     default = tj.kernel_config(16384, 32)["num_warps_rows"]
-    for name, warps in C.TRITON_VARIANTS.items():
+    assert tj.CAND_LIST and tj.cand_size(16384, 1000, 1024, False) == 2048
+    for name, opts in C.TRITON_VARIANTS.items():
         be, ctx = C._variant(name)
         with ctx:
-            assert be == "triton" and tj.kernel_config(16384, 32)["num_warps_rows"] == warps
+            assert be == "triton"
+            assert tj.kernel_config(16384, 32)["num_warps_rows"] == opts.get("warps", default)
             assert tj.kernel_config(1000, 32)["num_warps_rows"] == 4        # small rows keep theirs
+            assert tj.CAND_LIST == opts.get("cand_list", True)
+            assert (tj.cand_size(16384, 1000, 1024, False) > 0) == opts.get("cand_list", True)
         assert tj.kernel_config(16384, 32)["num_warps_rows"] == default == 16
+        assert tj.CAND_LIST
     be, ctx = C._variant("triton")
     with ctx:
         assert be == "triton" and cj.FEATURES == frozenset() and tj.ROWS_WARPS_LARGE == 16
@@ -308,17 +313,21 @@ def test_variant_backends_run_their_library_backend_in_their_context():
             pass
 
 
-def test_triton_warps_variant_checks_against_the_reference_on_cpu():
-    """The bench plumbing of the variant: its check runs the Triton op inside ``rows_warps`` and
-    passes. (The interpreter ignores warps; the compiled 32-warp kernel is checked on a GPU by
-    test_jacobi_step_parity.py::test_parity_gpu_rows_kernel_with_32_warps.)"""
+@pytest.mark.parametrize("name,what", [("triton_w32", "32 warps"), ("triton_rowsearch", "the candidate list off")])
+def test_triton_variants_check_against_the_reference_on_cpu(name, what):
+    """The bench plumbing of the variants: the check runs the Triton op inside ``rows_warps`` /
+    ``cand_list`` and passes. (The interpreter ignores warps; the compiled 32-warp kernel is
+    checked on a GPU by test_jacobi_step_parity.py::test_parity_gpu_rows_kernel_with_32_warps.)"""
+    import sjd_kernels.triton.jacobi_step as tj
     b = C.OPS["jacobi_step"]
-    case = [c for c in b.cases() if "cpu-quick" in c.grids][0]
-    ok, why = b.available("triton_w32", "cpu")
+    # V 257, top-k 40: the default kernel takes the candidate list (128 lanes), the variant does not
+    case = [c for c in b.cases() if "cpu-quick" in c.grids and "V257" in c.name][0]
+    assert tj.cand_size(257, 40, tj.list_size(257, 40, False, False, False, 0, 0.0), False) == 128
+    ok, why = b.available(name, "cpu")
     if not ok:
         pytest.skip(why)
-    assert "32 warps" in why
-    r = b.check(case, "triton_w32", "cpu", 3)
+    assert what in why
+    r = b.check(case, name, "cpu", 3)
     assert r["check"] == "pass", r
 
 

@@ -446,27 +446,86 @@ def test_coupling_vp_redraws(vp_form, beta):
                                                   ("coupling", True, LOG, -1.0), ("sjd", True, ADD, -0.5)])
 def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
     """The Triton races over the listed lanes with P > 0 give exactly the dense races' outputs and state
-    (same noise, same weights), with and without CFG, on rows where some drafts are rejected."""
+    (same noise, same weights), with and without CFG, on rows where some drafts are rejected. The
+    top-k search and softmax through the candidate list (on when the next draft's law is P) give
+    the same outputs and the same state up to the rounding of the softmax sum, whose order changes."""
     import sjd_kernels.triton.jacobi_step as tj
     B, W, V = 4, 6, 100
     g = torch.Generator().manual_seed(7)
     logits = (torch.randn(B, W + 1, V, generator=g) * 3).to(BF16)
     win = torch.tensor([W, 3, 0, W])
     outs = {}
-    for lists in (True, False):
+    for name, lists, cand in (("dense", False, False), ("list", True, False), ("cand", True, True)):
         monkeypatch.setattr(tj, "LIST_RACES", lists)
-        # the list path runs unless off or the VP law can be positive outside P's support
+        monkeypatch.setattr(tj, "CAND_LIST", cand)
+        # the list path runs unless off or the VP law can be positive outside P's support; the
+        # candidate list needs the list and Qt = P
         excluded = vp and vp_form == ADD and beta < 0
-        assert (tj.list_size(V, 9, False, False, vp, vp_form, beta) > 0) == (lists and not excluded)
+        lk = tj.list_size(V, 9, False, False, vp, vp_form, beta)
+        assert (lk > 0) == (lists and not excluded)
+        assert (tj.cand_size(V, 9, lk, vp) > 0) == (cand and lk > 0 and not vp)
         (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, mode=mode, top_k=9, q_fill=0.01,
                                            vp=vp, beta=beta, vp_form=vp_form)
-        outs[lists] = (o_t, s_t)
-    (o1, s1), (o0, s0) = outs[True], outs[False]
-    for x, y in zip(o1, o0):
+        outs[name] = (o_t, s_t)
+    (o1, s1), (o0, s0), (o2, s2) = outs["list"], outs["dense"], outs["cand"]
+    for x, y, z in zip(o1, o0, o2):
         assert torch.equal(x, y)
+        assert torch.equal(z, y)
     for k in STATE:
         assert torch.equal(s1[k], s0[k]), k
+    assert torch.equal(s2["status"], s0["status"])
+    assert states_close(s0, s2, vp=vp)
     assert int((o1[0] < W).sum()) >= 1          # some request stopped at a rejection (residual race ran)
+
+
+@pytest.mark.parametrize("mode,top_p", [("sjd", 1.0), ("coupling", 0.9), ("gumbel", 1.0), ("gumbel_jacobi", 1.0)])
+def test_candidate_list_rows_and_their_fallbacks_match_reference(mode, top_p, monkeypatch):
+    """Rows of the top-k search through a candidate list (V 200, top-k 20: a candidate list of 128
+    lanes, a race list of 64) against the reference and the dense path, one request per kind of row:
+    smooth rows (the list path); 100 lanes tied at the top (the candidates fit, the lanes with P > 0
+    overflow the race list: dense P and races); 150 tied lanes (the search over the candidates
+    cannot start: over the row); 5 finite lanes (the 20th largest is -inf); a NaN row and a row
+    with no finite logit (bad rows); a forced row; 19 lanes at 0 and 150 tied at -200, where top-k
+    keeps 169 lanes but only 19 have P > 0 (exp underflows): the candidates overflow, the race list
+    would not. Drafts are top lanes of their rows and the old law is 0.1 on every lane, so the
+    acceptance test decides (and reads P at the draft).
+    Tokens and counts are equal, the state agrees up to rounding."""
+    import sjd_kernels.triton.jacobi_step as tj
+    B, W, V, K = 7, 4, 200, 20
+    assert tj.list_size(V, K, False, False, False, ADD, 0.0) == 64
+    assert tj.cand_size(V, K, 64, False) == 128
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(B, W + 1, V, generator=g) * 2
+    logits[1, :, :100] = 5.0                     # 100 ties at the top: 64 < 100 <= 128
+    logits[2, :, 50:] = 4.0                      # 150 ties at the top: > 128 candidates
+    logits[3, :, 5:] = float("-inf")             # 5 finite lanes, top-k 20
+    logits[4, 2, 17] = float("nan")              # a bad row
+    logits[5, 3, :] = float("-inf")              # no finite logit
+    logits[6, :, :150] = -200.0                  # 169 lanes kept by top-k, 19 with P > 0
+    logits[6, :, 150:169] = 0.0
+    logits[6, :, 169:] = -300.0
+    forced = torch.full((B, 40), -1, dtype=torch.int64)
+    forced[0, 0 + 2] = 9                         # request 0 (pos 0): row 2 forced
+    drafts = torch.argsort(logits[:, :W], dim=-1, descending=True, stable=True)[..., 3]
+    drafts[0, 2] = 9                             # the forced token
+    win = torch.tensor([W, W, 3, W, W, W, W])
+    outs = {}
+    for cand in (True, False):
+        monkeypatch.setattr(tj, "CAND_LIST", cand)
+        monkeypatch.setattr(tj, "LIST_RACES", cand)
+        (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, drafts=drafts, forced=forced, mode=mode,
+                                           top_k=K, top_p=top_p, q_fill=0.1)
+        for x, y in zip(o_r, o_t):
+            assert torch.equal(x, y)
+        assert torch.equal(s_r["status"], s_t["status"])
+        ok = [b for b in range(B) if int(o_r[0][b]) >= 0]          # requests without an error
+        assert ok == [0, 1, 2, 3, 6]
+        assert states_close(s_r, s_t, b=ok)
+        outs[cand] = o_t
+    for x, y in zip(outs[True], outs[False]):
+        assert torch.equal(x, y)
+    if mode != "gumbel_jacobi":                  # (which accepts a draft only if it is the Gumbel choice)
+        assert 0 < int(outs[True][0][[0, 1, 2, 3, 6]].sum()) < 4 * W + 3   # some accepted, some rejected
 
 
 def test_window_zero_and_all_rows_padded():
@@ -549,6 +608,19 @@ def test_parity_gpu_rows_kernel_with_32_warps(name, monkeypatch):
     with rows_warps(32):
         assert kernel_config(16384, 32)["num_warps_rows"] == 32
         test_parity_gpu(name, monkeypatch)
+
+
+@gpu
+@needs_compiled_gpu
+@pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk", "coupling", "gumbel"])
+def test_parity_gpu_rows_kernel_without_the_candidate_list(name, monkeypatch):
+    """The compiled rows kernel with the top-k search and softmax over the row (the bench variant
+    triton_rowsearch; the default takes the candidate list in these cases) against the reference."""
+    from sjd_kernels.triton.jacobi_step import cand_list, cand_size
+    with cand_list(False):
+        assert cand_size(16384, 1000, 1024, False) == 0
+        test_parity_gpu(name, monkeypatch)
+    assert cand_size(16384, 1000, 1024, False) == 2048
 
 
 @gpu

@@ -52,6 +52,47 @@ def test_bracket_and_pivots_find_the_kth_largest_key_and_reach_every_branch():
     assert all(v > 0 for v in seen.values()), seen      # each branch of the device code was exercised
 
 
+def test_two_stage_search_finds_the_same_key_with_the_same_rounds():
+    """The rows kernel's search through a candidate list (row rounds until at most ``cap`` keys lie
+    at or above the bracket, then the same rounds over those keys) is the one-stage search split in
+    two: same key, same reductions in all. Both outcomes occur (the candidates fit; ties make them
+    overflow and the search stays on the row)."""
+    rng = np.random.default_rng(99)
+    seen = {"fit": 0, "overflow": 0, "split": 0}
+    n = 0
+    for name, y in _rows(rng):
+        V = y.size
+        for k in sorted({1, 2, V // 3, V - 1, int(rng.integers(1, V + 1))}):
+            want = tm.kth_key_exact(y, k)
+            _, red = tm.kth_key_halving(y, k)
+            for cap in (max(1, k), 2 * k + 32, V):
+                got, r_row, r_cand, n_c = tm.kth_key_two_stage(y, k, cap)
+                assert got == want and r_row + r_cand == red, (name, V, k, cap)
+                assert n_c == 0 or k <= n_c <= cap, (name, V, k, cap, n_c)
+                seen["fit"] += n_c > 0
+                seen["overflow"] += n_c == 0
+                seen["split"] += r_cand > 0 and r_row > 4
+                n += 1
+    assert n > 500
+    assert all(v > 0 for v in seen.values()), seen
+
+
+@pytest.mark.parametrize("V,k", [(16384, 1000), (32768, 1000)])
+def test_two_stage_search_leaves_fewer_rounds_on_the_row(V, k):
+    # the reason it exists: about half the reductions of a smooth row run on at most 2048 lanes
+    rng = np.random.default_rng(7)
+    fam = tm.families(V, rng)
+    cap = tm.cand_cap(V, k)
+    assert cap == 2048
+    tot, on_list = 0, 0
+    for name in ("gaussian", "cfg-4", "gumbel", "bf16-grid"):
+        _, red = tm.kth_key_halving(fam[name], k)
+        _, r_row, r_cand, n_c = tm.kth_key_two_stage(fam[name], k, cap)
+        assert n_c > 0 and r_row <= 10, (name, red, r_row, r_cand)
+        tot, on_list = tot + red, on_list + r_cand
+    assert on_list >= tot // 3, (tot, on_list)
+
+
 def test_topp_halving_model_equals_bisection():
     rng = np.random.default_rng(3)
     n = 0

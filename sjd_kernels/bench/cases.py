@@ -89,7 +89,7 @@ def _library_backend_available(backend: str, device) -> tuple:
     if backend in VARIANTS:
         ok, why = _library_backend_available(VARIANTS[backend], device)
         what = (f"kernel features {'+'.join(CUDA_VARIANTS[backend])}" if backend in CUDA_VARIANTS
-                else f"rows kernel with {TRITON_VARIANTS[backend]} warps")
+                else f"rows kernel with {_triton_variant_text(TRITON_VARIANTS[backend])}")
         return ok, f"{why}; {what}" if ok else why
     from ..ops._common import backends as lib_backends, resolve_backend
     info = lib_backends().get(backend)
@@ -134,22 +134,39 @@ def _refuse_ref_device(bench, ref_device) -> None:
 
 # Bench-only backends: the CUDA kernel with optional code paths (sjd_kernels.cuda.jacobi_step.FEATURES),
 # timed beside the default one to measure each path's share (leave one in at a time), and the
-# Triton rows kernel with another warp count for rows of more than 4096 lanes (triton.jacobi_step.rows_warps).
+# Triton rows kernel with another warp count for rows of more than 4096 lanes
+# (triton.jacobi_step.rows_warps) or with its top-k search and softmax over the whole row instead of
+# through a candidate list (triton.jacobi_step.cand_list).
 CUDA_VARIANTS = {"cuda_bracket": ("bracket_topk",), "cuda_lists": ("bracket_topk", "list_races")}
-TRITON_VARIANTS = {"triton_w32": 32}
+TRITON_VARIANTS = {"triton_w32": {"warps": 32}, "triton_rowsearch": {"cand_list": False}}
 VARIANTS = {**{k: "cuda" for k in CUDA_VARIANTS}, **{k: "triton" for k in TRITON_VARIANTS}}
+
+
+def _triton_variant_text(opts: dict) -> str:
+    return ", ".join(f"{opts['warps']} warps" if k == "warps" else
+                     f"the candidate list {'on' if opts[k] else 'off'}" for k in opts)
+
+
+@contextlib.contextmanager
+def _triton_variant(opts: dict):
+    from ..triton import jacobi_step as tj
+    with contextlib.ExitStack() as stack:
+        if "warps" in opts:
+            stack.enter_context(tj.rows_warps(opts["warps"]))
+        if "cand_list" in opts:
+            stack.enter_context(tj.cand_list(opts["cand_list"]))
+        yield
 
 
 def _variant(backend: str):
     """(library backend to call, context to call it in): a bench-only variant runs its library
-    backend inside ``kernel_features`` (CUDA) or ``rows_warps`` (Triton); every other backend
-    passes through."""
+    backend inside ``kernel_features`` (CUDA) or ``rows_warps`` / ``cand_list`` (Triton); every
+    other backend passes through."""
     if backend in CUDA_VARIANTS:
         from ..cuda.jacobi_step import kernel_features
         return "cuda", kernel_features(*CUDA_VARIANTS[backend])
     if backend in TRITON_VARIANTS:
-        from ..triton.jacobi_step import rows_warps
-        return "triton", rows_warps(TRITON_VARIANTS[backend])
+        return "triton", _triton_variant(TRITON_VARIANTS[backend])
     return backend, contextlib.nullcontext()
 
 
@@ -184,7 +201,7 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 class JacobiStepBench(OpBench):
     name = "jacobi_step"
     ref_device_ok = True
-    backends = ("torch", "triton", "triton_w32", "cuda", "cuda_bracket", "cuda_lists", "reference_sjd")
+    backends = ("torch", "triton", "triton_w32", "triton_rowsearch", "cuda", "cuda_bracket", "cuda_lists", "reference_sjd")
     doc = ("one Jacobi step after the LM head: CFG, top-k, softmax, verification, residual/bonus, next drafts, "
            "state update")
 

@@ -181,6 +181,31 @@ def _probe_race(p_ptr, ids_ptr, out_ptr, seed, n, LIST: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
+def _probe_rounds(x_ptr, out_ptr, V, k, NR: tl.constexpr, BLOCK: tl.constexpr):
+    # kth_init and NR counting rounds of the top-k search, unrolled (a round of the loop that
+    # takes the counting branch; the loop body in the kernels also holds the shrink and finish)
+    lanes = tl.arange(0, BLOCK)
+    valid = lanes < V
+    key, lo, hi, kmin, cge, cgt, gap = ts.kth_init(ts.float_key(tl.load(x_ptr + lanes, mask=valid, other=0.0)),
+                                                   valid)
+    for _ in tl.static_range(NR):
+        a = ts.key_value(tl.maximum(lo, kmin))
+        piv = ts.float_key(a + (ts.key_value(hi) - a) * 0.5)
+        piv = tl.minimum(tl.maximum(piv, lo + 1), hi)
+        c = tl.sum((key >= piv).to(tl.int32), 0)
+        lo, hi, cge, cgt, gap = ts._bracket_step(c >= k, piv, c, lo, hi, cge, cgt)
+    tl.store(out_ptr, lo + hi + cge + cgt + gap.to(tl.int32))
+
+
+@triton.jit
+def _probe_softmax(x_ptr, out_ptr, V, mx, BLOCK: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
+    valid = lanes < V
+    y = tl.load(x_ptr + lanes, mask=valid, other=float("-inf"))
+    tl.store(out_ptr + lanes, ts.softmax_top_p(y, valid, mx, 1.0, False, False), mask=valid)
+
+
+@triton.jit
 def _probe_copy(x_ptr, out_ptr, V, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
     valid = lanes < V
@@ -188,8 +213,15 @@ def _probe_copy(x_ptr, out_ptr, V, BLOCK: tl.constexpr):
 
 
 def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
-    """``(name, fn, signature, constexprs, note)`` of every phase probe at a row of V lanes."""
+    """``(name, fn, signature, constexprs, note)`` of every phase probe at a row of V lanes.
+
+    The candidate list of the rows kernel's top-k search is BLOCK / 8 lanes here (2048 at V 16384,
+    the launcher's size for top-k 1000)."""
     B = {"BLOCK": triton.next_power_of_2(V)}
+    nc = max(64, B["BLOCK"] // 8)
+    C = {"BLOCK": nc}
+    rounds = {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32", "k": "i32"}
+    soft = {"x_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "mx": "fp32"}
     row = {"l_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*fp32", "V": "i32", "s": "fp32"}
     tgt = dict(row, inv_t="fp32", k="i32", top_p="fp32")
     f32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32"}
@@ -209,6 +241,16 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
         ("scan: tl.cumsum", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"}, dict(B, PREFIX=False), ""),
         ("scan: prefix_count", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"}, dict(B, PREFIX=True),
          "list / sparse compaction"),
+        ("top-k rounds: kth_init over the row", _probe_rounds, rounds, dict(B, NR=0), "4 reductions"),
+        ("top-k rounds: kth_init + 4 rounds over the row", _probe_rounds, rounds, dict(B, NR=4),
+         "counting rounds, unrolled"),
+        (f"top-k rounds: kth_init over a list of {nc}", _probe_rounds, rounds, dict(C, NR=0), ""),
+        (f"top-k rounds: kth_init + 4 rounds over a list of {nc}", _probe_rounds, rounds, dict(C, NR=4),
+         "the candidate list"),
+        ("softmax over the row", _probe_softmax, soft, B, "exp, sum, IEEE division"),
+        (f"softmax over a list of {nc}", _probe_softmax, soft, C, ""),
+        (f"compaction over a list of {nc}", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"},
+         dict(C, PREFIX=True), "prefix_count"),
         ("race over the row", _probe_race, race, dict(B, LIST=False), "Philox + exponential + race"),
         (f"race over a list of {list_k}", _probe_race, race, {"LIST": True, "BLOCK": list_k}, ""),
     ]

@@ -11,6 +11,9 @@ row (and block-wide reductions) they make, which is what an instruction-bound ke
 - ``halving`` (Triton, ``sjd_kernels/triton/sampling.py``): ``kth_largest_key``, one pivot per
   reduction halfway in value, a shrink to the data after a round in a gap, a max/min finish.
   (Before it, the Triton kernel made 34 reductions on every row: 2 for the range, 32 bisections.)
+- ``two_stage`` (the Triton rows kernel of ``jacobi_step`` when its races run over a list):
+  ``kth_key_two_stage``, the same rounds, over the row until at most CAND_K keys lie at or above
+  the bracket's lower end, then over those keys only (a tile of CAND_K lanes).
 - the Triton top-p threshold ``top_p_key``: halving in bits while the bracket spans more than a
   binade, then in value, with the same shrink (``topp_key_halving``; before: 32 reductions).
 
@@ -139,29 +142,24 @@ def _signed(keys: np.ndarray) -> np.ndarray:
     return keys.astype(np.int64) - (1 << 31)
 
 
-def kth_key_halving(y: np.ndarray, k: int) -> tuple[int, int]:
-    """(key, reductions) of the Triton ``kth_largest_key`` (the key as ``order_key`` gives it);
-    reductions counts every block-wide reduction, the 4 before the loop included."""
-    y = np.asarray(y, dtype=np.float32)
-    keys = _signed(order_key(y))
-    valid_fin = keys > _signed(order_key(np.float32(-np.inf)))[0]
-    lo, hi = int(keys.min()), int(keys.max())
-    kmin = int(keys[valid_fin].min())
-    cge, cgt, gap = y.size, 0, False
-    red = 4
+def _halving_rounds(keys: np.ndarray, k: int, st: dict, kmin: int, cap: int) -> int:
+    """Rounds of ``kth_rounds`` on signed keys from state ``st`` (updated in place) until the answer,
+    or until at most ``cap`` keys lie at or above ``lo`` (``cap > 0``); returns the reductions made."""
+    red = 0
 
     def value(kk):                               # key_value: the float of a signed key
         u = np.array([kk + (1 << 31)], dtype=np.uint64).astype(np.uint32)[0]
         return key_to_float(int(u))
 
-    while lo < hi:
+    while st["lo"] < st["hi"] and st["cge"] > cap:
+        lo, hi, cge, cgt = st["lo"], st["hi"], st["cge"], st["cgt"]
         n, r = cge - cgt, k - cgt
         inb = keys[(keys >= lo) & (keys <= hi)]
         red += 1
         if r == 1 or r == n:
-            lo = hi = int(inb.max() if r == 1 else inb.min())
-        elif gap:
-            lo, hi, gap = int(inb.min()), int(inb.max()), False
+            st["lo"] = st["hi"] = int(inb.max() if r == 1 else inb.min())
+        elif st["gap"]:
+            st["lo"], st["hi"], st["gap"] = int(inb.min()), int(inb.max()), False
             red += 1
         else:
             a = value(max(lo, kmin))
@@ -173,10 +171,43 @@ def kth_key_halving(y: np.ndarray, k: int) -> tuple[int, int]:
             piv = min(max(piv, lo + 1), hi)
             c = int((keys >= piv).sum())
             if c >= k:
-                gap, lo, cge = c == cge, piv, c
+                st.update(gap=c == cge, lo=piv, cge=c)
             else:
-                gap, hi, cgt = c == cgt, piv - 1, c
-    return lo + (1 << 31), red
+                st.update(gap=c == cgt, hi=piv - 1, cgt=c)
+    return red
+
+
+def _halving_start(keys: np.ndarray) -> tuple[dict, int]:
+    """``kth_init``: the bracket state and ``kmin`` (the smallest key above -inf)."""
+    valid_fin = keys > _signed(order_key(np.float32(-np.inf)))[0]
+    kmin = int(keys[valid_fin].min()) if valid_fin.any() else (1 << 31) - 1
+    return {"lo": int(keys.min()), "hi": int(keys.max()), "cge": keys.size, "cgt": 0, "gap": False}, kmin
+
+
+def kth_key_halving(y: np.ndarray, k: int) -> tuple[int, int]:
+    """(key, reductions) of the Triton ``kth_largest_key`` (the key as ``order_key`` gives it);
+    reductions counts every block-wide reduction, the 4 before the loop included."""
+    keys = _signed(order_key(np.asarray(y, dtype=np.float32)))
+    st, kmin = _halving_start(keys)
+    red = 4 + _halving_rounds(keys, k, st, kmin, 0)
+    return st["lo"] + (1 << 31), red
+
+
+def kth_key_two_stage(y: np.ndarray, k: int, cap: int) -> tuple[int, int, int, int]:
+    """``(key, row reductions, candidate reductions, candidates)`` of the Triton rows kernel's search
+    through a candidate list (``jacobi_step`` with CAND_K = cap): ``kth_rounds`` over the row until
+    at most ``cap`` keys lie at or above ``lo``, then over those keys from the same state.
+    ``candidates`` is 0 when they did not fit (the search went on over the row: all its rounds
+    are row reductions). Same key as ``kth_key_halving`` and the same reductions in all."""
+    keys = _signed(order_key(np.asarray(y, dtype=np.float32)))
+    st, kmin = _halving_start(keys)
+    row = 4 + _halving_rounds(keys, k, st, kmin, cap)
+    cand = keys[keys >= st["lo"]]
+    if cand.size > cap:
+        row += _halving_rounds(keys, k, st, kmin, 0)
+        return st["lo"] + (1 << 31), row, 0, 0
+    red = _halving_rounds(cand, k, st, kmin, 0)
+    return st["lo"] + (1 << 31), row, red, int(cand.size)
 
 
 def _f32_bits(x) -> int:
@@ -249,6 +280,14 @@ def families(V: int, rng: np.random.Generator):
     }
 
 
+def cand_cap(V: int, k: int) -> int:
+    """CAND_K of the Triton launcher for these shapes (``triton.jacobi_step.cand_size``, list on)."""
+    block = max(16, 1 << (V - 1).bit_length())
+    lk = 1 << (k + 16 - 1).bit_length()
+    c = 1 << (2 * k + 32 - 1).bit_length()
+    return c if 4 * lk <= block and 2 * c <= block else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="16384:1000,16384:50,32768:1000,8192:2",
@@ -257,8 +296,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     print("| V | k | row family | CUDA pivots: passes | CUDA bracket: passes | bracket branches | "
-          "Triton halving: reductions |")
-    print("|---|---|---|---|---|---|---|")
+          "Triton halving: reductions | Triton rows kernel: row + candidate reductions (candidates) |")
+    print("|---|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
         V, k = (int(x) for x in item.split(":"))
         for name, y in families(V, rng).items():
@@ -266,9 +305,12 @@ def main(argv=None) -> int:
             kp, pp = kth_key_pivots(y, k)
             kb, pb, info = kth_key_bracket(y, k)
             kh, rh = kth_key_halving(y, k)
-            assert kp == want and kb == want and kh == want, (name, V, k)
+            cap = cand_cap(V, k)
+            k2, r_row, r_cand, n_c = kth_key_two_stage(y, k, cap) if cap else (want, rh, 0, 0)
+            assert kp == want and kb == want and kh == want and k2 == want, (name, V, k)
             br = ", ".join(f"{n} {v}" for n, v in info.items() if v)
-            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {rh} |")
+            two = f"{r_row} + {r_cand} ({n_c} of cap {cap})" if n_c else f"{r_row} (row only)"
+            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {rh} | {two} |")
     print()
     print("| V | top-p | row family (softmax of the row) | Triton top-p: reductions (bisection: 32) |")
     print("|---|---|---|---|")

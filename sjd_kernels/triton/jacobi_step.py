@@ -28,6 +28,17 @@ their Philox words, logs and divisions cost LIST_K lanes instead of the whole ro
 support overflows the list (ties at the threshold) races densely. Same results as the dense races
 (the interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
 
+Top-k through a candidate list (constexpr ``CAND_K``, ``cand_size``: with the list races when the
+next draft's law is P itself, no VP law): the top-k threshold search (``sampling.kth_rounds``)
+runs over the row only until at most CAND_K = next_pow2(2 k + 32) lanes lie at or above the
+bracket's lower end; those lanes (ids and scaled logits, in lane order) go to a scratch list and
+the search goes on over them from the same state, so it makes the same rounds and finds the same
+threshold. Softmax, top-p and the compaction of the lanes with P > 0 into the race list run over
+the candidate list; the dense P is only written (zeros, then the listed values after a barrier).
+Ties that overflow the candidate list or the race list fall back to the row. Outputs equal the
+row path's; stored P values can differ in the last ulp (the softmax sum runs in another order).
+``CAND_LIST = False`` turns it off (bench backend ``triton_rowsearch``).
+
 State after an error is undefined (kernel 1 cannot know that another row of the same request is
 bad): DESIGN.md asks callers to re-initialise it; outputs of that request are -1 as in the reference.
 
@@ -58,8 +69,9 @@ import triton.language as tl
 from .. import rng as _rng
 from ..reference import jacobi_step as _ref
 from .rng import counter_word, four_words, lane_words, lane_words_at, seed_key
-from .sampling import (exponential, gather_lane, pow_accurate, prefix_count, race, target_row, uniform24,
-                       uniform_token)
+from .sampling import (INT32_MAX, _row_max, exponential, float_key, gather_lane, key_value, kth_init,
+                       kth_rounds, pow_accurate, prefix_count, prefix_count_total, race, softmax_top_p,
+                       target_row, uniform24, uniform_token)
 
 try:
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
@@ -189,13 +201,13 @@ def _jacobi_rows_kernel(
         logits_ptr, stride_lb, stride_lj, uncond_ptr, stride_ub, stride_uj, cfg_ptr,
         drafts_ptr, win_ptr, pos_ptr, seed_ptr, step_ptr, forced_ptr, L,
         q_state_ptr, q_kind_ptr, p_prev_ptr, q_idx_ptr,
-        flags_ptr, cand_ptr, new_ptr, list_ptr, listp_ptr, listq_ptr,
+        flags_ptr, cand_ptr, new_ptr, list_ptr, listp_ptr, listq_ptr, cid_ptr, cy_ptr,
         W, V, R, C, temperature, top_k, top_p, beta, vp_eps, q_unif,
         HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_PREV: tl.constexpr, USE_VP: tl.constexpr,
         VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
         DO_TOPP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr, BLOCK_V: tl.constexpr,
         SPARSE: tl.constexpr = False, BLOCK_C: tl.constexpr = 1, C_STEPS: tl.constexpr = 1,
-        LIST_K: tl.constexpr = 0):
+        LIST_K: tl.constexpr = 0, CAND_K: tl.constexpr = 0):
     b = tl.program_id(0).to(tl.int64)      # requests on grid x (up to 2**31 - 1; y stops at 65535)
     j = tl.program_id(1)
     wl = tl.load(win_ptr + b)
@@ -223,7 +235,61 @@ def _jacobi_rows_kernel(
             s = tl.load(cfg_ptr + b)
             x = u + s * (x - u)
         # ``temperature`` is the float32 reciprocal of T, as in the reference and the CUDA kernel
-        P, bad = target_row(x, lanes, valid, temperature, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
+        if CAND_K > 0:
+            # ---- top-k through a candidate list (CAND_K > 0: the races run over a list and Qt = P).
+            # The threshold search runs over the row only until at most CAND_K lanes lie at or
+            # above its lower end; those lanes (in lane order) go to a scratch list and the search
+            # goes on over them from the same state (``kth_rounds``: same rounds, same threshold).
+            # Softmax, top-p and the compaction of the lanes with P > 0 into the race list then
+            # cost CAND_K lanes, and the dense P is only written (zeros, then the list's values).
+            # When ties overflow the candidate list or the race list, P is computed over the row.
+            bad, ym = _row_max(x, valid, temperature, False)
+            y = tl.where(valid & (~bad), x * temperature, float("-inf"))
+            key, lo, hi, kmin, cge, cgt, gap = kth_init(float_key(y), valid)
+            lo, hi, cge, cgt, gap = kth_rounds(key, top_k, lo, hi, kmin, cge, cgt, gap, CAND_K)
+            mx = tl.where(bad, 0.0, ym)
+            P = tl.zeros([BLOCK_V], dtype=tl.float32)
+            li = tl.arange(0, LIST_K)
+            ids = tl.zeros([LIST_K], dtype=tl.int32)
+            Pl = tl.zeros([LIST_K], dtype=tl.float32)
+            lval = li < 0
+            # cge bounds the count at or above lo (it is exact unless a max finish ended the search)
+            use_list = cge <= CAND_K
+            if use_list:
+                keep_c = key >= lo                          # padded lanes carry a key below lo
+                at_c, n_c = prefix_count_total(keep_c, BLOCK_V)
+                cbase = (b * W1 + j) * CAND_K
+                tl.store(cid_ptr + cbase + at_c, lanes, mask=keep_c)
+                tl.store(cy_ptr + cbase + at_c, y, mask=keep_c)
+                tl.debug_barrier()
+                ci = tl.arange(0, CAND_K)
+                cval = ci < n_c
+                # written by other threads of this program before the barrier: read through L2 (.cg)
+                idc = tl.load(cid_ptr + cbase + ci, mask=cval, other=0, cache_modifier=".cg")
+                yc = tl.load(cy_ptr + cbase + ci, mask=cval, other=float("-inf"), cache_modifier=".cg")
+                kc = tl.where(cval, float_key(yc), -INT32_MAX - 1)
+                lo, hi, cge, cgt, gap = kth_rounds(kc, top_k, lo, hi, kmin, cge, cgt, gap, 0)
+                yc = tl.where(yc >= key_value(lo), yc, float("-inf"))
+                Pc = softmax_top_p(yc, cval, mx, top_p, DO_TOPP, INTERP)
+                keep_p = cval & (~bad) & (Pc > 0.0)
+                at_p, n_list = prefix_count_total(keep_p, CAND_K)
+                use_list = n_list <= LIST_K
+                if use_list:
+                    lbase = (b * W1 + j) * LIST_K
+                    tl.store(list_ptr + lbase + at_p, idc, mask=keep_p)
+                    tl.store(listp_ptr + lbase + at_p, Pc, mask=keep_p)
+                    tl.debug_barrier()
+                    lval = li < n_list
+                    ids = tl.load(list_ptr + lbase + li, mask=lval, other=0, cache_modifier=".cg")
+                    Pl = tl.load(listp_ptr + lbase + li, mask=lval, other=0.0, cache_modifier=".cg")
+            else:
+                lo, hi, cge, cgt, gap = kth_rounds(key, top_k, lo, hi, kmin, cge, cgt, gap, 0)
+            if not use_list:
+                y = tl.where(y >= key_value(lo), y, float("-inf"))
+                P = softmax_top_p(y, valid, mx, top_p, DO_TOPP, INTERP)
+                P = tl.where(valid & (~bad), P, 0.0)
+        else:
+            P, bad = target_row(x, lanes, valid, temperature, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
         row_bad = bad & (~is_forced)
 
         # ---- the stored law of the draft
@@ -252,7 +318,13 @@ def _jacobi_rows_kernel(
             Qd = tl.where(kind == K_UNIFORM, q_unif, tl.where(kind >= K_ONEHOT, 1.0, Qd))
             Qd = tl.where(is_draft & in_range, Qd, 0.0)
             Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
-        Pd = gather_lane(P, lanes, D)
+        if CAND_K > 0:
+            if use_list:
+                Pd = gather_lane(Pl, ids, D)          # P is 0 off the list (padded slots hold 0)
+            else:
+                Pd = gather_lane(P, lanes, D)
+        else:
+            Pd = gather_lane(P, lanes, D)
 
         # ---- LIST_K > 0: the lanes with P > 0 (about top_k of them), in lane order, go to a
         # per-row scratch list. Every race of a row on the dense state weighs only such lanes
@@ -260,8 +332,10 @@ def _jacobi_rows_kernel(
         # a VP law that is zero where P is),
         # so those races draw Philox words, logs and divisions for LIST_K lanes instead of BLOCK_V.
         # A row whose support does not fit the list (ties at the top-k threshold) races densely.
-        use_list = tl.full([], 0, tl.int1)
-        if LIST_K > 0:
+        if CAND_K > 0:
+            pass                                 # built with the target row above
+        elif LIST_K > 0:
+            use_list = tl.full([], 0, tl.int1)
             keep_l = valid & (P > 0.0)
             n_list = tl.sum(keep_l.to(tl.int32), 0)
             at_l = prefix_count(keep_l, BLOCK_V)
@@ -276,6 +350,7 @@ def _jacobi_rows_kernel(
             Pl = tl.load(listp_ptr + lbase + li, mask=lval, other=0.0, cache_modifier=".cg")
             use_list = n_list <= LIST_K
         else:                                    # one-lane stand-ins: the list branches never run
+            use_list = tl.full([], 0, tl.int1)
             ids = tl.zeros([1], dtype=tl.int32)
             Pl = tl.zeros([1], dtype=tl.float32)
             lval = ids < 0
@@ -352,7 +427,11 @@ def _jacobi_rows_kernel(
             elif MODE == M_COUPLING:
                 if is_draft:
                     wc, _c1, _c2, _c3 = four_words(k0, k1, c_pos, c_step, S_COUPLE)
-                    keep = uniform24(wc) * Qd < gather_lane(Qt, lanes, D)
+                    if CAND_K > 0:
+                        QtD = Pd                 # Qt = P (no VP law, dense state: no overflow law)
+                    else:
+                        QtD = gather_lane(Qt, lanes, D)
+                    keep = uniform24(wc) * Qd < QtD
                     if keep:
                         new = D
                     elif use_list:
@@ -398,6 +477,20 @@ def _jacobi_rows_kernel(
                     tl.store(q_row + c, tl.zeros([BLOCK_C], tl.float32), mask=pad)
                     if HAS_PREV:
                         tl.store(p_prev_ptr + (b * R + slot) * C + c, tl.zeros([BLOCK_C], tl.float32), mask=pad)
+            elif CAND_K > 0:
+                if use_list:                     # Qt = P: zeros, then the listed lanes
+                    tl.store(q_row + lanes, tl.zeros([BLOCK_V], dtype=tl.float32), mask=valid)
+                    if HAS_PREV:
+                        tl.store(p_prev_ptr + (b * R + slot) * V + lanes, tl.zeros([BLOCK_V], dtype=tl.float32),
+                                 mask=valid)
+                    tl.debug_barrier()
+                    tl.store(q_row + ids, Pl, mask=lval)
+                    if HAS_PREV:
+                        tl.store(p_prev_ptr + (b * R + slot) * V + ids, Pl, mask=lval)
+                else:
+                    tl.store(q_row + lanes, Qt, mask=valid)
+                    if HAS_PREV:
+                        tl.store(p_prev_ptr + (b * R + slot) * V + lanes, P, mask=valid)
             else:
                 tl.store(q_row + lanes, Qt, mask=valid)
                 if HAS_PREV:
@@ -555,6 +648,31 @@ def list_size(V: int, top_k: int, greedy: bool, sparse: bool, use_vp: bool, vp_f
     return k if 4 * k <= kernel_config(V, 1)["BLOCK_V"] else 0
 
 
+# The top-k search through a candidate list (module docstring); False: the search over the row.
+CAND_LIST = True
+
+
+@contextlib.contextmanager
+def cand_list(on: bool):
+    """Run the rows kernel with the candidate list on or off inside this block (``CAND_LIST``)."""
+    global CAND_LIST
+    old, CAND_LIST = CAND_LIST, bool(on)
+    try:
+        yield
+    finally:
+        CAND_LIST = old
+
+
+def cand_size(V: int, top_k: int, list_k: int, use_vp: bool) -> int:
+    """CAND_K of the rows kernel: the candidate list of the top-k search when the races run over a
+    list (``list_k > 0``) and the next draft's law is P itself (no VP law): room for about twice
+    top-k, at most half the row tile; 0 (the search and softmax over the row) otherwise."""
+    if not CAND_LIST or list_k == 0 or use_vp:
+        return 0
+    c = triton.next_power_of_2(2 * top_k + 32)
+    return c if 2 * c <= kernel_config(V, 1)["BLOCK_V"] else 0
+
+
 def sparse_block(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
@@ -620,18 +738,21 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     lists = torch.empty((B, W1, list_k), dtype=torch.int32, device=dev) if list_k else q_kind
     listp = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k else q_state
     listq = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k and use_vp else q_state
+    cand_k = cand_size(V, top_k, list_k, use_vp)
+    cids = torch.empty((B, W1, cand_k), dtype=torch.int32, device=dev) if cand_k else q_kind
+    cys = torch.empty((B, W1, cand_k), dtype=torch.float32, device=dev) if cand_k else q_state
     _jacobi_rows_kernel[(B, W1)](
         logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1),
         cfg_scale if uncond is not None else q_state,
         drafts, win_len, pos, seed, step, forced_t, L,
         q_state, q_kind, p_prev if has_prev else q_state, q_idx if sparse else q_kind,
-        flags, cand, new, lists, listp, listq,
+        flags, cand, new, lists, listp, listq, cids, cys,
         W, V, R, Cap, _inv_temperature(temperature) if not greedy else 1.0, top_k, top_p, beta, vp_eps, 1.0 / V,
         HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, HAS_PREV=has_prev, USE_VP=use_vp,
         VP_FORM=vp_form, BETA_POW=_POW_CASES.get(beta, POW_GENERAL), GREEDY=greedy,
         DO_TOPK=do_topk, DO_TOPP=(not greedy) and top_p < 1.0, MODE=mode,
         INTERP=interp, BLOCK_V=cfg["BLOCK_V"], SPARSE=sparse, BLOCK_C=sparse_block(Cap) if sparse else 1,
-        C_STEPS=sparse_steps(Cap) if sparse else 1, LIST_K=list_k, num_warps=cfg["num_warps_rows"],
+        C_STEPS=sparse_steps(Cap) if sparse else 1, LIST_K=list_k, CAND_K=cand_k, num_warps=cfg["num_warps_rows"],
         enable_fp_fusion=False)
     _jacobi_commit_kernel[(B,)](
         drafts, win_len, pos, seed, step, forced_t, L,
@@ -648,6 +769,7 @@ _ROWS_TYPES = dict(
     cfg_ptr="*fp32", drafts_ptr="*i64", win_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", step_ptr="*i64",
     forced_ptr="*i64", L="i32", q_state_ptr="*fp32", q_kind_ptr="*i32", p_prev_ptr="*fp32", q_idx_ptr="*i32",
     flags_ptr="*i32", cand_ptr="*i64", new_ptr="*i64", list_ptr="*i32", listp_ptr="*fp32", listq_ptr="*fp32",
+    cid_ptr="*i32", cy_ptr="*fp32",
     W="i32", V="i32", R="i32", C="i32", temperature="fp32", top_k="i32", top_p="fp32", beta="fp32", vp_eps="fp32",
     q_unif="fp32")
 _COMMIT_TYPES = dict(
@@ -665,6 +787,9 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
     """
     cfg = kernel_config(V, W)
     cases = []
+    # the launcher's list sizes at top-k 1000 (0 where the row is too small for them)
+    lk = list_size(V, 1000, False, False, False, _ref.VP_ADD, 0.0)
+    ck = cand_size(V, 1000, lk, False)
     rows = [
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_LOG,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING)),
@@ -673,16 +798,21 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
                       LIST_K=1024)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD)),
-        # races over the listed lanes (top-k 1000): sjd, coupling, gumbel
+        # top-k through a candidate list, races over the listed lanes (top-k 1000): sjd, coupling,
+        # gumbel (the B 32 benchmark case is the first), as the launcher sizes them
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD,
-                      LIST_K=1024)),
-        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      LIST_K=lk, CAND_K=ck)),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING,
-                      LIST_K=1024)),
+                      LIST_K=lk, CAND_K=ck)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_GUMBEL,
-                      LIST_K=1024)),
+                      LIST_K=lk, CAND_K=ck)),
+        # races over the list without the candidate list (the launcher with CAND_LIST = False)
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD,
+                      LIST_K=lk)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=True, DO_TOPK=False, DO_TOPP=False,
                       MODE=_ref.MODE_GUMBEL_JACOBI)),
@@ -706,9 +836,11 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
         sig = dict(_ROWS_TYPES, logits_ptr=f"*{dt}", uncond_ptr=f"*{dt}")
         ce = dict(ce, INTERP=False, BLOCK_V=cfg["BLOCK_V"])
         ce.setdefault("LIST_K", 0)                       # ASTSource does not apply constexpr defaults
+        ce.setdefault("CAND_K", 0)
         sig.update({k: "constexpr" for k in ce})
         name = (f"rows-{dt}-mode{ce['MODE']}{'-greedy' if ce['GREEDY'] else ''}{'-vp' if ce['USE_VP'] else ''}"
                 f"{'-sparse' if ce.get('SPARSE') else ''}{'-list' if ce.get('LIST_K') else ''}"
+                f"{'-cand' if ce.get('CAND_K') else ''}"
                 f"{'' if nw == cfg['num_warps_rows'] else f'-w{nw}'}")
         cases.append(dict(name=name, kernel="_jacobi_rows_kernel", signature=sig, constexprs=ce,
                           options=dict(num_warps=nw, enable_fp_fusion=False)))

@@ -5,8 +5,11 @@
 - ``race``: the exponential race ``argmax_i w_i / E_i`` over lanes with ``w_i > 0``, lowest lane
   on ties, padded lanes masked, -1 on zero mass.
 - ``kth_largest_key``: the k-th largest value (ties kept) by a bracket search over the
-  order-preserving int32 image of float32 values (value-halving pivots); ``top_p_key``: the top-p
-  probability threshold by a bracket search over probability bits.
+  order-preserving int32 image of float32 values (value-halving pivots), in two halves
+  (``kth_init``, ``kth_rounds``) that a kernel can run over different tiles; ``top_p_key``: the
+  top-p probability threshold by a bracket search over probability bits.
+- ``softmax_top_p``: softmax of top-k-masked scaled logits and the top-p cut; ``target_row``: the
+  whole target law of a row; ``prefix_count(_total)``: ordered compaction slots.
 
 Every function works on one 1-D tile ``[BLOCK]`` held in registers. Exactness choices: the race key
 uses IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA), ties are broken by a
@@ -100,9 +103,10 @@ def race(w, E, lanes, valid):
 
 
 @triton.jit
-def prefix_count(keep, BLOCK: tl.constexpr):
-    """Exclusive prefix count of a 1-D boolean tile: lane ``i`` gets ``sum(keep[:i])`` (int32), the
-    slot of lane ``i`` in an ordered compaction of the kept lanes.
+def prefix_count_total(keep, BLOCK: tl.constexpr):
+    """``(at, total)``: the exclusive prefix count of a 1-D boolean tile (lane ``i`` gets
+    ``sum(keep[:i])``, int32: its slot in an ordered compaction of the kept lanes) and the number
+    of kept lanes.
 
     Same values as ``tl.cumsum(keep) - keep``. For tiles of 64 lanes and more the scan runs on a
     ``[BLOCK // 32, 32]`` view (a scan along each run of 32 lanes, then over the run totals): for a
@@ -115,8 +119,17 @@ def prefix_count(keep, BLOCK: tl.constexpr):
         tot = tl.sum(k2, 1)
         at = tl.cumsum(k2, 1) - k2 + (tl.cumsum(tot, 0) - tot)[:, None]
         at = tl.reshape(at, [BLOCK])
+        total = tl.sum(tot, 0)
     else:
         at = tl.cumsum(k, 0) - k
+        total = tl.sum(k, 0)
+    return at, total
+
+
+@triton.jit
+def prefix_count(keep, BLOCK: tl.constexpr):
+    """The exclusive prefix count of ``prefix_count_total`` alone."""
+    at, _total = prefix_count_total(keep, BLOCK)
     return at
 
 
@@ -163,37 +176,37 @@ def _bracket_step(ok, piv, m, lo, hi, m_lo, m_hi):
 
 
 @triton.jit
-def kth_largest_key(key, valid, k):
-    """Key of the k-th largest valid element (1 <= k <= number of valid lanes), int32 scalar.
+def kth_init(key, valid):
+    """Start of the ``kth_largest_key`` search: ``(key, lo, hi, kmin, cge, cgt, gap)``.
 
-    The answer is the largest t with ``count(key >= t) >= k``: a key present in the tile, the k-th
-    largest, and every element tied with it passes ``key >= t`` (ties kept, as top-k of the
-    reference keeps every value ``>=`` the k-th largest). The search keeps a bracket ``[lo, hi]``
-    of keys holding it, with ``cge = count(key >= lo)`` and ``cgt = count(key > hi)``:
-
-    - a round counts the lanes at or above the pivot halfway in value between the bracket's ends
-      (halfway in key when the value gap is not a positive finite float) and keeps one half;
-    - a round whose half held no element (the pivot fell in a gap of the data, or values walk down
-      through empty binades) is followed by one that shrinks the bracket to the smallest and
-      largest key inside it;
-    - when the answer is the largest (or smallest) candidate of the bracket, one max (min) ends it.
-
-    Every round shrinks the bracket, so it ends. Smooth rows of 16384 lanes take 12-21 reductions
-    in all where the bisection over the key range this replaces took 34 (the host model
-    ``sjd_kernels.bench.topk_model.kth_key_halving`` counts them; the CPU tests run this function
-    on rows built for every branch).
+    The returned key tile gives padded lanes the key -2**31, below every valid key (clamped to
+    -2**31 + 1, which only a NaN could reach), so no round needs the mask: every bracket lies above
+    the padding. ``kmin`` is the smallest key above -inf (value pivots start there; lanes at -inf
+    sit below every pivot); ``cge`` / ``cgt`` count the keys at or above ``lo`` / above ``hi``.
     """
-    # padded lanes get the key -2**31, below every valid key (clamped to -2**31 + 1, which only a
-    # NaN could reach), so no round needs the mask: every bracket lies above the padding
     key = tl.where(valid, tl.maximum(key, -INT32_MAX), -INT32_MAX - 1)
     lo = tl.min(tl.where(valid, key, INT32_MAX), 0)
     hi = tl.max(key, 0)
-    # the smallest key above -inf: value pivots start there (lanes at -inf sit below every pivot)
     kmin = tl.min(tl.where(key > KEY_NEG_INF, key, INT32_MAX), 0)
     cge = tl.sum(valid.to(tl.int32), 0)
     cgt = cge * 0
     gap = cge < 0
-    while lo < hi:
+    return key, lo, hi, kmin, cge, cgt, gap
+
+
+@triton.jit
+def kth_rounds(key, k, lo, hi, kmin, cge, cgt, gap, cap):
+    """Rounds of the ``kth_largest_key`` search from a bracket state; returns the new state
+    ``(lo, hi, cge, cgt, gap)``.
+
+    With ``cap = 0`` it runs to the answer (``lo == hi``). With ``cap > 0`` it also stops as soon
+    as at most ``cap`` keys lie at or above ``lo`` (``cge <= cap``): the lanes with ``key >= lo``
+    then hold the answer, and the search can go on over just those lanes (a tile with the other
+    lanes at the padding key), from the same state, with the same rounds and the same answer,
+    since every count, minimum and maximum a round takes is over keys at or above ``lo``.
+    ``cge`` is exact while the loop runs; a max finish (``lo = hi``) leaves it an upper bound.
+    """
+    while (lo < hi) & (cge > cap):
         n = cge - cgt
         r = k - cgt
         # the bracket holds cge - cgt >= 1 keys, so the largest key <= hi and the smallest >= lo
@@ -219,6 +232,34 @@ def kth_largest_key(key, valid, k):
             piv = tl.minimum(tl.maximum(piv, lo + 1), hi)
             c = tl.sum((key >= piv).to(tl.int32), 0)
             lo, hi, cge, cgt, gap = _bracket_step(c >= k, piv, c, lo, hi, cge, cgt)
+    return lo, hi, cge, cgt, gap
+
+
+@triton.jit
+def kth_largest_key(key, valid, k):
+    """Key of the k-th largest valid element (1 <= k <= number of valid lanes), int32 scalar.
+
+    The answer is the largest t with ``count(key >= t) >= k``: a key present in the tile, the k-th
+    largest, and every element tied with it passes ``key >= t`` (ties kept, as top-k of the
+    reference keeps every value ``>=`` the k-th largest). The search keeps a bracket ``[lo, hi]``
+    of keys holding it, with ``cge = count(key >= lo)`` and ``cgt = count(key > hi)``:
+
+    - a round counts the lanes at or above the pivot halfway in value between the bracket's ends
+      (halfway in key when the value gap is not a positive finite float) and keeps one half;
+    - a round whose half held no element (the pivot fell in a gap of the data, or values walk down
+      through empty binades) is followed by one that shrinks the bracket to the smallest and
+      largest key inside it;
+    - when the answer is the largest (or smallest) candidate of the bracket, one max (min) ends it.
+
+    Every round shrinks the bracket, so it ends. Smooth rows of 16384 lanes take 12-21 reductions
+    in all where the bisection over the key range this replaces took 34 (the host model
+    ``sjd_kernels.bench.topk_model.kth_key_halving`` counts them; the CPU tests run this function
+    on rows built for every branch). ``kth_init`` and ``kth_rounds`` are its two halves; the rows
+    kernel of ``jacobi_step`` runs the rounds over the row until a candidate list fits, then over
+    the list.
+    """
+    key, lo, hi, kmin, cge, cgt, gap = kth_init(key, valid)
+    lo, hi, cge, cgt, gap = kth_rounds(key, k, lo, hi, kmin, cge, cgt, gap, 0)
     return lo
 
 
@@ -324,12 +365,19 @@ def target_row(x, lanes, valid, inv_t, top_k, top_p, GREEDY: tl.constexpr, DO_TO
             # y >= value(thr) is key >= thr (keys order like the floats, -0 with +0)
             y = tl.where(y >= key_value(thr), y, float("-inf"))
         # the row maximum, which top-k keeps (0 on a bad row, whose lanes are all 0 here)
-        mx = tl.where(bad, 0.0, ym)
-        e = tl.where(valid, exp_accurate(y - mx, INTERP), 0.0)
-        P = tl.math.div_rn(e, tl.zeros_like(e) + tl.sum(e, 0))
-        if DO_TOPP:
-            t = top_p_key(P, valid, top_p)
-            P = tl.where(P.to(tl.int32, bitcast=True) >= t, P, 0.0)
-            P = tl.math.div_rn(P, tl.zeros_like(P) + tl.sum(P, 0))
+        P = softmax_top_p(y, valid, tl.where(bad, 0.0, ym), top_p, DO_TOPP, INTERP)
     P = tl.where(valid & (~bad), P, 0.0)
     return P, bad
+
+
+@triton.jit
+def softmax_top_p(y, valid, mx, top_p, DO_TOPP: tl.constexpr, INTERP: tl.constexpr):
+    """Softmax of scaled logits ``y`` (top-k already applied: -inf outside it) whose maximum is
+    ``mx``, then the top-p cut and renormalisation when DO_TOPP, as ``reference.target``."""
+    e = tl.where(valid, exp_accurate(y - mx, INTERP), 0.0)
+    P = tl.math.div_rn(e, tl.zeros_like(e) + tl.sum(e, 0))
+    if DO_TOPP:
+        t = top_p_key(P, valid, top_p)
+        P = tl.where(P.to(tl.int32, bitcast=True) >= t, P, 0.0)
+        P = tl.math.div_rn(P, tl.zeros_like(P) + tl.sum(P, 0))
+    return P
