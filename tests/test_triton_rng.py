@@ -108,7 +108,7 @@ def _race_kernel(w_ptr, e_ptr, out_ptr, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, k_ptr, p_ptr, kth_ptr, keep_ptr, V, top_p, BLOCK: tl.constexpr):
+def _threshold_kernel(x_ptr, k_ptr, p_ptr, kth_ptr, kth2_ptr, keep_ptr, V, top_p, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     valid = lanes < V
@@ -116,6 +116,10 @@ def _threshold_kernel(x_ptr, k_ptr, p_ptr, kth_ptr, keep_ptr, V, top_p, BLOCK: t
     key = ts.float_key(x)
     t = ts.kth_largest_key(key, valid, tl.load(k_ptr + r))
     tl.store(kth_ptr + r, tl.max(tl.where(valid & (key == t), x, float("-inf")), 0))
+    # the same search started from the row maximum and the count (target_row's start)
+    kk, lo, hi, kmin, cge, cgt, gap = ts.kth_init_row(key, valid, tl.max(tl.where(valid, key, -2147483647), 0), V)
+    t2, hi, cge, cgt, gap = ts.kth_rounds(kk, tl.load(k_ptr + r), lo, hi, kmin, cge, cgt, gap, 0)
+    tl.store(kth2_ptr + r, t2)
     p = tl.load(p_ptr + r * V + lanes, mask=valid, other=0.0)
     tp = ts.top_p_key(p, valid, top_p)
     tl.store(keep_ptr + r * V + lanes, (p.to(tl.int32, bitcast=True) >= tp).to(tl.int8), mask=valid)
@@ -266,9 +270,14 @@ def test_race_never_picks_padded_lanes():
 def _thresholds(x, k, p, top_p):
     n, V = x.shape
     kth = torch.empty(n, dtype=torch.float32, device=DEV)
+    kth2 = torch.empty(n, dtype=torch.int32, device=DEV)
     keep = torch.empty(n, V, dtype=torch.int8, device=DEV)
-    _threshold_kernel[(n,)](x.contiguous().to(DEV), k.to(DEV), p.contiguous().to(DEV), kth, keep, V, top_p,
+    _threshold_kernel[(n,)](x.contiguous().to(DEV), k.to(DEV), p.contiguous().to(DEV), kth, kth2, keep, V, top_p,
                             BLOCK=max(16, triton.next_power_of_2(V)))
+    # kth_init_row + kth_rounds find the key of the same value (the keys of -0.0 and +0.0 agree)
+    k2 = kth2.cpu()
+    back = torch.where(k2 < 0, k2 ^ 0x7FFFFFFF, k2).view(torch.float32)
+    assert torch.equal(back, kth.cpu()), (back, kth)
     return kth.cpu(), keep.cpu().bool()
 
 
@@ -377,7 +386,7 @@ def _target_kernel(x_ptr, p_ptr, bad_ptr, V, inv_t, top_k, GREEDY: tl.constexpr,
     lanes = tl.arange(0, BLOCK)
     valid = lanes < V
     x = tl.load(x_ptr + r * V + lanes, mask=valid, other=float("nan"))   # padded lanes: NaN, never read
-    P, bad = ts.target_row(x, lanes, valid, inv_t, top_k, 1.0, GREEDY, DO_TOPK, False, INTERP)
+    P, bad = ts.target_row(x, lanes, valid, V, inv_t, top_k, 1.0, GREEDY, DO_TOPK, False, INTERP)
     tl.store(p_ptr + r * V + lanes, P, mask=valid)
     tl.store(bad_ptr + r, bad.to(tl.int32))
 

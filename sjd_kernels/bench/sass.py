@@ -132,7 +132,7 @@ def _probe_target(l_ptr, u_ptr, out_ptr, V, s, inv_t, k, top_p, DO_TOPK: tl.cons
     x = tl.load(l_ptr + lanes, mask=valid, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + lanes, mask=valid, other=0.0).to(tl.float32)
     x = u + s * (x - u)
-    P, bad = ts.target_row(x, lanes, valid, inv_t, k, top_p, False, DO_TOPK, DO_TOPP, False)
+    P, bad = ts.target_row(x, lanes, valid, V, inv_t, k, top_p, False, DO_TOPK, DO_TOPP, False)
     tl.store(out_ptr + lanes, P, mask=valid)
 
 
@@ -181,13 +181,17 @@ def _probe_race(p_ptr, ids_ptr, out_ptr, seed, n, LIST: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _probe_rounds(x_ptr, out_ptr, V, k, NR: tl.constexpr, BLOCK: tl.constexpr):
-    # kth_init and NR counting rounds of the top-k search, unrolled (a round of the loop that
-    # takes the counting branch; the loop body in the kernels also holds the shrink and finish)
+def _probe_rounds(x_ptr, out_ptr, V, k, hi0, NR: tl.constexpr, BLOCK: tl.constexpr, ROW_START: tl.constexpr = True):
+    # the search's start from the row maximum (kth_init_row; hi0 stands for the maximum's key, which
+    # the kernels get from the row check) and NR counting rounds, unrolled (a round of the loop
+    # that takes the counting branch; the loop body in the kernels also holds the shrink and finish)
     lanes = tl.arange(0, BLOCK)
     valid = lanes < V
-    key, lo, hi, kmin, cge, cgt, gap = ts.kth_init(ts.float_key(tl.load(x_ptr + lanes, mask=valid, other=0.0)),
-                                                   valid)
+    key = ts.float_key(tl.load(x_ptr + lanes, mask=valid, other=0.0))
+    if ROW_START:
+        key, lo, hi, kmin, cge, cgt, gap = ts.kth_init_row(key, valid, hi0, V)
+    else:                                  # kth_largest_key's start: 4 reductions
+        key, lo, hi, kmin, cge, cgt, gap = ts.kth_init(key, valid)
     for _ in tl.static_range(NR):
         a = ts.key_value(tl.maximum(lo, kmin))
         piv = ts.float_key(a + (ts.key_value(hi) - a) * 0.5)
@@ -220,7 +224,7 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
     B = {"BLOCK": triton.next_power_of_2(V)}
     nc = max(64, B["BLOCK"] // 8)
     C = {"BLOCK": nc}
-    rounds = {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32", "k": "i32"}
+    rounds = {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32", "k": "i32", "hi0": "i32"}
     soft = {"x_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "mx": "fp32"}
     row = {"l_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*fp32", "V": "i32", "s": "fp32"}
     tgt = dict(row, inv_t="fp32", k="i32", top_p="fp32")
@@ -241,11 +245,14 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
         ("scan: tl.cumsum", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"}, dict(B, PREFIX=False), ""),
         ("scan: prefix_count", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"}, dict(B, PREFIX=True),
          "list / sparse compaction"),
-        ("top-k rounds: kth_init over the row", _probe_rounds, rounds, dict(B, NR=0), "4 reductions"),
-        ("top-k rounds: kth_init + 4 rounds over the row", _probe_rounds, rounds, dict(B, NR=4),
+        ("top-k rounds: kth_init over the row", _probe_rounds, rounds, dict(B, NR=0, ROW_START=False),
+         "kth_largest_key's start: 4 reductions"),
+        ("top-k rounds: start over the row", _probe_rounds, rounds, dict(B, NR=0, ROW_START=True),
+         "kth_init_row: 1-2 reductions"),
+        ("top-k rounds: start + 4 rounds over the row", _probe_rounds, rounds, dict(B, NR=4, ROW_START=True),
          "counting rounds, unrolled"),
-        (f"top-k rounds: kth_init over a list of {nc}", _probe_rounds, rounds, dict(C, NR=0), ""),
-        (f"top-k rounds: kth_init + 4 rounds over a list of {nc}", _probe_rounds, rounds, dict(C, NR=4),
+        (f"top-k rounds: start over a list of {nc}", _probe_rounds, rounds, dict(C, NR=0, ROW_START=True), ""),
+        (f"top-k rounds: start + 4 rounds over a list of {nc}", _probe_rounds, rounds, dict(C, NR=4, ROW_START=True),
          "the candidate list"),
         ("softmax over the row", _probe_softmax, soft, B, "exp, sum, IEEE division"),
         (f"softmax over a list of {nc}", _probe_softmax, soft, C, ""),

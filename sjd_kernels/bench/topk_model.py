@@ -8,8 +8,10 @@ row (and block-wide reductions) they make, which is what an instruction-bound ke
   range, 7 pivots per pass.
 - ``bracket`` (CUDA feature "bracket_topk"): ``kth_key_bracket``, 7 value-spaced pivots per pass
   until at most 128 candidates remain, then one collecting pass and an exact rank among them.
-- ``halving`` (Triton, ``sjd_kernels/triton/sampling.py``): ``kth_largest_key``, one pivot per
-  reduction halfway in value, a shrink to the data after a round in a gap, a max/min finish.
+- ``halving`` (Triton, ``sjd_kernels/triton/sampling.py``): ``kth_init_row`` and ``kth_rounds`` as
+  ``target_row`` runs them (the search of ``kth_largest_key`` started from the row maximum), one
+  pivot per reduction halfway in value, a shrink to the data after a round in a gap, a max/min
+  finish.
   (Before it, the Triton kernel made 34 reductions on every row: 2 for the range, 32 bisections.)
 - ``two_stage`` (the Triton rows kernel of ``jacobi_step`` when its races run over a list):
   ``kth_key_two_stage``, the same rounds, over the row until at most CAND_K keys lie at or above
@@ -177,19 +179,23 @@ def _halving_rounds(keys: np.ndarray, k: int, st: dict, kmin: int, cap: int) -> 
     return red
 
 
-def _halving_start(keys: np.ndarray) -> tuple[dict, int]:
-    """``kth_init``: the bracket state and ``kmin`` (the smallest key above -inf)."""
+def _halving_start(keys: np.ndarray) -> tuple[dict, int, int]:
+    """``kth_init_row``: the bracket state, ``kmin`` (the smallest key above -inf) and the
+    reductions it takes: one (the minimum), two when a lane is at -inf (kmin too); the maximum and
+    the count come with the row (its maximum, V)."""
     valid_fin = keys > _signed(order_key(np.float32(-np.inf)))[0]
     kmin = int(keys[valid_fin].min()) if valid_fin.any() else (1 << 31) - 1
-    return {"lo": int(keys.min()), "hi": int(keys.max()), "cge": keys.size, "cgt": 0, "gap": False}, kmin
+    st = {"lo": int(keys.min()), "hi": int(keys.max()), "cge": keys.size, "cgt": 0, "gap": False}
+    return st, kmin, 1 if valid_fin.all() else 2
 
 
 def kth_key_halving(y: np.ndarray, k: int) -> tuple[int, int]:
-    """(key, reductions) of the Triton ``kth_largest_key`` (the key as ``order_key`` gives it);
-    reductions counts every block-wide reduction, the 4 before the loop included."""
+    """(key, reductions) of the Triton top-k search as ``target_row`` runs it (``kth_init_row``, then
+    ``kth_rounds``; the key as ``order_key`` gives it); reductions counts every block-wide
+    reduction, the 1-2 before the loop included (the standalone ``kth_largest_key`` makes 4 there)."""
     keys = _signed(order_key(np.asarray(y, dtype=np.float32)))
-    st, kmin = _halving_start(keys)
-    red = 4 + _halving_rounds(keys, k, st, kmin, 0)
+    st, kmin, red = _halving_start(keys)
+    red += _halving_rounds(keys, k, st, kmin, 0)
     return st["lo"] + (1 << 31), red
 
 
@@ -200,8 +206,8 @@ def kth_key_two_stage(y: np.ndarray, k: int, cap: int) -> tuple[int, int, int, i
     ``candidates`` is 0 when they did not fit (the search went on over the row: all its rounds
     are row reductions). Same key as ``kth_key_halving`` and the same reductions in all."""
     keys = _signed(order_key(np.asarray(y, dtype=np.float32)))
-    st, kmin = _halving_start(keys)
-    row = 4 + _halving_rounds(keys, k, st, kmin, cap)
+    st, kmin, row = _halving_start(keys)
+    row += _halving_rounds(keys, k, st, kmin, cap)
     cand = keys[keys >= st["lo"]]
     if cand.size > cap:
         row += _halving_rounds(keys, k, st, kmin, 0)

@@ -69,7 +69,7 @@ import triton.language as tl
 from .. import rng as _rng
 from ..reference import jacobi_step as _ref
 from .rng import counter_word, four_words, lane_words, lane_words_at, seed_key
-from .sampling import (INT32_MAX, _row_max, exponential, float_key, gather_lane, key_value, kth_init,
+from .sampling import (INT32_MAX, _row_max, exponential, float_key, gather_lane, key_value, kth_init_row,
                        kth_rounds, pow_accurate, prefix_count, prefix_count_total, race, softmax_top_p,
                        target_row, uniform24, uniform_token)
 
@@ -245,7 +245,9 @@ def _jacobi_rows_kernel(
             # When ties overflow the candidate list or the race list, P is computed over the row.
             bad, ym = _row_max(x, valid, temperature, False)
             y = tl.where(valid & (~bad), x * temperature, float("-inf"))
-            key, lo, hi, kmin, cge, cgt, gap = kth_init(float_key(y), valid)
+            # the search starts from the row maximum (a bad row's lanes are all -inf here)
+            key, lo, hi, kmin, cge, cgt, gap = kth_init_row(float_key(y), valid,
+                                                            float_key(tl.where(bad, float("-inf"), ym)), V)
             lo, hi, cge, cgt, gap = kth_rounds(key, top_k, lo, hi, kmin, cge, cgt, gap, CAND_K)
             mx = tl.where(bad, 0.0, ym)
             P = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -289,7 +291,7 @@ def _jacobi_rows_kernel(
                 P = softmax_top_p(y, valid, mx, top_p, DO_TOPP, INTERP)
                 P = tl.where(valid & (~bad), P, 0.0)
         else:
-            P, bad = target_row(x, lanes, valid, temperature, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
+            P, bad = target_row(x, lanes, valid, V, temperature, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
         row_bad = bad & (~is_forced)
 
         # ---- the stored law of the draft

@@ -195,6 +195,22 @@ def kth_init(key, valid):
 
 
 @triton.jit
+def kth_init_row(key, valid, hi, n_valid):
+    """``kth_init`` when the largest valid key ``hi`` and the number of valid lanes are known (the
+    row maximum of the target row, V): the same state from one reduction, or two when a lane is
+    at -inf (then ``kmin`` needs its own). ``key`` must hold no NaN."""
+    key = tl.where(valid, key, -INT32_MAX - 1)
+    lo = tl.min(tl.where(valid, key, INT32_MAX), 0)
+    kmin = lo
+    if lo <= KEY_NEG_INF:
+        kmin = tl.min(tl.where(key > KEY_NEG_INF, key, INT32_MAX), 0)
+    cge = tl.zeros_like(lo) + n_valid
+    cgt = cge * 0
+    gap = cge < 0
+    return key, lo, hi, kmin, cge, cgt, gap
+
+
+@triton.jit
 def kth_rounds(key, k, lo, hi, kmin, cge, cgt, gap, cap):
     """Rounds of the ``kth_largest_key`` search from a bracket state; returns the new state
     ``(lo, hi, cge, cgt, gap)``.
@@ -251,10 +267,11 @@ def kth_largest_key(key, valid, k):
       largest key inside it;
     - when the answer is the largest (or smallest) candidate of the bracket, one max (min) ends it.
 
-    Every round shrinks the bracket, so it ends. Smooth rows of 16384 lanes take 12-21 reductions
-    in all where the bisection over the key range this replaces took 34 (the host model
-    ``sjd_kernels.bench.topk_model.kth_key_halving`` counts them; the CPU tests run this function
-    on rows built for every branch). ``kth_init`` and ``kth_rounds`` are its two halves; the rows
+    Every round shrinks the bracket, so it ends. Smooth rows of 16384 lanes take 11-21 reductions
+    in all where the bisection over the key range this replaces took 34; ``target_row`` starts
+    from the row maximum (``kth_init_row``: 1-2 reductions instead of 4) and takes 8-18 at top-k
+    1000 (the host model ``sjd_kernels.bench.topk_model.kth_key_halving`` counts them; the CPU
+    tests run this function on rows built for every branch). ``kth_init`` and ``kth_rounds`` are its two halves; the rows
     kernel of ``jacobi_step`` runs the rounds over the row until a candidate list fits, then over
     the list.
     """
@@ -343,13 +360,13 @@ def row_nonfinite(x, valid, inv_t, GREEDY: tl.constexpr):
 
 
 @triton.jit
-def target_row(x, lanes, valid, inv_t, top_k, top_p, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
+def target_row(x, lanes, valid, n_valid, inv_t, top_k, top_p, GREEDY: tl.constexpr, DO_TOPK: tl.constexpr,
                DO_TOPP: tl.constexpr, INTERP: tl.constexpr):
     """The target law of ``reference.target.target_probs`` on one tile of combined float32 logits.
 
-    ``inv_t`` is the float32 reciprocal of the temperature (unused when GREEDY). Returns ``(P, bad)``:
-    P float32 with padded lanes 0, and all zeros when ``bad`` (see ``row_nonfinite``), as after the
-    callers' ``nan_to_num``.
+    ``valid`` marks the ``n_valid`` lanes of the row (V); ``inv_t`` is the float32 reciprocal of
+    the temperature (unused when GREEDY). Returns ``(P, bad)``: P float32 with padded lanes 0, and
+    all zeros when ``bad`` (see ``row_nonfinite``), as after the callers' ``nan_to_num``.
     """
     bad, ym = _row_max(x, valid, inv_t, GREEDY)
     x = tl.where(bad, 0.0, x)
@@ -360,8 +377,10 @@ def target_row(x, lanes, valid, inv_t, top_k, top_p, GREEDY: tl.constexpr, DO_TO
     else:
         y = x * inv_t
         if DO_TOPK:
-            key = float_key(y)
-            thr = kth_largest_key(key, valid, top_k)
+            # the search starts from the row maximum (a bad row's lanes are all 0 here: key 0)
+            key, lo, hi, kmin, cge, cgt, gap = kth_init_row(float_key(y), valid,
+                                                            tl.where(bad, 0, float_key(ym)), n_valid)
+            thr, hi, cge, cgt, gap = kth_rounds(key, top_k, lo, hi, kmin, cge, cgt, gap, 0)
             # y >= value(thr) is key >= thr (keys order like the floats, -0 with +0)
             y = tl.where(y >= key_value(thr), y, float("-inf"))
         # the row maximum, which top-k keeps (0 on a bad row, whose lanes are all 0 here)

@@ -196,7 +196,7 @@ def _tree_verify_kernel(
             else:
                 x = _combined_row(logits_ptr, s_lb, s_ln, uncond_ptr, s_ub, s_un, cfg_ptr, b, cur, lanes, vlane,
                                   HAS_UNCOND)
-                p, _bad = target_row(x, lanes, vlane, inv_t, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
+                p, _bad = target_row(x, lanes, vlane, V, inv_t, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
                 if n_kids > 0:
                     slot = tl.minimum(tl.maximum(tl.sum(tl.where(idx == cur, qs, 0), 0), 0), R - 1)
                     kind = tl.load(q_kind_ptr + b * R + slot) & K_MASK
