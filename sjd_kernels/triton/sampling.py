@@ -6,7 +6,8 @@
   on ties, padded lanes masked, -1 on zero mass.
 - ``kth_largest_key``: the k-th largest value (ties kept) by a bracket search over the
   order-preserving int32 image of float32 values (value-halving pivots), in two halves
-  (``kth_init``, ``kth_rounds``) that a kernel can run over different tiles; ``top_p_key``: the
+  (``kth_init``, or ``kth_init_row`` from a known row maximum; ``kth_rounds``) that a kernel can
+  run over different tiles; ``top_p_key``: the
   top-p probability threshold by a bracket search over probability bits.
 - ``softmax_top_p``: softmax of top-k-masked scaled logits and the top-p cut; ``target_row``: the
   whole target law of a row; ``prefix_count(_total)``: ordered compaction slots.
