@@ -293,7 +293,7 @@ def test_variant_backends_run_their_library_backend_in_their_context():
             assert be == "cuda" and cj.FEATURES == frozenset(feats)
         assert cj.FEATURES == frozenset()
     default = tj.kernel_config(16384, 32)["num_warps_rows"]
-    assert tj.CAND_LIST and tj.cand_size(16384, 1000, 1024, False) == 2048
+    assert tj.CAND_LIST and tj.cand_size(16384, 1000, 1024) == 2048
     for name, opts in C.TRITON_VARIANTS.items():
         be, ctx = C._variant(name)
         with ctx:
@@ -301,7 +301,7 @@ def test_variant_backends_run_their_library_backend_in_their_context():
             assert tj.kernel_config(16384, 32)["num_warps_rows"] == opts.get("warps", default)
             assert tj.kernel_config(1000, 32)["num_warps_rows"] == 4        # small rows keep theirs
             assert tj.CAND_LIST == opts.get("cand_list", True)
-            assert (tj.cand_size(16384, 1000, 1024, False) > 0) == opts.get("cand_list", True)
+            assert (tj.cand_size(16384, 1000, 1024) > 0) == opts.get("cand_list", True)
         assert tj.kernel_config(16384, 32)["num_warps_rows"] == default == 16
         assert tj.CAND_LIST
     be, ctx = C._variant("triton")
@@ -322,7 +322,7 @@ def test_triton_variants_check_against_the_reference_on_cpu(name, what):
     b = C.OPS["jacobi_step"]
     # V 257, top-k 40: the default kernel takes the candidate list (128 lanes), the variant does not
     case = [c for c in b.cases() if "cpu-quick" in c.grids and "V257" in c.name][0]
-    assert tj.cand_size(257, 40, tj.list_size(257, 40, False, False, False, 0, 0.0), False) == 128
+    assert tj.cand_size(257, 40, tj.list_size(257, 40, False, False, False, 0, 0.0)) == 128
     ok, why = b.available(name, "cpu")
     if not ok:
         pytest.skip(why)

@@ -447,8 +447,9 @@ def test_coupling_vp_redraws(vp_form, beta):
 def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
     """The Triton races over the listed lanes with P > 0 give exactly the dense races' outputs and state
     (same noise, same weights), with and without CFG, on rows where some drafts are rejected. The
-    top-k search and softmax through the candidate list (on when the next draft's law is P) give
-    the same outputs and the same state up to the rounding of the softmax sum, whose order changes."""
+    top-k search, softmax and the VP law through the candidate list (on with the list) give the
+    same outputs and the same state up to the rounding of the softmax and VP sums, whose order
+    changes."""
     import sjd_kernels.triton.jacobi_step as tj
     B, W, V = 4, 6, 100
     g = torch.Generator().manual_seed(7)
@@ -459,11 +460,11 @@ def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
         monkeypatch.setattr(tj, "LIST_RACES", lists)
         monkeypatch.setattr(tj, "CAND_LIST", cand)
         # the list path runs unless off or the VP law can be positive outside P's support; the
-        # candidate list needs the list and Qt = P
+        # candidate list runs with the list
         excluded = vp and vp_form == ADD and beta < 0
         lk = tj.list_size(V, 9, False, False, vp, vp_form, beta)
         assert (lk > 0) == (lists and not excluded)
-        assert (tj.cand_size(V, 9, lk, vp) > 0) == (cand and lk > 0 and not vp)
+        assert (tj.cand_size(V, 9, lk) > 0) == (cand and lk > 0)
         (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, mode=mode, top_k=9, q_fill=0.01,
                                            vp=vp, beta=beta, vp_form=vp_form)
         outs[name] = (o_t, s_t)
@@ -478,22 +479,25 @@ def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
     assert int((o1[0] < W).sum()) >= 1          # some request stopped at a rejection (residual race ran)
 
 
-@pytest.mark.parametrize("mode,top_p", [("sjd", 1.0), ("coupling", 0.9), ("gumbel", 1.0), ("gumbel_jacobi", 1.0)])
-def test_candidate_list_rows_and_their_fallbacks_match_reference(mode, top_p, monkeypatch):
+@pytest.mark.parametrize("mode,top_p,vp", [("sjd", 1.0, False), ("coupling", 0.9, False), ("gumbel", 1.0, False),
+                                            ("gumbel_jacobi", 1.0, False), ("sjd", 1.0, True), ("coupling", 1.0, True)])
+def test_candidate_list_rows_and_their_fallbacks_match_reference(mode, top_p, vp, monkeypatch):
     """Rows of the top-k search through a candidate list (V 200, top-k 20: a candidate list of 128
     lanes, a race list of 64) against the reference and the dense path, one request per kind of row:
     smooth rows (the list path); 100 lanes tied at the top (the candidates fit, the lanes with P > 0
     overflow the race list: dense P and races); 150 tied lanes (the search over the candidates
     cannot start: over the row); 5 finite lanes (the 20th largest is -inf); a NaN row and a row
-    with no finite logit (bad rows); a forced row; 19 lanes at 0 and 150 tied at -200, where top-k
+    with no finite logit (bad rows); a forced row; a smooth request whose first draft is rejected
+    (its later rows' next drafts are read); 19 lanes at 0 and 150 tied at -200, where top-k
     keeps 169 lanes but only 19 have P > 0 (exp underflows): the candidates overflow, the race list
-    would not. Drafts are top lanes of their rows and the old law is 0.1 on every lane, so the
-    acceptance test decides (and reads P at the draft).
+    would not. Drafts are the 4th largest lanes of their rows and the old law is 0.1 on every lane, so the
+    acceptance test decides (and reads P at the draft), and the coupling test (reads Qt at the
+    draft); with VP (log form, beta -1: Qt follows p_prev on P's support) Qt differs much from P.
     Tokens and counts are equal, the state agrees up to rounding."""
     import sjd_kernels.triton.jacobi_step as tj
-    B, W, V, K = 7, 4, 200, 20
+    B, W, V, K = 8, 4, 200, 20
     assert tj.list_size(V, K, False, False, False, ADD, 0.0) == 64
-    assert tj.cand_size(V, K, 64, False) == 128
+    assert tj.cand_size(V, K, 64) == 128
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(B, W + 1, V, generator=g) * 2
     logits[1, :, :100] = 5.0                     # 100 ties at the top: 64 < 100 <= 128
@@ -508,19 +512,21 @@ def test_candidate_list_rows_and_their_fallbacks_match_reference(mode, top_p, mo
     forced[0, 0 + 2] = 9                         # request 0 (pos 0): row 2 forced
     drafts = torch.argsort(logits[:, :W], dim=-1, descending=True, stable=True)[..., 3]
     drafts[0, 2] = 9                             # the forced token
-    win = torch.tensor([W, W, 3, W, W, W, W])
+    drafts[7, 1] = torch.argmin(logits[7, 1])    # P = 0: rejected, rows 2 and 3 draw next drafts
+    win = torch.tensor([W, W, 3, W, W, W, W, W])
     outs = {}
     for cand in (True, False):
         monkeypatch.setattr(tj, "CAND_LIST", cand)
         monkeypatch.setattr(tj, "LIST_RACES", cand)
         (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, drafts=drafts, forced=forced, mode=mode,
-                                           top_k=K, top_p=top_p, q_fill=0.1)
+                                           top_k=K, top_p=top_p, q_fill=0.1, vp=vp, beta=-1.0 if vp else 0.0,
+                                           vp_form=LOG)
         for x, y in zip(o_r, o_t):
             assert torch.equal(x, y)
         assert torch.equal(s_r["status"], s_t["status"])
         ok = [b for b in range(B) if int(o_r[0][b]) >= 0]          # requests without an error
-        assert ok == [0, 1, 2, 3, 6]
-        assert states_close(s_r, s_t, b=ok)
+        assert ok == [0, 1, 2, 3, 6, 7]
+        assert states_close(s_r, s_t, b=ok, vp=vp)
         outs[cand] = o_t
     for x, y in zip(outs[True], outs[False]):
         assert torch.equal(x, y)
@@ -618,9 +624,9 @@ def test_parity_gpu_rows_kernel_without_the_candidate_list(name, monkeypatch):
     triton_rowsearch; the default takes the candidate list in these cases) against the reference."""
     from sjd_kernels.triton.jacobi_step import cand_list, cand_size
     with cand_list(False):
-        assert cand_size(16384, 1000, 1024, False) == 0
+        assert cand_size(16384, 1000, 1024) == 0
         test_parity_gpu(name, monkeypatch)
-    assert cand_size(16384, 1000, 1024, False) == 2048
+    assert cand_size(16384, 1000, 1024) == 2048
 
 
 @gpu

@@ -28,13 +28,14 @@ their Philox words, logs and divisions cost LIST_K lanes instead of the whole ro
 support overflows the list (ties at the threshold) races densely. Same results as the dense races
 (the interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
 
-Top-k through a candidate list (constexpr ``CAND_K``, ``cand_size``: with the list races when the
-next draft's law is P itself, no VP law): the top-k threshold search (``sampling.kth_rounds``)
+Top-k through a candidate list (constexpr ``CAND_K``, ``cand_size``: whenever the races run over a
+list): the top-k threshold search (``sampling.kth_rounds``)
 runs over the row only until at most CAND_K = next_pow2(2 k + 32) lanes lie at or above the
 bracket's lower end; those lanes (ids and scaled logits, in lane order) go to a scratch list and
 the search goes on over them from the same state, so it makes the same rounds and finds the same
 threshold. Softmax, top-p and the compaction of the lanes with P > 0 into the race list run over
-the candidate list; the dense P is only written (zeros, then the listed values after a barrier).
+the candidate list, and the VP law over the race list (it is zero where P is); the dense Qt and
+P rows are only written (zeros, then the listed values after a barrier).
 Ties that overflow the candidate list or the race list fall back to the row. Outputs equal the
 row path's; stored P values can differ in the last ulp (the softmax sum runs in another order).
 ``CAND_LIST = False`` turns it off (bench backend ``triton_rowsearch``).
@@ -236,7 +237,7 @@ def _jacobi_rows_kernel(
             x = u + s * (x - u)
         # ``temperature`` is the float32 reciprocal of T, as in the reference and the CUDA kernel
         if CAND_K > 0:
-            # ---- top-k through a candidate list (CAND_K > 0: the races run over a list and Qt = P).
+            # ---- top-k through a candidate list (CAND_K > 0: the races run over a list).
             # The threshold search runs over the row only until at most CAND_K lanes lie at or
             # above its lower end; those lanes (in lane order) go to a scratch list and the search
             # goes on over them from the same state (``kth_rounds``: same rounds, same threshold).
@@ -399,17 +400,25 @@ def _jacobi_rows_kernel(
         new = tl.full([], -1, tl.int64)
         if j >= 1:
             Qt = P
-            if USE_VP:
-                # only a draft row's slot holds this position's previous row (the bonus slot holds a
-                # stale row of an earlier position): the bonus row uses Qt = P
-                if ((kind_all & K_FLAG_PREV) != 0) & is_draft:
+            Qtl = Pl                             # Qt at the listed lanes (Qt = P without VP)
+            # only a draft row's slot holds this position's previous row (the bonus slot holds a
+            # stale row of an earlier position): the bonus row uses Qt = P
+            has_pp = ((kind_all & K_FLAG_PREV) != 0) & is_draft
+            if USE_VP and CAND_K > 0:
+                if has_pp:
+                    if use_list:                 # the VP law is zero where P is: the listed lanes suffice
+                        ppl = tl.load(p_prev_ptr + (b * R + slot) * V + ids, mask=lval, other=0.0)
+                        Qtl = _vp_predict(Pl, ppl, lval, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
+                    else:
+                        pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
+                        Qt = _vp_predict(P, pp, valid, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
+            elif USE_VP:
+                if has_pp:
                     if SPARSE:
                         pp = tl.load(p_prev_ptr + (b * R + slot) * C + at, mask=found, other=0.0)
                     else:
                         pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
                     Qt = _vp_predict(P, pp, valid, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
-            Qtl = Pl                             # Qt at the listed lanes (Qt = P without VP)
-            if USE_VP:
                 if LIST_K > 0:
                     if use_list:                 # the VP law is zero where P is (the launcher checks the form)
                         tl.store(listq_ptr + lbase + at_l, Qt, mask=keep_l & (at_l < LIST_K))
@@ -430,7 +439,10 @@ def _jacobi_rows_kernel(
                 if is_draft:
                     wc, _c1, _c2, _c3 = four_words(k0, k1, c_pos, c_step, S_COUPLE)
                     if CAND_K > 0:
-                        QtD = Pd                 # Qt = P (no VP law, dense state: no overflow law)
+                        if use_list:             # Qt is 0 off the list (padded slots hold 0)
+                            QtD = gather_lane(Qtl, ids, D)
+                        else:
+                            QtD = gather_lane(Qt, lanes, D)
                     else:
                         QtD = gather_lane(Qt, lanes, D)
                     keep = uniform24(wc) * Qd < QtD
@@ -480,13 +492,13 @@ def _jacobi_rows_kernel(
                     if HAS_PREV:
                         tl.store(p_prev_ptr + (b * R + slot) * C + c, tl.zeros([BLOCK_C], tl.float32), mask=pad)
             elif CAND_K > 0:
-                if use_list:                     # Qt = P: zeros, then the listed lanes
+                if use_list:                     # zeros, then the listed lanes (Qt and P are 0 off them)
                     tl.store(q_row + lanes, tl.zeros([BLOCK_V], dtype=tl.float32), mask=valid)
                     if HAS_PREV:
                         tl.store(p_prev_ptr + (b * R + slot) * V + lanes, tl.zeros([BLOCK_V], dtype=tl.float32),
                                  mask=valid)
                     tl.debug_barrier()
-                    tl.store(q_row + ids, Pl, mask=lval)
+                    tl.store(q_row + ids, Qtl, mask=lval)
                     if HAS_PREV:
                         tl.store(p_prev_ptr + (b * R + slot) * V + ids, Pl, mask=lval)
                 else:
@@ -665,11 +677,12 @@ def cand_list(on: bool):
         CAND_LIST = old
 
 
-def cand_size(V: int, top_k: int, list_k: int, use_vp: bool) -> int:
+def cand_size(V: int, top_k: int, list_k: int) -> int:
     """CAND_K of the rows kernel: the candidate list of the top-k search when the races run over a
-    list (``list_k > 0``) and the next draft's law is P itself (no VP law): room for about twice
-    top-k, at most half the row tile; 0 (the search and softmax over the row) otherwise."""
-    if not CAND_LIST or list_k == 0 or use_vp:
+    list (``list_k > 0``: the next draft's law, P or its VP law, is zero off the lanes with P > 0):
+    room for about twice top-k, at most half the row tile; 0 (the search and softmax over the row)
+    otherwise."""
+    if not CAND_LIST or list_k == 0:
         return 0
     c = triton.next_power_of_2(2 * top_k + 32)
     return c if 2 * c <= kernel_config(V, 1)["BLOCK_V"] else 0
@@ -739,8 +752,9 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     # pointers: the state tensors stand in, with the right dtypes)
     lists = torch.empty((B, W1, list_k), dtype=torch.int32, device=dev) if list_k else q_kind
     listp = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k else q_state
-    listq = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k and use_vp else q_state
-    cand_k = cand_size(V, top_k, list_k, use_vp)
+    cand_k = cand_size(V, top_k, list_k)
+    listq = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k and use_vp and not cand_k \
+        else q_state
     cids = torch.empty((B, W1, cand_k), dtype=torch.int32, device=dev) if cand_k else q_kind
     cys = torch.empty((B, W1, cand_k), dtype=torch.float32, device=dev) if cand_k else q_state
     _jacobi_rows_kernel[(B, W1)](
@@ -791,13 +805,16 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
     cases = []
     # the launcher's list sizes at top-k 1000 (0 where the row is too small for them)
     lk = list_size(V, 1000, False, False, False, _ref.VP_ADD, 0.0)
-    ck = cand_size(V, 1000, lk, False)
+    ck = cand_size(V, 1000, lk)
     rows = [
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_LOG,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD,
-                      LIST_K=1024)),
+                      LIST_K=lk, CAND_K=ck)),
+        ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_LOG,
+                      BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_COUPLING,
+                      LIST_K=lk)),
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD)),
         # top-k through a candidate list, races over the listed lanes (top-k 1000): sjd, coupling,
@@ -832,7 +849,8 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
     ]
     warps = [cfg["num_warps_rows"]] * len(rows)
     if cfg["BLOCK_V"] > 4096:                            # the B 32 benchmark case with 32 warps (triton_w32)
-        rows.append(rows[3])
+        rows.append(next(r for r in rows if r[1].get("CAND_K") and not r[1]["USE_VP"]
+                         and r[1]["MODE"] == _ref.MODE_SJD))
         warps.append(32)
     for (dt, ce), nw in zip(rows, warps):
         sig = dict(_ROWS_TYPES, logits_ptr=f"*{dt}", uncond_ptr=f"*{dt}")
