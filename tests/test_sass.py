@@ -58,7 +58,9 @@ def test_listing_parsers_find_loops_and_skip_out_of_line_returns():
     lp = S.loops(ins)
     # the loop 0x20..0x50 (4 instructions, one barrier); the slow path's return (0xb0 -> 0x70)
     # jumps back over the EXIT and the self-branch at 0x90 jumps to itself: neither is a loop
-    assert lp == [{"start": "0x20", "end": "0x50", "instructions": 4, "barriers": 1}]
+    assert lp == [{"start": "0x20", "end": "0x50", "instructions": 4, "barriers": 1, "spills": 0}]
+    # local-memory loads and stores inside a loop body are counted as its spills
+    assert S.loops([(0x0, "LDL R1, [R2]"), (0x10, "STL [R3], R1"), (0x20, "@P0 BRA 0x0")])[0]["spills"] == 2
 
 
 def test_nvdisasm_parser_resolves_labels_and_source_lines():
@@ -68,7 +70,7 @@ def test_nvdisasm_parser_resolves_labels_and_source_lines():
     assert [a for a, _, _ in ins] == [0x0, 0x10, 0x20, 0x30, 0x40, 0x50]
     assert ins[3][1] == "@!P0 BRA 0x10" and ins[3][2] == "x.cu:12" and ins[1][2] == "y.cuh:7"
     lp = S.loops([(a, s) for a, s, _ in ins])
-    assert lp == [{"start": "0x10", "end": "0x30", "instructions": 3, "barriers": 0}]
+    assert lp == [{"start": "0x10", "end": "0x30", "instructions": 3, "barriers": 0, "spills": 0}]
 
 
 @pytest.fixture(scope="module")

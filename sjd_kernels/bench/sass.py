@@ -61,7 +61,8 @@ def opcode(ins: str) -> str:
 
 
 def loops(ins: list) -> list:
-    """Backward branches: one dict per loop with its body (instructions between target and branch).
+    """Backward branches: one dict per loop with its body (instructions between target and branch),
+    the barriers and the local-memory loads and stores (spills) in it.
 
     An unconditional backward branch over an ``EXIT`` is not a loop: it is the return of an
     out-of-line block (a slow path placed after the function's exit) into the code that called it.
@@ -75,7 +76,8 @@ def loops(ins: list) -> list:
             if not s.startswith("@") and any(opcode(x[1]) == "EXIT" for x in body):
                 continue
             out.append({"start": hex(t), "end": hex(addr), "instructions": len(body),
-                        "barriers": sum(opcode(x[1]) == "BAR" for x in body)})
+                        "barriers": sum(opcode(x[1]) == "BAR" for x in body),
+                        "spills": sum(opcode(x[1]) in ("LDL", "STL") for x in body)})
     return out
 
 
@@ -400,12 +402,13 @@ def cuda_table(rows: list) -> str:
 
 
 def table(rows: list, lanes_per_thread: int | None = None) -> str:
-    head = ("| code | registers | stack B | SASS / thread | per lane | barriers | loops (body instr., barriers) | "
+    head = ("| code | registers | stack B | SASS / thread | per lane | barriers | loops (body instr., barriers, spills if any) | "
             "note |\n|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
         lpt = lanes_per_thread or max(1, triton.next_power_of_2(r["V"]) // (32 * r["warps"]))
-        lp = "; ".join(f"{x['instructions']} / {x['barriers']}" for x in r["loops"]) or "-"
+        lp = "; ".join(f"{x['instructions']} / {x['barriers']}" + (f" / {x['spills']} spills" if x.get("spills") else "")
+                       for x in r["loops"]) or "-"
         out.append(f"| {r['name']} | {r['registers']} | {r['stack']} | {r['instructions']} | "
                    f"{r['instructions'] / lpt:.0f} | {r['barriers']} | {lp} | {r['note']} |")
     return "\n".join(out)

@@ -179,22 +179,24 @@ def _halving_rounds(keys: np.ndarray, k: int, st: dict, kmin: int, cap: int) -> 
     return red
 
 
-def _halving_start(keys: np.ndarray) -> tuple[dict, int, int]:
+def _halving_start(keys: np.ndarray, row_start: bool = True) -> tuple[dict, int, int]:
     """``kth_init_row``: the bracket state, ``kmin`` (the smallest key above -inf) and the
     reductions it takes: one (the minimum), two when a lane is at -inf (kmin too); the maximum and
-    the count come with the row (its maximum, V)."""
+    the count come with the row (its maximum, V). ``row_start=False``: ``kth_init`` (the
+    standalone ``kth_largest_key``), the same state from 4 reductions."""
     valid_fin = keys > _signed(order_key(np.float32(-np.inf)))[0]
     kmin = int(keys[valid_fin].min()) if valid_fin.any() else (1 << 31) - 1
     st = {"lo": int(keys.min()), "hi": int(keys.max()), "cge": keys.size, "cgt": 0, "gap": False}
-    return st, kmin, 1 if valid_fin.all() else 2
+    return st, kmin, (1 if valid_fin.all() else 2) if row_start else 4
 
 
-def kth_key_halving(y: np.ndarray, k: int) -> tuple[int, int]:
+def kth_key_halving(y: np.ndarray, k: int, row_start: bool = True) -> tuple[int, int]:
     """(key, reductions) of the Triton top-k search as ``target_row`` runs it (``kth_init_row``, then
     ``kth_rounds``; the key as ``order_key`` gives it); reductions counts every block-wide
-    reduction, the 1-2 before the loop included (the standalone ``kth_largest_key`` makes 4 there)."""
+    reduction, the 1-2 before the loop included (``row_start=False``: the standalone
+    ``kth_largest_key``, 4 there)."""
     keys = _signed(order_key(np.asarray(y, dtype=np.float32)))
-    st, kmin, red = _halving_start(keys)
+    st, kmin, red = _halving_start(keys, row_start)
     red += _halving_rounds(keys, k, st, kmin, 0)
     return st["lo"] + (1 << 31), red
 
@@ -302,7 +304,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     print("| V | k | row family | CUDA pivots: passes | CUDA bracket: passes | bracket branches | "
-          "Triton halving: reductions | Triton rows kernel: row + candidate reductions (candidates) |")
+          "Triton halving: reductions (kth_largest_key) | Triton rows kernel: row + candidate reductions "
+          "(candidates) |")
     print("|---|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
         V, k = (int(x) for x in item.split(":"))
@@ -311,12 +314,13 @@ def main(argv=None) -> int:
             kp, pp = kth_key_pivots(y, k)
             kb, pb, info = kth_key_bracket(y, k)
             kh, rh = kth_key_halving(y, k)
+            _, rh4 = kth_key_halving(y, k, row_start=False)
             cap = cand_cap(V, k)
             k2, r_row, r_cand, n_c = kth_key_two_stage(y, k, cap) if cap else (want, rh, 0, 0)
             assert kp == want and kb == want and kh == want and k2 == want, (name, V, k)
             br = ", ".join(f"{n} {v}" for n, v in info.items() if v)
             two = f"{r_row} + {r_cand} ({n_c} of cap {cap})" if n_c else f"{r_row} (row only)"
-            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {rh} | {two} |")
+            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {rh} ({rh4}) | {two} |")
     print()
     print("| V | top-p | row family (softmax of the row) | Triton top-p: reductions (bisection: 32) |")
     print("|---|---|---|---|")

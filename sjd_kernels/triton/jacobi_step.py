@@ -70,9 +70,9 @@ import triton.language as tl
 from .. import rng as _rng
 from ..reference import jacobi_step as _ref
 from .rng import counter_word, four_words, lane_words, lane_words_at, seed_key
-from .sampling import (INT32_MAX, _row_max, exponential, float_key, gather_lane, key_value, kth_init_row,
-                       kth_rounds, pow_accurate, prefix_count, prefix_count_total, race, softmax_top_p,
-                       target_row, uniform24, uniform_token)
+from .sampling import (INT32_MAX, exponential, float_key, gather_lane, key_value, kth_init_row, kth_rounds,
+                       pow_accurate, prefix_count, prefix_count_total, race, row_max, softmax_top_p, target_row,
+                       uniform24, uniform_token)
 
 try:
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
@@ -244,7 +244,7 @@ def _jacobi_rows_kernel(
             # Softmax, top-p and the compaction of the lanes with P > 0 into the race list then
             # cost CAND_K lanes, and the dense P is only written (zeros, then the list's values).
             # When ties overflow the candidate list or the race list, P is computed over the row.
-            bad, ym = _row_max(x, valid, temperature, False)
+            bad, ym = row_max(x, valid, temperature, False)
             y = tl.where(valid & (~bad), x * temperature, float("-inf"))
             # the search starts from the row maximum (a bad row's lanes are all -inf here)
             key, lo, hi, kmin, cge, cgt, gap = kth_init_row(float_key(y), valid,

@@ -268,11 +268,11 @@ def kth_largest_key(key, valid, k):
       largest key inside it;
     - when the answer is the largest (or smallest) candidate of the bracket, one max (min) ends it.
 
-    Every round shrinks the bracket, so it ends. Smooth rows of 16384 lanes take 11-21 reductions
-    in all where the bisection over the key range this replaces took 34; ``target_row`` starts
-    from the row maximum (``kth_init_row``: 1-2 reductions instead of 4) and takes 8-18 at top-k
-    1000 (the host model ``sjd_kernels.bench.topk_model.kth_key_halving`` counts them; the CPU
-    tests run this function on rows built for every branch). ``kth_init`` and ``kth_rounds`` are its two halves; the rows
+    Every round shrinks the bracket, so it ends. The host model's rows of 16384 lanes take 11-21
+    reductions in all at top-k 1000 where the bisection over the key range this replaces took 34;
+    ``target_row`` starts from the row maximum (``kth_init_row``: 1-2 reductions instead of 4) and
+    takes 8-18 (``python -m sjd_kernels.bench.topk_model`` counts both; the CPU tests run this
+    function on rows built for every branch). ``kth_init`` and ``kth_rounds`` are its two halves; the rows
     kernel of ``jacobi_step`` runs the rounds over the row until a candidate list fits, then over
     the list.
     """
@@ -329,7 +329,7 @@ def top_p_key(p, valid, top_p):
 
 
 @triton.jit
-def _row_max(x, valid, inv_t, GREEDY: tl.constexpr):
+def row_max(x, valid, inv_t, GREEDY: tl.constexpr):
     """``(bad, ym)`` of combined float32 logits ``x`` in one reduction.
 
     ``ym`` is the maximum over valid lanes of ``x * inv_t`` (of ``x`` when GREEDY) with NaN and
@@ -356,7 +356,7 @@ def row_nonfinite(x, valid, inv_t, GREEDY: tl.constexpr):
     NaN or +inf anywhere, or no logit above -inf; for sampling (not greedy) also ``max(x / T)``
     overflowing to +-inf (the reference's softmax is then NaN). Padded lanes are not read.
     """
-    bad, _ym = _row_max(x, valid, inv_t, GREEDY)
+    bad, _ym = row_max(x, valid, inv_t, GREEDY)
     return bad
 
 
@@ -369,7 +369,7 @@ def target_row(x, lanes, valid, n_valid, inv_t, top_k, top_p, GREEDY: tl.constex
     the temperature (unused when GREEDY). Returns ``(P, bad)``: P float32 with padded lanes 0, and
     all zeros when ``bad`` (see ``row_nonfinite``), as after the callers' ``nan_to_num``.
     """
-    bad, ym = _row_max(x, valid, inv_t, GREEDY)
+    bad, ym = row_max(x, valid, inv_t, GREEDY)
     x = tl.where(bad, 0.0, x)
     x = tl.where(valid, x, float("-inf"))
     if GREEDY:
