@@ -80,7 +80,7 @@ def probe_rows(tmp_path_factory):
     env.pop("TRITON_INTERPRET", None)                    # real code generation
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-m", "sjd_kernels.bench.sass", "--V", "4096", "--only", "scan",
-                        "--only", "search", "--only", "rounds", "--out", str(out)], env=env, capture_output=True, text=True,
+                        "--only", "search", "--only", "rounds", "--only", "sparse lookup", "--out", str(out)], env=env, capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
     if p.returncode != 0:
         msg = (p.stderr or "")[-3000:]
@@ -113,6 +113,14 @@ def test_a_search_round_over_the_candidate_list_issues_fewer_instructions_than_o
     row = r["start + 4 rounds over the row"] - r["start over the row"]
     lst = r["start + 4 rounds over a list of 512"] - r["start over a list of 512"]
     assert 0 < lst < row, (lst, row)
+
+
+def test_a_sparse_lookup_over_the_race_list_issues_fewer_instructions_than_over_the_row(probe_rows):
+    # the row path searches the slot with a binary search masked over the row tile; the
+    # candidate-list path searches at the listed lanes only (1024 here against a row of 4096)
+    row, lst = probe_rows["sparse lookup over the row"], probe_rows["sparse lookup over a list of 1024"]
+    assert 0 < lst["instructions"] < row["instructions"], (lst["instructions"], row["instructions"])
+    assert lst["loops"] == [] and row["loops"] == []         # the halvings are unrolled
 
 
 def test_cuda_rows_kernel_metrics():

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..triton import sampling as ts
+from ..triton.jacobi_step import _sparse_find
 from ..triton.rng import counter_word, lane_words, lane_words_at, seed_key
 
 TARGET_CC = 90
@@ -212,6 +213,23 @@ def _probe_softmax(x_ptr, out_ptr, V, mx, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _probe_sparse_find(p_ptr, ids_ptr, idx_ptr, q_ptr, out_ptr, n, C, LIST: tl.constexpr, BLOCK: tl.constexpr,
+                       NSTEPS: tl.constexpr):
+    # the old law from a sparse slot of C entries: over the row tile (a search masked to the lanes
+    # with P > 0, as the row path does) or over a list of lane ids (the candidate-list path)
+    li = tl.arange(0, BLOCK)
+    ok = li < n
+    if LIST:
+        keys = tl.load(ids_ptr + li, mask=ok, other=0)
+        want = ok
+    else:
+        keys = li
+        want = ok & (tl.load(p_ptr + li, mask=ok, other=0.0) > 0.0)
+    at, found = _sparse_find(idx_ptr, keys, want, C, NSTEPS)
+    tl.store(out_ptr + li, tl.load(q_ptr + at, mask=found, other=0.0), mask=ok)
+
+
+@triton.jit
 def _probe_copy(x_ptr, out_ptr, V, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
     valid = lanes < V
@@ -232,6 +250,8 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
     tgt = dict(row, inv_t="fp32", k="i32", top_p="fp32")
     f32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32"}
     race = {"p_ptr": "*fp32", "ids_ptr": "*i32", "out_ptr": "*i32", "seed": "i64", "n": "i32"}
+    find = {"p_ptr": "*fp32", "ids_ptr": "*i32", "idx_ptr": "*i32", "q_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32",
+            "C": "i32"}
     return [
         ("copy fp32 row (load + store)", _probe_copy, f32, B, "the floor every probe contains"),
         ("load bf16 + CFG + store", _probe_load_cfg, row, B, ""),
@@ -260,6 +280,10 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
         (f"softmax over a list of {nc}", _probe_softmax, soft, C, ""),
         (f"compaction over a list of {nc}", _probe_scan, {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32"},
          dict(C, PREFIX=True), "prefix_count"),
+        ("sparse lookup over the row", _probe_sparse_find, find, dict(B, LIST=False, NSTEPS=11),
+         "binary search in 1064 entries, masked to P > 0"),
+        (f"sparse lookup over a list of {list_k}", _probe_sparse_find, find,
+         {"LIST": True, "BLOCK": list_k, "NSTEPS": 11}, ""),
         ("race over the row", _probe_race, race, dict(B, LIST=False), "Philox + exponential + race"),
         (f"race over a list of {list_k}", _probe_race, race, {"LIST": True, "BLOCK": list_k}, ""),
     ]

@@ -19,14 +19,19 @@ Sparse state (``q_idx`` given, constexpr ``SPARSE``): a slot is C ascending lane
 slot's ids (``_sparse_find``, only on lanes a race can pick); the new entries are an ordered
 compaction of the lanes with ``P > 0`` (``prefix_count``), written after the barrier that ends every
 read of the slot; a row with more than C such lanes drafts uniformly and raises flag ``F_OVERFLOW``.
+With the candidate list (below) the race list is that compaction: it is stored as the slot's
+entries, and the old law and p_prev are searched at the listed lanes only (a search over a tile of
+LIST_K lanes instead of a masked one over the row tile); a row whose support exceeds C takes the
+row path.
 
-Races over a list (constexpr ``LIST_K``, ``list_size``: on when top-k is on and the state dense,
-unless the VP law is additive with beta < 0, which can be positive where P is 0): the lanes with
-``P > 0`` (about top-k of them) go, in lane order, to a per-row scratch list, and the residual,
-bonus, fresh-draft, coupling-redraw and Gumbel races run over it (a race weighs no other lane), so
-their Philox words, logs and divisions cost LIST_K lanes instead of the whole row; a row whose
-support overflows the list (ties at the threshold) races densely. Same results as the dense races
-(the interpreter parity tests run both). ``LIST_RACES = False`` turns it off.
+Races over a list (constexpr ``LIST_K``, ``list_size``: on when top-k is on, unless the VP law is
+additive with beta < 0, which can be positive where P is 0; with the sparse state only together
+with the candidate list): the lanes with ``P > 0`` (about top-k of them) go, in lane order, to a
+per-row scratch list, and the residual, bonus, fresh-draft, coupling-redraw and Gumbel races run
+over it (a race weighs no other lane), so their Philox words, logs and divisions cost LIST_K lanes
+instead of the whole row; a row whose support overflows the list (ties at the threshold) races
+densely. Same results as the dense races (the interpreter parity tests run both).
+``LIST_RACES = False`` turns it off.
 
 Top-k through a candidate list (constexpr ``CAND_K``, ``cand_size``: whenever the races run over a
 list): the top-k threshold search (``sampling.kth_rounds``)
@@ -198,6 +203,32 @@ def _sparse_find(idx_row, keys, want, C, NSTEPS: tl.constexpr):
 
 
 @triton.jit
+def _sparse_row_law(P, lanes, valid, is_draft, is_forced, row_bad, kind, D, j, C, q_unif, i_row, q_row,
+                    NSTEPS: tl.constexpr):
+    """The old law of a draft row from its sparse slot, over the whole row tile: returns the row's
+    support size, whether it overflows the slot, the entry of each lane and whether it holds one,
+    the old law as a tile and its value at the draft."""
+    n_sup = tl.sum((valid & (P > 0.0)).to(tl.int32), 0)
+    ovf_row = (j >= 1) & (n_sup > C) & (~is_forced) & (~row_bad)
+    # only lanes a race can pick need the old law: P > 0 (residual), Qt > 0 (coupling; Qt lies in
+    # P's support unless the row overflows), and the draft's own lane
+    want = valid & is_draft & (kind == K_DENSE) & ((P > 0.0) | (lanes == D) | ovf_row)
+    at, found = _sparse_find(i_row, lanes, want, C, NSTEPS)
+    Qold = _old_law(tl.load(q_row + at, mask=found, other=0.0), lanes, valid, is_draft, kind, D, q_unif)
+    Qd = gather_lane(Qold, lanes, D)             # 0 when D is not a lane of [0, V)
+    return n_sup, ovf_row, at, found, Qold, Qd
+
+
+@triton.jit
+def _sparse_put(i_row, q_row, pp_row, at, keep, ids, qt, p, HAS_PREV: tl.constexpr):
+    """Entries ``at`` (where ``keep``) of a sparse slot: lane ids, Qt and, with HAS_PREV, P."""
+    tl.store(i_row + at, ids, mask=keep)
+    tl.store(q_row + at, qt, mask=keep)
+    if HAS_PREV:
+        tl.store(pp_row + at, p, mask=keep)
+
+
+@triton.jit
 def _jacobi_rows_kernel(
         logits_ptr, stride_lb, stride_lj, uncond_ptr, stride_ub, stride_uj, cfg_ptr,
         drafts_ptr, win_ptr, pos_ptr, seed_ptr, step_ptr, forced_ptr, L,
@@ -256,6 +287,7 @@ def _jacobi_rows_kernel(
             ids = tl.zeros([LIST_K], dtype=tl.int32)
             Pl = tl.zeros([LIST_K], dtype=tl.float32)
             lval = li < 0
+            n_list = tl.full([], 0, tl.int32)
             # cge bounds the count at or above lo (it is exact unless a max finish ended the search)
             use_list = cge <= CAND_K
             if use_list:
@@ -277,6 +309,8 @@ def _jacobi_rows_kernel(
                 keep_p = cval & (~bad) & (Pc > 0.0)
                 at_p, n_list = prefix_count_total(keep_p, CAND_K)
                 use_list = n_list <= LIST_K
+                if SPARSE:                          # the list is the slot's new entries: at most C
+                    use_list = use_list & (n_list <= C)
                 if use_list:
                     lbase = (b * W1 + j) * LIST_K
                     tl.store(list_ptr + lbase + at_p, idc, mask=keep_p)
@@ -301,18 +335,39 @@ def _jacobi_rows_kernel(
         kind_all = tl.load(q_kind_ptr + b * R + slot)
         kind = kind_all & K_MASK
         if SPARSE:
-            # entries of this slot: ascending lane ids, values of Qt and P at them (row width C)
+            # entries of this slot: ascending lane ids, values of Qt and P at them (row width C);
+            # a row whose support does not fit the slot drafts uniformly (below)
             q_row = q_state_ptr + (b * R + slot) * C
             i_row = q_idx_ptr + (b * R + slot) * C
-            # support of this row; a row whose support does not fit the slot drafts uniformly (below)
-            n_sup = tl.sum((valid & (P > 0.0)).to(tl.int32), 0)
-            ovf_row = (j >= 1) & (n_sup > C) & (~is_forced) & (~row_bad)
-            # only lanes a race can pick need the old law: P > 0 (residual), Qt > 0 (coupling; Qt lies
-            # in P's support unless the row overflows), and the draft's own lane
-            want = valid & is_draft & (kind == K_DENSE) & ((P > 0.0) | (lanes == D) | ovf_row)
-            at, found = _sparse_find(i_row, lanes, want, C, C_STEPS)
-            Qold = _old_law(tl.load(q_row + at, mask=found, other=0.0), lanes, valid, is_draft, kind, D, q_unif)
-            Qd = gather_lane(Qold, lanes, D)         # 0 when D is not a lane of [0, V)
+            if CAND_K > 0:
+                # on the list path (the support fits the slot there) the races read the old law at
+                # the listed lanes only: a binary search per listed lane, none over the row tile
+                at_l = tl.zeros_like(ids)
+                found_l = ids < 0
+                Qol = tl.zeros_like(Pl)
+                n_sup = n_list
+                ovf_row = n_list < 0
+                at = tl.zeros([BLOCK_V], dtype=tl.int32)
+                found = lanes < 0
+                Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
+                Qd = tl.zeros([], dtype=tl.float32)
+                if use_list:
+                    at_l, found_l = _sparse_find(i_row, ids, lval & is_draft & (kind == K_DENSE), C, C_STEPS)
+                    Qol = _old_law(tl.load(q_row + at_l, mask=found_l, other=0.0), ids, lval, is_draft, kind, D,
+                                   q_unif)
+                    # Qd only meets P(D) and Qt(D) in the acceptance and coupling tests, both 0 and
+                    # so both false when D is off the list, whatever Qd is there
+                    Qd = gather_lane(Qol, ids, D)
+                else:
+                    n_sup, ovf_row, at, found, Qold, Qd = _sparse_row_law(P, lanes, valid, is_draft, is_forced,
+                                                                          row_bad, kind, D, j, C, q_unif, i_row,
+                                                                          q_row, C_STEPS)
+            else:
+                at_l = tl.zeros([1], dtype=tl.int32)           # the stand-ins of the list tiles below
+                found_l = at_l < 0
+                Qol = tl.zeros([1], dtype=tl.float32)
+                n_sup, ovf_row, at, found, Qold, Qd = _sparse_row_law(P, lanes, valid, is_draft, is_forced, row_bad,
+                                                                      kind, D, j, C, q_unif, i_row, q_row, C_STEPS)
         else:
             # the dense old law: the acceptance test reads one lane; the whole row is read below
             # only by the races that use it (the residual of a rejected draft, the coupling redraw)
@@ -338,6 +393,7 @@ def _jacobi_rows_kernel(
         if CAND_K > 0:
             pass                                 # built with the target row above
         elif LIST_K > 0:
+            tl.static_assert(not SPARSE, "the sparse state takes the list path with the candidate list only")
             use_list = tl.full([], 0, tl.int1)
             keep_l = valid & (P > 0.0)
             n_list = tl.sum(keep_l.to(tl.int32), 0)
@@ -379,8 +435,9 @@ def _jacobi_rows_kernel(
             r = tl.full([], -1, tl.int32)
             if (~accept) | (~is_draft):
                 if use_list:
-                    Qol = _old_law(tl.load(q_row + ids, mask=lval & (is_draft & (kind == K_DENSE)), other=0.0),
-                                   ids, lval, is_draft, kind, D, q_unif)
+                    if not SPARSE:                  # (sparse: looked up above)
+                        Qol = _old_law(tl.load(q_row + ids, mask=lval & (is_draft & (kind == K_DENSE)), other=0.0),
+                                       ids, lval, is_draft, kind, D, q_unif)
                     r, zr = _residual_race(Pl, Qol, exponential(lane_words_at(k0, k1, c_pos, c_step, S_RESID, ids)),
                                            ids, lval, is_draft)
                 else:
@@ -407,10 +464,16 @@ def _jacobi_rows_kernel(
             if USE_VP and CAND_K > 0:
                 if has_pp:
                     if use_list:                 # the VP law is zero where P is: the listed lanes suffice
-                        ppl = tl.load(p_prev_ptr + (b * R + slot) * V + ids, mask=lval, other=0.0)
+                        if SPARSE:
+                            ppl = tl.load(p_prev_ptr + (b * R + slot) * C + at_l, mask=found_l, other=0.0)
+                        else:
+                            ppl = tl.load(p_prev_ptr + (b * R + slot) * V + ids, mask=lval, other=0.0)
                         Qtl = _vp_predict(Pl, ppl, lval, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
                     else:
-                        pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
+                        if SPARSE:
+                            pp = tl.load(p_prev_ptr + (b * R + slot) * C + at, mask=found, other=0.0)
+                        else:
+                            pp = tl.load(p_prev_ptr + (b * R + slot) * V + lanes, mask=valid, other=0.0)
                         Qt = _vp_predict(P, pp, valid, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
             elif USE_VP:
                 if has_pp:
@@ -451,8 +514,11 @@ def _jacobi_rows_kernel(
                     elif use_list:
                         # the redraw weighs max(Qt - Qold, 0), zero where Qt is: the listed lanes suffice
                         # (names apart from the dense branch's: a tile of LIST_K lanes, not BLOCK_V)
-                        Qo_l = _old_law(tl.load(q_row + ids, mask=lval & (kind == K_DENSE), other=0.0),
-                                        ids, lval, is_draft, kind, D, q_unif)
+                        if SPARSE:               # looked up above
+                            Qo_l = Qol
+                        else:
+                            Qo_l = _old_law(tl.load(q_row + ids, mask=lval & (kind == K_DENSE), other=0.0),
+                                            ids, lval, is_draft, kind, D, q_unif)
                         rc, zc = _residual_race(Qtl, Qo_l, exponential(lane_words_at(k0, k1, c_pos, c_step,
                                                                                       S_COUPLE_RES, ids)),
                                                 ids, lval, is_draft)
@@ -479,12 +545,17 @@ def _jacobi_rows_kernel(
             if SPARSE:
                 # ordered compaction of the support (forced and overflowing rows store no entries)
                 if (~is_forced) & (~ovf):
-                    keep = valid & (P > 0.0)
-                    at_new = prefix_count(keep, BLOCK_V)
-                    tl.store(i_row + at_new, lanes, mask=keep)
-                    tl.store(q_row + at_new, Qt, mask=keep)
-                    if HAS_PREV:
-                        tl.store(p_prev_ptr + (b * R + slot) * C + at_new, P, mask=keep)
+                    pp_row = p_prev_ptr + (b * R + slot) * C
+                    if CAND_K > 0:
+                        if use_list:             # the list is the support, in lane order
+                            _sparse_put(i_row, q_row, pp_row, li, lval, ids, Qtl, Pl, HAS_PREV)
+                        else:
+                            keep = valid & (P > 0.0)
+                            _sparse_put(i_row, q_row, pp_row, prefix_count(keep, BLOCK_V), keep, lanes, Qt, P,
+                                        HAS_PREV)
+                    else:
+                        keep = valid & (P > 0.0)
+                        _sparse_put(i_row, q_row, pp_row, prefix_count(keep, BLOCK_V), keep, lanes, Qt, P, HAS_PREV)
                     c = tl.arange(0, BLOCK_C)
                     pad = (c >= n_sup) & (c < C)
                     tl.store(i_row + c, tl.full([BLOCK_C], IDX_PAD, tl.int32), mask=pad)
@@ -654,9 +725,11 @@ LIST_RACES = True
 
 def list_size(V: int, top_k: int, greedy: bool, sparse: bool, use_vp: bool, vp_form: int, beta: float) -> int:
     """LIST_K of the rows kernel: room for the lanes with P > 0 when every race of a row weighs only
-    them (top-k on, dense state, not the additive VP law with beta < 0, which can be positive where
-    P is 0), and the list is at most a quarter of the row tile; 0 (dense races) otherwise."""
-    if not LIST_RACES or greedy or not 0 < top_k < V or sparse or (use_vp and vp_form == _ref.VP_ADD and beta < 0.0):
+    them (top-k on, not the additive VP law with beta < 0, which can be positive where P is 0; the
+    sparse state only with the candidate list, whose race list becomes the slot's entries), and the
+    list is at most a quarter of the row tile; 0 (dense races) otherwise."""
+    if not LIST_RACES or greedy or not 0 < top_k < V or (sparse and not CAND_LIST) \
+            or (use_vp and vp_form == _ref.VP_ADD and beta < 0.0):
         return 0
     k = triton.next_power_of_2(top_k + 16)
     return k if 4 * k <= kernel_config(V, 1)["BLOCK_V"] else 0
@@ -748,11 +821,13 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     unc = uncond if uncond is not None else logits
     do_topk = (not greedy) and 0 < top_k < V
     list_k = list_size(V, top_k, greedy, sparse, use_vp, vp_form, beta)
+    cand_k = cand_size(V, top_k, list_k)
+    if sparse and not cand_k:                  # (cand_size > 0 whenever list_size is: a safeguard)
+        list_k = 0
     # the scratch lists exist only when a row can use them (otherwise the kernel never reads the
     # pointers: the state tensors stand in, with the right dtypes)
     lists = torch.empty((B, W1, list_k), dtype=torch.int32, device=dev) if list_k else q_kind
     listp = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k else q_state
-    cand_k = cand_size(V, top_k, list_k)
     listq = torch.empty((B, W1, list_k), dtype=torch.float32, device=dev) if list_k and use_vp and not cand_k \
         else q_state
     cids = torch.empty((B, W1, cand_k), dtype=torch.int32, device=dev) if cand_k else q_kind
@@ -806,6 +881,8 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
     # the launcher's list sizes at top-k 1000 (0 where the row is too small for them)
     lk = list_size(V, 1000, False, False, False, _ref.VP_ADD, 0.0)
     ck = cand_size(V, 1000, lk)
+    lks = list_size(V, 1000, False, True, False, _ref.VP_ADD, 0.0)
+    cks = cand_size(V, 1000, lks)
     rows = [
         ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_LOG,
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=True, MODE=_ref.MODE_COUPLING)),
@@ -847,6 +924,19 @@ def codegen_cases(V: int = 16384, W: int = 32) -> list[dict]:
                       BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_GUMBEL,
                       SPARSE=True, BLOCK_C=sparse_block(1064), C_STEPS=sparse_steps(1064))),
     ]
+    if cks:
+        # the sparse state through the candidate list (the race list becomes the slot's entries):
+        # the B 32 sparse benchmark case, and coupling with VP
+        rows += [
+            ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=False, HAS_PREV=False, USE_VP=False, VP_FORM=_ref.VP_ADD,
+                          BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_SJD,
+                          SPARSE=True, BLOCK_C=sparse_block(1064), C_STEPS=sparse_steps(1064), LIST_K=lks,
+                          CAND_K=cks)),
+            ("bf16", dict(HAS_UNCOND=True, HAS_FORCED=True, HAS_PREV=True, USE_VP=True, VP_FORM=_ref.VP_ADD,
+                          BETA_POW=POW_GENERAL, GREEDY=False, DO_TOPK=True, DO_TOPP=False, MODE=_ref.MODE_COUPLING,
+                          SPARSE=True, BLOCK_C=sparse_block(1064), C_STEPS=sparse_steps(1064), LIST_K=lks,
+                          CAND_K=cks)),
+        ]
     warps = [cfg["num_warps_rows"]] * len(rows)
     if cfg["BLOCK_V"] > 4096:                            # the B 32 benchmark case with 32 warps (triton_w32)
         rows.append(next(r for r in rows if r[1].get("CAND_K") and not r[1]["USE_VP"]
