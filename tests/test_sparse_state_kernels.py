@@ -89,8 +89,14 @@ def test_sparse_triton_matches_reference(spec, k, cap):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERP or not HAS_CUDA, reason="needs compiled Triton on a CUDA device (TRITON_INTERPRET=0)")
-@pytest.mark.parametrize("spec", ["sjd", "vp_log_b1", "coupling_vp_add_b0.5"])
-def test_sparse_triton_matches_reference_gpu(spec):
+@pytest.mark.parametrize("spec,cand", [("sjd", True), ("vp_log_b1", True), ("coupling_vp_add_b0.5", True),
+                                       ("sjd", False)])
+def test_sparse_triton_matches_reference_gpu(spec, cand, monkeypatch):
+    """V 3000, top-k 200, C 256: the candidate-list path (a race list of 256 stored as the slot's
+    entries); with ``cand`` False the row path (``CAND_LIST = False``), to tell them apart if one fails."""
+    import sjd_kernels.triton.jacobi_step as tj
+    monkeypatch.setattr(tj, "CAND_LIST", cand)
+    assert (tj.list_size(3000, 200, False, True, False, ref.VP_ADD, 0.0) > 0) == cand
     _compare(spec, V=3000, L=24, n=64, W=8, k=200, cap=256, device="cuda")
 
 
@@ -117,7 +123,7 @@ def test_sparse_cuda_matches_reference_larger(spec):
 
 # ------------------------------------------------ the sparse state through the candidate list
 
-def _sparse_one_step(logits, drafts, win, forced, cap, mode, vp, K, seed=3):
+def _sparse_one_step(logits, drafts, win, forced, cap, mode, vp, K, top_p=1.0, seed=3):
     """One step of the reference and of the Triton kernel from the same sparse state: each slot
     holds cap - 5 random lanes (with the slot's draft for most requests) at values 0.05-0.2, p_prev
     random positive. Returns ``(outputs, state)`` per implementation, state densified."""
@@ -143,7 +149,7 @@ def _sparse_one_step(logits, drafts, win, forced, cap, mode, vp, K, seed=3):
                 p_prev[b, slot, :lanes.numel()] = 0.01 + torch.rand(lanes.numel(), generator=g)
     q_kind = torch.full((B, R), ref.KIND_DENSE | (ref.FLAG_PREV if vp else 0), dtype=torch.int32)
     seed_t, step = torch.arange(11, 11 + B), torch.zeros(B, dtype=torch.int64)
-    args = dict(temperature=1.0, top_k=K, top_p=1.0, mode=ref.MODES[mode], beta=-1.0 if vp else 0.0,
+    args = dict(temperature=1.0, top_k=K, top_p=top_p, mode=ref.MODES[mode], beta=-1.0 if vp else 0.0,
                 vp_form=ref.VP_LOG, vp_eps=1e-6, tail_init=ref.TAIL_UNIFORM)
     res = []
     for fn in (ref.jacobi_step, jacobi_step_triton):
@@ -157,10 +163,11 @@ def _sparse_one_step(logits, drafts, win, forced, cap, mode, vp, K, seed=3):
 
 
 @pytest.mark.skipif(not INTERP, reason="interpreter grid (the GPU tests above cover the compiled kernel)")
-@pytest.mark.parametrize("mode,vp,cap", [("sjd", False, 80), ("sjd", False, 40), ("coupling", False, 40),
-                                         ("coupling", True, 80), ("sjd", True, 40), ("gumbel", False, 80),
-                                         ("gumbel_jacobi", False, 40)])
-def test_sparse_candidate_list_rows_and_fallbacks_match_reference(mode, vp, cap, monkeypatch):
+@pytest.mark.parametrize("mode,vp,cap,top_p", [("sjd", False, 80, 1.0), ("sjd", False, 40, 1.0),
+                                               ("coupling", False, 40, 0.9), ("coupling", True, 80, 1.0),
+                                               ("sjd", True, 40, 1.0), ("gumbel", False, 80, 1.0),
+                                               ("gumbel_jacobi", False, 40, 1.0)])
+def test_sparse_candidate_list_rows_and_fallbacks_match_reference(mode, vp, cap, top_p, monkeypatch):
     """The sparse state on the candidate-list path (V 200, top-k 20: a candidate list of 128 lanes,
     a race list of 64, which becomes the slot's entries) against the reference and against the
     row path (candidate list off), one request per kind of row: smooth rows with a forced row; 100
@@ -169,8 +176,9 @@ def test_sparse_candidate_list_rows_and_fallbacks_match_reference(mode, vp, cap,
     slot: row path, uniform draft); 5 finite lanes; a NaN row; a request whose second draft has
     P = 0 (rejected, later rows draw next drafts); 169 lanes kept by top-k, 19 with P > 0 (the
     candidates overflow); drafts off the stored support (old law 0 at the draft). With VP (log
-    form, beta -1) the stored p_prev steers Qt. Tokens, counts, kinds, entry ids and the overflow
-    counter are equal, the stored values agree to rounding."""
+    form, beta -1) the stored p_prev steers Qt; with top-p 0.9 the support shrinks below top-k.
+    Tokens, counts, kinds, entry ids and the overflow counter are equal, the stored values agree
+    to rounding."""
     import sjd_kernels.triton.jacobi_step as tj
     B, W, V, K = 8, 4, 200, 20
     assert tj.list_size(V, K, False, True, vp, ref.VP_LOG, -1.0) == 64 and tj.cand_size(V, K, 64) == 128
@@ -193,7 +201,7 @@ def test_sparse_candidate_list_rows_and_fallbacks_match_reference(mode, vp, cap,
     for cand in (True, False):
         monkeypatch.setattr(tj, "CAND_LIST", cand)
         assert (tj.list_size(V, K, False, True, vp, ref.VP_LOG, -1.0) > 0) == cand
-        (o_r, s_r), (o_t, s_t) = _sparse_one_step(logits, drafts, win, forced, cap, mode, vp, K)
+        (o_r, s_r), (o_t, s_t) = _sparse_one_step(logits, drafts, win, forced, cap, mode, vp, K, top_p)
         for x, y in zip(o_r, o_t):
             assert torch.equal(x, y)
         assert torch.equal(s_r["status"], s_t["status"])
