@@ -243,6 +243,9 @@ class JacobiStepBench(OpBench):
                         ("cpu", "cpu-quick")))
         # sparse without VP: the state keeps no previous rows (p_prev is empty)
         out.append(Case(self.name, _jacobi_params(2, 4, 64, top_k=16, capacity=20), ("cpu", "cpu-quick")))
+        # sparse with the Triton candidate list on (V 257, top-k 20: its race list of 64 becomes the entries)
+        out.append(Case(self.name, _jacobi_params(2, 8, 257, mode="coupling", beta=0.5, top_k=20, capacity=40),
+                        ("cpu",)))
         return out
 
     # ---- inputs
