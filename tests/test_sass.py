@@ -80,8 +80,8 @@ def probe_rows(tmp_path_factory):
     env.pop("TRITON_INTERPRET", None)                    # real code generation
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-m", "sjd_kernels.bench.sass", "--V", "4096", "--only", "scan",
-                        "--only", "search", "--only", "rounds", "--only", "sparse lookup", "--out", str(out)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
+                        "--only", "search", "--only", "rounds", "--only", "sparse lookup", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if p.returncode != 0:
         msg = (p.stderr or "")[-3000:]
         if any(h in msg.lower() for h in NOT_SUPPORTED_HINTS):
