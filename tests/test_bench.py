@@ -72,8 +72,9 @@ def test_ops_check_with_the_reference_on_another_device(tmp_path):
     """`--ref-device cpu` (what compute-sanitizer runs use): the checks of jacobi_step and tree_verify
     copy their inputs to that device for the reference and compare there; the other ops refuse it in
     their check and run_ops does not pass it to them."""
-    r = _run(["ops", "--check", "--case", "sparse20", "--case", "tree_verify", "--case", "tree_kv",
-              "--ref-device", "cpu", "--min-requests", "4", "--out", str(tmp_path)], {"TRITON_INTERPRET": "1"})
+    r = _run(["ops", "--check", "--case", "sparse20", "--case", "sparse40", "--case", "tree_verify",
+              "--case", "tree_kv", "--ref-device", "cpu", "--min-requests", "4", "--out", str(tmp_path)],
+             {"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _read_csv(tmp_path / "ops.csv")
     assert {row["op"] for row in rows} == {"jacobi_step", "tree_verify", "tree_kv_update"}
@@ -81,6 +82,9 @@ def test_ops_check_with_the_reference_on_another_device(tmp_path):
     triton = {row["op"]: row["check_detail"] for row in rows if row["backend"] == "triton"}
     assert triton["jacobi_step"].startswith("vs torch on cpu:") and triton["tree_verify"].startswith("vs torch on cpu:")
     assert "on cpu" not in triton["tree_kv_update"]
+    # the sparse case on the Triton candidate-list path (V 257), with and without the candidate list
+    sp = {row["backend"]: row["check"] for row in rows if row["case"].endswith("_sparse40")}
+    assert sp.get("triton") == "pass" and sp.get("triton_rowsearch") == "pass", sp
     with pytest.raises(ValueError, match="reference beside the backend"):
         C.OPS["tree_kv_update"].check(C.select(["tree_kv_update"], "cpu")[0], "torch", "cpu", 0, ref_device="cpu")
 
