@@ -631,30 +631,39 @@ def test_parity_gpu_rows_kernel_without_the_candidate_list(name, monkeypatch):
 
 @gpu
 @needs_compiled_gpu
-def test_parity_gpu_unaligned_vocab_slice_and_graph_capture():
-    """Chameleon-like slice (ids 4..8195 of a 65536 vocabulary) and one step captured in a CUDA graph."""
+@pytest.mark.parametrize("capacity", [None, 2064], ids=["dense", "sparse2064"])
+def test_parity_gpu_unaligned_vocab_slice_and_graph_capture(capacity):
+    """Chameleon-like slice (ids 4..8195 of a 65536 vocabulary) and one step captured in a CUDA graph
+    (top-k 2000: the candidate-list path; with the sparse state its race list becomes the entries)."""
     B, W, V = 8, 16, 8192
     g = torch.Generator().manual_seed(5)
     full = (torch.randn(B, W + 1, 65536, generator=g) * 3).to(torch.bfloat16).cuda()
     logits = full[..., 4:4 + V]
-    st = JacobiState.create(B, W, V, list(range(B)), device="cuda")
+    st = JacobiState.create(B, W, V, list(range(B)), device="cuda", capacity=capacity)
     pos = torch.arange(B, device="cuda") * 5
     drafts = ref.init_window(st.seed, pos, st.step, W, V, st.q_kind)
     win = torch.full((B,), W, dtype=torch.int64, device="cuda")
+    keys = STATE + (("q_idx",) if capacity else ())
     args = lambda s: (logits, None, None, drafts, win, pos, st.seed, st.step, None, s["q_state"], s["q_kind"],  # noqa: E731
                       s["p_prev"], s["status"], 1.0, 2000, 1.0, ref.MODE_SJD, 0.0, ref.VP_ADD, 1e-6, ref.TAIL_UNIFORM)
-    s_r = {k: getattr(st, k).clone() for k in STATE}
-    s_t = {k: getattr(st, k).clone() for k in STATE}
-    s_g = {k: getattr(st, k).clone() for k in STATE}
-    o_r = ref.jacobi_step(*args(s_r))
-    o_t = jacobi_step_triton(*args(s_t))
-    jacobi_step_triton(*args({k: v.clone() for k, v in s_g.items()}))      # compile outside the capture
+    kw = lambda s: {"q_idx": s["q_idx"]} if capacity else {}                                    # noqa: E731
+    s_r = {k: getattr(st, k).clone() for k in keys}
+    s_t = {k: getattr(st, k).clone() for k in keys}
+    s_g = {k: getattr(st, k).clone() for k in keys}
+    o_r = ref.jacobi_step(*args(s_r), **kw(s_r))
+    o_t = jacobi_step_triton(*args(s_t), **kw(s_t))
+    s_w = {k: v.clone() for k, v in s_g.items()}
+    jacobi_step_triton(*args(s_w), **kw(s_w))                               # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o_g = jacobi_step_triton(*args(s_g))
+        o_g = jacobi_step_triton(*args(s_g), **kw(s_g))
     graph.replay()
     torch.cuda.synchronize()
     for x, y, z in zip(o_r, o_t, o_g):
         assert torch.equal(x, y) and torch.equal(y, z)
-    assert torch.equal(s_t["q_kind"], s_g["q_kind"]) and torch.equal(s_t["q_state"], s_g["q_state"])
+    for k in keys:
+        if k != "p_prev":
+            assert torch.equal(s_t[k], s_g[k]), k
+    if capacity:
+        assert int(s_t["status"][3]) == 0 and torch.equal(s_r["q_idx"], s_t["q_idx"])
