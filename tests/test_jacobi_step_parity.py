@@ -534,6 +534,57 @@ def test_candidate_list_rows_and_their_fallbacks_match_reference(mode, top_p, vp
         assert 0 < int(outs[True][0][[0, 1, 2, 3, 6]].sum()) < 4 * W + 3   # some accepted, some rejected
 
 
+@pytest.mark.skipif(not INTERP, reason="an interpreter check of the benchmark's sizes (GPU: test_parity_gpu)")
+@pytest.mark.parametrize("mode,beta,capacity", [("sjd", 0.0, None), ("sjd", 0.0, 1064), ("coupling", 0.5, None),
+                                                ("coupling", 0.5, 1064)])
+def test_benchmark_sizes_on_the_candidate_path_match_reference(mode, beta, capacity):
+    """The B 32 benchmark's row shape (V 16384, top-k 1000, bf16 with CFG 4; the launcher's sizes:
+    a candidate list of 2048, a race list of 1024, a sparse slot of 1064 entries searched in 11
+    halvings), four requests, three steps with the state fed back and the logits drifting a little
+    (later steps test drafts against stored dense laws close to their targets: some accepted, some
+    rejected), against the reference: equal outputs and kinds, the laws to rounding."""
+    import sjd_kernels.triton.jacobi_step as tj
+    B, W, V, K = 4, 6, 16384, 1000
+    lk = tj.list_size(V, K, False, capacity is not None, beta != 0.0, ref.VP_ADD, beta)
+    assert (lk, tj.cand_size(V, K, lk)) == (1024, 2048)
+    g = torch.Generator().manual_seed(1)
+    # logits by absolute position (a position keeps its row as the window moves), uncond fixed
+    base = 3 * torch.randn(B, 48, V, generator=g)
+    unc_all = base + torch.randn(B, 48, V, generator=g)
+    st = JacobiState.create(B, W, V, [3, 4, 5, 6], vp=beta != 0.0, capacity=capacity)
+    pos = torch.tensor([0, 7, 3, 11])
+    drafts = ref.init_window(st.seed, pos, st.step, W, V, st.q_kind)
+    states = [st.clone(), st.clone()]
+    n_rej = 0
+    for step in range(3):
+        at = (pos.view(B, 1) + torch.arange(W + 1)).view(B, W + 1, 1).expand(B, W + 1, V)
+        logits = (base.gather(1, at) + 0.1 * torch.randn(B, W + 1, V, generator=g)).to(BF16)
+        unc = unc_all.gather(1, at).to(BF16)
+        win = torch.tensor([W, 2 if step == 0 else W, W, W])
+        outs = []
+        for fn, s in zip((ref.jacobi_step, jacobi_step_triton), states):
+            kw = {"q_idx": s.q_idx} if capacity else {}
+            outs.append(fn(logits, unc, torch.full((B,), 4.0), drafts, win, pos, s.seed, s.step, None, s.q_state,
+                           s.q_kind, s.p_prev, s.status, 1.0, K, 1.0, MODES[mode], beta, ref.VP_ADD, 1e-6,
+                           ref.TAIL_UNIFORM, **kw))
+        for x, y in zip(*outs):
+            assert torch.equal(x, y), step
+        s_r, s_t = states
+        assert torch.equal(s_r.q_kind, s_t.q_kind) and torch.equal(s_r.status, s_t.status)
+        assert int(s_t.status[0]) == 0 and int(s_t.status[3]) == 0
+        if capacity:
+            assert torch.equal(s_r.q_idx, s_t.q_idx)
+        assert torch.allclose(s_r.dense_laws(), s_t.dense_laws(), rtol=1e-5, atol=1e-6 if beta else 1e-10)
+        num, _tokens, drafts = outs[0]
+        if step:
+            n_rej += int((num < win).sum())
+            assert int(num.sum()) > 0                   # accepted drafts
+        pos = pos + num + 1
+        for s in states:
+            s.step += 1
+    assert n_rej >= 2                                   # rejections after the first step (residual races)
+
+
 def test_window_zero_and_all_rows_padded():
     B, W, V = 3, 5, 37
     win = torch.zeros(B, dtype=torch.int64)
