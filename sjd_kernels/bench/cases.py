@@ -136,7 +136,8 @@ def _refuse_ref_device(bench, ref_device) -> None:
 # timed beside the default one to measure each path's share (leave one in at a time), and the
 # Triton rows kernel with another warp count for rows of more than 4096 lanes
 # (triton.jacobi_step.rows_warps) or with its top-k search and softmax over the whole row instead of
-# through a candidate list (triton.jacobi_step.cand_list).
+# through a candidate list, and with the sparse state its races, old-law lookups and compaction over
+# the row too (triton.jacobi_step.cand_list).
 CUDA_VARIANTS = {"cuda_bracket": ("bracket_topk",), "cuda_lists": ("bracket_topk", "list_races")}
 TRITON_VARIANTS = {"triton_w32": {"warps": 32}, "triton_rowsearch": {"cand_list": False}}
 VARIANTS = {**{k: "cuda" for k in CUDA_VARIANTS}, **{k: "triton" for k in TRITON_VARIANTS}}

@@ -329,61 +329,6 @@ def _jacobi_rows_kernel(
             P, bad = target_row(x, lanes, valid, V, temperature, top_k, top_p, GREEDY, DO_TOPK, DO_TOPP, INTERP)
         row_bad = bad & (~is_forced)
 
-        # ---- the stored law of the draft
-        in_range = (D >= 0) & (D < V)
-        draft_bad = is_draft & (~in_range) & (~(is_forced & (D == f)))
-        kind_all = tl.load(q_kind_ptr + b * R + slot)
-        kind = kind_all & K_MASK
-        if SPARSE:
-            # entries of this slot: ascending lane ids, values of Qt and P at them (row width C);
-            # a row whose support does not fit the slot drafts uniformly (below)
-            q_row = q_state_ptr + (b * R + slot) * C
-            i_row = q_idx_ptr + (b * R + slot) * C
-            if CAND_K > 0:
-                # on the list path (the support fits the slot there) the races read the old law at
-                # the listed lanes only: a binary search per listed lane, none over the row tile
-                at_l = tl.zeros_like(ids)
-                found_l = ids < 0
-                Qol = tl.zeros_like(Pl)
-                n_sup = n_list
-                ovf_row = n_list < 0
-                at = tl.zeros([BLOCK_V], dtype=tl.int32)
-                found = lanes < 0
-                Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
-                Qd = tl.zeros([], dtype=tl.float32)
-                if use_list:
-                    at_l, found_l = _sparse_find(i_row, ids, lval & is_draft & (kind == K_DENSE), C, C_STEPS)
-                    Qol = _old_law(tl.load(q_row + at_l, mask=found_l, other=0.0), ids, lval, is_draft, kind, D,
-                                   q_unif)
-                    # Qd only meets P(D) and Qt(D) in the acceptance and coupling tests, both 0 and
-                    # so both false when D is off the list, whatever Qd is there
-                    Qd = gather_lane(Qol, ids, D)
-                else:
-                    n_sup, ovf_row, at, found, Qold, Qd = _sparse_row_law(P, lanes, valid, is_draft, is_forced,
-                                                                          row_bad, kind, D, j, C, q_unif, i_row,
-                                                                          q_row, C_STEPS)
-            else:
-                at_l = tl.zeros([1], dtype=tl.int32)           # the stand-ins of the list tiles below
-                found_l = at_l < 0
-                Qol = tl.zeros([1], dtype=tl.float32)
-                n_sup, ovf_row, at, found, Qold, Qd = _sparse_row_law(P, lanes, valid, is_draft, is_forced, row_bad,
-                                                                      kind, D, j, C, q_unif, i_row, q_row, C_STEPS)
-        else:
-            # the dense old law: the acceptance test reads one lane; the whole row is read below
-            # only by the races that use it (the residual of a rejected draft, the coupling redraw)
-            q_row = q_state_ptr + (b * R + slot) * V
-            Qd = tl.load(q_row + D, mask=is_draft & in_range & (kind == K_DENSE), other=0.0)
-            Qd = tl.where(kind == K_UNIFORM, q_unif, tl.where(kind >= K_ONEHOT, 1.0, Qd))
-            Qd = tl.where(is_draft & in_range, Qd, 0.0)
-            Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
-        if CAND_K > 0:
-            if use_list:
-                Pd = gather_lane(Pl, ids, D)          # P is 0 off the list (padded slots hold 0)
-            else:
-                Pd = gather_lane(P, lanes, D)
-        else:
-            Pd = gather_lane(P, lanes, D)
-
         # ---- LIST_K > 0: the lanes with P > 0 (about top_k of them), in lane order, go to a
         # per-row scratch list. Every race of a row on the dense state weighs only such lanes
         # (residual, bonus and Gumbel over P; the fresh draft and the coupling redraw over Qt: P or
@@ -394,7 +339,6 @@ def _jacobi_rows_kernel(
             pass                                 # built with the target row above
         elif LIST_K > 0:
             tl.static_assert(not SPARSE, "the sparse state takes the list path with the candidate list only")
-            use_list = tl.full([], 0, tl.int1)
             keep_l = valid & (P > 0.0)
             n_list = tl.sum(keep_l.to(tl.int32), 0)
             at_l = prefix_count(keep_l, BLOCK_V)
@@ -410,9 +354,53 @@ def _jacobi_rows_kernel(
             use_list = n_list <= LIST_K
         else:                                    # one-lane stand-ins: the list branches never run
             use_list = tl.full([], 0, tl.int1)
+            n_list = tl.full([], 0, tl.int32)
+            li = tl.arange(0, 1)
             ids = tl.zeros([1], dtype=tl.int32)
             Pl = tl.zeros([1], dtype=tl.float32)
             lval = ids < 0
+
+        # ---- the stored law of the draft
+        in_range = (D >= 0) & (D < V)
+        draft_bad = is_draft & (~in_range) & (~(is_forced & (D == f)))
+        kind_all = tl.load(q_kind_ptr + b * R + slot)
+        kind = kind_all & K_MASK
+        if SPARSE:
+            # entries of this slot: ascending lane ids, values of Qt and P at them (row width C);
+            # a row whose support does not fit the slot drafts uniformly (below)
+            q_row = q_state_ptr + (b * R + slot) * C
+            i_row = q_idx_ptr + (b * R + slot) * C
+            # the old law at the listed lanes (the list path: the support fits the slot there, and
+            # the races read no other lane; a binary search per listed lane, none over the row tile)
+            ent_l = tl.zeros_like(ids)
+            found_l = ids < 0
+            Qol = tl.zeros_like(Pl)
+            if use_list:
+                n_sup = n_list
+                ovf_row = n_list < 0
+                at = tl.zeros([BLOCK_V], dtype=tl.int32)
+                found = lanes < 0
+                Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
+                ent_l, found_l = _sparse_find(i_row, ids, lval & is_draft & (kind == K_DENSE), C, C_STEPS)
+                Qol = _old_law(tl.load(q_row + ent_l, mask=found_l, other=0.0), ids, lval, is_draft, kind, D, q_unif)
+                # Qd only meets P(D) and Qt(D) in the acceptance and coupling tests, both 0 and so
+                # both false when D is off the list, whatever Qd is there
+                Qd = gather_lane(Qol, ids, D)
+            else:
+                n_sup, ovf_row, at, found, Qold, Qd = _sparse_row_law(P, lanes, valid, is_draft, is_forced, row_bad,
+                                                                      kind, D, j, C, q_unif, i_row, q_row, C_STEPS)
+        else:
+            # the dense old law: the acceptance test reads one lane; the whole row is read below
+            # only by the races that use it (the residual of a rejected draft, the coupling redraw)
+            q_row = q_state_ptr + (b * R + slot) * V
+            Qd = tl.load(q_row + D, mask=is_draft & in_range & (kind == K_DENSE), other=0.0)
+            Qd = tl.where(kind == K_UNIFORM, q_unif, tl.where(kind >= K_ONEHOT, 1.0, Qd))
+            Qd = tl.where(is_draft & in_range, Qd, 0.0)
+            Qold = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if use_list:
+            Pd = gather_lane(Pl, ids, D)              # P is 0 off the list (padded slots hold 0)
+        else:
+            Pd = gather_lane(P, lanes, D)
 
         # ---- verification and the row's commit candidate
         zero_res = tl.full([], 0, tl.int1)
@@ -465,7 +453,7 @@ def _jacobi_rows_kernel(
                 if has_pp:
                     if use_list:                 # the VP law is zero where P is: the listed lanes suffice
                         if SPARSE:
-                            ppl = tl.load(p_prev_ptr + (b * R + slot) * C + at_l, mask=found_l, other=0.0)
+                            ppl = tl.load(p_prev_ptr + (b * R + slot) * C + ent_l, mask=found_l, other=0.0)
                         else:
                             ppl = tl.load(p_prev_ptr + (b * R + slot) * V + ids, mask=lval, other=0.0)
                         Qtl = _vp_predict(Pl, ppl, lval, beta, vp_eps, VP_FORM, BETA_POW, INTERP)
@@ -501,11 +489,8 @@ def _jacobi_rows_kernel(
             elif MODE == M_COUPLING:
                 if is_draft:
                     wc, _c1, _c2, _c3 = four_words(k0, k1, c_pos, c_step, S_COUPLE)
-                    if CAND_K > 0:
-                        if use_list:             # Qt is 0 off the list (padded slots hold 0)
-                            QtD = gather_lane(Qtl, ids, D)
-                        else:
-                            QtD = gather_lane(Qt, lanes, D)
+                    if use_list:                 # Qt is 0 off the list (padded slots hold 0)
+                        QtD = gather_lane(Qtl, ids, D)
                     else:
                         QtD = gather_lane(Qt, lanes, D)
                     keep = uniform24(wc) * Qd < QtD
@@ -546,13 +531,8 @@ def _jacobi_rows_kernel(
                 # ordered compaction of the support (forced and overflowing rows store no entries)
                 if (~is_forced) & (~ovf):
                     pp_row = p_prev_ptr + (b * R + slot) * C
-                    if CAND_K > 0:
-                        if use_list:             # the list is the support, in lane order
-                            _sparse_put(i_row, q_row, pp_row, li, lval, ids, Qtl, Pl, HAS_PREV)
-                        else:
-                            keep = valid & (P > 0.0)
-                            _sparse_put(i_row, q_row, pp_row, prefix_count(keep, BLOCK_V), keep, lanes, Qt, P,
-                                        HAS_PREV)
+                    if use_list:                 # the list is the support, in lane order
+                        _sparse_put(i_row, q_row, pp_row, li, lval, ids, Qtl, Pl, HAS_PREV)
                     else:
                         keep = valid & (P > 0.0)
                         _sparse_put(i_row, q_row, pp_row, prefix_count(keep, BLOCK_V), keep, lanes, Qt, P, HAS_PREV)

@@ -7,8 +7,8 @@
 - ``kth_largest_key``: the k-th largest value (ties kept) by a bracket search over the
   order-preserving int32 image of float32 values (value-halving pivots), in two halves
   (``kth_init``, or ``kth_init_row`` from a known row maximum; ``kth_rounds``) that a kernel can
-  run over different tiles; ``top_p_key``: the
-  top-p probability threshold by a bracket search over probability bits.
+  run over different tiles; ``top_p_key``: the top-p probability threshold by a bracket search
+  over probability bits.
 - ``softmax_top_p``: softmax of top-k-masked scaled logits and the top-p cut; ``target_row``: the
   whole target law of a row; ``prefix_count(_total)``: ordered compaction slots.
 
@@ -272,9 +272,9 @@ def kth_largest_key(key, valid, k):
     reductions in all at top-k 1000 where the bisection over the key range this replaces took 34;
     ``target_row`` starts from the row maximum (``kth_init_row``: 1-2 reductions instead of 4) and
     takes 8-18 (``python -m sjd_kernels.bench.topk_model`` counts both; the CPU tests run this
-    function on rows built for every branch). ``kth_init`` and ``kth_rounds`` are its two halves; the rows
-    kernel of ``jacobi_step`` runs the rounds over the row until a candidate list fits, then over
-    the list.
+    function on rows built for every branch). ``kth_init`` and ``kth_rounds`` are its two halves;
+    the rows kernel of ``jacobi_step`` runs the rounds over the row until a candidate list fits,
+    then over the list.
     """
     key, lo, hi, kmin, cge, cgt, gap = kth_init(key, valid)
     lo, hi, cge, cgt, gap = kth_rounds(key, k, lo, hi, kmin, cge, cgt, gap, 0)
