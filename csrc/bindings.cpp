@@ -116,8 +116,31 @@ void jacobi_step(int dtype, std::uintptr_t logits, int64_t logits_sb, int64_t lo
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// The same bindings also build the CPU simulator's module (csrc/sim/sjd_sim.h defines SJD_SIM).
+#if defined(SJD_SIM) && defined(SJD_SIM_MODULE)
+#define SJD_MODULE_NAME SJD_SIM_MODULE  // one name per build, so that several load in one process
+#elif defined(SJD_SIM)
+#define SJD_MODULE_NAME _C_sim
+#else
+#define SJD_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(SJD_MODULE_NAME, m) {
   m.doc() = "sjd_kernels CUDA kernels (torch-free; pointers and streams are passed as integers)";
+#if defined(SJD_SIM)
+  m.def(
+      "sim_configure",
+      [](int order, uint64_t seed) {
+        SJD_REQUIRE(order >= 0 && order <= 2, "sim_configure: order must be 0, 1 or 2");
+        sjd_sim::g_cfg.order = order;
+        sjd_sim::g_cfg.seed = seed;
+      },
+      py::arg("order"), py::arg("seed"),
+      "order of the threads between barriers: 0 forward, 1 reverse, 2 shuffled by seed");
+  m.def(
+      "sim_stats", []() { return py::make_tuple(sjd_sim::g_cfg.launches, sjd_sim::g_cfg.switches); },
+      "(kernel launches, fiber switches) so far on this thread");
+#endif
   m.def("built_archs", &built_archs, "SASS architectures compiled in, e.g. ['80', '90', '90a']");
   m.def("device_count", &device_count, "visible CUDA devices; 0 when there is no device or no driver");
   m.def("device_error", &device_error, "why device_count() is 0 (empty when devices are visible)");

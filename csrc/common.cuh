@@ -7,6 +7,17 @@
 #include <stdexcept>
 #include <string>
 
+// Kernel launches and dynamic shared memory go through these two macros so that the same sources
+// also compile for the CPU simulator (csrc/sim/sjd_sim.h, which defines SJD_SIM): there a launch
+// runs every block's threads as fibers, and the dynamic shared memory is a host buffer.
+#if defined(SJD_SIM)
+#define SJD_LAUNCH(kernel, grid, block, smem, stream) SJD_SIM_LAUNCH(kernel, grid, block, smem, stream)
+#define SJD_DYNAMIC_SMEM(type, name) SJD_SIM_DYNAMIC_SMEM(type, name)
+#else
+#define SJD_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define SJD_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace sjd {
 
 inline std::string cuda_error_text(cudaError_t e) {

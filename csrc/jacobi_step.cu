@@ -178,7 +178,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* buf, int& total)
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p) {
-  extern __shared__ __align__(16) unsigned char smem_dyn[];
+  SJD_DYNAMIC_SMEM(unsigned char, smem_dyn);
   __shared__ uint64_t red_u64_1[2 * kMaxWarps];
   __shared__ uint64_t red_u64_6[2 * kMaxWarps * 6];
   __shared__ float red_f[2 * kMaxWarps];
@@ -650,9 +650,9 @@ void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
   const int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
   if (!global_rows) g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(jacobi_rows_kernel<T>), smem);
   const dim3 grid(static_cast<unsigned>(prm.B), static_cast<unsigned>(prm.W + 1));
-  jacobi_rows_kernel<T><<<grid, threads, smem, st>>>(prm);
+  SJD_LAUNCH(jacobi_rows_kernel<T>, grid, threads, smem, st)(prm);
   SJD_CHECK_LAUNCH("jacobi_rows_kernel");
-  jacobi_commit_kernel<<<prm.B, 128, 0, st>>>(prm);
+  SJD_LAUNCH(jacobi_commit_kernel, prm.B, 128, 0, st)(prm);
   SJD_CHECK_LAUNCH("jacobi_commit_kernel");
 }
 
@@ -754,7 +754,7 @@ void philox_fill_launch(uint32_t* out, int64_t n, int64_t seed, int64_t position
   const int threads = 256;
   const int64_t blocks64 = (groups + threads - 1) / threads;
   const int blocks = static_cast<int>(blocks64 < 4096 ? blocks64 : 4096);
-  philox_fill_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(cuda_stream)>>>(
+  SJD_LAUNCH(philox_fill_kernel, blocks, threads, 0, static_cast<cudaStream_t>(cuda_stream))(
       out, n, seed, position, step, static_cast<uint32_t>(static_cast<uint64_t>(stream)));
   SJD_CHECK_LAUNCH("philox_fill_kernel");
 }

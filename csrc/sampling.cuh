@@ -76,7 +76,7 @@ __device__ __forceinline__ T warp_allreduce(T v, Op op) {
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SJD_SIM)
 template <>
 __device__ __forceinline__ int warp_allreduce<int, OpSumI>(int v, OpSumI) { return __reduce_add_sync(0xffffffffu, v); }
 template <>
@@ -91,7 +91,10 @@ __device__ __forceinline__ int warp_allreduce<int, OpOrI>(int v, OpOrI) {
 // the barrier of the reduction in between, by which time every thread has read it. After the
 // barrier every warp combines the per-warp partials with the same butterfly, so float sums are
 // deterministic and identical in all threads (and across runs and CUDA-graph replays).
-// blockDim.x must be a multiple of 32.
+// blockDim.x must be a multiple of 32. Every reduction on one buffer must use the same N (pad the
+// values otherwise): the two halves are N-sized, and with mixed N one reduction's half overlaps the
+// other half of the reduction before it, which slow warps may still be reading (the CPU simulator,
+// sjd_kernels.cuda.sim, catches this).
 template <int N, typename T, typename Op>
 __device__ __forceinline__ void block_allreduce(T (&v)[N], Op op, T* buf, int& parity) {
   const int lane = threadIdx.x & 31;

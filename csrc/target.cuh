@@ -97,8 +97,11 @@ __device__ __forceinline__ uint32_t kth_key_bracket(const float* S, int V, int k
     const int ncand = cge - cgt;
     const bool stalled = !fresh && 2 * static_cast<int64_t>(ncand) > last;
     if (stalled && !shrunk) {
-      // smallest and largest key in [lo, hi] (max of key and of ~key), one pass
-      uint32_t mm[2] = {0u, 0u};
+      // smallest and largest key in [lo, hi] (max of key and of ~key), one pass. The reduction
+      // takes kPivots values (2 used) so that it shares red.i7's ping-pong layout with the counting
+      // rounds around it: with 2 values its second buffer would overlap the counting rounds'
+      // first, which fast warps overwrote while slow ones still read the last round's counts.
+      uint32_t mm[kPivots] = {};
       for (int i = tid; i < V; i += nth) {
         const uint32_t key = order_key(S[i]);
         if (key >= lo && key <= hi) {
@@ -106,7 +109,7 @@ __device__ __forceinline__ uint32_t kth_key_bracket(const float* S, int V, int k
           mm[1] = ~key > mm[1] ? ~key : mm[1];
         }
       }
-      block_allreduce<2>(mm, OpMaxU32(), reinterpret_cast<uint32_t*>(red.i7), red.par_i7);
+      block_allreduce<kPivots>(mm, OpMaxU32(), reinterpret_cast<uint32_t*>(red.i7), red.par_i7);
       lo = ~mm[1];  // no key in [old lo, new lo) or (new hi, old hi]: cge and cgt stay
       hi = mm[0];
       shrunk = true;
@@ -237,8 +240,9 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
   if (greedy) {
     amax = block_allreduce1(amax, OpMaxU64(), red.u64, red.par_u64);
   } else if (bracket) {
-    float mm[2] = {ymax, -ymin};
-    block_allreduce<2>(mm, OpMaxF(), red.f7, red.par_f7);
+    // kPivots values (2 used): red.f7 takes kPivots-wide reductions only (the top-p search's)
+    float mm[kPivots] = {ymax, -ymin, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    block_allreduce<kPivots>(mm, OpMaxF(), red.f7, red.par_f7);
     ymax = mm[0];
     ymin = -mm[1];
   } else {

@@ -56,7 +56,7 @@ struct MoveParams {
 
 template <typename Unit, int kUnroll>
 __global__ void tree_kv_update_kernel(const MoveParams p) {
-  extern __shared__ int s_src[];  // [P]: path[j] when entry j moves, else -1
+  SJD_DYNAMIC_SMEM(int, s_src);  // [P]: path[j] when entry j moves, else -1
   const int r = blockIdx.z;
   const int lk = blockIdx.y;      // layer * 2 + (0 = K, 1 = V)
   const int P = p.P;
@@ -122,9 +122,11 @@ void launch_width(const MoveParams& prm, int layers, int R, bool low_latency, cu
   if (low_latency) {
     int threads = ((per_head + 31) / 32) * 32;
     threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
-    tree_kv_update_kernel<Unit, 1><<<grid, threads, smem, st>>>(prm);
+    auto* kernel = tree_kv_update_kernel<Unit, 1>;
+    SJD_LAUNCH(kernel, grid, threads, smem, st)(prm);
   } else {
-    tree_kv_update_kernel<Unit, 4><<<grid, 256, smem, st>>>(prm);
+    auto* kernel = tree_kv_update_kernel<Unit, 4>;
+    SJD_LAUNCH(kernel, grid, 256, smem, st)(prm);
   }
   SJD_CHECK_LAUNCH("tree_kv_update_kernel");
 }

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kRowcheckThreads) tree_rowcheck_kernel(const P
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) tree_verify_kernel(const Params p) {
-  extern __shared__ __align__(16) unsigned char smem_dyn[];
+  SJD_DYNAMIC_SMEM(unsigned char, smem_dyn);
   __shared__ uint64_t red_u64_1[2 * kMaxWarps];
   __shared__ float red_f[2 * kMaxWarps];
   __shared__ int red_i[2 * kMaxWarps];
@@ -319,12 +319,12 @@ RowSmemCache g_rows;  // per-device shared-memory facts of tree_verify_kernel
 template <typename T>
 void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
   const dim3 grid_check(static_cast<unsigned>(prm.N), static_cast<unsigned>(prm.B));
-  tree_rowcheck_kernel<T><<<grid_check, kRowcheckThreads, 0, st>>>(prm);
+  SJD_LAUNCH(tree_rowcheck_kernel<T>, grid_check, kRowcheckThreads, 0, st)(prm);
   SJD_CHECK_LAUNCH("tree_rowcheck_kernel");
   const bool global_rows = prm.rowbuf != nullptr;
   const int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
   if (!global_rows) g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(tree_verify_kernel<T>), smem);
-  tree_verify_kernel<T><<<prm.B, row_block_threads(prm.V, global_rows, kMaxThreads), smem, st>>>(prm);
+  SJD_LAUNCH(tree_verify_kernel<T>, prm.B, row_block_threads(prm.V, global_rows, kMaxThreads), smem, st)(prm);
   SJD_CHECK_LAUNCH("tree_verify_kernel");
 }
 

@@ -21,7 +21,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from _util import HAS_CUDA, gpu, requires_cuda_ext, requires_ext  # noqa: E402
+from _util import HAS_CUDA, gpu, requires_cuda_ext, requires_ext, sim_module  # noqa: E402
 
 from sjd_kernels.reference import tree as ref  # noqa: E402
 from sjd_kernels.reference.jacobi_step import ERR_TREE_INDEX  # noqa: E402
@@ -158,13 +158,26 @@ def backends():
     if HAS_TRITON:
         out.append(pytest.param("triton", marks=requires_triton))
     out.append(pytest.param("cuda", marks=[gpu, requires_cuda_ext]))
+    out.append("cuda_sim")        # the CUDA kernels on CPU tensors, in sjd_kernels.cuda.sim
     return out
+
+
+def _simulated(fn, order):
+    from sjd_kernels.cuda import sim
+
+    def call(*args, **kwargs):
+        with sim.simulate(order=order):
+            return fn(*args, **kwargs)
+    return call
 
 
 def fns(backend):
     if backend == "triton":
         return tkv.tree_kv_update_triton, tkv.tree_kv_update_list_triton, TRITON_DEV
     from sjd_kernels.cuda.tree_kv_update import tree_kv_update_cuda, tree_kv_update_list_cuda
+    if backend == "cuda_sim":
+        sim_module()
+        return _simulated(tree_kv_update_cuda, "forward"), _simulated(tree_kv_update_list_cuda, "reverse"), "cpu"
     return tree_kv_update_cuda, tree_kv_update_list_cuda, "cuda"
 
 

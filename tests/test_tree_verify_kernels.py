@@ -259,12 +259,17 @@ LARGE = {
 @pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("name", list(CASES) + list(LARGE))
 def test_gpu_backend_matches_reference(backend, name):
-    fn = _backend_fn(backend)
+    check_against_reference(_backend_fn(backend), name, "cuda")
+
+
+def check_against_reference(fn, name, device, reps=3):
+    """Three seeds of case ``name`` through ``fn`` on ``device``: the error bits exactly, the
+    outputs per request up to one request in 50 (rounding at a sampling boundary)."""
     spec = CASES.get(name) or LARGE[name]
     mismatches, total = 0, 0
     errs = 0
-    for rep in range(3):
-        kw = make_case(**dict(spec, seed=spec.get("seed", 0) + 100 * rep), device="cuda")
+    for rep in range(reps):
+        kw = make_case(**dict(spec, seed=spec.get("seed", 0) + 100 * rep), device=device)
         want = run(ref.tree_verify, kw)
         got = run(fn, kw)
         # error paths are exact (no sampling involved)
@@ -276,6 +281,7 @@ def test_gpu_backend_matches_reference(backend, name):
             mismatches += int(not same)
     # rounding may move one sample across a boundary; a broken kernel differs in most requests
     assert mismatches <= max(1, total // 50), f"{name}: {mismatches} of {total} requests differ"
+    return mismatches, total
 
 
 @gpu

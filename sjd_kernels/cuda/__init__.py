@@ -14,13 +14,12 @@ def philox_words(seed: int, position: int, step: int, stream: int, n_lanes: int,
 
     Equals ``sjd_kernels.rng.lane_words(seed, position, step, stream, n_lanes)`` bit for bit.
     """
-    from .._ext import ext
+    from .._ext import device_index, ext, kernel_device, stream_of
     C = ext()
     dev = torch.device(device)
-    if dev.type != "cuda":
+    if not kernel_device(dev):
         raise ValueError(f"philox_words needs a CUDA device, got {dev}")
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
     out = torch.empty((n_lanes,), dtype=torch.int32, device=dev)
     C.philox_fill(out.data_ptr(), n_lanes, int(seed), int(position), int(step), int(stream),
-                  torch.cuda.current_stream(dev).cuda_stream, index)
+                  stream_of(dev), device_index(dev))
     return out.to(torch.int64) & 0xFFFFFFFF

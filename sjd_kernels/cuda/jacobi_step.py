@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import ext
+from .._ext import device_index, ext, kernel_device, stream_of
 from ..ops._common import SJDInputError
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -72,7 +72,7 @@ def _needs_rowbuf(query, V: int, index: int, force: bool) -> bool:
     """Shared by the CUDA wrappers: True when a float32 row of V lanes does not fit in shared memory
     on device ``index`` (``query``: the extension's ``*_max_smem_lanes``, asked once per device)
     or when the tests force the global-memory row path."""
-    key = (query.__name__, index)
+    key = (getattr(query, "__module__", ""), query.__name__, index)
     if key not in _smem_lanes:
         _smem_lanes[key] = int(query(index))
     return force or V > _smem_lanes[key]
@@ -130,7 +130,7 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
     """
     C = ext()
     dev = logits.device
-    if dev.type != "cuda":
+    if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got logits on {dev}")
     if logits.dim() != 3:
         raise SJDInputError(f"logits must be [B, W+1, V], got shape {list(logits.shape)}")
@@ -159,7 +159,7 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
     _check("status", status, torch.int32, dev, 4)
     has_forced = _check_forced(forced, B, dev)
 
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = device_index(dev)
     num_accepted = torch.empty((B,), dtype=torch.int64, device=dev)
     tokens = torch.empty((B, W1), dtype=torch.int64, device=dev)
     next_drafts = torch.empty((B, W), dtype=torch.int64, device=dev)
@@ -167,7 +167,7 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
     rowbuf = None
     if _needs_rowbuf(C.jacobi_step_max_smem_lanes, V, index, FORCE_GLOBAL_ROWS):
         rowbuf = torch.empty((B, W1, V), dtype=torch.float32, device=dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = stream_of(dev)
 
     C.jacobi_step(
         dtype=_DTYPE_CODE[logits.dtype],

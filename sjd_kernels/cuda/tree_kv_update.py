@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import ext
+from .._ext import device_index, ext, kernel_device, stream_of
 from ..ops._common import SJDInputError
 
 _ELEM = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -30,7 +30,7 @@ def _align(addrs) -> int:
 
 
 def _check_index(path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tensor, dev: torch.device, R: int):
-    if dev.type != "cuda":
+    if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got the cache on {dev}")
     for name, t, dt in (("path", path, torch.int64), ("cache_len", cache_len, torch.int64),
                         ("status", status, torch.int32)):
@@ -40,10 +40,6 @@ def _check_index(path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tens
     if path.dim() != 2 or path.shape[0] != R or cache_len.shape != (R,) or status.numel() != 4:
         raise SJDInputError(f"need path [R={R}, P], cache_len [R] and status [4], got {list(path.shape)}, "
                             f"{list(cache_len.shape)}, {list(status.shape)}")
-
-
-def _index(dev: torch.device) -> int:
-    return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
 def tree_kv_update_cuda(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tensor) -> None:
@@ -62,8 +58,8 @@ def tree_kv_update_cuda(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.T
                      stride_kv=kv.stride(1), stride_row=kv.stride(2), stride_head=kv.stride(3),
                      stride_slot=kv.stride(4), path=path.data_ptr(), cache_len=cache_len.data_ptr(),
                      status=status.data_ptr(), layers=L, R=R, H=H, P=path.shape[1], S=S, D=D,
-                     elem_size=_ELEM[kv.dtype], device=_index(kv.device),
-                     stream=torch.cuda.current_stream(kv.device).cuda_stream)
+                     elem_size=_ELEM[kv.dtype], device=device_index(kv.device),
+                     stream=stream_of(kv.device))
 
 
 def tree_kv_update_list_cuda(keys, values, path: torch.Tensor, cache_len: torch.Tensor, ptr_table,
@@ -102,4 +98,4 @@ def tree_kv_update_list_cuda(keys, values, path: torch.Tensor, cache_len: torch.
                      stride_layer=0, stride_kv=0, stride_row=k0.stride(0), stride_head=k0.stride(1),
                      stride_slot=k0.stride(2), path=path.data_ptr(), cache_len=cache_len.data_ptr(),
                      status=status.data_ptr(), layers=L, R=R, H=H, P=path.shape[1], S=S, D=D,
-                     elem_size=_ELEM[k0.dtype], device=_index(dev), stream=torch.cuda.current_stream(dev).cuda_stream)
+                     elem_size=_ELEM[k0.dtype], device=device_index(dev), stream=stream_of(dev))

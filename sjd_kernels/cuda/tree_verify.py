@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import ext
+from .._ext import device_index, ext, kernel_device, stream_of
 from ..ops._common import SJDInputError
 from .jacobi_step import (_DTYPE_CODE, _FEATURE_BITS, _check, _check_forced, _feature_mask, _needs_rowbuf,
                           _prepare_logits)
@@ -35,7 +35,7 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
     """
     C = ext()
     dev = logits.device
-    if dev.type != "cuda":
+    if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got logits on {dev}")
     if logits.dim() != 3:
         raise SJDInputError(f"logits must be [B, N, V], got shape {list(logits.shape)}")
@@ -54,7 +54,7 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
     _check("status", status, torch.int32, dev, 4)
     has_forced = _check_forced(forced, B, dev)
 
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = device_index(dev)
     num_accepted = torch.empty((B,), dtype=torch.int64, device=dev)
     path = torch.empty((B, L1), dtype=torch.int64, device=dev)
     out = torch.empty((B, L1), dtype=torch.int64, device=dev)
@@ -62,7 +62,7 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
     rowbuf = None
     if _needs_rowbuf(C.tree_verify_max_smem_lanes, V, index, FORCE_GLOBAL_ROWS):
         rowbuf = torch.empty((B, V), dtype=torch.float32, device=dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = stream_of(dev)
 
     C.tree_verify(
         dtype=_DTYPE_CODE[logits.dtype],

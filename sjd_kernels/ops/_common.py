@@ -80,6 +80,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 return "triton"
         return "torch"
     if backend == "cuda":
+        from .. import _ext
+        if device.type == "cpu" and _ext._SIM is not None:
+            return backend               # the CUDA kernels in the CPU simulator (sjd_kernels.cuda.sim)
         if device.type != "cuda":
             raise SJDInputError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         info = backends()["cuda"]

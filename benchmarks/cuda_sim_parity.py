@@ -1,0 +1,65 @@
+"""Every CUDA jacobi_step parity case of ``tests/test_cuda_jacobi_step.py`` in the CPU simulator.
+
+    PYTHONPATH=. python benchmarks/cuda_sim_parity.py [--orders forward,reverse] > LOG
+
+Runs each configuration and each optional-path case (``FEATURE_CASES``) under each thread order
+(``sjd_kernels.cuda.sim``), then the global-memory row path and V 65541, with the GPU tests' check
+(``check_config``: requests that differ from the reference, at most one per 200 rows). One line per
+run: order, paths, case, ok/FAIL, target rows, differing requests, seconds. Exits 1 if any failed.
+The suite runs a faster subset (``tests/test_cuda_sim.py``); this is the whole list (about 5 min).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import test_cuda_jacobi_step as t  # noqa: E402
+
+from sjd_kernels.cuda import sim  # noqa: E402
+from sjd_kernels.cuda.jacobi_step import kernel_features  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--orders", default="forward,reverse")
+    args = ap.parse_args()
+    t.DEV = "cpu"
+    jobs = [((), n) for n in t.CONFIGS] + [(f, n) for f, ns in t.FEATURE_CASES.items() for n in ns]
+    failed = 0
+    start = time.time()
+
+    def one(label, fn):
+        nonlocal failed
+        t0 = time.time()
+        try:
+            r = fn()
+            extra = f"{r['rows']} {r['diffs']} " if isinstance(r, dict) else ""
+            print(f"{label} ok {extra}{time.time() - t0:.1f}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            failed += 1
+            print(f"{label} FAIL {type(e).__name__} {str(e)[:300]} {time.time() - t0:.1f}", flush=True)
+
+    for order in args.orders.split(","):
+        for feats, name in jobs:
+            cfg = dict(t.CONFIGS[name])
+            reps = cfg.pop("reps", 3)
+            with sim.simulate(order), kernel_features(*feats):
+                one(f"{order} {'+'.join(feats) or 'default'} {name}", lambda: t.check_config(reps=reps, **cfg))
+    with sim.simulate("reverse"):
+        for name in ["sjd-bf16-cfg-topk-topp", "coupling+vp", "gumbel_jacobi", "tail-left"]:
+            cfg = dict(t.CONFIGS[name])
+            cfg.pop("reps", None)
+            one(f"global {name}", lambda: t.check_config(reps=2, force_global=True, **cfg))
+        one("V65541", t.test_vocabulary_larger_than_shared_memory)
+    print(f"total {time.time() - start:.0f} s, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

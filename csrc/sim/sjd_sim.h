@@ -1,0 +1,548 @@
+// A CPU executor for this package's CUDA kernels, for machines without a GPU.
+//
+// The kernels in csrc/ are compiled as plain C++ with this folder first on the include path
+// (its cuda_runtime.h, cuda_bf16.h and cuda_fp16.h stand in for the toolkit's). Every CUDA thread
+// of a block is a fiber (ucontext) of one OS thread; blocks run one after another. A fiber runs
+// until it reaches a barrier: __syncthreads and its variants for the block, and for its warp every
+// lane-exchanging intrinsic (__shfl*_sync, __ballot_sync, __reduce_*_sync). So shared memory,
+// warp shuffles and block reductions behave as on the GPU for code that synchronises as CUDA
+// requires, while code that forgets a barrier can read stale shared memory. The order in which
+// threads run from one barrier to the next is set by `sim_configure`: forward (the lowest-numbered
+// runnable thread always goes next, so the first warps run as far ahead of the others as the
+// barriers allow), reverse (the highest first) or shuffled sweeps; a test run under forward and
+// reverse exposes most missing barriers and buffers reused too early. Threads of a block
+// waiting at different __syncthreads call sites, threads waiting at a barrier the others never
+// reach, warp intrinsics called by lanes with different masks, and a launch over 1024 threads or
+// 227 KiB of dynamic shared memory are errors (a RuntimeError from the launch), not hangs.
+//
+// What it does not model: the GPU's floating-point library (expf, logf, powf here are the host
+// libm's, within an ulp or two of CUDA's), fused multiply-add contraction (compile with
+// -ffp-contract=off), memory ordering between blocks, timing. Results are therefore checked against
+// the reference as the Triton interpreter's are: same tokens up to rare rounding at sampling
+// boundaries. It exists for correctness only.
+#pragma once
+
+#define SJD_SIM 1
+
+#include <math.h>
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// ---- language keywords ------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+#define __constant__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+
+constexpr int warpSize = 32;
+
+namespace sjd_sim {
+
+struct Barrier {
+  uint64_t gen = 0;
+  int arrived = 0;
+  unsigned mask = 0;           // warp barriers: the mask of the current phase
+  const char* file = nullptr;  // block barriers: the call site of the current phase
+  int line = 0;
+};
+
+struct Fiber {
+  ucontext_t ctx;    // only to enter the fiber the first time
+  jmp_buf jb;        // where it yielded
+  bool started = false;
+  dim3 tid;
+  int linear = 0;
+  bool done = false;
+  const Barrier* wait = nullptr;
+  uint64_t wait_gen = 0;
+  uint64_t n_block_ops = 0;  // block exchanges so far (rotation of the exchange slots)
+  uint64_t n_warp_ops = 0;   // warp exchanges so far
+};
+
+struct Warp {
+  Barrier bar;
+  unsigned live = 0;       // lanes of this warp that exist and have not returned
+  uint64_t val[3][32]{};   // exchange slots, used in rotation
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  Barrier bar;
+  int live = 0;
+  int acc[3] = {0, 0, 0};  // __syncthreads_or / _count accumulators, in rotation
+  const std::function<void()>* body = nullptr;
+};
+
+struct Config {
+  int order = 0;        // 0 forward, 1 reverse, 2 shuffled by seed
+  uint64_t seed = 0;
+  uint64_t launches = 0;
+  uint64_t switches = 0;
+};
+
+inline thread_local Config g_cfg;
+inline thread_local Block* g_blk = nullptr;
+inline thread_local Fiber* g_cur = nullptr;
+inline thread_local ucontext_t g_sched;
+inline thread_local jmp_buf g_sched_jb;
+inline thread_local dim3 g_block_idx, g_block_dim, g_grid_dim;
+inline thread_local unsigned char* g_dyn_smem = nullptr;
+inline thread_local std::string g_error;  // first error of the current launch
+inline thread_local uint64_t g_releases = 0;  // barriers opened so far
+
+// Switches: a fiber is entered once with swapcontext and afterwards resumed with _longjmp, which,
+// unlike swapcontext, does not save and restore the signal mask (a system call per switch).
+inline void yield_to_scheduler() {
+  if (!_setjmp(g_cur->jb)) _longjmp(g_sched_jb, 1);
+}
+
+[[noreturn]] inline void fail(const std::string& what) {
+  // A kernel-side error ends the whole launch: record it and return to the scheduler for good.
+  if (g_error.empty()) g_error = what;
+  g_cur->done = true;
+  _longjmp(g_sched_jb, 1);
+}
+
+inline void wait_on(const Barrier& b, uint64_t gen) {
+  g_cur->wait = &b;
+  g_cur->wait_gen = gen;
+  yield_to_scheduler();
+}
+
+// ---- block barrier -----------------------------------------------------------------------------
+inline void release_if_complete(Barrier& b, int expected) {
+  if (b.arrived > 0 && b.arrived >= expected) {
+    b.arrived = 0;
+    ++b.gen;
+    ++g_releases;
+  }
+}
+
+// ``file:line``: the __syncthreads call site. Threads of one phase at different sites are an error
+// (CUDA allows __syncthreads in conditional code only when the whole block takes the same branch;
+// the hardware would count them together and go on with mismatched phases).
+inline void block_sync(const char* file, int line) {
+  Barrier& b = g_blk->bar;
+  if (b.arrived == 0) {
+    b.file = file;
+    b.line = line;
+  } else if (b.line != line || std::strcmp(b.file, file) != 0) {
+    fail(std::string("__syncthreads under divergent control flow: threads wait at ") + b.file + ":" +
+         std::to_string(b.line) + " and at " + file + ":" + std::to_string(line));
+  }
+  const uint64_t gen = b.gen;
+  ++b.arrived;
+  if (b.arrived >= g_blk->live) {
+    b.arrived = 0;
+    ++b.gen;
+    ++g_releases;
+    return;
+  }
+  wait_on(b, gen);
+}
+
+// ---- warp exchange -----------------------------------------------------------------------------
+inline int lane_id() { return g_cur->linear & 31; }
+inline Warp& my_warp() { return g_blk->warps[g_cur->linear >> 5]; }
+
+// Every lane of ``mask`` publishes ``v``; returns the slot row all of them published into.
+inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
+  Warp& w = my_warp();
+  const int lane = lane_id();
+  if (!((mask >> lane) & 1u)) fail("warp intrinsic called by a lane outside its mask");
+  const int slot = static_cast<int>(g_cur->n_warp_ops++ % 3);
+  w.val[slot][lane] = v;
+  Barrier& b = w.bar;
+  if (b.arrived == 0) {
+    b.mask = mask;
+  } else if (b.mask != mask) {
+    fail("warp intrinsics with different masks in one warp at the same time");
+  }
+  const uint64_t gen = b.gen;
+  ++b.arrived;
+  const int expected = __builtin_popcount(mask & w.live);
+  if ((mask & ~w.live) != 0) fail("warp intrinsic's mask names a lane that has exited or does not exist");
+  if (b.arrived >= expected) {
+    b.arrived = 0;
+    ++b.gen;
+    ++g_releases;
+  } else {
+    wait_on(b, gen);
+  }
+  return w.val[slot];
+}
+
+template <typename T>
+inline uint64_t bits_of(T v) {
+  static_assert(sizeof(T) <= 8, "warp exchange of a type over 8 bytes");
+  uint64_t u = 0;
+  std::memcpy(&u, &v, sizeof(T));
+  return u;
+}
+template <typename T>
+inline T from_bits(uint64_t u) {
+  T v;
+  std::memcpy(&v, &u, sizeof(T));
+  return v;
+}
+
+// ---- the scheduler -----------------------------------------------------------------------------
+inline void fiber_entry() {
+  (*g_blk->body)();
+  Fiber* f = g_cur;
+  f->done = true;
+  --g_blk->live;
+  Warp& w = g_blk->warps[f->linear >> 5];
+  w.live &= ~(1u << (f->linear & 31));
+  // A block barrier or warp exchange waiting only on this thread completes now.
+  release_if_complete(g_blk->bar, g_blk->live);
+  if (w.bar.arrived > 0) release_if_complete(w.bar, __builtin_popcount(w.bar.mask & w.live));
+  _longjmp(g_sched_jb, 1);  // never returns into uc_link
+}
+
+// Fiber stacks of this OS thread, grown to the largest block so far; not zero-filled, so the
+// pages are only touched as deep as the threads' frames go.
+struct Stacks {
+  std::unique_ptr<char[]> mem;
+  size_t size = 0;
+};
+inline Stacks& stacks() {
+  static thread_local Stacks s;
+  return s;
+}
+
+constexpr size_t kStack = 192 * 1024;
+
+inline void run_block(int nthreads, const std::function<void()>& body) {
+  Block blk;
+  blk.fibers.resize(nthreads);
+  const int nwarps = (nthreads + 31) / 32;
+  blk.warps.resize(nwarps);
+  for (int w = 0; w < nwarps; ++w) {
+    const int n = std::min(32, nthreads - 32 * w);
+    blk.warps[w].live = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+  }
+  blk.live = nthreads;
+  blk.body = &body;
+  Stacks& st = stacks();
+  if (st.size < kStack * static_cast<size_t>(nthreads)) {
+    st.size = kStack * static_cast<size_t>(nthreads);
+    st.mem.reset(new char[st.size]);
+  }
+  for (int t = 0; t < nthreads; ++t) {
+    Fiber& f = blk.fibers[t];
+    f.linear = t;
+    f.tid = dim3(t % g_block_dim.x, (t / g_block_dim.x) % g_block_dim.y, t / (g_block_dim.x * g_block_dim.y));
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = st.mem.get() + kStack * static_cast<size_t>(t);
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = &g_sched;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  g_blk = &blk;
+  std::vector<int> order(nthreads);
+  for (int t = 0; t < nthreads; ++t) order[t] = g_cfg.order == 1 ? nthreads - 1 - t : t;
+  std::mt19937_64 rng(g_cfg.seed * 0x9E3779B97F4A7C15ull + g_cfg.launches);
+  // forward / reverse: always resume the first runnable thread in that order, so the first warps
+  // run as far ahead of the others as the barriers allow (the skew that exposes a buffer reused
+  // too early); shuffle: sweeps over all threads in a new random order each time.
+  const bool greedy = g_cfg.order != 2;
+  size_t i = 0;
+  uint64_t releases = g_releases;
+  bool progressed = false;
+  while (blk.live > 0 && g_error.empty()) {
+    if (i == order.size()) {
+      if (!progressed) {
+        g_error = "deadlock: " + std::to_string(blk.live) +
+                  " threads wait at barriers that the others never reach (a __syncthreads or warp "
+                  "intrinsic under divergent control flow)";
+        break;
+      }
+      if (!greedy) std::shuffle(order.begin(), order.end(), rng);
+      i = 0;
+      progressed = false;
+    }
+    Fiber& f = blk.fibers[order[i]];
+    if (f.done || (f.wait && f.wait->gen == f.wait_gen)) {
+      ++i;
+      continue;
+    }
+    f.wait = nullptr;
+    g_cur = &f;
+    ++g_cfg.switches;
+    if (!_setjmp(g_sched_jb)) {
+      if (!f.started) {
+        f.started = true;
+        swapcontext(&g_sched, &f.ctx);
+      } else {
+        _longjmp(f.jb, 1);
+      }
+    }
+    g_cur = nullptr;
+    progressed = true;
+    if (greedy && g_releases != releases) {
+      releases = g_releases;
+      i = 0;  // a barrier opened: the first threads in the order go first again
+    } else {
+      ++i;
+    }
+  }
+  g_blk = nullptr;
+}
+
+// Last launch error, as cudaGetLastError reports it (then cleared).
+inline thread_local int g_last_error = 0;
+
+inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  ++g_cfg.launches;
+  const unsigned long long nthreads = 1ull * block.x * block.y * block.z;
+  if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+      grid.z > 65535) {
+    g_last_error = 9;  // cudaErrorInvalidConfiguration
+    return;
+  }
+  if (smem > 227 * 1024) {
+    g_last_error = 9;
+    return;
+  }
+  std::vector<unsigned char> dyn(smem + 16);
+  // Uninitialised shared memory: NaN floats and -1 integers, so a read before a write shows.
+  std::memset(dyn.data(), 0xff, dyn.size());
+  unsigned char* base = dyn.data();
+  base += (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16;
+  g_dyn_smem = base;
+  g_grid_dim = grid;
+  g_block_dim = block;
+  g_error.clear();
+  for (unsigned z = 0; z < grid.z && g_error.empty(); ++z)
+    for (unsigned y = 0; y < grid.y && g_error.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && g_error.empty(); ++x) {
+        g_block_idx = dim3(x, y, z);
+        std::memset(dyn.data(), 0xff, dyn.size());
+        run_block(static_cast<int>(nthreads), body);
+      }
+  g_dyn_smem = nullptr;
+  if (!g_error.empty()) {
+    std::string e = "sjd_kernels simulator: " + g_error;
+    g_error.clear();
+    throw std::runtime_error(e);
+  }
+}
+
+template <typename... P>
+struct Launcher {
+  void (*kernel)(P...);
+  dim3 grid, block;
+  size_t smem;
+  template <typename... A>
+  void operator()(A&&... a) const {
+    auto k = kernel;
+    std::function<void()> body = [&]() { k(a...); };
+    launch(grid, block, smem, body);
+  }
+};
+
+template <typename... P>
+Launcher<P...> make_launcher(void (*k)(P...), dim3 g, dim3 b, size_t smem) {
+  return Launcher<P...>{k, g, b, smem};
+}
+
+}  // namespace sjd_sim
+
+// ---- built-in variables -----------------------------------------------------------------------
+#define threadIdx (::sjd_sim::g_cur->tid)
+#define blockIdx (::sjd_sim::g_block_idx)
+#define blockDim (::sjd_sim::g_block_dim)
+#define gridDim (::sjd_sim::g_grid_dim)
+
+// ---- synchronisation and warp intrinsics --------------------------------------------------------
+#define __syncthreads() ::sjd_sim::block_sync(__FILE__, __LINE__)
+
+// Counts the threads whose ``pred`` holds. Three accumulators in rotation: a call clears the next
+// call's slot before its barrier, when every reader of that slot's previous use has passed.
+inline int sjd_sim_block_count(int pred, const char* file, int line) {
+  using namespace ::sjd_sim;
+  const int n = static_cast<int>(g_cur->n_block_ops++ % 3);
+  Block* b = g_blk;
+  b->acc[(n + 1) % 3] = 0;
+  b->acc[n] += (pred != 0);
+  block_sync(file, line);
+  return b->acc[n];
+}
+#define __syncthreads_or(pred) (sjd_sim_block_count((pred), __FILE__, __LINE__) != 0)
+#define __syncthreads_count(pred) sjd_sim_block_count((pred), __FILE__, __LINE__)
+inline void __syncwarp(unsigned mask = 0xffffffffu) { (void)::sjd_sim::warp_exchange(mask, 0); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
+  const int lane = ::sjd_sim::lane_id();
+  const int base = lane & ~(width - 1);
+  return ::sjd_sim::from_bits<T>(row[base + (src & (width - 1))]);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
+  const int lane = ::sjd_sim::lane_id();
+  int src = lane ^ lane_mask;
+  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
+  return ::sjd_sim::from_bits<T>(row[src]);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
+  const int lane = ::sjd_sim::lane_id();
+  const int in_seg = lane & (width - 1);
+  const int src = in_seg >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
+  return ::sjd_sim::from_bits<T>(row[src]);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
+  const int lane = ::sjd_sim::lane_id();
+  const int in_seg = lane & (width - 1);
+  const int src = in_seg + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : lane;
+  return ::sjd_sim::from_bits<T>(row[src]);
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, pred != 0);
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l)
+    if (((mask >> l) & 1u) && row[l]) r |= 1u << l;
+  return r;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, v);
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l)
+    if ((mask >> l) & 1u) r |= static_cast<unsigned>(row[l]);
+  return r;
+}
+inline unsigned __reduce_and_sync(unsigned mask, unsigned v) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, v);
+  unsigned r = 0xffffffffu;
+  for (int l = 0; l < 32; ++l)
+    if ((mask >> l) & 1u) r &= static_cast<unsigned>(row[l]);
+  return r;
+}
+inline int __reduce_add_sync(unsigned mask, int v) {
+  const uint64_t* row = ::sjd_sim::warp_exchange(mask, static_cast<uint32_t>(v));
+  uint32_t r = 0;
+  for (int l = 0; l < 32; ++l)
+    if ((mask >> l) & 1u) r += static_cast<uint32_t>(row[l]);
+  return static_cast<int>(r);
+}
+inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
+  return static_cast<unsigned>(__reduce_add_sync(mask, static_cast<int>(v)));
+}
+
+// ---- atomics (fibers never interleave inside one) -----------------------------------------------
+template <typename T>
+inline T atomicAdd(T* a, T v) { T o = *a; *a = o + v; return o; }
+template <typename T>
+inline T atomicOr(T* a, T v) { T o = *a; *a = o | v; return o; }
+template <typename T>
+inline T atomicAnd(T* a, T v) { T o = *a; *a = o & v; return o; }
+template <typename T>
+inline T atomicMin(T* a, T v) { T o = *a; *a = v < o ? v : o; return o; }
+template <typename T>
+inline T atomicMax(T* a, T v) { T o = *a; *a = v > o ? v : o; return o; }
+template <typename T>
+inline T atomicExch(T* a, T v) { T o = *a; *a = v; return o; }
+template <typename T>
+inline T atomicCAS(T* a, T cmp, T v) { T o = *a; if (o == cmp) *a = v; return o; }
+
+// ---- loads, stores, arithmetic intrinsics -------------------------------------------------------
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcs(const T* p) { return *p; }
+template <typename T>
+inline void __stcg(T* p, T v) { *p = v; }
+template <typename T>
+inline void __stcs(T* p, T v) { *p = v; }
+
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __double2float_rn(double a) { return static_cast<float>(a); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
+}
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline unsigned __brev(unsigned v) {
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i) r |= ((v >> i) & 1u) << (31 - i);
+  return r;
+}
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::max;
+using std::min;
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+
+// Launch: SJD_LAUNCH(kernel, grid, block, smem, stream)(args...) in the sources.
+#define SJD_SIM_LAUNCH(kernel, grid, block, smem, stream) ::sjd_sim::make_launcher(kernel, grid, block, smem)
+#define SJD_SIM_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::sjd_sim::g_dyn_smem)

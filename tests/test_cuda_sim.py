@@ -1,0 +1,235 @@
+"""The CUDA kernels on the CPU, in the simulator (``sjd_kernels.cuda.sim``), against the reference.
+
+``csrc/`` compiled as C++ with ``csrc/sim/`` first on the include path runs every thread of a block
+as a fiber with the block's shared memory, barriers and warp exchanges, so the kernels' logic is
+checked here without a GPU: the parity checks of ``test_cuda_jacobi_step``, ``test_sparse_state_kernels``
+and ``test_tree_verify_kernels`` (which otherwise run only on a GPU) on CPU tensors, under thread
+orders that move the warps apart in both directions (``forward``, ``reverse``) and at random
+(``shuffle``). The tree KV kernels run in ``test_tree_kv_kernels`` (backend ``cuda_sim``).
+
+The simulator's float library is the host's (expf, logf within an ulp or two of CUDA's), so, as on
+the GPU, a rare sample may cross a boundary; the bounds are the GPU tests' own. The last tests
+build the simulator from mutated kernel sources and assert that it catches a missing barrier, a
+reused reduction buffer and a barrier under divergent control flow.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _util import sim_module  # noqa: E402
+
+import test_cuda_jacobi_step as tcj  # noqa: E402
+
+from sjd_kernels import rng  # noqa: E402
+
+ORDERS = ("forward", "reverse", "shuffle")
+
+
+@pytest.fixture
+def cpu_cases(monkeypatch):
+    """test_cuda_jacobi_step's case builders on CPU tensors; the simulator built."""
+    sim_module()
+    monkeypatch.setattr(tcj, "DEV", "cpu")
+
+
+def simulate(order="forward", seed=0):
+    from sjd_kernels.cuda import sim
+    return sim.simulate(order=order, seed=seed)
+
+
+# ---------------------------------------------------------------- Philox
+
+@pytest.mark.parametrize("seed,position,step,stream,n", [
+    (0, 0, 0, 0, 1), (123456789, 17, 4, rng.STREAM_DRAFT, 1000),
+    (-1, 2**31 + 5, 2**32 - 1, rng.STREAM_GUMBEL, 16387), (-(2**63), 0, 7, rng.STREAM_COUPLE_RES, 33)])
+def test_philox_bit_for_bit(seed, position, step, stream, n):
+    sim_module()
+    from sjd_kernels.cuda import philox_words
+    with simulate():
+        got = philox_words(seed, position, step, stream, n, device="cpu")
+    assert torch.equal(got, rng.lane_words(torch.tensor(seed), position, step, stream, n))
+
+
+# ---------------------------------------------------------------- jacobi_step
+
+# Every draft mode and VP form, greedy, filters, ragged and degenerate shapes, forced rows, tail
+# init, unaligned slices, mixed dtypes and the rows built for the top-k searches; V up to 8192.
+# Each runs under one of the three orders (the next test runs one case under all three).
+JACOBI = ["sjd-bf16-cfg-topk-topp", "sjd-fp32-plain-8192", "vp_add-0.5", "vp_log-0.5", "vp_log-generic-1.3",
+          "vp_log-rsqrt", "vp_add-negative", "coupling-bf16-cfg", "coupling+vp", "coupling+vp_log", "gumbel",
+          "gumbel-fp16", "gumbel_jacobi", "vp-state-in-gumbel", "greedy-sjd", "greedy-coupling-fp16",
+          "temp-1.6-topp", "topk-1", "topk-V", "W1-B1", "W0-plain-AR", "V-7", "V-1", "forced-sjd",
+          "forced-coupling-vp", "forced-gumbel_jacobi", "tail-left", "tail-left-coupling", "slice-bf16-cfg",
+          "slice-fp16", "slice-fp32-cfg", "mixed-dtype-cfg", "topk-ties", "topk-masked", "topk-outlier-cfg"]
+
+
+@pytest.mark.parametrize("name,order", [(n, ORDERS[i % 3]) for i, n in enumerate(JACOBI)])
+def test_jacobi_step_matches_reference(cpu_cases, name, order):
+    cfg = dict(tcj.CONFIGS[name])
+    reps = cfg.pop("reps", 3)
+    with simulate(order, seed=len(name)):
+        tcj.check_config(reps=reps, **cfg)
+
+
+def test_jacobi_step_large_vocabulary(cpu_cases):
+    """V 16387 with top-k 1000 and top-p (1024 threads per row): one repetition per path."""
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    cfg = dict(tcj.CONFIGS["V-16384+3-topk1000"], B=1, W=8)
+    for features in ((), ("bracket_topk", "list_races")):
+        with simulate("reverse"), kernel_features(*features):
+            tcj.check_config(reps=1, **cfg)
+
+
+# The rows kernel's optional paths (bench backends cuda_bracket and cuda_lists), each on the
+# configurations that exercise it.
+OPTIONAL = [(("bracket_topk",), n) for n in ("sjd-bf16-cfg-topk-topp", "coupling+vp", "temp-0.7-topk", "topk-1",
+                                             "forced-sjd", "topk-ties", "topk-masked", "topk-outlier-cfg")]
+OPTIONAL += [(("list_races",), n) for n in ("sjd-bf16-cfg-topk-topp", "vp_log-0.5", "vp_add-negative",
+                                           "coupling-bf16-cfg", "coupling+vp_log", "gumbel", "gumbel_jacobi",
+                                           "greedy-sjd", "forced-coupling-vp", "W0-plain-AR", "topk-masked",
+                                           "sjd-fp32-plain-8192")]
+OPTIONAL += [(("bracket_topk", "list_races"), n) for n in ("sjd-bf16-cfg-topk-topp", "coupling+vp", "topk-ties")]
+
+
+@pytest.mark.parametrize("features,name", OPTIONAL, ids=lambda x: "+".join(x) if isinstance(x, tuple) else x)
+def test_optional_kernel_paths_match_reference(cpu_cases, features, name):
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    cfg = dict(tcj.CONFIGS[name])
+    reps = cfg.pop("reps", 3)
+    with simulate(ORDERS[len(name) % 3]), kernel_features(*features):
+        tcj.check_config(reps=reps, **cfg)
+
+
+@pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk-topp", "coupling+vp", "gumbel_jacobi", "tail-left"])
+def test_global_row_path_matches_reference(cpu_cases, name):
+    cfg = dict(tcj.CONFIGS[name])
+    cfg.pop("reps", None)
+    with simulate("reverse"):
+        tcj.check_config(reps=2, force_global=True, **cfg)
+
+
+def test_same_bits_under_every_thread_order(cpu_cases):
+    """The kernels' float sums go through fixed reduction trees, so outputs and state are bitwise
+    the same whichever order the threads run in (the default and both optional paths)."""
+    from sjd_kernels.cuda.jacobi_step import jacobi_step_cuda, kernel_features
+    case = tcj.build_case(B=4, W=8, V=1000, seed=42, cfg=True, top_k=100, top_p=0.9, mode="coupling", vp=True,
+                          beta=0.5, forced=True)
+    for features in ((), ("bracket_topk", "list_races")):
+        runs = []
+        for order, seed in (("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
+            st = tcj._fresh_state(case)
+            with simulate(order, seed), kernel_features(*features):
+                out = jacobi_step_cuda(*tcj._args(case, st))
+            runs.append((out, st))
+        for out, st in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(out, runs[0][0]))
+            assert all(torch.equal(st[k], runs[0][1][k]) for k in tcj.STATE)
+
+
+def test_zero_mass_counters_and_errors(cpu_cases):
+    with simulate("shuffle"):
+        tcj.test_zero_mass_counters_are_exercised()
+        tcj.test_errors_reported_per_request()
+
+
+def test_public_op_with_cuda_backend(cpu_cases):
+    with simulate():
+        tcj.test_public_op_with_cuda_backend()
+
+
+def test_cuda_backend_refuses_cpu_tensors_outside_the_simulator(cpu_cases):
+    import sjd_kernels as sk
+    from sjd_kernels.ops._common import SJDInputError
+    st = sk.JacobiState.create(1, 2, 10, seed=[1])
+    drafts = sk.init_window(st, torch.zeros(1, dtype=torch.int64), 2)
+    with pytest.raises((SJDInputError, RuntimeError), match="CUDA"):
+        sk.jacobi_step(torch.randn(1, 3, 10), drafts, torch.tensor([2]), torch.tensor([0]), st, backend="cuda")
+
+
+# ---------------------------------------------------------------- sparse state
+
+@pytest.mark.parametrize("k,cap", [(0, 6), (2, 2), (0, 1)], ids=["fits", "topk2-ties", "overflow"])
+def test_sparse_state_matches_reference(cpu_cases, k, cap):
+    """Every draft mode, multi-step through the prefix-to-row table (tokens, counts, kinds and entry
+    ids exact; values to rounding), as ``test_sparse_cuda_matches_reference`` on a GPU."""
+    import test_sparse_state_kernels as tsk
+    from test_sparse_state import SPECS
+    for i, spec in enumerate(SPECS):
+        with simulate(ORDERS[i % 3]):
+            status = tsk._compare(spec, V=6, L=6, n=64, W=3, k=k, cap=cap, device="cpu", backend="cuda")
+        if cap == 1:
+            assert status[3] > 0, "the overflow path did not run"
+
+
+def test_sparse_state_block_compaction(cpu_cases):
+    """V 3000, top-k 200: the block-wide compaction over several chunks; capacity 256 (fits) and 150
+    (every row overflows)."""
+    import test_sparse_state_kernels as tsk
+    with simulate("reverse"):
+        tsk._compare("coupling_vp_add_b0.5", V=3000, L=12, n=8, W=8, k=200, cap=256, device="cpu", backend="cuda")
+        status = tsk._compare("sjd", V=3000, L=12, n=8, W=8, k=200, cap=150, device="cpu", backend="cuda")
+    assert status[3] > 0
+
+
+# ---------------------------------------------------------------- tree verify
+
+def _tree_cases():
+    import test_tree_verify_kernels as ttv
+    return list(ttv.CASES) + ["V2048-bf16-cfg-topk"]
+
+
+@pytest.mark.parametrize("name", _tree_cases())
+def test_tree_verify_matches_reference(name):
+    sim_module()
+    import test_tree_verify_kernels as ttv
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+    features = ("bracket_topk",) if len(name) % 2 else ()
+    with simulate(ORDERS[len(name) % 3]), kernel_features(*features):
+        ttv.check_against_reference(tree_verify_cuda, name, "cpu", reps=2)
+
+
+# ---------------------------------------------------------------- the simulator catches kernel bugs
+
+MUTANTS = {
+    # block_allreduce without the barrier between the per-warp partials and their reduction
+    "missing-barrier": ("sampling.cuh", "    for (int k = 0; k < N; ++k) b[warp * N + k] = v[k];\n  }\n  __syncthreads();",
+                        "    for (int k = 0; k < N; ++k) b[warp * N + k] = v[k];\n  }\n"),
+    # the ping-pong buffers of back-to-back reductions collapsed into one
+    "reused-buffer": ("sampling.cuh", "  parity ^= 1;\n}", "  parity = 0;\n}"),
+    # the reduction's barrier reached by the first warp only
+    "divergent-barrier": ("sampling.cuh", "    for (int k = 0; k < N; ++k) b[warp * N + k] = v[k];\n  }\n  __syncthreads();",
+                          "    for (int k = 0; k < N; ++k) b[warp * N + k] = v[k];\n  }\n  if (warp == 0) __syncthreads();"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_simulator_catches_broken_synchronisation(cpu_cases, mutant, tmp_path):
+    from sjd_kernels.cuda import sim
+    src = tmp_path / "csrc"
+    shutil.copytree(sim.CSRC, src)
+    fname, old, new = MUTANTS[mutant]
+    text = (src / fname).read_text()
+    assert text.count(old) == 1, f"mutation site of {mutant} not found"
+    (src / fname).write_text(text.replace(old, new))
+    mod = sim.load(src)
+    cfg = dict(tcj.CONFIGS["sjd-bf16-cfg-topk-topp"])
+    # the unmutated kernels pass this check (test_jacobi_step_matches_reference); the mutant is
+    # built under its own module name, beside the unmutated one
+    assert mod is not sim.load()
+    for order in ("forward", "reverse"):
+        with sim.simulate(order, module=mod):
+            if mutant == "divergent-barrier":
+                with pytest.raises(RuntimeError, match="divergent control flow|deadlock"):
+                    tcj.check_config(reps=1, **cfg)
+            else:
+                # wrong reductions: outputs that differ from the reference, or threads that disagree
+                # on a loop's exit and meet at different barriers
+                with pytest.raises((AssertionError, RuntimeError), match="differ|status|divergent control flow"):
+                    tcj.check_config(reps=1, **cfg)
