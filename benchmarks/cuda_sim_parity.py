@@ -4,8 +4,11 @@
 
 Runs each configuration and each optional-path case (``FEATURE_CASES``) under each thread order
 (``sjd_kernels.cuda.sim``), then the global-memory row path and V 65541, with the GPU tests' check
-(``check_config``: requests that differ from the reference, at most one per 200 rows). One line per
-run: order, paths, case, ok/FAIL, target rows, differing requests, seconds. Exits 1 if any failed.
+(``check_config``: requests that differ from the reference, at most one per 200 rows), then every
+tree_verify case of ``tests/test_tree_verify_kernels.py`` (V up to 16384) with and without the
+bracket top-k selection (requests: at most one in 50 may differ). One line per run: order or op,
+paths, case, ok/FAIL, target rows (tree_verify: requests), differing requests, seconds. Exits 1
+if any failed.
 The suite runs a faster subset (``tests/test_cuda_sim.py``); this is the whole list (about 5 min).
 """
 from __future__ import annotations
@@ -28,6 +31,8 @@ from sjd_kernels.cuda.jacobi_step import kernel_features  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--orders", default="forward,reverse")
+    ap.add_argument("--no-tree", dest="tree", action="store_false",
+                    help="skip tree_verify's cases (tests/test_tree_verify_kernels.py, V up to 16384)")
     args = ap.parse_args()
     t.DEV = "cpu"
     jobs = [((), n) for n in t.CONFIGS] + [(f, n) for f, ns in t.FEATURE_CASES.items() for n in ns]
@@ -57,6 +62,16 @@ def main() -> int:
             cfg.pop("reps", None)
             one(f"global {name}", lambda: t.check_config(reps=2, force_global=True, **cfg))
         one("V65541", t.test_vocabulary_larger_than_shared_memory)
+    if args.tree:
+        import test_tree_verify_kernels as ttv
+        from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+        for name in list(ttv.CASES) + list(ttv.LARGE):
+            for feats in ((), ("bracket_topk",)):
+                def run(name=name):
+                    m, n = ttv.check_against_reference(tree_verify_cuda, name, "cpu", reps=3)
+                    return {"rows": n, "diffs": m}
+                with sim.simulate("reverse"), kernel_features(*feats):
+                    one(f"tree_verify {'+'.join(feats) or 'default'} {name}", run)
     print(f"total {time.time() - start:.0f} s, {failed} failed", flush=True)
     return 1 if failed else 0
 

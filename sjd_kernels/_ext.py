@@ -27,6 +27,8 @@ def ext():
 
 def cuda_status() -> tuple[bool, str]:
     """(usable, why) for the CUDA backend on this machine."""
+    if _SIM is not None:
+        return True, "cuda: the CPU simulator of the CUDA kernels (sjd_kernels.cuda.sim), on CPU tensors"
     if _C is None:
         return False, f"cuda: extension not built or not importable ({_ERR})"
     archs = "/".join(f"sm_{a}" for a in _C.built_archs())

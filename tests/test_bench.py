@@ -545,3 +545,23 @@ def test_tree_kv_bench_script_checks_on_cpu_and_refuses_timings(tmp_path):
     bad = subprocess.run([sys.executable, script, "--backends", "cuda,nope"], capture_output=True, text=True,
                          cwd=ROOT, env=env, timeout=240)
     assert bad.returncode == 2 and "unknown names ['nope']" in bad.stderr
+
+
+@pytest.mark.skipif(not NO_GPU, reason="--cuda-sim is for machines without a CUDA device")
+def test_ops_check_runs_the_cuda_kernels_in_the_simulator(tmp_path):
+    """``bench ops --check --cuda-sim ORDER``: the cuda backends' kernels on CPU tensors in the
+    simulator, checked like the other backends (dense and sparse jacobi_step, tree_verify, KV)."""
+    from _util import sim_module
+    sim_module()
+    r = _run(["ops", "--check", "--grid", "cpu", "--cuda-sim", "shuffle", "--backend", "cuda",
+              "--backend", "cuda_lists", "--case", "sparse40", "--case", "K4_d3", "--case", "small_L3",
+              "--out", str(tmp_path)], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[check]")]
+    passed = {(l.split()[1].split(":")[0], l.split()[2]) for l in lines if " pass " in l}
+    assert {("jacobi_step", "cuda"), ("jacobi_step", "cuda_lists"), ("tree_verify", "cuda"),
+            ("tree_kv_update", "cuda")} <= passed, r.stdout[-3000:]
+    assert not any(" FAIL" in l for l in lines)
+    # checks only: timing the simulator would mean nothing
+    r = _run(["ops", "--cuda-sim", "forward", "--grid", "cpu", "--out", str(tmp_path)])
+    assert r.returncode == 2 and "--check" in r.stderr

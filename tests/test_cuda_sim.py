@@ -209,16 +209,21 @@ MUTANTS = {
 }
 
 
-@pytest.mark.parametrize("mutant", list(MUTANTS))
-def test_simulator_catches_broken_synchronisation(cpu_cases, mutant, tmp_path):
+def _mutant_module(tmp_path, fname, old, new):
+    """The simulator built from a copy of csrc/ with ``old`` replaced by ``new`` in ``fname``."""
     from sjd_kernels.cuda import sim
     src = tmp_path / "csrc"
     shutil.copytree(sim.CSRC, src)
-    fname, old, new = MUTANTS[mutant]
     text = (src / fname).read_text()
-    assert text.count(old) == 1, f"mutation site of {mutant} not found"
+    assert text.count(old) == 1, f"mutation site not found in {fname}"
     (src / fname).write_text(text.replace(old, new))
-    mod = sim.load(src)
+    return sim.load(src)
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_simulator_catches_broken_synchronisation(cpu_cases, mutant, tmp_path):
+    from sjd_kernels.cuda import sim
+    mod = _mutant_module(tmp_path, *MUTANTS[mutant])
     cfg = dict(tcj.CONFIGS["sjd-bf16-cfg-topk-topp"])
     # the unmutated kernels pass this check (test_jacobi_step_matches_reference); the mutant is
     # built under its own module name, beside the unmutated one
@@ -233,3 +238,18 @@ def test_simulator_catches_broken_synchronisation(cpu_cases, mutant, tmp_path):
                 # on a loop's exit and meet at different barriers
                 with pytest.raises((AssertionError, RuntimeError), match="differ|status|divergent control flow"):
                     tcj.check_config(reps=1, **cfg)
+
+
+def test_simulator_catches_a_write_past_dynamic_shared_memory(tmp_path):
+    """tree_kv_update's path copy in dynamic shared memory written one entry too far."""
+    sim_module()
+    from sjd_kernels.cuda import sim
+    from sjd_kernels.cuda.tree_kv_update import tree_kv_update_cuda
+    mod = _mutant_module(tmp_path, "tree_kv_update.cu", "    s_src[j] = (used", "    s_src[j + 1] = (used")
+    kv = torch.randn(2, 2, 1, 2, 8, 8)
+    path, cl = torch.tensor([[0, 2, 3]]), torch.tensor([1])
+    status = torch.zeros(4, dtype=torch.int32)
+    with sim.simulate(module=sim.load()):
+        tree_kv_update_cuda(kv.clone(), path, cl, status.clone())        # the unmutated kernel runs
+    with sim.simulate(module=mod), pytest.raises(RuntimeError, match="past the end of its 12 bytes"):
+        tree_kv_update_cuda(kv.clone(), path, cl, status.clone())

@@ -334,9 +334,11 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
     g_last_error = 9;
     return;
   }
-  std::vector<unsigned char> dyn(smem + 16);
-  // Uninitialised shared memory: NaN floats and -1 integers, so a read before a write shows.
-  std::memset(dyn.data(), 0xff, dyn.size());
+  // Dynamic shared memory, 16-byte aligned, then kCanary guard bytes. Uninitialised shared memory
+  // reads as 0xff bytes (NaN floats, -1 integers), so a read before a write shows; a guard byte
+  // that changed is a write past the end.
+  constexpr size_t kCanary = 256;
+  std::vector<unsigned char> dyn(smem + 16 + kCanary);
   unsigned char* base = dyn.data();
   base += (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16;
   g_dyn_smem = base;
@@ -347,8 +349,13 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
     for (unsigned y = 0; y < grid.y && g_error.empty(); ++y)
       for (unsigned x = 0; x < grid.x && g_error.empty(); ++x) {
         g_block_idx = dim3(x, y, z);
-        std::memset(dyn.data(), 0xff, dyn.size());
+        std::memset(base, 0xff, smem);
+        std::memset(base + smem, 0xa5, kCanary);
         run_block(static_cast<int>(nthreads), body);
+        for (size_t i = 0; i < kCanary && g_error.empty(); ++i)
+          if (base[smem + i] != 0xa5)
+            g_error = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) +
+                      ") wrote past the end of its " + std::to_string(smem) + " bytes of dynamic shared memory";
       }
   g_dyn_smem = nullptr;
   if (!g_error.empty()) {

@@ -51,11 +51,27 @@ def cmd_ops(args) -> int:
         if not any(k in n for k in args.case for n in names):
             print(f"--case {args.case}: no case of this grid matches (see `bench list`)", file=sys.stderr)
             return 2
-    res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
-                  warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=args.out, csv_path=args.csv,
-                  json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
-                  command=_command(), cases=args.case, min_requests=args.min_requests,
-                  ref_device=args.ref_device)
+    import contextlib
+    sim_ctx = contextlib.nullcontext()
+    if args.cuda_sim:
+        from ..cuda import sim
+        from .timing import has_gpu
+        if has_gpu() or not args.check:
+            print("--cuda-sim runs the CUDA kernels on CPU tensors: use it with --check on a machine without "
+                  "a CUDA device", file=sys.stderr)
+            return 2
+        try:
+            sim.load()
+        except sim.SimUnavailable as e:
+            print(f"--cuda-sim: {e}", file=sys.stderr)
+            return 2
+        sim_ctx = sim.simulate(order=args.cuda_sim)
+    with sim_ctx:
+        res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
+                      warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=args.out, csv_path=args.csv,
+                      json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
+                      command=_command(), cases=args.case, min_requests=args.min_requests,
+                      ref_device=args.ref_device)
     if res["failed_checks"]:
         print(f"{len(res['failed_checks'])} checks FAILED", file=sys.stderr)
         return 1
@@ -106,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ref-device", choices=["cpu", "cuda"],
                    help="run the checks' PyTorch reference on this device (jacobi_step, tree_verify); "
                         "e.g. cpu under compute-sanitizer")
+    s.add_argument("--cuda-sim", choices=["forward", "reverse", "shuffle"],
+                   help="with --check and no GPU: run the cuda backends' kernels in the CPU simulator "
+                        "(sjd_kernels.cuda.sim) with this thread order")
     s.add_argument("--reps", type=int, default=50)
     s.add_argument("--warmup", type=int, default=5)
     s.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
