@@ -12,6 +12,20 @@ from _util import gpu, requires_cuda, requires_cuda_ext, requires_ext  # noqa: E
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped when none is visible)")
+    # SJD_CUDA_SIM=forward|reverse|shuffle: the whole session runs the cuda backend's kernels in
+    # the CPU simulator (sjd_kernels.cuda.sim), e.g. with SJD_LAW_BACKENDS=cuda SJD_LAW_DEVICE=cpu
+    # for the law and bad-input tests on the CUDA kernels without a GPU.
+    order = os.environ.get("SJD_CUDA_SIM")
+    if order:
+        from sjd_kernels.cuda import sim
+        config._sjd_cuda_sim = sim.simulate(order=order)
+        config._sjd_cuda_sim.__enter__()
+
+
+def pytest_unconfigure(config):
+    ctx = getattr(config, "_sjd_cuda_sim", None)
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")

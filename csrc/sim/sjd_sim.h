@@ -432,14 +432,6 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   const int src = in_seg >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
   return ::sjd_sim::from_bits<T>(row[src]);
 }
-template <typename T>
-inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
-  const int lane = ::sjd_sim::lane_id();
-  const int in_seg = lane & (width - 1);
-  const int src = in_seg + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : lane;
-  return ::sjd_sim::from_bits<T>(row[src]);
-}
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, pred != 0);
   unsigned r = 0;
@@ -454,13 +446,6 @@ inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
   unsigned r = 0;
   for (int l = 0; l < 32; ++l)
     if ((mask >> l) & 1u) r |= static_cast<unsigned>(row[l]);
-  return r;
-}
-inline unsigned __reduce_and_sync(unsigned mask, unsigned v) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, v);
-  unsigned r = 0xffffffffu;
-  for (int l = 0; l < 32; ++l)
-    if ((mask >> l) & 1u) r &= static_cast<unsigned>(row[l]);
   return r;
 }
 inline int __reduce_add_sync(unsigned mask, int v) {
