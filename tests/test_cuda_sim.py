@@ -143,7 +143,7 @@ def test_public_op_with_cuda_backend(cpu_cases):
         tcj.test_public_op_with_cuda_backend()
 
 
-def test_cuda_backend_refuses_cpu_tensors_outside_the_simulator(cpu_cases):
+def test_cuda_backend_refuses_cpu_tensors_outside_the_simulator():
     import sjd_kernels as sk
     from sjd_kernels.ops._common import SJDInputError
     st = sk.JacobiState.create(1, 2, 10, seed=[1])

@@ -53,7 +53,6 @@ inline cudaError_t cudaGetLastError() {
   ::sjd_sim::g_last_error = 0;
   return static_cast<cudaError_t>(e);
 }
-inline cudaError_t cudaPeekAtLastError() { return static_cast<cudaError_t>(::sjd_sim::g_last_error); }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = ::sjd_sim::g_device; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int d) {

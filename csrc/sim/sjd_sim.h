@@ -46,11 +46,9 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __noinline__
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __shared__ static
-#define __constant__ static
 
 struct dim3 {
   unsigned x, y, z;
@@ -58,11 +56,6 @@ struct dim3 {
 };
 struct uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(8) float2 { float x, y; };
-
-constexpr int warpSize = 32;
 
 namespace sjd_sim {
 
@@ -98,7 +91,7 @@ struct Block {
   std::vector<Warp> warps;
   Barrier bar;
   int live = 0;
-  int acc[3] = {0, 0, 0};  // __syncthreads_or / _count accumulators, in rotation
+  int acc[3] = {0, 0, 0};  // __syncthreads_or accumulators, in rotation
   const std::function<void()>* body = nullptr;
 };
 
@@ -147,6 +140,15 @@ inline void release_if_complete(Barrier& b, int expected) {
   }
 }
 
+// The calling thread arrives at ``b``, which opens once ``expected`` threads have; until then it
+// waits (the last to arrive goes on without a switch).
+inline void arrive(Barrier& b, int expected) {
+  const uint64_t gen = b.gen;
+  ++b.arrived;
+  release_if_complete(b, expected);
+  if (b.gen == gen) wait_on(b, gen);
+}
+
 // ``file:line``: the __syncthreads call site. Threads of one phase at different sites are an error
 // (CUDA allows __syncthreads in conditional code only when the whole block takes the same branch;
 // the hardware would count them together and go on with mismatched phases).
@@ -159,15 +161,7 @@ inline void block_sync(const char* file, int line) {
     fail(std::string("__syncthreads under divergent control flow: threads wait at ") + b.file + ":" +
          std::to_string(b.line) + " and at " + file + ":" + std::to_string(line));
   }
-  const uint64_t gen = b.gen;
-  ++b.arrived;
-  if (b.arrived >= g_blk->live) {
-    b.arrived = 0;
-    ++b.gen;
-    ++g_releases;
-    return;
-  }
-  wait_on(b, gen);
+  arrive(b, g_blk->live);
 }
 
 // ---- warp exchange -----------------------------------------------------------------------------
@@ -187,17 +181,8 @@ inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
   } else if (b.mask != mask) {
     fail("warp intrinsics with different masks in one warp at the same time");
   }
-  const uint64_t gen = b.gen;
-  ++b.arrived;
-  const int expected = __builtin_popcount(mask & w.live);
   if ((mask & ~w.live) != 0) fail("warp intrinsic's mask names a lane that has exited or does not exist");
-  if (b.arrived >= expected) {
-    b.arrived = 0;
-    ++b.gen;
-    ++g_releases;
-  } else {
-    wait_on(b, gen);
-  }
+  arrive(b, __builtin_popcount(mask & w.live));
   return w.val[slot];
 }
 
@@ -406,8 +391,6 @@ inline int sjd_sim_block_count(int pred, const char* file, int line) {
   return b->acc[n];
 }
 #define __syncthreads_or(pred) (sjd_sim_block_count((pred), __FILE__, __LINE__) != 0)
-#define __syncthreads_count(pred) sjd_sim_block_count((pred), __FILE__, __LINE__)
-inline void __syncwarp(unsigned mask = 0xffffffffu) { (void)::sjd_sim::warp_exchange(mask, 0); }
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -439,8 +422,6 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     if (((mask >> l) & 1u) && row[l]) r |= 1u << l;
   return r;
 }
-inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, v);
   unsigned r = 0;
@@ -455,9 +436,6 @@ inline int __reduce_add_sync(unsigned mask, int v) {
     if ((mask >> l) & 1u) r += static_cast<uint32_t>(row[l]);
   return static_cast<int>(r);
 }
-inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
-  return static_cast<unsigned>(__reduce_add_sync(mask, static_cast<int>(v)));
-}
 
 // ---- atomics (fibers never interleave inside one) -----------------------------------------------
 template <typename T>
@@ -465,15 +443,7 @@ inline T atomicAdd(T* a, T v) { T o = *a; *a = o + v; return o; }
 template <typename T>
 inline T atomicOr(T* a, T v) { T o = *a; *a = o | v; return o; }
 template <typename T>
-inline T atomicAnd(T* a, T v) { T o = *a; *a = o & v; return o; }
-template <typename T>
 inline T atomicMin(T* a, T v) { T o = *a; *a = v < o ? v : o; return o; }
-template <typename T>
-inline T atomicMax(T* a, T v) { T o = *a; *a = v > o ? v : o; return o; }
-template <typename T>
-inline T atomicExch(T* a, T v) { T o = *a; *a = v; return o; }
-template <typename T>
-inline T atomicCAS(T* a, T cmp, T v) { T o = *a; if (o == cmp) *a = v; return o; }
 
 // ---- loads, stores, arithmetic intrinsics -------------------------------------------------------
 template <typename T>
@@ -481,59 +451,26 @@ inline T __ldg(const T* p) { return *p; }
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }
 template <typename T>
-inline T __ldcs(const T* p) { return *p; }
-template <typename T>
 inline void __stcg(T* p, T v) { *p = v; }
-template <typename T>
-inline void __stcs(T* p, T v) { *p = v; }
 
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline float __frcp_rn(float a) { return 1.0f / a; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline float __double2float_rn(double a) { return static_cast<float>(a); }
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
 }
-inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
-  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
-}
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
-inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
-inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
-inline int __ffs(int v) { return __builtin_ffs(v); }
-inline unsigned __brev(unsigned v) {
-  unsigned r = 0;
-  for (int i = 0; i < 32; ++i) r |= ((v >> i) & 1u) << (31 - i);
-  return r;
-}
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
 
 using std::isfinite;
-using std::isinf;
-using std::isnan;
 using std::max;
 using std::min;
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
-inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
-inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline long long max(long long a, long long b) { return a > b ? a : b; }
-inline long min(long a, long b) { return a < b ? a : b; }
-inline long max(long a, long b) { return a > b ? a : b; }
-inline float min(float a, float b) { return std::fmin(a, b); }
-inline float max(float a, float b) { return std::fmax(a, b); }
 
 // Launch: SJD_LAUNCH(kernel, grid, block, smem, stream)(args...) in the sources.
 #define SJD_SIM_LAUNCH(kernel, grid, block, smem, stream) ::sjd_sim::make_launcher(kernel, grid, block, smem)

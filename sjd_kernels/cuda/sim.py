@@ -105,12 +105,6 @@ def load(csrc: Path | str | None = None):
     return _modules[path]
 
 
-def active():
-    """The simulator module while ``simulate()`` is in effect, else None."""
-    from .. import _ext
-    return _ext._SIM
-
-
 @contextlib.contextmanager
 def simulate(order: str = "forward", seed: int = 0, module=None):
     """Inside the block the CUDA wrappers run their kernels in the simulator on CPU tensors.
