@@ -29,8 +29,8 @@
 #                           the issue's over-100-MB bandwidth case; S 256 keeps the caches and their
 #                           check copies near 40 GB)
 #   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda --backend cuda_lists
-#   --ref-device cpu` (every CUDA kernel and path on small shapes, the default rows kernel and the
-#   one with every optional path, checked against the reference computed on the CPU,
+#   --backend cuda_hist --ref-device cpu` (every CUDA kernel and path on small shapes, the default rows
+#   kernel and the ones with the optional paths, checked against the reference computed on the CPU,
 #   so the sanitizer watches little besides this package's kernels: dense and sparse state, every
 #   draft mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger
 #   than shared memory; the sparse compaction over several chunks).
@@ -41,7 +41,7 @@
 #                           the installed syntax)
 #   PROFILE_CASES="B32_W32_V16384_cfg_bf16_sjd_k1000"   cases for the `profile` stage (Nsight Compute,
 #                           one launch of the rows kernel per backend (cuda, cuda_bracket, cuda_lists,
-#                           triton, triton_w32, triton_rowsearch);
+#                           cuda_hist, triton, triton_w32, triton_rowsearch);
 #                           add "profile" to STAGES)
 #   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
 #   WHEELS=.whl             folder of wheels to install first (see NOTES.md for FlashInfer)
@@ -282,7 +282,7 @@ if want sanitize; then
     [ "$tool" = "memcheck" ] && nodes="${SAN_NODES[*]}"
     SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- bash -c '
       "$0" '"$extra"' "$1" -m sjd_kernels.bench ops --check --grid cpu --backend cuda --backend cuda_lists \
-        --ref-device cpu \
+        --backend cuda_hist --ref-device cpu \
         --min-requests "$2" --no-plots --out "$3"; r1=$?
       r2=0
       if [ -n "$4" ]; then "$0" '"$extra"' "$1" -m pytest -q -p no:cacheprovider -p no:benchmark $4; r2=$?; fi
@@ -314,7 +314,7 @@ fi
 if want profile; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   for c in $PROFILE_CASES; do
-    for be in cuda cuda_bracket cuda_lists triton triton_w32 triton_rowsearch; do
+    for be in cuda cuda_bracket cuda_lists cuda_hist triton triton_w32 triton_rowsearch; do
       if [ -z "$NCU" ]; then printf '| profile-%s | skipped (ncu not found) | - | 0 | 0 | - |\n' "$be" >> "$STATUS"; continue; fi
       stage "profile-$be-$c" "$PROFILE_S" "$LOGS/ncu-$be-$c.log" -- "$NCU" --clock-control none \
         -k regex:jacobi_rows --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \

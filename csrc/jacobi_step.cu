@@ -146,37 +146,19 @@ __device__ __forceinline__ int sparse_find(const int32_t* __restrict__ idx, int 
   return lo < C && static_cast<int64_t>(idx[lo]) == key ? lo : -1;
 }
 
-// Exclusive prefix sum of one int per thread over the block (blockDim a multiple of 32); the block
-// total goes to ``total``. ``buf`` holds kMaxWarps + 1 ints of shared memory.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* buf, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
+// r[0..V) = 0 by the block: 16-byte stores when r is 16-byte aligned and V a multiple of 4.
+__device__ __forceinline__ void zero_row(float* __restrict__ r, int V) {
+  if ((V & 3) == 0 && (reinterpret_cast<uintptr_t>(r) & 15u) == 0) {
+    float4* r4 = reinterpret_cast<float4*>(r);
+    for (int i = threadIdx.x; i < (V >> 2); i += blockDim.x) r4[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  } else {
+    for (int i = threadIdx.x; i < V; i += blockDim.x) r[i] = 0.0f;
   }
-  if (lane == 31) buf[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    const int w = lane < nw ? buf[lane] : 0;
-    int s = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, s, o);
-      if (lane >= o) s += y;
-    }
-    if (lane < nw) buf[lane] = s - w;
-    if (lane == 31) buf[kMaxWarps] = s;
-  }
-  __syncthreads();
-  const int out = buf[warp] + x - v;
-  total = buf[kMaxWarps];
-  __syncthreads();  // buf may be reused at once
-  return out;
 }
 
-template <typename T>
+// kGlobalRows: the row lives in p.rowbuf (V above shared memory); otherwise in dynamic shared memory,
+// and the instantiation lets the compiler see it (shared loads, stores and atomics, not generic ones).
+template <typename T, bool kGlobalRows>
 __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p) {
   SJD_DYNAMIC_SMEM(unsigned char, smem_dyn);
   __shared__ uint64_t red_u64_1[2 * kMaxWarps];
@@ -215,16 +197,21 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   float* __restrict__ prow = p.has_prev ? p.p_prev + row_off : nullptr;
   int32_t* __restrict__ irow = sparse ? p.q_idx + row_off : nullptr;
   const int64_t seed = p.seed[b], step = p.step[b];
-  float* S = p.rowbuf ? p.rowbuf + (static_cast<int64_t>(b) * (W + 1) + j) * V : reinterpret_cast<float*>(smem_dyn);
+  float* S = kGlobalRows ? p.rowbuf + (static_cast<int64_t>(b) * (W + 1) + j) * V : reinterpret_cast<float*>(smem_dyn);
 
   // ---- 1-2. target law P in S (shared pipeline of target.cuh; a bad row's P is all zeros)
   const T* crow = static_cast<const T*>(p.logits) + b * p.l_sb + j * p.l_sj;
   const T* urow = p.uncond ? static_cast<const T*>(p.uncond) + b * p.u_sb + j * p.u_sj : nullptr;
   const float cfg = urow ? p.cfg_scale[b] : 0.0f;
   const TargetLaw law{p.greedy, p.inv_temperature, p.top_k, p.use_top_p, p.top_p,
-                      (p.features & kFeatBracketTopk) ? kTopkBracket : kTopkPivots};
+                      (p.features & kFeatBracketTopk) ? kTopkBracket : kTopkPivots,
+                      (!kGlobalRows && (p.features & kFeatHistTopk)) ? 1 : 0};  // never set with global rows
   TargetRed red{red_u64_1, par_u1, red_f, par_f, red_i, par_i, red_i7, par_i7, red_f7, par_f7, cand, cand_n};
-  const bool bad = target_row<T>(crow, urow, cfg, V, law, S, red);
+  // kFeatHistTopk: its buffers follow the row in dynamic shared memory (the launcher sets the bit
+  // only for rows in shared memory and sizes the allocation for them)
+  const HistBufs hb = hist_bufs_after_row(smem_dyn, V);
+  int hist_n = -1;  // the list's length when the hist_topk path built P
+  const bool bad = target_row<T>(crow, urow, cfg, V, law, S, red, hb, &hist_n);
   __syncthreads();  // P complete and visible to every thread
 
   // ---- 3. row scalars: verification of the draft, coupling decision
@@ -318,9 +305,12 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
     const int lane = tid & 31;
     if (tid == 0) list_n = 0;
     __syncthreads();
-    for (int base = 0; base < V; base += nth) {  // block-uniform trip count: the ballot sees whole warps
-      const int i = base + tid;
-      const bool has_p = i < V && S[i] > 0.0f;
+    // the lanes the hist_topk path listed (hb.ids) hold every P > 0; else the whole row is scanned
+    const int n_src = hist_n >= 0 ? hist_n : V;
+    for (int base = 0; base < n_src; base += nth) {  // block-uniform trip count: the ballot sees whole warps
+      const int t = base + tid;
+      const int i = t < n_src ? (hist_n >= 0 ? hb.ids[t] : t) : 0;
+      const bool has_p = t < n_src && S[i] > 0.0f;
       const unsigned bal = __ballot_sync(0xffffffffu, has_p);
       int at = 0;
       if (lane == 0 && bal != 0u) at = atomicAdd(&list_n, __popc(bal));
@@ -357,7 +347,21 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
       }
       // its barrier also orders every read of the old row (qold_of, qt_of) before the writes below
       block_allreduce<6>(k, OpMaxU64(), red_u64_6, par_u6);
-      if (write_state && !sparse) {
+      if (write_state && !sparse && hist_n >= 0) {
+        // P is zero off the hist_topk list, and so is Qt (P or a VP weight of P on this path): the
+        // listed lanes' Qt first (its VP weight reads their old p_prev), then zeros in 16-byte
+        // stores, then the listed values. P stays in S, so hb.vals takes Qt.
+        for (int t = tid; t < hist_n; t += nth) hb.vals[t] = qt_of(hb.ids[t], S[hb.ids[t]]);
+        __syncthreads();  // every read of the old row is done
+        zero_row(qrow, V);
+        if (prow) zero_row(prow, V);
+        __syncthreads();  // the zeros before the listed values at the same addresses
+        for (int t = tid; t < hist_n; t += nth) {
+          const int i = hb.ids[t];
+          qrow[i] = hb.vals[t];
+          if (prow) prow[i] = S[i];
+        }
+      } else if (write_state && !sparse) {
         for (int i = tid; i < V; i += nth) {  // this thread reads lane i's old p_prev (VP) before writing it
           const float P = S[i];
           qrow[i] = qt_of(i, P);
@@ -644,13 +648,27 @@ int pow_code_for(double beta, float* exp_out) {
 RowSmemCache g_rows;  // per-device shared-memory facts of jacobi_rows_kernel
 
 template <typename T>
-void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
+void launch_all(Params prm, int device, int dtype, cudaStream_t st) {
   const bool global_rows = prm.rowbuf != nullptr;
   const int threads = row_block_threads(prm.V, global_rows, kMaxThreads);
-  const int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
-  if (!global_rows) g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(jacobi_rows_kernel<T>), smem);
+  int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
+  // kFeatHistTopk applies to sampling rows with top-k, in shared memory, when its buffers fit beside
+  // the row (about 6k lanes fewer than the row alone); otherwise the call takes the default path.
+  if (prm.features & kFeatHistTopk) {
+    const int bytes = hist_row_bytes(prm.V) + kHistSmemBytes;
+    const int fit = g_rows.max_lanes(device, reinterpret_cast<const void*>(jacobi_rows_kernel<T, false>), "jacobi_step");
+    if (!global_rows && !prm.greedy && prm.top_k > 0 && prm.top_k < prm.V && prm.V <= kHistMaxLanes &&
+        bytes <= fit * static_cast<int>(sizeof(float)))
+      smem = bytes;
+    else
+      prm.features &= ~kFeatHistTopk;
+  }
+  if (!global_rows) g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(jacobi_rows_kernel<T, false>), smem);
   const dim3 grid(static_cast<unsigned>(prm.B), static_cast<unsigned>(prm.W + 1));
-  SJD_LAUNCH(jacobi_rows_kernel<T>, grid, threads, smem, st)(prm);
+  if (global_rows)
+    SJD_LAUNCH((jacobi_rows_kernel<T, true>), grid, threads, smem, st)(prm);
+  else
+    SJD_LAUNCH((jacobi_rows_kernel<T, false>), grid, threads, smem, st)(prm);
   SJD_CHECK_LAUNCH("jacobi_rows_kernel");
   SJD_LAUNCH(jacobi_commit_kernel, prm.B, 128, 0, st)(prm);
   SJD_CHECK_LAUNCH("jacobi_commit_kernel");
@@ -659,7 +677,8 @@ void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
 }  // namespace
 
 int jacobi_step_max_smem_lanes(int device) {
-  return g_rows.max_lanes(device, reinterpret_cast<const void*>(jacobi_rows_kernel<float>), "jacobi_step_max_smem_lanes");
+  return g_rows.max_lanes(device, reinterpret_cast<const void*>(jacobi_rows_kernel<float, false>),
+                         "jacobi_step_max_smem_lanes");
 }
 
 void jacobi_step_launch(const JacobiStepArgs& a) {
@@ -670,7 +689,7 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   SJD_REQUIRE(a.V >= 1, "jacobi_step: V must be >= 1");
   SJD_REQUIRE(a.R >= a.W + 1, "jacobi_step: ring R must be >= W + 1");
   SJD_REQUIRE(a.top_k >= 0 && a.top_k <= a.V, "jacobi_step: top_k must be in [0, V]");
-  SJD_REQUIRE((a.features & ~kFeatAll) == 0, "jacobi_step: features must be a mask of bits 1 and 2, got " +
+  SJD_REQUIRE((a.features & ~kFeatAll) == 0, "jacobi_step: features must be a mask of bits 1, 2 and 4, got " +
                                                  std::to_string(a.features));
   SJD_REQUIRE(a.temperature >= 0.0, "jacobi_step: temperature must be >= 0");
   SJD_REQUIRE(a.top_p > 0.0 && a.top_p <= 1.0, "jacobi_step: top_p must be in (0, 1]");
@@ -686,7 +705,7 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   require_device(a.device, "jacobi_step");
   SJD_REQUIRE(a.device < kMaxDevices, "device index above 63");
   if (!a.rowbuf)
-    g_rows.require_fits(a.device, reinterpret_cast<const void*>(jacobi_rows_kernel<float>), a.V, "jacobi_step",
+    g_rows.require_fits(a.device, reinterpret_cast<const void*>(jacobi_rows_kernel<float, false>), a.V, "jacobi_step",
                         "[B, W+1, V]");
 
   Params p{};

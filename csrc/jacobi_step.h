@@ -13,7 +13,9 @@ enum Feature : int {
   kFeatBracketTopk = 1,  // top-k threshold by the bracket selection (target.cuh) instead of the 7-pivot search
   kFeatListRaces = 2,    // exponential races over a list of the lanes with P > 0 (one Philox call per
                          // listed lane) instead of every group of 4 lanes of the row
-  kFeatAll = 3,
+  kFeatHistTopk = 4,     // top-k by one histogram pass, then the softmax and top-p over the list of
+                         // kept lanes (target.cuh, topk_softmax_list); rows in shared memory, V <= 65536
+  kFeatAll = 7,
 };
 
 // Everything one jacobi_step call needs. Pointers are device pointers (0 = absent). Shapes and

@@ -120,6 +120,36 @@ __device__ __forceinline__ T block_allreduce1(T v, Op op, T* buf, int& parity) {
   return a[0];
 }
 
+// Exclusive prefix sum of one int per thread over the block (blockDim a multiple of 32); the block
+// total goes to ``total``. ``buf`` holds kMaxWarps + 1 ints of shared memory.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* buf, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) buf[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    const int w = lane < nw ? buf[lane] : 0;
+    int s = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, s, o);
+      if (lane >= o) s += y;
+    }
+    if (lane < nw) buf[lane] = s - w;
+    if (lane == 31) buf[kMaxWarps] = s;
+  }
+  __syncthreads();
+  const int out = buf[warp] + x - v;
+  total = buf[kMaxWarps];
+  __syncthreads();  // buf may be reused at once
+  return out;
+}
+
 // Largest x in [lo, hi] with pred(x) true, for a predicate that is true at lo and monotone
 // (true, ..., true, false, ..., false). Each round evaluates kPivots pivots in one pass over the
 // data (``eval(piv, ok)`` sets ok[m] = pred(piv[m]) for all m, block-uniformly), shrinking the

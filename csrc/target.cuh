@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "pivot_count.cuh"
 #include "sampling.cuh"
@@ -24,6 +25,7 @@ struct TargetLaw {
   int use_top_p;
   float top_p;
   int topk_select = kTopkPivots;
+  int hist = 0;  // the "hist_topk" path (topk_softmax_list) when the kernel passes its buffers
 };
 
 // Candidates the bracket selection ranks exactly (shared memory: kCandMax keys and 2 words).
@@ -68,6 +70,34 @@ __device__ __forceinline__ void count_keys_at_least(const float* S, int V, const
     bucket_flush(lo, hi, cnt);
   }
   block_allreduce<kPivots>(cnt, OpSumI(), red.i7, red.par_i7);
+}
+
+// The key ranked r-th from the top (ties included) among the red.cand_n[0] <= kCandMax keys gathered
+// in red.cand (complete and visible: the caller synchronised), counted G threads per candidate;
+// the same in every thread.
+__device__ __forceinline__ uint32_t rank_candidates(int r, TargetRed& red) {
+  const int tid = threadIdx.x, nth = blockDim.x;
+  const int nc = min(static_cast<int>(red.cand_n[0]), kCandMax);
+  int G = 1;  // threads per candidate: a power of two <= 8 (it divides a warp)
+  while (G < 8 && 2 * G * kCandMax <= nth) G *= 2;
+  const int c = tid / G, part = tid % G;
+  const uint32_t kc = c < nc ? red.cand[c] : 0u;
+  int gt = 0, ge = 0;
+  if (c < nc) {
+    for (int i = part; i < nc; i += G) {
+      const uint32_t o = red.cand[i];
+      gt += o > kc ? 1 : 0;
+      ge += o >= kc ? 1 : 0;
+    }
+  }
+  for (int o = 1; o < G; o <<= 1) {
+    gt += __shfl_xor_sync(0xffffffffu, gt, o);
+    ge += __shfl_xor_sync(0xffffffffu, ge, o);
+  }
+  // the candidates ranked r-th (several when tied: they hold the same key) write it
+  if (c < nc && part == 0 && gt < r && r <= ge) red.cand_n[1] = kc;
+  __syncthreads();
+  return red.cand_n[1];
 }
 
 // Key of the k-th largest of the V floats S[0..V) (no NaN; 1 <= k <= V), the same for every
@@ -156,7 +186,6 @@ __device__ __forceinline__ uint32_t kth_key_bracket(const float* S, int V, int k
   if (lo >= hi) return lo;
 
   // ---- exact rank among the candidates (keys in [lo, hi], at most kCandMax of them)
-  const int r = k - cgt;  // 1 <= r <= number of candidates
   if (tid == 0) red.cand_n[0] = 0u;
   __syncthreads();
   for (int i = tid; i < V; i += nth) {
@@ -167,27 +196,309 @@ __device__ __forceinline__ uint32_t kth_key_bracket(const float* S, int V, int k
     }
   }
   __syncthreads();
-  const int nc = min(static_cast<int>(red.cand_n[0]), kCandMax);
-  int G = 1;  // threads per candidate: a power of two <= 8 (it divides a warp)
-  while (G < 8 && 2 * G * kCandMax <= nth) G *= 2;
-  const int c = tid / G, part = tid % G;
-  const uint32_t kc = c < nc ? red.cand[c] : 0u;
-  int gt = 0, ge = 0;
-  if (c < nc) {
-    for (int i = part; i < nc; i += G) {
-      const uint32_t o = red.cand[i];
-      gt += o > kc ? 1 : 0;
-      ge += o >= kc ? 1 : 0;
+  return rank_candidates(k - cgt, red);  // 1 <= rank <= number of candidates
+}
+
+// Softmax of the n scaled logits A[0..n) (values below ``thr``, the top-k threshold, get e = 0, as
+// exp(-inf)), then the top-p cut, in place: A holds P afterwards. ``ymax`` is the largest value. The
+// dense path passes the whole row, the "hist_topk" path its list of kept lanes (the sums then run
+// in list order: the same law up to the last bit).
+__device__ __forceinline__ void softmax_top_p(float* A, int n, float thr, float ymax, const TargetLaw& p,
+                                              TargetRed& red) {
+  const int tid = threadIdx.x, nth = blockDim.x;
+  float sum = 0.0f;
+  for (int i = tid; i < n; i += nth) {
+    const float y = A[i];
+    const float e = y >= thr ? expf(__fsub_rn(y, ymax)) : 0.0f;
+    A[i] = e;
+    sum = __fadd_rn(sum, e);
+  }
+  sum = block_allreduce1(sum, OpSumF(), red.f, red.par_f);
+  for (int i = tid; i < n; i += nth) A[i] = __fdiv_rn(A[i], sum);
+  if (p.use_top_p) {
+    // Threshold t*: the largest probability with mass{P >= t*} >= top_p (ties kept), searched
+    // over the bits of non-negative floats, which order like their values (a float sum of a
+    // subset only shrinks as t grows, so the predicate is monotone). When rounding leaves the
+    // total below top_p every lane is kept (the reference's clamp to the last index).
+    float tot = 0.0f;
+    for (int i = tid; i < n; i += nth) tot = __fadd_rn(tot, A[i]);
+    tot = block_allreduce1(tot, OpSumF(), red.f, red.par_f);
+    uint32_t lo = 0u;
+    if (tot >= p.top_p) {
+      // the largest P is 1 / sum (its e is exp(0) = 1)
+      lo = search_last_true(0u, __float_as_uint(__fdiv_rn(1.0f, sum)), [&](const uint32_t* piv, bool* ok) {
+        float acc[kPivots] = {};
+        for (int i = tid; i < n; i += nth) {
+          const float v = A[i];
+#pragma unroll
+          for (int m = 0; m < kPivots; ++m) acc[m] = __fadd_rn(acc[m], v >= __uint_as_float(piv[m]) ? v : 0.0f);
+        }
+        block_allreduce<kPivots>(acc, OpSumF(), red.f7, red.par_f7);
+#pragma unroll
+        for (int m = 0; m < kPivots; ++m) ok[m] = acc[m] >= p.top_p;
+      });
+    }
+    const float thr_p = __uint_as_float(lo);
+    float s2 = 0.0f;
+    for (int i = tid; i < n; i += nth) {
+      const float v = A[i] >= thr_p ? A[i] : 0.0f;
+      A[i] = v;
+      s2 = __fadd_rn(s2, v);
+    }
+    s2 = block_allreduce1(s2, OpSumF(), red.f, red.par_f);
+    for (int i = tid; i < n; i += nth) A[i] = __fdiv_rn(A[i], s2);
+  }
+}
+
+// ---- the "hist_topk" path: top-k through one histogram pass and a list of the kept lanes
+//
+// One pass counts the finite lanes of the row into kHistBins bins spaced evenly in value between the
+// row's smallest finite value and its maximum (bin(y) is monotone in y: a rounded subtraction and a
+// rounded multiply by a positive scale, truncated). A suffix scan of the counts finds the bin b* that
+// holds the k-th largest value. A second pass marks the lanes in bins >= b* in a bitmap (one warp
+// ballot per 32 lanes) and a scan of its popcounts expands it into a list in ascending lane order:
+// the kept lanes plus the other lanes of b*. When that list would be too long (a far outlier puts
+// most lanes in a few bins), a third pass splits b* into kHistBins sub-bins first. The exact threshold is ranked among b*'s lanes
+// (gathered from the list; above kCandMax of them, refined by key histograms of the list first,
+// each cutting the key span 2^11-fold), and the softmax and top-p run over the list. S becomes the
+// dense P row at the end. Two light passes over the row instead of the searches' 4 to 12, and the
+// exponentials, divisions and top-p sums on about k lanes instead of V.
+constexpr int kHistBins = 2048;
+constexpr int kHistListCap = 2048;             // lanes the list holds (more: the dense path)
+constexpr int kHistMaxLanes = 32 * kHistBins;  // the bitmap (one bit per lane) reuses the bins' words
+constexpr int kHistMisc = 64;                  // ints: the scan buffer [0, kMaxWarps], scalars from 48
+// Dynamic shared memory of the path, placed after the row's V floats (rounded up to 16 bytes).
+constexpr int kHistSmemBytes = (kHistBins + 2 * kHistListCap + kHistMisc) * 4;
+
+struct HistBufs {
+  uint32_t* hist;  // kHistBins counts, then the bitmap of the listed lanes
+  int* ids;        // kHistListCap listed lanes, ascending
+  float* vals;     // their y, then e, then P
+  int* misc;       // kHistMisc ints
+};
+
+__host__ __device__ __forceinline__ int hist_row_bytes(int V) { return (V * 4 + 15) / 16 * 16; }
+
+__device__ __forceinline__ HistBufs hist_bufs_after_row(unsigned char* smem, int V) {
+  uint32_t* h = reinterpret_cast<uint32_t*>(smem + hist_row_bytes(V));
+  return HistBufs{h, reinterpret_cast<int*>(h + kHistBins), reinterpret_cast<float*>(h + kHistBins + kHistListCap),
+                  reinterpret_cast<int*>(h + kHistBins + 2 * kHistListCap)};
+}
+
+// Over the kHistBins counts h (complete and visible), finds the largest bin b with
+// #{counted in bins >= b} >= r and writes b, the count in the bins above it and h[b] to out[0..2]
+// (one thread writes, when 1 <= r <= total; the caller synchronises before reading). Returns the
+// total count, the same in every thread.
+__device__ __forceinline__ int hist_find(const uint32_t* h, int r, int* scan_buf, int* out) {
+  const int tid = threadIdx.x, nth = blockDim.x;
+  const int G = (kHistBins + nth - 1) / nth;  // contiguous bins per thread
+  const int b0 = min(tid * G, kHistBins), b1 = min(b0 + G, kHistBins);
+  int s = 0;
+  for (int b = b0; b < b1; ++b) s += static_cast<int>(h[b]);
+  int total = 0;
+  const int before = block_exclusive_scan(s, scan_buf, total);
+  int above = total - before - s;  // counted in the bins after this thread's
+  if (above < r && r <= above + s) {
+    for (int b = b1 - 1; b >= b0; --b) {
+      const int c = static_cast<int>(h[b]);
+      if (above + c >= r) {
+        out[0] = b;
+        out[1] = above;
+        out[2] = c;
+        break;
+      }
+      above += c;
     }
   }
-  for (int o = 1; o < G; o <<= 1) {
-    gt += __shfl_xor_sync(0xffffffffu, gt, o);
-    ge += __shfl_xor_sync(0xffffffffu, ge, o);
-  }
-  // the candidates ranked r-th (several when tied: they hold the same key) write it
-  if (c < nc && part == 0 && gt < r && r <= ge) red.cand_n[1] = kc;
+  return total;
+}
+
+// Top-k threshold, softmax and top-p of a sampling row (not bad, not greedy, 1 <= k < V) through the
+// list. S[0..V) holds y = x / T (finite or -inf), ymin the smallest finite y, ymax the largest.
+// Returns true with P in S and the list's length in n_out (hb.ids keeps the lanes: every lane with
+// P > 0 is among them); false, with S untouched, when the row takes the dense path: a row whose
+// finite values are all equal or span more than a float, or whose list would exceed kHistListCap
+// lanes even after b* is split (ties, or more than that many finite lanes when k exceeds them).
+// Every return is block-uniform.
+__device__ __forceinline__ bool topk_softmax_list(float* S, int V, const TargetLaw& p, float ymin, float ymax,
+                                                  TargetRed& red, const HistBufs hb, int& n_out) {
+  const int tid = threadIdx.x, nth = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int k = p.top_k;
+  const float d = __fsub_rn(ymax, ymin);
+  const float scale = __fdiv_rn(static_cast<float>(kHistBins), d);
+  if (!(d > 0.0f) || !isfinite(d) || !isfinite(scale)) return false;
+  auto bin_of = [&](float y) -> int {  // y >= ymin: (y - ymin) * scale lies in [0, kHistBins (1 + 2^-23)]
+    const int b = static_cast<int>(__fmul_rn(__fsub_rn(y, ymin), scale));
+    return b < kHistBins - 1 ? b : kHistBins - 1;
+  };
+  int* sc = hb.misc + 48;
+
+  // ---- 1. counts of the finite lanes per bin (-inf lanes are below ymin)
+  for (int b = tid; b < kHistBins; b += nth) hb.hist[b] = 0u;
   __syncthreads();
-  return red.cand_n[1];
+  for (int i = tid; i < V; i += nth) {
+    const float y = S[i];
+    if (y >= ymin) atomicAdd(hb.hist + bin_of(y), 1u);
+  }
+  __syncthreads();
+  const int nfin = hist_find(hb.hist, k, hb.misc, sc);
+  __syncthreads();
+  // Fewer than k finite lanes: the k-th largest is -inf and every finite lane is kept.
+  const bool keep_all = nfin < k;
+  const int bstar = keep_all ? 0 : sc[0];
+  int cgt = keep_all ? 0 : sc[1];
+  int nb = keep_all ? 0 : sc[2];
+  if (keep_all && nfin > kHistListCap) return false;
+  // A list over capacity means a crowded b* (a far outlier stretches the bins): one more pass splits
+  // b* into kHistBins sub-bins spaced in value from about its lower end (sub_of is monotone in y and
+  // clamped, so the order it gives b*'s lanes stays exact however rough the bounds).
+  int b1 = -1;
+  const float lo1 = __fadd_rn(ymin, __fdiv_rn(static_cast<float>(bstar), scale));
+  const float scale1 = __fmul_rn(scale, static_cast<float>(kHistBins));
+  auto sub_of = [&](float y) -> int {
+    const float t = __fmul_rn(__fsub_rn(y, lo1), scale1);
+    const int b = t > 0.0f ? static_cast<int>(fminf(t, static_cast<float>(kHistBins - 1))) : 0;
+    return b;
+  };
+  if (!keep_all && cgt + nb > kHistListCap) {
+    if (!isfinite(scale1) || !isfinite(lo1)) return false;
+    for (int b = tid; b < kHistBins; b += nth) hb.hist[b] = 0u;  // read before the barrier above
+    __syncthreads();
+    for (int i = tid; i < V; i += nth) {
+      const float y = S[i];
+      if (y >= ymin && bin_of(y) == bstar) atomicAdd(hb.hist + sub_of(y), 1u);
+    }
+    __syncthreads();
+    hist_find(hb.hist, k - cgt, hb.misc, sc);
+    __syncthreads();
+    b1 = sc[0];
+    cgt += sc[1];
+    nb = sc[2];
+    if (cgt + nb > kHistListCap) return false;
+  }
+  // the listed lanes: finite, in a bin above b*, or in b* (and its sub-bins from b1 when split)
+  const float fbstar = static_cast<float>(bstar);
+  auto in_list_whole = [&](float y) -> bool {  // b* whole: bin_of(y) >= b* (b* <= kHistBins - 1, t >= 0)
+    return y >= ymin && __fmul_rn(__fsub_rn(y, ymin), scale) >= fbstar;
+  };
+  auto in_list_split = [&](float y) -> bool {
+    if (!(y >= ymin)) return false;
+    const int b = bin_of(y);
+    return b > bstar || (b == bstar && sub_of(y) >= b1);
+  };
+
+  // ---- 2. bitmap of the listed lanes, one warp ballot per 32 lanes (the counts were read before
+  //         the barrier above); a loop per predicate keeps the common one tight
+  uint32_t* bits = hb.hist;
+  auto mark = [&](auto in_list) {
+    for (int base = 0; base < V; base += nth) {  // block-uniform trip count: the ballot sees whole warps
+      const int i = base + tid;
+      const unsigned bal = __ballot_sync(0xffffffffu, i < V && in_list(S[i]));
+      const int w = (base >> 5) + warp;
+      if (lane == 0 && w * 32 < V) bits[w] = bal;
+    }
+  };
+  if (b1 < 0) {
+    mark(in_list_whole);
+  } else {
+    mark(in_list_split);
+  }
+  __syncthreads();
+
+  // ---- 3. the list in ascending lane order: each thread expands a contiguous run of words
+  const int nwords = (V + 31) >> 5;
+  const int wpt = (nwords + nth - 1) / nth;
+  const int w0 = min(tid * wpt, nwords), w1 = min(w0 + wpt, nwords);
+  int c = 0;
+  for (int w = w0; w < w1; ++w) c += __popc(bits[w]);
+  int nlist = 0;
+  int at = block_exclusive_scan(c, hb.misc, nlist);
+  for (int w = w0; w < w1; ++w) {
+    for (uint32_t m = bits[w]; m != 0u; m &= m - 1u) {
+      const int i = w * 32 + __ffs(static_cast<int>(m)) - 1;
+      hb.ids[at] = i;
+      hb.vals[at] = S[i];
+      ++at;
+    }
+  }
+  __syncthreads();
+
+  // ---- 4. the k-th largest key: rank k - cgt among the lanes of b* (of its sub-bin b1 when split),
+  //         with keys in [klo, khi]
+  float thr = -INFINITY;
+  if (!keep_all) {
+    int r = k - cgt, ncand = nb;
+    uint32_t klo = 0u, khi = 0xffffffffu, K = 0u;
+    auto is_cand = [&](float y, uint32_t key) {
+      return bin_of(y) == bstar && (b1 < 0 || sub_of(y) == b1) && key >= klo && key <= khi;
+    };
+    for (;;) {
+      if (ncand <= kCandMax) {
+        if (tid == 0) red.cand_n[0] = 0u;
+        __syncthreads();
+        for (int t = tid; t < nlist; t += nth) {
+          const float y = hb.vals[t];
+          const uint32_t key = order_key(y);
+          if (is_cand(y, key)) red.cand[atomicAdd(red.cand_n, 1u)] = key;  // ncand <= kCandMax of them
+        }
+        __syncthreads();
+        K = rank_candidates(r, red);
+        break;
+      }
+      // smallest and largest candidate key (kPivots values, 2 used: red.i7's width)
+      uint32_t mm[kPivots] = {};
+      for (int t = tid; t < nlist; t += nth) {
+        const float y = hb.vals[t];
+        const uint32_t key = order_key(y);
+        if (is_cand(y, key)) {
+          mm[0] = key > mm[0] ? key : mm[0];
+          mm[1] = ~key > mm[1] ? ~key : mm[1];
+        }
+      }
+      block_allreduce<kPivots>(mm, OpMaxU32(), reinterpret_cast<uint32_t*>(red.i7), red.par_i7);
+      const uint32_t kmin = ~mm[1], kmax = mm[0];
+      if (kmin == kmax) {  // tied candidates
+        K = kmin;
+        break;
+      }
+      const int bits_span = 32 - __clz(static_cast<int>(kmax - kmin));
+      const int shift = bits_span > 11 ? bits_span - 11 : 0;  // (kmax - kmin) >> shift < kHistBins
+      for (int b = tid; b < kHistBins; b += nth) hb.hist[b] = 0u;  // after the reduction's barrier
+      __syncthreads();
+      for (int t = tid; t < nlist; t += nth) {
+        const float y = hb.vals[t];
+        const uint32_t key = order_key(y);
+        if (is_cand(y, key)) atomicAdd(hb.hist + ((key - kmin) >> shift), 1u);
+      }
+      __syncthreads();
+      hist_find(hb.hist, r, hb.misc, sc);
+      __syncthreads();
+      const uint32_t b2 = static_cast<uint32_t>(sc[0]);
+      r -= sc[1];
+      ncand = sc[2];
+      klo = kmin + (b2 << shift);
+      const uint64_t top = static_cast<uint64_t>(klo) + ((1ull << shift) - 1ull);
+      khi = top < kmax ? static_cast<uint32_t>(top) : kmax;
+      if (shift == 0) {  // one key per bin
+        K = klo;
+        break;
+      }
+    }
+    thr = key_to_float(K);
+  }
+
+  // ---- 5. softmax and top-p over the list, then S becomes the dense P row
+  softmax_top_p(hb.vals, nlist, thr, ymax, p, red);  // its reductions' barriers follow every read of S
+  if ((V & 3) == 0) {
+    float4* S4 = reinterpret_cast<float4*>(S);
+    for (int i = tid; i < (V >> 2); i += nth) S4[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  } else {
+    for (int i = tid; i < V; i += nth) S[i] = 0.0f;
+  }
+  __syncthreads();
+  for (int t = tid; t < nlist; t += nth) S[hb.ids[t]] = hb.vals[t];
+  n_out = nlist;
+  return true;
 }
 
 // Whether the reference's target row is NaN from the flags of one pass over the combined logits:
@@ -214,32 +525,50 @@ __device__ __forceinline__ int target_logit_flags(float x, float y, bool greedy)
 // synchronises (__syncthreads) before reading S with another thread mapping.
 template <typename T>
 __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float cfg, int V, const TargetLaw& p,
-                                           float* S, TargetRed& red) {
+                                           float* S, TargetRed& red, const HistBufs hb = HistBufs{},
+                                           int* hist_n = nullptr) {
   const int tid = threadIdx.x, nth = blockDim.x;
   // ---- 1. combined logits (CFG in float32), temperature, non-finite detection
   int flags = 0;
-  float ymax = -INFINITY, ymin = INFINITY;  // ymin: smallest y above -inf (bracket selection only)
+  float ymax = -INFINITY, ymin = INFINITY;  // ymin: smallest y above -inf (bracket and hist paths only)
   uint64_t amax = 0;
   const bool greedy = p.greedy != 0;
-  const bool bracket = p.topk_select == kTopkBracket && p.top_k > 0 && p.top_k < V;
-  for_each_logit<T>(crow, urow, V, [&](int i, float c, float u) {
-    const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
-    if (greedy) {
+  const bool topk = p.top_k > 0 && p.top_k < V;
+  const bool hist = topk && p.hist != 0 && V <= kHistMaxLanes;  // the caller passes hb with p.hist
+  const bool bracket = topk && p.topk_select == kTopkBracket;
+  const bool need_ymin = bracket || hist;
+  if (greedy) {
+    for_each_logit<T>(crow, urow, V, [&](int i, float c, float u) {
+      const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
       flags |= target_logit_flags(x, 0.0f, true);
       const uint64_t k = (static_cast<uint64_t>(order_key(x)) << 32) | static_cast<uint64_t>(~static_cast<uint32_t>(i));
       amax = k > amax ? k : amax;
+    });
+  } else {
+    // A sampling row needs only the NaN flag of y (flag 8) and ymax: a NaN x makes y NaN, an x of
+    // +inf makes ymax +inf, and with no x above -inf ymax stays -inf (1/T > 0), so target_row_bad's
+    // flags 1, 2 and 4 never change its answer here. A loop per ymin choice keeps the body tight.
+    auto pass = [&](auto track_min) {
+      for_each_logit<T>(crow, urow, V, [&](int i, float c, float u) {
+        const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
+        const float y = __fmul_rn(x, p.inv_temperature);
+        flags |= y != y ? 8 : 0;
+        ymax = fmaxf(ymax, y);
+        if (decltype(track_min)::value) ymin = fminf(ymin, y > -INFINITY ? y : INFINITY);
+        S[i] = y;
+      });
+    };
+    if (need_ymin) {
+      pass(std::true_type{});
     } else {
-      const float y = __fmul_rn(x, p.inv_temperature);
-      flags |= target_logit_flags(x, y, false);
-      ymax = fmaxf(ymax, y);
-      if (bracket && y > -INFINITY) ymin = fminf(ymin, y);
-      S[i] = y;
+      pass(std::false_type{});
     }
-  });
+    flags |= 4;  // see above: some x above -inf unless ymax is -inf, which target_row_bad checks
+  }
   flags = block_allreduce1(flags, OpOrI(), red.i, red.par_i);
   if (greedy) {
     amax = block_allreduce1(amax, OpMaxU64(), red.u64, red.par_u64);
-  } else if (bracket) {
+  } else if (need_ymin) {
     // kPivots values (2 used): red.f7 takes kPivots-wide reductions only (the top-p search's)
     float mm[kPivots] = {ymax, -ymin, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     block_allreduce<kPivots>(mm, OpMaxF(), red.f7, red.par_f7);
@@ -257,11 +586,16 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
     const int am = static_cast<int>(~static_cast<uint32_t>(amax));
     for (int i = tid; i < V; i += nth) S[i] = i == am ? 1.0f : 0.0f;
   } else {
+    int n = -1;
+    if (hist && topk_softmax_list(S, V, p, ymin, ymax, red, hb, n)) {
+      if (hist_n) *hist_n = n;
+      return false;
+    }
     // top-k: keep the values >= the k-th largest (ties kept); the others get e = 0, as exp(-inf)
     float thr = -INFINITY;
     if (bracket) {
       thr = key_to_float(kth_key_bracket(S, V, p.top_k, ymin, ymax, red));
-    } else if (p.top_k > 0 && p.top_k < V) {
+    } else if (topk) {
       // k-th largest value: the largest key K with #{key >= K} >= k (ties at the boundary kept).
       const uint32_t kth = search_last_true(0u, order_key(ymax), [&](const uint32_t* piv, bool* ok) {
         int cnt[kPivots];
@@ -271,48 +605,7 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
       });
       thr = key_to_float(kth);
     }
-    float sum = 0.0f;
-    for (int i = tid; i < V; i += nth) {
-      const float y = S[i];
-      const float e = y >= thr ? expf(__fsub_rn(y, ymax)) : 0.0f;
-      S[i] = e;
-      sum = __fadd_rn(sum, e);
-    }
-    sum = block_allreduce1(sum, OpSumF(), red.f, red.par_f);
-    for (int i = tid; i < V; i += nth) S[i] = __fdiv_rn(S[i], sum);
-    if (p.use_top_p) {
-      // Threshold t*: the largest probability with mass{P >= t*} >= top_p (ties kept), searched
-      // over the bits of non-negative floats, which order like their values (a float sum of a
-      // subset only shrinks as t grows, so the predicate is monotone). When rounding leaves the
-      // total below top_p every lane is kept (the reference's clamp to the last index).
-      float tot = 0.0f;
-      for (int i = tid; i < V; i += nth) tot = __fadd_rn(tot, S[i]);
-      tot = block_allreduce1(tot, OpSumF(), red.f, red.par_f);
-      uint32_t lo = 0u;
-      if (tot >= p.top_p) {
-        // the largest P is 1 / sum (its e is exp(0) = 1)
-        lo = search_last_true(0u, __float_as_uint(__fdiv_rn(1.0f, sum)), [&](const uint32_t* piv, bool* ok) {
-          float acc[kPivots] = {};
-          for (int i = tid; i < V; i += nth) {
-            const float v = S[i];
-#pragma unroll
-            for (int m = 0; m < kPivots; ++m) acc[m] = __fadd_rn(acc[m], v >= __uint_as_float(piv[m]) ? v : 0.0f);
-          }
-          block_allreduce<kPivots>(acc, OpSumF(), red.f7, red.par_f7);
-#pragma unroll
-          for (int m = 0; m < kPivots; ++m) ok[m] = acc[m] >= p.top_p;
-        });
-      }
-      const float thr = __uint_as_float(lo);
-      float s2 = 0.0f;
-      for (int i = tid; i < V; i += nth) {
-        const float v = S[i] >= thr ? S[i] : 0.0f;
-        S[i] = v;
-        s2 = __fadd_rn(s2, v);
-      }
-      s2 = block_allreduce1(s2, OpSumF(), red.f, red.par_f);
-      for (int i = tid; i < V; i += nth) S[i] = __fdiv_rn(S[i], s2);
-    }
+    softmax_top_p(S, V, thr, ymax, p, red);
   }
   return bad;
 }

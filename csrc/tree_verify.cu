@@ -103,7 +103,9 @@ __global__ void __launch_bounds__(kRowcheckThreads) tree_rowcheck_kernel(const P
   if (threadIdx.x == 0) p.rowflag[at] = target_row_bad(flags, ymax, greedy) ? 1 : 0;
 }
 
-template <typename T>
+// kGlobalRows: the target row lives in p.rowbuf; otherwise in dynamic shared memory (the compiler
+// then uses shared loads and stores), followed by the hist_topk path's buffers when p.law.hist.
+template <typename T, bool kGlobalRows>
 __global__ void __launch_bounds__(kMaxThreads) tree_verify_kernel(const Params p) {
   SJD_DYNAMIC_SMEM(unsigned char, smem_dyn);
   __shared__ uint64_t red_u64_1[2 * kMaxWarps];
@@ -191,7 +193,10 @@ __global__ void __launch_bounds__(kMaxThreads) tree_verify_kernel(const Params p
     p.path[b * L1 + j] = j == 0 ? 0 : -1;
     p.out[b * L1 + j] = -1;
   }
-  float* S = p.rowbuf ? p.rowbuf + b * static_cast<int64_t>(V) : reinterpret_cast<float*>(smem_dyn);
+  float* S = kGlobalRows ? p.rowbuf + b * static_cast<int64_t>(V) : reinterpret_cast<float*>(smem_dyn);
+  const HistBufs hb = hist_bufs_after_row(smem_dyn, V);
+  TargetLaw law = p.law;
+  if (kGlobalRows) law.hist = 0;  // the launcher never sets it there; a constant drops the path's code
   const int64_t seed = p.seed[b], step = p.step[b];
   const T* lrow0 = static_cast<const T*>(p.logits) + b * p.l_sb;
   const T* urow0 = p.uncond ? static_cast<const T*>(p.uncond) + b * p.u_sb : nullptr;
@@ -224,7 +229,7 @@ __global__ void __launch_bounds__(kMaxThreads) tree_verify_kernel(const Params p
         }
       last = f;
     } else {
-      target_row<T>(lrow0 + cur * p.l_sn, urow0 ? urow0 + cur * p.u_sn : nullptr, cfg, V, p.law, S, red);
+      target_row<T>(lrow0 + cur * p.l_sn, urow0 ? urow0 + cur * p.u_sn : nullptr, cfg, V, law, S, red, hb);
       __syncthreads();  // S complete
       if (nk > 0) {
         const int64_t qs0 = p.q_slot[base + cur];
@@ -317,21 +322,37 @@ __global__ void __launch_bounds__(kMaxThreads) tree_verify_kernel(const Params p
 RowSmemCache g_rows;  // per-device shared-memory facts of tree_verify_kernel
 
 template <typename T>
-void launch_all(const Params& prm, int device, int dtype, cudaStream_t st) {
+void launch_all(Params prm, int device, int dtype, cudaStream_t st) {
   const dim3 grid_check(static_cast<unsigned>(prm.N), static_cast<unsigned>(prm.B));
   SJD_LAUNCH(tree_rowcheck_kernel<T>, grid_check, kRowcheckThreads, 0, st)(prm);
   SJD_CHECK_LAUNCH("tree_rowcheck_kernel");
   const bool global_rows = prm.rowbuf != nullptr;
-  const int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
-  if (!global_rows) g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(tree_verify_kernel<T>), smem);
-  SJD_LAUNCH(tree_verify_kernel<T>, prm.B, row_block_threads(prm.V, global_rows, kMaxThreads), smem, st)(prm);
+  int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
+  // the hist_topk path as in jacobi_step's launcher: rows in shared memory with room for its buffers
+  if (prm.law.hist) {
+    const int bytes = hist_row_bytes(prm.V) + kHistSmemBytes;
+    const int fit = g_rows.max_lanes(device, reinterpret_cast<const void*>(tree_verify_kernel<T, false>), "tree_verify");
+    if (!global_rows && !prm.law.greedy && prm.law.top_k > 0 && prm.law.top_k < prm.V && prm.V <= kHistMaxLanes &&
+        bytes <= fit * static_cast<int>(sizeof(float)))
+      smem = bytes;
+    else
+      prm.law.hist = 0;
+  }
+  const int threads = row_block_threads(prm.V, global_rows, kMaxThreads);
+  if (global_rows) {
+    SJD_LAUNCH((tree_verify_kernel<T, true>), prm.B, threads, smem, st)(prm);
+  } else {
+    g_rows.opt_in(device, dtype, reinterpret_cast<const void*>(tree_verify_kernel<T, false>), smem);
+    SJD_LAUNCH((tree_verify_kernel<T, false>), prm.B, threads, smem, st)(prm);
+  }
   SJD_CHECK_LAUNCH("tree_verify_kernel");
 }
 
 }  // namespace
 
 int tree_verify_max_smem_lanes(int device) {
-  return g_rows.max_lanes(device, reinterpret_cast<const void*>(tree_verify_kernel<float>), "tree_verify_max_smem_lanes");
+  return g_rows.max_lanes(device, reinterpret_cast<const void*>(tree_verify_kernel<float, false>),
+                         "tree_verify_max_smem_lanes");
 }
 
 void tree_verify_launch(const TreeVerifyArgs& a) {
@@ -340,7 +361,7 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   SJD_REQUIRE(a.N >= 1 && a.N <= kMaxNodes, "tree_verify: N must be in [1, 1024], got " + std::to_string(a.N));
   SJD_REQUIRE(a.V >= 1, "tree_verify: V must be >= 1");
   SJD_REQUIRE(a.R >= 1, "tree_verify: ring R must be >= 1");
-  SJD_REQUIRE((a.features & ~kFeatAll) == 0, "tree_verify: features must be a mask of bits 1 and 2, got " +
+  SJD_REQUIRE((a.features & ~kFeatAll) == 0, "tree_verify: features must be a mask of bits 1, 2 and 4, got " +
                                                  std::to_string(a.features));
   SJD_REQUIRE(a.max_depth >= 0 && a.max_depth < a.N, "tree_verify: max_depth must be in [0, N-1]");
   SJD_REQUIRE(a.top_k >= 0 && a.top_k <= a.V, "tree_verify: top_k must be in [0, V]");
@@ -354,7 +375,7 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   require_device(a.device, "tree_verify");
   SJD_REQUIRE(a.device < kMaxDevices, "device index above 63");
   if (!a.rowbuf)
-    g_rows.require_fits(a.device, reinterpret_cast<const void*>(tree_verify_kernel<float>), a.V, "tree_verify",
+    g_rows.require_fits(a.device, reinterpret_cast<const void*>(tree_verify_kernel<float, false>), a.V, "tree_verify",
                         "[B, V]");
   Params p{};
   p.logits = a.logits;
@@ -389,6 +410,7 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   p.law.use_top_p = a.top_p < 1.0;
   p.law.top_p = static_cast<float>(a.top_p);
   p.law.topk_select = (a.features & kFeatBracketTopk) ? kTopkBracket : kTopkPivots;
+  p.law.hist = (a.features & kFeatHistTopk) ? 1 : 0;
   p.inv_v = static_cast<float>(1.0 / static_cast<double>(a.V));
   p.num_accepted = a.num_accepted;
   p.path = a.path;

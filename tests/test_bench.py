@@ -554,13 +554,14 @@ def test_ops_check_runs_the_cuda_kernels_in_the_simulator(tmp_path):
     from _util import sim_module
     sim_module()
     r = _run(["ops", "--check", "--grid", "cpu", "--cuda-sim", "shuffle", "--backend", "cuda",
-              "--backend", "cuda_lists", "--case", "sparse40", "--case", "K4_d3", "--case", "small_L3",
+              "--backend", "cuda_lists", "--backend", "cuda_hist", "--case", "sparse40", "--case", "K4_d3",
+              "--case", "small_L3",
               "--out", str(tmp_path)], timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("[check]")]
     passed = {(l.split()[1].split(":")[0], l.split()[2]) for l in lines if " pass " in l}
-    assert {("jacobi_step", "cuda"), ("jacobi_step", "cuda_lists"), ("tree_verify", "cuda"),
-            ("tree_kv_update", "cuda")} <= passed, r.stdout[-3000:]
+    assert {("jacobi_step", "cuda"), ("jacobi_step", "cuda_lists"), ("jacobi_step", "cuda_hist"),
+            ("tree_verify", "cuda"), ("tree_kv_update", "cuda")} <= passed, r.stdout[-3000:]
     assert not any(" FAIL" in l for l in lines)
     # checks only: timing the simulator would mean nothing
     r = _run(["ops", "--cuda-sim", "forward", "--grid", "cpu", "--out", str(tmp_path)])

@@ -49,7 +49,10 @@ def build_case(B, W, V, *, seed=0, dtype=torch.bfloat16, cfg=False, uncond_dtype
 
     ``logits_kind`` shapes the rows for the top-k searches: "randn", "ties" (integers: few distinct
     values), "masked" (about 60 % of the lanes -inf, so top-k may exceed the finite lanes; no CFG),
-    "outlier" (lane 0 far above the rest), "heavy" (cubed normals: long tails).
+    "outlier" (lane 0 far above the rest), "heavy" (cubed normals: long tails), "band" (a sixth of
+    the lanes crowded just above the rest: within 0.02 on even rows, within 400 ulps on odd ones;
+    use float32 logits), "flat" (every finite lane equal, about 30 % -inf), "low-outlier" (lane 0 at
+    -80, the rest within about 0.05 of 0: the value range crowds every other lane into one bin).
     """
     g = torch.Generator().manual_seed(seed)
     R = W + 1 + int(_randint(g, 0, 4))
@@ -71,6 +74,21 @@ def build_case(B, W, V, *, seed=0, dtype=torch.bfloat16, cfg=False, uncond_dtype
             return x
         if logits_kind == "heavy":
             return x ** 3 / scale ** 2
+        if logits_kind == "band":
+            n = x.shape[-1] // 6
+            lanes = torch.randperm(x.shape[-1], generator=g)[:n]
+            wide = torch.rand(x.shape[:-1] + (n,), generator=g) * 0.02
+            ulps = torch.randint(0, 400, x.shape[:-1] + (n,), generator=g).float() * 2.0 ** -20  # ulp of 12
+            even = (torch.arange(x.shape[-2]) % 2 == 0)[:, None]
+            x[..., lanes] = 12.0 + torch.where(even, wide, ulps)
+            return x
+        if logits_kind == "low-outlier":
+            x = x * (0.01 / scale)
+            x[..., 0] = -80.0
+            return x
+        if logits_kind == "flat":
+            return torch.where(torch.rand(x.shape, generator=g) < 0.3, torch.full_like(x, float("-inf")),
+                               torch.full_like(x, 1.5))
         assert logits_kind == "randn", logits_kind
         return x
 
@@ -271,6 +289,13 @@ CONFIGS = {
     "topk-masked": dict(B=4, W=16, V=4096, top_k=2000, logits_kind="masked", dtype=torch.float32),
     "topk-outlier-cfg": dict(B=3, W=8, V=8192, top_k=1000, cfg=True, logits_kind="outlier"),
     "topk-heavy-cfg": dict(B=2, W=16, V=16384, top_k=1000, cfg=True, logits_kind="heavy"),
+    # rows for the hist_topk path's branches: a crowded bin refined by key histograms (to one key
+    # per bin on the odd rows), a bin split into sub-bins, every finite lane equal, a list over its
+    # capacity
+    "topk-band": dict(B=3, W=8, V=4096, top_k=300, logits_kind="band", dtype=torch.float32),
+    "topk-low-outlier": dict(B=2, W=8, V=8192, top_k=1000, logits_kind="low-outlier", dtype=torch.float32),
+    "topk-flat": dict(B=2, W=6, V=1000, top_k=100, logits_kind="flat", dtype=torch.float32),
+    "topk-wide": dict(B=2, W=8, V=8192, top_k=3000, cfg=True),
 }
 
 # The kernel's optional paths (sjd_kernels.cuda.jacobi_step.FEATURES) give the same results as the
@@ -288,6 +313,15 @@ FEATURE_CASES = {
                       "sjd-fp32-plain-8192"],
     ("bracket_topk", "list_races"): ["sjd-bf16-cfg-topk-topp", "coupling+vp", "V-16384+3-topk1000", "topk-ties",
                                      "W64-B8"],
+    # top-k by one histogram pass and the softmax over the list: every configuration with top-k,
+    # the rows for its branches (a crowded bin refined by key, ties, fewer finite lanes than k,
+    # flat rows and lists over capacity on the default path), and with the races over its list
+    ("hist_topk",): ["sjd-bf16-cfg-topk-topp", "vp_add-0.5", "coupling+vp", "gumbel_jacobi", "temp-0.7-topk",
+                     "topk-1", "V-16384+3-topk1000", "slice-bf16-cfg", "forced-sjd", "topk-ties", "topk-masked",
+                     "topk-outlier-cfg", "topk-heavy-cfg", "topk-band", "topk-low-outlier", "topk-flat",
+                     "topk-wide"],
+    ("hist_topk", "list_races"): ["sjd-bf16-cfg-topk-topp", "coupling+vp", "coupling-bf16-cfg", "gumbel",
+                                  "V-16384+3-topk1000", "topk-band", "topk-masked", "W64-B8", "forced-coupling-vp"],
 }
 
 

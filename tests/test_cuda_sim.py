@@ -66,7 +66,8 @@ JACOBI = ["sjd-bf16-cfg-topk-topp", "sjd-fp32-plain-8192", "vp_add-0.5", "vp_log
           "gumbel-fp16", "gumbel_jacobi", "vp-state-in-gumbel", "greedy-sjd", "greedy-coupling-fp16",
           "temp-1.6-topp", "topk-1", "topk-V", "W1-B1", "W0-plain-AR", "V-7", "V-1", "forced-sjd",
           "forced-coupling-vp", "forced-gumbel_jacobi", "tail-left", "tail-left-coupling", "slice-bf16-cfg",
-          "slice-fp16", "slice-fp32-cfg", "mixed-dtype-cfg", "topk-ties", "topk-masked", "topk-outlier-cfg"]
+          "slice-fp16", "slice-fp32-cfg", "mixed-dtype-cfg", "topk-ties", "topk-masked", "topk-outlier-cfg",
+          "topk-band", "topk-flat", "topk-wide"]
 
 
 @pytest.mark.parametrize("name,order", [(n, ORDERS[i % 3]) for i, n in enumerate(JACOBI)])
@@ -81,12 +82,12 @@ def test_jacobi_step_large_vocabulary(cpu_cases):
     """V 16387 with top-k 1000 and top-p (1024 threads per row): one repetition per path."""
     from sjd_kernels.cuda.jacobi_step import kernel_features
     cfg = dict(tcj.CONFIGS["V-16384+3-topk1000"], B=1, W=8)
-    for features in ((), ("bracket_topk", "list_races")):
+    for features in ((), ("bracket_topk", "list_races"), ("hist_topk", "list_races")):
         with simulate("reverse"), kernel_features(*features):
             tcj.check_config(reps=1, **cfg)
 
 
-# The rows kernel's optional paths (bench backends cuda_bracket and cuda_lists), each on the
+# The rows kernel's optional paths (bench backends cuda_bracket, cuda_lists and cuda_hist), each on the
 # configurations that exercise it.
 OPTIONAL = [(("bracket_topk",), n) for n in ("sjd-bf16-cfg-topk-topp", "coupling+vp", "temp-0.7-topk", "topk-1",
                                              "forced-sjd", "topk-ties", "topk-masked", "topk-outlier-cfg")]
@@ -95,6 +96,11 @@ OPTIONAL += [(("list_races",), n) for n in ("sjd-bf16-cfg-topk-topp", "vp_log-0.
                                            "greedy-sjd", "forced-coupling-vp", "W0-plain-AR", "topk-masked",
                                            "sjd-fp32-plain-8192")]
 OPTIONAL += [(("bracket_topk", "list_races"), n) for n in ("sjd-bf16-cfg-topk-topp", "coupling+vp", "topk-ties")]
+OPTIONAL += [(("hist_topk",), n) for n in ("sjd-bf16-cfg-topk-topp", "vp_add-0.5", "temp-0.7-topk", "topk-1",
+                                          "forced-sjd", "topk-ties", "topk-masked", "topk-outlier-cfg", "topk-band",
+                                          "topk-low-outlier", "topk-flat", "topk-wide")]
+OPTIONAL += [(("hist_topk", "list_races"), n) for n in ("sjd-bf16-cfg-topk-topp", "coupling+vp", "gumbel",
+                                                       "topk-band", "forced-coupling-vp")]
 
 
 @pytest.mark.parametrize("features,name", OPTIONAL, ids=lambda x: "+".join(x) if isinstance(x, tuple) else x)
@@ -116,11 +122,11 @@ def test_global_row_path_matches_reference(cpu_cases, name):
 
 def test_same_bits_under_every_thread_order(cpu_cases):
     """The kernels' float sums go through fixed reduction trees, so outputs and state are bitwise
-    the same whichever order the threads run in (the default and both optional paths)."""
+    the same whichever order the threads run in (the default and the optional paths)."""
     from sjd_kernels.cuda.jacobi_step import jacobi_step_cuda, kernel_features
     case = tcj.build_case(B=4, W=8, V=1000, seed=42, cfg=True, top_k=100, top_p=0.9, mode="coupling", vp=True,
                           beta=0.5, forced=True)
-    for features in ((), ("bracket_topk", "list_races")):
+    for features in ((), ("bracket_topk", "list_races"), ("hist_topk", "list_races")):
         runs = []
         for order, seed in (("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
             st = tcj._fresh_state(case)
@@ -130,6 +136,32 @@ def test_same_bits_under_every_thread_order(cpu_cases):
         for out, st in runs[1:]:
             assert all(torch.equal(a, b) for a, b in zip(out, runs[0][0]))
             assert all(torch.equal(st[k], runs[0][1][k]) for k in tcj.STATE)
+
+
+@pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk-topp", "coupling+vp", "topk-band", "topk-low-outlier"])
+def test_hist_topk_path_equals_default_path(cpu_cases, name):
+    """The hist_topk path (with the list races) against the default kernels on the same inputs, a
+    NaN row and a +inf row among them: the same tokens, counts and drafts, and the same state up to
+    the rounding of sums taken in list order instead of lane order."""
+    from sjd_kernels.cuda.jacobi_step import jacobi_step_cuda, kernel_features
+    cfg = dict(tcj.CONFIGS[name])
+    cfg.pop("reps", None)
+    case = tcj.build_case(seed=7, **cfg)
+    case["logits"][0, 1, 3] = float("nan")
+    case["logits"][-1, 2, 5] = float("inf")
+    runs = []
+    for features in ((), ("hist_topk", "list_races")):
+        st = tcj._fresh_state(case)
+        with simulate("reverse"), kernel_features(*features):
+            out = jacobi_step_cuda(*tcj._args(case, st))
+        runs.append((out, st))
+    (out0, st0), (out1, st1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(out0, out1))
+    assert torch.equal(st0["q_kind"], st1["q_kind"]) and torch.equal(st0["status"], st1["status"])
+    assert int(st0["status"][0]) != 0                     # the poisoned rows were reported
+    for k in ("q_state", "p_prev"):
+        if st0[k] is not None and st0[k].numel():
+            assert torch.allclose(st0[k], st1[k], rtol=1e-4, atol=1e-6), k
 
 
 def test_zero_mass_counters_and_errors(cpu_cases):
@@ -190,8 +222,19 @@ def test_tree_verify_matches_reference(name):
     import test_tree_verify_kernels as ttv
     from sjd_kernels.cuda.jacobi_step import kernel_features
     from sjd_kernels.cuda.tree_verify import tree_verify_cuda
-    features = ("bracket_topk",) if len(name) % 2 else ()
+    # the default top-k search, the bracket selection or the hist_topk path, by turns
+    features = ((), ("bracket_topk",), ("hist_topk",))[_tree_cases().index(name) % 3]
     with simulate(ORDERS[len(name) % 3]), kernel_features(*features):
+        ttv.check_against_reference(tree_verify_cuda, name, "cpu", reps=2)
+
+
+@pytest.mark.parametrize("name", ["topk-topp", "V2048-bf16-cfg-topk"])
+def test_tree_verify_hist_topk_matches_reference(name):
+    sim_module()
+    import test_tree_verify_kernels as ttv
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+    with simulate("reverse"), kernel_features("hist_topk"):
         ttv.check_against_reference(tree_verify_cuda, name, "cpu", reps=2)
 
 
@@ -238,6 +281,33 @@ def test_simulator_catches_broken_synchronisation(cpu_cases, mutant, tmp_path):
                 # on a loop's exit and meet at different barriers
                 with pytest.raises((AssertionError, RuntimeError), match="differ|status|divergent control flow"):
                     tcj.check_config(reps=1, **cfg)
+
+
+@pytest.fixture(scope="module")
+def hist_mutant(tmp_path_factory):
+    """The simulator built with the hist_topk path halving the probabilities it scatters."""
+    sim_module()
+    return _mutant_module(tmp_path_factory.mktemp("hist_mutant"), "target.cuh", "S[hb.ids[t]] = hb.vals[t];",
+                          "S[hb.ids[t]] = 0.5f * hb.vals[t];")
+
+
+@pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk-topp", "topk-band", "topk-low-outlier", "topk-ties",
+                                  "topk-masked"])
+def test_hist_topk_list_path_runs_on_its_rows(cpu_cases, name, hist_mutant):
+    """The hist_topk path falls back to the default one on some rows, with the same results, so
+    its parity tests alone cannot show that it ran. A mutant that halves the probabilities it
+    scatters into the row must fail them on rows built for each of its branches: an exact rank
+    among few candidates, a crowded bin refined by key histograms (topk-band), a bin split into
+    sub-bins by one more pass (topk-low-outlier), tied candidates
+    (topk-ties), fewer finite lanes than k (topk-masked). The unmutated path passes on the same rows
+    (test_optional_kernel_paths_match_reference)."""
+    from sjd_kernels.cuda import sim
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    cfg = dict(tcj.CONFIGS[name])
+    cfg.pop("reps", None)
+    with sim.simulate("reverse", module=hist_mutant), kernel_features("hist_topk"):
+        with pytest.raises(AssertionError, match="differ|status"):
+            tcj.check_config(reps=1, **cfg)
 
 
 def test_simulator_catches_a_write_past_dynamic_shared_memory(tmp_path):

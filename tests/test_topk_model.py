@@ -52,6 +52,40 @@ def test_bracket_and_pivots_find_the_kth_largest_key_and_reach_every_branch():
     assert all(v > 0 for v in seen.values()), seen      # each branch of the device code was exercised
 
 
+def test_hist_path_finds_the_kth_largest_key_and_reaches_every_branch():
+    """``kth_key_hist`` (the CUDA feature "hist_topk") returns the k-th largest key whenever it keeps
+    the row on its list path, and each of its branches occurs: the list with an exact rank, the
+    key-histogram refinement of a crowded bin, a bin split into sub-bins, tied candidates, fewer
+    finite lanes than k, and the fallbacks (flat rows, lists over capacity)."""
+    rng = np.random.default_rng(4321)
+    seen = {"list": 0, "keep_all": 0, "flat": 0, "overflow": 0, "split": 0, "levels": 0, "ranked": 0, "tied": 0}
+    rows = list(_rows(rng))
+    for V in (3000, 8192):   # a far outlier and a crowded band (the kernel tests' topk-low-outlier, topk-band)
+        x = (0.01 * rng.standard_normal(V)).astype(np.float32)
+        x[0] = -80
+        rows.append(("low-outlier", x))
+        z = rng.standard_normal(V).astype(np.float32)
+        z[: V // 6] = np.float32(12) + (rng.integers(0, 400, V // 6) * 2.0 ** -20).astype(np.float32)
+        rows.append(("band", z))
+    n = 0
+    for name, y in rows:
+        V = y.size
+        for k in sorted({1, 2, V // 20, V // 3, V - 1, int(rng.integers(1, V))} - {0}):
+            got, info = tm.kth_key_hist(y, k)
+            seen[info["path"]] += 1
+            if got is None:
+                assert info["path"] in ("flat", "overflow"), (name, V, k, info)
+                continue
+            assert got == tm.kth_key_exact(y, k), (name, V, k, info)
+            seen["split"] += info["split"]
+            seen["levels"] += info["levels"] > 0
+            seen["ranked"] += info["ranked"] > 0
+            seen["tied"] += info["tied"]
+            n += 1
+    assert n > 200
+    assert all(v > 0 for v in seen.values()), seen
+
+
 def test_two_stage_search_finds_the_same_key_with_the_same_rounds():
     """The rows kernel's search through a candidate list (row rounds until at most ``cap`` keys lie
     at or above the bracket, then the same rounds over those keys) is the one-stage search split in

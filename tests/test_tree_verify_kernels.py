@@ -294,6 +294,17 @@ def test_cuda_bracket_topk_matches_reference(name):
         test_gpu_backend_matches_reference("cuda", name)
 
 
+@gpu
+@requires_cuda_ext
+@pytest.mark.parametrize("name", ["topk-topp", "V2048-bf16-cfg-topk"])
+def test_cuda_hist_topk_matches_reference(name):
+    """The hist_topk path (kernel_features "hist_topk": top-k by a histogram, softmax and top-p over
+    the list of kept lanes) in the tree walk's target rows."""
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    with kernel_features("hist_topk"):
+        test_gpu_backend_matches_reference("cuda", name)
+
+
 @requires_ext
 def test_extension_exposes_tree_verify():
     from sjd_kernels._ext import ext

@@ -138,7 +138,8 @@ def _refuse_ref_device(bench, ref_device) -> None:
 # (triton.jacobi_step.rows_warps) or with its top-k search and softmax over the whole row instead of
 # through a candidate list, and with the sparse state its races, old-law lookups and compaction over
 # the row too (triton.jacobi_step.cand_list).
-CUDA_VARIANTS = {"cuda_bracket": ("bracket_topk",), "cuda_lists": ("bracket_topk", "list_races")}
+CUDA_VARIANTS = {"cuda_bracket": ("bracket_topk",), "cuda_lists": ("bracket_topk", "list_races"),
+                 "cuda_hist": ("hist_topk", "list_races")}
 TRITON_VARIANTS = {"triton_w32": {"warps": 32}, "triton_rowsearch": {"cand_list": False}}
 VARIANTS = {**{k: "cuda" for k in CUDA_VARIANTS}, **{k: "triton" for k in TRITON_VARIANTS}}
 
@@ -202,7 +203,8 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 class JacobiStepBench(OpBench):
     name = "jacobi_step"
     ref_device_ok = True
-    backends = ("torch", "triton", "triton_w32", "triton_rowsearch", "cuda", "cuda_bracket", "cuda_lists", "reference_sjd")
+    backends = ("torch", "triton", "triton_w32", "triton_rowsearch", "cuda", "cuda_bracket", "cuda_lists", "cuda_hist",
+                "reference_sjd")
     doc = ("one Jacobi step after the LM head: CFG, top-k, softmax, verification, residual/bonus, next drafts, "
            "state update")
 

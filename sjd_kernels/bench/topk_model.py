@@ -16,6 +16,11 @@ row (and block-wide reductions) they make, which is what an instruction-bound ke
 - ``two_stage`` (the Triton rows kernel of ``jacobi_step`` when its races run over a list):
   ``kth_key_two_stage``, the same rounds, over the row until at most CAND_K keys lie at or above
   the bracket's lower end, then over those keys only (a tile of CAND_K lanes).
+- ``hist`` (CUDA feature "hist_topk"): ``topk_softmax_list``, one histogram pass over the row
+  (2048 bins spaced in value), a second pass that lists the lanes in the bins at or above the k-th
+  largest value's, then an exact rank among that bin's lanes (after key-histogram refinements of
+  the list when more than 128 share it); rows whose list would exceed 2048 lanes, or whose finite
+  values are all equal, take the dense path.
 - the Triton top-p threshold ``top_p_key``: halving in bits while the bracket spans more than a
   binade, then in value, with the same shrink (``topp_key_halving``; before: 32 reductions).
 
@@ -288,6 +293,84 @@ def families(V: int, rng: np.random.Generator):
     }
 
 
+HIST_BINS = 2048
+HIST_LIST_CAP = 2048
+
+
+def _hist_find(counts: np.ndarray, r: int) -> tuple[int, int, int]:
+    """``hist_find``: the largest bin b with #{counted in bins >= b} >= r, the count above it, its count."""
+    above = np.concatenate([np.cumsum(counts[::-1])[::-1][1:], [0]])   # counted in bins > b
+    b = int(np.nonzero(above + counts >= r)[0].max())
+    return b, int(above[b]), int(counts[b])
+
+
+def kth_key_hist(y: np.ndarray, k: int) -> tuple[int | None, dict]:
+    """(key, info) of ``topk_softmax_list`` (1 <= k < V; a row that is not bad): the key of the k-th
+    largest value, or None when the row takes the dense path. ``info``: ``path`` ("list",
+    "keep_all": fewer finite lanes than k, "flat": the finite values all equal or their range not
+    a float, "overflow": the list over its capacity), ``split`` (1 when b* was split into sub-bins
+    first), ``nb`` (lanes in the k-th value's bin or sub-bin),
+    ``list`` (listed lanes), ``levels`` (key-histogram refinements), ``ranked`` (candidates of the
+    exact rank, 0 when ties or a one-key bin ended it), ``tied`` (1 when the candidates were all
+    equal)."""
+    y = np.asarray(y, dtype=np.float32)
+    info = {"path": "", "split": 0, "nb": 0, "list": 0, "levels": 0, "ranked": 0, "tied": 0}
+    fin = y[y > -np.inf]
+    ymin, ymax = np.float32(fin.min()), np.float32(y.max())
+    with np.errstate(over="ignore", divide="ignore"):
+        d = np.float32(ymax - ymin)
+        scale = np.float32(np.float32(HIST_BINS) / d)
+    if not (d > 0) or not np.isfinite(d) or not np.isfinite(scale):
+        info["path"] = "flat"
+        return None, info
+    bins = np.minimum((((fin - ymin).astype(np.float32) * scale).astype(np.float32)).astype(np.int64),
+                      HIST_BINS - 1)
+    counts = np.bincount(bins, minlength=HIST_BINS)
+    if fin.size < k:
+        info.update(path="keep_all", list=int(fin.size))
+        return (None if fin.size > HIST_LIST_CAP else int(order_key(np.float32(-np.inf))[0])), \
+            dict(info, path="overflow" if fin.size > HIST_LIST_CAP else "keep_all")
+    bstar, cgt, nb = _hist_find(counts, k)
+    cand_y = fin[bins == bstar]
+    if cgt + nb > HIST_LIST_CAP:                  # split b* into sub-bins (one more pass)
+        with np.errstate(over="ignore", invalid="ignore"):
+            lo1 = np.float32(ymin + np.float32(np.float32(bstar) / scale))
+            scale1 = np.float32(scale * np.float32(HIST_BINS))
+        if not np.isfinite(scale1) or not np.isfinite(lo1):
+            info.update(path="overflow", nb=nb, list=cgt + nb)
+            return None, info
+        t = ((cand_y - lo1).astype(np.float32) * scale1).astype(np.float32)
+        sub = np.where(t > 0, np.minimum(t, np.float32(HIST_BINS - 1)), 0).astype(np.int64)
+        b1, above, nb = _hist_find(np.bincount(sub, minlength=HIST_BINS), k - cgt)
+        cgt += above
+        cand_y = cand_y[sub == b1]
+        info["split"] = 1
+    info.update(nb=nb, list=cgt + nb)
+    if cgt + nb > HIST_LIST_CAP:
+        info["path"] = "overflow"
+        return None, info
+    info["path"] = "list"
+    keys = order_key(cand_y).astype(np.int64)
+    r, klo, khi = k - cgt, 0, 2**32 - 1
+    while True:
+        cand = keys[(keys >= klo) & (keys <= khi)]
+        if cand.size <= CAND_MAX:
+            info["ranked"] = int(cand.size)
+            return int(np.sort(cand)[::-1][r - 1]), info
+        kmin, kmax = int(cand.min()), int(cand.max())
+        if kmin == kmax:
+            info["tied"] = 1
+            return kmin, info
+        shift = max(0, (kmax - kmin).bit_length() - 11)
+        b2, above, _ = _hist_find(np.bincount((cand - kmin) >> shift, minlength=HIST_BINS), r)
+        info["levels"] += 1
+        r -= above
+        klo = kmin + (b2 << shift)
+        khi = min(klo + (1 << shift) - 1, kmax)
+        if shift == 0:
+            return klo, info
+
+
 def cand_cap(V: int, k: int) -> int:
     """CAND_K of the Triton launcher for these shapes (``triton.jacobi_step.cand_size``, list on)."""
     block = max(16, 1 << (V - 1).bit_length())
@@ -304,9 +387,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     print("| V | k | row family | CUDA pivots: passes | CUDA bracket: passes | bracket branches | "
+          "CUDA hist: path, k-th bin, list, levels | "
           "Triton halving: reductions (kth_largest_key) | Triton rows kernel: row + candidate reductions "
           "(candidates) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for item in args.shapes.split(","):
         V, k = (int(x) for x in item.split(":"))
         for name, y in families(V, rng).items():
@@ -317,10 +401,13 @@ def main(argv=None) -> int:
             _, rh4 = kth_key_halving(y, k, row_start=False)
             cap = cand_cap(V, k)
             k2, r_row, r_cand, n_c = kth_key_two_stage(y, k, cap) if cap else (want, rh, 0, 0)
+            kt, hinfo = kth_key_hist(y, k)
             assert kp == want and kb == want and kh == want and k2 == want, (name, V, k)
+            assert kt is None or kt == want, (name, V, k)
             br = ", ".join(f"{n} {v}" for n, v in info.items() if v)
             two = f"{r_row} + {r_cand} ({n_c} of cap {cap})" if n_c else f"{r_row} (row only)"
-            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {rh} ({rh4}) | {two} |")
+            hist = f"{hinfo['path']}{' (split)' if hinfo['split'] else ''}, {hinfo['nb']}, {hinfo['list']}, {hinfo['levels']}"
+            print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {hist} | {rh} ({rh4}) | {two} |")
     print()
     print("| V | top-p | row family (softmax of the row) | Triton top-p: reductions (bisection: 32) |")
     print("|---|---|---|---|")

@@ -26,17 +26,23 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FORCE_GLOBAL_ROWS = False
 
 # Optional code paths of the rows kernel, each with the same results as the default one; they are
-# timed against it (``bench ops`` backends cuda_bracket and cuda_lists, benchmarks/NOTES.md):
+# timed against it (``bench ops`` backends cuda_bracket, cuda_lists and cuda_hist, benchmarks/NOTES.md):
 #   "bracket_topk": the top-k threshold by value-spaced pivots and an exact rank among at most 128
 #       candidates (about 4 passes over a smooth row: 3 rounds and a collecting pass) instead of the
 #       7-pivot search over the 32-bit key range (11-12 passes); csrc/target.cuh, host model
 #       sjd_kernels/bench/topk_model.py. tree_verify's CUDA kernel takes it too.
 #   "list_races": the exponential races over a list of the lanes with P > 0 (one Philox call per
 #       listed lane) instead of every group of 4 lanes of the row; csrc/jacobi_step.cu.
+#   "hist_topk": the top-k threshold from one histogram pass over the row (2048 bins spaced in
+#       value) and a list of the lanes in the bins at or above the k-th largest value's, built by a
+#       second pass; the exact threshold is ranked among the lanes of that bin, and the softmax and
+#       top-p run over the list (sums in list order: the same law, probabilities may differ in the
+#       last bit from the default path's). Rows in shared memory with top-k, V <= 65536; other calls,
+#       and rows whose list would exceed 2048 lanes, take the default path. csrc/target.cuh.
 # Read at each call, so a CUDA graph keeps the paths it was captured with; ``kernel_features`` sets
 # them for a block of code.
 FEATURES: frozenset = frozenset()
-_FEATURE_BITS = {"bracket_topk": 1, "list_races": 2}
+_FEATURE_BITS = {"bracket_topk": 1, "list_races": 2, "hist_topk": 4}
 
 
 class kernel_features:

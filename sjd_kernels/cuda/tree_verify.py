@@ -8,7 +8,8 @@ memory, sibling laws, residuals and the final race). No host synchronisation and
 shapes, so a call can be captured in a CUDA graph.
 
 Of the rows kernel's optional paths (``sjd_kernels.cuda.jacobi_step.kernel_features``) the
-bracket top-k selection applies here too (the target row is built by the same code).
+top-k ones, "bracket_topk" and "hist_topk", apply here too (the target row is built by the same
+code); "list_races" is ignored.
 
 ``logits`` / ``uncond`` may be views whose last dimension is contiguous. Rows with more lanes than
 fit in shared memory (about 54k fp32 on H100: 227 KiB less the kernel's 13 KiB of static
@@ -79,5 +80,5 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
         num_accepted=num_accepted.data_ptr(), path=path.data_ptr(), out_tokens=out.data_ptr(),
         rowflag=rowflag.data_ptr(), rowbuf=rowbuf.data_ptr() if rowbuf is not None else 0, device=index,
-        stream=stream, features=_feature_mask() & _FEATURE_BITS["bracket_topk"])
+        stream=stream, features=_feature_mask() & (_FEATURE_BITS["bracket_topk"] | _FEATURE_BITS["hist_topk"]))
     return num_accepted, path, out
