@@ -7,8 +7,10 @@
 //          one-hot), then one fused pass over the vocabulary runs every exponential race the row
 //          needs (residual or bonus, fresh draft, coupling redraw, Gumbel) and writes the row's new
 //          state. Per-row results go to scratch. Optional paths with the same results (Feature in
-//          jacobi_step.h, timed against the default): the bracket top-k selection (target.cuh), and
-//          the races over a shared-memory list of the lanes with P > 0 followed by a write-only pass.
+//          jacobi_step.h, timed against the default): the bracket top-k selection (target.cuh), the
+//          races over a shared-memory list of the lanes with P > 0 followed by a write-only pass, and
+//          the hist_topk path (target.cuh): top-k by a histogram, then the softmax, top-p, VP
+//          normaliser, races and state writes over the list of kept lanes.
 //   commit grid (B): first rejection m, committed tokens, next drafts, tail initialisation and
 //          tail q_kind, error outputs.
 // Sparse state (q_idx != null): a slot holds C ascending lane ids with the values of Qt (q_state)
@@ -244,10 +246,24 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   // the bonus draws from Qt = P.
   const bool use_vp_row = p.use_vp && (kind_all & kFlagPrev) != 0 && is_draft && j >= 1 && !row_bad;
 
+  // Passes that only matter where P > 0 run over the hist_topk list when there is one (it holds every
+  // such lane, ascending): entries t < n_src, lane lane_at(t).
+  const int n_src = hist_n >= 0 ? hist_n : V;
+  auto lane_at = [&](int t) -> int { return hist_n >= 0 ? hb.ids[t] : t; };
+  // The VP weight is zero where P is, except in the additive form with beta < 0.
+  const bool vp_on_list = hist_n >= 0 && !(p.vp_form == kVpAdd && !(p.beta >= 0.0f));
+
   float vp_sum = 0.0f;
   if (use_vp_row) {
     float s = 0.0f;
-    for (int i = tid; i < V; i += nth) s = __fadd_rn(s, vp_weight(p, S[i], pp_of(i, S[i])));
+    if (vp_on_list) {
+      for (int t = tid; t < n_src; t += nth) {
+        const int i = lane_at(t);
+        s = __fadd_rn(s, vp_weight(p, S[i], pp_of(i, S[i])));
+      }
+    } else {
+      for (int i = tid; i < V; i += nth) s = __fadd_rn(s, vp_weight(p, S[i], pp_of(i, S[i])));
+    }
     vp_sum = block_allreduce1(s, OpSumF(), red_f, par_f);
   }
   // Sparse state: a row whose support does not fit the slot drafts this position uniformly.
@@ -255,7 +271,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   int n_sup = 0;
   if (sparse && j >= 1 && !is_forced && !row_bad) {
     int c = 0;
-    for (int i = tid; i < V; i += nth) c += S[i] > 0.0f ? 1 : 0;
+    for (int t = tid; t < n_src; t += nth) c += S[lane_at(t)] > 0.0f ? 1 : 0;
     n_sup = block_allreduce1(c, OpSumI(), red_i, par_i);
     ovf = n_sup > p.C;
   }
@@ -305,11 +321,9 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
     const int lane = tid & 31;
     if (tid == 0) list_n = 0;
     __syncthreads();
-    // the lanes the hist_topk path listed (hb.ids) hold every P > 0; else the whole row is scanned
-    const int n_src = hist_n >= 0 ? hist_n : V;
     for (int base = 0; base < n_src; base += nth) {  // block-uniform trip count: the ballot sees whole warps
       const int t = base + tid;
-      const int i = t < n_src ? (hist_n >= 0 ? hb.ids[t] : t) : 0;
+      const int i = t < n_src ? lane_at(t) : 0;
       const bool has_p = t < n_src && S[i] > 0.0f;
       const unsigned bal = __ballot_sync(0xffffffffu, has_p);
       int at = 0;
@@ -446,13 +460,15 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
     __syncthreads();
     for (int pass = 0; pass < 2; ++pass) {
       int base_out = 0;
-      for (int base = 0; base < V; base += 4 * nth) {
-        const int i0 = base + 4 * tid;
+      for (int base = 0; base < n_src; base += 4 * nth) {  // entries of the list (or lanes), ascending
+        const int t0 = base + 4 * tid;
         float P4[4];
+        int L4[4];
         int c = 0;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          P4[e] = i0 + e < V ? S[i0 + e] : 0.0f;
+          L4[e] = t0 + e < n_src ? lane_at(t0 + e) : 0;
+          P4[e] = t0 + e < n_src ? S[L4[e]] : 0.0f;
           c += P4[e] > 0.0f ? 1 : 0;
         }
         int total = 0;
@@ -461,9 +477,9 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
         for (int e = 0; e < 4; ++e) {
           if (!(P4[e] > 0.0f)) continue;
           if (pass == 0) {
-            qrow[at] = qt_of(i0 + e, P4[e]);
+            qrow[at] = qt_of(L4[e], P4[e]);
           } else {
-            irow[at] = i0 + e;
+            irow[at] = L4[e];
             if (prow) prow[at] = P4[e];
           }
           ++at;

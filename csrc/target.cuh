@@ -258,11 +258,12 @@ __device__ __forceinline__ void softmax_top_p(float* A, int n, float thr, float 
 // holds the k-th largest value. A second pass marks the lanes in bins >= b* in a bitmap (one warp
 // ballot per 32 lanes) and a scan of its popcounts expands it into a list in ascending lane order:
 // the kept lanes plus the other lanes of b*. When that list would be too long (a far outlier puts
-// most lanes in a few bins), a third pass splits b* into kHistBins sub-bins first. The exact threshold is ranked among b*'s lanes
-// (gathered from the list; above kCandMax of them, refined by key histograms of the list first,
-// each cutting the key span 2^11-fold), and the softmax and top-p run over the list. S becomes the
-// dense P row at the end. Two light passes over the row instead of the searches' 4 to 12, and the
-// exponentials, divisions and top-p sums on about k lanes instead of V.
+// most lanes in a few bins), a third pass splits b* into kHistBins sub-bins first. The exact
+// threshold is ranked among b*'s lanes (gathered from the list; above kCandMax of them, refined by
+// key histograms of the list first, each cutting the key span 2^11-fold), and the softmax and
+// top-p run over the list. S becomes the dense P row at the end. Two light passes over the row
+// instead of the searches' 4 to 12, and the exponentials, divisions and top-p sums on about k
+// lanes instead of V.
 constexpr int kHistBins = 2048;
 constexpr int kHistListCap = 2048;             // lanes the list holds (more: the dense path)
 constexpr int kHistMaxLanes = 32 * kHistBins;  // the bitmap (one bit per lane) reuses the bins' words
@@ -439,7 +440,10 @@ __device__ __forceinline__ bool topk_softmax_list(float* S, int V, const TargetL
         for (int t = tid; t < nlist; t += nth) {
           const float y = hb.vals[t];
           const uint32_t key = order_key(y);
-          if (is_cand(y, key)) red.cand[atomicAdd(red.cand_n, 1u)] = key;  // ncand <= kCandMax of them
+          if (is_cand(y, key)) {  // ncand <= kCandMax of them
+            const uint32_t at = atomicAdd(red.cand_n, 1u);
+            if (at < static_cast<uint32_t>(kCandMax)) red.cand[at] = key;
+          }
         }
         __syncthreads();
         K = rank_candidates(r, red);

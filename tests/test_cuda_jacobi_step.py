@@ -250,6 +250,8 @@ CONFIGS = {
     "vp_log-rsqrt": dict(B=3, W=8, V=1000, vp=True, beta=-0.5, vp_form=ref.VP_LOG),
     "vp_log-square": dict(B=3, W=8, V=1000, vp=True, beta=2.0, vp_form=ref.VP_LOG),
     "vp_add-negative": dict(B=3, W=8, V=1000, vp=True, beta=-0.7, vp_form=ref.VP_ADD),
+    "vp_add-negative-topk": dict(B=3, W=8, V=1000, top_k=100, vp=True, beta=-0.7, vp_form=ref.VP_ADD),
+    "vp_log-topk": dict(B=4, W=16, V=1000, cfg=True, top_k=150, vp=True, beta=0.5, vp_form=ref.VP_LOG),
     "coupling-bf16-cfg": dict(B=4, W=16, V=1000, cfg=True, top_k=100, top_p=0.9, mode="coupling"),
     "coupling-fp32-8192": dict(B=3, W=8, V=8192, dtype=torch.float32, mode="coupling"),
     "coupling+vp": dict(B=4, W=16, V=1000, cfg=True, top_k=100, mode="coupling", vp=True, beta=0.5),
@@ -321,7 +323,8 @@ FEATURE_CASES = {
                      "topk-outlier-cfg", "topk-heavy-cfg", "topk-band", "topk-low-outlier", "topk-flat",
                      "topk-wide"],
     ("hist_topk", "list_races"): ["sjd-bf16-cfg-topk-topp", "coupling+vp", "coupling-bf16-cfg", "gumbel",
-                                  "V-16384+3-topk1000", "topk-band", "topk-masked", "W64-B8", "forced-coupling-vp"],
+                                  "V-16384+3-topk1000", "topk-band", "topk-masked", "W64-B8", "vp_add-negative-topk",
+                                  "vp_log-topk"],
 }
 
 

@@ -100,7 +100,7 @@ OPTIONAL += [(("hist_topk",), n) for n in ("sjd-bf16-cfg-topk-topp", "vp_add-0.5
                                           "forced-sjd", "topk-ties", "topk-masked", "topk-outlier-cfg", "topk-band",
                                           "topk-low-outlier", "topk-flat", "topk-wide")]
 OPTIONAL += [(("hist_topk", "list_races"), n) for n in ("sjd-bf16-cfg-topk-topp", "coupling+vp", "gumbel",
-                                                       "topk-band", "forced-coupling-vp")]
+                                                       "topk-band", "vp_add-negative-topk", "vp_log-topk")]
 
 
 @pytest.mark.parametrize("features,name", OPTIONAL, ids=lambda x: "+".join(x) if isinstance(x, tuple) else x)

@@ -793,7 +793,7 @@ class TreeVerifyBench(OpBench):
     """
     name = "tree_verify"
     ref_device_ok = True
-    backends = ("torch", "triton", "cuda", "cuda_bracket")
+    backends = ("torch", "triton", "cuda", "cuda_bracket", "cuda_hist")
     doc = ("verify a draft tree (K-ary tree then a chain) by recursive rejection sampling: CFG, top-k, "
            "softmax per walked node, sibling residuals, final draw; non-finite check at every node")
 
