@@ -5,11 +5,11 @@
 Runs each configuration and each optional-path case (``FEATURE_CASES``) under each thread order
 (``sjd_kernels.cuda.sim``), then the global-memory row path and V 65541, with the GPU tests' check
 (``check_config``: requests that differ from the reference, at most one per 200 rows), then every
-tree_verify case of ``tests/test_tree_verify_kernels.py`` (V up to 16384) with and without the
-bracket top-k selection (requests: at most one in 50 may differ). One line per run: order or op,
+tree_verify case of ``tests/test_tree_verify_kernels.py`` (V up to 16384) with the default top-k
+search, the bracket selection and the hist_topk path (requests: at most one in 50 may differ). One line per run: order or op,
 paths, case, ok/FAIL, target rows (tree_verify: requests), differing requests, seconds. Exits 1
 if any failed.
-The suite runs a faster subset (``tests/test_cuda_sim.py``); this is the whole list (about 5 min).
+The suite runs a faster subset (``tests/test_cuda_sim.py``); this is the whole list.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def main() -> int:
         import test_tree_verify_kernels as ttv
         from sjd_kernels.cuda.tree_verify import tree_verify_cuda
         for name in list(ttv.CASES) + list(ttv.LARGE):
-            for feats in ((), ("bracket_topk",)):
+            for feats in ((), ("bracket_topk",), ("hist_topk",)):
                 def run(name=name):
                     m, n = ttv.check_against_reference(tree_verify_cuda, name, "cpu", reps=3)
                     return {"rows": n, "diffs": m}

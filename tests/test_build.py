@@ -183,9 +183,9 @@ def test_entry_points_raise_clearly_without_device():
     with pytest.raises(ValueError, match="mode"):        # argument checks come first, as ValueError
         C.jacobi_step(**{**args, "mode": 9})
     with pytest.raises(ValueError, match="features"):
-        C.jacobi_step(**{**args, "features": 4})
+        C.jacobi_step(**{**args, "features": 8})
     with pytest.raises(RuntimeError, match="no CUDA device is visible"):    # the optional paths are accepted
-        C.jacobi_step(**{**args, "features": 3})
+        C.jacobi_step(**{**args, "features": 7})
     targs = dict(dtype=0, logits=1, logits_sb=8, logits_sn=4, uncond=0, uncond_sb=0, uncond_sn=0, cfg_scale=0,
                  tokens=1, parent=1, depth=1, sib=1, q_slot=1, pos=1, seed=1, step=1, forced=0, forced_len=0,
                  q_state=1, q_kind=1, status=1, B=1, N=2, V=4, R=2, max_depth=1, temperature=1.0, top_k=0,
@@ -193,7 +193,7 @@ def test_entry_points_raise_clearly_without_device():
     with pytest.raises(ValueError, match="features"):
         C.tree_verify(**{**targs, "features": 8})
     with pytest.raises(RuntimeError, match="no CUDA device is visible"):
-        C.tree_verify(**{**targs, "features": 1})
+        C.tree_verify(**{**targs, "features": 5})
 
 
 @requires_ext
