@@ -1,6 +1,6 @@
 """Every CUDA jacobi_step parity case of ``tests/test_cuda_jacobi_step.py`` in the CPU simulator.
 
-    PYTHONPATH=. python benchmarks/cuda_sim_parity.py [--orders forward,reverse] > LOG
+    PYTHONPATH=. python benchmarks/cuda_sim_parity.py [--orders forward,reverse] [--sparse PATHS] > LOG
 
 Runs each configuration and each optional-path case (``FEATURE_CASES``) under each thread order
 (``sjd_kernels.cuda.sim``), then the global-memory row path and V 65541, with the GPU tests' check
@@ -33,6 +33,9 @@ def main() -> int:
     ap.add_argument("--orders", default="forward,reverse")
     ap.add_argument("--no-tree", dest="tree", action="store_false",
                     help="skip tree_verify's cases (tests/test_tree_verify_kernels.py, V up to 16384)")
+    ap.add_argument("--sparse", action="append", default=[], metavar="PATHS",
+                    help="also the 25 CUDA sparse-state cases of tests/test_sparse_state_kernels.py with these "
+                         "optional paths ('default' or names joined by '+'; repeatable); about 15 min each")
     args = ap.parse_args()
     t.DEV = "cpu"
     jobs = [((), n) for n in t.CONFIGS] + [(f, n) for f, ns in t.FEATURE_CASES.items() for n in ns]
@@ -72,6 +75,20 @@ def main() -> int:
                     return {"rows": n, "diffs": m}
                 with sim.simulate("reverse"), kernel_features(*feats):
                     one(f"tree_verify {'+'.join(feats) or 'default'} {name}", run)
+    for paths in args.sparse:
+        import test_sparse_state_kernels as tss
+        feats = () if paths == "default" else tuple(paths.split("+"))
+        runs = [(spec, dict(V=6, L=6, n=64, W=3, k=k, cap=cap)) for spec in tss.SPECS
+                for k, cap in ((0, 6), (2, 2), (0, 1))]
+        runs += [(spec, dict(V=3000, L=24, n=64, W=8, k=200, cap=cap)) for spec in
+                 ("sjd", "vp_log_b1", "coupling_vp_add_b0.5", "gumbel") for cap in (256, 150)]
+        for spec, kw in runs:
+            def run(spec=spec, kw=kw):
+                status = tss._compare(spec, device="cpu", backend="cuda", **kw)
+                if kw["cap"] in (1, 150):
+                    assert status[3] > 0, "the overflow path did not run"
+            with sim.simulate("reverse"), kernel_features(*feats):
+                one(f"sparse {paths} {spec} V{kw['V']} k{kw['k']} C{kw['cap']}", run)
     print(f"total {time.time() - start:.0f} s, {failed} failed", flush=True)
     return 1 if failed else 0
 
