@@ -309,10 +309,9 @@ def kth_key_hist(y: np.ndarray, k: int) -> tuple[int | None, dict]:
     largest value, or None when the row takes the dense path. ``info``: ``path`` ("list",
     "keep_all": fewer finite lanes than k, "flat": the finite values all equal or their range not
     a float, "overflow": the list over its capacity), ``split`` (1 when b* was split into sub-bins
-    first), ``nb`` (lanes in the k-th value's bin or sub-bin),
-    ``list`` (listed lanes), ``levels`` (key-histogram refinements), ``ranked`` (candidates of the
-    exact rank, 0 when ties or a one-key bin ended it), ``tied`` (1 when the candidates were all
-    equal)."""
+    first), ``nb`` (lanes in the k-th value's bin or sub-bin), ``list`` (listed lanes), ``levels``
+    (key-histogram refinements), ``ranked`` (candidates of the exact rank, 0 when ties or a one-key
+    bin ended it), ``tied`` (1 when the candidates were all equal)."""
     y = np.asarray(y, dtype=np.float32)
     info = {"path": "", "split": 0, "nb": 0, "list": 0, "levels": 0, "ranked": 0, "tied": 0}
     fin = y[y > -np.inf]
@@ -326,10 +325,10 @@ def kth_key_hist(y: np.ndarray, k: int) -> tuple[int | None, dict]:
     bins = np.minimum((((fin - ymin).astype(np.float32) * scale).astype(np.float32)).astype(np.int64),
                       HIST_BINS - 1)
     counts = np.bincount(bins, minlength=HIST_BINS)
-    if fin.size < k:
-        info.update(path="keep_all", list=int(fin.size))
-        return (None if fin.size > HIST_LIST_CAP else int(order_key(np.float32(-np.inf))[0])), \
-            dict(info, path="overflow" if fin.size > HIST_LIST_CAP else "keep_all")
+    if fin.size < k:                              # the k-th largest is -inf: every finite lane is kept
+        over = fin.size > HIST_LIST_CAP
+        info.update(path="overflow" if over else "keep_all", list=int(fin.size))
+        return (None if over else int(order_key(np.float32(-np.inf))[0])), info
     bstar, cgt, nb = _hist_find(counts, k)
     cand_y = fin[bins == bstar]
     if cgt + nb > HIST_LIST_CAP:                  # split b* into sub-bins (one more pass)
@@ -406,7 +405,8 @@ def main(argv=None) -> int:
             assert kt is None or kt == want, (name, V, k)
             br = ", ".join(f"{n} {v}" for n, v in info.items() if v)
             two = f"{r_row} + {r_cand} ({n_c} of cap {cap})" if n_c else f"{r_row} (row only)"
-            hist = f"{hinfo['path']}{' (split)' if hinfo['split'] else ''}, {hinfo['nb']}, {hinfo['list']}, {hinfo['levels']}"
+            split = " (split)" if hinfo["split"] else ""
+            hist = f"{hinfo['path']}{split}, {hinfo['nb']}, {hinfo['list']}, {hinfo['levels']}"
             print(f"| {V} | {k} | {name} | {pp} | {pb} | {br} | {hist} | {rh} ({rh4}) | {two} |")
     print()
     print("| V | top-p | row family (softmax of the row) | Triton top-p: reductions (bisection: 32) |")

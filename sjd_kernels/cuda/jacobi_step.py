@@ -35,9 +35,9 @@ FORCE_GLOBAL_ROWS = False
 #       listed lane) instead of every group of 4 lanes of the row; csrc/jacobi_step.cu.
 #   "hist_topk": the top-k threshold from one histogram pass over the row (2048 bins spaced in
 #       value) and a list of the lanes in the bins at or above the k-th largest value's, built by a
-#       second pass; the exact threshold is ranked among the lanes of that bin, and the softmax and
-#       top-p run over the list (sums in list order: the same law, probabilities may differ in the
-#       last bit from the default path's). Rows in shared memory with top-k, V <= 65536; other calls,
+#       second pass; the exact threshold is ranked among the lanes of that bin, and the softmax,
+#       top-p, VP normaliser, list races and state writes run over the list (sums in list order: the
+#       same law, probabilities may differ in the last bit from the default path's). Rows in shared memory with top-k, V <= 65536; other calls,
 #       and rows whose list would exceed 2048 lanes, take the default path. csrc/target.cuh.
 # Read at each call, so a CUDA graph keeps the paths it was captured with; ``kernel_features`` sets
 # them for a block of code.
