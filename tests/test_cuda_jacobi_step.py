@@ -300,6 +300,22 @@ CONFIGS = {
     "topk-wide": dict(B=2, W=8, V=8192, top_k=3000, cfg=True),
 }
 
+def check_named(name: str) -> dict:
+    """check_config on CONFIGS[name]; a configuration with drafts and sampling must accept some."""
+    cfg = dict(CONFIGS[name])
+    reps = cfg.pop("reps", 3)
+    stats = check_config(reps=reps, **cfg)
+    if cfg["W"] > 0 and cfg["V"] > 1 and cfg.get("temperature", 1.0) > 0:
+        assert (stats["accepted"] > 0).any(), "no draft was ever accepted: the case does not exercise verification"
+    return stats
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_reference(name):
+    """The default kernels on every configuration."""
+    check_named(name)
+
+
 # The kernel's optional paths (sjd_kernels.cuda.jacobi_step.FEATURES) give the same results as the
 # default path: each runs the parity check on the configurations that exercise it.
 FEATURE_CASES = {
