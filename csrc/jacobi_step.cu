@@ -148,16 +148,6 @@ __device__ __forceinline__ int sparse_find(const int32_t* __restrict__ idx, int 
   return lo < C && static_cast<int64_t>(idx[lo]) == key ? lo : -1;
 }
 
-// r[0..V) = 0 by the block: 16-byte stores when r is 16-byte aligned and V a multiple of 4.
-__device__ __forceinline__ void zero_row(float* __restrict__ r, int V) {
-  if ((V & 3) == 0 && (reinterpret_cast<uintptr_t>(r) & 15u) == 0) {
-    float4* r4 = reinterpret_cast<float4*>(r);
-    for (int i = threadIdx.x; i < (V >> 2); i += blockDim.x) r4[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  } else {
-    for (int i = threadIdx.x; i < V; i += blockDim.x) r[i] = 0.0f;
-  }
-}
-
 // kGlobalRows: the row lives in p.rowbuf (V above shared memory); otherwise in dynamic shared memory,
 // and the instantiation lets the compiler see it (shared loads, stores and atomics, not generic ones).
 template <typename T, bool kGlobalRows>
@@ -251,7 +241,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   const int n_src = hist_n >= 0 ? hist_n : V;
   auto lane_at = [&](int t) -> int { return hist_n >= 0 ? hb.ids[t] : t; };
   // The VP weight is zero where P is, except in the additive form with beta < 0.
-  const bool vp_on_list = hist_n >= 0 && !(p.vp_form == kVpAdd && !(p.beta >= 0.0f));
+  const bool vp_zero_off_support = !(p.vp_form == kVpAdd && !(p.beta >= 0.0f));
+  const bool vp_on_list = hist_n >= 0 && vp_zero_off_support;
 
   float vp_sum = 0.0f;
   if (use_vp_row) {
@@ -317,7 +308,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   // lanes of the whole row (all of whose groups draw when a warp holds one lane with P > 0).
   bool listed = false;
   if ((p.features & kFeatListRaces) && any_race && !ovf &&
-      !(use_vp_row && p.vp_form == kVpAdd && !(p.beta >= 0.0f))) {
+      (!use_vp_row || vp_zero_off_support)) {
     const int lane = tid & 31;
     if (tid == 0) list_n = 0;
     __syncthreads();
@@ -671,11 +662,11 @@ void launch_all(Params prm, int device, int dtype, cudaStream_t st) {
   // kFeatHistTopk applies to sampling rows with top-k, in shared memory, when its buffers fit beside
   // the row (about 6k lanes fewer than the row alone); otherwise the call takes the default path.
   if (prm.features & kFeatHistTopk) {
-    const int bytes = hist_row_bytes(prm.V) + kHistSmemBytes;
-    const int fit = g_rows.max_lanes(device, reinterpret_cast<const void*>(jacobi_rows_kernel<T, false>), "jacobi_step");
-    if (!global_rows && !prm.greedy && prm.top_k > 0 && prm.top_k < prm.V && prm.V <= kHistMaxLanes &&
-        bytes <= fit * static_cast<int>(sizeof(float)))
-      smem = bytes;
+    const int hs = hist_topk_smem(global_rows, prm.greedy, prm.top_k, prm.V,
+                                  g_rows.max_lanes(device, reinterpret_cast<const void*>(jacobi_rows_kernel<T, false>),
+                                                   "jacobi_step"));
+    if (hs > 0)
+      smem = hs;
     else
       prm.features &= ~kFeatHistTopk;
   }

@@ -120,6 +120,17 @@ __device__ __forceinline__ T block_allreduce1(T v, Op op, T* buf, int& parity) {
   return a[0];
 }
 
+// r[0..V) = 0 by the block (shared or global memory): 16-byte stores when r is 16-byte aligned and
+// V a multiple of 4.
+__device__ __forceinline__ void zero_row(float* __restrict__ r, int V) {
+  if ((V & 3) == 0 && (reinterpret_cast<uintptr_t>(r) & 15u) == 0) {
+    float4* r4 = reinterpret_cast<float4*>(r);
+    for (int i = threadIdx.x; i < (V >> 2); i += blockDim.x) r4[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  } else {
+    for (int i = threadIdx.x; i < V; i += blockDim.x) r[i] = 0.0f;
+  }
+}
+
 // Exclusive prefix sum of one int per thread over the block (blockDim a multiple of 32); the block
 // total goes to ``total``. ``buf`` holds kMaxWarps + 1 ints of shared memory.
 __device__ __forceinline__ int block_exclusive_scan(int v, int* buf, int& total) {

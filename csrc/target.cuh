@@ -280,6 +280,16 @@ struct HistBufs {
 
 __host__ __device__ __forceinline__ int hist_row_bytes(int V) { return (V * 4 + 15) / 16 * 16; }
 
+// Host side: the dynamic shared memory of a row launch that takes the hist_topk path (the row, then
+// the path's buffers), or 0 when the path does not apply: rows in global memory, a greedy law,
+// top-k off or >= V, V above kHistMaxLanes, or no room beside the row within ``max_lanes`` floats.
+inline int hist_topk_smem(bool global_rows, bool greedy, int top_k, int V, int max_lanes) {
+  const int bytes = hist_row_bytes(V) + kHistSmemBytes;
+  const bool on = !global_rows && !greedy && top_k > 0 && top_k < V && V <= kHistMaxLanes &&
+                  bytes <= max_lanes * static_cast<int>(sizeof(float));
+  return on ? bytes : 0;
+}
+
 __device__ __forceinline__ HistBufs hist_bufs_after_row(unsigned char* smem, int V) {
   uint32_t* h = reinterpret_cast<uint32_t*>(smem + hist_row_bytes(V));
   return HistBufs{h, reinterpret_cast<int*>(h + kHistBins), reinterpret_cast<float*>(h + kHistBins + kHistListCap),
@@ -333,10 +343,14 @@ __device__ __forceinline__ bool topk_softmax_list(float* S, int V, const TargetL
     return b < kHistBins - 1 ? b : kHistBins - 1;
   };
   int* sc = hb.misc + 48;
+  // zeroes the bins; the caller has synchronised since their last read, and this synchronises
+  auto clear_hist = [&]() {
+    for (int b = tid; b < kHistBins; b += nth) hb.hist[b] = 0u;
+    __syncthreads();
+  };
 
   // ---- 1. counts of the finite lanes per bin (-inf lanes are below ymin)
-  for (int b = tid; b < kHistBins; b += nth) hb.hist[b] = 0u;
-  __syncthreads();
+  clear_hist();
   for (int i = tid; i < V; i += nth) {
     const float y = S[i];
     if (y >= ymin) atomicAdd(hb.hist + bin_of(y), 1u);
@@ -358,13 +372,11 @@ __device__ __forceinline__ bool topk_softmax_list(float* S, int V, const TargetL
   const float scale1 = __fmul_rn(scale, static_cast<float>(kHistBins));
   auto sub_of = [&](float y) -> int {
     const float t = __fmul_rn(__fsub_rn(y, lo1), scale1);
-    const int b = t > 0.0f ? static_cast<int>(fminf(t, static_cast<float>(kHistBins - 1))) : 0;
-    return b;
+    return t > 0.0f ? static_cast<int>(fminf(t, static_cast<float>(kHistBins - 1))) : 0;
   };
   if (!keep_all && cgt + nb > kHistListCap) {
     if (!isfinite(scale1) || !isfinite(lo1)) return false;
-    for (int b = tid; b < kHistBins; b += nth) hb.hist[b] = 0u;  // read before the barrier above
-    __syncthreads();
+    clear_hist();  // the counts were read before the barrier above
     for (int i = tid; i < V; i += nth) {
       const float y = S[i];
       if (y >= ymin && bin_of(y) == bstar) atomicAdd(hb.hist + sub_of(y), 1u);
@@ -467,8 +479,7 @@ __device__ __forceinline__ bool topk_softmax_list(float* S, int V, const TargetL
       }
       const int bits_span = 32 - __clz(static_cast<int>(kmax - kmin));
       const int shift = bits_span > 11 ? bits_span - 11 : 0;  // (kmax - kmin) >> shift < kHistBins
-      for (int b = tid; b < kHistBins; b += nth) hb.hist[b] = 0u;  // after the reduction's barrier
-      __syncthreads();
+      clear_hist();  // after the reduction's barrier
       for (int t = tid; t < nlist; t += nth) {
         const float y = hb.vals[t];
         const uint32_t key = order_key(y);
@@ -493,12 +504,7 @@ __device__ __forceinline__ bool topk_softmax_list(float* S, int V, const TargetL
 
   // ---- 5. softmax and top-p over the list, then S becomes the dense P row
   softmax_top_p(hb.vals, nlist, thr, ymax, p, red);  // its reductions' barriers follow every read of S
-  if ((V & 3) == 0) {
-    float4* S4 = reinterpret_cast<float4*>(S);
-    for (int i = tid; i < (V >> 2); i += nth) S4[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  } else {
-    for (int i = tid; i < V; i += nth) S[i] = 0.0f;
-  }
+  zero_row(S, V);
   __syncthreads();
   for (int t = tid; t < nlist; t += nth) S[hb.ids[t]] = hb.vals[t];
   n_out = nlist;

@@ -330,11 +330,11 @@ void launch_all(Params prm, int device, int dtype, cudaStream_t st) {
   int smem = global_rows ? 0 : prm.V * static_cast<int>(sizeof(float));
   // the hist_topk path as in jacobi_step's launcher: rows in shared memory with room for its buffers
   if (prm.law.hist) {
-    const int bytes = hist_row_bytes(prm.V) + kHistSmemBytes;
-    const int fit = g_rows.max_lanes(device, reinterpret_cast<const void*>(tree_verify_kernel<T, false>), "tree_verify");
-    if (!global_rows && !prm.law.greedy && prm.law.top_k > 0 && prm.law.top_k < prm.V && prm.V <= kHistMaxLanes &&
-        bytes <= fit * static_cast<int>(sizeof(float)))
-      smem = bytes;
+    const int hs = hist_topk_smem(global_rows, prm.law.greedy, prm.law.top_k, prm.V,
+                                  g_rows.max_lanes(device, reinterpret_cast<const void*>(tree_verify_kernel<T, false>),
+                                                   "tree_verify"));
+    if (hs > 0)
+      smem = hs;
     else
       prm.law.hist = 0;
   }

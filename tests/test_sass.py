@@ -134,6 +134,8 @@ def test_cuda_rows_kernel_metrics():
     # per dtype one instantiation for rows in shared memory and one for rows in the global buffer
     assert len(rows) == 6 and any("bf16" in n for n in names) and any("fp16" in n for n in names), names
     assert sum("false>" in n for n in names) == 3, names
+    # the row pointer's address space is known in both instantiations: shared or global, never generic
+    assert all(r["generic_mem"] == 0 for r in rows), [(r["name"], r["generic_mem"]) for r in rows]
     for r in rows:
         # __launch_bounds__(1024): at most 64 registers; the pivot searches and lane passes are loops
         assert 0 < r["registers"] <= 64 and r["instructions"] > 1000

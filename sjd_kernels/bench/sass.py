@@ -409,7 +409,10 @@ def cuda_metrics(src: str, arch: int = TARGET_CC, only: str = "jacobi_rows_kerne
             lp.append(x)
         rows.append({"name": _demangle(fname), "registers": int(u.group(2)) if u else -1,
                      "stack": int(u.group(3)) if u else -1, "instructions": len(ins),
-                     "barriers": sum(opcode(s) == "BAR" for _, s, _ in ins), "loops": lp})
+                     "barriers": sum(opcode(s) == "BAR" for _, s, _ in ins),
+                     # generic-address loads, stores and atomics: the compiler could not tell shared
+                     # from global memory (a shared-memory row should never need them)
+                     "generic_mem": sum(opcode(s) in ("LD", "ST", "ATOM") for _, s, _ in ins), "loops": lp})
     return rows
 
 
@@ -417,7 +420,8 @@ def cuda_table(rows: list) -> str:
     out = []
     for r in rows:
         out.append(f"{r['name']}: {r['registers']} registers, {r['stack']} B stack, {r['instructions']} SASS "
-                   f"instructions, {r['barriers']} barriers, {len(r['loops'])} loops\n")
+                   f"instructions, {r['barriers']} barriers, {r['generic_mem']} generic loads/stores/atomics, "
+                   f"{len(r['loops'])} loops\n")
         out.append("| loop branch at | body instr. | barriers | body mostly from |\n|---|---|---|---|")
         for x in sorted(r["loops"], key=lambda x: int(x["start"], 16)):
             out.append(f"| {x['branch_at']} | {x['instructions']} | {x['barriers']} | {', '.join(x['lines'])} |")
