@@ -9,7 +9,9 @@ tree_verify case of ``tests/test_tree_verify_kernels.py`` (V up to 16384) with t
 search, the bracket selection and the hist_topk path (requests: at most one in 50 may differ). One line per run: order or op,
 paths, case, ok/FAIL, target rows (tree_verify: requests), differing requests, seconds. Exits 1
 if any failed.
-The suite runs a faster subset (``tests/test_cuda_sim.py``); this is the whole list.
+The suite runs a faster subset (``tests/test_cuda_sim.py``); this is the whole list. With
+``SJD_SIM_RACE=1`` in the environment every launch also runs the race and initcheck checks
+(``sim.simulate(race=True)``): a report fails the run it belongs to.
 """
 from __future__ import annotations
 

@@ -82,20 +82,18 @@ __device__ __forceinline__ uint32_t rank_candidates(int r, TargetRed& red) {
   while (G < 8 && 2 * G * kCandMax <= nth) G *= 2;
   const int c = tid / G, part = tid % G;
   const uint32_t kc = c < nc ? red.cand[c] : 0u;
-  int gt = 0, ge = 0;
+  // rank in the order by key, then by slot: candidates above it, and tied ones in earlier slots
+  int before = 0;
   if (c < nc) {
     for (int i = part; i < nc; i += G) {
       const uint32_t o = red.cand[i];
-      gt += o > kc ? 1 : 0;
-      ge += o >= kc ? 1 : 0;
+      before += (o > kc || (o == kc && i < c)) ? 1 : 0;
     }
   }
-  for (int o = 1; o < G; o <<= 1) {
-    gt += __shfl_xor_sync(0xffffffffu, gt, o);
-    ge += __shfl_xor_sync(0xffffffffu, ge, o);
-  }
-  // the candidates ranked r-th (several when tied: they hold the same key) write it
-  if (c < nc && part == 0 && gt < r && r <= ge) red.cand_n[1] = kc;
+  for (int o = 1; o < G; o <<= 1) before += __shfl_xor_sync(0xffffffffu, before, o);
+  // exactly one candidate holds rank r (one writer, no race among tied ones); its key is the
+  // r-th largest with ties counted, the answer
+  if (c < nc && part == 0 && before == r - 1) red.cand_n[1] = kc;
   __syncthreads();
   return red.cand_n[1];
 }

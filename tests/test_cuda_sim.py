@@ -250,15 +250,16 @@ MUTANTS = {
 }
 
 
-def _mutant_module(tmp_path, fname, old, new):
-    """The simulator built from a copy of csrc/ with ``old`` replaced by ``new`` in ``fname``."""
+def _mutant_module(tmp_path, fname, old, new, race=False):
+    """The simulator built from a copy of csrc/ with ``old`` replaced by ``new`` in ``fname``
+    (``race``: the race-checking build)."""
     from sjd_kernels.cuda import sim
     src = tmp_path / "csrc"
     shutil.copytree(sim.CSRC, src)
     text = (src / fname).read_text()
     assert text.count(old) == 1, f"mutation site not found in {fname}"
     (src / fname).write_text(text.replace(old, new))
-    return sim.load(src)
+    return sim.load(src, race=race)
 
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
@@ -321,3 +322,128 @@ def test_simulator_catches_a_write_past_dynamic_shared_memory(tmp_path):
         tree_kv_update_cuda(kv.clone(), path, cl, status.clone())        # the unmutated kernel runs
     with sim.simulate(module=mod), pytest.raises(RuntimeError, match="past the end of its 12 bytes"):
         tree_kv_update_cuda(kv.clone(), path, cl, status.clone())
+
+
+# ---------------------------------------------------------------- the race checks
+
+def _race_module():
+    from sjd_kernels.cuda import sim
+    sim_module()
+    try:
+        return sim.load(race=True)
+    except sim.SimUnavailable as e:
+        if os.environ.get("SJD_REQUIRE_EXT", "0") == "1":
+            pytest.fail(f"SJD_REQUIRE_EXT=1 but the race-checking simulator cannot be built: {e}")
+        pytest.skip(str(e))
+
+
+# A sample of every kernel and path; ``SJD_SIM_RACE=1 pytest tests/test_cuda_sim.py
+# tests/test_tree_kv_kernels.py`` runs all of this file's cases with the checks.
+RACE_CASES = [((), "sjd-bf16-cfg-topk-topp"), ((), "coupling+vp"), ((), "gumbel_jacobi"), ((), "topk-ties"),
+              (("bracket_topk", "list_races"), "sjd-bf16-cfg-topk-topp"), (("bracket_topk",), "topk-outlier-cfg"),
+              (("hist_topk", "list_races"), "coupling+vp"), (("hist_topk",), "topk-band"),
+              (("hist_topk",), "topk-low-outlier")]
+
+
+@pytest.mark.parametrize("features,name", RACE_CASES, ids=lambda x: "+".join(x) if isinstance(x, tuple) else x)
+def test_no_race_in_jacobi_step(cpu_cases, features, name):
+    """Every load and store of the rows and commit kernels checked (``sim.load(race=True)``): no
+    two unordered accesses to the same shared or global bytes with a write among them, no read of
+    shared memory the block did not write; and the outputs still match the reference."""
+    from sjd_kernels.cuda import sim
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    mod = _race_module()
+    cfg = dict(tcj.CONFIGS[name])
+    cfg.pop("reps", None)
+    with sim.simulate("shuffle", seed=3, module=mod), kernel_features(*features):
+        tcj.check_config(reps=1, **cfg)
+    with sim.simulate("reverse", module=mod), kernel_features(*features):
+        tcj.check_config(reps=1, force_global=True, **cfg)
+
+
+def test_no_race_with_zero_mass_rows_and_errors(cpu_cases):
+    """The status counters bumped from many blocks (atomics) and the per-request error paths."""
+    from sjd_kernels.cuda import sim
+    mod = _race_module()
+    with sim.simulate("shuffle", seed=1, module=mod):
+        tcj.test_zero_mass_counters_are_exercised()
+        tcj.test_errors_reported_per_request()
+
+
+def test_no_race_in_tree_kernels(cpu_cases):
+    import test_tree_verify_kernels as ttv
+    from sjd_kernels.cuda import sim
+    from sjd_kernels.cuda.jacobi_step import kernel_features
+    from sjd_kernels.cuda.tree_kv_update import tree_kv_update_cuda, tree_kv_update_list_cuda
+    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+    mod = _race_module()
+    for name in ("K3-depth2", "V2048-bf16-cfg-topk"):
+        for features in ((), ("hist_topk",)):
+            with sim.simulate("reverse", module=mod), kernel_features(*features):
+                ttv.check_against_reference(tree_verify_cuda, name, "cpu", reps=1)
+    # the overlapping move of the issue (path [0, 2, 3] into slots [0, 1, 2]), two requests, both layouts
+    kv = torch.randn(2, 2, 2, 2, 8, 8)
+    path, cl = torch.tensor([[0, 2, 3], [1, -1, -1]]), torch.tensor([1, 4])
+    status = torch.zeros(4, dtype=torch.int32)
+    with sim.simulate("shuffle", module=mod):
+        tree_kv_update_cuda(kv, path, cl, status)
+        keys = [torch.randn(2, 2, 8, 8) for _ in range(2)]
+        values = [torch.randn(2, 2, 8, 8) for _ in range(2)]
+        tree_kv_update_list_cuda(keys, values, path, cl, None, status)
+    assert int(status[0]) == 0
+
+
+RACE_MUTANTS = {
+    # the histogram's increments as plain read-modify-writes: same outputs here (fibers never
+    # interleave inside one), lost counts on a GPU
+    "shared-plain-increment": (("hist_topk",), "sjd-bf16-cfg-topk-topp", "target.cuh",
+                               "    if (y >= ymin) atomicAdd(hb.hist + bin_of(y), 1u);",
+                               "    if (y >= ymin) hb.hist[bin_of(y)] += 1u;", "race on dynamic shared memory"),
+    # block_allreduce without its barrier (MUTANTS["missing-barrier"])
+    "missing-barrier": ((), "sjd-bf16-cfg-topk-topp", *MUTANTS["missing-barrier"], "race on __shared__ red_"),
+    # the reduction reads the partial of one warp more than the block has: never written
+    "absent-warp-partial": ((), "sjd-bf16-cfg-topk-topp", "sampling.cuh", "lane < nw ? b[lane * N + k]",
+                            "lane <= nw ? b[lane * N + k]", "that no thread of the block wrote"),
+    # the zero-residual counter bumped by a plain read-modify-write from many blocks
+    "global-plain-increment": (None, "zero-mass", "jacobi_step.cu", "        atomicAdd(p.status + kStatusZeroResid, 1);",
+                               "        p.status[kStatusZeroResid] += 1;",
+                               "race on global memory.*threads of different blocks"),
+    # tree_verify counting each node's children with a plain increment
+    "tree-plain-increment": (None, "tree", "tree_verify.cu", "      atomicAdd(&s_nch[pc], 1);",
+                             "      s_nch[pc] += 1;", "race on __shared__ s_nch"),
+}
+
+
+def _run_race_case(features, name):
+    if name == "zero-mass":
+        tcj.test_zero_mass_counters_are_exercised()
+    elif name == "tree":
+        import test_tree_verify_kernels as ttv
+        from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+        ttv.check_against_reference(tree_verify_cuda, "K3-depth2", "cpu", reps=1)
+    else:
+        from sjd_kernels.cuda.jacobi_step import kernel_features
+        cfg = dict(tcj.CONFIGS[name])
+        cfg.pop("reps", None)
+        with kernel_features(*features):
+            tcj.check_config(reps=1, **cfg)
+
+
+@pytest.mark.parametrize("mutant", list(RACE_MUTANTS))
+def test_race_check_catches_mutants(cpu_cases, mutant, tmp_path):
+    """Each mutant races (or reads unwritten shared memory) and the race-checking build says so
+    under a shuffled thread order. The output checks alone pass the three plain increments (the
+    simulator runs a read-modify-write without interruption; a GPU loses counts). The unmutated
+    kernels pass the same runs with the checks (test_no_race_in_jacobi_step,
+    test_no_race_with_zero_mass_rows_and_errors, test_no_race_in_tree_kernels)."""
+    from sjd_kernels.cuda import sim
+    features, name, fname, old, new, match = RACE_MUTANTS[mutant]
+    _race_module()
+    mod = _mutant_module(tmp_path, fname, old, new, race=True)
+    with sim.simulate("shuffle", seed=1, module=mod), pytest.raises(RuntimeError, match=match):
+        _run_race_case(features, name)
+    if "plain-increment" in mutant:
+        # the output checks alone pass: only the race check sees these
+        plain = _mutant_module(tmp_path / "plain", fname, old, new)
+        with sim.simulate("shuffle", seed=1, module=plain):
+            _run_race_case(features, name)

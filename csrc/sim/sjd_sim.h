@@ -20,6 +20,15 @@
 // -ffp-contract=off), memory ordering between blocks, timing. Results are therefore checked against
 // the reference as the Triton interpreter's are: same tokens up to rare rounding at sampling
 // boundaries. It exists for correctness only.
+//
+// Built with race checks (SJD_SIM_RACE; `sjd_kernels.cuda.sim.load(race=True)`), the kernel sources
+// are compiled with -fsanitize=thread, whose hooks (csrc/sim/race_check.cpp, not the sanitizer's
+// runtime) see every load and store of the kernels and check them against the CUDA rules: two
+// accesses to the same shared or global bytes by different threads, at least one a write and not
+// both atomic, race unless a __syncthreads (or, within a warp, a warp exchange both took part in)
+// lies between them; threads of different blocks of one launch never synchronise. A read of shared
+// memory that no thread of the block wrote is reported too. The launch then fails with the first
+// reports, each with both source lines. The runtime below is not instrumented (SJD_SIM_RT).
 #pragma once
 
 #define SJD_SIM 1
@@ -59,6 +68,12 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
+#ifdef SJD_SIM_RACE
+#define SJD_SIM_RT __attribute__((no_sanitize_thread, noinline))
+#else
+#define SJD_SIM_RT
+#endif
+
 namespace sjd_sim {
 
 struct Barrier {
@@ -86,6 +101,9 @@ struct Warp {
   Barrier bar;
   unsigned live = 0;       // lanes of this warp that exist and have not returned
   uint64_t val[3][32]{};   // exchange slots, used in rotation
+#ifdef SJD_SIM_RACE
+  uint32_t vc[32][32]{};   // race checks: each lane's vector clock over the lanes of its warp
+#endif
 };
 
 struct Block {
@@ -114,27 +132,36 @@ inline thread_local unsigned char* g_dyn_smem = nullptr;
 inline thread_local std::string g_error;  // first error of the current launch
 inline thread_local uint64_t g_releases = 0;  // barriers opened so far
 
+#ifdef SJD_SIM_RACE
+// csrc/sim/race_check.cpp
+void race_launch_begin(const unsigned char* dyn, size_t smem);
+void race_block_begin(const Block& blk, const char* stack_lo, size_t stack_bytes);
+void race_warp_event(Warp& w, unsigned lanes);
+void race_atomic(const void* p, size_t n, const void* pc);
+std::string race_launch_end();
+#endif
+
 // Switches: a fiber is entered once with swapcontext and afterwards resumed with _longjmp, which,
 // unlike swapcontext, does not save and restore the signal mask (a system call per switch).
-inline void yield_to_scheduler() {
+SJD_SIM_RT inline void yield_to_scheduler() {
   if (!_setjmp(g_cur->jb)) _longjmp(g_sched_jb, 1);
 }
 
-[[noreturn]] inline void fail(const std::string& what) {
+[[noreturn]] SJD_SIM_RT inline void fail(const std::string& what) {
   // A kernel-side error ends the whole launch: record it and return to the scheduler for good.
   if (g_error.empty()) g_error = what;
   g_cur->done = true;
   _longjmp(g_sched_jb, 1);
 }
 
-inline void wait_on(const Barrier& b, uint64_t gen) {
+SJD_SIM_RT inline void wait_on(const Barrier& b, uint64_t gen) {
   g_cur->wait = &b;
   g_cur->wait_gen = gen;
   yield_to_scheduler();
 }
 
 // ---- block barrier -----------------------------------------------------------------------------
-inline void release_if_complete(Barrier& b, int expected) {
+SJD_SIM_RT inline void release_if_complete(Barrier& b, int expected) {
   if (b.arrived > 0 && b.arrived >= expected) {
     b.arrived = 0;
     ++b.gen;
@@ -144,7 +171,7 @@ inline void release_if_complete(Barrier& b, int expected) {
 
 // The calling thread arrives at ``b``, which opens once ``expected`` threads have; until then it
 // waits (the last to arrive goes on without a switch).
-inline void arrive(Barrier& b, int expected) {
+SJD_SIM_RT inline void arrive(Barrier& b, int expected) {
   const uint64_t gen = b.gen;
   ++b.arrived;
   release_if_complete(b, expected);
@@ -154,7 +181,7 @@ inline void arrive(Barrier& b, int expected) {
 // ``file:line``: the __syncthreads call site. Threads of one phase at different sites are an error
 // (CUDA allows __syncthreads in conditional code only when the whole block takes the same branch;
 // the hardware would count them together and go on with mismatched phases).
-inline void block_sync(const char* file, int line) {
+SJD_SIM_RT inline void block_sync(const char* file, int line) {
   Barrier& b = g_blk->bar;
   if (b.arrived == 0) {
     b.file = file;
@@ -167,11 +194,11 @@ inline void block_sync(const char* file, int line) {
 }
 
 // ---- warp exchange -----------------------------------------------------------------------------
-inline int lane_id() { return g_cur->linear & 31; }
-inline Warp& my_warp() { return g_blk->warps[g_cur->linear >> 5]; }
+SJD_SIM_RT inline int lane_id() { return g_cur->linear & 31; }
+SJD_SIM_RT inline Warp& my_warp() { return g_blk->warps[g_cur->linear >> 5]; }
 
 // Every lane of ``mask`` publishes ``v``; returns the slot row all of them published into.
-inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
+SJD_SIM_RT inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
   Warp& w = my_warp();
   const int lane = lane_id();
   if (!((mask >> lane) & 1u)) fail("warp intrinsic called by a lane outside its mask");
@@ -184,7 +211,11 @@ inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
     fail("warp intrinsics with different masks in one warp at the same time");
   }
   if ((mask & ~w.live) != 0) fail("warp intrinsic's mask names a lane that has exited or does not exist");
-  arrive(b, __builtin_popcount(mask & w.live));
+  const int expected = __builtin_popcount(mask & w.live);
+#ifdef SJD_SIM_RACE
+  if (b.arrived + 1 >= expected) race_warp_event(w, mask & w.live);  // this arrival completes the exchange
+#endif
+  arrive(b, expected);
   return w.val[slot];
 }
 
@@ -203,7 +234,7 @@ inline T from_bits(uint64_t u) {
 }
 
 // ---- the scheduler -----------------------------------------------------------------------------
-inline void fiber_entry() {
+SJD_SIM_RT inline void fiber_entry() {
   (*g_blk->body)();
   Fiber* f = g_cur;
   f->done = true;
@@ -212,7 +243,12 @@ inline void fiber_entry() {
   w.live &= ~(1u << (f->linear & 31));
   // A block barrier or warp exchange waiting only on this thread completes now.
   release_if_complete(g_blk->bar, g_blk->live);
-  if (w.bar.arrived > 0) release_if_complete(w.bar, __builtin_popcount(w.bar.mask & w.live));
+  if (w.bar.arrived > 0) {
+#ifdef SJD_SIM_RACE
+    if (w.bar.arrived >= __builtin_popcount(w.bar.mask & w.live)) race_warp_event(w, w.bar.mask & w.live);
+#endif
+    release_if_complete(w.bar, __builtin_popcount(w.bar.mask & w.live));
+  }
   _longjmp(g_sched_jb, 1);  // never returns into uc_link
 }
 
@@ -229,7 +265,7 @@ inline Stacks& stacks() {
 
 constexpr size_t kStack = 192 * 1024;
 
-inline void run_block(int nthreads, const std::function<void()>& body) {
+SJD_SIM_RT inline void run_block(int nthreads, const std::function<void()>& body) {
   Block blk;
   blk.fibers.resize(nthreads);
   const int nwarps = (nthreads + 31) / 32;
@@ -256,6 +292,9 @@ inline void run_block(int nthreads, const std::function<void()>& body) {
     makecontext(&f.ctx, fiber_entry, 0);
   }
   g_blk = &blk;
+#ifdef SJD_SIM_RACE
+  race_block_begin(blk, st.mem.get(), kStack * static_cast<size_t>(nthreads));
+#endif
   std::vector<int> order(nthreads);
   for (int t = 0; t < nthreads; ++t) order[t] = g_cfg.order == 1 ? nthreads - 1 - t : t;
   std::mt19937_64 rng(g_cfg.seed * 0x9E3779B97F4A7C15ull + g_cfg.launches);
@@ -309,7 +348,7 @@ inline void run_block(int nthreads, const std::function<void()>& body) {
 // Last launch error, as cudaGetLastError reports it (then cleared).
 inline thread_local int g_last_error = 0;
 
-inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+SJD_SIM_RT inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   ++g_cfg.launches;
   const unsigned long long nthreads = 1ull * block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
@@ -329,6 +368,9 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
   unsigned char* base = dyn.data();
   base += (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16;
   g_dyn_smem = base;
+#ifdef SJD_SIM_RACE
+  race_launch_begin(base, smem);
+#endif
   g_grid_dim = grid;
   g_block_dim = block;
   g_error.clear();
@@ -345,6 +387,12 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
                       ") wrote past the end of its " + std::to_string(smem) + " bytes of dynamic shared memory";
       }
   g_dyn_smem = nullptr;
+#ifdef SJD_SIM_RACE
+  {
+    std::string races = race_launch_end();
+    if (g_error.empty()) g_error = races;
+  }
+#endif
   if (!g_error.empty()) {
     std::string e = "sjd_kernels simulator: " + g_error;
     g_error.clear();
@@ -383,7 +431,7 @@ Launcher<P...> make_launcher(void (*k)(P...), dim3 g, dim3 b, size_t smem) {
 
 // Counts the threads whose ``pred`` holds. Three accumulators in rotation: a call clears the next
 // call's slot before its barrier, when every reader of that slot's previous use has passed.
-inline int sjd_sim_block_count(int pred, const char* file, int line) {
+SJD_SIM_RT inline int sjd_sim_block_count(int pred, const char* file, int line) {
   using namespace ::sjd_sim;
   const int n = static_cast<int>(g_cur->n_block_ops++ % 3);
   Block* b = g_blk;
@@ -395,14 +443,14 @@ inline int sjd_sim_block_count(int pred, const char* file, int line) {
 #define __syncthreads_or(pred) (sjd_sim_block_count((pred), __FILE__, __LINE__) != 0)
 
 template <typename T>
-inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+SJD_SIM_RT inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
   const int lane = ::sjd_sim::lane_id();
   const int base = lane & ~(width - 1);
   return ::sjd_sim::from_bits<T>(row[base + (src & (width - 1))]);
 }
 template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+SJD_SIM_RT inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
   const int lane = ::sjd_sim::lane_id();
   int src = lane ^ lane_mask;
@@ -410,28 +458,28 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return ::sjd_sim::from_bits<T>(row[src]);
 }
 template <typename T>
-inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+SJD_SIM_RT inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
   const int lane = ::sjd_sim::lane_id();
   const int in_seg = lane & (width - 1);
   const int src = in_seg >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
   return ::sjd_sim::from_bits<T>(row[src]);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred) {
+SJD_SIM_RT inline unsigned __ballot_sync(unsigned mask, int pred) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, pred != 0);
   unsigned r = 0;
   for (int l = 0; l < 32; ++l)
     if (((mask >> l) & 1u) && row[l]) r |= 1u << l;
   return r;
 }
-inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
+SJD_SIM_RT inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, v);
   unsigned r = 0;
   for (int l = 0; l < 32; ++l)
     if ((mask >> l) & 1u) r |= static_cast<unsigned>(row[l]);
   return r;
 }
-inline int __reduce_add_sync(unsigned mask, int v) {
+SJD_SIM_RT inline int __reduce_add_sync(unsigned mask, int v) {
   const uint64_t* row = ::sjd_sim::warp_exchange(mask, static_cast<uint32_t>(v));
   uint32_t r = 0;
   for (int l = 0; l < 32; ++l)
@@ -440,12 +488,17 @@ inline int __reduce_add_sync(unsigned mask, int v) {
 }
 
 // ---- atomics (fibers never interleave inside one) -----------------------------------------------
+#ifdef SJD_SIM_RACE
+#define SJD_SIM_ATOMIC(a) ::sjd_sim::race_atomic((a), sizeof(*(a)), __builtin_return_address(0))
+#else
+#define SJD_SIM_ATOMIC(a) ((void)0)
+#endif
 template <typename T>
-inline T atomicAdd(T* a, T v) { T o = *a; *a = o + v; return o; }
+SJD_SIM_RT inline T atomicAdd(T* a, T v) { SJD_SIM_ATOMIC(a); T o = *a; *a = o + v; return o; }
 template <typename T>
-inline T atomicOr(T* a, T v) { T o = *a; *a = o | v; return o; }
+SJD_SIM_RT inline T atomicOr(T* a, T v) { SJD_SIM_ATOMIC(a); T o = *a; *a = o | v; return o; }
 template <typename T>
-inline T atomicMin(T* a, T v) { T o = *a; *a = v < o ? v : o; return o; }
+SJD_SIM_RT inline T atomicMin(T* a, T v) { SJD_SIM_ATOMIC(a); T o = *a; *a = v < o ? v : o; return o; }
 
 // ---- loads, stores, arithmetic intrinsics -------------------------------------------------------
 template <typename T>
