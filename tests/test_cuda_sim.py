@@ -357,8 +357,10 @@ def test_no_race_in_jacobi_step(cpu_cases, features, name):
     cfg.pop("reps", None)
     with sim.simulate("shuffle", seed=3, module=mod), kernel_features(*features):
         tcj.check_config(reps=1, **cfg)
-    with sim.simulate("reverse", module=mod), kernel_features(*features):
-        tcj.check_config(reps=1, force_global=True, **cfg)
+    if name in ("sjd-bf16-cfg-topk-topp", "coupling+vp"):
+        # and with the rows in the global buffer (the kernels' other instantiation)
+        with sim.simulate("reverse", module=mod), kernel_features(*features):
+            tcj.check_config(reps=1, force_global=True, **cfg)
 
 
 def test_no_race_with_zero_mass_rows_and_errors(cpu_cases):
