@@ -383,7 +383,7 @@ def test_no_race_in_tree_kernels(cpu_cases):
         for features in ((), ("hist_topk",)):
             with sim.simulate("reverse", module=mod), kernel_features(*features):
                 ttv.check_against_reference(tree_verify_cuda, name, "cpu", reps=1)
-    # the overlapping move of the issue (path [0, 2, 3] into slots [0, 1, 2]), two requests, both layouts
+    # overlapping moves (request 0: slots 1, 3, 4 into 1, 2, 3), a request with padding, both layouts
     kv = torch.randn(2, 2, 2, 2, 8, 8)
     path, cl = torch.tensor([[0, 2, 3], [1, -1, -1]]), torch.tensor([1, 4])
     status = torch.zeros(4, dtype=torch.int32)
