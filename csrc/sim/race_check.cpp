@@ -236,8 +236,8 @@ inline void check_word(Word& wd, Space sp, uintptr_t addr, Acc cur, bool write) 
     report_race(sp, addr, wd.w, true, cur, write);
   if (write) {
     for (Acc& r : wd.r) {
-      if (r.blk && (r.bytes & cur.bytes) && !(r.atomic && cur.atomic) && !ordered(r, cur))
-        report_race(sp, addr, r, false, cur, true);
+      if (!r.blk || !(r.bytes & cur.bytes)) continue;  // reads of other bytes of the word stay
+      if (!(r.atomic && cur.atomic) && !ordered(r, cur)) report_race(sp, addr, r, false, cur, true);
       r = Acc{};
     }
     wd.w = cur;
