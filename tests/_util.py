@@ -40,13 +40,13 @@ requires_cuda_ext = pytest.mark.skipif(
             else EXT_WHY + " (set SJD_REQUIRE_EXT=1 to fail instead)"))
 
 
-def sim_module():
-    """The CPU simulator of the CUDA kernels (``sjd_kernels.cuda.sim``), built on first use. Skips
-    the calling test when it cannot be built here (no C++ compiler or pybind11); with
-    ``SJD_REQUIRE_EXT=1`` (CI) that is a failure instead."""
+def sim_module(race=False):
+    """The CPU simulator of the CUDA kernels (``sjd_kernels.cuda.sim``; ``race``: its race-checking
+    build), built on first use. Skips the calling test when it cannot be built here (no C++
+    compiler or pybind11); with ``SJD_REQUIRE_EXT=1`` (CI) that is a failure instead."""
     from sjd_kernels.cuda import sim
     try:
-        return sim.load()
+        return sim.load(race=race)
     except sim.SimUnavailable as e:
         if REQUIRE_EXT:
             pytest.fail(f"SJD_REQUIRE_EXT=1 but the CUDA simulator cannot be built: {e}")

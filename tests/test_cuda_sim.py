@@ -326,17 +326,6 @@ def test_simulator_catches_a_write_past_dynamic_shared_memory(tmp_path):
 
 # ---------------------------------------------------------------- the race checks
 
-def _race_module():
-    from sjd_kernels.cuda import sim
-    sim_module()
-    try:
-        return sim.load(race=True)
-    except sim.SimUnavailable as e:
-        if os.environ.get("SJD_REQUIRE_EXT", "0") == "1":
-            pytest.fail(f"SJD_REQUIRE_EXT=1 but the race-checking simulator cannot be built: {e}")
-        pytest.skip(str(e))
-
-
 # A sample of every kernel and path; ``SJD_SIM_RACE=1 pytest tests/test_cuda_sim.py
 # tests/test_tree_kv_kernels.py`` runs all of this file's cases with the checks.
 RACE_CASES = [((), "sjd-bf16-cfg-topk-topp"), ((), "coupling+vp"), ((), "gumbel_jacobi"), ((), "topk-ties"),
@@ -352,7 +341,7 @@ def test_no_race_in_jacobi_step(cpu_cases, features, name):
     shared memory the block did not write; and the outputs still match the reference."""
     from sjd_kernels.cuda import sim
     from sjd_kernels.cuda.jacobi_step import kernel_features
-    mod = _race_module()
+    mod = sim_module(race=True)
     cfg = dict(tcj.CONFIGS[name])
     cfg.pop("reps", None)
     with sim.simulate("shuffle", seed=3, module=mod), kernel_features(*features):
@@ -366,7 +355,7 @@ def test_no_race_in_jacobi_step(cpu_cases, features, name):
 def test_no_race_with_zero_mass_rows_and_errors(cpu_cases):
     """The status counters bumped from many blocks (atomics) and the per-request error paths."""
     from sjd_kernels.cuda import sim
-    mod = _race_module()
+    mod = sim_module(race=True)
     with sim.simulate("shuffle", seed=1, module=mod):
         tcj.test_zero_mass_counters_are_exercised()
         tcj.test_errors_reported_per_request()
@@ -378,7 +367,7 @@ def test_no_race_in_tree_kernels(cpu_cases):
     from sjd_kernels.cuda.jacobi_step import kernel_features
     from sjd_kernels.cuda.tree_kv_update import tree_kv_update_cuda, tree_kv_update_list_cuda
     from sjd_kernels.cuda.tree_verify import tree_verify_cuda
-    mod = _race_module()
+    mod = sim_module(race=True)
     for name in ("K3-depth2", "V2048-bf16-cfg-topk"):
         for features in ((), ("hist_topk",)):
             with sim.simulate("reverse", module=mod), kernel_features(*features):
@@ -440,7 +429,7 @@ def test_race_check_catches_mutants(cpu_cases, mutant, tmp_path):
     test_no_race_with_zero_mass_rows_and_errors, test_no_race_in_tree_kernels)."""
     from sjd_kernels.cuda import sim
     features, name, fname, old, new, match = RACE_MUTANTS[mutant]
-    _race_module()
+    sim_module(race=True)
     mod = _mutant_module(tmp_path, fname, old, new, race=True)
     with sim.simulate("shuffle", seed=1, module=mod), pytest.raises(RuntimeError, match=match):
         _run_race_case(features, name)
