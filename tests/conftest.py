@@ -12,6 +12,14 @@ from _util import gpu, requires_cuda, requires_cuda_ext, requires_ext  # noqa: E
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped when none is visible)")
+    # Under pytest-xdist (the README's `-n auto --dist loadfile`) every worker is a process of its
+    # own: torch's intra-op threads are shared out so the workers together use each core once, not
+    # once each. `--dist loadfile` keeps a file on one worker: module fixtures (the sm_90 codegen
+    # subprocess, simulator builds) run once, and tests that total their module's earlier tests
+    # (test_parity_grid_total) see them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     # SJD_CUDA_SIM=forward|reverse|shuffle: the whole session runs the cuda backend's kernels in
     # the CPU simulator (sjd_kernels.cuda.sim), e.g. with SJD_LAW_BACKENDS=cuda SJD_LAW_DEVICE=cpu
     # for the law and bad-input tests on the CUDA kernels without a GPU.

@@ -1,0 +1,370 @@
+"""Random jacobi_step and tree_verify configurations: the reference, the Triton kernels and the CUDA kernels, compared.
+
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/fuzz_parity.py [--op jacobi_step|tree_verify]
+        [--cases N] [--seed S] [--backends triton,cuda] [--start I] > LOG
+
+The parity tests run fixed grids. This draws each case's configuration at random from the whole
+space the op accepts (every draft mode, VP form and strength, CFG with mixed dtypes, temperature
+0 to 1.7, top-k from 1 to V, top-p, forced positions, left tails, unaligned vocabulary slices, the
+row families that stress the top-k searches, W 0 to 33, B 1 to 6, V 1 to 16387), in two kinds:
+- ``single``: one step on the adversarial stored laws of ``tests/test_cuda_jacobi_step.build_case``
+  (drafts drawn from their laws, from 2 P, from mixtures, uniform, one-hot);
+- ``chain``: three steps from a fresh state, dense or sparse (capacity below, at or above top-k),
+  the state fed back and the logits drifting by absolute position (rows: Gaussian, ties,
+  masked, an outlier or heavy tails).
+
+The Triton kernel runs under the interpreter (CPU tensors); the CUDA kernels run in the CPU
+simulator (``sjd_kernels.cuda.sim``) with a random set of optional paths, a random thread order
+and, for some cases, rows in global memory. Each backend must give the reference's outputs, kinds,
+error bits, overflow count and sparse ids, and its stored laws to float rounding, request by
+request; as in the GPU parity tests, at most one request per 200 rows may differ (a float rounding
+at a sampling boundary). One line per case and backend: case index, kind, ok/FAIL, rows, differing
+requests, seconds, then the configuration (JSON) so any case can be rerun alone with
+``--start I --cases 1``. Exits 1 if any case failed. The state of a request in error is not
+compared (the kernels leave it undefined, docs/DESIGN.md); its outputs and error bits are.
+
+``--op tree_verify`` draws ``tests/test_tree_verify_kernels.make_case`` arguments instead (B 1 to
+6, V 2 to 4099, K 1 to 4, depth 0 to 3 plus a chain, every stored-law kind, coupled first
+children, forced positions, CFG, greedy, top-k, top-p, a NaN root row or a bad draft id now and
+then) with the CUDA kernel on the default, bracket or hist top-k path: outputs per request (at
+most one in 50 may differ) and the error bits exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import torch  # noqa: E402
+
+import test_cuda_jacobi_step as t  # noqa: E402
+
+from sjd_kernels.ops.jacobi_step import JacobiState  # noqa: E402
+from sjd_kernels.reference import jacobi_step as ref  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FEATURE_SETS = [(), ("list_races",), ("bracket_topk",), ("bracket_topk", "list_races"), ("hist_topk",),
+                ("hist_topk", "list_races")]
+ORDERS = ("forward", "reverse", "shuffle")
+BUDGET = 300_000            # B * (W + 1) * V: a few seconds per case in the interpreter and the simulator
+
+
+def draw_config(r: random.Random) -> dict:
+    """One configuration (JSON-able) from the whole input space."""
+    V = r.choice([1, 2, 7, 37, 256, 1000, 1000, 1003, 1000, 4096, 8197, 16387])
+    W = r.choice([0, 1, 2, 5, 8, 8, 16, 16, 24, 33])
+    B = r.randint(1, 6)
+    while B * (W + 1) * V > BUDGET and (B > 1 or W > 1):
+        if B > 1:
+            B -= 1
+        else:
+            W //= 2
+    kind = r.choice(["randn"] * 6 + ["ties", "masked", "outlier", "heavy", "band", "flat", "low-outlier"])
+    if V < 16 and kind in ("band", "low-outlier"):
+        kind = "randn"
+    dtype = "fp32" if kind in ("band", "flat", "low-outlier") else r.choice(["bf16", "bf16", "fp16", "fp32"])
+    cfg = kind != "masked" and r.random() < 0.5
+    mode = r.choice(["sjd", "sjd", "coupling", "coupling", "gumbel", "gumbel_jacobi"])
+    top_k = min(V, r.choice([0, 0, 1, 2, r.randint(1, V), r.randint(1, max(1, V // 8)), V]))   # the op's range
+    c = dict(B=B, W=W, V=V, dtype=dtype, cfg=cfg, mode=mode, top_k=top_k,
+             top_p=r.choice([1.0, 1.0, 1.0, 0.9, 0.5, 0.99, 1e-3]),
+             temperature=r.choice([0.0, 0.5, 1.0, 1.0, 1.0, 1.7]),
+             vp=r.random() < 0.4, beta=r.choice([0.5, -0.7, 1.3, 2.0, -0.5, 0.0, 1.0]),
+             vp_form=r.choice([ref.VP_ADD, ref.VP_LOG]), tail_init=r.choice([ref.TAIL_UNIFORM, ref.TAIL_LEFT]),
+             forced=r.random() < 0.25, slice_logits=r.random() < 0.25, logits_kind=kind,
+             scale=r.choice([0.5, 2.5, 2.5, 8.0]))
+    if cfg and r.random() < 0.2:
+        c["uncond_dtype"] = "fp32"
+    return c
+
+
+def build_single(c: dict, seed: int) -> dict:
+    kw = {k: v for k, v in c.items() if k not in ("kind", "capacity")}
+    kw["dtype"] = DTYPES[kw["dtype"]]
+    if "uncond_dtype" in kw:
+        kw["uncond_dtype"] = DTYPES[kw["uncond_dtype"]]
+    old, t.DEV = t.DEV, "cpu"            # build_case's tensors on the CPU (the test module's default is cuda)
+    try:
+        return t.build_case(seed=seed, **kw)
+    finally:
+        t.DEV = old
+
+
+def chain_inputs(c: dict, seed: int, steps: int):
+    """A fresh state and per-step logits for a chain (rows drift by absolute position)."""
+    g = torch.Generator().manual_seed(seed)
+    B, W, V = c["B"], c["W"], c["V"]
+    L = 8 + steps * (W + 1) + W + 1
+    base = c["scale"] * torch.randn(B, L, V, generator=g)
+    if c["logits_kind"] == "ties":
+        base = base.round()
+    elif c["logits_kind"] == "outlier":
+        base[..., 0] = 300.0
+    elif c["logits_kind"] == "heavy":
+        base = base ** 3 / c["scale"] ** 2
+    elif c["logits_kind"] == "masked":
+        base = torch.where(torch.rand(base.shape, generator=g) < 0.6, torch.full_like(base, float("-inf")), base)
+    unc = base + torch.randn(B, L, V, generator=g) if c["cfg"] else None
+    noise = [0.1 * torch.randn(B, W + 1, V, generator=g) for _ in range(steps)]
+    forced = None
+    if c["forced"]:
+        forced = torch.full((B, L), -1, dtype=torch.int64)
+        mark = torch.rand(B, L, generator=g) < 0.12
+        ids = torch.randint(0, V + 3, (B, L), generator=g)
+        forced = torch.where(mark, ids, forced)
+    capacity = None
+    if c.get("capacity"):
+        capacity = c["capacity"]
+    st = JacobiState.create(B, W, V, torch.randint(-(2**62), 2**62, (B,), generator=g).tolist(),
+                            vp=c["vp"], capacity=capacity)
+    pos = torch.randint(0, 8, (B,), generator=g)
+    cfg_scale = (torch.rand(B, generator=g) * 4 + 1) if c["cfg"] else None
+    return base, unc, noise, forced, st, pos, cfg_scale
+
+
+def _call(fn, logits, unc, cfg_scale, drafts, win, pos, st, forced, c):
+    kw = {"q_idx": st.q_idx} if st.sparse else {}
+    return fn(logits, unc, cfg_scale, drafts, win, pos, st.seed, st.step, forced, st.q_state, st.q_kind, st.p_prev,
+              st.status, float(c["temperature"]), int(c["top_k"]), float(c["top_p"]), t.MODES[c["mode"]],
+              float(c["beta"]), int(c["vp_form"]), 1e-6, int(c["tail_init"]), **kw)
+
+
+def compare(out_r, st_r, out_x, st_x, B: int) -> list[int]:
+    """Requests whose outputs or state differ (laws to float rounding). The state of a request in
+    error (num_accepted -1) is not compared: the kernels leave it undefined (docs/DESIGN.md). NaN
+    equals NaN: the adversarial stored laws of some cases hold NaN rows the step does not touch."""
+    diff = []
+    dr, dx = st_r.dense_laws(), st_x.dense_laws()
+    for b in range(B):
+        same = all(torch.equal(x[b], y[b]) for x, y in zip(out_r, out_x))
+        if same and int(out_r[0][b]) < 0:
+            continue
+        same = same and torch.equal(st_r.q_kind[b], st_x.q_kind[b])
+        same = same and torch.allclose(dr[b], dx[b], rtol=1e-5, atol=1e-7, equal_nan=True)
+        if same and st_r.p_prev.numel():
+            same = torch.allclose(st_r.p_prev[b], st_x.p_prev[b], rtol=1e-5, atol=1e-7, equal_nan=True)
+        if same and st_r.sparse:
+            same = torch.equal(st_r.q_idx[b], st_x.q_idx[b])
+        if not same:
+            diff.append(b)
+    return diff
+
+
+def _state_from_case(case: dict, V: int) -> JacobiState:
+    return JacobiState(case["q_state"].clone(), case["q_kind"].clone(), case["p_prev"].clone(), case["seed"].clone(),
+                       case["step"].clone(), case["status"].clone(), vocab_size=V)
+
+
+def run_case(c: dict, seed: int, fn, steps: int = 3) -> tuple[int, int]:
+    """(rows, differing requests) of backend ``fn`` against the reference; raises on a hard mismatch
+    (error bits, overflow count) or on an exception from either side."""
+    B, W, V = c["B"], c["W"], c["V"]
+    if c["kind"] == "single":
+        case = build_single(c, seed)
+        st_r, st_x = _state_from_case(case, V), _state_from_case(case, V)
+        args = (case["logits"], case["uncond"], case["cfg_scale"], case["drafts"], case["win_len"], case["pos"])
+        out_r = _call(ref.jacobi_step, *args, st_r, case["forced"], c)
+        out_x = _call(fn, *args, st_x, case["forced"], c)
+        _check_status(st_r, st_x)
+        return int((case["win_len"] + 1).sum()), len(compare(out_r, st_r, out_x, st_x, B))
+    base, unc_all, noise, forced, st, pos, cfg_scale = chain_inputs(c, seed, steps)
+    st_r, st_x = st.clone(), st.clone()
+    drafts = ref.init_window(st.seed, pos, st.step, W, V, st.q_kind, forced)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = ndiff = 0
+    dtype = DTYPES[c["dtype"]]
+    for s in range(steps):
+        at = (pos.view(B, 1) + torch.arange(W + 1)).view(B, W + 1, 1).expand(B, W + 1, V)
+        logits = _maybe_slice((base.gather(1, at) + noise[s]).to(dtype), c)
+        unc = (_maybe_slice(unc_all.gather(1, at).to(DTYPES.get(c.get("uncond_dtype"), dtype)), c)
+               if unc_all is not None else None)
+        win = torch.randint(0, W + 1, (B,), generator=g)
+        win[0] = W
+        out_r = _call(ref.jacobi_step, logits, unc, cfg_scale, drafts, win, pos, st_r, forced, c)
+        out_x = _call(fn, logits, unc, cfg_scale, drafts, win, pos, st_x, forced, c)
+        _check_status(st_r, st_x)
+        rows += int((win + 1).sum())
+        d = compare(out_r, st_r, out_x, st_x, B)
+        ndiff += len(d)
+        if d or bool((out_r[0] < 0).any()):    # states differ (or are undefined after an error):
+            break                               # the chain cannot go on token for token
+        num, _tokens, drafts = out_r
+        pos = pos + num + 1
+        st_r.step += 1
+        st_x.step += 1
+    return rows, ndiff
+
+
+def _maybe_slice(x: torch.Tensor, c: dict) -> torch.Tensor:
+    """With ``slice_logits`` the rows become a slice of a wider vocabulary at an odd offset."""
+    if not c["slice_logits"]:
+        return x
+    wide = torch.full((*x.shape[:-1], x.shape[-1] + 9), -3.0, dtype=x.dtype)
+    wide[..., 5:5 + x.shape[-1]] = x
+    return wide[..., 5:5 + x.shape[-1]]
+
+
+def _check_status(st_r, st_x):
+    sr, sx = st_r.status.tolist(), st_x.status.tolist()
+    if sr[0] != sx[0] or sr[3] != sx[3]:
+        raise AssertionError(f"status differs: reference {sr}, backend {sx}")
+
+
+def draw(i: int, seed: int) -> tuple[dict, dict]:
+    """Case ``i``'s configuration and how each backend runs it."""
+    r = random.Random(seed * 1_000_003 + i)
+    c = draw_config(r)
+    c["kind"] = "chain" if r.random() < 0.35 else "single"
+    if c["kind"] == "chain":
+        if c["logits_kind"] in ("band", "flat", "low-outlier"):     # single-step row families only
+            c["logits_kind"] = "randn"
+        if c["top_k"] > 0 and c["temperature"] > 0 and r.random() < 0.5:
+            c["capacity"] = max(1, r.choice([c["top_k"], c["top_k"] + r.randint(1, 64), c["top_k"] // 2 or 1]))
+    how = dict(features=list(r.choice(FEATURE_SETS)), order=r.choice(ORDERS), global_rows=r.random() < 0.15,
+               sim_seed=r.randint(0, 2**31 - 1))
+    return c, how
+
+
+def draw_tree(i: int, seed: int) -> tuple[dict, dict]:
+    """Case ``i`` of ``--op tree_verify``: ``make_case`` arguments (JSON-able) and how the CUDA kernel runs."""
+    r = random.Random(seed * 1_000_033 + i + 7)
+    V = r.choice([2, 5, 16, 37, 64, 256, 1000, 2048, 4099])
+    depth = r.choice([0, 1, 2, 3])
+    c = dict(B=r.randint(1, 6), V=V, K=r.randint(1, 4), depth=depth, window=depth + r.choice([0, 0, 1, 3, 6]),
+             dtype=r.choice(["fp32", "bf16", "fp16"]), kind=r.choice(["dense", "dense", "uniform", "onehot", "mixed"]),
+             coupled=r.random() < 0.3, forced=r.random() < 0.25, cfg=r.random() < 0.4,
+             temperature=r.choice([0.0, 0.7, 1.0, 1.0, 1.5]), top_k=r.choice([0, 0, 1, r.randint(1, V), V]),
+             top_p=r.choice([1.0, 1.0, 0.9, 0.5]), noise=r.choice([0.05, 0.3, 0.3, 3.0]), seed=r.randint(0, 10**6))
+    if c["window"] == 0:
+        c["window"] = 1
+    x = r.random()
+    if x < 0.08:
+        c["nan_node"] = [r.randrange(c["B"]), 0]
+    elif x < 0.16:
+        c["bad_token"] = [r.randrange(c["B"]), 1]
+    how = dict(features=list(r.choice([(), ("bracket_topk",), ("hist_topk",)])), order=r.choice(ORDERS),
+               sim_seed=r.randint(0, 2**31 - 1))
+    return c, how
+
+
+def run_tree_case(c: dict, fn) -> tuple[int, int]:
+    """(requests, differing requests) of a tree_verify backend against the reference; raises when
+    the error bits differ."""
+    import test_tree_verify_kernels as tv
+    from sjd_kernels.reference import tree as tref
+    kw = dict(c, dtype=DTYPES[c["dtype"]])
+    for k in ("nan_node", "bad_token"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    case = tv.make_case(**kw)
+    want = tv.run(tref.tree_verify, case)
+    got = tv.run(fn, case)
+    if not torch.equal(got[1][0], want[1][0]):
+        raise AssertionError(f"status differs: reference {want[1].tolist()}, backend {got[1].tolist()}")
+    B = want[0][0].shape[0]
+    return B, sum(not all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0])) for b in range(B))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=100)
+    ap.add_argument("--start", type=int, default=0, help="index of the first case (to rerun one: --cases 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backends", default="triton,cuda")
+    ap.add_argument("--op", choices=["jacobi_step", "tree_verify"], default="jacobi_step")
+    args = ap.parse_args()
+    if args.op == "tree_verify":
+        return main_tree(args)
+    backends = args.backends.split(",")
+    if "triton" in backends:
+        from sjd_kernels.triton.jacobi_step import is_interpreted, jacobi_step_triton
+        if not is_interpreted():
+            print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)")
+            return 2
+    if "cuda" in backends:
+        import sjd_kernels.cuda.jacobi_step as cj
+        from sjd_kernels.cuda import sim
+    failed = 0
+    start = time.time()
+    for i in range(args.start, args.start + args.cases):
+        c, how = draw(i, args.seed)
+        seed = 1000 * args.seed + i
+        for name in backends:
+            t0 = time.time()
+            label = f"{i} {c['kind']} {name}"
+            try:
+                if name == "triton":
+                    rows, nd = run_case(c, seed, jacobi_step_triton)
+                else:
+                    label += f"[{'+'.join(how['features']) or 'default'},{how['order']}" \
+                             f"{',global' if how['global_rows'] else ''}]"
+                    old = cj.FORCE_GLOBAL_ROWS
+                    cj.FORCE_GLOBAL_ROWS = how["global_rows"]
+                    try:
+                        with sim.simulate(order=how["order"], seed=how["sim_seed"]), \
+                                cj.kernel_features(*how["features"]):
+                            rows, nd = run_case(c, seed, cj.jacobi_step_cuda)
+                    finally:
+                        cj.FORCE_GLOBAL_ROWS = old
+                ok = nd <= max(1, rows // 200)
+                failed += not ok
+                print(f"{label} {'ok' if ok else 'FAIL'} {rows} {nd} {time.time() - t0:.1f} {json.dumps(c)}",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                failed += 1
+                print(f"{label} FAIL {type(e).__name__}: {str(e)[:300]} {time.time() - t0:.1f} {json.dumps(c)}",
+                      flush=True)
+    print(f"# {args.cases} cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+def main_tree(args) -> int:
+    """``--op tree_verify``: the same comparison for tree_verify (requests: at most one in 50 may differ)."""
+    backends = args.backends.split(",")
+    fns = {}
+    if "triton" in backends:
+        from sjd_kernels.triton.jacobi_step import is_interpreted
+        from sjd_kernels.triton.tree_verify import tree_verify_triton
+        if not is_interpreted():
+            print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)")
+            return 2
+        fns["triton"] = tree_verify_triton
+    if "cuda" in backends:
+        import sjd_kernels.cuda.jacobi_step as cj
+        from sjd_kernels.cuda import sim
+        from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+        fns["cuda"] = tree_verify_cuda
+    failed = 0
+    start = time.time()
+    for i in range(args.start, args.start + args.cases):
+        c, how = draw_tree(i, args.seed)
+        for name in backends:
+            t0 = time.time()
+            label = f"{i} tree {name}"
+            try:
+                if name == "cuda":
+                    label += f"[{'+'.join(how['features']) or 'default'},{how['order']}]"
+                    with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
+                        n, nd = run_tree_case(c, fns[name])
+                else:
+                    n, nd = run_tree_case(c, fns[name])
+                ok = nd <= max(1, n // 50)
+                failed += not ok
+                print(f"{label} {'ok' if ok else 'FAIL'} {n} {nd} {time.time() - t0:.1f} {json.dumps(c)}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                failed += 1
+                print(f"{label} FAIL {type(e).__name__}: {str(e)[:300]} {time.time() - t0:.1f} {json.dumps(c)}",
+                      flush=True)
+    print(f"# {args.cases} tree_verify cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The random-configuration comparison of ``benchmarks/fuzz_parity.py``: a few of its drawn
+jacobi_step and tree_verify cases pass on the Triton kernels (interpreter) and the CUDA kernels
+(CPU simulator), and its comparison fails on backends that are wrong in a token, a stored law, an
+error bit or an accepted path."""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from _util import sim_module  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import fuzz_parity as fz  # noqa: E402
+
+from sjd_kernels.triton.jacobi_step import is_interpreted, jacobi_step_triton  # noqa: E402
+
+if not is_interpreted():
+    pytest.skip("runs the Triton kernel on CPU tensors (TRITON_INTERPRET=1 before triton is imported)",
+                allow_module_level=True)
+
+# Drawn cases (seed 0) of both kinds: 0 coupling, top-k 1, hist_topk + list races; 7 gumbel on the
+# 'band' rows with VP state; 29 a heavy-tailed coupling chain; 35 'flat' rows; 39 a sparse
+# gumbel_jacobi chain (capacity 14 over top-k 1); 41 gumbel_jacobi with the bracket selection.
+CASES = (0, 7, 29, 35, 39, 41)
+
+
+def _run(i: int, backend: str, fn=None):
+    from sjd_kernels.cuda import sim
+    import sjd_kernels.cuda.jacobi_step as cj
+    c, how = fz.draw(i, 0)
+    if backend == "triton":
+        return c, fz.run_case(c, i, fn or jacobi_step_triton)
+    sim_module()
+    old = cj.FORCE_GLOBAL_ROWS
+    cj.FORCE_GLOBAL_ROWS = how["global_rows"]
+    try:
+        with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
+            return c, fz.run_case(c, i, fn or cj.jacobi_step_cuda)
+    finally:
+        cj.FORCE_GLOBAL_ROWS = old
+
+
+def test_the_listed_cases_cover_both_kinds_and_the_sparse_state():
+    drawn = [fz.draw(i, 0)[0] for i in CASES]
+    assert {c["kind"] for c in drawn} == {"single", "chain"}
+    assert any(c.get("capacity") for c in drawn)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("i", CASES)
+def test_drawn_case_matches_reference(i, backend):
+    c, (rows, ndiff) = _run(i, backend)
+    assert rows > 0
+    assert ndiff <= max(1, rows // 200), f"{ndiff} requests differ over {rows} rows: {c}"
+
+
+def _wrong_token(fn):
+    def f(*a, **k):
+        num, tokens, drafts = fn(*a, **k)
+        drafts = drafts.clone()
+        drafts[-1, :1] = (drafts[-1, :1] + 1) % a[0].shape[-1]       # the last request's first next draft
+        return num, tokens, drafts
+    return f
+
+
+def _wrong_law(fn):
+    def f(*a, **k):
+        out = fn(*a, **k)
+        a[9][-1].mul_(1.001)                                         # q_state of the last request
+        return out
+    return f
+
+
+def _wrong_status(fn):
+    def f(*a, **k):
+        out = fn(*a, **k)
+        a[12][0] |= 1                                                # an error bit nobody set
+        return out
+    return f
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_comparison_fails_on_wrong_backends(backend):
+    """Case 0 (one request, V 1000, W 16) on wrapped kernels: a wrong next draft and a law off by
+    0.1 % each count as a differing request; a spurious error bit raises."""
+    import sjd_kernels.cuda.jacobi_step as cj
+    base = jacobi_step_triton if backend == "triton" else cj.jacobi_step_cuda
+    assert _run(0, backend)[1][1] == 0
+    assert _run(0, backend, _wrong_token(base))[1][1] == 1
+    assert _run(0, backend, _wrong_law(base))[1][1] == 1
+    with pytest.raises(AssertionError, match="status differs"):
+        _run(0, backend, _wrong_status(base))
+
+
+# tree_verify (``--op tree_verify``), seed 0: 0 a bad draft id, 1 coupled and forced with
+# hist_topk, 2 top-k 168 at V 2048, 20 a NaN root row, 26 top-k = V with a chain after the tree.
+TREE_CASES = (0, 1, 2, 20, 26)
+
+
+def _run_tree(i: int, backend: str, fn=None):
+    from sjd_kernels.cuda import sim
+    import sjd_kernels.cuda.jacobi_step as cj
+    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+    from sjd_kernels.triton.tree_verify import tree_verify_triton
+    c, how = fz.draw_tree(i, 0)
+    if backend == "triton":
+        return fz.run_tree_case(c, fn or tree_verify_triton)
+    sim_module()
+    with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
+        return fz.run_tree_case(c, fn or tree_verify_cuda)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("i", TREE_CASES)
+def test_drawn_tree_case_matches_reference(i, backend):
+    n, ndiff = _run_tree(i, backend)
+    assert n > 0 and ndiff <= max(1, n // 50)
+
+
+def test_tree_comparison_fails_on_a_wrong_path():
+    """Case 2 on a kernel whose last request reports one more accepted node: counted as differing."""
+    from sjd_kernels.triton.tree_verify import tree_verify_triton
+
+    def wrong(*a):
+        num, path, tokens = tree_verify_triton(*a)
+        num = num.clone()
+        num[-1] += 1
+        return num, path, tokens
+    assert _run_tree(2, "triton") == (3, 0)
+    assert _run_tree(2, "triton", wrong) == (3, 1)
