@@ -272,6 +272,21 @@ def run_tree_case(c: dict, fn) -> tuple[int, int]:
     return B, sum(not all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0])) for b in range(B))
 
 
+def report(label: str, c: dict, run, per: int) -> bool:
+    """Run one case on one backend and print its log line: label, ok/FAIL, rows (or requests),
+    differing requests, seconds, the configuration. It passes when at most max(1, rows // per)
+    requests differ and nothing raised."""
+    t0 = time.time()
+    try:
+        rows, nd = run()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"{label} FAIL {type(e).__name__}: {str(e)[:300]} {time.time() - t0:.1f} {json.dumps(c)}", flush=True)
+        return False
+    ok = nd <= max(1, rows // per)
+    print(f"{label} {'ok' if ok else 'FAIL'} {rows} {nd} {time.time() - t0:.1f} {json.dumps(c)}", flush=True)
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=100)
@@ -291,36 +306,29 @@ def main() -> int:
     if "cuda" in backends:
         import sjd_kernels.cuda.jacobi_step as cj
         from sjd_kernels.cuda import sim
+    def run_cuda(c, seed, how):
+        old = cj.FORCE_GLOBAL_ROWS
+        cj.FORCE_GLOBAL_ROWS = how["global_rows"]
+        try:
+            with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
+                return run_case(c, seed, cj.jacobi_step_cuda)
+        finally:
+            cj.FORCE_GLOBAL_ROWS = old
+
     failed = 0
     start = time.time()
     for i in range(args.start, args.start + args.cases):
         c, how = draw(i, args.seed)
         seed = 1000 * args.seed + i
         for name in backends:
-            t0 = time.time()
             label = f"{i} {c['kind']} {name}"
-            try:
-                if name == "triton":
-                    rows, nd = run_case(c, seed, jacobi_step_triton)
-                else:
-                    label += f"[{'+'.join(how['features']) or 'default'},{how['order']}" \
-                             f"{',global' if how['global_rows'] else ''}]"
-                    old = cj.FORCE_GLOBAL_ROWS
-                    cj.FORCE_GLOBAL_ROWS = how["global_rows"]
-                    try:
-                        with sim.simulate(order=how["order"], seed=how["sim_seed"]), \
-                                cj.kernel_features(*how["features"]):
-                            rows, nd = run_case(c, seed, cj.jacobi_step_cuda)
-                    finally:
-                        cj.FORCE_GLOBAL_ROWS = old
-                ok = nd <= max(1, rows // 200)
-                failed += not ok
-                print(f"{label} {'ok' if ok else 'FAIL'} {rows} {nd} {time.time() - t0:.1f} {json.dumps(c)}",
-                      flush=True)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                failed += 1
-                print(f"{label} FAIL {type(e).__name__}: {str(e)[:300]} {time.time() - t0:.1f} {json.dumps(c)}",
-                      flush=True)
+            if name == "triton":
+                run = lambda: run_case(c, seed, jacobi_step_triton)     # noqa: E731
+            else:
+                label += f"[{'+'.join(how['features']) or 'default'},{how['order']}" \
+                         f"{',global' if how['global_rows'] else ''}]"
+                run = lambda: run_cuda(c, seed, how)                    # noqa: E731
+            failed += not report(label, c, run, per=200)
     print(f"# {args.cases} cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
 
@@ -346,22 +354,16 @@ def main_tree(args) -> int:
     for i in range(args.start, args.start + args.cases):
         c, how = draw_tree(i, args.seed)
         for name in backends:
-            t0 = time.time()
             label = f"{i} tree {name}"
-            try:
-                if name == "cuda":
-                    label += f"[{'+'.join(how['features']) or 'default'},{how['order']}]"
+            if name == "cuda":
+                label += f"[{'+'.join(how['features']) or 'default'},{how['order']}]"
+
+                def run(c=c, how=how):
                     with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
-                        n, nd = run_tree_case(c, fns[name])
-                else:
-                    n, nd = run_tree_case(c, fns[name])
-                ok = nd <= max(1, n // 50)
-                failed += not ok
-                print(f"{label} {'ok' if ok else 'FAIL'} {n} {nd} {time.time() - t0:.1f} {json.dumps(c)}", flush=True)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                failed += 1
-                print(f"{label} FAIL {type(e).__name__}: {str(e)[:300]} {time.time() - t0:.1f} {json.dumps(c)}",
-                      flush=True)
+                        return run_tree_case(c, fns["cuda"])
+            else:
+                run = lambda: run_tree_case(c, fns[name])               # noqa: E731
+            failed += not report(label, c, run, per=50)
     print(f"# {args.cases} tree_verify cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
 

@@ -167,8 +167,6 @@ BG_PIDS=()
 stage_bg() { run_stage "$@" & BG_PIDS+=($!); }
 join_stages() { local p; for p in "${BG_PIDS[@]}"; do wait "$p"; done; BG_PIDS=(); package; }
 
-# pytest with whole files per xdist worker when pytest-xdist is there (the parity grid's total
-# test needs its whole file in one process)
 # pytest: one line per test (a stopped run still shows which failed), short tracebacks, tests spread
 # one by one over the xdist workers when pytest-xdist is there (the parity grid's whole-grid total
 # then skips: it needs the whole file in one process)
