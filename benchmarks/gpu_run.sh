@@ -44,7 +44,7 @@
 #                           cuda_hist, triton, triton_w32, triton_rowsearch);
 #                           add "profile" to STAGES)
 #   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
-#   WHEELS=.whl             folder of wheels to install first (see NOTES.md for FlashInfer)
+#   WHEELS=.whl             folder of wheels to install first (FlashInfer: bash benchmarks/fetch_wheels.sh)
 set -u
 OUT=${1:-${OUT:-}}
 if [ -z "$OUT" ]; then echo "usage: bash benchmarks/gpu_run.sh OUT_DIR" >&2; exit 2; fi
@@ -245,6 +245,27 @@ fi
 # FlashInfer (carried as wheels) JIT-compiles its sampling kernels on first use: compile them now,
 # beside the tests, so the timed benchmark does not pay it (its cache is ~/.cache/flashinfer)
 if want bench && "$PY" -c "import flashinfer.sampling" > /dev/null 2>&1; then
+  # Its JIT compiles with $CUDA_HOME/bin/nvcc (else `which nvcc`, which may be a wrapper) and
+  # includes curand.h, which a minimal toolkit lacks: take it from the toolkit, else from an NVIDIA
+  # pip package next to torch, else from the headers fetch_wheels.sh puts in $WHEELS/include.
+  if [ -z "${CUDA_HOME:-}" ]; then
+    for d in /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null | sort -V -r); do
+      [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ] && { export CUDA_HOME=$d; break; }
+    done
+  fi
+  if [ ! -f "${CUDA_HOME:-/nonexistent}/include/curand.h" ]; then
+    CURAND_INC=$("$PY" -c "import glob, os, site; print(next(iter(sorted(os.path.dirname(f) for p in site.getsitepackages() for f in glob.glob(p + '/nvidia/*/include/curand.h'))), ''))" 2>/dev/null)
+    [ -z "$CURAND_INC" ] && [ -f "$WHEELS/include/curand.h" ] && CURAND_INC=$(cd "$WHEELS/include" && pwd)
+    [ -n "$CURAND_INC" ] && export CPATH="$CURAND_INC${CPATH:+:$CPATH}"
+  fi
+  # it links with -lcuda: without the toolkit's stub, point the linker at the driver's library
+  if [ ! -f "${CUDA_HOME:-/nonexistent}/lib64/stubs/libcuda.so" ] && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so '; then
+    LIBCUDA=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')
+    [ -n "$LIBCUDA" ] && mkdir -p "$WORK/libcuda" && ln -sf "$LIBCUDA" "$WORK/libcuda/libcuda.so" && \
+      export LIBRARY_PATH="$WORK/libcuda${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  fi
+  echo "flashinfer JIT: CUDA_HOME=${CUDA_HOME:-unset}, curand.h from ${CURAND_INC:-the toolkit}, libcuda.so from ${LIBCUDA:-the toolkit or the default linker path}" \
+    | tee "$LOGS/flashinfer-env.txt"
   stage_bg flashinfer-jit "$FI_S" "$LOGS/flashinfer-jit.log" -- "$PY" -c '
 import time, torch, flashinfer
 from flashinfer.sampling import chain_speculative_sampling

@@ -566,3 +566,24 @@ def test_ops_check_runs_the_cuda_kernels_in_the_simulator(tmp_path):
     # checks only: timing the simulator would mean nothing
     r = _run(["ops", "--cuda-sim", "forward", "--grid", "cpu", "--out", str(tmp_path)])
     assert r.returncode == 2 and "--check" in r.stderr
+
+
+# ----------------------------------------------------------------------------- the GPU run script
+def test_gpu_run_scripts_parse_and_package_a_stage(tmp_path):
+    """gpu_run.sh and fetch_wheels.sh parse (`bash -n`), and an info-only run of gpu_run.sh here
+    writes its summary with the stage's row and a logs.tar.gz holding the stage's log: the frame
+    every GPU run relies on (time boxes, status table, packaging) works before device time is
+    spent on it."""
+    import tarfile
+    for script in ("gpu_run.sh", "fetch_wheels.sh"):
+        r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
+    env = dict(os.environ, STAGES="info", TOTAL_S="90", WHEELS=str(tmp_path / "no_wheels"), PY=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh"), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| info | ok | 0 |" in summary, summary
+    assert "python " in summary and "torch " in summary, summary          # the info stage's versions
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tf:
+        assert "logs/info.txt" in tf.getnames()
