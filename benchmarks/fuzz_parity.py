@@ -1,7 +1,7 @@
 """Random jacobi_step and tree_verify configurations: the reference, the Triton kernels and the CUDA kernels, compared.
 
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/fuzz_parity.py [--op jacobi_step|tree_verify]
-        [--cases N] [--seed S] [--backends triton,cuda] [--start I] > LOG
+        [--cases N] [--seed S] [--backends triton,cuda] [--start I] [--device cpu|cuda] > LOG
 
 The parity tests run fixed grids. This draws each case's configuration at random from the whole
 space the op accepts (every draft mode, VP form and strength, CFG with mixed dtypes, temperature
@@ -15,7 +15,9 @@ row families that stress the top-k searches, W 0 to 33, B 1 to 6, V 1 to 16387),
 
 The Triton kernel runs under the interpreter (CPU tensors); the CUDA kernels run in the CPU
 simulator (``sjd_kernels.cuda.sim``) with a random set of optional paths, a random thread order
-and, for some cases, rows in global memory. Each backend must give the reference's outputs, kinds,
+and, for some cases, rows in global memory. With ``--device cuda`` (a GPU, TRITON_INTERPRET unset)
+the same cases run on the compiled kernels, with the reference on the GPU too; the inputs are
+drawn on the CPU, so case I is the same case on both devices (the GPU picks the thread order). Each backend must give the reference's outputs, kinds,
 error bits, overflow count and sparse ids, and its stored laws to float rounding, request by
 request; as in the GPU parity tests, at most one request per 200 rows may differ (a float rounding
 at a sampling boundary). One line per case and backend: case index, kind, ok/FAIL, rows, differing
@@ -85,20 +87,21 @@ def draw_config(r: random.Random) -> dict:
     return c
 
 
-def build_single(c: dict, seed: int) -> dict:
+def build_single(c: dict, seed: int, device: str = "cpu") -> dict:
     kw = {k: v for k, v in c.items() if k not in ("kind", "capacity")}
     kw["dtype"] = DTYPES[kw["dtype"]]
     if "uncond_dtype" in kw:
         kw["uncond_dtype"] = DTYPES[kw["uncond_dtype"]]
-    old, t.DEV = t.DEV, "cpu"            # build_case's tensors on the CPU (the test module's default is cuda)
+    old, t.DEV = t.DEV, device           # build_case draws on the CPU, then moves its tensors to DEV
     try:
         return t.build_case(seed=seed, **kw)
     finally:
         t.DEV = old
 
 
-def chain_inputs(c: dict, seed: int, steps: int):
-    """A fresh state and per-step logits for a chain (rows drift by absolute position)."""
+def chain_inputs(c: dict, seed: int, steps: int, device: str = "cpu"):
+    """A fresh state and per-step logits for a chain (rows drift by absolute position), drawn on the
+    CPU (the same values for every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     B, W, V = c["B"], c["W"], c["V"]
     L = 8 + steps * (W + 1) + W + 1
@@ -126,6 +129,13 @@ def chain_inputs(c: dict, seed: int, steps: int):
                             vp=c["vp"], capacity=capacity)
     pos = torch.randint(0, 8, (B,), generator=g)
     cfg_scale = (torch.rand(B, generator=g) * 4 + 1) if c["cfg"] else None
+
+    def mv(x):                          # a no-op on the CPU
+        return None if x is None else x.to(device)
+    st = JacobiState(*(mv(getattr(st, f)) for f in ("q_state", "q_kind", "p_prev", "seed", "step", "status")),
+                     q_idx=mv(st.q_idx), vocab_size=st.vocab_size)
+    base, unc, forced, pos, cfg_scale = mv(base), mv(unc), mv(forced), mv(pos), mv(cfg_scale)
+    noise = [mv(x) for x in noise]
     return base, unc, noise, forced, st, pos, cfg_scale
 
 
@@ -162,31 +172,32 @@ def _state_from_case(case: dict, V: int) -> JacobiState:
                        case["step"].clone(), case["status"].clone(), vocab_size=V)
 
 
-def run_case(c: dict, seed: int, fn, steps: int = 3) -> tuple[int, int]:
-    """(rows, differing requests) of backend ``fn`` against the reference; raises on a hard mismatch
-    (error bits, overflow count) or on an exception from either side."""
+def run_case(c: dict, seed: int, fn, steps: int = 3, device: str = "cpu") -> tuple[int, int]:
+    """(rows, differing requests) of backend ``fn`` against the reference, both on ``device``; raises
+    on a hard mismatch (error bits, overflow count) or on an exception from either side."""
     B, W, V = c["B"], c["W"], c["V"]
     if c["kind"] == "single":
-        case = build_single(c, seed)
+        case = build_single(c, seed, device)
         st_r, st_x = _state_from_case(case, V), _state_from_case(case, V)
         args = (case["logits"], case["uncond"], case["cfg_scale"], case["drafts"], case["win_len"], case["pos"])
         out_r = _call(ref.jacobi_step, *args, st_r, case["forced"], c)
         out_x = _call(fn, *args, st_x, case["forced"], c)
         _check_status(st_r, st_x)
         return int((case["win_len"] + 1).sum()), len(compare(out_r, st_r, out_x, st_x, B))
-    base, unc_all, noise, forced, st, pos, cfg_scale = chain_inputs(c, seed, steps)
+    base, unc_all, noise, forced, st, pos, cfg_scale = chain_inputs(c, seed, steps, device)
     st_r, st_x = st.clone(), st.clone()
     drafts = ref.init_window(st.seed, pos, st.step, W, V, st.q_kind, forced)
     g = torch.Generator().manual_seed(seed + 1)
     rows = ndiff = 0
     dtype = DTYPES[c["dtype"]]
     for s in range(steps):
-        at = (pos.view(B, 1) + torch.arange(W + 1)).view(B, W + 1, 1).expand(B, W + 1, V)
+        at = (pos.view(B, 1) + torch.arange(W + 1, device=pos.device)).view(B, W + 1, 1).expand(B, W + 1, V)
         logits = _maybe_slice((base.gather(1, at) + noise[s]).to(dtype), c)
         unc = (_maybe_slice(unc_all.gather(1, at).to(DTYPES.get(c.get("uncond_dtype"), dtype)), c)
                if unc_all is not None else None)
         win = torch.randint(0, W + 1, (B,), generator=g)
         win[0] = W
+        win = win.to(pos.device)
         out_r = _call(ref.jacobi_step, logits, unc, cfg_scale, drafts, win, pos, st_r, forced, c)
         out_x = _call(fn, logits, unc, cfg_scale, drafts, win, pos, st_x, forced, c)
         _check_status(st_r, st_x)
@@ -206,7 +217,7 @@ def _maybe_slice(x: torch.Tensor, c: dict) -> torch.Tensor:
     """With ``slice_logits`` the rows become a slice of a wider vocabulary at an odd offset."""
     if not c["slice_logits"]:
         return x
-    wide = torch.full((*x.shape[:-1], x.shape[-1] + 9), -3.0, dtype=x.dtype)
+    wide = torch.full((*x.shape[:-1], x.shape[-1] + 9), -3.0, dtype=x.dtype, device=x.device)
     wide[..., 5:5 + x.shape[-1]] = x
     return wide[..., 5:5 + x.shape[-1]]
 
@@ -254,22 +265,58 @@ def draw_tree(i: int, seed: int) -> tuple[dict, dict]:
     return c, how
 
 
-def run_tree_case(c: dict, fn) -> tuple[int, int]:
-    """(requests, differing requests) of a tree_verify backend against the reference; raises when
-    the error bits differ."""
+def run_tree_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
+    """(requests, differing requests) of a tree_verify backend against the reference, both on
+    ``device``; raises when the error bits differ."""
     import test_tree_verify_kernels as tv
     from sjd_kernels.reference import tree as tref
     kw = dict(c, dtype=DTYPES[c["dtype"]])
     for k in ("nan_node", "bad_token"):
         if k in kw:
             kw[k] = tuple(kw[k])
-    case = tv.make_case(**kw)
+    case = tv.make_case(**kw, device=device)
     want = tv.run(tref.tree_verify, case)
     got = tv.run(fn, case)
     if not torch.equal(got[1][0], want[1][0]):
         raise AssertionError(f"status differs: reference {want[1].tolist()}, backend {got[1].tolist()}")
     B = want[0][0].shape[0]
     return B, sum(not all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0])) for b in range(B))
+
+
+def _device_ready(args) -> bool:
+    """On the CPU the Triton kernels need the interpreter; on a GPU they must be compiled (not
+    interpreted) and the device must be there."""
+    backends = args.backends.split(",")
+    if args.device == "cpu":
+        if "triton" in backends:
+            from sjd_kernels.triton.jacobi_step import is_interpreted
+            if not is_interpreted():
+                print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)")
+                return False
+        return True
+    if not torch.cuda.is_available():
+        print(f"--device {args.device}: no CUDA device is visible")
+        return False
+    if "triton" in backends:
+        from sjd_kernels.triton.jacobi_step import is_interpreted
+        if is_interpreted():
+            print("--device cuda runs the compiled Triton kernels: unset TRITON_INTERPRET (or set it to 0)")
+            return False
+    return True
+
+
+def _cuda_context(how: dict, device: str):
+    """The CPU simulator with the case's thread order on the CPU; nothing on a GPU (the hardware
+    picks the order)."""
+    if device == "cpu":
+        from sjd_kernels.cuda import sim
+        return sim.simulate(order=how["order"], seed=how["sim_seed"])
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _order(how: dict, device: str) -> str:
+    return f",{how['order']}" if device == "cpu" else ""
 
 
 def report(label: str, c: dict, run, per: int) -> bool:
@@ -294,77 +341,86 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--op", choices=["jacobi_step", "tree_verify"], default="jacobi_step")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="start no case after this many seconds (0: no limit); the last line counts the cases run")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu: Triton under the interpreter, CUDA in the simulator; cuda: the compiled kernels "
+                         "on the GPU, the reference on the GPU too")
     args = ap.parse_args()
+    if not _device_ready(args):
+        return 2
     if args.op == "tree_verify":
         return main_tree(args)
     backends = args.backends.split(",")
+    dev = args.device
     if "triton" in backends:
-        from sjd_kernels.triton.jacobi_step import is_interpreted, jacobi_step_triton
-        if not is_interpreted():
-            print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)")
-            return 2
+        from sjd_kernels.triton.jacobi_step import jacobi_step_triton
     if "cuda" in backends:
         import sjd_kernels.cuda.jacobi_step as cj
-        from sjd_kernels.cuda import sim
+
     def run_cuda(c, seed, how):
         old = cj.FORCE_GLOBAL_ROWS
         cj.FORCE_GLOBAL_ROWS = how["global_rows"]
         try:
-            with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
-                return run_case(c, seed, cj.jacobi_step_cuda)
+            with _cuda_context(how, dev), cj.kernel_features(*how["features"]):
+                return run_case(c, seed, cj.jacobi_step_cuda, device=dev)
         finally:
             cj.FORCE_GLOBAL_ROWS = old
 
     failed = 0
     start = time.time()
+    ran = 0
     for i in range(args.start, args.start + args.cases):
+        if args.budget_s and time.time() - start > args.budget_s:
+            break
+        ran += 1
         c, how = draw(i, args.seed)
         seed = 1000 * args.seed + i
         for name in backends:
             label = f"{i} {c['kind']} {name}"
             if name == "triton":
-                run = lambda: run_case(c, seed, jacobi_step_triton)     # noqa: E731
+                run = lambda: run_case(c, seed, jacobi_step_triton, device=dev)     # noqa: E731
             else:
-                label += f"[{'+'.join(how['features']) or 'default'},{how['order']}" \
+                label += f"[{'+'.join(how['features']) or 'default'}{_order(how, dev)}" \
                          f"{',global' if how['global_rows'] else ''}]"
                 run = lambda: run_cuda(c, seed, how)                    # noqa: E731
             failed += not report(label, c, run, per=200)
-    print(f"# {args.cases} cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
+    print(f"# {ran} cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
 
 
 def main_tree(args) -> int:
     """``--op tree_verify``: the same comparison for tree_verify (requests: at most one in 50 may differ)."""
     backends = args.backends.split(",")
+    dev = args.device
     fns = {}
     if "triton" in backends:
-        from sjd_kernels.triton.jacobi_step import is_interpreted
         from sjd_kernels.triton.tree_verify import tree_verify_triton
-        if not is_interpreted():
-            print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)")
-            return 2
         fns["triton"] = tree_verify_triton
     if "cuda" in backends:
         import sjd_kernels.cuda.jacobi_step as cj
-        from sjd_kernels.cuda import sim
         from sjd_kernels.cuda.tree_verify import tree_verify_cuda
         fns["cuda"] = tree_verify_cuda
     failed = 0
     start = time.time()
+    ran = 0
     for i in range(args.start, args.start + args.cases):
+        if args.budget_s and time.time() - start > args.budget_s:
+            break
+        ran += 1
         c, how = draw_tree(i, args.seed)
         for name in backends:
             label = f"{i} tree {name}"
             if name == "cuda":
-                label += f"[{'+'.join(how['features']) or 'default'},{how['order']}]"
+                label += f"[{'+'.join(how['features']) or 'default'}{_order(how, dev)}]"
 
                 def run(c=c, how=how):
-                    with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
-                        return run_tree_case(c, fns["cuda"])
+                    with _cuda_context(how, dev), cj.kernel_features(*how["features"]):
+                        return run_tree_case(c, fns["cuda"], dev)
             else:
-                run = lambda: run_tree_case(c, fns[name])               # noqa: E731
+                run = lambda: run_tree_case(c, fns[name], dev)          # noqa: E731
             failed += not report(label, c, run, per=50)
-    print(f"# {args.cases} tree_verify cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
+    print(f"# {ran} tree_verify cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
 
 

@@ -8,18 +8,20 @@
 # recorded), and the whole script stops starting stages once TOTAL_S (default 480 s) is near,
 # so it ends well inside a 10-minute command limit. Correctness stages overlap to save device
 # time: the compiled-Triton GPU tests run while the extension builds; the CUDA GPU tests, the
-# law tests on the kernels and compute-sanitizer run side by side after it. The timed
+# law tests on the kernels, compute-sanitizer and the fuzz stage run side by side after it. The timed
 # benchmarks run alone, one after another. What comes back (at most 8 files, no
 # folders): summary.md (stage table, machine, versions, benchmark summaries), logs.tar.gz
 # (every log and junit xml), ops.csv, e2e.csv and up to 3 PNG plots.
 #
 # Knobs (environment):
-#   STAGES="info build tests law sanitize bench tree e2e"   stages to run (add "suite" for the
+#   STAGES="info build tests law sanitize fuzz bench tree e2e"   stages to run (add "suite" for the
 #                           whole test suite on the GPU machine, after the overlapped stages, and
 #                           "profile" for Nsight Compute on PROFILE_CASES, before e2e)
 #   TOTAL_S=480                                   overall deadline in seconds
 #   BUILD_S=170 TESTS_GPU_S=200 LAW_S=150 TESTS_S=150 SAN_S=90 (each tool) BENCH_S=110 TREE_S=45 E2E_S=70
 #   FI_S=240                the FlashInfer JIT warm-up beside the tests (only when its wheels are installed)
+#   FUZZ_S=90 FUZZ_SEED=5   the fuzz stage: drawn jacobi_step and tree_verify configurations on the CUDA
+#                           kernels against the reference on the GPU, beside the sanitizer (fuzz.log)
 #   XDIST=4                 pytest-xdist workers per test stage (tests spread one by one), when installed
 #   SAN_TOOLS="memcheck racecheck"   compute-sanitizer tools (add initcheck)
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
@@ -53,10 +55,11 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-python3}
-STAGES=${STAGES:-"info build tests law sanitize bench tree e2e"}
+STAGES=${STAGES:-"info build tests law sanitize fuzz bench tree e2e"}
 TOTAL_S=${TOTAL_S:-480}
 BUILD_S=${BUILD_S:-170}; TESTS_GPU_S=${TESTS_GPU_S:-200}; LAW_S=${LAW_S:-150}; TESTS_S=${TESTS_S:-150}
 SAN_S=${SAN_S:-90}; BENCH_S=${BENCH_S:-110}; E2E_S=${E2E_S:-70}; TREE_S=${TREE_S:-45}; FI_S=${FI_S:-240}
+FUZZ_S=${FUZZ_S:-90}; FUZZ_SEED=${FUZZ_SEED:-5}
 XDIST=${XDIST:-4}; SAN_TOOLS=${SAN_TOOLS:-"memcheck racecheck"}
 OPS_ARGS=${OPS_ARGS:-"--grid full"}
 E2E_ARGS=${E2E_ARGS:-""}
@@ -119,6 +122,9 @@ package() {   # called after every stage, so a run stopped from outside still re
     done
     f=$LOGS/flashinfer-jit.log
     [ -f "$f" ] && { echo; echo "## FlashInfer JIT warm-up (tail)"; echo '```'; tail -n 8 "$f"; echo '```'; }
+    f=$LOGS/fuzz.log
+    [ -f "$f" ] && { echo; echo "## fuzz: drawn cases on the CUDA kernels (summary lines and failures)"; echo '```'
+                     grep -E "^# |FAIL|exit codes" "$f" | cut -c1-400 | tail -20; echo '```'; }
     for t in memcheck racecheck initcheck; do
       f=$LOGS/sanitize-$t.log
       [ -f "$f" ] && { echo; echo "## compute-sanitizer $t (tail)"; echo '```'; grep -E "ERROR SUMMARY|========= (Invalid|Race|Uninitialized|Error)|passed|failed" "$f" | tail -15; echo '```'; }
@@ -308,6 +314,17 @@ if want sanitize; then
       echo "sanitizer exit codes: bench check $r1, pytest $r2"
       [ $r1 -eq 0 ] && [ $r2 -eq 0 ]' "$SAN" "$PY" "$SAN_REQUESTS" "$WORK/san-$tool" "$nodes"
   done
+fi
+if want fuzz; then
+  # random configurations on the CUDA kernels (benchmarks/fuzz_parity.py --device cuda): as many
+  # jacobi_step cases as 60 % of the box allows, then tree_verify cases for 25 % of it
+  b=$(box fuzz "$FUZZ_S")
+  SJD_REQUIRE_EXT=1 stage_bg fuzz "$FUZZ_S" "$LOGS/fuzz.log" -- bash -c '
+    "$0" benchmarks/fuzz_parity.py --device cuda --backends cuda --seed "$3" --cases 100000 --budget-s "$1"; r1=$?
+    "$0" benchmarks/fuzz_parity.py --op tree_verify --device cuda --backends cuda --seed "$3" --cases 100000 \
+      --budget-s "$2"; r2=$?
+    echo "fuzz exit codes: jacobi_step $r1, tree_verify $r2"
+    [ $r1 -eq 0 ] && [ $r2 -eq 0 ]' "$PY" $(( b * 6 / 10 )) $(( b / 4 )) "$FUZZ_SEED"
 fi
 join_stages
 

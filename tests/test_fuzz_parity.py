@@ -1,7 +1,7 @@
 """The random-configuration comparison of ``benchmarks/fuzz_parity.py``: a few of its drawn
 jacobi_step and tree_verify cases pass on the Triton kernels (interpreter) and the CUDA kernels
 (CPU simulator), and its comparison fails on backends that are wrong in a token, a stored law, an
-error bit or an accepted path."""
+error bit or an accepted path. On a GPU, more drawn cases run on the CUDA kernels themselves."""
 from __future__ import annotations
 
 import os
@@ -13,16 +13,17 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from _util import sim_module  # noqa: E402
+from _util import gpu, requires_cuda_ext, sim_module  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import fuzz_parity as fz  # noqa: E402
 
 from sjd_kernels.triton.jacobi_step import is_interpreted, jacobi_step_triton  # noqa: E402
 
-if not is_interpreted():
-    pytest.skip("runs the Triton kernel on CPU tensors (TRITON_INTERPRET=1 before triton is imported)",
-                allow_module_level=True)
+# the CPU tests run the Triton kernel on CPU tensors; the GPU test runs with TRITON_INTERPRET=0
+interpreted = pytest.mark.skipif(not is_interpreted(),
+                                 reason="runs the Triton kernel on CPU tensors (TRITON_INTERPRET=1 before triton "
+                                        "is imported)")
 
 # Drawn cases (seed 0) of both kinds: 0 coupling, top-k 1, hist_topk + list races; 7 gumbel on the
 # 'band' rows with VP state; 29 a heavy-tailed coupling chain; 35 'flat' rows; 39 a sparse
@@ -52,6 +53,7 @@ def test_the_listed_cases_cover_both_kinds_and_the_sparse_state():
     assert any(c.get("capacity") for c in drawn)
 
 
+@interpreted
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("i", CASES)
 def test_drawn_case_matches_reference(i, backend):
@@ -85,6 +87,7 @@ def _wrong_status(fn):
     return f
 
 
+@interpreted
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_comparison_fails_on_wrong_backends(backend):
     """Case 0 (one request, V 1000, W 16) on wrapped kernels: a wrong next draft and a law off by
@@ -116,6 +119,7 @@ def _run_tree(i: int, backend: str, fn=None):
         return fz.run_tree_case(c, fn or tree_verify_cuda)
 
 
+@interpreted
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("i", TREE_CASES)
 def test_drawn_tree_case_matches_reference(i, backend):
@@ -123,6 +127,7 @@ def test_drawn_tree_case_matches_reference(i, backend):
     assert n > 0 and ndiff <= max(1, n // 50)
 
 
+@interpreted
 def test_tree_comparison_fails_on_a_wrong_path():
     """Case 2 on a kernel whose last request reports one more accepted node: counted as differing."""
     from sjd_kernels.triton.tree_verify import tree_verify_triton
@@ -134,3 +139,46 @@ def test_tree_comparison_fails_on_a_wrong_path():
         return num, path, tokens
     assert _run_tree(2, "triton") == (3, 0)
     assert _run_tree(2, "triton", wrong) == (3, 1)
+
+
+# ----------------------------------------------------------------------------- on a GPU
+GPU_CASES = 80          # drawn cases of each op (seed 4): milliseconds each on the GPU's kernels
+
+
+@gpu
+@requires_cuda_ext
+@pytest.mark.parametrize("op", ["jacobi_step", "tree_verify"])
+def test_drawn_cases_on_the_gpu_cuda_kernels(op):
+    """GPU_CASES drawn cases on the CUDA kernels themselves (the real memory model, atomics and
+    thread order), each configuration's optional paths and row placement as drawn, against the
+    reference on the GPU. Every failing case is listed, with its index to rerun it alone
+    (``fuzz_parity.py --device cuda --backends cuda --seed 4 --start I --cases 1``)."""
+    import sjd_kernels.cuda.jacobi_step as cj
+    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+    bad = []
+    for i in range(GPU_CASES):
+        if op == "tree_verify":
+            c, how = fz.draw_tree(i, 4)
+            with cj.kernel_features(*how["features"]):
+                try:
+                    n, nd = fz.run_tree_case(c, tree_verify_cuda, "cuda")
+                except AssertionError as e:
+                    bad.append((i, str(e)))
+                    continue
+            if not (n > 0 and nd <= max(1, n // 50)):
+                bad.append((i, f"{nd} of {n} requests differ: {c}"))
+            continue
+        c, how = fz.draw(i, 4)
+        old = cj.FORCE_GLOBAL_ROWS
+        cj.FORCE_GLOBAL_ROWS = how["global_rows"]
+        try:
+            with cj.kernel_features(*how["features"]):
+                rows, nd = fz.run_case(c, 4000 + i, cj.jacobi_step_cuda, device="cuda")
+        except AssertionError as e:
+            bad.append((i, str(e)))
+            continue
+        finally:
+            cj.FORCE_GLOBAL_ROWS = old
+        if not (rows > 0 and nd <= max(1, rows // 200)):
+            bad.append((i, f"{nd} requests differ over {rows} rows: {c} {how}"))
+    assert not bad, f"{len(bad)} of {GPU_CASES} drawn {op} cases fail: {bad}"
