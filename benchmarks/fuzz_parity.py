@@ -17,9 +17,9 @@ The Triton kernel runs under the interpreter (CPU tensors); the CUDA kernels run
 simulator (``sjd_kernels.cuda.sim``) with a random set of optional paths, a random thread order
 and, for some cases, rows in global memory. With ``--device cuda`` (a GPU, TRITON_INTERPRET unset)
 the same cases run on the compiled kernels, with the reference on the GPU too; the inputs are
-drawn on the CPU, so case I is the same case on both devices (the GPU picks the thread order). Each backend must give the reference's outputs, kinds,
-error bits, overflow count and sparse ids, and its stored laws to float rounding, request by
-request; as in the GPU parity tests, at most one request per 200 rows may differ (a float rounding
+drawn on the CPU, so case I is the same case on both devices (the GPU picks the thread order).
+Each backend must give the reference's outputs, kinds, error bits, overflow count and sparse ids,
+and its stored laws to float rounding, request by request; as in the GPU parity tests, at most one request per 200 rows may differ (a float rounding
 at a sampling boundary). One line per case and backend: case index, kind, ok/FAIL, rows, differing
 requests, seconds, then the configuration (JSON) so any case can be rerun alone with
 ``--start I --cases 1``. Exits 1 if any case failed. The state of a request in error is not
@@ -315,6 +315,28 @@ def _cuda_context(how: dict, device: str):
     return contextlib.nullcontext()
 
 
+def run_cuda_case(c: dict, seed: int, how: dict, device: str = "cpu", fn=None) -> tuple[int, int]:
+    """``run_case`` on the CUDA kernels (or ``fn``) with the case's optional paths and row placement
+    (and, in the simulator, its thread order)."""
+    import sjd_kernels.cuda.jacobi_step as cj
+    old = cj.FORCE_GLOBAL_ROWS
+    cj.FORCE_GLOBAL_ROWS = how["global_rows"]
+    try:
+        with _cuda_context(how, device), cj.kernel_features(*how["features"]):
+            return run_case(c, seed, fn or cj.jacobi_step_cuda, device=device)
+    finally:
+        cj.FORCE_GLOBAL_ROWS = old
+
+
+def run_cuda_tree_case(c: dict, how: dict, device: str = "cpu", fn=None) -> tuple[int, int]:
+    """``run_tree_case`` on the CUDA kernel (or ``fn``) with the case's top-k path (and, in the
+    simulator, its thread order)."""
+    import sjd_kernels.cuda.jacobi_step as cj
+    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+    with _cuda_context(how, device), cj.kernel_features(*how["features"]):
+        return run_tree_case(c, fn or tree_verify_cuda, device)
+
+
 def _order(how: dict, device: str) -> str:
     return f",{how['order']}" if device == "cpu" else ""
 
@@ -355,18 +377,6 @@ def main() -> int:
     dev = args.device
     if "triton" in backends:
         from sjd_kernels.triton.jacobi_step import jacobi_step_triton
-    if "cuda" in backends:
-        import sjd_kernels.cuda.jacobi_step as cj
-
-    def run_cuda(c, seed, how):
-        old = cj.FORCE_GLOBAL_ROWS
-        cj.FORCE_GLOBAL_ROWS = how["global_rows"]
-        try:
-            with _cuda_context(how, dev), cj.kernel_features(*how["features"]):
-                return run_case(c, seed, cj.jacobi_step_cuda, device=dev)
-        finally:
-            cj.FORCE_GLOBAL_ROWS = old
-
     failed = 0
     start = time.time()
     ran = 0
@@ -383,7 +393,7 @@ def main() -> int:
             else:
                 label += f"[{'+'.join(how['features']) or 'default'}{_order(how, dev)}" \
                          f"{',global' if how['global_rows'] else ''}]"
-                run = lambda: run_cuda(c, seed, how)                    # noqa: E731
+                run = lambda: run_cuda_case(c, seed, how, dev)          # noqa: E731
             failed += not report(label, c, run, per=200)
     print(f"# {ran} cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
@@ -393,14 +403,8 @@ def main_tree(args) -> int:
     """``--op tree_verify``: the same comparison for tree_verify (requests: at most one in 50 may differ)."""
     backends = args.backends.split(",")
     dev = args.device
-    fns = {}
     if "triton" in backends:
         from sjd_kernels.triton.tree_verify import tree_verify_triton
-        fns["triton"] = tree_verify_triton
-    if "cuda" in backends:
-        import sjd_kernels.cuda.jacobi_step as cj
-        from sjd_kernels.cuda.tree_verify import tree_verify_cuda
-        fns["cuda"] = tree_verify_cuda
     failed = 0
     start = time.time()
     ran = 0
@@ -413,12 +417,9 @@ def main_tree(args) -> int:
             label = f"{i} tree {name}"
             if name == "cuda":
                 label += f"[{'+'.join(how['features']) or 'default'}{_order(how, dev)}]"
-
-                def run(c=c, how=how):
-                    with _cuda_context(how, dev), cj.kernel_features(*how["features"]):
-                        return run_tree_case(c, fns["cuda"], dev)
+                run = lambda: run_cuda_tree_case(c, how, dev)           # noqa: E731
             else:
-                run = lambda: run_tree_case(c, fns[name], dev)          # noqa: E731
+                run = lambda: run_tree_case(c, tree_verify_triton, dev)     # noqa: E731
             failed += not report(label, c, run, per=50)
     print(f"# {ran} tree_verify cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0

@@ -32,19 +32,11 @@ CASES = (0, 7, 29, 35, 39, 41)
 
 
 def _run(i: int, backend: str, fn=None):
-    from sjd_kernels.cuda import sim
-    import sjd_kernels.cuda.jacobi_step as cj
     c, how = fz.draw(i, 0)
     if backend == "triton":
         return c, fz.run_case(c, i, fn or jacobi_step_triton)
     sim_module()
-    old = cj.FORCE_GLOBAL_ROWS
-    cj.FORCE_GLOBAL_ROWS = how["global_rows"]
-    try:
-        with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
-            return c, fz.run_case(c, i, fn or cj.jacobi_step_cuda)
-    finally:
-        cj.FORCE_GLOBAL_ROWS = old
+    return c, fz.run_cuda_case(c, i, how, fn=fn)
 
 
 def test_the_listed_cases_cover_both_kinds_and_the_sparse_state():
@@ -107,16 +99,12 @@ TREE_CASES = (0, 1, 2, 20, 26)
 
 
 def _run_tree(i: int, backend: str, fn=None):
-    from sjd_kernels.cuda import sim
-    import sjd_kernels.cuda.jacobi_step as cj
-    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
     from sjd_kernels.triton.tree_verify import tree_verify_triton
     c, how = fz.draw_tree(i, 0)
     if backend == "triton":
         return fz.run_tree_case(c, fn or tree_verify_triton)
     sim_module()
-    with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
-        return fz.run_tree_case(c, fn or tree_verify_cuda)
+    return fz.run_cuda_tree_case(c, how, fn=fn)
 
 
 @interpreted
@@ -153,32 +141,19 @@ def test_drawn_cases_on_the_gpu_cuda_kernels(op):
     thread order), each configuration's optional paths and row placement as drawn, against the
     reference on the GPU. Every failing case is listed, with its index to rerun it alone
     (``fuzz_parity.py --device cuda --backends cuda --seed 4 --start I --cases 1``)."""
-    import sjd_kernels.cuda.jacobi_step as cj
-    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
     bad = []
     for i in range(GPU_CASES):
         if op == "tree_verify":
             c, how = fz.draw_tree(i, 4)
-            with cj.kernel_features(*how["features"]):
-                try:
-                    n, nd = fz.run_tree_case(c, tree_verify_cuda, "cuda")
-                except AssertionError as e:
-                    bad.append((i, str(e)))
-                    continue
-            if not (n > 0 and nd <= max(1, n // 50)):
-                bad.append((i, f"{nd} of {n} requests differ: {c}"))
-            continue
-        c, how = fz.draw(i, 4)
-        old = cj.FORCE_GLOBAL_ROWS
-        cj.FORCE_GLOBAL_ROWS = how["global_rows"]
+            run, per = (lambda: fz.run_cuda_tree_case(c, how, "cuda")), 50
+        else:
+            c, how = fz.draw(i, 4)
+            run, per = (lambda: fz.run_cuda_case(c, 4000 + i, how, "cuda")), 200
         try:
-            with cj.kernel_features(*how["features"]):
-                rows, nd = fz.run_case(c, 4000 + i, cj.jacobi_step_cuda, device="cuda")
-        except AssertionError as e:
+            rows, nd = run()
+        except AssertionError as e:            # error bits or overflow counts differ
             bad.append((i, str(e)))
             continue
-        finally:
-            cj.FORCE_GLOBAL_ROWS = old
-        if not (rows > 0 and nd <= max(1, rows // 200)):
+        if not (rows > 0 and nd <= max(1, rows // per)):
             bad.append((i, f"{nd} requests differ over {rows} rows: {c} {how}"))
     assert not bad, f"{len(bad)} of {GPU_CASES} drawn {op} cases fail: {bad}"
