@@ -126,14 +126,12 @@ def chain_inputs(c: dict, seed: int, steps: int, device: str = "cpu"):
     if c.get("capacity"):
         capacity = c["capacity"]
     st = JacobiState.create(B, W, V, torch.randint(-(2**62), 2**62, (B,), generator=g).tolist(),
-                            vp=c["vp"], capacity=capacity)
+                            vp=c["vp"], capacity=capacity, device=device)
     pos = torch.randint(0, 8, (B,), generator=g)
     cfg_scale = (torch.rand(B, generator=g) * 4 + 1) if c["cfg"] else None
 
     def mv(x):                          # a no-op on the CPU
         return None if x is None else x.to(device)
-    st = JacobiState(*(mv(getattr(st, f)) for f in ("q_state", "q_kind", "p_prev", "seed", "step", "status")),
-                     q_idx=mv(st.q_idx), vocab_size=st.vocab_size)
     base, unc, forced, pos, cfg_scale = mv(base), mv(unc), mv(forced), mv(pos), mv(cfg_scale)
     noise = [mv(x) for x in noise]
     return base, unc, noise, forced, st, pos, cfg_scale
@@ -286,21 +284,15 @@ def run_tree_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
 def _device_ready(args) -> bool:
     """On the CPU the Triton kernels need the interpreter; on a GPU they must be compiled (not
     interpreted) and the device must be there."""
-    backends = args.backends.split(",")
-    if args.device == "cpu":
-        if "triton" in backends:
-            from sjd_kernels.triton.jacobi_step import is_interpreted
-            if not is_interpreted():
-                print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)")
-                return False
-        return True
-    if not torch.cuda.is_available():
+    on_cpu = args.device == "cpu"
+    if not on_cpu and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device is visible")
         return False
-    if "triton" in backends:
+    if "triton" in args.backends.split(","):
         from sjd_kernels.triton.jacobi_step import is_interpreted
-        if is_interpreted():
-            print("--device cuda runs the compiled Triton kernels: unset TRITON_INTERPRET (or set it to 0)")
+        if is_interpreted() != on_cpu:
+            print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)" if on_cpu
+                  else "--device cuda runs the compiled Triton kernels: unset TRITON_INTERPRET (or set it to 0)")
             return False
     return True
 

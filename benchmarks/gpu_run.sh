@@ -82,7 +82,7 @@ if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
 fi
 # 0, not unset: several test modules set TRITON_INTERPRET=1 when it is absent (for CPU runs)
 export TRITON_INTERPRET=0
-WORK=$(mktemp -d /tmp/sjd_gpu_run.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sjd_gpu_run.XXXXXX")
 LOGS=$WORK/logs; RES=$WORK/results
 mkdir -p "$LOGS" "$RES"
 T0=$(date +%s)
@@ -254,10 +254,10 @@ if want bench && "$PY" -c "import flashinfer.sampling" > /dev/null 2>&1; then
   # Its JIT compiles with $CUDA_HOME/bin/nvcc (else `which nvcc`, which may be a wrapper) and
   # includes curand.h, which a minimal toolkit lacks: take it from the toolkit, else from an NVIDIA
   # pip package next to torch, else from the headers fetch_wheels.sh puts in $WHEELS/include.
-  if [ -z "${CUDA_HOME:-}" ]; then
-    for d in /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null | sort -V -r); do
-      [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ] && { export CUDA_HOME=$d; break; }
-    done
+  if [ -z "${CUDA_HOME:-}" ]; then     # the toolkit the extension's build uses (setup.find_nvcc)
+    CUDA_HOME=$("$PY" -c "import os, sys; sys.path.insert(0, sys.argv[1]); import setup; n = setup.find_nvcc()[0]
+print(os.path.dirname(os.path.dirname(n)) if n else '')" "$ROOT" 2>/dev/null)
+    [ -n "$CUDA_HOME" ] && export CUDA_HOME || unset CUDA_HOME
   fi
   if [ ! -f "${CUDA_HOME:-/nonexistent}/include/curand.h" ]; then
     CURAND_INC=$("$PY" -c "import glob, os, site; print(next(iter(sorted(os.path.dirname(f) for p in site.getsitepackages() for f in glob.glob(p + '/nvidia/*/include/curand.h'))), ''))" 2>/dev/null)

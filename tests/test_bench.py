@@ -578,7 +578,8 @@ def test_gpu_run_scripts_parse_and_package_a_stage(tmp_path):
     for script in ("gpu_run.sh", "fetch_wheels.sh"):
         r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
         assert r.returncode == 0, f"{script}: {r.stderr}"
-    env = dict(os.environ, STAGES="info", TOTAL_S="90", WHEELS=str(tmp_path / "no_wheels"), PY=sys.executable)
+    env = dict(os.environ, STAGES="info", TOTAL_S="90", WHEELS=str(tmp_path / "no_wheels"), PY=sys.executable,
+               TMPDIR=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh"), str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -36,9 +36,5 @@ if backend == "triton":
     from sjd_kernels.triton.jacobi_step import jacobi_step_triton as fn
     print(fp.run_case(c, 1000 * seed + i, fn))
 else:
-    import sjd_kernels.cuda.jacobi_step as cj
-    from sjd_kernels.cuda import sim
-    cj.FORCE_GLOBAL_ROWS = how["global_rows"]
-    with sim.simulate(order=how["order"], seed=how["sim_seed"]), cj.kernel_features(*how["features"]):
-        print(fp.run_case(c, 1000 * seed + i, cj.jacobi_step_cuda))
+    print(fp.run_cuda_case(c, 1000 * seed + i, how))
 print(c)
