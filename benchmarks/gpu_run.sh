@@ -42,9 +42,10 @@
 #                           (the reference in the checks) run uninstrumented (the info stage prints
 #                           the installed syntax)
 #   PROFILE_CASES="B32_W32_V16384_cfg_bf16_sjd_k1000"   cases for the `profile` stage (Nsight Compute,
-#                           one launch of the rows kernel per backend (cuda, cuda_bracket, cuda_lists,
-#                           cuda_hist, triton, triton_w32, triton_rowsearch);
-#                           add "profile" to STAGES)
+#                           one launch of the rows kernel per backend of PROFILE_BACKENDS, with PC
+#                           sampling split by source function and kernel section: logs/ncu/*/split.md
+#                           and summary.md; add "profile" to STAGES)
+#   PROFILE_BACKENDS="cuda cuda_hist triton"   (any of bench ops' jacobi_step backends)
 #   SJD_CUDA_ARCHS="90" PY=python3   (no kernel uses sm_90a-only instructions)
 #   WHEELS=.whl             folder of wheels to install first (FlashInfer: bash benchmarks/fetch_wheels.sh)
 set -u
@@ -69,6 +70,7 @@ SAN_NODES=("tests/test_cuda_jacobi_step.py::test_vocabulary_larger_than_shared_m
 SAN_REQUESTS=${SAN_REQUESTS:-6}
 PROFILE_CASES=${PROFILE_CASES:-"B32_W32_V16384_cfg_bf16_sjd_k1000"}
 PROFILE_S=${PROFILE_S:-60}
+PROFILE_BACKENDS=${PROFILE_BACKENDS:-"cuda cuda_hist triton"}
 SAN_KERNELS=${SAN_KERNELS:-""}
 export SJD_CUDA_ARCHS=${SJD_CUDA_ARCHS:-"90"}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
@@ -125,6 +127,9 @@ package() {   # called after every stage, so a run stopped from outside still re
     f=$LOGS/fuzz.log
     [ -f "$f" ] && { echo; echo "## fuzz: drawn cases on the CUDA kernels (summary lines and failures)"; echo '```'
                      grep -E "^# |FAIL|exit codes" "$f" | cut -c1-400 | tail -20; echo '```'; }
+    for f in "$LOGS"/ncu/*/split.md; do
+      [ -f "$f" ] && { echo; echo "## Nsight Compute PC samples by source ($(basename "$(dirname "$f")"))"; echo; sed '/^## /d' "$f" | cat -s | sed -n '1,60p'; }
+    done
     for t in memcheck racecheck initcheck; do
       f=$LOGS/sanitize-$t.log
       [ -f "$f" ] && { echo; echo "## compute-sanitizer $t (tail)"; echo '```'; grep -E "ERROR SUMMARY|========= (Invalid|Race|Uninitialized|Error)|passed|failed" "$f" | tail -15; echo '```'; }
@@ -350,12 +355,21 @@ fi
 if want profile; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   for c in $PROFILE_CASES; do
-    for be in cuda cuda_bracket cuda_lists cuda_hist triton triton_w32 triton_rowsearch; do
+    for be in $PROFILE_BACKENDS; do
       if [ -z "$NCU" ]; then printf '| profile-%s | skipped (ncu not found) | - | 0 | 0 | - |\n' "$be" >> "$STATUS"; continue; fi
-      stage "profile-$be-$c" "$PROFILE_S" "$LOGS/ncu-$be-$c.log" -- "$NCU" --clock-control none \
-        -k regex:jacobi_rows --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \
-        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        "$PY" benchmarks/profile_step.py --case "$c" --backend "$be"
+      # one launch of the rows kernel with PC sampling (SourceCounters): the report's sections go to
+      # the log, its per-instruction page to sass.csv, and ncu_source splits the samples by source
+      # function and kernel section (split.md, also in summary.md)
+      D="$LOGS/ncu/$be-$c"; mkdir -p "$D"
+      PY="$PY" NCU="$NCU" D="$D" C="$c" BE="$be" REP="$WORK/ncu-$be-$c" stage "profile-$be-$c" "$PROFILE_S" "$LOGS/ncu-$be-$c.log" -- bash -c '
+        "$NCU" --clock-control none -f -o "$REP" -k regex:jacobi_rows --launch-skip 2 --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+          --section MemoryWorkloadAnalysis --section SourceCounters --import-source no \
+          "$PY" benchmarks/profile_step.py --case "$C" --backend "$BE" --listing "$D/listing.txt" || exit $?
+        "$NCU" --import "$REP.ncu-rep" --page details
+        "$NCU" --import "$REP.ncu-rep" --page source --csv --print-source sass > "$D/sass.csv" || exit $?
+        "$PY" -m sjd_kernels.bench.ncu_source --csv "$D/sass.csv" --listing "$D/listing.txt" --kernel jacobi_rows \
+          --title "$BE, $C" --out "$D/split.md" > /dev/null'
     done
   done
 fi

@@ -8,6 +8,11 @@ The inputs are the ones ``python -m sjd_kernels.bench ops`` times for that case 
 same seed); the state is restored before every call, as in the benchmark, so each launch solves
 the same problem. ``--case`` is matched against the case names of ``bench list`` (exact name, or
 the single case that contains the text).
+
+``--listing FILE`` also writes the ``nvdisasm -g -c`` text of the backend's rows kernels as this
+process compiled them (Triton) or as the extension holds them (CUDA), for
+``python -m sjd_kernels.bench.ncu_source``, which joins Nsight Compute's per-instruction samples
+(``--section SourceCounters``) to source lines and functions.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--calls", type=int, default=4, help="calls of the op (the profiler picks one)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--listing", default=None, help="write the rows kernels' nvdisasm -g -c text here")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step: needs a CUDA device", file=sys.stderr)
@@ -49,6 +55,17 @@ def main(argv=None) -> int:
         fn()
     torch.cuda.synchronize()
     print(f"profile_step: {case.name} backend {a.backend}: {a.calls} calls done")
+    if a.listing:
+        from sjd_kernels.bench.ncu_source import kernel_listing
+        from sjd_kernels.bench.cases import VARIANTS
+        try:
+            text = kernel_listing(VARIANTS.get(a.backend, a.backend))
+        except Exception as e:  # the profile itself is done; say why the listing is missing
+            print(f"profile_step: no listing ({type(e).__name__}: {e})", file=sys.stderr)
+            return 3
+        with open(a.listing, "w") as f:
+            f.write(text)
+        print(f"profile_step: listing of the rows kernels in {a.listing}")
     return 0
 
 
