@@ -31,7 +31,8 @@
 #                           the issue's over-100-MB bandwidth case; S 256 keeps the caches and their
 #                           check copies near 40 GB)
 #   Each compute-sanitizer tool runs `bench ops --check --grid cpu --backend cuda --backend cuda_lists
-#   --backend cuda_hist --ref-device cpu` (every CUDA kernel and path on small shapes, the default rows
+#   --backend cuda_hist --backend chain_cuda --ref-device cpu` (every CUDA kernel and path on small shapes
+#   (chain_cuda: verify_chain's kernel), the default rows
 #   kernel and the ones with the optional paths, checked against the reference computed on the CPU,
 #   so the sanitizer watches little besides this package's kernels: dense and sparse state, every
 #   draft mode, ragged windows, tree verify, tree KV moves); memcheck also runs SAN_NODES (V larger
@@ -312,7 +313,7 @@ if want sanitize; then
     [ "$tool" = "memcheck" ] && nodes="${SAN_NODES[*]}"
     SJD_REQUIRE_EXT=1 stage_bg "sanitize-$tool" "$SAN_S" "$LOGS/sanitize-$tool.log" -- bash -c '
       "$0" '"$extra"' "$1" -m sjd_kernels.bench ops --check --grid cpu --backend cuda --backend cuda_lists \
-        --backend cuda_hist --ref-device cpu \
+        --backend cuda_hist --backend chain_cuda --ref-device cpu \
         --min-requests "$2" --no-plots --out "$3"; r1=$?
       r2=0
       if [ -n "$4" ]; then "$0" '"$extra"' "$1" -m pytest -q -p no:cacheprovider -p no:benchmark $4; r2=$?; fi

@@ -15,6 +15,7 @@
 #include "jacobi_step.h"
 #include "tree_kv_update.h"
 #include "tree_verify.h"
+#include "verify_chain.h"
 
 namespace py = pybind11;
 
@@ -220,6 +221,41 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
       py::arg("top_p"), py::arg("num_accepted"), py::arg("path"), py::arg("out_tokens"), py::arg("rowflag"),
       py::arg("rowbuf"), py::arg("device"), py::arg("stream"), py::arg("features") = 0,
       "launch tree_verify on `stream` (see sjd_kernels/cuda/tree_verify.py for the tensor contract)",
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "verify_chain",
+      [](int dtype, std::uintptr_t target, int64_t target_sb, int64_t target_sj, std::uintptr_t draft,
+         int64_t draft_sb, int64_t draft_sj, std::uintptr_t ids, std::uintptr_t win_len, std::uintptr_t pos,
+         std::uintptr_t seed, std::uintptr_t step, std::uintptr_t status, int B, int W, int V,
+         std::uintptr_t num_accepted, std::uintptr_t tokens, int device, std::uintptr_t stream) {
+        sjd::VerifyChainArgs a;
+        a.dtype = dtype;
+        a.target = ptr<const void>(target);
+        a.target_sb = target_sb;
+        a.target_sj = target_sj;
+        a.draft = ptr<const void>(draft);
+        a.draft_sb = draft_sb;
+        a.draft_sj = draft_sj;
+        a.ids = ptr<const int64_t>(ids);
+        a.win_len = ptr<const int64_t>(win_len);
+        a.pos = ptr<const int64_t>(pos);
+        a.seed = ptr<const int64_t>(seed);
+        a.step = ptr<const int64_t>(step);
+        a.status = ptr<int32_t>(status);
+        a.B = B;
+        a.W = W;
+        a.V = V;
+        a.num_accepted = ptr<int64_t>(num_accepted);
+        a.tokens = ptr<int64_t>(tokens);
+        a.device = device;
+        a.stream = reinterpret_cast<void*>(stream);
+        sjd::verify_chain_launch(a);
+      },
+      py::arg("dtype"), py::arg("target"), py::arg("target_sb"), py::arg("target_sj"), py::arg("draft"),
+      py::arg("draft_sb"), py::arg("draft_sj"), py::arg("ids"), py::arg("win_len"), py::arg("pos"), py::arg("seed"),
+      py::arg("step"), py::arg("status"), py::arg("B"), py::arg("W"), py::arg("V"), py::arg("num_accepted"),
+      py::arg("tokens"), py::arg("device"), py::arg("stream"),
+      "launch verify_chain on `stream` (see sjd_kernels/cuda/verify_chain.py for the tensor contract)",
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "philox_fill",

@@ -112,6 +112,7 @@ def test_cases_cover_jacobi_step_and_both_dtypes():
     names = [c for m, c in CASES if m.endswith(".jacobi_step")]
     assert any(c.startswith("rows-bf16") for c in names) and any(c.startswith("rows-fp32") for c in names)
     assert any(c.startswith("commit") for c in names)
+    assert {"verify-chain-fp32", "verify-chain-bf16"} <= {c for m, c in CASES if m.endswith(".verify_chain")}
 
 
 @pytest.mark.parametrize("module,case", CASES, ids=[f"{m.rsplit('.', 1)[-1]}:{c}" for m, c in CASES])
@@ -121,7 +122,7 @@ def test_compiles_to_ptx_for_sm90(compiled, module, case):
     assert r["ok"], r.get("error")
     assert r["entry"] and r["ptx_chars"] > 1000 and r["cubin_bytes"] > 0, r
     assert r["target"], "PTX not generated for sm_90"
-    if r["kernel"] == "_jacobi_rows_kernel":
+    if r["kernel"] in ("_jacobi_rows_kernel", "_verify_chain_kernel"):
         # IEEE division (race keys, softmax, renormalisation) and the accurate log are what keep the
         # compiled kernel bit-compatible with the reference
         assert r["div_full"] == 0, f"approximate division in the PTX: {r}"

@@ -98,12 +98,12 @@ def _no_tolist(self, *a, **k):
 def dry_run(monkeypatch):
     """Run the graph path on CPU: each warm-up step and 'replay' runs the step under NoHostSync."""
     calls = []
-    jmod = sys.modules["sjd_kernels.ops.jacobi_step"]
+    cmod = sys.modules["sjd_kernels.ops._common"]
 
     def run(fn):
         calls.append(1)
         with monkeypatch.context() as mp:
-            mp.setattr(jmod, "_compiling", lambda: True)        # the op wrapper's device path (no CPU check)
+            mp.setattr(cmod, "compiling", lambda: True)         # the op wrapper's device path (no CPU check)
             mp.setattr(torch.Tensor, "tolist", _no_tolist)
             with NoHostSync():
                 fn()

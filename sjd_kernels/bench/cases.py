@@ -618,10 +618,12 @@ class VerifyOnlyBench(OpBench):
     than verify (it also draws the next drafts and writes the state of every row), so its rows are
     an upper bound on what verification alone costs it."""
     name = "verify_only"
-    backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda")
+    backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda", "chain_torch", "chain_triton", "chain_cuda")
     reference_backend = "torch_verify"
-    doc = "verification only (probabilities in): FlashInfer chain_speculative_sampling peer, and the fused step"
+    doc = ("verification only (probabilities in): FlashInfer chain_speculative_sampling peer, this library's "
+           "verify_chain (chain_*) and the fused step")
     _LIB = ("torch", "triton", "cuda")
+    _CHAIN = ("chain_torch", "chain_triton", "chain_cuda")
 
     def cases(self) -> list:
         out = []
@@ -637,6 +639,8 @@ class VerifyOnlyBench(OpBench):
             return True, "torch_verify: vectorised PyTorch verification (sjd_kernels/bench/cases.py)"
         if backend in self._LIB:
             return _library_backend_available(backend, device)
+        if backend in self._CHAIN:
+            return _library_backend_available(backend[len("chain_"):], device)
         try:
             import flashinfer  # noqa: F401
             from flashinfer.sampling import chain_speculative_sampling  # noqa: F401
@@ -698,7 +702,17 @@ class VerifyOnlyBench(OpBench):
         out = torch.where(j.view(1, -1) < first.view(B, 1), torch.cat([ids.long(), ids.new_zeros(B, 1).long()], 1), -1)
         return out.scatter(1, first.view(B, 1), tok.view(B, 1)), first
 
+    @staticmethod
+    def _chain_call(inp: dict, lib: dict, backend: str):
+        """``verify_chain`` on the same laws and the same randomness keys as the fused step."""
+        from ..ops.verify_chain import verify_chain
+        st = lib["state"]
+        return verify_chain(inp["target"], inp["draft"], inp["ids"].long(), seed=st.seed, step=st.step,
+                            pos=lib["pos"], win_len=lib["win"], status=st.status, backend=backend[len("chain_"):])
+
     def _call(self, inp: dict, backend: str):
+        if backend in self._CHAIN:
+            return self._chain_call(inp, inp["lib"], backend)
         if backend == "flashinfer":
             from flashinfer.sampling import chain_speculative_sampling
             return chain_speculative_sampling(inp["draft"], inp["ids"], inp["target"])
@@ -729,16 +743,18 @@ class VerifyOnlyBench(OpBench):
         inp = self._inputs(p, device, seed)
         detail = "well-formed accepted prefix + one sample (law: see the library's tests)"
         same_ok = True
-        if backend in self._LIB:
+        if backend in self._LIB or backend in self._CHAIN:
             inp["lib"] = self._library_inputs(inp, seed)
             ref_lib = self._library_inputs(inp, seed)
             out_lib = self._call(inp, backend)
-            out_ref = self._library_call(ref_lib, "torch")
+            out_ref = (self._chain_call(inp, ref_lib, "chain_torch") if backend in self._CHAIN
+                       else self._library_call(ref_lib, "torch"))
             tok = out_lib.tokens
             differ = int((~(out_lib.tokens == out_ref.tokens).all(1)).sum())
             allowed = max(1, int(0.02 * p["B"]))
             same_ok = differ <= allowed and int(inp["lib"]["state"].status[0]) == 0
-            detail = (f"vs the torch step: {differ}/{p['B']} requests differ (allowed {allowed}); "
+            detail = (f"vs the torch {'verify_chain' if backend in self._CHAIN else 'step'}: {differ}/{p['B']} "
+                      f"requests differ (allowed {allowed}); "
                       f"status {int(inp['lib']['state'].status[0])}; " + detail)
         else:
             out = self._call(inp, backend)

@@ -4,4 +4,5 @@ from .tree import TreeLayout, TreeOutput, build_tree, kv_pointer_table, tree_kv_
 
 __all__ = ["SJDDeviceError", "SJDInputError", "backends", "check_status", "JacobiOutput", "JacobiState",
            "init_window", "jacobi_step", "TreeLayout", "TreeOutput", "build_tree", "tree_verify", "tree_kv_update",
-           "kv_pointer_table"]
+           "kv_pointer_table", "VerifyOutput", "verify_chain"]
+from .verify_chain import VerifyOutput, verify_chain

@@ -108,7 +108,8 @@ def new_status(device) -> torch.Tensor:
 
 
 ERROR_TEXT = {
-    1: "non-finite logits (NaN or +inf, or a row with no finite logit) at a non-forced row",
+    1: "non-finite logits (NaN or +inf, or a row with no finite logit) at a non-forced row, or (verify_chain) "
+       "a non-finite probability it read or a target row without positive mass",
     2: "a draft id outside [0, V) that is not the forced token of its position",
     4: "a tree node index out of range",
     8: "win_len outside [0, W]",
@@ -176,3 +177,32 @@ def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, to
         raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
     if not (0.0 < top_p <= 1.0):
         raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def compiling() -> bool:
+    """True while torch.compile traces (no host checks then: they would break the graph)."""
+    f = getattr(torch.compiler, "is_compiling", None)
+    return bool(f()) if f is not None else False
+
+
+def guard_win_len(win_len: torch.Tensor, W: int):
+    """``win_len`` must lie in ``[0, W]``. On the CPU (eager) that is checked here (SJDInputError);
+    elsewhere there is no host sync: returns ``(win_len with bad entries set to 0, bad mask)`` for
+    ``mark_win_len_errors``, else ``(win_len, None)``."""
+    if win_len.device.type == "cpu" and not compiling():
+        if bool(((win_len < 0) | (win_len > W)).any()):
+            raise SJDInputError(f"win_len must be in [0, W={W}], got {win_len.tolist()}")
+        return win_len, None
+    bad = (win_len < 0) | (win_len > W)
+    return torch.where(bad, torch.zeros_like(win_len), win_len), bad
+
+
+def mark_win_len_errors(bad, status: torch.Tensor, outputs: tuple) -> tuple:
+    """Requests with ``bad`` win_len (``guard_win_len``) return -1 in every output ([B] or [B, n])
+    and set status bit 8."""
+    if bad is None:
+        return outputs
+    from ..reference.jacobi_step import ERR_WIN_LEN
+    out = tuple(torch.where(bad.view(-1, *([1] * (o.dim() - 1))), torch.full_like(o, -1), o) for o in outputs)
+    status[0:1].bitwise_or_((bad.any().to(torch.int32) * ERR_WIN_LEN).view(1))
+    return out

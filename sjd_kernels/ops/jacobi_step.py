@@ -15,7 +15,7 @@ import torch
 
 from ..reference import jacobi_step as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_cfg, check_state_and_sampling,
-                      check_tensor, new_status, resolve_backend)
+                      check_tensor, guard_win_len, mark_win_len_errors, new_status, resolve_backend)
 
 I64 = (torch.int64,)
 
@@ -183,11 +183,6 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
     return ref.MODES[m]
 
 
-def _compiling() -> bool:
-    f = getattr(torch.compiler, "is_compiling", None)
-    return bool(f()) if f is not None else False
-
-
 def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tensor, pos: torch.Tensor,
                 state: JacobiState, *, uncond_logits: torch.Tensor | None = None,
                 cfg_scale: torch.Tensor | None = None, forced: torch.Tensor | None = None,
@@ -206,27 +201,15 @@ def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tenso
     mode_code = validate(logits, drafts, win_len, pos, state, uncond_logits, cfg_scale, forced,
                          temperature, top_k, top_p, mode, beta, vp_form, tail_init)
     be = resolve_backend(backend, logits.device)
-    W = drafts.shape[1]
-    win_bad = None
-    if win_len.device.type == "cpu" and not _compiling():
-        if bool(((win_len < 0) | (win_len > W)).any()):
-            raise SJDInputError(f"win_len must be in [0, W={W}], got {win_len.tolist()}")
-    else:
-        # no host sync on a GPU: out-of-range requests run with win_len 0, return -1 and set status bit 8
-        win_bad = (win_len < 0) | (win_len > W)
-        win_len = torch.where(win_bad, torch.zeros_like(win_len), win_len)
+    # no host sync on a GPU: out-of-range requests run with win_len 0, return -1 and set status bit 8
+    win_len, win_bad = guard_win_len(win_len, drafts.shape[1])
     out = torch.ops.sjd.jacobi_step(
         logits, uncond_logits, cfg_scale, drafts, win_len, pos, state.seed, state.step, forced,
         state.q_state, state.q_kind, state.p_prev, state.q_idx, state.status,
         float(temperature), int(top_k), float(top_p), mode_code, float(beta),
         ref.VP_ADD if vp_form == "add" else ref.VP_LOG, float(vp_eps),
         ref.TAIL_UNIFORM if tail_init == "uniform" else ref.TAIL_LEFT, BACKEND_CODE[be])
-    if win_bad is not None:
-        na, tok, nd = out
-        bad = win_bad.view(-1, 1)
-        out = (torch.where(win_bad, torch.full_like(na, -1), na), torch.where(bad, torch.full_like(tok, -1), tok),
-               torch.where(bad, torch.full_like(nd, -1), nd))
-        state.status[0:1].bitwise_or_((win_bad.any().to(torch.int32) * ref.ERR_WIN_LEN).view(1))
+    out = mark_win_len_errors(win_bad, state.status, out)
     if advance:
         state.step.add_(1)
     return JacobiOutput(*out)

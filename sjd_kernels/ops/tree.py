@@ -24,7 +24,7 @@ import torch
 
 from ..reference import tree as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_cfg,
-                      check_state_and_sampling, check_status, check_tensor, new_status, resolve_backend)
+                      check_state_and_sampling, check_status, check_tensor, compiling, new_status, resolve_backend)
 from .jacobi_step import JacobiState
 
 I64 = (torch.int64,)
@@ -100,14 +100,9 @@ def _(keys, values, path, cache_len, ptr_table, status, backend):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _compiling() -> bool:
-    f = getattr(torch.compiler, "is_compiling", None)
-    return bool(f()) if f is not None else False
-
-
 def _host_checks(t: torch.Tensor) -> bool:
     """Host-side checks (they synchronise) run for CPU tensors only, never while tracing."""
-    return t.device.type == "cpu" and not _compiling()
+    return t.device.type == "cpu" and not compiling()
 
 
 def _dense_only(state: JacobiState) -> None:
@@ -324,7 +319,7 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
     S = _validate_kv(kv, keys, values, path, cache_len, status)
     dev = path.device
     sync_check = status is None or _host_checks(path)
-    if sync_check and not _compiling():
+    if sync_check and not compiling():
         _, _, _, row_bad = ref.kv_moves(path, cache_len, S)
         if bool(row_bad.any()):
             rows = row_bad.nonzero().flatten().tolist()

@@ -71,6 +71,16 @@ def lane_words(k0, k1, c1, c2, STREAM: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def lane_words_from(k0, k1, c1, c2, STREAM: tl.constexpr, g0, BLOCK: tl.constexpr):
+    """``lane_words`` of lanes ``4 * g0 .. 4 * g0 + BLOCK - 1`` (a tile of a row read in chunks):
+    group ids start at the int scalar ``g0``."""
+    g = (g0 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    z = tl.zeros([BLOCK // 4], dtype=tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(g, z + c1, z + c2, z + STREAM, z + k0, z + k1)
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK])
+
+
+@triton.jit
 def lane_words_at(k0, k1, c1, c2, STREAM: tl.constexpr, lanes):
     """The words of ``lane_words`` at the int32 lane ids ``lanes`` (any shape, ids >= 0): one Philox
     call per id for its group ``lane // 4``, word ``lane % 4``."""
