@@ -5,11 +5,12 @@
 // target[j, D_j] and draft[j, D_j], draw the acceptance uniform (stream ACCEPT, word 0 of lane
 // group 0 at position pos + j), and a block reduction gives the first rejected row m and the
 // error flags. Then the block reads rows m of both laws once: each thread takes groups of 4
-// consecutive lanes (one Philox call of stream RESID per group) and keeps two packed race entries,
-// the residual max(0, target - draft) (or the target itself on the bonus row) and the target, so
-// a second reduction gives both winners (largest key, lowest lane on ties, as the reference's
-// argmax). No other row is read, nothing is synchronised with the host, and the outputs have fixed
-// shapes, so a call can be captured in a CUDA graph.
+// consecutive lanes (one Philox call of stream RESID per group) and keeps its best packed race
+// entry of the residual max(0, target - draft) (the target itself on the bonus row), and a second
+// reduction gives the winner (largest key, lowest lane on ties, as the reference's argmax). Only a
+// residual without mass (rounding) reads the target row again for the target's race. No other row
+// is read, nothing is synchronised with the host, and the outputs have fixed shapes, so a call can
+// be captured in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -55,7 +56,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) verify_chain_kernel(const Params p) {
   __shared__ int red_i[2 * kMaxWarps];
   __shared__ int red_m[2 * kMaxWarps];
-  __shared__ uint64_t red_u[2 * kMaxWarps * 2];
+  __shared__ uint64_t red_u[2 * kMaxWarps];
   int par_i = 0, par_m = 0, par_u = 0;
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, nth = blockDim.x;
@@ -83,13 +84,13 @@ __global__ void __launch_bounds__(kMaxThreads) verify_chain_kernel(const Params 
   }
   const int m = block_allreduce1(first, OpMinI(), red_m, par_m);
 
-  // ---- 2. row m: the residual race (a rejected draft) and the target race (bonus row, fallback)
+  // ---- 2. row m: the residual race of a rejected draft, or the target's race on the bonus row
   const bool resid = m < wl;
   const T* prow = trow0 + m * p.t_sj;
   const T* qrow = resid ? drow0 + m * p.d_sj : nullptr;
   const RowRng rr(seed, pos + m, step, kStreamResid);
-  uint64_t best[2] = {0ull, 0ull};  // residual, target
   const int groups = (V + 3) >> 2;
+  uint64_t best = 0ull;
   for (int g = tid; g < groups; g += nth) {
     const Philox4 w = rr.group(static_cast<uint32_t>(g));
 #pragma unroll
@@ -99,17 +100,29 @@ __global__ void __launch_bounds__(kMaxThreads) verify_chain_kernel(const Params 
       const float x = to_float<T>(prow[lane]);
       const float q = qrow != nullptr ? to_float<T>(qrow[lane]) : 0.0f;
       if (!isfinite(x) || !isfinite(q)) flags |= 1;
-      const float e = exponential(w.w[k]);
       const float r = resid ? fmaxf(__fsub_rn(x, q), 0.0f) : x;
-      best[0] = umax64(best[0], race_pack(r, e, static_cast<uint32_t>(lane)));
-      best[1] = umax64(best[1], race_pack(x, e, static_cast<uint32_t>(lane)));
+      best = umax64(best, race_pack(r, exponential(w.w[k]), static_cast<uint32_t>(lane)));
     }
   }
-  block_allreduce<2>(best, OpMaxU64(), red_u, par_u);
+  best = block_allreduce1(best, OpMaxU64(), red_u, par_u);
   flags = block_allreduce1(flags, OpOrI(), red_i, par_i);
-  const int64_t cr = race_winner(best[0]);
-  const int64_t cand = cr >= 0 ? cr : race_winner(best[1]);
-  const bool zero = resid && cr < 0;
+  int64_t cand = race_winner(best);
+  const bool zero = resid && cand < 0;
+  if (zero) {
+    // no residual mass (only rounding makes target - draft vanish where the draft was rejected):
+    // the target's race with the same noise, a second pass over the row (block-uniform branch)
+    uint64_t bp = 0ull;
+    for (int g = tid; g < groups; g += nth) {
+      const Philox4 w = rr.group(static_cast<uint32_t>(g));
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int lane = 4 * g + k;
+        if (lane >= V) break;
+        bp = umax64(bp, race_pack(to_float<T>(prow[lane]), exponential(w.w[k]), static_cast<uint32_t>(lane)));
+      }
+    }
+    cand = race_winner(block_allreduce1(bp, OpMaxU64(), red_u, par_u));
+  }
   if (cand < 0) flags |= 1;  // the row m of the target has no positive entry
   const bool bad = flags != 0;
 

@@ -3,9 +3,11 @@
 
 A program gathers ``target[j, D_j]`` and ``draft[j, D_j]`` of every row of its window at once (one
 tile of the rows), draws the acceptance uniforms, finds the first rejection ``m``, then reads
-rows ``m`` of both laws once, in tiles of ``BLOCK_V`` lanes, running the residual race and the
-target race side by side (each keeps its best key and the lowest lane holding it, so tiles in
-lane order give the whole row's winner, as the reference's ``argmax`` does). No other row is read.
+rows ``m`` of both laws once, in tiles of ``BLOCK_V`` lanes, for the residual race (the target's
+race on the bonus row); the race keeps its best key and the lowest lane holding it, so tiles in
+lane order give the whole row's winner, as the reference's ``argmax`` does. Only a residual
+without mass (rounding) reads the target row a second time, for the target's race. No other row
+is read.
 """
 from __future__ import annotations
 
@@ -69,15 +71,12 @@ def _verify_chain_kernel(t_ptr, t_sb, t_sj, d_ptr, d_sb, d_sj, ids_ptr, wl_ptr, 
     draft_bad = tl.max((is_draft & ~in_range).to(tl.int32), 0) > 0
     bad = tl.max((ok & ~(_finite(Pd) & _finite(Qd))).to(tl.int32), 0) > 0
 
-    # ---- row m: residual race (a rejected draft) and target race (bonus row, or no residual mass)
+    # ---- row m: the residual race of a rejected draft, or the target's race on the bonus row
     resid = m < wl
     cm = counter_word(pos + m)
-    best_r = tl.full([], float("-inf"), tl.float32)
-    best_p = tl.full([], float("-inf"), tl.float32)
-    idx_r = tl.zeros([], dtype=tl.int32)
-    idx_p = tl.zeros([], dtype=tl.int32)
-    seen_r = tl.zeros([], dtype=tl.int1)
-    seen_p = tl.zeros([], dtype=tl.int1)
+    best = tl.full([], float("-inf"), tl.float32)
+    idx = tl.zeros([], dtype=tl.int32)
+    seen = tl.zeros([], dtype=tl.int1)
     off = tl.zeros([], dtype=tl.int32)
     while off < V:                     # (a while loop: the interpreter cannot range() over a runtime int)
         lanes = off + tl.arange(0, BLOCK_V)
@@ -86,12 +85,22 @@ def _verify_chain_kernel(t_ptr, t_sb, t_sj, d_ptr, d_sb, d_sj, ids_ptr, wl_ptr, 
         q = tl.load(d_ptr + b * d_sb + m * d_sj + lanes, mask=valid & resid, other=0.0).to(tl.float32)
         bad = bad | (tl.max((valid & ~(_finite(p) & _finite(q))).to(tl.int32), 0) > 0)
         E = exponential(lane_words_from(k0, k1, cm, c2, S_RESID, off // 4, BLOCK_V))
-        w = tl.where(resid, tl.maximum(p - q, 0.0), p)
-        best_r, idx_r, seen_r = _race_tile(w, E, lanes, valid, best_r, idx_r, seen_r)
-        best_p, idx_p, seen_p = _race_tile(p, E, lanes, valid, best_p, idx_p, seen_p)
+        best, idx, seen = _race_tile(tl.where(resid, tl.maximum(p - q, 0.0), p), E, lanes, valid, best, idx, seen)
         off += BLOCK_V
-    zero = resid & ~seen_r
-    cand = tl.where(seen_r, idx_r, tl.where(seen_p, idx_p, -1)).to(tl.int64)
+    zero = resid & ~seen
+    if zero:
+        # no residual mass (only rounding makes target - draft vanish where the draft was rejected):
+        # the target's race with the same noise, a second pass over the row
+        best = tl.full([], float("-inf"), tl.float32)
+        off = tl.zeros([], dtype=tl.int32)
+        while off < V:
+            lanes = off + tl.arange(0, BLOCK_V)
+            valid = lanes < V
+            p = tl.load(t_ptr + b * t_sb + m * t_sj + lanes, mask=valid, other=0.0).to(tl.float32)
+            E = exponential(lane_words_from(k0, k1, cm, c2, S_RESID, off // 4, BLOCK_V))
+            best, idx, seen = _race_tile(p, E, lanes, valid, best, idx, seen)
+            off += BLOCK_V
+    cand = tl.where(seen, idx, -1).to(tl.int64)
     bad = bad | (cand < 0)
     err = tl.where(bad, ERR_NONFINITE, 0) | tl.where(draft_bad, ERR_DRAFT_RANGE, 0)
     bad = bad | draft_bad
