@@ -227,7 +227,7 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
       [](int dtype, std::uintptr_t target, int64_t target_sb, int64_t target_sj, std::uintptr_t draft,
          int64_t draft_sb, int64_t draft_sj, std::uintptr_t ids, std::uintptr_t win_len, std::uintptr_t pos,
          std::uintptr_t seed, std::uintptr_t step, std::uintptr_t status, int B, int W, int V,
-         std::uintptr_t num_accepted, std::uintptr_t tokens, int device, std::uintptr_t stream) {
+         std::uintptr_t num_accepted, std::uintptr_t tokens, int device, std::uintptr_t stream, int threads) {
         sjd::VerifyChainArgs a;
         a.dtype = dtype;
         a.target = ptr<const void>(target);
@@ -247,6 +247,7 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
         a.V = V;
         a.num_accepted = ptr<int64_t>(num_accepted);
         a.tokens = ptr<int64_t>(tokens);
+        a.threads = threads;
         a.device = device;
         a.stream = reinterpret_cast<void*>(stream);
         sjd::verify_chain_launch(a);
@@ -254,7 +255,7 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
       py::arg("dtype"), py::arg("target"), py::arg("target_sb"), py::arg("target_sj"), py::arg("draft"),
       py::arg("draft_sb"), py::arg("draft_sj"), py::arg("ids"), py::arg("win_len"), py::arg("pos"), py::arg("seed"),
       py::arg("step"), py::arg("status"), py::arg("B"), py::arg("W"), py::arg("V"), py::arg("num_accepted"),
-      py::arg("tokens"), py::arg("device"), py::arg("stream"),
+      py::arg("tokens"), py::arg("device"), py::arg("stream"), py::arg("threads") = 0,
       "launch verify_chain on `stream` (see sjd_kernels/cuda/verify_chain.py for the tensor contract)",
       py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -28,7 +28,7 @@
 namespace sjd {
 namespace {
 
-constexpr int kMaxThreads = 512;
+constexpr int kMaxThreads = 1024;
 
 struct Params {
   const void* target;
@@ -141,10 +141,13 @@ __global__ void __launch_bounds__(kMaxThreads) verify_chain_kernel(const Params 
 }
 
 template <typename T>
-void launch(const Params& p, int B, cudaStream_t st) {
-  // about 8 lane groups (32 lanes) per thread over the row m, 64 to 512 threads
-  int threads = ((p.V + 31) / 32 + 31) / 32 * 32;
-  threads = threads < 64 ? 64 : (threads > kMaxThreads ? kMaxThreads : threads);
+void launch(const Params& p, int B, int threads, cudaStream_t st) {
+  if (threads == 0) {
+    // about 4 lane groups (16 lanes) per thread over the row m, 64 to 1024 threads: a request's
+    // row is one block's work, so at small batches the block's width is the parallelism
+    threads = ((p.V + 15) / 16 + 31) / 32 * 32;
+    threads = threads < 64 ? 64 : (threads > kMaxThreads ? kMaxThreads : threads);
+  }
   SJD_LAUNCH(verify_chain_kernel<T>, B, threads, 0, st)(p);
   SJD_CHECK_LAUNCH("verify_chain_kernel");
 }
@@ -158,6 +161,9 @@ void verify_chain_launch(const VerifyChainArgs& a) {
   SJD_REQUIRE(a.target && (a.draft || a.W == 0) && (a.ids || a.W == 0) && a.win_len && a.pos && a.seed && a.step &&
                   a.status && a.num_accepted && a.tokens,
               "verify_chain: a required pointer is null");
+  SJD_REQUIRE(a.threads == 0 || (a.threads >= 32 && a.threads <= kMaxThreads && a.threads % 32 == 0),
+              "verify_chain: threads must be 0 (automatic) or a multiple of 32 in [32, 1024], got " +
+                  std::to_string(a.threads));
   require_device(a.device, "verify_chain");
   Params p{};
   p.target = a.target;
@@ -178,9 +184,9 @@ void verify_chain_launch(const VerifyChainArgs& a) {
   p.tokens = a.tokens;
   cudaStream_t st = static_cast<cudaStream_t>(a.stream);
   switch (a.dtype) {
-    case kF32: launch<float>(p, a.B, st); break;
-    case kF16: launch<__half>(p, a.B, st); break;
-    default: launch<__nv_bfloat16>(p, a.B, st); break;
+    case kF32: launch<float>(p, a.B, a.threads, st); break;
+    case kF16: launch<__half>(p, a.B, a.threads, st); break;
+    default: launch<__nv_bfloat16>(p, a.B, a.threads, st); break;
   }
 }
 

@@ -24,6 +24,7 @@ struct VerifyChainArgs {
   int B = 0, W = 0, V = 0;
   int64_t* num_accepted = nullptr;   // [B]
   int64_t* tokens = nullptr;         // [B, W+1]
+  int threads = 0;                   // threads per block: 0 = chosen from V, else a multiple of 32 in [32, 1024]
   int device = 0;
   void* stream = nullptr;            // cudaStream_t
 };

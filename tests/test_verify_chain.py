@@ -183,6 +183,21 @@ def test_cuda_kernel_under_other_thread_orders(order):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("threads", [32, 96, 1024])
+def test_cuda_kernel_block_sizes(threads):
+    """Other block widths (``cuda.verify_chain.block_threads``, the bench's chain_cuda_t512): a
+    single warp, a width that does not divide the lane groups, the largest block."""
+    from sjd_kernels.cuda.verify_chain import block_threads
+    target, draft, ids, kw = _case(5, 40, 333, seed=threads)
+    a = _run("torch", target, draft, ids, kw)
+    with block_threads(threads):
+        b = _run("cuda_sim", target, draft, ids, kw, order="shuffle")
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    with block_threads(48), pytest.raises(ValueError, match="multiple of 32"):
+        _run("cuda_sim", target, draft, ids, kw)
+
+
 def test_cuda_kernel_race_checks():
     """The simulator's race-checking build: no unordered shared or global access in the kernel."""
     target, draft, ids, kw = _case(3, 5, 70, seed=12)

@@ -618,12 +618,13 @@ class VerifyOnlyBench(OpBench):
     than verify (it also draws the next drafts and writes the state of every row), so its rows are
     an upper bound on what verification alone costs it."""
     name = "verify_only"
-    backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda", "chain_torch", "chain_triton", "chain_cuda")
+    backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda", "chain_torch", "chain_triton", "chain_cuda",
+                "chain_cuda_t512")
     reference_backend = "torch_verify"
     doc = ("verification only (probabilities in): FlashInfer chain_speculative_sampling peer, this library's "
            "verify_chain (chain_*) and the fused step")
     _LIB = ("torch", "triton", "cuda")
-    _CHAIN = ("chain_torch", "chain_triton", "chain_cuda")
+    _CHAIN = ("chain_torch", "chain_triton", "chain_cuda", "chain_cuda_t512")   # chain_<backend>[_t<threads>]
 
     def cases(self) -> list:
         out = []
@@ -640,7 +641,7 @@ class VerifyOnlyBench(OpBench):
         if backend in self._LIB:
             return _library_backend_available(backend, device)
         if backend in self._CHAIN:
-            return _library_backend_available(backend[len("chain_"):], device)
+            return _library_backend_available(backend.split("_")[1], device)
         try:
             import flashinfer  # noqa: F401
             from flashinfer.sampling import chain_speculative_sampling  # noqa: F401
@@ -707,8 +708,14 @@ class VerifyOnlyBench(OpBench):
         """``verify_chain`` on the same laws and the same randomness keys as the fused step."""
         from ..ops.verify_chain import verify_chain
         st = lib["state"]
-        return verify_chain(inp["target"], inp["draft"], inp["ids"].long(), seed=st.seed, step=st.step,
-                            pos=lib["pos"], win_len=lib["win"], status=st.status, backend=backend[len("chain_"):])
+        parts = backend.split("_")                          # chain, backend[, t<threads> for the CUDA kernel]
+        ctx = contextlib.nullcontext()
+        if len(parts) == 3:
+            from ..cuda.verify_chain import block_threads
+            ctx = block_threads(int(parts[2][1:]))
+        with ctx:
+            return verify_chain(inp["target"], inp["draft"], inp["ids"].long(), seed=st.seed, step=st.step,
+                                pos=lib["pos"], win_len=lib["win"], status=st.status, backend=parts[1])
 
     def _call(self, inp: dict, backend: str):
         if backend in self._CHAIN:

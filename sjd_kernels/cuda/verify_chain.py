@@ -9,11 +9,28 @@ float32 (exact for every input dtype).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._ext import device_index, ext, kernel_device, stream_of
 from ..ops._common import SJDInputError
 from .jacobi_step import _DTYPE_CODE, _check
+
+# Threads per block (0: the kernel's choice, about 16 lanes of the row per thread, 64 to 1024);
+# set with ``block_threads`` (the bench's ``chain_cuda_t512`` times 512 beside the default).
+THREADS = 0
+
+
+@contextlib.contextmanager
+def block_threads(n: int):
+    """Launch ``verify_chain``'s kernel with ``n`` threads per block inside the block (0 = default)."""
+    global THREADS
+    old, THREADS = THREADS, int(n)
+    try:
+        yield
+    finally:
+        THREADS = old
 
 
 def verify_chain_cuda(target, draft, ids, win_len, pos, seed, step, status):
@@ -45,5 +62,5 @@ def verify_chain_cuda(target, draft, ids, win_len, pos, seed, step, status):
                    ids=ids.data_ptr() if W > 0 else 0, win_len=win_len.data_ptr(), pos=pos.data_ptr(),
                    seed=seed.data_ptr(), step=step.data_ptr(), status=status.data_ptr(), B=B, W=W, V=V,
                    num_accepted=num.data_ptr(), tokens=tokens.data_ptr(), device=device_index(dev),
-                   stream=stream_of(dev))
+                   stream=stream_of(dev), threads=THREADS)
     return num, tokens

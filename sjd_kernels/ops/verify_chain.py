@@ -70,6 +70,8 @@ def verify_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_id
     dev = target_probs.device
     if B < 1 or V < 1:
         raise SJDInputError(f"target_probs must have B >= 1 requests and V >= 1 lanes, got {list(target_probs.shape)}")
+    if W1 > 65535:
+        raise SJDInputError(f"target_probs has W + 1 = {W1} window rows; at most 65535 are supported")
     check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, dim=3, shape=(B, W, V), device=dev)
     check_tensor("draft_ids", draft_ids, dtypes=I64, dim=2, shape=(B, W), device=dev, contiguous=True)
     zeros = torch.zeros(B, dtype=torch.int64, device=dev)
