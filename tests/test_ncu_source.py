@@ -77,9 +77,10 @@ def _def_range(path: str, name: str) -> tuple:
     raise AssertionError(name)
 
 
-def _csv(ins: list, samples, *, base=0x7F3A_0000_0000, address=True, shuffle=False, title=True) -> str:
+def _csv(ins: list, samples, *, base=0x7F3A_0000_0000, address=True, shuffle=False, title=True,
+         fmt=hex) -> str:
     """A source-page CSV over listing instructions ``ins`` with ``samples[i]`` on instruction i."""
-    rows = [([hex(base + a)] if address else []) + [s + " ;", str(n), str(n // 2), f"{n * 1000:,}", str(n // 3)]
+    rows = [([fmt(base + a)] if address else []) + [s + " ;", str(n), str(n // 2), f"{n * 1000:,}", str(n // 3)]
             for (a, s, _), n in zip(ins, samples)]
     if shuffle:
         random.Random(5).shuffle(rows)
@@ -101,14 +102,20 @@ def _race_samples(ins: list) -> list:
     return out
 
 
-@pytest.mark.parametrize("how", ["address", "order"])
-def test_samples_come_back_under_the_function_of_their_line(listings, how):
+ADDRESS_FORMATS = {"0x": hex, "bare-hex-digits": lambda a: f"{a:016x}"}
+
+
+@pytest.mark.parametrize("how,fmt", [("address", "0x"), ("address", "bare-hex-digits"), ("order", "0x")])
+def test_samples_come_back_under_the_function_of_their_line(listings, how, fmt):
+    """(bare-hex-digits: addresses printed in hex without a prefix, from a base whose digits are all
+    decimal ones, so only the hex reading lines up.)"""
     text = listings["race"]
     (fname, ins), = S.parse_nvdisasm(text).items()
     samples = _race_samples(ins)
     n = sum(samples)
     assert n > 0, "the race probe has no instruction located in sampling.race"
-    data = N.read_source_csv(_csv(ins, samples, address=how == "address", shuffle=how == "address"))
+    data = N.read_source_csv(_csv(ins, samples, address=how == "address", shuffle=how == "address",
+                                  base=0x1000_0000 if fmt != "0x" else 0x7F3A_0000_0000, fmt=ADDRESS_FORMATS[fmt]))
     assert len(data["rows"]) == len(ins)
     assert data["columns"]["samples"] == HEAD[2] and data["columns"]["executed"] == HEAD[4]
     assert data["columns"]["stalls"] == ["stall_wait"]

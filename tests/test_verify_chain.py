@@ -33,18 +33,21 @@ from stats import assert_law, chisq_gof, ALPHA  # noqa: E402
 I64 = torch.int64
 
 
-def _triton_ok() -> bool:
+def _interpreting() -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors. Only a missing Triton skips: a kernel
+    module that fails to import fails here."""
     import importlib
     try:
-        importlib.import_module("sjd_kernels.triton.verify_chain")
-        from sjd_kernels.triton.jacobi_step import is_interpreted
-    except Exception:
+        importlib.import_module("triton")
+    except ImportError:
         return False
+    importlib.import_module("sjd_kernels.triton.verify_chain")
+    from sjd_kernels.triton.jacobi_step import is_interpreted
     return is_interpreted()
 
 
-interpreted = pytest.mark.skipif(not _triton_ok(), reason="runs the Triton kernel on CPU tensors "
-                                 "(TRITON_INTERPRET=1 before triton is imported)")
+interpreted = pytest.mark.skipif(not _interpreting(), reason="runs the Triton kernel on CPU tensors "
+                                 "(Triton installed, TRITON_INTERPRET=1 before it is imported)")
 
 
 def _case(B, W, V, seed=0, dtype=torch.float32, ragged=True, device="cpu"):
@@ -118,7 +121,7 @@ TARGET0 = [0.05, 0.30, 0.05, 0.25, 0.35, 0.0]
 TARGET1 = [0.2, 0.2, 0.1, 0.1, 0.2, 0.2]
 
 
-def _law_run(fn, draft0, n=60_000, seed=3):
+def _law_run(fn, draft0, n=60_000, seed=3, both=False):
     """Committed tokens of ``n`` requests with one window of 2 rows: row 0 drafted from ``draft0``."""
     V = 6
     g = torch.Generator().manual_seed(seed)
@@ -133,13 +136,23 @@ def _law_run(fn, draft0, n=60_000, seed=3):
     na, tok = fn(target, draft, ids, torch.full((B,), 2), torch.arange(B) % 97, torch.arange(B, dtype=I64) * 3 + seed,
                  torch.zeros(B, dtype=I64), status)
     assert (na >= 0).all()
-    return tok[:, 0].numpy(), status
+    return tok[:, :2].numpy() if both else (tok[:, 0].numpy(), status)
 
 
 @pytest.mark.parametrize("label", list(ADVERSARIAL))
 def test_committed_token_follows_the_target_law(label):
     tok0, _ = _law_run(RV.verify_chain, ADVERSARIAL[label])
     assert_law(tok0, np.array(TARGET0, dtype=np.float64), f"verify_chain first token, draft {label}")
+
+
+def test_token_after_an_accepted_draft_follows_its_row():
+    """Given row 0 accepted, the next committed token (residual of row 1, or the bonus row 2 when
+    row 1 is accepted too) follows row 1's target law."""
+    n = 80_000
+    tok = _law_run(RV.verify_chain, ADVERSARIAL["uniform"], n=n, seed=8, both=True)
+    second = tok[:, 1][tok[:, 1] >= 0]
+    assert 0.5 * n < second.size < 0.7 * n               # row 0's acceptance: sum(min(target, uniform)) = 0.6
+    assert_law(second, np.array(TARGET1, dtype=np.float64), "verify_chain token after an accepted draft")
 
 
 def _mutant():

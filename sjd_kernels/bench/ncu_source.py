@@ -95,36 +95,43 @@ def read_source_csv(text: str) -> dict:
         sass = r[src].strip().rstrip(";").strip()
         if not sass or not re.match(r"^(@!?U?P\w+\s+)?[A-Z]", sass):
             continue
-        a = None
-        if addr is not None:
-            s = r[addr].strip()
-            try:
-                a = int(s, 16) if s.lower().startswith("0x") or re.search(r"[a-f]", s.lower()) else int(s)
-            except ValueError:
-                a = None
         m = {h: v for h, c in zip(head, r) if h not in ("Source", "Address") and (v := _num(c)) is not None}
-        rows.append({"address": a, "sass": sass, "m": m})
+        rows.append({"address": r[addr].strip() if addr is not None else None, "sass": sass, "m": m})
     return {"columns": cols, "rows": rows}
+
+
+def _addresses(rows: list, base: int) -> list | None:
+    """The rows' address strings as integers in ``base`` (16 or 10), None when one does not parse."""
+    out = []
+    for r in rows:
+        s = (r["address"] or "").lower()
+        if base == 10 and s.startswith("0x"):
+            return None
+        try:
+            out.append(int(s, base))
+        except ValueError:
+            return None
+    return out
 
 
 def align(rows: list, listing: dict) -> dict:
     """Match the CSV's instruction rows to one function of a ``parse_nvdisasm`` listing.
 
     Tries, for every function, the join by order (same instruction count) and by address offset
-    (CSV addresses minus their smallest); keeps the join with the most rows whose opcodes agree.
-    Returns ``{"function", "how", "agree" (share of CSV rows matched with the same opcode),
-    "index": [listing index or None per CSV row]}``.
+    (CSV addresses minus their smallest, read as hex and, when they are all digits, as decimal);
+    keeps the join with the most rows whose opcodes agree. Returns ``{"function", "how", "agree"
+    (share of CSV rows matched with the same opcode), "index": [listing index or None per CSV row]}``.
     """
     best = {"function": None, "how": "none", "agree": 0.0, "index": [None] * len(rows)}
     ops = [opcode(r["sass"]) for r in rows]
-    addrs = [r["address"] for r in rows]
+    parsed = [a for a in (_addresses(rows, 16), _addresses(rows, 10)) if a] if rows else []
     for fname, ins in listing.items():
         cands = []
         if len(ins) == len(rows):
             cands.append(("order", list(range(len(rows)))))
-        if rows and all(a is not None for a in addrs):
+        at = {a: i for i, (a, _, _) in enumerate(ins)}
+        for addrs in parsed:
             base = min(addrs)
-            at = {a: i for i, (a, _, _) in enumerate(ins)}
             cands.append(("address", [at.get(a - base) for a in addrs]))
         for how, idx in cands:
             ok = sum(1 for k, i in enumerate(idx) if i is not None and opcode(ins[i][1]) == ops[k])
@@ -313,8 +320,7 @@ def report(csv_text: str, listing_text: str, kernel: str = "", top: int = 25, ro
         tot = sum(r["m"].get(sc, 0.0) for r in rows)
         md.append(f"\nThe listing does not match this kernel's code: no source attribution. Hottest SASS by `{sc}`:\n")
         md.append("| % | address | SASS |\n|---|---|---|")
-        md += [f"| {_pct(r['m'].get(sc, 0.0), tot)} | {hex(r['address']) if r['address'] is not None else '-'} | "
-               f"`{r['sass']}` |" for r in hot]
+        md += [f"| {_pct(r['m'].get(sc, 0.0), tot)} | {r['address'] or '-'} | `{r['sass']}` |" for r in hot]
         out["hottest"] = [{"sass": r["sass"], sc: r["m"].get(sc, 0.0)} for r in hot]
         return "\n".join(md), out
     s = split(rows, listing[al["function"]], al["index"], cols, root)

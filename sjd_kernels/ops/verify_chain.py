@@ -52,9 +52,9 @@ def verify_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_id
     """Verify a ragged batch of draft windows against given target laws (SPEC section 3).
 
     ``target_probs [B, W+1, V]`` (row W is the bonus row) and ``draft_probs [B, W, V]``: float
-    probability rows (fp32/bf16/fp16, contiguous last dimension; only rows' relative weights
-    matter in the races, and both laws are taken as given), ``draft_ids [B, W]`` i64: draft j was
-    drawn from ``draft_probs[:, j]``. ``seed [B]`` i64 keys the randomness with ``step [B]``
+    probability rows (fp32/bf16/fp16, contiguous last dimension), used as given, not renormalised:
+    the committed tokens follow the target law when every row sums to 1 and draft j was drawn
+    from ``draft_probs[:, j]`` (``draft_ids [B, W]`` i64). ``seed [B]`` i64 keys the randomness with ``step [B]``
     (default 0) and the absolute position ``pos + j`` (``pos [B]``, default 0), as in
     ``jacobi_step``: for the same laws both ops commit the same tokens. ``win_len [B]`` (default
     W): rows in use per request. ``status`` (default: a new one, returned) collects device errors:

@@ -15,11 +15,12 @@ checked against ``target[b, j]``:
 
 These are the draws ``jacobi_step`` makes for a window whose stored laws are dense rows, so for
 ``target`` equal to the step's target rows both return the same tokens; the committed token's
-law is the target's whatever the draft laws (SPEC section 3). The op reads the W gathered
-entries and rows ``m`` only, never the other rows.
+law is the target's whatever the draft laws (SPEC section 3). The result depends only on the W
+gathered entries and rows ``m`` (the kernels read nothing else).
 
-Shapes: target ``[B, W+1, V]``, draft ``[B, W, V]`` (float; probabilities, not required to be
-normalised), ids ``[B, W]`` i64, win_len / pos / seed / step ``[B]`` i64, status ``[4]`` i32.
+Shapes: target ``[B, W+1, V]``, draft ``[B, W, V]`` (float probabilities, used as given: the
+law statement above needs rows that sum to 1), ids ``[B, W]`` i64, win_len / pos / seed / step
+``[B]`` i64, status ``[4]`` i32.
 Returns ``num_accepted [B]`` (m, or -1 for a request in error) and ``tokens [B, W+1]`` (the
 ``m + 1`` committed tokens, then -1). Errors (status[0] bits, request returns -1): a draft id
 outside ``[0, V)`` at a row ``j < win_len`` (2); a non-finite value among the gathered entries
