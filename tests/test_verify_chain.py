@@ -310,7 +310,47 @@ def test_torch_compile_matches_eager():
         assert torch.equal(a, b)
 
 
+def test_no_host_synchronisation_on_the_device_path(monkeypatch):
+    """The op's device path (no host check of win_len) and the reference make no call that would
+    synchronise with the host or bake host data into a CUDA graph (checked on CPU tensors). The
+    reference is called directly: a dispatch mode does not see inside a custom op."""
+    import sjd_kernels.ops._common as common
+    from test_cuda_graph import NoHostSync, _no_tolist
+    target, draft, ids, kw = _case(4, 5, 30, seed=6)
+    eager = sk.verify_chain(target, draft, ids, backend="torch", **kw)
+    monkeypatch.setattr(common, "compiling", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "tolist", _no_tolist)
+    status = torch.zeros(4, dtype=torch.int32)
+    with NoHostSync():
+        out = sk.verify_chain(target, draft, ids, backend="torch", **kw)
+        na, tok = RV.verify_chain(target, draft, ids, kw["win_len"], kw["pos"], kw["seed"], kw["step"], status)
+    assert torch.equal(out.tokens, eager.tokens) and torch.equal(out.num_accepted, eager.num_accepted)
+    assert torch.equal(tok, eager.tokens) and torch.equal(na, eager.num_accepted)
+
+
 # ----------------------------------------------------------------------------- GPU
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=requires_cuda_ext)])
+def test_graph_replay_equals_eager(backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("the compiled Triton kernel needs TRITON_INTERPRET unset")
+    target, draft, ids, kw = _case(8, 16, 16384, seed=21, device="cuda")
+    eager = _run(backend, target, draft, ids, kw)
+    status = torch.zeros(4, dtype=torch.int32, device="cuda")
+    for _ in range(2):                                   # warm-up (compiles, allocator) outside the graph
+        sk.verify_chain(target, draft, ids, backend=backend, status=status, **kw)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = sk.verify_chain(target, draft, ids, backend=backend, status=status, **kw)
+    status.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.num_accepted, eager[0]) and torch.equal(out.tokens, eager[1])
+    assert status.tolist() == eager[2].tolist()
+
 
 @gpu
 @requires_cuda
