@@ -1,6 +1,6 @@
 """Random jacobi_step and tree_verify configurations: the reference, the Triton kernels and the CUDA kernels, compared.
 
-    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/fuzz_parity.py [--op jacobi_step|tree_verify]
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/fuzz_parity.py [--op jacobi_step|tree_verify|verify_chain]
         [--cases N] [--seed S] [--backends triton,cuda] [--start I] [--device cpu|cuda] > LOG
 
 The parity tests run fixed grids. This draws each case's configuration at random from the whole
@@ -29,7 +29,10 @@ compared (the kernels leave it undefined, docs/DESIGN.md); its outputs and error
 6, V 2 to 4099, K 1 to 4, depth 0 to 3 plus a chain, every stored-law kind, coupled first
 children, forced positions, CFG, greedy, top-k, top-p, a NaN root row or a bad draft id now and
 then) with the CUDA kernel on the default, bracket or hist top-k path: outputs per request (at
-most one in 50 may differ) and the error bits exactly.
+most one in 50 may differ) and the error bits exactly. ``--op verify_chain`` draws laws for
+``verify_chain`` (``draw_chain``: B 1 to 8, W 0 to 150, V 1 to 9000, mixed dtypes, drafts near or
+far from the target, one-hot or unnormalised, injected errors) with the CUDA kernel at a random
+block width; same rule.
 """
 from __future__ import annotations
 
@@ -281,6 +284,98 @@ def run_tree_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
     return B, sum(not all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0])) for b in range(B))
 
 
+CHAIN_THREADS = (0, 0, 32, 96, 512, 1024)
+
+
+def draw_chain(i: int, seed: int) -> tuple[dict, dict]:
+    """Case ``i`` of ``--op verify_chain``: the laws' recipe (JSON-able) and the CUDA block width
+    (``cuda.verify_chain.block_threads``) and simulator order."""
+    r = random.Random(seed * 1_000_037 + i + 11)
+    V = r.choice([1, 2, 7, 64, 1000, 4096, 4097, 9000])
+    W = r.choice([0, 1, 3, 8, 16, 33, r.randint(1, 150)])
+    c = dict(B=r.randint(1, 8), W=W, V=V, tdtype=r.choice(["fp32", "bf16", "fp16"]),
+             ddtype=r.choice(["fp32", "fp32", "bf16", "fp16"]), scale=r.choice([0.5, 2.0, 6.0]),
+             # draft laws: near the target (long accepted runs), independent, one-hot, or twice the
+             # target (unnormalised: a rejection leaves no residual mass)
+             draft=r.choice(["near", "near", "independent", "onehot", "double"]),
+             ragged=r.random() < 0.5, slice=r.random() < 0.3, seed=r.randint(0, 10**6))
+    x = r.random()
+    if x < 0.06:
+        c["nan"] = "gathered"
+    elif x < 0.12:
+        c["nan"] = "unread"
+    elif x < 0.18:
+        c["bad_id"] = True
+    elif x < 0.22:
+        c["zero_row"] = True
+    how = dict(threads=r.choice(CHAIN_THREADS), order=r.choice(ORDERS), sim_seed=r.randint(0, 2**31 - 1))
+    return c, how
+
+
+def chain_inputs(c: dict, device: str = "cpu"):
+    """(target, draft, ids, keyword arguments) of a ``draw_chain`` case, drawn on the CPU."""
+    B, W, V = c["B"], c["W"], c["V"]
+    g = torch.Generator().manual_seed(c["seed"])
+    x = c["scale"] * torch.randn(B, W + 1, V, generator=g)
+    target = torch.softmax(x, -1)
+    if c["draft"] == "near":
+        draft = torch.softmax(x[:, :W] + 0.3 * torch.randn(B, W, V, generator=g), -1)
+    elif c["draft"] == "independent":
+        draft = torch.softmax(c["scale"] * torch.randn(B, W, V, generator=g), -1)
+    elif c["draft"] == "onehot":
+        draft = torch.nn.functional.one_hot(torch.randint(0, V, (B, W), generator=g), V).float()
+    else:
+        draft = 2.0 * target[:, :W]
+    law = draft if c["draft"] != "double" else target[:, :W]
+    ids = (torch.multinomial(law.reshape(-1, V), 1, generator=g).view(B, W) if W
+           else torch.zeros(B, 0, dtype=torch.int64))
+    win = torch.randint(0, W + 1, (B,), generator=g) if c["ragged"] else torch.full((B,), W)
+    kw = dict(seed=torch.randint(0, 2**62, (B,), generator=g), step=torch.randint(0, 9, (B,), generator=g),
+              pos=torch.randint(0, 5000, (B,), generator=g), win_len=win)
+    b = int(torch.randint(0, B, (1,), generator=g))
+    if c.get("nan") == "gathered" and W:
+        target[b, 0, ids[b, 0]] = float("nan")
+    elif c.get("nan") == "unread" and W:
+        kw["win_len"][b] = 0                             # only row 0 is read: a NaN in row W is not
+        target[b, W, 0] = float("nan")
+    if c.get("bad_id") and W:
+        ids[b, W // 2] = V + 3
+    if c.get("zero_row"):
+        target[b].zero_()
+    target, draft = target.to(DTYPES[c["tdtype"]]), draft.to(DTYPES[c["ddtype"]])
+    if c["slice"]:                                       # row-strided views of wider rows
+        wide = torch.zeros(B, W + 1, V + 5, dtype=target.dtype)
+        wide[..., 2:2 + V] = target
+        target = wide[..., 2:2 + V]
+    mv = lambda t: t.to(device)  # noqa: E731
+    return mv(target), mv(draft), mv(ids), {k: mv(v) for k, v in kw.items()}
+
+
+def run_chain_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
+    """(requests, differing requests) of a verify_chain backend ``fn`` (the reference's positional
+    arguments) against the reference on ``device``; raises when the status words differ."""
+    from sjd_kernels.reference.verify_chain import verify_chain as ref_chain
+    target, draft, ids, kw = chain_inputs(c, device)
+    res = []
+    for f in (ref_chain, fn):
+        status = torch.zeros(4, dtype=torch.int32, device=device)
+        na, tok = f(target, draft, ids, kw["win_len"], kw["pos"], kw["seed"], kw["step"], status)
+        res.append((na, tok, status))
+    (na_r, tok_r, st_r), (na_x, tok_x, st_x) = res
+    if not torch.equal(st_r, st_x):
+        raise AssertionError(f"status differs: reference {st_r.tolist()}, backend {st_x.tolist()}")
+    B = c["B"]
+    return B, int((~((na_r == na_x) & (tok_r == tok_x).all(1))).sum())
+
+
+def run_cuda_chain_case(c: dict, how: dict, device: str = "cpu", fn=None) -> tuple[int, int]:
+    """``run_chain_case`` on the CUDA kernel (or ``fn``) with the case's block width (and, in the
+    simulator, its thread order)."""
+    from sjd_kernels.cuda.verify_chain import block_threads, verify_chain_cuda
+    with _cuda_context(how, device), block_threads(how["threads"]):
+        return run_chain_case(c, fn or verify_chain_cuda, device)
+
+
 def _device_ready(args) -> bool:
     """On the CPU the Triton kernels need the interpreter; on a GPU they must be compiled (not
     interpreted) and the device must be there."""
@@ -354,7 +449,7 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=0, help="index of the first case (to rerun one: --cases 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", default="triton,cuda")
-    ap.add_argument("--op", choices=["jacobi_step", "tree_verify"], default="jacobi_step")
+    ap.add_argument("--op", choices=["jacobi_step", "tree_verify", "verify_chain"], default="jacobi_step")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="start no case after this many seconds (0: no limit); the last line counts the cases run")
     ap.add_argument("--device", default="cpu",
@@ -365,6 +460,8 @@ def main() -> int:
         return 2
     if args.op == "tree_verify":
         return main_tree(args)
+    if args.op == "verify_chain":
+        return main_chain(args)
     backends = args.backends.split(",")
     dev = args.device
     if "triton" in backends:
@@ -391,12 +488,9 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def main_tree(args) -> int:
-    """``--op tree_verify``: the same comparison for tree_verify (requests: at most one in 50 may differ)."""
-    backends = args.backends.split(",")
-    dev = args.device
-    if "triton" in backends:
-        from sjd_kernels.triton.tree_verify import tree_verify_triton
+def _case_loop(args, what: str, draw_fn, runner, per: int) -> int:
+    """The loop of ``--op tree_verify`` and ``--op verify_chain``: ``runner(name, i, c, how)`` gives
+    the label's backend part and the run of one backend; at most one request in ``per`` may differ."""
     failed = 0
     start = time.time()
     ran = 0
@@ -404,17 +498,43 @@ def main_tree(args) -> int:
         if args.budget_s and time.time() - start > args.budget_s:
             break
         ran += 1
-        c, how = draw_tree(i, args.seed)
-        for name in backends:
-            label = f"{i} tree {name}"
-            if name == "cuda":
-                label += f"[{'+'.join(how['features']) or 'default'}{_order(how, dev)}]"
-                run = lambda: run_cuda_tree_case(c, how, dev)           # noqa: E731
-            else:
-                run = lambda: run_tree_case(c, tree_verify_triton, dev)     # noqa: E731
-            failed += not report(label, c, run, per=50)
-    print(f"# {ran} tree_verify cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
+        c, how = draw_fn(i, args.seed)
+        for name in args.backends.split(","):
+            label, run = runner(name, c, how)
+            failed += not report(f"{i} {label}", c, run, per=per)
+    print(f"# {ran} {what} cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
+
+
+def main_tree(args) -> int:
+    """``--op tree_verify``: the same comparison for tree_verify (requests: at most one in 50 may differ)."""
+    dev = args.device
+    if "triton" in args.backends.split(","):
+        from sjd_kernels.triton.tree_verify import tree_verify_triton
+
+    def runner(name, c, how):
+        if name == "cuda":
+            return (f"tree cuda[{'+'.join(how['features']) or 'default'}{_order(how, dev)}]",
+                    lambda: run_cuda_tree_case(c, how, dev))
+        return "tree triton", lambda: run_tree_case(c, tree_verify_triton, dev)
+    return _case_loop(args, "tree_verify", draw_tree, runner, 50)
+
+
+def main_chain(args) -> int:
+    """``--op verify_chain``: drawn laws (near, independent, one-hot or unnormalised drafts, ragged
+    windows, dtypes, row-strided views, NaN entries read and unread, bad ids, empty target rows) on
+    the Triton and CUDA kernels (block widths 32 to 1024); outputs per request (at most one in 50
+    may differ) and the status words exactly."""
+    dev = args.device
+    if "triton" in args.backends.split(","):
+        from sjd_kernels.triton.verify_chain import verify_chain_triton
+
+    def runner(name, c, how):
+        if name == "cuda":
+            return (f"chain cuda[{how['threads'] or 'auto'} threads{_order(how, dev)}]",
+                    lambda: run_cuda_chain_case(c, how, dev))
+        return "chain triton", lambda: run_chain_case(c, verify_chain_triton, dev)
+    return _case_loop(args, "verify_chain", draw_chain, runner, 50)
 
 
 if __name__ == "__main__":

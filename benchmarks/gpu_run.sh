@@ -20,8 +20,8 @@
 #   TOTAL_S=480                                   overall deadline in seconds
 #   BUILD_S=170 TESTS_GPU_S=200 LAW_S=150 TESTS_S=150 SAN_S=90 (each tool) BENCH_S=110 TREE_S=45 E2E_S=70
 #   FI_S=240                the FlashInfer JIT warm-up beside the tests (only when its wheels are installed)
-#   FUZZ_S=90 FUZZ_SEED=5   the fuzz stage: drawn jacobi_step and tree_verify configurations on the CUDA
-#                           kernels against the reference on the GPU, beside the sanitizer (fuzz.log)
+#   FUZZ_S=90 FUZZ_SEED=5   the fuzz stage: drawn jacobi_step, tree_verify and verify_chain configurations on
+#                           the CUDA kernels against the reference on the GPU, beside the sanitizer (fuzz.log)
 #   XDIST=4                 pytest-xdist workers per test stage (tests spread one by one), when installed
 #   SAN_TOOLS="memcheck racecheck"   compute-sanitizer tools (add initcheck)
 #   OPS_ARGS="--grid full"  extra arguments of `bench ops` (e.g. "--quick", "--op jacobi_step")
@@ -323,14 +323,18 @@ if want sanitize; then
 fi
 if want fuzz; then
   # random configurations on the CUDA kernels (benchmarks/fuzz_parity.py --device cuda): as many
-  # jacobi_step cases as 60 % of the box allows, then tree_verify cases for 25 % of it
+  # jacobi_step cases as 55 % of the box allows, then tree_verify cases for 20 % and verify_chain
+  # cases for 10 % of it
   b=$(box fuzz "$FUZZ_S")
   SJD_REQUIRE_EXT=1 stage_bg fuzz "$FUZZ_S" "$LOGS/fuzz.log" -- bash -c '
     "$0" benchmarks/fuzz_parity.py --device cuda --backends cuda --seed "$3" --cases 100000 --budget-s "$1"; r1=$?
     "$0" benchmarks/fuzz_parity.py --op tree_verify --device cuda --backends cuda --seed "$3" --cases 100000 \
       --budget-s "$2"; r2=$?
-    echo "fuzz exit codes: jacobi_step $r1, tree_verify $r2"
-    [ $r1 -eq 0 ] && [ $r2 -eq 0 ]' "$PY" $(( b * 6 / 10 )) $(( b / 4 )) "$FUZZ_SEED"
+    "$0" benchmarks/fuzz_parity.py --op verify_chain --device cuda --backends cuda --seed "$3" --cases 100000 \
+      --budget-s "$4"; r3=$?
+    echo "fuzz exit codes: jacobi_step $r1, tree_verify $r2, verify_chain $r3"
+    [ $r1 -eq 0 ] && [ $r2 -eq 0 ] && [ $r3 -eq 0 ]' "$PY" $(( b * 55 / 100 )) $(( b / 5 )) "$FUZZ_SEED" \
+    $(( b / 10 ))
 fi
 join_stages
 
