@@ -30,7 +30,7 @@ compared (the kernels leave it undefined, docs/DESIGN.md); its outputs and error
 children, forced positions, CFG, greedy, top-k, top-p, a NaN root row or a bad draft id now and
 then) with the CUDA kernel on the default, bracket or hist top-k path: outputs per request (at
 most one in 50 may differ) and the error bits exactly. ``--op verify_chain`` draws laws for
-``verify_chain`` (``draw_chain``: B 1 to 8, W 0 to 150, V 1 to 9000, mixed dtypes, drafts near or
+``verify_chain`` (``draw_verify``: B 1 to 8, W 0 to 150, V 1 to 9000, mixed dtypes, drafts near or
 far from the target, one-hot or unnormalised, injected errors) with the CUDA kernel at a random
 block width; same rule.
 """
@@ -284,10 +284,10 @@ def run_tree_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
     return B, sum(not all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0])) for b in range(B))
 
 
-CHAIN_THREADS = (0, 0, 32, 96, 512, 1024)
+VERIFY_THREADS = (0, 0, 32, 96, 512, 1024)
 
 
-def draw_chain(i: int, seed: int) -> tuple[dict, dict]:
+def draw_verify(i: int, seed: int) -> tuple[dict, dict]:
     """Case ``i`` of ``--op verify_chain``: the laws' recipe (JSON-able) and the CUDA block width
     (``cuda.verify_chain.block_threads``) and simulator order."""
     r = random.Random(seed * 1_000_037 + i + 11)
@@ -308,12 +308,12 @@ def draw_chain(i: int, seed: int) -> tuple[dict, dict]:
         c["bad_id"] = True
     elif x < 0.22:
         c["zero_row"] = True
-    how = dict(threads=r.choice(CHAIN_THREADS), order=r.choice(ORDERS), sim_seed=r.randint(0, 2**31 - 1))
+    how = dict(threads=r.choice(VERIFY_THREADS), order=r.choice(ORDERS), sim_seed=r.randint(0, 2**31 - 1))
     return c, how
 
 
-def chain_inputs(c: dict, device: str = "cpu"):
-    """(target, draft, ids, keyword arguments) of a ``draw_chain`` case, drawn on the CPU."""
+def verify_inputs(c: dict, device: str = "cpu"):
+    """(target, draft, ids, keyword arguments) of a ``draw_verify`` case, drawn on the CPU."""
     B, W, V = c["B"], c["W"], c["V"]
     g = torch.Generator().manual_seed(c["seed"])
     x = c["scale"] * torch.randn(B, W + 1, V, generator=g)
@@ -351,13 +351,13 @@ def chain_inputs(c: dict, device: str = "cpu"):
     return mv(target), mv(draft), mv(ids), {k: mv(v) for k, v in kw.items()}
 
 
-def run_chain_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
+def run_verify_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
     """(requests, differing requests) of a verify_chain backend ``fn`` (the reference's positional
     arguments) against the reference on ``device``; raises when the status words differ."""
-    from sjd_kernels.reference.verify_chain import verify_chain as ref_chain
-    target, draft, ids, kw = chain_inputs(c, device)
+    from sjd_kernels.reference.verify_chain import verify_chain as ref_verify
+    target, draft, ids, kw = verify_inputs(c, device)
     res = []
-    for f in (ref_chain, fn):
+    for f in (ref_verify, fn):
         status = torch.zeros(4, dtype=torch.int32, device=device)
         na, tok = f(target, draft, ids, kw["win_len"], kw["pos"], kw["seed"], kw["step"], status)
         res.append((na, tok, status))
@@ -368,12 +368,12 @@ def run_chain_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
     return B, int((~((na_r == na_x) & (tok_r == tok_x).all(1))).sum())
 
 
-def run_cuda_chain_case(c: dict, how: dict, device: str = "cpu", fn=None) -> tuple[int, int]:
-    """``run_chain_case`` on the CUDA kernel (or ``fn``) with the case's block width (and, in the
+def run_cuda_verify_case(c: dict, how: dict, device: str = "cpu", fn=None) -> tuple[int, int]:
+    """``run_verify_case`` on the CUDA kernel (or ``fn``) with the case's block width (and, in the
     simulator, its thread order)."""
     from sjd_kernels.cuda.verify_chain import block_threads, verify_chain_cuda
     with _cuda_context(how, device), block_threads(how["threads"]):
-        return run_chain_case(c, fn or verify_chain_cuda, device)
+        return run_verify_case(c, fn or verify_chain_cuda, device)
 
 
 def _device_ready(args) -> bool:
@@ -461,7 +461,7 @@ def main() -> int:
     if args.op == "tree_verify":
         return main_tree(args)
     if args.op == "verify_chain":
-        return main_chain(args)
+        return main_verify(args)
     backends = args.backends.split(",")
     dev = args.device
     if "triton" in backends:
@@ -520,7 +520,7 @@ def main_tree(args) -> int:
     return _case_loop(args, "tree_verify", draw_tree, runner, 50)
 
 
-def main_chain(args) -> int:
+def main_verify(args) -> int:
     """``--op verify_chain``: drawn laws (near, independent, one-hot or unnormalised drafts, ragged
     windows, dtypes, row-strided views, NaN entries read and unread, bad ids, empty target rows) on
     the Triton and CUDA kernels (block widths 32 to 1024); outputs per request (at most one in 50
@@ -531,10 +531,10 @@ def main_chain(args) -> int:
 
     def runner(name, c, how):
         if name == "cuda":
-            return (f"chain cuda[{how['threads'] or 'auto'} threads{_order(how, dev)}]",
-                    lambda: run_cuda_chain_case(c, how, dev))
-        return "chain triton", lambda: run_chain_case(c, verify_chain_triton, dev)
-    return _case_loop(args, "verify_chain", draw_chain, runner, 50)
+            return (f"verify_chain cuda[{how['threads'] or 'auto'} threads{_order(how, dev)}]",
+                    lambda: run_cuda_verify_case(c, how, dev))
+        return "verify_chain triton", lambda: run_verify_case(c, verify_chain_triton, dev)
+    return _case_loop(args, "verify_chain", draw_verify, runner, 50)
 
 
 if __name__ == "__main__":

@@ -132,20 +132,20 @@ def test_tree_comparison_fails_on_a_wrong_path():
 # verify_chain (``--op verify_chain``), seed 0: 0 unnormalised drafts, W 144 over 32 CUDA threads and
 # a NaN in a row never read; 2 a bad draft id; 10 a target row without mass; 19 a NaN entry that is
 # read; 27 W 110 with one-hot drafts; 33 row-strided views and an unread NaN.
-CHAIN_CASES = (0, 2, 10, 19, 27, 33)
+VERIFY_CASES = (0, 2, 10, 19, 27, 33)
 
 
-def _run_chain(i: int, backend: str, fn=None):
+def _run_verify(i: int, backend: str, fn=None):
     from sjd_kernels.triton.verify_chain import verify_chain_triton
-    c, how = fz.draw_chain(i, 0)
+    c, how = fz.draw_verify(i, 0)
     if backend == "triton":
-        return fz.run_chain_case(c, fn or verify_chain_triton)
+        return fz.run_verify_case(c, fn or verify_chain_triton)
     sim_module()
-    return fz.run_cuda_chain_case(c, how, fn=fn)
+    return fz.run_cuda_verify_case(c, how, fn=fn)
 
 
-def test_the_listed_chain_cases_cover_the_error_paths():
-    drawn = [fz.draw_chain(i, 0) for i in CHAIN_CASES]
+def test_the_listed_verify_chain_cases_cover_the_error_paths():
+    drawn = [fz.draw_verify(i, 0) for i in VERIFY_CASES]
     assert {c.get("nan") for c, _ in drawn} >= {"gathered", "unread"}
     assert any(c.get("bad_id") for c, _ in drawn) and any(c.get("zero_row") for c, _ in drawn)
     assert any(c["W"] > how["threads"] > 0 for c, how in drawn)       # more rows than CUDA threads
@@ -153,14 +153,14 @@ def test_the_listed_chain_cases_cover_the_error_paths():
 
 @interpreted
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("i", CHAIN_CASES)
-def test_drawn_chain_case_matches_reference(i, backend):
-    n, ndiff = _run_chain(i, backend)
+@pytest.mark.parametrize("i", VERIFY_CASES)
+def test_drawn_verify_chain_case_matches_reference(i, backend):
+    n, ndiff = _run_verify(i, backend)
     assert n > 0 and ndiff <= max(1, n // 50)
 
 
 @interpreted
-def test_chain_comparison_fails_on_wrong_backends():
+def test_verify_chain_comparison_fails_on_wrong_backends():
     """Case 27 on a kernel whose last request commits one token differently (a differing request),
     and on one that sets an error bit nobody set (raises)."""
     from sjd_kernels.triton.verify_chain import verify_chain_triton
@@ -175,11 +175,11 @@ def test_chain_comparison_fails_on_wrong_backends():
         out = verify_chain_triton(*a)
         a[7][0] |= 2
         return out
-    n = fz.draw_chain(27, 0)[0]["B"]
-    assert _run_chain(27, "triton") == (n, 0)
-    assert _run_chain(27, "triton", wrong_token) == (n, 1)
+    n = fz.draw_verify(27, 0)[0]["B"]
+    assert _run_verify(27, "triton") == (n, 0)
+    assert _run_verify(27, "triton", wrong_token) == (n, 1)
     with pytest.raises(AssertionError, match="status differs"):
-        _run_chain(27, "triton", wrong_status)
+        _run_verify(27, "triton", wrong_status)
 
 
 # ----------------------------------------------------------------------------- on a GPU
@@ -200,8 +200,8 @@ def test_drawn_cases_on_the_gpu_cuda_kernels(op):
             c, how = fz.draw_tree(i, 4)
             run, per = (lambda: fz.run_cuda_tree_case(c, how, "cuda")), 50
         elif op == "verify_chain":
-            c, how = fz.draw_chain(i, 4)
-            run, per = (lambda: fz.run_cuda_chain_case(c, how, "cuda")), 50
+            c, how = fz.draw_verify(i, 4)
+            run, per = (lambda: fz.run_cuda_verify_case(c, how, "cuda")), 50
         else:
             c, how = fz.draw(i, 4)
             run, per = (lambda: fz.run_cuda_case(c, 4000 + i, how, "cuda")), 200

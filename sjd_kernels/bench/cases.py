@@ -616,7 +616,10 @@ class VerifyOnlyBench(OpBench):
     log(target) at temperature 1 without filters, so the step's target law is the given one up to
     rounding, and the stored law of each window row is the draft row. The fused step does more
     than verify (it also draws the next drafts and writes the state of every row), so its rows are
-    an upper bound on what verification alone costs it."""
+    an upper bound on what verification alone costs it. The ``chain_*`` backends run
+    ``verify_chain``, which takes FlashInfer's inputs and reads only what the result depends on:
+    they are the library's peer of FlashInfer here (``chain_cuda_t512``: its CUDA kernel with 512
+    threads per block)."""
     name = "verify_only"
     backends = ("torch_verify", "flashinfer", "torch", "triton", "cuda", "chain_torch", "chain_triton", "chain_cuda",
                 "chain_cuda_t512")
