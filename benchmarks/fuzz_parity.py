@@ -494,6 +494,15 @@ def _case_loop(args, what: str, draw_fn, runner, per: int) -> int:
     failed = 0
     start = time.time()
     ran = 0
+    counts = [0, 0]                     # requests compared, differing requests (runs that completed)
+
+    def counted(run):
+        def f():
+            n, nd = run()
+            counts[0] += n
+            counts[1] += nd
+            return n, nd
+        return f
     for i in range(args.start, args.start + args.cases):
         if args.budget_s and time.time() - start > args.budget_s:
             break
@@ -501,8 +510,9 @@ def _case_loop(args, what: str, draw_fn, runner, per: int) -> int:
         c, how = draw_fn(i, args.seed)
         for name in args.backends.split(","):
             label, run = runner(name, c, how)
-            failed += not report(f"{i} {label}", c, run, per=per)
-    print(f"# {ran} {what} cases, {failed} failed runs, {time.time() - start:.0f} s", flush=True)
+            failed += not report(f"{i} {label}", c, counted(run), per=per)
+    print(f"# {ran} {what} cases, {failed} failed runs, {counts[0]} requests compared, {counts[1]} differing, "
+          f"{time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
 
 

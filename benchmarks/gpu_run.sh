@@ -370,11 +370,14 @@ if want profile; then
         "$NCU" --clock-control none -f -o "$REP" -k regex:jacobi_rows --launch-skip 2 --launch-count 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
           --section MemoryWorkloadAnalysis --section SourceCounters --import-source no \
-          "$PY" benchmarks/profile_step.py --case "$C" --backend "$BE" --listing "$D/listing.txt" || exit $?
+          "$PY" benchmarks/profile_step.py --case "$C" --backend "$BE" --listing "$D/listing.txt"; r=$?
+        # a report is worth exporting even when the listing step failed (rc 3): the page comes back
+        [ -f "$REP.ncu-rep" ] || exit $r
         "$NCU" --import "$REP.ncu-rep" --page details
         "$NCU" --import "$REP.ncu-rep" --page source --csv --print-source sass > "$D/sass.csv" || exit $?
-        "$PY" -m sjd_kernels.bench.ncu_source --csv "$D/sass.csv" --listing "$D/listing.txt" --kernel jacobi_rows \
-          --title "$BE, $C" --out "$D/split.md" > /dev/null'
+        [ -f "$D/listing.txt" ] && "$PY" -m sjd_kernels.bench.ncu_source --csv "$D/sass.csv" \
+          --listing "$D/listing.txt" --kernel jacobi_rows --title "$BE, $C" --out "$D/split.md" > /dev/null || r=1
+        exit $r'
     done
   done
 fi

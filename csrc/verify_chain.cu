@@ -52,6 +52,28 @@ struct OpMinI {
   __device__ __forceinline__ T operator()(T a, T b) const { return a < b ? a : b; }
 };
 
+// This thread's best packed race entry over row m (lanes 4g..4g+3 of its groups g, one Philox call
+// of `rr` each): weights max(0, x - q) with `qrow` (a rejected draft's residual), else x (the
+// target). Sets bit 1 of `flags` on a non-finite value read.
+template <typename T>
+__device__ __forceinline__ uint64_t row_race(const T* prow, const T* qrow, const RowRng& rr, int V, int& flags) {
+  uint64_t best = 0ull;
+  for (int g = threadIdx.x; g < ((V + 3) >> 2); g += blockDim.x) {
+    const Philox4 w = rr.group(static_cast<uint32_t>(g));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int lane = 4 * g + k;
+      if (lane >= V) break;
+      const float x = to_float<T>(prow[lane]);
+      const float q = qrow != nullptr ? to_float<T>(qrow[lane]) : 0.0f;
+      if (!isfinite(x) || !isfinite(q)) flags |= 1;
+      const float r = qrow != nullptr ? fmaxf(__fsub_rn(x, q), 0.0f) : x;
+      best = umax64(best, race_pack(r, exponential(w.w[k]), static_cast<uint32_t>(lane)));
+    }
+  }
+  return best;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) verify_chain_kernel(const Params p) {
   __shared__ int red_i[2 * kMaxWarps];
@@ -89,39 +111,16 @@ __global__ void __launch_bounds__(kMaxThreads) verify_chain_kernel(const Params 
   const T* prow = trow0 + m * p.t_sj;
   const T* qrow = resid ? drow0 + m * p.d_sj : nullptr;
   const RowRng rr(seed, pos + m, step, kStreamResid);
-  const int groups = (V + 3) >> 2;
-  uint64_t best = 0ull;
-  for (int g = tid; g < groups; g += nth) {
-    const Philox4 w = rr.group(static_cast<uint32_t>(g));
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int lane = 4 * g + k;
-      if (lane >= V) break;
-      const float x = to_float<T>(prow[lane]);
-      const float q = qrow != nullptr ? to_float<T>(qrow[lane]) : 0.0f;
-      if (!isfinite(x) || !isfinite(q)) flags |= 1;
-      const float r = resid ? fmaxf(__fsub_rn(x, q), 0.0f) : x;
-      best = umax64(best, race_pack(r, exponential(w.w[k]), static_cast<uint32_t>(lane)));
-    }
-  }
-  best = block_allreduce1(best, OpMaxU64(), red_u, par_u);
+  const uint64_t best = block_allreduce1(row_race(prow, qrow, rr, V, flags), OpMaxU64(), red_u, par_u);
   flags = block_allreduce1(flags, OpOrI(), red_i, par_i);
   int64_t cand = race_winner(best);
   const bool zero = resid && cand < 0;
   if (zero) {
     // no residual mass (only rounding makes target - draft vanish where the draft was rejected):
-    // the target's race with the same noise, a second pass over the row (block-uniform branch)
-    uint64_t bp = 0ull;
-    for (int g = tid; g < groups; g += nth) {
-      const Philox4 w = rr.group(static_cast<uint32_t>(g));
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int lane = 4 * g + k;
-        if (lane >= V) break;
-        bp = umax64(bp, race_pack(to_float<T>(prow[lane]), exponential(w.w[k]), static_cast<uint32_t>(lane)));
-      }
-    }
-    cand = race_winner(block_allreduce1(bp, OpMaxU64(), red_u, par_u));
+    // the target's race with the same noise, a second pass over the row (block-uniform branch;
+    // the values it reads were checked by the first pass)
+    int unused = 0;
+    cand = race_winner(block_allreduce1(row_race<T>(prow, nullptr, rr, V, unused), OpMaxU64(), red_u, par_u));
   }
   if (cand < 0) flags |= 1;  // the row m of the target has no positive entry
   const bool bad = flags != 0;

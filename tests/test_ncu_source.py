@@ -247,13 +247,18 @@ for a in "$@"; do
   prev=$a
 done
 [ -n "$rep" ] && [ -n "$listing" ] || { echo "fake ncu: no -o or --listing in: $*"; exit 9; }
-touch "$rep.ncu-rep"; cp "$here/listing.txt" "$listing"
+touch "$rep.ncu-rep"
+# FAKE_NO_LISTING: the profiled process could not write its listing (profile_step.py exits 3)
+if [ -n "${FAKE_NO_LISTING:-}" ]; then exit 3; fi
+cp "$here/listing.txt" "$listing"
 """
 
 
-def test_gpu_run_profile_stage_writes_the_split(tmp_path):
+@pytest.mark.parametrize("listing", [True, False])
+def test_gpu_run_profile_stage_writes_the_split(tmp_path, listing):
     """gpu_run.sh's profile stage with a stand-in ncu: the command it builds carries the report,
-    SourceCounters and the listing path, and the split of the exported page reaches summary.md."""
+    SourceCounters and the listing path, and the split of the exported page reaches summary.md.
+    Without a listing the stage fails but still exports the report's pages."""
     import tarfile
     race_line = _def_range(os.path.join(ROOT, "sjd_kernels", "triton", "sampling.py"), "race")[0] + 2
     src = open(os.path.join(ROOT, "sjd_kernels", "triton", "jacobi_step.py")).read().splitlines()
@@ -267,16 +272,19 @@ def test_gpu_run_profile_stage_writes_the_split(tmp_path):
     (bin_ / "ncu").write_text(FAKE_NCU)
     (bin_ / "ncu").chmod(0o755)
     env = dict(os.environ, STAGES="profile", PROFILE_BACKENDS="triton", TOTAL_S="90", PY=sys.executable,
-               WHEELS=str(tmp_path / "no_wheels"), TMPDIR=str(tmp_path), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}")
+               WHEELS=str(tmp_path / "no_wheels"), TMPDIR=str(tmp_path), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}",
+               **({} if listing else {"FAKE_NO_LISTING": "1"}))
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh"), str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| profile-triton-B32_W32_V16384_cfg_bf16_sjd_k1000 | ok | 0 |" in summary, summary
-    assert "| sampling.py:race | 100.0 |" in summary, summary
+    row = "| profile-triton-B32_W32_V16384_cfg_bf16_sjd_k1000 | "
+    assert (row + "ok | 0 |" if listing else row + "FAILED | 1 |") in summary, summary
+    assert ("| sampling.py:race | 100.0 |" in summary) == listing, summary
     with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tf:
         names = tf.getnames()
         log = tf.extractfile("logs/ncu-triton-B32_W32_V16384_cfg_bf16_sjd_k1000.log").read().decode()
     d = "logs/ncu/triton-B32_W32_V16384_cfg_bf16_sjd_k1000/"
-    assert {d + "sass.csv", d + "listing.txt", d + "split.md", d + "split.json"} <= set(names), names
+    want = {d + "sass.csv", d + "listing.txt", d + "split.md", d + "split.json"} if listing else {d + "sass.csv"}
+    assert want <= set(names), names
     assert "details page of" in log and "--page details" in log

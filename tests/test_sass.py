@@ -141,3 +141,20 @@ def test_cuda_rows_kernel_metrics():
         assert 0 < r["registers"] <= 64 and r["instructions"] > 1000
         assert any(x["branch_at"].startswith("target.cuh:") for x in r["loops"])
         assert all(x["instructions"] < r["instructions"] for x in r["loops"])
+
+
+def test_cuda_verify_chain_kernel_fits_its_launch_bound():
+    """``csrc/verify_chain.cu`` launches up to 1024 threads per block: each instantiation must fit in
+    64 registers without spilling to the stack, and read the laws through global (not generic)
+    addresses."""
+    if S.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    try:
+        rows = S.cuda_metrics(os.path.join(ROOT, "csrc", "verify_chain.cu"), only="verify_chain_kernel")
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        pytest.skip(f"CUDA tools cannot compile/disassemble here: {e}")
+    assert sorted(r["name"] for r in rows) == ["void verify_chain_kernel<bf16>(Params)",
+                                               "void verify_chain_kernel<float>(Params)",
+                                               "void verify_chain_kernel<fp16>(Params)"]
+    for r in rows:
+        assert 0 < r["registers"] <= 64 and r["stack"] == 0 and r["generic_mem"] == 0, r

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._ext import device_index, ext, kernel_device, stream_of
-from ..ops._common import SJDInputError
+from ..ops._common import SJDInputError, lane_contiguous
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -107,19 +107,17 @@ def _check_forced(forced, B: int, dev: torch.device) -> bool:
 def _prepare_logits(logits: torch.Tensor, uncond, cfg_scale):
     """Shared by the CUDA wrappers: one kernel dtype for logits and uncond (float32 when they
     differ; exact for both), a unit vocabulary stride, and the CFG arguments checked."""
-    dev, B, V = logits.device, logits.shape[0], logits.shape[2]
+    dev, B = logits.device, logits.shape[0]
     if uncond is not None and uncond.dtype != logits.dtype:
         logits, uncond = logits.float(), uncond.float()
     if logits.dtype not in _DTYPE_CODE:
         raise SJDInputError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if V > 1 and logits.stride(2) != 1:
-        logits = logits.contiguous()
+    logits = lane_contiguous(logits)
     if uncond is not None:
         if uncond.shape != logits.shape or uncond.device != dev:
             raise SJDInputError(f"uncond must match logits {list(logits.shape)} on {dev}, got {list(uncond.shape)} "
                                 f"on {uncond.device}")
-        if V > 1 and uncond.stride(2) != 1:
-            uncond = uncond.contiguous()
+        uncond = lane_contiguous(uncond)
         if cfg_scale is None:
             raise SJDInputError("cfg_scale is required with uncond")
         _check("cfg_scale", cfg_scale, torch.float32, dev, B)

@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from .._ext import device_index, ext, kernel_device, stream_of
-from ..ops._common import SJDInputError
+from ..ops._common import SJDInputError, lane_contiguous
 from .jacobi_step import _DTYPE_CODE, _check
 
 # Threads per block (0: the kernel's choice, about 16 lanes of the row per thread, 64 to 1024);
@@ -45,10 +45,7 @@ def verify_chain_cuda(target, draft, ids, win_len, pos, seed, step, status):
         target, draft = target.float(), draft.float()
     if target.dtype not in _DTYPE_CODE:
         raise SJDInputError(f"target_probs must be float32, float16 or bfloat16, got {target.dtype}")
-    if V > 1 and target.stride(2) != 1:
-        target = target.contiguous()
-    if V > 1 and draft.stride(2) != 1:
-        draft = draft.contiguous()
+    target, draft = lane_contiguous(target), lane_contiguous(draft)
     if W > 0:
         _check("draft_ids", ids, torch.int64, dev, B * W)
     for name, t in (("win_len", win_len), ("pos", pos), ("seed", seed), ("step", step)):

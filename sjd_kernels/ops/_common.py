@@ -44,6 +44,26 @@ def check_tensor(name: str, t, *, dtypes=None, dim=None, shape=None, device=None
     return t
 
 
+def check_window_rows(name: str, t) -> tuple[int, int, int]:
+    """A float ``[B, W+1, V]`` window tensor with B >= 1, V >= 1 and W + 1 <= 65535 (the kernels'
+    row grid); returns ``(B, W + 1, V)``."""
+    check_tensor(name, t, dtypes=FLOAT_DTYPES, dim=3)
+    B, W1, V = t.shape
+    if B < 1 or V < 1:
+        raise SJDInputError(f"{name} must have B >= 1 requests and V >= 1 lanes, got {list(t.shape)}")
+    if W1 > 65535:
+        raise SJDInputError(f"{name} has W + 1 = {W1} window rows; at most 65535 are supported")
+    return B, W1, V
+
+
+def lane_contiguous(t):
+    """``t`` with a unit stride over its last (vocabulary) dimension, copied only when it has none;
+    None stays None. The kernels take any row strides but contiguous lanes."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 def triton_available() -> tuple[bool, str]:
     try:
         import triton

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from ..reference import jacobi_step as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_cfg, check_state_and_sampling,
-                      check_tensor, guard_win_len, mark_win_len_errors, new_status, resolve_backend)
+from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, check_cfg, check_state_and_sampling,
+                      check_tensor, check_window_rows, guard_win_len, mark_win_len_errors, new_status,
+                      resolve_backend)
 
 I64 = (torch.int64,)
 
@@ -133,14 +134,9 @@ _MODE_ALIASES = {"vp": "sjd", "sjd_vp": "sjd", "coupling_vp": "coupling"}
 
 def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale, forced,
              temperature, top_k, top_p, mode, beta, vp_form, tail_init):
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, dim=3)
-    B, W1, V = logits.shape
+    B, W1, V = check_window_rows("logits", logits)
     W = W1 - 1
     dev = logits.device
-    if B < 1 or V < 1:
-        raise SJDInputError(f"logits must have B >= 1 requests and V >= 1 lanes, got {list(logits.shape)}")
-    if W1 > 65535:
-        raise SJDInputError(f"logits has W + 1 = {W1} window rows; at most 65535 are supported")
     check_cfg(uncond, cfg_scale, logits)
     check_tensor("drafts", drafts, dtypes=I64, shape=(B, W), dim=2, device=dev, contiguous=True)
     check_tensor("win_len", win_len, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)

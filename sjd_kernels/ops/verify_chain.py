@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import verify_chain as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, guard_win_len,
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, check_tensor, check_window_rows, guard_win_len,
                       mark_win_len_errors, new_status, resolve_backend)
 
 I64 = (torch.int64,)
@@ -64,19 +64,15 @@ def verify_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_id
     (the extension's kernel, ``csrc/verify_chain.cu``); ``auto`` picks cuda, then triton, for CUDA
     tensors and torch otherwise.
     """
-    check_tensor("target_probs", target_probs, dtypes=FLOAT_DTYPES, dim=3)
-    B, W1, V = target_probs.shape
+    B, W1, V = check_window_rows("target_probs", target_probs)
     W = W1 - 1
     dev = target_probs.device
-    if B < 1 or V < 1:
-        raise SJDInputError(f"target_probs must have B >= 1 requests and V >= 1 lanes, got {list(target_probs.shape)}")
-    if W1 > 65535:
-        raise SJDInputError(f"target_probs has W + 1 = {W1} window rows; at most 65535 are supported")
     check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, dim=3, shape=(B, W, V), device=dev)
     check_tensor("draft_ids", draft_ids, dtypes=I64, dim=2, shape=(B, W), device=dev, contiguous=True)
-    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
-    step = zeros if step is None else step
-    pos = zeros if pos is None else pos
+    if step is None or pos is None:
+        zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+        step = zeros if step is None else step
+        pos = zeros if pos is None else pos
     win_len = torch.full((B,), W, dtype=torch.int64, device=dev) if win_len is None else win_len
     for name, t in (("seed", seed), ("step", step), ("pos", pos), ("win_len", win_len)):
         check_tensor(name, t, dtypes=I64, dim=1, shape=(B,), device=dev, contiguous=True)

@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from .. import rng as _rng
+from ..ops._common import lane_contiguous
 from ..reference import jacobi_step as _ref
 from .rng import counter_word, four_words, lane_words, lane_words_at, seed_key
 from .sampling import (INT32_MAX, exponential, float_key, gather_lane, key_value, kth_init_row, kth_rounds,
@@ -781,10 +782,7 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     has_forced = forced is not None and forced.numel() > 0
     greedy = temperature == 0.0
     use_vp = has_prev and beta != 0.0 and mode in (_ref.MODE_SJD, _ref.MODE_COUPLING)
-    if V > 1 and logits.stride(2) != 1:
-        logits = logits.contiguous()
-    if uncond is not None and V > 1 and uncond.stride(2) != 1:
-        uncond = uncond.contiguous()
+    logits, uncond = lane_contiguous(logits), lane_contiguous(uncond)
     drafts, win_len, pos, seed, step = (t.contiguous() for t in (drafts, win_len, pos, seed, step))
     forced_t = forced.contiguous() if has_forced else drafts
     L = forced.shape[1] if has_forced else 0

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import rng as _rng
+from ..ops._common import lane_contiguous
 from ..reference import jacobi_step as _js
 from ..reference import tree as _ref
 from .jacobi_step import K_DENSE, K_MASK, K_UNIFORM, _num_warps, is_interpreted  # noqa: F401 (is_interpreted: public)
@@ -277,10 +278,7 @@ def tree_verify_triton(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_
     greedy = temperature == 0.0
     inv_t = float(np.float32(1.0) / np.float32(temperature)) if not greedy else 1.0
     has_forced = forced is not None and forced.numel() > 0
-    if V > 1 and logits.stride(2) != 1:
-        logits = logits.contiguous()
-    if uncond is not None and V > 1 and uncond.stride(2) != 1:
-        uncond = uncond.contiguous()
+    logits, uncond = lane_contiguous(logits), lane_contiguous(uncond)
     tokens, parent, depth, sib, q_slot, pos, seed, step = (
         t.contiguous() for t in (tokens, parent, depth, sib, q_slot, pos, seed, step))
     forced_t = forced.contiguous() if has_forced else pos

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import rng as _rng
+from ..ops._common import lane_contiguous
 from ..reference import jacobi_step as _ref
 from .rng import counter_word, four_words, lane_words_from, seed_key
 from .sampling import INT32_MAX, exponential, uniform24
@@ -43,6 +44,29 @@ def _race_tile(w, E, lanes, valid, best, idx, seen):
     i = tl.min(tl.where(valid & (key == b), lanes, INT32_MAX), 0)
     take = b > best
     return tl.where(take, b, best), tl.where(take, i, idx), seen | (tl.max(ok.to(tl.int32), 0) > 0)
+
+
+@triton.jit
+def _row_race(prow, qrow, resid, V, k0, k1, cm, c2, BLOCK_V: tl.constexpr):
+    """The race over one row read in tiles of ``BLOCK_V`` lanes (stream RESID's noise at the counter
+    ``cm``, ``c2``): weights ``max(0, p - q)`` where ``resid`` (a rejected draft's residual; ``q``
+    is not read otherwise), else ``p``. Returns (winning lane or -1, whether a value read was not
+    finite)."""
+    best = tl.full([], float("-inf"), tl.float32)
+    idx = tl.zeros([], dtype=tl.int32)
+    seen = tl.zeros([], dtype=tl.int1)
+    bad = tl.zeros([], dtype=tl.int1)
+    off = tl.zeros([], dtype=tl.int32)
+    while off < V:                     # (a while loop: the interpreter cannot range() over a runtime int)
+        lanes = off + tl.arange(0, BLOCK_V)
+        valid = lanes < V
+        p = tl.load(prow + lanes, mask=valid, other=0.0).to(tl.float32)
+        q = tl.load(qrow + lanes, mask=valid & resid, other=0.0).to(tl.float32)
+        bad = bad | (tl.max((valid & ~(_finite(p) & _finite(q))).to(tl.int32), 0) > 0)
+        E = exponential(lane_words_from(k0, k1, cm, c2, S_RESID, off // 4, BLOCK_V))
+        best, idx, seen = _race_tile(tl.where(resid, tl.maximum(p - q, 0.0), p), E, lanes, valid, best, idx, seen)
+        off += BLOCK_V
+    return tl.where(seen, idx, -1), bad
 
 
 @triton.jit
@@ -74,33 +98,15 @@ def _verify_chain_kernel(t_ptr, t_sb, t_sj, d_ptr, d_sb, d_sj, ids_ptr, wl_ptr, 
     # ---- row m: the residual race of a rejected draft, or the target's race on the bonus row
     resid = m < wl
     cm = counter_word(pos + m)
-    best = tl.full([], float("-inf"), tl.float32)
-    idx = tl.zeros([], dtype=tl.int32)
-    seen = tl.zeros([], dtype=tl.int1)
-    off = tl.zeros([], dtype=tl.int32)
-    while off < V:                     # (a while loop: the interpreter cannot range() over a runtime int)
-        lanes = off + tl.arange(0, BLOCK_V)
-        valid = lanes < V
-        p = tl.load(t_ptr + b * t_sb + m * t_sj + lanes, mask=valid, other=0.0).to(tl.float32)
-        q = tl.load(d_ptr + b * d_sb + m * d_sj + lanes, mask=valid & resid, other=0.0).to(tl.float32)
-        bad = bad | (tl.max((valid & ~(_finite(p) & _finite(q))).to(tl.int32), 0) > 0)
-        E = exponential(lane_words_from(k0, k1, cm, c2, S_RESID, off // 4, BLOCK_V))
-        best, idx, seen = _race_tile(tl.where(resid, tl.maximum(p - q, 0.0), p), E, lanes, valid, best, idx, seen)
-        off += BLOCK_V
-    zero = resid & ~seen
+    prow = t_ptr + b * t_sb + m * t_sj
+    cand, bad_row = _row_race(prow, d_ptr + b * d_sb + m * d_sj, resid, V, k0, k1, cm, c2, BLOCK_V)
+    bad = bad | bad_row
+    zero = resid & (cand < 0)
     if zero:
         # no residual mass (only rounding makes target - draft vanish where the draft was rejected):
-        # the target's race with the same noise, a second pass over the row
-        best = tl.full([], float("-inf"), tl.float32)
-        off = tl.zeros([], dtype=tl.int32)
-        while off < V:
-            lanes = off + tl.arange(0, BLOCK_V)
-            valid = lanes < V
-            p = tl.load(t_ptr + b * t_sb + m * t_sj + lanes, mask=valid, other=0.0).to(tl.float32)
-            E = exponential(lane_words_from(k0, k1, cm, c2, S_RESID, off // 4, BLOCK_V))
-            best, idx, seen = _race_tile(p, E, lanes, valid, best, idx, seen)
-            off += BLOCK_V
-    cand = tl.where(seen, idx, -1).to(tl.int64)
+        # the target's race with the same noise, a second pass over the row (its values were checked)
+        cand, bad_row = _row_race(prow, prow, resid & ~zero, V, k0, k1, cm, c2, BLOCK_V)
+    cand = cand.to(tl.int64)
     bad = bad | (cand < 0)
     err = tl.where(bad, ERR_NONFINITE, 0) | tl.where(draft_bad, ERR_DRAFT_RANGE, 0)
     bad = bad | draft_bad
@@ -128,10 +134,7 @@ def verify_chain_triton(target, draft, ids, win_len, pos, seed, step, status):
     B, W1, V = target.shape
     W = W1 - 1
     dev = target.device
-    if V > 1 and target.stride(2) != 1:
-        target = target.contiguous()
-    if V > 1 and draft.stride(2) != 1:
-        draft = draft.contiguous()
+    target, draft = lane_contiguous(target), lane_contiguous(draft)
     ids, win_len, pos, seed, step = (t.contiguous() for t in (ids, win_len, pos, seed, step))
     d = draft if W > 0 else target                     # never read when W = 0 (no draft rows)
     num = torch.empty(B, dtype=torch.int64, device=dev)
