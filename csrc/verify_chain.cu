@@ -52,9 +52,12 @@ struct OpMinI {
   __device__ __forceinline__ T operator()(T a, T b) const { return a < b ? a : b; }
 };
 
+// True where x can be a probability: finite and not negative (NaN fails the comparison).
+__device__ __forceinline__ bool is_prob(float x) { return x >= 0.0f && isfinite(x); }
+
 // This thread's best packed race entry over row m (lanes 4g..4g+3 of its groups g, one Philox call
 // of `rr` each): weights max(0, x - q) with `qrow` (a rejected draft's residual), else x (the
-// target). Sets bit 1 of `flags` on a non-finite value read.
+// target). Sets bit 1 of `flags` on a value read that is no probability (NaN, infinite, negative).
 template <typename T>
 __device__ __forceinline__ uint64_t row_race(const T* prow, const T* qrow, const RowRng& rr, int V, int& flags) {
   uint64_t best = 0ull;
@@ -66,7 +69,7 @@ __device__ __forceinline__ uint64_t row_race(const T* prow, const T* qrow, const
       if (lane >= V) break;
       const float x = to_float<T>(prow[lane]);
       const float q = qrow != nullptr ? to_float<T>(qrow[lane]) : 0.0f;
-      if (!isfinite(x) || !isfinite(q)) flags |= 1;
+      if (!is_prob(x) || !is_prob(q)) flags |= 1;
       const float r = qrow != nullptr ? fmaxf(__fsub_rn(x, q), 0.0f) : x;
       best = umax64(best, race_pack(r, exponential(w.w[k]), static_cast<uint32_t>(lane)));
     }
@@ -90,14 +93,14 @@ __global__ void __launch_bounds__(kMaxThreads) verify_chain_kernel(const Params 
   const T* drow0 = W > 0 ? static_cast<const T*>(p.draft) + b * p.d_sb : nullptr;
 
   // ---- 1. acceptance of every draft row (entries of ids outside [0, V) read as 0: rejected)
-  int first = wl, flags = 0;  // flags: 1 a non-finite entry, 2 an id out of range
+  int first = wl, flags = 0;  // flags: 1 an entry that is no probability, 2 an id out of range
   for (int j = tid; j < wl; j += nth) {
     const int64_t D = p.ids[b * W + j];
     float Pd = 0.0f, Qd = 0.0f;
     if (D >= 0 && D < V) {
       Pd = to_float<T>(trow0[j * p.t_sj + D]);
       Qd = to_float<T>(drow0[j * p.d_sj + D]);
-      if (!isfinite(Pd) || !isfinite(Qd)) flags |= 1;
+      if (!is_prob(Pd) || !is_prob(Qd)) flags |= 1;
     } else {
       flags |= 2;
     }

@@ -242,18 +242,25 @@ def test_row_strides_and_zero_mass_residuals(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_device_errors_touch_only_their_requests(backend):
-    B, W, V = 6, 3, 10
+    B, W, V = 9, 3, 10
     target, draft, ids, kw = _case(B, W, V, seed=9, ragged=False)
-    kw["win_len"] = torch.tensor([3, 3, 3, 3, 0, 3])
+    kw["win_len"] = torch.tensor([3, 3, 3, 3, 0, 3, 3, 3, 3])
     clean = _run(backend, target, draft, ids, kw)
-    t2, i2 = target.clone(), ids.clone()
+    m = clean[0].tolist()
+    t2, d2, i2 = target.clone(), draft.clone(), ids.clone()
     t2[0, 0, ids[0, 0]] = float("nan")                    # a gathered entry: request 0
     i2[1, 1] = V                                          # an id out of range: request 1
-    t2[2, int(clean[0][2])] = 0.0                         # the row request 2 samples from has no mass
+    t2[2, m[2]] = 0.0                                     # the row request 2 samples from has no mass
     t2[4, 2, 3] = float("nan")                            # request 4 reads row 0 only: not an error
-    na, tok, status = _run(backend, t2, draft, i2, kw)
-    assert na.tolist()[:3] == [-1, -1, -1] and (tok[:3] == -1).all()
-    assert torch.equal(na[3:], clean[0][3:]) and torch.equal(tok[3:], clean[1][3:])
+    d2[6, 0, ids[6, 0]] = -0.25                           # a negative gathered draft entry: request 6
+    t2[7, m[7], (ids[7, 0] + 1) % V] = -1e-3              # a negative lane of the row it samples from
+    d2[8, 0, ids[8, 0]] = float("inf")                    # an infinite gathered draft entry: request 8
+    na, tok, status = _run(backend, t2, d2, i2, kw)
+    bad = [0, 1, 2, 6, 7, 8]
+    good = [3, 4, 5]
+    assert all(m[i] >= 0 for i in range(B))               # the clean run had no error anywhere
+    assert na[bad].tolist() == [-1] * len(bad) and (tok[bad] == -1).all()
+    assert torch.equal(na[good], clean[0][good]) and torch.equal(tok[good], clean[1][good])
     assert int(status[0]) == RJ.ERR_NONFINITE | RJ.ERR_DRAFT_RANGE
     with pytest.raises(sk.SJDDeviceError, match="outside"):
         sk.check_status(status)

@@ -205,6 +205,16 @@ def _probe_rounds(x_ptr, out_ptr, V, k, hi0, NR: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
+def _probe_hist(x_ptr, out_ptr, V, lo, scale, NB: tl.constexpr, BLOCK: tl.constexpr):
+    # tl.histogram of value-spaced bins (the CUDA hist_topk path's first pass, in Triton's terms)
+    lanes = tl.arange(0, BLOCK)
+    valid = lanes < V
+    y = tl.load(x_ptr + lanes, mask=valid, other=0.0)
+    b = tl.minimum(tl.maximum(((y - lo) * scale).to(tl.int32), 0), NB - 1)
+    tl.store(out_ptr + tl.arange(0, NB), tl.histogram(b, NB, mask=valid))
+
+
+@triton.jit
 def _probe_softmax(x_ptr, out_ptr, V, mx, BLOCK: tl.constexpr):
     lanes = tl.arange(0, BLOCK)
     valid = lanes < V
@@ -246,6 +256,7 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
     C = {"BLOCK": nc}
     rounds = {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32", "k": "i32", "hi0": "i32"}
     soft = {"x_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "mx": "fp32"}
+    hist = {"x_ptr": "*fp32", "out_ptr": "*i32", "V": "i32", "lo": "fp32", "scale": "fp32"}
     row = {"l_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*fp32", "V": "i32", "s": "fp32"}
     tgt = dict(row, inv_t="fp32", k="i32", top_p="fp32")
     f32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32"}
@@ -273,6 +284,9 @@ def phase_probes(V: int = V_PROBE, list_k: int = 1024) -> list:
          "kth_init_row: 1-2 reductions"),
         ("top-k rounds: start + 4 rounds over the row", _probe_rounds, rounds, dict(B, NR=4, ROW_START=True),
          "counting rounds, unrolled"),
+        ("histogram of 64 bins over the row", _probe_hist, hist, dict(B, NB=64),
+         "tl.histogram: one ballot per bin bit and a popcount per bin"),
+        ("histogram of 256 bins over the row", _probe_hist, hist, dict(B, NB=256), ""),
         (f"top-k rounds: start over a list of {nc}", _probe_rounds, rounds, dict(C, NR=0, ROW_START=True), ""),
         (f"top-k rounds: start + 4 rounds over a list of {nc}", _probe_rounds, rounds, dict(C, NR=4, ROW_START=True),
          "the candidate list"),

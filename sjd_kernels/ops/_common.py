@@ -129,7 +129,7 @@ def new_status(device) -> torch.Tensor:
 
 ERROR_TEXT = {
     1: "non-finite logits (NaN or +inf, or a row with no finite logit) at a non-forced row, or (verify_chain) "
-       "a non-finite probability it read or a target row without positive mass",
+       "a NaN, infinite or negative probability it read, or a target row without positive mass",
     2: "a draft id outside [0, V) that is not the forced token of its position",
     4: "a tree node index out of range",
     8: "win_len outside [0, W]",

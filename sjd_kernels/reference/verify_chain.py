@@ -23,9 +23,9 @@ law statement above needs rows that sum to 1), ids ``[B, W]`` i64, win_len / pos
 ``[B]`` i64, status ``[4]`` i32.
 Returns ``num_accepted [B]`` (m, or -1 for a request in error) and ``tokens [B, W+1]`` (the
 ``m + 1`` committed tokens, then -1). Errors (status[0] bits, request returns -1): a draft id
-outside ``[0, V)`` at a row ``j < win_len`` (2); a non-finite value among the gathered entries
-of rows ``j < win_len`` or in the rows ``m`` the race reads, or a row ``m`` of ``target``
-without positive mass (1).
+outside ``[0, V)`` at a row ``j < win_len`` (2); a value that is no probability (NaN, infinite
+or negative) among the gathered entries of rows ``j < win_len`` or in the rows ``m`` the race
+reads, or a row ``m`` of ``target`` without positive mass (1).
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ import torch
 
 from .. import rng
 from .jacobi_step import ERR_DRAFT_RANGE, ERR_NONFINITE, STATUS_ERR, STATUS_ZERO_RESID
+
+
+def _prob(x):
+    """True where ``x`` can be a probability: finite and not negative (NaN fails both)."""
+    return (x >= 0) & (x < float("inf"))
 
 
 def verify_chain(target, draft, ids, win_len, pos, seed, step, status):
@@ -61,14 +66,14 @@ def verify_chain(target, draft, ids, win_len, pos, seed, step, status):
     rej = is_draft & ~accept
     m = torch.minimum(torch.where(rej, j.view(1, W1), torch.full_like(posj, W1)).amin(1), win_len)
     draft_bad = (is_draft & ~in_range).any(1)
-    entry_bad = (is_draft & in_range & ~(torch.isfinite(Pd) & torch.isfinite(Qd))).any(1)
+    entry_bad = (is_draft & in_range & ~(_prob(Pd) & _prob(Qd))).any(1)
 
     # ---- the token of row m: residual race (rejected draft) or target race (bonus row)
     resid_row = m < win_len
     pm = p[rows, m]                                                    # [B, V]
     qm = q[rows, m.clamp(max=max(W - 1, 0))] if W > 0 else torch.zeros_like(pm)
     qm = torch.where(resid_row.view(B, 1), qm, torch.zeros_like(qm))
-    row_bad = ~torch.isfinite(pm).all(1) | ~torch.isfinite(qm).all(1)
+    row_bad = ~_prob(pm).all(1) | ~_prob(qm).all(1)
     E = rng.exponential(rng.lane_words(seed, pos + m, step, rng.STREAM_RESID, V))
     r = rng.race(torch.where(resid_row.view(B, 1), torch.clamp(pm - qm, min=0.0), pm), E)
     no_resid = (r < 0) & resid_row

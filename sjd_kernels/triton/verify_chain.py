@@ -29,8 +29,9 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def _finite(x):
-    return (x == x) & (tl.abs(x) < float("inf"))
+def _prob(x):
+    """True where ``x`` can be a probability: finite and not negative (NaN fails both)."""
+    return (x >= 0.0) & (x < float("inf"))
 
 
 @triton.jit
@@ -50,8 +51,8 @@ def _race_tile(w, E, lanes, valid, best, idx, seen):
 def _row_race(prow, qrow, resid, V, k0, k1, cm, c2, BLOCK_V: tl.constexpr):
     """The race over one row read in tiles of ``BLOCK_V`` lanes (stream RESID's noise at the counter
     ``cm``, ``c2``): weights ``max(0, p - q)`` where ``resid`` (a rejected draft's residual; ``q``
-    is not read otherwise), else ``p``. Returns (winning lane or -1, whether a value read was not
-    finite)."""
+    is not read otherwise), else ``p``. Returns (winning lane or -1, whether a value read was no
+    probability: NaN, infinite or negative)."""
     best = tl.full([], float("-inf"), tl.float32)
     idx = tl.zeros([], dtype=tl.int32)
     seen = tl.zeros([], dtype=tl.int1)
@@ -62,7 +63,7 @@ def _row_race(prow, qrow, resid, V, k0, k1, cm, c2, BLOCK_V: tl.constexpr):
         valid = lanes < V
         p = tl.load(prow + lanes, mask=valid, other=0.0).to(tl.float32)
         q = tl.load(qrow + lanes, mask=valid & resid, other=0.0).to(tl.float32)
-        bad = bad | (tl.max((valid & ~(_finite(p) & _finite(q))).to(tl.int32), 0) > 0)
+        bad = bad | (tl.max((valid & ~(_prob(p) & _prob(q))).to(tl.int32), 0) > 0)
         E = exponential(lane_words_from(k0, k1, cm, c2, S_RESID, off // 4, BLOCK_V))
         best, idx, seen = _race_tile(tl.where(resid, tl.maximum(p - q, 0.0), p), E, lanes, valid, best, idx, seen)
         off += BLOCK_V
@@ -93,7 +94,7 @@ def _verify_chain_kernel(t_ptr, t_sb, t_sj, d_ptr, d_sb, d_sj, ids_ptr, wl_ptr, 
     accept = uniform24(w0) * Qd < Pd
     m = tl.min(tl.where(is_draft & ~accept, js, wl), 0)
     draft_bad = tl.max((is_draft & ~in_range).to(tl.int32), 0) > 0
-    bad = tl.max((ok & ~(_finite(Pd) & _finite(Qd))).to(tl.int32), 0) > 0
+    bad = tl.max((ok & ~(_prob(Pd) & _prob(Qd))).to(tl.int32), 0) > 0
 
     # ---- row m: the residual race of a rejected draft, or the target's race on the bonus row
     resid = m < wl
