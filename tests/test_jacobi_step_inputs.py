@@ -75,6 +75,7 @@ BAD = [
     ("uncond_shape", "uncond_logits", lambda s, l, d, w, p: dict(uncond_logits=l[:, :-1], cfg_scale=torch.ones(3))),
     ("uncond_dtype", "uncond_logits", lambda s, l, d, w, p: dict(uncond_logits=l.to(I64), cfg_scale=torch.ones(3))),
     ("uncond_no_scale", "cfg_scale", lambda s, l, d, w, p: dict(uncond_logits=l.clone())),
+    ("scale_no_uncond", "uncond_logits", lambda s, l, d, w, p: dict(cfg_scale=torch.full((3,), 3.0))),
     ("cfg_scale_dtype", "cfg_scale",
      lambda s, l, d, w, p: dict(uncond_logits=l.clone(), cfg_scale=torch.ones(3, dtype=torch.float64))),
     ("cfg_scale_shape", "cfg_scale", lambda s, l, d, w, p: dict(uncond_logits=l.clone(), cfg_scale=torch.ones(2))),

@@ -515,6 +515,8 @@ def test_argument_errors():
         sk.tree_verify(b["logits"].to(torch.float64), t, b["pos"], st)
     with pytest.raises(sk.SJDInputError, match="top_k"):
         sk.tree_verify(b["logits"], t, b["pos"], st, top_k=99)
+    with pytest.raises(sk.SJDInputError, match="cfg_scale was given without uncond_logits"):
+        sk.tree_verify(b["logits"], t, b["pos"], st, cfg_scale=torch.full((t.tokens.shape[0],), 2.0))
     with pytest.raises(sk.SJDInputError, match="K must be"):
         sk.build_tree(st, t.tokens[:, 0], b["pos"], K=0, depth=1, window=2)
     with pytest.raises(sk.SJDInputError, match="depth <= window"):

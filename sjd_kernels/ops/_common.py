@@ -150,8 +150,12 @@ def check_status(status: torch.Tensor, clear: bool = True) -> dict:
 
 
 def check_cfg(uncond, cfg_scale, logits) -> None:
-    """Optional unconditional logits shaped like ``logits`` and, with them, a float32 ``cfg_scale [B]``."""
+    """Optional unconditional logits shaped like ``logits`` and, with them, a float32 ``cfg_scale [B]``
+    (a scale without unconditional logits would silently sample without guidance: refused)."""
     if uncond is None:
+        if cfg_scale is not None:
+            raise SJDInputError("cfg_scale was given without uncond_logits: pass both for classifier-free "
+                                "guidance, or neither")
         return
     B = logits.shape[0]
     check_tensor("uncond_logits", uncond, dtypes=FLOAT_DTYPES, shape=tuple(logits.shape), dim=3, device=logits.device)
