@@ -89,3 +89,18 @@ def sjd2_prepare_triton(embed_weight, mean, std, level_table, alpha, sigma, toke
                                    commit_end, fresh_start, row_end, latent, level, out,
                                    N, R, Vt, K, D=D, STREAM=STREAM_SJD2_NOISE, BLOCK_D=block)
     return out
+
+
+def codegen_cases(V: int) -> list:
+    """Compile cases for ``tests/test_codegen.py`` (sm_90 without a GPU): fp32 and bf16 embeddings of a
+    LlamaGen-XL-like width (d 1280); ``V`` is unused (the kernel has no vocabulary axis)."""
+    cases = []
+    for dt in ("fp32", "bf16"):
+        ptrs = dict(E_ptr=f"*{dt}", mean_ptr="*fp32", std_ptr="*fp32", L_ptr="*fp32", a_ptr="*fp32", s_ptr="*fp32",
+                    tok_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", cend_ptr="*i64", fstart_ptr="*i64",
+                    rend_ptr="*i64", lat_ptr="*fp32", lev_ptr="*i32", out_ptr=f"*{dt}")
+        ce = {"D": 1280, "STREAM": STREAM_SJD2_NOISE, "BLOCK_D": 1024}
+        sig = dict(ptrs, N="i32", R="i32", Vt="i32", K="i32", **{k: "constexpr" for k in ce})
+        cases.append(dict(name=f"sjd2-prepare-{dt}", kernel="_sjd2_prepare_kernel", signature=sig, constexprs=ce,
+                          options=dict(num_warps=4)))
+    return cases
