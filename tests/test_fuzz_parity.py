@@ -45,6 +45,22 @@ def test_the_listed_cases_cover_both_kinds_and_the_sparse_state():
     assert any(c.get("capacity") for c in drawn)
 
 
+def test_draws_stay_inside_what_the_op_accepts():
+    """The comparison calls the reference and the kernels below the op's validation, so the draw itself
+    must not produce what ``sjd_kernels.jacobi_step`` refuses: a sparse state with additive VP at
+    beta < 0 (mass outside the stored support: the reference then stores a truncated law, which
+    seed 5's case 23 showed) or top-k above V."""
+    n = 0
+    for seed in range(6):
+        for i in range(400):
+            c, _ = fz.draw(i, seed)
+            assert 0 <= c["top_k"] <= c["V"], c
+            if c.get("capacity"):
+                n += 1
+                assert not (c["vp"] and c["vp_form"] == 0 and c["beta"] < 0), (seed, i, c)
+    assert n > 100                       # the sparse state is drawn often enough to matter
+
+
 @interpreted
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("i", CASES)
