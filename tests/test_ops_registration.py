@@ -118,3 +118,29 @@ def test_torch_compile_sparse_state_matches_eager(mode):
     for a, b in zip(args(st_a), args(st_b)):
         assert torch.equal(a, b)
     assert (st_a.q_idx != 2**31 - 1).any()            # entries were written
+
+
+def test_inductor_compiles_a_step_with_its_counter():
+    """The default compiler (Inductor, C++ on CPU) with surrounding ops and ``advance=True``: the
+    step counter's in-place increment and the op's mutated state come out as in eager mode, two
+    steps in a row (the second reads the state and counter the first wrote)."""
+    st_a, pos, drafts, logits, win = _case()
+    st_b, *_ = _case()
+
+    def step(lg, d, w, p, q_state, q_kind, p_prev, status, seed, stp):
+        s = sk.JacobiState(q_state, q_kind, p_prev, seed, stp, status)
+        o = sk.jacobi_step(lg * 1.5, d, w, p, s, mode="coupling", top_k=5, backend="torch")
+        return o.num_accepted + 1, o.tokens, o.next_drafts
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    for _ in range(2):
+        a = step(logits, drafts, win, pos, st_a.q_state, st_a.q_kind, st_a.p_prev, st_a.status, st_a.seed, st_a.step)
+        b = compiled(logits, drafts, win, pos, st_b.q_state, st_b.q_kind, st_b.p_prev, st_b.status, st_b.seed,
+                     st_b.step)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        for x, y in zip((st_a.q_state, st_a.q_kind, st_a.step, st_a.status), (st_b.q_state, st_b.q_kind, st_b.step,
+                                                                                st_b.status)):
+            assert torch.equal(x, y)
+        logits = logits.roll(1, -1)
+    assert st_b.step.tolist() == [2, 2, 2]
