@@ -100,7 +100,6 @@ def test_gumbel_jacobi_equals_ar_gumbel_with_sampling(window):
     gj = generate(m, cond, 12, "gumbel_jacobi", window=window, **kw)
     assert torch.equal(ar.tokens, gj.tokens)
     assert gj.stats.nfe <= ar.stats.nfe == 12
-    assert torch.equal(generate(m, cond, 12, "gumbel_jacobi", window=0, **kw).tokens, ar.tokens)
     other = generate(m, cond, 12, "ar_gumbel", seed=8, cfg_scale=2.0, top_k=8, top_p=0.95)
     assert not torch.equal(ar.tokens, other.tokens)          # the seed matters
 

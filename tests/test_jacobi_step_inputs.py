@@ -244,14 +244,16 @@ def test_errors_ignored_where_not_read():
     forced[1, 2] = V + 3                                         # a row-end token outside the image slice
     drafts = sk.init_window(st, pos, W, forced)
     assert int(drafts[1, 2]) == V + 3
-    logits = torch.randn(B, W + 1, V)
+    logits = torch.randn(B, W + 1, V, generator=torch.Generator().manual_seed(0))
+    for j in range(2):                                           # request 1's first two drafts have P = 1:
+        logits[1, j, int(drafts[1, j])] = 1e4                    # accepted, so the forced position is reached
     logits[0, 3:] = float("nan")                                 # request 0 uses rows 0..2 only
     logits[1, 2] = float("nan")                                  # forced row
     o = sk.jacobi_step(logits, drafts, torch.tensor([2, 4]), pos, st, forced=forced)
     sk.check_status(st.status)
     assert (o.num_accepted >= 0).all()
-    if int(o.num_accepted[1]) >= 2:
-        assert int(o.tokens[1, 2]) == V + 3
+    assert int(o.num_accepted[1]) >= 3                           # the forced draft is accepted as well
+    assert o.tokens[1, :3].tolist() == [int(drafts[1, 0]), int(drafts[1, 1]), V + 3]
 
 
 def test_win_len_out_of_range_is_a_clear_error():

@@ -602,7 +602,14 @@ def test_state_writes_only_rows_in_use():
     (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, q_fill=0.125)
     assert states_close(s_r, s_t)
     R = s_t["q_state"].shape[1]
-    assert bool((s_t["q_state"][0, 0 % R] == 0.125).all())       # row 0 of request 0 (pos 0)
+    assert R == W + 1
+    for s in (s_r, s_t):
+        kept = (s["q_state"] == 0.125).all(-1)                   # [B, R]: slot untouched
+        # request 0 (pos 0, win_len 3): rows 1..3 write the laws of positions 1..3 (slots 1..3); row 0
+        # (committed) and the positions after the window (new uniform tail: a flag in q_kind) keep theirs
+        assert kept[0].tolist() == [True, False, False, False, True, True, True]
+        assert kept[1].all()                                     # request 1 (win_len 0): nothing written
+        assert s["q_kind"][0, 4:].eq(ref.KIND_UNIFORM).all()
 
 
 # ---------------------------------------------------------------- GPU: compiled kernels, production-like shapes

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import torch
 
-from ..sjd2.noise import position_noise
-
 
 def ddim_step(x: torch.Tensor, e_hat: torch.Tensor, a_k, s_k, a_prev, s_prev) -> torch.Tensor:
     """``a_{k-1} e_hat + (s_{k-1} / s_k) (x - a_k e_hat)`` in this operation order (every backend's)."""
@@ -45,6 +43,7 @@ def ddim_step(x: torch.Tensor, e_hat: torch.Tensor, a_k, s_k, a_prev, s_prev) ->
 
 def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
                  commit_end, fresh_start, row_end, latent, level):
+    from ..sjd2.noise import position_noise  # here, not at the top: sjd_kernels.sjd2 imports this op's module
     B, N = tokens.shape
     R = latent.shape[1]
     d = embed_weight.shape[1]
