@@ -7,7 +7,8 @@ ones the public functions (``jacobi_step``, ``tree_verify``, ``tree_kv_update``,
 ``sjd2_prepare``) hand to ``torch.ops.sjd.*``, captured by a dispatch mode on small inputs; each
 case runs on the torch backend, on the Triton kernels under the interpreter (CPU tensors: the same
 wrappers and the same stores as the compiled kernels, without a GPU's compile time) and on the CUDA
-kernels on a GPU (marked ``gpu``; every op but ``sjd2_prepare``, which has no CUDA kernel).
+kernels, in the CPU simulator and on a GPU (marked ``gpu``; every op but ``sjd2_prepare``, which
+has no CUDA kernel).
 """
 from __future__ import annotations
 
@@ -54,8 +55,15 @@ def _jacobi(be, dev, mode="sjd", vp=False, capacity=None, cfg=False, beta=0.0):
 
 
 def _tree(be, dev):
-    from test_tree_verify import _run_public, random_batch
-    _run_public(random_batch(cfg=True), be)  # it places the batch on the backend's device
+    from test_tree_verify import random_batch
+    b = random_batch(cfg=True)
+    mv = lambda t: None if t is None else t.contiguous().to(dev)  # noqa: E731
+    t = b["tree"]
+    tree = sk.TreeLayout(*(mv(x) for x in (t.tokens, t.parent, t.depth, t.sib, t.q_slot)), t.max_depth)
+    st = sk.JacobiState(mv(b["q_state"]), mv(b["q_kind"]), torch.empty(0, device=dev), mv(b["seed"]), mv(b["step"]),
+                        torch.zeros(4, dtype=torch.int32, device=dev))
+    sk.tree_verify(mv(b["logits"]), tree, mv(b["pos"]), st, uncond_logits=mv(b["uncond"]), cfg_scale=mv(b["cfg"]),
+                   forced=mv(b["forced"]), temperature=0.9, top_k=5, top_p=0.95, backend=be)
 
 
 _PATH = [[0, 2, 3, -1], [0, 1, -1, -1], [0, 3, 5, 6]]
@@ -137,9 +145,22 @@ def test_opcheck_triton_interpreter(case):
     _check(case, "triton", "cpu")
 
 
+CUDA_CASES = [c for c in CASES if c != "sjd2_prepare"]  # sjd2_prepare has no CUDA kernel
+
+
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_opcheck_cuda_in_the_simulator(case):
+    """The CUDA wrappers and kernels on CPU tensors, run by the CPU simulator (``sjd_kernels.cuda.sim``)."""
+    from _util import sim_module
+    from sjd_kernels.cuda import sim
+    sim_module()
+    with sim.simulate("reverse"):
+        _check(case, "cuda", "cpu")
+
+
 @gpu
 @requires_cuda_ext
-@pytest.mark.parametrize("case", [c for c in CASES if c != "sjd2_prepare"])  # it has no CUDA kernel
+@pytest.mark.parametrize("case", CUDA_CASES)
 def test_opcheck_cuda_on_the_gpu(case):
     _check(case, "cuda", "cuda")
 
