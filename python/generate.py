@@ -10,7 +10,7 @@ column per requested class) and, with ``--tokens``, the token ids as ``.npy``. `
 samples plain AR with the same seed (``ar_gumbel`` for the Gumbel methods, whose images are then
 token-identical to ``gumbel_jacobi``'s) and adds its row: the lossless methods draw from AR's
 law, so their images differ from AR's sample by chance only, except ``gumbel_jacobi``.
-Any ``generate`` keyword can be set (``--window``, ``--cfg``, ``--temperature``, ``--top-k``,
+The sampling options are ``generate``'s (``--window``, ``--cfg``, ``--temperature``, ``--top-k``,
 ``--top-p``, ``--backend``, ``--beta`` for ``sjd_vp``/``coupling``). Runs on the CPU (the
 ``torch`` backend) or, with ``--device cuda``, on a GPU.
 """
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="one image per class id")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--window", type=int, default=16)
-    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (0: none)")
+    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1: no guidance)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         gpt = load_finetuned(args.model)[0].to(args.device)
     cond = torch.tensor(args.classes, dtype=torch.int64, device=args.device)
     N = b.tokens_per_image
-    kw = dict(window=args.window, cfg_scale=args.cfg if args.cfg else None, temperature=args.temperature,
+    kw = dict(window=args.window, cfg_scale=args.cfg, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, backend=args.backend, seed=args.seed)
     if args.beta is not None:
         kw["beta"] = args.beta

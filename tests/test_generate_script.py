@@ -20,7 +20,7 @@ def gen():
 
 def test_gumbel_jacobi_with_ar_row(gen, tmp_path, capsys):
     png, tok = tmp_path / "s.png", tmp_path / "t.npy"
-    assert gen.main(["--method", "gumbel_jacobi", "--classes", "1", "4", "--window", "8", "--with-ar",
+    assert gen.main(["--method", "gumbel_jacobi", "--classes", "1", "4", "--window", "8", "--with-ar", "--cfg", "1",
                      "--backend", "torch", "--out", str(png), "--tokens", str(tok)]) == 0
     out = capsys.readouterr().out
     assert "gumbel_jacobi and ar_gumbel drew the same tokens" in out
