@@ -83,17 +83,8 @@ def _e2e(model: str):
             return {tuple(r[k] for k in E2E_KEY): r for r in csv.DictReader(f)}
 
     def compare(out: Path, rtol: float) -> tuple[int, list[str]]:
-        rec, new = rows(RESULTS / f"cpu_e2e_{model}" / "e2e.csv"), rows(out / "e2e.csv")
-        diffs, n = [], 0
-        for k in sorted(set(rec) | set(new)):
-            name = "/".join(x for x in k[1:] if x)
-            if k not in new or k not in rec:
-                diffs.append(f"{name}: row {'missing now' if k not in new else 'not recorded'}")
-                continue
-            for f in E2E_FIELDS:
-                n += 1
-                diffs += _diff(f"{name}.{f}", _num(rec[k].get(f)), _num(new[k].get(f)), rtol)
-        return n, diffs
+        return _compare_rows(rows(RESULTS / f"cpu_e2e_{model}" / "e2e.csv"), rows(out / "e2e.csv"), E2E_FIELDS,
+                             lambda k: "/".join(x for x in k[1:] if x), rtol, _num)
 
     return dict(folder=f"cpu_e2e_{model}", cmd=cmd, compare=compare,
                 note=f"`python -m sjd_kernels.bench e2e --model {model}`")
@@ -132,20 +123,11 @@ def _sjd2(model: str):
         return out
 
     def compare(out: Path, rtol: float) -> tuple[int, list[str]]:
-        rec, new = rows(RESULTS / f"sjd2_{model}" / f"sjd2_{model}.jsonl"), rows(out / f"sjd2_{model}.jsonl")
-        diffs, n = [], 0
-        for k in sorted(set(rec) | set(new), key=str):
-            name = " ".join(str(x) for x in k)
-            if k not in new or k not in rec:
-                diffs.append(f"{name}: row {'missing now' if k not in new else 'not recorded'}")
-                continue
-            for f in fields:
-                n += 1
-                diffs += _diff(f"{name}.{f}", rec[k].get(f), new[k].get(f), rtol)
-        return n, diffs
+        return _compare_rows(rows(RESULTS / f"sjd2_{model}" / f"sjd2_{model}.jsonl"), rows(out / f"sjd2_{model}.jsonl"),
+                             fields, lambda k: " ".join(str(x) for x in k), rtol)
 
     return dict(folder=f"sjd2_{model}", cmd=cmd, compare=compare,
-                note="`python benchmarks/bench_sjd2.py --model mnist ...` (the command in its log)")
+                note=f"`python benchmarks/bench_sjd2.py --model {model} ...` (the command in its log)")
 
 
 # The recorded commands (each results folder's README): the MNIST demo ran with one thread, the
@@ -158,6 +140,20 @@ TARGETS = {
     "cpu_e2e_photo": _e2e("photo"),
     "sjd2_mnist": _sjd2("mnist"),
 }
+
+
+def _compare_rows(rec: dict, new: dict, fields, name_of, rtol: float, value=lambda x: x) -> tuple[int, list[str]]:
+    """Rows keyed alike (recorded, new): a missing row is a difference, then ``fields`` of each row."""
+    diffs, n = [], 0
+    for k in sorted(set(rec) | set(new), key=str):
+        name = name_of(k)
+        if k not in new or k not in rec:
+            diffs.append(f"{name}: row {'missing now' if k not in new else 'not recorded'}")
+            continue
+        for f in fields:
+            n += 1
+            diffs += _diff(f"{name}.{f}", value(rec[k].get(f)), value(new[k].get(f)), rtol)
+    return n, diffs
 
 
 def _num(x):

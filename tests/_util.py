@@ -11,7 +11,9 @@ A missing GPU is always a reason to skip.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +53,12 @@ def sim_module(race=False):
         if REQUIRE_EXT:
             pytest.fail(f"SJD_REQUIRE_EXT=1 but the CUDA simulator cannot be built: {e}")
         pytest.skip(str(e))
+
+
+def load_file_module(name: str, path) -> object:
+    """Import a script that is not part of a package (``setup.py``, ``python/*.py``) as module ``name``;
+    a guarded ``if __name__ == "__main__"`` block does not run."""
+    spec = importlib.util.spec_from_file_location(name, Path(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

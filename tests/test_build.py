@@ -1,7 +1,6 @@
 """The build: knob parsing in setup.py (no build needed), and the extension without a GPU."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import stat
@@ -11,17 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from _util import HAS_CUDA, requires_ext
+from _util import HAS_CUDA, load_file_module, requires_ext
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def setup_mod():
-    spec = importlib.util.spec_from_file_location("sjd_setup_under_test", ROOT / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)          # setup() itself only runs as __main__
-    return mod
+    return load_file_module("sjd_setup_under_test", ROOT / "setup.py")   # setup() itself only runs as __main__
 
 
 def _fake_nvcc(tmp_path: Path) -> str:
@@ -138,10 +134,7 @@ def test_extension_imports_and_reports():
     assert C.runtime_version() >= 12000
     want = os.environ.get("SJD_CUDA_ARCHS")
     if want:                              # the build says what it built, and built what was asked
-        spec = importlib.util.spec_from_file_location("sjd_setup_archs", ROOT / "setup.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        assert archs == mod.parse_archs(want)
+        assert archs == load_file_module("sjd_setup_archs", ROOT / "setup.py").parse_archs(want)
 
 
 @requires_ext

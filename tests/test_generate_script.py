@@ -1,21 +1,19 @@
 """``python/generate.py``: images, token ids and the same-tokens line of gumbel_jacobi against AR."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from _util import load_file_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def gen():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "python" / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file_module("generate_script", ROOT / "python" / "generate.py")
 
 
 def test_gumbel_jacobi_with_ar_row(gen, tmp_path, capsys):

@@ -55,15 +55,8 @@ def _jacobi(be, dev, mode="sjd", vp=False, capacity=None, cfg=False, beta=0.0):
 
 
 def _tree(be, dev):
-    from test_tree_verify import random_batch
-    b = random_batch(cfg=True)
-    mv = lambda t: None if t is None else t.contiguous().to(dev)  # noqa: E731
-    t = b["tree"]
-    tree = sk.TreeLayout(*(mv(x) for x in (t.tokens, t.parent, t.depth, t.sib, t.q_slot)), t.max_depth)
-    st = sk.JacobiState(mv(b["q_state"]), mv(b["q_kind"]), torch.empty(0, device=dev), mv(b["seed"]), mv(b["step"]),
-                        torch.zeros(4, dtype=torch.int32, device=dev))
-    sk.tree_verify(mv(b["logits"]), tree, mv(b["pos"]), st, uncond_logits=mv(b["uncond"]), cfg_scale=mv(b["cfg"]),
-                   forced=mv(b["forced"]), temperature=0.9, top_k=5, top_p=0.95, backend=be)
+    from test_tree_verify import _run_public, random_batch
+    _run_public(random_batch(cfg=True), be, device=dev)
 
 
 _PATH = [[0, 2, 3, -1], [0, 1, -1, -1], [0, 3, 5, 6]]

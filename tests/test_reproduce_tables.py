@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from _util import load_file_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def rt():
-    spec = importlib.util.spec_from_file_location("reproduce_tables", ROOT / "python" / "reproduce_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file_module("reproduce_tables", ROOT / "python" / "reproduce_tables.py")
 
 
 def test_recorded_demo_equals_itself_and_a_changed_field_is_named(rt, tmp_path):

@@ -291,8 +291,8 @@ def random_batch(B=6, V=7, K=3, D=2, W=3, seed=0, forced=False, cfg=False):
                 q_state=q_state, q_kind=q_kind)
 
 
-def _run_public(b, backend, index=None, temperature=0.9, top_k=5, top_p=0.95, logits=None):
-    dev = backend_device(backend)
+def _run_public(b, backend, index=None, temperature=0.9, top_k=5, top_p=0.95, logits=None, device=None):
+    dev = device or backend_device(backend)   # device: e.g. CPU tensors for the CUDA backend in the simulator
     idx = torch.arange(b["pos"].shape[0]) if index is None else index
     sel = lambda t: None if t is None else t.index_select(0, idx).contiguous().to(dev)
     tree = b["tree"].rows(idx)
