@@ -13,6 +13,7 @@
 
 #include "common.cuh"
 #include "jacobi_step.h"
+#include "sjd2_prepare.h"
 #include "tree_kv_update.h"
 #include "tree_verify.h"
 #include "verify_chain.h"
@@ -257,6 +258,46 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
       py::arg("step"), py::arg("status"), py::arg("B"), py::arg("W"), py::arg("V"), py::arg("num_accepted"),
       py::arg("tokens"), py::arg("device"), py::arg("stream"), py::arg("threads") = 0,
       "launch verify_chain on `stream` (see sjd_kernels/cuda/verify_chain.py for the tensor contract)",
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "sjd2_prepare",
+      [](int dtype, std::uintptr_t embed, std::uintptr_t mean, std::uintptr_t std_, std::uintptr_t level_table,
+         std::uintptr_t alpha, std::uintptr_t sigma, std::uintptr_t tokens, std::uintptr_t positions,
+         std::uintptr_t seed, std::uintptr_t commit_end, std::uintptr_t fresh_start, std::uintptr_t row_end,
+         std::uintptr_t latent, std::uintptr_t level, std::uintptr_t out, int64_t B, int64_t N, int64_t R,
+         int64_t Vt, int d, int K, int device, std::uintptr_t stream) {
+        sjd::Sjd2PrepareArgs a;
+        a.dtype = dtype;
+        a.embed = ptr<const void>(embed);
+        a.mean = ptr<const float>(mean);
+        a.std_ = ptr<const float>(std_);
+        a.level_table = ptr<const float>(level_table);
+        a.alpha = ptr<const float>(alpha);
+        a.sigma = ptr<const float>(sigma);
+        a.tokens = ptr<const int64_t>(tokens);
+        a.positions = ptr<const int64_t>(positions);
+        a.seed = ptr<const int64_t>(seed);
+        a.commit_end = ptr<const int64_t>(commit_end);
+        a.fresh_start = ptr<const int64_t>(fresh_start);
+        a.row_end = ptr<const int64_t>(row_end);
+        a.latent = ptr<float>(latent);
+        a.level = ptr<int32_t>(level);
+        a.out = ptr<void>(out);
+        a.B = B;
+        a.N = N;
+        a.R = R;
+        a.Vt = Vt;
+        a.d = d;
+        a.K = K;
+        a.device = device;
+        a.stream = reinterpret_cast<void*>(stream);
+        sjd::sjd2_prepare_launch(a);
+      },
+      py::arg("dtype"), py::arg("embed"), py::arg("mean"), py::arg("std"), py::arg("level_table"), py::arg("alpha"),
+      py::arg("sigma"), py::arg("tokens"), py::arg("positions"), py::arg("seed"), py::arg("commit_end"),
+      py::arg("fresh_start"), py::arg("row_end"), py::arg("latent"), py::arg("level"), py::arg("out"), py::arg("B"),
+      py::arg("N"), py::arg("R"), py::arg("Vt"), py::arg("d"), py::arg("K"), py::arg("device"), py::arg("stream"),
+      "launch sjd2_prepare on `stream` (see sjd_kernels/cuda/sjd2_prepare.py for the tensor contract)",
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "philox_fill",

@@ -158,3 +158,27 @@ def test_cuda_verify_chain_kernel_fits_its_launch_bound():
                                                "void verify_chain_kernel<fp16>(Params)"]
     for r in rows:
         assert 0 < r["registers"] <= 64 and r["stack"] == 0 and r["generic_mem"] == 0, r
+
+
+def test_cuda_sjd2_prepare_kernel_fits_and_moves_16_bytes():
+    """``csrc/sjd2_prepare.cu`` launches up to 256 threads per block: every instantiation fits, reads
+    through global addresses and keeps no stack beyond the 32 bytes of ``cosf``'s reduction of large
+    arguments (a path the noise never takes: its argument is below 2 pi); the 16-byte path's table
+    row, output and float32 rows move in 16-byte accesses, the one-lane path's do not."""
+    if S.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    try:
+        rows = S.cuda_metrics(os.path.join(ROOT, "csrc", "sjd2_prepare.cu"), only="sjd2_prepare_kernel")
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        pytest.skip(f"CUDA tools cannot compile/disassemble here: {e}")
+    by = {r["name"]: r for r in rows}
+    assert sorted(by) == sorted(f"void sjd2_prepare_kernel<{t}, {v}>(Params)" for t, vs in
+                                (("float", (4, 1)), ("fp16", (8, 1)), ("bf16", (8, 1))) for v in vs), sorted(by)
+    for name, r in by.items():
+        assert 0 < r["registers"] <= 255 and r["stack"] <= 32 and r["generic_mem"] == 0, r
+        if name.endswith(", 1>(Params)"):
+            assert r["wide_mem"] == 0, r
+        else:
+            # loads: table row, mean, std, latent, level row; stores: output, latent (in both the
+            # noisy and the clean branch); an 8-lane pack of a float32 row takes two accesses
+            assert r["wide_mem"] >= 10, r

@@ -1,4 +1,4 @@
-"""SJD2: schedule, noising, level embedding, the fused input preparation (reference, float64, Triton)."""
+"""SJD2: schedule, noising, level embedding, the fused input preparation (reference, float64, Triton, CUDA)."""
 import math
 import os
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import stats
+from _util import gpu, requires_cuda_ext
 
 from sjd_kernels.ops._common import SJDInputError, triton_available
 from sjd_kernels.sjd2 import (EmbedNorm, LevelEmbedding, NoiseSchedule, SJD2Embedding, position_noise,
@@ -318,8 +319,10 @@ def test_prepare_validation_names_argument():
     c["level_table"] = c["level_table"][:-1]
     with pytest.raises(SJDInputError, match="level_table"):
         sjd2_prepare(**c)
-    with pytest.raises(SJDInputError, match="no CUDA kernel"):
-        sjd2_prepare(**_prepare_case(), backend="cuda")
+    c = _prepare_case()
+    c["embed_weight"] = c["embed_weight"].double()
+    with pytest.raises(SJDInputError, match="CUDA kernel of sjd2_prepare takes float32, float16 or bfloat16"):
+        sjd2_prepare(**c, backend="cuda")
 
 
 def test_prepare_fake_kernel_shape():
@@ -377,6 +380,138 @@ def test_prepare_triton_noise_matches_position_noise():
     eps = position_noise(c["seed"].view(2, 1), c["positions"], d)
     want = eps * c["std"] + c["mean"] + c["level_table"][K]
     assert torch.allclose(got, want, atol=2e-6)
+
+
+# ---------------------------------------------------------------- sjd2_prepare: the CUDA kernel
+#
+# Outputs and latents that draw no position noise must equal the reference bit for bit (the kernel
+# rounds operation by operation as PyTorch does); the noise's logf / cosf (the host's in the
+# simulator, CUDA's on a GPU) may differ from PyTorch's by an ulp or so, so slots that draw it are
+# compared within 1e-5 relative.
+
+def _noise_slots(c):
+    """[B, N] slots that draw position noise (window positions entering now, K > 0)."""
+    p = c["positions"]
+    win = (p >= 0) & (p >= c["commit_end"].view(-1, 1))
+    return win & (p >= c["fresh_start"].view(-1, 1)) & (c["alpha"].shape[0] > 1)
+
+
+def _noise_ring(c):
+    """[B, R] ring slots written by a slot that draws noise."""
+    B, R = c["level"].shape
+    mask = torch.zeros(B, R, dtype=torch.bool)
+    ns = _noise_slots(c)
+    for b, i in ns.nonzero().tolist():
+        mask[b, int(c["positions"][b, i]) % R] = True
+    return mask
+
+
+def _bits(t):
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+def _assert_cuda_prepare_matches(c, got, got_c, want, want_c):
+    ns = _noise_slots(c).to(got.device)
+    nr = _noise_ring(c).to(got.device)
+    want, want_lat, want_lev = want.to(got.device), want_c["latent"].to(got.device), want_c["level"].to(got.device)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got_c["level"], want_lev)
+    assert torch.equal(_bits(got)[~ns], _bits(want)[~ns])                   # no noise drawn: bit for bit
+    assert torch.equal(_bits(got_c["latent"])[~nr], _bits(want_lat)[~nr])   # includes every untouched ring slot
+    assert torch.allclose(got[ns].float(), want[ns].float(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got_c["latent"][nr], want_lat[nr], rtol=1e-5, atol=1e-5)
+
+
+def _prepare_cuda_sim(c, order="reverse", race=False):
+    from _util import sim_module
+    from sjd_kernels.cuda import sim
+    sim_module(race=race)
+    with sim.simulate(order=order, race=race):
+        return sjd2_prepare(**c, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [24, 13, 2056])   # 16-byte path, one lane per access, several chunks per thread
+def test_prepare_cuda_sim_equals_reference(dtype, d):
+    c = _prepare_case(dtype=dtype, d=d, seed=d, N=5 if d > 100 else 7)
+    assert bool(_noise_slots(c).any()) and bool((~_noise_slots(c) & (c["positions"] >= 0)).any())
+    want_c, got_c = _clone(c), _clone(c)
+    want = sjd2_prepare(**want_c, backend="torch")
+    got = _prepare_cuda_sim(got_c)
+    _assert_cuda_prepare_matches(c, got, got_c, want, want_c)
+    # the same bits whatever order the threads run in
+    for order in ("forward", "shuffle"):
+        again_c = _clone(c)
+        again = _prepare_cuda_sim(again_c, order=order)
+        assert torch.equal(_bits(again), _bits(got)) and torch.equal(again_c["latent"], got_c["latent"])
+
+
+def test_prepare_cuda_sim_unaligned_tables_and_k0():
+    """Tables that start off a 16-byte boundary take the one-lane path with the same results; K = 0
+    (plain SJD) copies every token embedding."""
+    c = _prepare_case(dtype=torch.bfloat16, d=32, seed=5)
+    for name in ("embed_weight", "mean", "latent"):
+        t = c[name]
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        c[name] = buf[1:].view(t.shape).copy_(t)              # contiguous, data pointer 2 or 4 bytes off
+        assert c[name].data_ptr() % 16 != 0
+    want_c, got_c = _clone(c), _clone(c)
+    got_c["latent"] = c["latent"]                             # keep the unaligned ring (clone would realign it)
+    lat0 = c["latent"].clone()
+    want = sjd2_prepare(**want_c, backend="torch")
+    got = _prepare_cuda_sim(got_c)
+    _assert_cuda_prepare_matches(c | {"latent": lat0}, got, got_c, want, want_c)
+
+    c0 = _prepare_case(K=0, dtype=torch.float16, d=16, seed=6)
+    c0["level"].zero_()
+    got0 = _prepare_cuda_sim(c0)
+    valid = c0["positions"] >= 0
+    assert torch.equal(_bits(got0[valid]), _bits(c0["embed_weight"][c0["tokens"]][valid]))
+    assert not bool(got0[~valid].any())
+
+
+def test_prepare_cuda_sim_half_rounding_edges():
+    """float16 outputs near overflow and in the subnormal range round as PyTorch's cast does (the
+    simulator's __float2half_rn stands in for CUDA's; no noise is drawn, so every bit is compared)."""
+    K, d = 3, 64
+    c = _prepare_case(B=2, N=6, R=8, d=d, K=K, dtype=torch.float16, seed=7)
+    c["fresh_start"] = torch.tensor([10 ** 6, 10 ** 6])          # nothing enters: no noise
+    c["level"].fill_(K)
+    g = torch.Generator().manual_seed(8)
+    scale = torch.logspace(-9, 5, d, dtype=torch.float32)         # 1e-9 .. 1e5: subnormals to overflow
+    c["std"] = scale * (1 + torch.rand(d, generator=g))
+    c["mean"] = torch.zeros(d)
+    c["level_table"] = c["level_table"] * scale
+    c["latent"] = torch.randn(c["latent"].shape, generator=g)
+    want_c, got_c = _clone(c), _clone(c)
+    want = sjd2_prepare(**want_c, backend="torch")
+    got = _prepare_cuda_sim(got_c)
+    assert bool(torch.isinf(want).any()) and bool(((want != 0) & (want.abs() < 6.1e-5)).any())
+    assert not bool(_noise_slots(c).any())
+    _assert_cuda_prepare_matches(c, got, got_c, want, want_c)
+
+
+def test_prepare_cuda_sim_race_checks():
+    """The race-checking build: every thread reads the ring level before thread 0 writes it."""
+    c = _prepare_case(dtype=torch.bfloat16, d=40, seed=9)
+    want_c, got_c = _clone(c), _clone(c)
+    want = sjd2_prepare(**want_c, backend="torch")
+    got = _prepare_cuda_sim(got_c, order="shuffle", race=True)
+    _assert_cuda_prepare_matches(c, got, got_c, want, want_c)
+
+
+@gpu
+@requires_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prepare_cuda_kernel_on_the_gpu(dtype):
+    """The compiled CUDA kernel against the CPU reference, d up to 4096 (both access paths)."""
+    for seed, d in ((0, 24), (1, 1100), (2, 4096), (3, 13)):
+        c = _prepare_case(dtype=dtype, seed=seed, d=d)
+        want_c = _clone(c)
+        want = sjd2_prepare(**want_c, backend="torch")
+        got_c = {k: v.cuda() for k, v in _clone(c).items()}
+        got = sjd2_prepare(**got_c, backend="cuda")
+        _assert_cuda_prepare_matches(c, got, got_c, want, want_c)
 
 
 # ---------------------------------------------------------------- decoding

@@ -499,7 +499,7 @@ class JacobiStepBench(OpBench):
 # =========================================================================== sjd2_prepare
 class SJD2PrepareBench(OpBench):
     name = "sjd2_prepare"
-    backends = ("torch", "triton")
+    backends = ("torch", "triton", "cuda")
     doc = "SJD2 model inputs with the window's DDIM update fused in"
 
     def cases(self) -> list:
@@ -515,8 +515,6 @@ class SJD2PrepareBench(OpBench):
         return out
 
     def available(self, backend: str, device) -> tuple:
-        if backend == "cuda":
-            return False, "cuda: sjd2_prepare has no CUDA kernel (the Triton kernel serves GPUs)"
         return _library_backend_available(backend, device)
 
     def _inputs(self, p: dict, device, seed: int) -> dict:

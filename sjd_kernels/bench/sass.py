@@ -426,7 +426,9 @@ def cuda_metrics(src: str, arch: int = TARGET_CC, only: str = "jacobi_rows_kerne
                      "barriers": sum(opcode(s) == "BAR" for _, s, _ in ins),
                      # generic-address loads, stores and atomics: the compiler could not tell shared
                      # from global memory (a shared-memory row should never need them)
-                     "generic_mem": sum(opcode(s) in ("LD", "ST", "ATOM") for _, s, _ in ins), "loops": lp})
+                     "generic_mem": sum(opcode(s) in ("LD", "ST", "ATOM") for _, s, _ in ins),
+                     # 16-byte global loads and stores (LDG.E.128 / STG.E.128)
+                     "wide_mem": sum(opcode(s) in ("LDG", "STG") and ".128" in s for _, s, _ in ins), "loops": lp})
     return rows
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-SOURCES = ("jacobi_step.cu", "tree_verify.cu", "tree_kv_update.cu", "verify_chain.cu", "bindings.cpp")
+SOURCES = ("jacobi_step.cu", "sjd2_prepare.cu", "tree_verify.cu", "tree_kv_update.cu", "verify_chain.cu", "bindings.cpp")
 # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which glibc's fortified longjmp refuses.
 FLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-w",
          "-U_FORTIFY_SOURCE")

@@ -1,7 +1,7 @@
 """``sjd2_prepare`` op: validation, ``torch.library`` registration and backend dispatch.
 
 Declared once as ``sjd::sjd2_prepare`` (mutates the latent and level rings); the PyTorch
-reference serves every device, the Triton kernel is chosen by ``backend``. See
+reference serves every device, the Triton and CUDA kernels are chosen by ``backend``. See
 ``sjd_kernels.reference.sjd2_prepare`` for the contract.
 """
 from __future__ import annotations
@@ -23,9 +23,13 @@ def _sjd2_prepare_op(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.
                      latent: torch.Tensor, level: torch.Tensor, backend: int) -> torch.Tensor:
     args = (embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
             commit_end, fresh_start, row_end, latent, level)
-    if CODE_BACKEND[backend] == "triton":
+    name = CODE_BACKEND[backend]
+    if name == "triton":
         from ..triton.sjd2_prepare import sjd2_prepare_triton
         return sjd2_prepare_triton(*args)
+    if name == "cuda":
+        from ..cuda.sjd2_prepare import sjd2_prepare_cuda
+        return sjd2_prepare_cuda(*args)
     return ref.sjd2_prepare(*args)
 
 
@@ -43,8 +47,9 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     """Model inputs ``[B, N, d]`` of one SJD2 forward, with the DDIM update of the window fused in.
 
     Window positions of one request (``positions >= commit_end``) must span at most ``R``
-    (ring size) positions, so no two of them share a ring slot. ``backend``: auto, torch, triton
-    (the CUDA backend has no kernel for this op; auto picks Triton on CUDA tensors when available).
+    (ring size) positions, so no two of them share a ring slot. ``backend``: auto, torch, triton,
+    cuda (the extension's kernel, ``csrc/sjd2_prepare.cu``; float32, float16 and bfloat16 tables);
+    ``auto`` picks cuda, then triton, for CUDA tensors (triton for a float64 table).
     """
     check_tensor("embed_weight", embed_weight, dtypes=FLOAT_DTYPES + (torch.float64,), dim=2, contiguous=True)
     Vt, d = embed_weight.shape
@@ -65,10 +70,11 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     check_tensor("latent", latent, dtypes=F32, shape=(B, None, d), dim=3, device=dev, contiguous=True)
     check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
                  contiguous=True)
-    if backend == "cuda":
-        raise SJDInputError("sjd2_prepare has no CUDA kernel: use backend='triton' (or 'auto', which picks it on GPUs)")
+    if backend == "cuda" and embed_weight.dtype == torch.float64:
+        raise SJDInputError("the CUDA kernel of sjd2_prepare takes float32, float16 or bfloat16 embed_weight, "
+                            "got torch.float64: use backend='triton' or 'torch'")
     be = resolve_backend(backend, dev)
-    if be == "cuda":     # auto on a GPU with the extension built: this op's GPU kernel is the Triton one
+    if backend == "auto" and be == "cuda" and embed_weight.dtype == torch.float64:
         be = "triton" if triton_available()[0] else "torch"
     return torch.ops.sjd.sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
                                       commit_end, fresh_start, row_end, latent, level, BACKEND_CODE[be])

@@ -3,7 +3,7 @@
 ``noise``: schedule, normalisation, segment noising, level embedding. ``train``: the
 next-clean-token loss and parameter groups. ``decode``: ``sjd2_loop`` and ``generate_sjd2``.
 ``checkpoint``: the fine-tuned bundled models and the model hooks. The fused input
-preparation is the op ``sjd2_prepare`` (reference + Triton).
+preparation is the op ``sjd2_prepare`` (reference, Triton and CUDA).
 """
 from ..ops.sjd2_prepare import sjd2_prepare
 from .decode import KVForward, SJD2Result, SeqForward, generate_sjd2, sjd2_loop
