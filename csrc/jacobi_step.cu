@@ -270,7 +270,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_rows_kernel(const Params p
   auto qt_of = [&](int64_t i, float P) -> float {
     if (ovf) return p.inv_v;
     if (!use_vp_row) return P;
-    return vp_sum > 0.0f ? __fdiv_rn(vp_weight(p, P, pp_of(i, P)), vp_sum) : P;
+    // no positive finite sum (all zero, or an overflow): P itself, as the reference
+    return vp_sum > 0.0f && vp_sum <= 3.402823466e+38f ? __fdiv_rn(vp_weight(p, P, pp_of(i, P)), vp_sum) : P;
   };
   auto qold_of = [&](int64_t i) -> float {
     return kind == kKindDense ? qstored(i) : (kind == kKindUniform ? p.inv_v : (i == D ? 1.0f : 0.0f));

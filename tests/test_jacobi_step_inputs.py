@@ -117,6 +117,18 @@ BAD = [
     ("vp_form_unknown", "vp_form", lambda s, l, d, w, p: dict(vp_form="mul")),
     ("tail_init_unknown", "tail_init", lambda s, l, d, w, p: dict(tail_init="right")),
     ("backend_unknown", "backend", lambda s, l, d, w, p: dict(backend="fastest")),
+    ("pos_negative", "pos", lambda s, l, d, w, p: dict(pos=torch.tensor([0, -1, 2]))),
+    ("pos_past_2_62", "pos", lambda s, l, d, w, p: dict(pos=torch.tensor([0, 2 ** 62 + 1, 2]))),
+    ("beta_nan", "beta", lambda s, l, d, w, p: dict(st=_vp_state(), mode="vp", beta=float("nan"))),
+    ("beta_inf", "beta", lambda s, l, d, w, p: dict(st=_vp_state(), mode="vp", beta=float("inf"), vp_form="add")),
+    ("beta_none", "beta", lambda s, l, d, w, p: dict(beta=None)),
+    ("vp_eps_zero", "vp_eps", lambda s, l, d, w, p: dict(st=_vp_state(), mode="vp", beta=0.5, vp_eps=0.0)),
+    ("vp_eps_nan", "vp_eps", lambda s, l, d, w, p: dict(vp_eps=float("nan"))),
+    ("vp_eps_str", "vp_eps", lambda s, l, d, w, p: dict(vp_eps="x")),
+    ("top_k_bool", "top_k", lambda s, l, d, w, p: dict(top_k=True)),
+    ("top_p_str", "top_p", lambda s, l, d, w, p: dict(top_p="0.9")),
+    ("top_p_none", "top_p", lambda s, l, d, w, p: dict(top_p=None)),
+    ("mode_list", "mode", lambda s, l, d, w, p: dict(mode=["sjd"])),
 ]
 
 
@@ -142,6 +154,103 @@ def test_state_create_errors():
         sk.JacobiState.create(2, 4, 9, seed=5)
     with pytest.raises(SJDInputError, match="seed"):
         sk.JacobiState.create(3, 4, 9, seed=[1, 2])
+    for kw, name in ((dict(seed=[1.7, 2.9]), "seed"), (dict(seed=torch.tensor([1.0, 2.0])), "seed"),
+                     (dict(seed=torch.tensor([[1, 2]])), "seed"), (dict(seed=[2 ** 64, 1]), "seed"),
+                     (dict(seed=["a", "b"]), "seed"), (dict(window=-1), "window"), (dict(window=-5), "window"),
+                     (dict(vocab=0), "vocab"), (dict(vocab=-3), "vocab"), (dict(vocab=9.0), "vocab"),
+                     (dict(batch=0, seed=[]), "batch"), (dict(ring=5.5), "ring")):
+        args = dict(batch=2, window=4, vocab=9, seed=[1, 2]) | kw
+        with pytest.raises(SJDInputError, match=name):
+            sk.JacobiState.create(args.pop("batch"), args.pop("window"), args.pop("vocab"), args.pop("seed"), **args)
+    import numpy as np
+    st = sk.JacobiState.create(np.int64(2), 4, 9, seed=np.array([1, 2]))   # NumPy integers are integers
+    assert st.q_state.shape == (2, 5, 9) and st.seed.tolist() == [1, 2]
+
+
+def test_init_window_errors():
+    st = sk.JacobiState.create(2, 4, 8, seed=[5, 18])
+    pos = torch.tensor([0, 2])
+    snap = _snapshot(st)
+    for kw, name in ((dict(window=5), "window"), (dict(window=-1), "window"), (dict(window=2.0), "window"),
+                     (dict(pos=pos.float()), "pos"), (dict(pos=torch.tensor([0, 1, 2])), "pos"),
+                     (dict(pos=[0, 2]), "pos"), (dict(pos=torch.empty(2, dtype=I64, device=META)), "pos"),
+                     (dict(pos=torch.tensor([-2, 0])), "pos"), (dict(pos=torch.tensor([0, 2 ** 63 - 2])), "pos"),
+                     (dict(forced=torch.full((3, 6), -1)), "forced"), (dict(forced=torch.full((6,), -1)), "forced"),
+                     (dict(forced=torch.full((2, 6), -1.0)), "forced")):
+        args = dict(pos=pos, window=4) | kw
+        with pytest.raises(SJDInputError, match=name):
+            sk.init_window(st, args.pop("pos"), args.pop("window"), **args)
+        assert _unchanged(st, snap), f"{kw}: state changed by a refused call"
+    with pytest.raises(SJDInputError, match="state"):
+        sk.init_window(None, pos, 4)
+    assert sk.init_window(st, pos, 4).shape == (2, 4)
+
+
+def test_state_of_the_wrong_type_and_odd_status_words():
+    st, logits, drafts, win, pos = _setup()
+    for bad in (None, {"q_state": st.q_state}):
+        with pytest.raises(SJDInputError, match="state must be a JacobiState"):
+            _call(bad, logits, drafts, win, pos)
+    with pytest.raises(SJDInputError, match="pass state.status"):
+        sk.check_status(st)
+    for t in (torch.zeros(2, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int32), torch.zeros(4)):
+        with pytest.raises(SJDInputError, match="int32 \\[4\\]"):
+            sk.check_status(t)
+    with pytest.raises(SJDDeviceError, match="unknown error bits 0x40"):
+        sk.check_status(torch.tensor([64 | 8, 0, 0, 0], dtype=torch.int32))
+    with pytest.raises(SJDDeviceError, match="win_len outside"):
+        sk.check_status(torch.tensor([8, 0, 0, 0], dtype=torch.int32))
+    import numpy as np
+    o = _call(st, logits, drafts, win, pos, top_k=np.int64(5))             # NumPy integers are integers
+    sk.check_status(st.status)
+    assert (o.num_accepted >= 0).all()
+
+
+def _vp_overflow_run(backend, beta, vp_form, sim=False):
+    """Two VP steps whose second has a prediction that overflows float32 (a huge beta)."""
+    B, W, V = 2, 3, 12
+    st = sk.JacobiState.create(B, W, V, seed=[5, 9], vp=True)
+    pos = torch.tensor([0, 4])
+    win = torch.tensor([3, 2])
+    g = torch.Generator().manual_seed(3)
+    l1, l2 = torch.randn(B, W + 1, V, generator=g) * 3, torch.randn(B, W + 1, V, generator=g) * 3
+    d = sk.init_window(st, pos, W)
+
+    def run():
+        o = sk.jacobi_step(l1, d, win, pos, st, mode="vp", beta=0.5, vp_form=vp_form, backend=backend)
+        return sk.jacobi_step(l2, o.next_drafts, win, pos + o.num_accepted + 1, st, mode="vp", beta=beta,
+                              vp_form=vp_form, backend=backend)
+    if sim:
+        from _util import sim_module
+        from sjd_kernels.cuda import sim as S
+        sim_module()
+        with S.simulate("reverse"):
+            o = run()
+    else:
+        o = run()
+    return o, st
+
+
+@pytest.mark.parametrize("beta,vp_form", [(100.0, "log"), (1e30, "log"), (3e38, "add")])
+def test_vp_overflow_keeps_the_target_law(beta, vp_form):
+    """A prediction whose weights overflow float32 falls back to the target row itself in every
+    backend: valid drafts, no NaN in the state, a clean status, the same tokens everywhere."""
+    o, st = _vp_overflow_run("torch", beta, vp_form)
+    sk.check_status(st.status)
+    assert ((o.next_drafts >= 0) & (o.next_drafts < 12)).all()
+    assert not bool(torch.isnan(st.q_state).any()) and not bool(torch.isnan(st.p_prev).any())
+    others = []
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.importorskip("triton")
+        others.append(("triton", False))
+    others.append(("cuda", True))
+    for be, sim in others:
+        o2, st2 = _vp_overflow_run(be, beta, vp_form, sim=sim)
+        sk.check_status(st2.status)
+        for a, b in ((o.num_accepted, o2.num_accepted), (o.tokens, o2.tokens), (o.next_drafts, o2.next_drafts),
+                     (st.q_kind, st2.q_kind)):
+            assert torch.equal(a, b), be
+        assert torch.allclose(st.q_state, st2.q_state, atol=1e-6), be
 
 
 def test_good_variants_are_accepted():

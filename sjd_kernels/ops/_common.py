@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 import os
 
 import torch
@@ -127,23 +128,39 @@ def new_status(device) -> torch.Tensor:
     return torch.zeros(4, dtype=torch.int32, device=device)
 
 
+# Largest accepted position: positions plus window offsets stay far from int64 overflow.
+POS_MAX = 2 ** 62
+
 ERROR_TEXT = {
-    1: "non-finite logits (NaN or +inf, or a row with no finite logit) at a non-forced row, or (verify_chain) "
-       "a NaN, infinite or negative probability it read, or a target row without positive mass",
+    1: "non-finite logits (NaN or +inf, or a row with no finite logit) at a non-forced row, after CFG and "
+       "temperature scaling (a tiny temperature can overflow finite logits), or (verify_chain) a NaN, infinite "
+       "or negative probability it read, or a target row without positive mass",
     2: "a draft id outside [0, V) that is not the forced token of its position",
     4: "a tree node index out of range",
     8: "win_len outside [0, W]",
+    16: "pos outside [0, 2^62]",
 }
 
 
 def check_status(status: torch.Tensor, clear: bool = True) -> dict:
-    """Synchronise, raise SJDDeviceError if a kernel recorded an error, else return the counters."""
+    """Synchronise, raise SJDDeviceError if a kernel recorded an error, else return the counters.
+
+    ``status`` is a state's (or an op output's) ``int32 [4]`` status tensor."""
+    if not isinstance(status, torch.Tensor):
+        hint = " (pass state.status)" if hasattr(status, "status") else ""
+        raise SJDInputError(f"check_status takes the int32 [4] status tensor{hint}, got {type(status).__name__}")
+    if status.dtype != torch.int32 or tuple(status.shape) != (4,):
+        raise SJDInputError(f"check_status takes an int32 [4] status tensor, got {status.dtype} "
+                            f"{list(status.shape)}")
     vals = status.tolist()
     err = int(vals[0])
     if clear:
         status.zero_()
     if err:
         msgs = [t for bit, t in ERROR_TEXT.items() if err & bit]
+        unknown = err & ~sum(ERROR_TEXT)
+        if unknown:
+            msgs.append(f"unknown error bits {unknown:#x} (status[0] = {err}; not written by this library's ops)")
         raise SJDDeviceError("device status reports: " + "; ".join(msgs) +
                              " (the affected requests returned -1 and their state must be re-initialised)")
     return {"zero_mass_residuals": int(vals[1]), "zero_mass_coupling": int(vals[2]), "state_overflows": int(vals[3])}
@@ -197,10 +214,21 @@ def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, to
     if forced is not None:
         check_tensor("forced", forced, dtypes=i64, dim=2, shape=(B, None), device=dev, contiguous=True)
     check_temperature(temperature)
-    if not isinstance(top_k, int) or top_k < 0 or top_k > V:
+    k = as_int(top_k)
+    if k is None or k < 0 or k > V:
         raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
-    if not (0.0 < top_p <= 1.0):
-        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < top_p <= 1.0):
+        raise SJDInputError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
+
+
+def as_int(x):
+    """``x`` as a Python int when it is an integer (int, NumPy integer, 0-d integer tensor; not a bool), else None."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and (x.dim() != 0 or x.dtype == torch.bool)):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
 def compiling() -> bool:
@@ -221,12 +249,24 @@ def guard_win_len(win_len: torch.Tensor, W: int):
     return torch.where(bad, torch.zeros_like(win_len), win_len), bad
 
 
-def mark_win_len_errors(bad, status: torch.Tensor, outputs: tuple) -> tuple:
-    """Requests with ``bad`` win_len (``guard_win_len``) return -1 in every output ([B] or [B, n])
-    and set status bit 8."""
+def mark_win_len_errors(bad, status: torch.Tensor, outputs: tuple, bit: int = 8) -> tuple:
+    """Requests with ``bad`` win_len (``guard_win_len``; or pos, ``guard_pos`` with bit 16) return -1
+    in every output ([B] or [B, n]) and set status bit ``bit``."""
     if bad is None:
         return outputs
-    from ..reference.jacobi_step import ERR_WIN_LEN
     out = tuple(torch.where(bad.view(-1, *([1] * (o.dim() - 1))), torch.full_like(o, -1), o) for o in outputs)
-    status[0:1].bitwise_or_((bad.any().to(torch.int32) * ERR_WIN_LEN).view(1))
+    status[0:1].bitwise_or_((bad.any().to(torch.int32) * bit).view(1))
     return out
+
+
+def guard_pos(pos: torch.Tensor, name: str = "pos"):
+    """``pos`` must lie in ``[0, POS_MAX]``. On the CPU (eager) that is checked here (SJDInputError);
+    elsewhere there is no host sync: returns ``(pos with bad entries set to 0, bad mask)`` (the caller
+    runs those requests with nothing to verify and marks them with ``mark_win_len_errors(..., bit=16)``),
+    else ``(pos, None)``."""
+    bad = (pos < 0) | (pos > POS_MAX)
+    if pos.device.type == "cpu" and not compiling():
+        if bool(bad.any()):
+            raise SJDInputError(f"{name} must be in [0, 2^62] (absolute image positions), got {pos.tolist()}")
+        return pos, None
+    return torch.where(bad, torch.zeros_like(pos), pos), bad

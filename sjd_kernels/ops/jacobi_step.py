@@ -8,14 +8,16 @@ captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..reference import jacobi_step as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, check_cfg, check_state_and_sampling,
-                      check_tensor, check_window_rows, guard_win_len, mark_win_len_errors, new_status,
+from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, as_int, check_cfg, check_state_and_sampling,
+                      check_tensor, check_window_rows, guard_pos, guard_win_len, mark_win_len_errors, new_status,
                       resolve_backend)
 
 I64 = (torch.int64,)
@@ -85,12 +87,17 @@ class JacobiState:
     @classmethod
     def create(cls, batch: int, window: int, vocab: int, seed, *, device="cpu", vp: bool = False,
                ring: int | None = None, capacity: int | None = None) -> "JacobiState":
+        for name, val, lo in (("batch", batch, 1), ("window", window, 0), ("vocab", vocab, 1)):
+            if as_int(val) is None or as_int(val) < lo:
+                raise SJDInputError(f"{name} must be an int >= {lo}, got {val!r}")
+        batch, window, vocab = as_int(batch), as_int(window), as_int(vocab)
         ring = window + 1 if ring is None else ring
-        if ring < window + 1:
-            raise SJDInputError(f"ring must be >= window + 1 = {window + 1}, got {ring}")
+        if as_int(ring) is None or as_int(ring) < window + 1:
+            raise SJDInputError(f"ring must be an int >= window + 1 = {window + 1}, got {ring!r}")
+        ring = as_int(ring)
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise SJDInputError(f"capacity must be a positive int (sparse state) or None (dense), got {capacity!r}")
-        seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1)
+        seed = _seed_tensor(seed, device)
         if seed.numel() == 1 and batch > 1:
             raise SJDInputError("seed must give one value per request (a [B] tensor or list); "
                                 "derive per-request seeds explicitly so results do not depend on the batch")
@@ -122,6 +129,26 @@ class JacobiState:
         return ref.densify(self.q_idx, self.q_state, self.vocab_size)
 
 
+def _seed_tensor(seed, device) -> torch.Tensor:
+    """Per-request seeds as a 1-D int64 tensor: integers only (a float seed would be truncated silently)."""
+    if not isinstance(seed, (torch.Tensor, list, tuple)) and hasattr(seed, "__array__"):   # NumPy arrays, scalars
+        import numpy as np
+        seed = torch.as_tensor(np.asarray(seed))
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise SJDInputError(f"seed must hold integers, got a {seed.dtype} tensor")
+        if seed.dim() > 1:
+            raise SJDInputError(f"seed must be a [B] tensor or list (one per request), got shape {list(seed.shape)}")
+        return seed.to(device=device, dtype=torch.int64).reshape(-1)
+    vals = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    ints = [as_int(v) for v in vals]
+    if any(i is None for i in ints):
+        raise SJDInputError(f"seed must be integers (one per request), got {seed!r}")
+    if any(not (-2 ** 63 <= i < 2 ** 63) for i in ints):
+        raise SJDInputError(f"seeds must fit in int64, got {seed!r}")
+    return torch.tensor(ints, dtype=torch.int64, device=device)
+
+
 @dataclass
 class JacobiOutput:
     num_accepted: torch.Tensor   # [B] i64, drafts accepted (m); -1 for a request in error
@@ -132,8 +159,14 @@ class JacobiOutput:
 _MODE_ALIASES = {"vp": "sjd", "sjd_vp": "sjd", "coupling_vp": "coupling"}
 
 
+def check_state_type(state) -> None:
+    if not isinstance(state, JacobiState):
+        raise SJDInputError(f"state must be a JacobiState (JacobiState.create), got {type(state).__name__}")
+
+
 def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale, forced,
-             temperature, top_k, top_p, mode, beta, vp_form, tail_init):
+             temperature, top_k, top_p, mode, beta, vp_form, tail_init, vp_eps=1e-6):
+    check_state_type(state)
     B, W1, V = check_window_rows("logits", logits)
     W = W1 - 1
     dev = logits.device
@@ -162,9 +195,14 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
         check_tensor("state.p_prev", state.p_prev, dtypes=(torch.float32,), shape=(B, R, C), dim=3, device=dev,
                      contiguous=True)
     check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
-    m = _MODE_ALIASES.get(mode, mode)
+    m = _MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else None
     if m not in ref.MODES:
         raise SJDInputError(f"mode must be one of sjd, vp, coupling, coupling_vp, gumbel, gumbel_jacobi, got {mode!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta):
+        raise SJDInputError(f"beta must be a finite number (0 = no verification prediction), got {beta!r}")
+    if (isinstance(vp_eps, bool) or not isinstance(vp_eps, numbers.Real) or not math.isfinite(vp_eps)
+            or not vp_eps > 0.0):
+        raise SJDInputError(f"vp_eps must be a finite number > 0 (the log form's floor), got {vp_eps!r}")
     if beta != 0.0 and m in ("gumbel", "gumbel_jacobi"):
         raise SJDInputError(f"beta (verification prediction) applies to sjd and coupling, not {mode!r}")
     if beta != 0.0 and state.p_prev.numel() == 0:
@@ -196,10 +234,14 @@ def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tenso
     ``state.status``; call ``sjd_kernels.check_status(state.status)`` to raise them.
     """
     mode_code = validate(logits, drafts, win_len, pos, state, uncond_logits, cfg_scale, forced,
-                         temperature, top_k, top_p, mode, beta, vp_form, tail_init)
+                         temperature, top_k, top_p, mode, beta, vp_form, tail_init, vp_eps)
     be = resolve_backend(backend, logits.device)
-    # no host sync on a GPU: out-of-range requests run with win_len 0, return -1 and set status bit 8
+    # no host sync on a GPU: out-of-range requests run with win_len 0 (and pos 0), return -1 and set
+    # status bit 8 (win_len) or 16 (pos)
     win_len, win_bad = guard_win_len(win_len, drafts.shape[1])
+    pos, pos_bad = guard_pos(pos)
+    if pos_bad is not None:
+        win_len = torch.where(pos_bad, torch.zeros_like(win_len), win_len)
     out = torch.ops.sjd.jacobi_step(
         logits, uncond_logits, cfg_scale, drafts, win_len, pos, state.seed, state.step, forced,
         state.q_state, state.q_kind, state.p_prev, state.q_idx, state.status,
@@ -207,12 +249,30 @@ def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tenso
         ref.VP_ADD if vp_form == "add" else ref.VP_LOG, float(vp_eps),
         ref.TAIL_UNIFORM if tail_init == "uniform" else ref.TAIL_LEFT, BACKEND_CODE[be])
     out = mark_win_len_errors(win_bad, state.status, out)
+    out = mark_win_len_errors(pos_bad, state.status, out, bit=ref.ERR_POS)
     if advance:
         state.step.add_(1)
     return JacobiOutput(*out)
 
 
 def init_window(state: JacobiState, pos: torch.Tensor, window: int, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniform drafts ``[B, window]`` for positions ``pos .. pos+window-1`` (one shared implementation)."""
-    V = state.vocab_size
-    return ref.init_window(state.seed, pos, state.step, window, V, state.q_kind, forced)
+    """Uniform drafts ``[B, window]`` for positions ``pos .. pos+window-1`` (one shared implementation).
+
+    ``pos [B]`` int64 on the state's device; ``window`` at most the state's ring size - 1; ``forced``
+    ``[B, L]`` int64 as for ``jacobi_step``. A ``pos`` outside [0, 2^62] raises on the CPU; on a GPU
+    (no host sync) that request's drafts are -1 and status bit 16 is set."""
+    check_state_type(state)
+    dev = state.seed.device
+    B = state.seed.shape[0]
+    R = state.q_kind.shape[1]
+    w = as_int(window)
+    if w is None or not 0 <= w <= R - 1:
+        raise SJDInputError(f"window must be an int in [0, {R - 1}] (the state's ring holds {R} slots), got {window!r}")
+    if state.vocab_size < 1:
+        raise SJDInputError(f"the state's vocab_size must be >= 1, got {state.vocab_size}")
+    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev)
+    if forced is not None:
+        check_tensor("forced", forced, dtypes=I64, shape=(B, None), dim=2, device=dev)
+    pos, bad = guard_pos(pos)
+    tok = ref.init_window(state.seed, pos, state.step, w, state.vocab_size, state.q_kind, forced)
+    return mark_win_len_errors(bad, state.status, (tok,), bit=ref.ERR_POS)[0]

@@ -51,19 +51,23 @@ VP_ADD, VP_LOG = 0, 1
 TAIL_UNIFORM, TAIL_LEFT = 0, 1
 KIND_DENSE, KIND_UNIFORM, KIND_ONEHOT = 0, 1, 2
 KIND_MASK, FLAG_PREV = 3, 4
-ERR_NONFINITE, ERR_DRAFT_RANGE, ERR_TREE_INDEX, ERR_WIN_LEN = 1, 2, 4, 8
+ERR_NONFINITE, ERR_DRAFT_RANGE, ERR_TREE_INDEX, ERR_WIN_LEN, ERR_POS = 1, 2, 4, 8, 16
 STATUS_ERR, STATUS_ZERO_RESID, STATUS_ZERO_COUPLE, STATUS_OVERFLOW = 0, 1, 2, 3
 IDX_PAD = 2**31 - 1                      # id of an unused sparse entry (sorts after every lane)
 
 
 def vp_predict(p: torch.Tensor, p_prev: torch.Tensor, beta: float, form: int, eps: float) -> torch.Tensor:
-    """Predicted next target ``Qvp`` from the current and previous rows (SPEC section 4), float32, normalised."""
+    """Predicted next target ``Qvp`` from the current and previous rows (SPEC section 4), float32, normalised.
+
+    A row whose weights have no positive finite sum (all zero, or an overflow: a large ``beta``, a
+    NaN from ``0 * inf``) keeps ``p`` itself: any stored law is exact as long as drafts are drawn from it."""
     if form == VP_ADD:
         w = torch.clamp(p + beta * (p - p_prev), min=0.0)
     else:
         w = p * torch.pow((p + eps) / (p_prev + eps), beta)
     s = w.sum(-1, keepdim=True)
-    return torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), p)
+    ok = (s > 0) & (s < float("inf"))
+    return torch.where(ok, w / torch.where(ok, s, torch.ones_like(s)), p)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,8 @@ def _pow_scalar(r, beta, BETA_POW: tl.constexpr, INTERP: tl.constexpr):
 
 @triton.jit
 def _vp_predict(p, pp, valid, beta, eps, VP_FORM: tl.constexpr, BETA_POW: tl.constexpr, INTERP: tl.constexpr):
-    """``Qvp`` of ``reference.jacobi_step.vp_predict`` on one row tile (P itself when the mass is 0)."""
+    """``Qvp`` of ``reference.jacobi_step.vp_predict`` on one row tile (P itself when the weights have no
+    positive finite sum)."""
     if VP_FORM == 0:
         w = tl.maximum(p + beta * (p - pp), 0.0)
     else:
@@ -150,7 +151,8 @@ def _vp_predict(p, pp, valid, beta, eps, VP_FORM: tl.constexpr, BETA_POW: tl.con
         w = p * _pow_scalar(r, beta, BETA_POW, INTERP)
     w = tl.where(valid, w, 0.0)
     s = tl.sum(w, 0)
-    return tl.where(s > 0.0, tl.math.div_rn(w, tl.zeros_like(w) + tl.where(s > 0.0, s, 1.0)), p)
+    ok = (s > 0.0) & (s < float("inf"))
+    return tl.where(ok, tl.math.div_rn(w, tl.zeros_like(w) + tl.where(ok, s, 1.0)), p)
 
 
 @triton.jit
