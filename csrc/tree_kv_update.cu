@@ -65,7 +65,7 @@ __global__ void tree_kv_update_kernel(const MoveParams p) {
   for (int j = threadIdx.x; j < P; j += blockDim.x) {
     const int64_t q = p.path[static_cast<int64_t>(r) * P + j];
     const bool used = q >= 0;
-    bad |= used && (q < j || cl + q >= p.S);
+    bad |= used && (q < j || q >= p.S - (cl < 0 ? 0 : cl));  // not cl + q >= S: the sum can wrap
     s_src[j] = (used && q != j && q <= INT_MAX) ? static_cast<int>(q) : -1;
   }
   if (__syncthreads_or(bad)) {

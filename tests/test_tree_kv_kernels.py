@@ -219,6 +219,31 @@ def test_bad_rows_untouched_and_flagged(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backends())
+def test_indices_whose_sum_wraps_are_bad_rows(backend):
+    """``cache_len + path[j]`` past 2^63 wraps to a negative slot: such rows must be bad rows (untouched,
+    bit 4), not moves to memory before the cache. The cache sits between two guard bands of its buffer."""
+    fs, fl, dev = fns(backend)
+    L, R, H, S, D = 1, 3, 1, 8, 4
+    G = 64
+    n = L * 2 * R * H * S * D
+    buf = torch.arange(n + 2 * G, dtype=torch.float32).to(dev)
+    before = buf.clone()
+    kv = buf[G:G + n].view(L, 2, R, H, S, D)
+    path = torch.tensor([[-1, 5, -1], [0, 2 ** 63 - 1, -1], [0, 2, -1]])
+    cl = torch.tensor([2 ** 63 - 3, 1, 0])
+    st = torch.zeros(4, dtype=torch.int32).to(dev)
+    fs(kv, path.to(dev), cl.to(dev), st)
+    assert int(st[0]) == ERR_TREE_INDEX
+    got, want = buf.cpu(), before.cpu().clone()
+    want_kv = want[G:G + n].view(L, 2, R, H, S, D)
+    want_kv[:, :, 2, :, 1] = before.cpu()[G:G + n].view(L, 2, R, H, S, D)[:, :, 2, :, 2]   # the good row's move
+    assert torch.equal(got[:G], want[:G]) and torch.equal(got[G + n:], want[G + n:]), "a guard band was written"
+    assert torch.equal(got, want)
+    _, ref_st = run_ref(before.cpu()[G:G + n].view(L, 2, R, H, S, D), path, cl, torch.zeros(4, dtype=torch.int32))
+    assert int(ref_st[0]) == ERR_TREE_INDEX
+
+
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
 def test_only_good_rows_no_flag(backend, dtype):
     fs, fl, dev = fns(backend)

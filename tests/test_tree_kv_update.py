@@ -160,6 +160,8 @@ BAD = {
     "path_below_index": ([0, 0, 2, -1], 3),        # path[1] = 0 < 1: a source overwritten before it is read
     "source_past_cache": ([0, 2, 30, -1], 3),      # cache_len + 30 >= S
     "negative_cache_len": ([0, 1, 2, -1], -1),
+    "cache_len_plus_path_wraps": ([-1, 5, -1, -1], 2 ** 63 - 3),   # the sum passes 2^63: not a slot
+    "path_plus_cache_len_wraps": ([0, 2 ** 63 - 1, -1, -1], 1),
 }
 
 
@@ -239,3 +241,56 @@ def test_argument_errors():
         sk.tree_kv_update((keys, [values[0], values[1].float(), values[2]]), path, cache_len)
     with pytest.raises(sk.SJDInputError, match="cache must be a stacked tensor"):
         sk.tree_kv_update("cache", path, cache_len)
+
+
+def test_caches_that_share_memory_are_refused():
+    """A move applied through two views of the same memory would be applied twice: the same tensor
+    listed twice, ``([k], [k])`` and a stride-0 stacked cache are refused before anything moves;
+    K and V interleaved in one buffer (separate elements) are accepted."""
+    kv = poisoned((2, 2, R, H, S, D), torch.float32, seed=20)
+    path, cache_len = _path("overlap_0_2_3")
+    keys, values = to_list(kv)
+    before = [bits(t).clone() for t in keys + values]
+    for cache in ([(keys[0], values[0]), (keys[0], values[0])], ([keys[0]], [keys[0]]),
+                  ([keys[0], keys[1]], [values[0], keys[1][:, :, :]])):
+        with pytest.raises(sk.SJDInputError, match="share memory"):
+            sk.tree_kv_update(cache, path, cache_len)
+    assert all(torch.equal(bits(t), b) for t, b in zip(keys + values, before))
+    flat = torch.zeros(1, 2, R, H, S, D).expand(2, 2, R, H, S, D)
+    with pytest.raises(sk.SJDInputError, match="share memory"):
+        sk.tree_kv_update(flat, path, cache_len)
+    # K and V interleaved: [R, H, S, 2, D] holds both; the views' extents intersect, their elements do not
+    buf = poisoned((R, H, S, 2, D), torch.float32, seed=21)
+    k, v = buf[:, :, :, 0], buf[:, :, :, 1]
+    want = from_list([k.clone()], [v.clone()])
+    want = expected_stacked(want, path, cache_len)
+    sk.tree_kv_update(([k], [v]), path, cache_len)
+    assert torch.equal(bits(from_list([k], [v])), bits(want))
+
+
+def test_pointer_table_errors():
+    kv = poisoned((2, 2, R, H, S, D), torch.float32, seed=22)
+    path, cache_len = _path("overlap_0_2_3")
+    keys, values = to_list(kv)
+    with pytest.raises(sk.SJDInputError, match="non-empty lists of equal length"):
+        sk.kv_pointer_table([], [])
+    with pytest.raises(sk.SJDInputError, match="equal length"):
+        sk.kv_pointer_table(keys, values[:1])
+    other_k, other_v = to_list(kv)
+    stale = sk.kv_pointer_table(other_k, other_v)        # built for other tensors
+    before = [bits(t).clone() for t in keys + values]
+    with pytest.raises(sk.SJDInputError, match="ptr_table does not hold"):
+        sk.tree_kv_update((keys, values), path, cache_len, ptr_table=stale)
+    assert all(torch.equal(bits(t), b) for t, b in zip(keys + values, before))
+
+
+def test_cuda_launch_limits_are_input_errors():
+    """Paths over 8192 entries (the CUDA kernel's shared copy) are refused by the op for backend 'cuda'."""
+    from _util import sim_module
+    from sjd_kernels.cuda import sim
+    sim_module()
+    kv = torch.zeros(1, 2, 1, 1, 9000, 4)
+    path = torch.full((1, 8193), -1, dtype=I64)
+    with sim.simulate("forward"):
+        with pytest.raises(sk.SJDInputError, match="at most 65535 rows, 32767 layers and paths of 8192"):
+            sk.tree_kv_update(kv, path, torch.zeros(1, dtype=I64), backend="cuda")

@@ -22,6 +22,8 @@ the public op.
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import os
 import sys
@@ -482,6 +484,38 @@ def test_errors_raise_on_cpu_and_change_nothing(name):
     good = sk.tree_verify(b["logits"], b["tree"], b["pos"], clean, temperature=1.0)
     for r in (0, 2):
         assert int(na[r]) >= 0 and torch.equal(tok[r], good.tokens[r])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (INTERP and triton_available()[0]), reason="needs TRITON_INTERPRET=1")), "cuda_sim"])
+def test_temperature_overflow_is_a_nonfinite_row_on_every_backend(backend):
+    """Finite logits that a tiny temperature scales past float32 are non-finite rows, as in jacobi_step:
+    every backend refuses the request on the CPU and names the nodes, and the reference (the device
+    contract) marks only that request."""
+    b = _full_batch()
+    logits = b["logits"].clone()
+    logits[1] *= 30.0                                      # |x| / 1e-38 overflows in request 1 only
+    logits[0] *= 1e-30
+    logits[2] *= 1e-30
+    st = sk.JacobiState(b["q_state"].clone(), b["q_kind"].clone(), torch.empty(0), b["seed"].clone(),
+                        b["step"].clone(), torch.zeros(4, dtype=torch.int32))
+    ctx = contextlib.nullcontext()
+    if backend == "cuda_sim":
+        from _util import sim_module
+        from sjd_kernels.cuda import sim
+        sim_module()
+        ctx = sim.simulate("reverse")
+    with ctx, pytest.raises(sk.SJDInputError, match=r"request\(s\) \[1\]: non-finite .* at \(request, node\) \[\[1,"):
+        sk.tree_verify(logits, b["tree"], b["pos"], st, temperature=1e-38,
+                       backend="cuda" if backend == "cuda_sim" else backend)
+    assert bool((st.status == 0).all()) and torch.equal(st.step, b["step"])
+    t = b["tree"]
+    st_raw = torch.zeros(4, dtype=torch.int32)
+    na, path, tok = ref.tree_verify(logits, None, None, t.tokens, t.parent, t.depth, t.sib, t.q_slot, b["pos"],
+                                    b["seed"], b["step"], None, b["q_state"], b["q_kind"], st_raw, 1e-38, 0, 1.0,
+                                    t.max_depth)
+    assert int(st_raw[0]) == ref.ERR_NONFINITE and int(na[1]) == -1 and bool((tok[1] == -1).all())
+    assert bool((na[[0, 2]] >= 0).all()) and bool((tok[[0, 2], 0] >= 0).all())
 
 
 def test_nan_row_at_forced_position_is_not_an_error():

@@ -65,7 +65,7 @@ def _digest(csrc: Path, cxx: str, includes: list[str], race: bool) -> str:
         if p.is_file():
             h.update(p.name.encode())
             h.update(p.read_bytes())
-    h.update(" ".join((cxx,) + FLAGS + tuple(includes)).encode())
+    h.update(" ".join((cxx,) + FLAGS + tuple(includes) + SOURCES).encode())   # the list linked, too
     if race:
         h.update(" ".join(("race",) + RACE_KERNEL_FLAGS + RACE_FLAGS).encode())
     return h.hexdigest()[:16]

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..reference import tree as ref
+from ..reference.target import bad_rows
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_cfg,
                       check_state_and_sampling, check_status, check_tensor, compiling, new_status, resolve_backend)
 from .jacobi_step import JacobiState
@@ -123,9 +124,10 @@ def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, 
     B, R, V = state.q_state.shape
     check_tensor("root_token", root_token, dtypes=I64, shape=(B,), dim=1, last_contiguous=False)   # e.g. x[:, -1]
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1)
-    if not (isinstance(K, int) and K >= 1 and K <= ref.MAX_SIBLINGS):
+    if not (isinstance(K, int) and not isinstance(K, bool) and K >= 1 and K <= ref.MAX_SIBLINGS):
         raise SJDInputError(f"K must be an int in [1, {ref.MAX_SIBLINGS}], got {K!r}")
-    if not (isinstance(depth, int) and isinstance(window, int) and 0 <= depth <= window):
+    if not (isinstance(depth, int) and isinstance(window, int) and not isinstance(depth, bool)
+            and not isinstance(window, bool) and 0 <= depth <= window):
         raise SJDInputError(f"need ints 0 <= depth <= window, got depth={depth!r}, window={window!r}")
     if R < window + 1:
         raise SJDInputError(f"state ring ({R} slots) must be >= window + 1 = {window + 1}")
@@ -169,7 +171,7 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
     for name in ("tokens", "parent", "depth", "sib", "q_slot"):
         check_tensor(f"tree.{name}", getattr(tree, name), dtypes=I64, shape=(B, N), dim=2, device=dev,
                      contiguous=True)
-    if not (isinstance(tree.max_depth, int) and 0 <= tree.max_depth < N):
+    if not (isinstance(tree.max_depth, int) and not isinstance(tree.max_depth, bool) and 0 <= tree.max_depth < N):
         raise SJDInputError(f"tree.max_depth must be an int in [0, N-1 = {N - 1}], got {tree.max_depth!r}")
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
     _dense_only(state)
@@ -213,14 +215,15 @@ def tree_verify(logits: torch.Tensor, tree: TreeLayout, pos: torch.Tensor, state
     if host:
         if int(status[0]):
             raise SJDInputError(_describe_inputs(logits, tree, pos, uncond_logits, cfg_scale, forced, int(status[0]),
-                                                 out[0]))
+                                                 out[0], temperature))
         state.status[1:] += status[1:]
     if advance:
         state.step.add_(1)
     return TreeOutput(*out)
 
 
-def _describe_inputs(logits, tree: TreeLayout, pos, uncond, cfg_scale, forced, err: int, num_accepted) -> str:
+def _describe_inputs(logits, tree: TreeLayout, pos, uncond, cfg_scale, forced, err: int, num_accepted,
+                     temperature: float = 1.0) -> str:
     """The message of a CPU input error found by the op (non-finite rows, token ids out of range)."""
     B, N, V = logits.shape
     msgs = []
@@ -228,11 +231,12 @@ def _describe_inputs(logits, tree: TreeLayout, pos, uncond, cfg_scale, forced, e
     valid = tree.valid
     if err & ref.ERR_NONFINITE:
         x = ref.combine_logits(logits, uncond, cfg_scale)
-        nonfinite = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | ~(x > float("-inf")).any(-1)
+        nonfinite = bad_rows(x, float(temperature))
         f = ref._forced_at(forced, pos.view(B, 1) + tree.depth.clamp(min=0))
         bad = (nonfinite & valid & (f < 0)).nonzero().tolist()
-        msgs.append(f"non-finite logits (NaN, +inf, or no finite value) at (request, node) {bad[:8]}; every node's "
-                    f"row is the target of its children's position and must be finite unless that position is forced")
+        msgs.append(f"non-finite logits (NaN, +inf, or no finite value, after CFG and scaling by 1 / temperature "
+                    f"= 1 / {temperature:g}) at (request, node) {bad[:8]}; every node's row is the target of its "
+                    f"children's position and must be finite unless that position is forced")
     if err & ref.ERR_DRAFT_RANGE:
         idx = torch.arange(N).view(1, N)
         f = ref._forced_at(forced, pos.view(B, 1) + tree.depth.clamp(min=0) - 1)
@@ -251,8 +255,56 @@ def kv_pointer_table(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor
     Build it once per cache allocation and pass it as ``ptr_table`` to keep ``tree_kv_update`` free of
     host-to-device copies (and CUDA-graph capturable). It is only valid while those tensors live.
     """
+    keys, values = list(keys), list(values)
+    if len(keys) == 0 or len(keys) != len(values):
+        raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)} and "
+                            f"{len(values)}")
+    for name, lst in (("keys", keys), ("values", values)):
+        for i, t in enumerate(lst):
+            if not isinstance(t, torch.Tensor):
+                raise SJDInputError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
     ptrs = [t.data_ptr() for kv in zip(keys, values) for t in kv]
     return torch.tensor(ptrs, dtype=torch.int64).to(keys[0].device, non_blocking=False)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first byte, last byte + 1)`` of the memory a tensor's elements occupy."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_no_overlap(kv, keys, values) -> None:
+    """An in-place move through two views of the same memory would be applied twice: refuse caches
+    whose tensors overlap each other or themselves (a stride-0 dimension, e.g. ``expand``)."""
+    tensors = [("cache", kv)] if kv is not None else \
+        [(f"keys[{i}]", t) for i, t in enumerate(keys)] + [(f"values[{i}]", t) for i, t in enumerate(values)]
+    for name, t in tensors:
+        if torch._debug_has_internal_overlap(t) == 1:          # 1: certainly overlapping (0 no, 2 too hard to tell)
+            raise SJDInputError(f"{name} has elements that share memory (a stride-0 or overlapping view, "
+                                f"strides {t.stride()}); pass a cache with its own storage per element")
+    if kv is None:
+        # extents that intersect share elements for sure when both tensors are contiguous or start at the
+        # same address (the same tensor listed twice); interleaved strided views may intersect without that
+        spans = sorted((_span(t), name, t.is_contiguous()) for name, t in tensors if t.numel() > 0)
+        for i, ((a0, a1), na, ca) in enumerate(spans):
+            for (b0, b1), nb, cb in spans[i + 1:]:
+                if b0 >= a1:
+                    break
+                if (ca and cb) or a0 == b0:
+                    raise SJDInputError(f"{na} and {nb} share memory (the same tensor listed twice, or "
+                                        f"overlapping views of one buffer); every layer's K and V must be "
+                                        f"separate memory")
+
+
+def _check_ptr_table(ptr_table, keys, values) -> None:
+    """On the CPU (host checks): the table must hold the lists' own base addresses."""
+    want = [t.data_ptr() for kv in zip(keys, values) for t in kv]
+    got = ptr_table.tolist()
+    if got != want:
+        raise SJDInputError("ptr_table does not hold the addresses of these keys and values (kv_pointer_table "
+                            "must be rebuilt when the cache tensors are reallocated)")
 
 
 def _normalise_cache(cache):
@@ -330,12 +382,23 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
     be = resolve_backend(backend, dev)
     if (kv if kv is not None else keys[0]).dtype == torch.float64 and be != "torch":
         raise SJDInputError(f"a float64 cache needs backend 'torch' (the {be} kernels take fp32/fp16/bf16)")
+    if not compiling():
+        _check_no_overlap(kv, keys, values)
+    if be == "cuda":          # the CUDA kernel's launch limits, as an input error before anything runs
+        layers = kv.shape[0] if kv is not None else len(keys)
+        R, P = path.shape
+        if R > 65535 or 2 * layers > 65535 or P > 8192:
+            raise SJDInputError(f"the CUDA kernel of tree_kv_update takes at most 65535 rows, 32767 layers and "
+                                f"paths of 8192 entries, got R = {R}, {layers} layers, P = {P}: use "
+                                f"backend='triton' or 'torch'")
     if kv is not None:
         torch.ops.sjd.tree_kv_update(kv, path, cache_len, st, BACKEND_CODE[be])
     else:
         if ptr_table is not None:
             check_tensor("ptr_table", ptr_table, dtypes=I64, shape=(2 * len(keys),), dim=1, device=dev,
                          contiguous=True)
+            if _host_checks(ptr_table):
+                _check_ptr_table(ptr_table, keys, values)
         torch.ops.sjd.tree_kv_update_list(list(keys), list(values), path, cache_len, ptr_table, st, BACKEND_CODE[be])
 
 

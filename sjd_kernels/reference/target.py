@@ -37,6 +37,16 @@ def topp_keep(p: torch.Tensor, top_p: float) -> torch.Tensor:
     return p >= thr
 
 
+def bad_rows(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[...]`` bool: the rows of ``x [..., V]`` that ``target_probs`` returns as NaN rows: NaN or +inf,
+    no finite logit, or (temperature > 0) a +inf or no finite value after scaling by ``1 / T``."""
+    bad = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | ~(x > float("-inf")).any(-1)
+    if temperature != 0.0:
+        y = x * float(np.float32(1.0) / np.float32(temperature))
+        bad = bad | (y == float("inf")).any(-1) | ~(y > float("-inf")).any(-1)
+    return bad
+
+
 def target_probs(x: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Target law from combined float32 logits ``x [..., V]``; returns float32 probabilities.
 

@@ -71,7 +71,7 @@ import torch
 from .. import rng
 from .jacobi_step import (ERR_DRAFT_RANGE, ERR_NONFINITE, ERR_TREE_INDEX, KIND_DENSE, KIND_MASK, KIND_ONEHOT,
                           KIND_UNIFORM, STATUS_ERR, STATUS_ZERO_RESID)
-from .target import combine_logits, target_probs
+from .target import bad_rows, combine_logits, target_probs
 
 MAX_SIBLINGS = 16      # children per node (the CUDA kernel keeps the removed tokens in registers)
 MAX_NODES = 1024       # node slots per request (one tile / one shared-memory row of the kernels)
@@ -372,7 +372,7 @@ def tree_verify(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, p
 
     # errors, checked at every node (not only the visited ones)
     x = combine_logits(logits, uncond, cfg_scale)                       # [B, N, V] f32
-    nonfinite = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | ~(x > float("-inf")).any(-1)
+    nonfinite = bad_rows(x, temperature)                                # after scaling, as target_probs
     row_bad = nonfinite & valid & ~is_forced
     in_range = (ctok >= 0) & (ctok < V)
     draft_bad = (exists & ~in_range & ~(is_forced.unsqueeze(-1) & (ctok == f.unsqueeze(-1)))).any(-1) & valid
@@ -468,9 +468,11 @@ def kv_moves(path: torch.Tensor, cache_len: torch.Tensor, S: int):
     Rr, P = path.shape
     j = torch.arange(P, device=path.device).view(1, P)
     used = path >= 0
-    src = cache_len.view(Rr, 1) + path
-    dst = cache_len.view(Rr, 1) + j
-    row_bad = (used & ((path < j) | (src >= S))).any(1) | (cache_len < 0)
+    cl = cache_len.view(Rr, 1)
+    src = cl + path
+    dst = cl + j
+    # src >= S tested as path >= S - cache_len: the sum of two large values would wrap past 2^63
+    row_bad = (used & ((path < j) | (path >= S - cl.clamp(min=0)))).any(1) | (cache_len < 0)
     move = used & (path != j) & ~row_bad.view(Rr, 1)
     return move, src, dst, row_bad
 

@@ -58,7 +58,7 @@ def _row_is_bad(path_row, cl, P, S, BLOCK_P: tl.constexpr, N_P: tl.constexpr):
     for c in tl.static_range(N_P):
         j = c * BLOCK_P + tl.arange(0, BLOCK_P)
         pth = tl.load(path_row + j, mask=j < P, other=-1)
-        b = (pth >= 0) & ((pth < j) | (cl + pth >= S))
+        b = (pth >= 0) & ((pth < j) | (pth >= S - tl.maximum(cl, 0)))   # not cl + pth: it can wrap
         nbad += tl.sum(b.to(tl.int32), 0)
     return nbad > 0
 
