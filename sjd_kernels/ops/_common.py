@@ -37,7 +37,7 @@ def check_tensor(name: str, t, *, dtypes=None, dim=None, shape=None, device=None
             if s is not None and t.shape[i] != s:
                 raise SJDInputError(f"{name} must have shape {list(shape)} (None = any), got {_fmt(t)}")
     if device is not None and t.device != device:
-        raise SJDInputError(f"{name} must be on {device} like the logits, got {_fmt(t)}")
+        raise SJDInputError(f"{name} must be on {device} like the op's other tensors, got {_fmt(t)}")
     if contiguous and not t.is_contiguous():
         raise SJDInputError(f"{name} must be contiguous, got strides {t.stride()}")
     if last_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
