@@ -439,3 +439,42 @@ def test_same_seed_same_output_whatever_the_batch():
             assert torch.equal(part.tokens, full.tokens[idx]) and torch.equal(part.next_drafts, full.next_drafts[idx])
             assert torch.equal(st_part.q_state, st_full.q_state[idx])
             assert torch.equal(st_part.q_kind, st_full.q_kind[idx])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_negative_pos_on_a_gpu_is_a_status_error(backend):
+    """No host sync on a GPU: a request with pos < 0 (or past 2^62) returns -1 and sets status bit 16;
+    the other requests get what they get without it (cuda: the extension; triton: compiled)."""
+    if backend == "cuda" and not sk.backends()["cuda"]["available"]:
+        pytest.skip(sk.backends()["cuda"]["why"])
+    if backend == "triton":
+        pytest.importorskip("triton")
+    B, W, V = 3, 4, 50
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(B, W + 1, V, generator=g) * 2).cuda()
+    st = sk.JacobiState.create(B, W, V, seed=[3, 4, 5], device="cuda")
+    good_pos = torch.tensor([0, 7, 2], device="cuda")
+    drafts = sk.init_window(st, good_pos, W)
+    win = torch.tensor([4, 4, 4], device="cuda")
+    st0 = st.clone()
+    bad_pos = torch.tensor([0, -3, 2 ** 62 + 5], device="cuda")
+    for bad in (1, 2):
+        pos = good_pos.clone()
+        pos[bad] = bad_pos[bad]
+        s1 = st0.clone()
+        o = sk.jacobi_step(logits, drafts, win, pos, s1, top_k=10, backend=backend)
+        assert int(o.num_accepted[bad]) == -1 and bool((o.tokens[bad] == -1).all())
+        assert bool((o.next_drafts[bad] == -1).all())
+        assert int(s1.status[0].cpu()) == 16
+        with pytest.raises(sk.SJDDeviceError, match="pos outside"):
+            sk.check_status(s1.status)
+        keep = [i for i in range(B) if i != bad]
+        s2 = sk.JacobiState.create(B - 1, W, V, seed=[[3, 4, 5][i] for i in keep], device="cuda")
+        sk.init_window(s2, good_pos[keep], W)
+        o2 = sk.jacobi_step(logits[keep], drafts[keep], win[keep], good_pos[keep], s2, top_k=10, backend=backend)
+        assert torch.equal(o.tokens[keep], o2.tokens) and torch.equal(o.next_drafts[keep], o2.next_drafts)
+    s3 = st0.clone()
+    d = sk.init_window(s3, torch.tensor([1, -1, 3], device="cuda"), W)
+    assert bool((d[1] == -1).all()) and bool((d[[0, 2]] >= 0).all()) and int(s3.status[0].cpu()) == 16
