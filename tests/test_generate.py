@@ -347,3 +347,82 @@ def test_sparse_state_bad_options():
         generate(m, torch.tensor([0]), 12, "pac", window=4, state_capacity=8)
     with pytest.raises(SJDInputError, match="chain methods"):
         generate(m, torch.tensor([0]), 12, "sjd2", window=4, state_capacity=8)
+
+
+# ------------------------------------------------------------------------------------ device errors, option checks
+def _recording(m):
+    """``m`` with its ``embed_tokens`` recording the smallest token id it was fed (-1 = a failed token)."""
+    seen = []
+    orig = m.embed_tokens
+
+    def embed_tokens(ids):
+        seen.append(int(ids.min()))
+        return orig(ids)
+    m.embed_tokens = embed_tokens
+    return m, seen
+
+
+class NaNLogits(GPT):
+    def forward(self, *a, **k):
+        out = super().forward(*a, **k)
+        return torch.full_like(out, float("nan"))
+
+
+@pytest.mark.parametrize("method", ["ar", "sjd", "sjd_vp", "coupling", "gumbel", "gumbel_jacobi", "pac"])
+def test_device_error_raises_and_never_feeds_minus_one(method):
+    """A step whose op reports an error (temperature 1e-38 overflows the scaled logits to +inf) raises
+    SJDDeviceError naming the cause; the failed requests' -1 tokens are never fed back nor returned
+    (the error used to reach the model as an IndexError in embed_tokens, or, with pac, come back as -1)."""
+    from sjd_kernels.ops import SJDDeviceError
+    m, seen = _recording(tiny())
+    steps = []
+    with pytest.raises(SJDDeviceError, match="non-finite logits"):
+        generate(m, torch.tensor([1, 2]), 12, method, window=4, backend="torch", temperature=1e-38,
+                 on_step=lambda out, n, cache: steps.append(n.clone()))
+    assert seen and min(seen) >= 0, seen
+    assert all(int(n.max()) == 0 for n in steps)           # nothing of a failed request was committed
+    # a model emitting NaN logits: the same error, for a CFG batch too
+    cfg = GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=16, max_image_tokens=12, num_classes=3)
+    nan_model, seen = _recording(NaNLogits(cfg).double().eval())
+    with pytest.raises(SJDDeviceError, match="non-finite logits"):
+        generate(nan_model, torch.tensor([0, 1]), 12, method, window=4, backend="torch", cfg_scale=2.0)
+    assert seen and min(seen) >= 0, seen
+
+
+def test_bad_options_are_named_before_work():
+    """Options the chosen method does not use are refused, and malformed seeds, CFG scales, betas and
+    top-p values are SJDInputErrors naming the argument, all before any model forward."""
+    cfg = GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=16, max_image_tokens=12, num_classes=3)
+    m = Counting(cfg).double().eval()
+    c2 = torch.tensor([0, 1])
+    bad = [
+        ("vp_form .* applies to sjd_vp and coupling, not 'sjd'", "sjd", dict(vp_form="log")),
+        ("vp_form .* applies to sjd_vp and coupling, not 'gumbel'", "gumbel", dict(vp_form="add")),
+        ("vp_form must be 'add' or 'log'", "coupling", dict(vp_form=["log"])),
+        ("sjd2/sjd2_kv .* apply to method 'sjd2', not 'sjd'", "sjd", dict(sjd2_kv="bogus")),
+        ("sjd2/sjd2_kv .* apply to method 'sjd2', not 'sjd'", "sjd", dict(sjd2_kv="keep")),
+        ("sjd2/sjd2_kv .* apply to method 'sjd2', not 'coupling'", "coupling", dict(sjd2="bogus")),
+        ("sjd2/sjd2_kv .* apply to method 'sjd2', not 'pac'", "pac", dict(sjd2="model")),
+        ("seed must be an int or integers that fit in int64", "sjd", dict(seed=[2 ** 64, 1])),
+        ("seed must be an int or integers that fit in int64", "sjd", dict(seed=None)),
+        ("seed must be an int or integers that fit in int64", "sjd", dict(seed="1")),
+        ("seed must be an int or integers that fit in int64", "sjd", dict(seed=1.0)),
+        ("seed must be an int or integers", "sjd", dict(seed=["a", "b"])),
+        ("cfg_scale must be a finite real number", "sjd", dict(cfg_scale=None)),
+        ("cfg_scale must be a finite real number", "sjd", dict(cfg_scale="3")),
+        ("cfg_scale must be a finite real number", "sjd", dict(cfg_scale=[2.0, float("nan")])),
+        ("cfg_scale must be a finite real number", "sjd", dict(cfg_scale=True)),
+        ("cfg_scale must be a finite real number", "sjd", dict(cfg_scale=[])),
+        ("beta must be a finite real number", "sjd_vp", dict(beta="x")),
+        ("beta must be a finite real number", "coupling", dict(beta=float("nan"))),
+        ("beta must be a finite real number", "sjd_vp", dict(beta=True)),
+        ("top_p must be", "sjd", dict(top_p=True)),
+    ]
+    for msg, method, kw in bad:
+        Counting.calls = 0
+        with pytest.raises(SJDInputError, match=msg):
+            generate(m, c2, 12, method, window=4, **kw)
+        assert Counting.calls == 0, (msg, kw)
+    # what stays accepted: vp_form with the VP methods, beta 0 with any method, per-request CFG tensors
+    generate(m, c2, 12, "coupling", window=4, beta=0.0, vp_form="log")
+    generate(m, c2, 12, "sjd", window=4, beta=0.0, cfg_scale=torch.tensor([2.0, 3.0]), seed=torch.tensor([3, 4]))

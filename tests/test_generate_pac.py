@@ -278,3 +278,26 @@ def test_hf_llama_and_chameleon_greedy():
     assert torch.equal(out.tokens, ref)
     s = generate(a, cond, forced.shape[1], "pac", window=4, cfg_scale=3.0, forced=forced, seed=2)
     assert (s.tokens[:, 4::5] == 16).all() and (s.tokens[:, torch.arange(15) % 5 != 4] < 16).all()
+
+
+# ------------------------------------------------------------------------------------ float64 cache and kernels
+def test_float64_model_with_kernel_backend_refused_before_work():
+    """The tree step moves the KV cache (model dtype) with tree_kv_update, whose kernels take fp32/fp16/bf16:
+    a float64 model with a kernel backend is refused up front, not after the first forward."""
+    from sjd_kernels.ops import backends
+    avail = backends()
+    kernels = [be for be in ("triton", "cuda") if avail[be]["available"]]
+    if not kernels:
+        pytest.skip("no Triton interpreter or CUDA backend here (set TRITON_INTERPRET=1)")
+    cfg = GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=16, max_image_tokens=12, num_classes=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = Counting(cfg).double().eval().to(dev)
+    for be in kernels:
+        if be == "cuda" and dev == "cpu":
+            continue
+        Counting.calls = 0
+        with pytest.raises(SJDInputError, match="float64 cache needs backend 'torch'"):
+            generate(m, torch.tensor([0, 1], device=dev), 12, "pac", window=4, backend=be)
+        assert Counting.calls == 0, be
+        generate(m.float(), torch.tensor([0, 1], device=dev), 12, "pac", window=4, backend=be)   # float32 runs
+        m.double()

@@ -755,3 +755,110 @@ def test_finetuned_model_keeps_ar_quality():
     p = (acc["ft"] + acc["base"]) / 2
     tol = 3.09 * (2 * p * (1 - p) / n) ** 0.5
     assert acc["ft"] >= acc["base"] - tol, (acc, tol)
+
+
+# ---------------------------------------------------------------- generate(method="sjd2"): argument checks, errors
+
+def _sjd2_gpt(seed=0, levels=3):
+    """``_tiny_gpt`` carrying SJD2 parameters (``model.sjd2``, as ``checkpoint.load_finetuned`` sets them) and
+    counting its forwards (``m.calls``)."""
+    m = _tiny_gpt(seed=seed)
+    emb = SJD2Embedding(NoiseSchedule(levels=levels, s_min=0.3), EmbedNorm.from_embedding(_emb_rows(m)))
+    with torch.no_grad():
+        emb.level_embed.weight.normal_(0, 0.1)
+    m.__dict__["sjd2"] = emb
+    m.calls = 0
+    fwd = m.forward
+
+    def forward(*a, **k):
+        m.calls += 1
+        return fwd(*a, **k)
+    m.forward = forward
+    return m
+
+
+def test_sjd2_refuses_unused_and_bad_arguments_before_work():
+    """``generate(method="sjd2")`` used to skip the loop's checks: options it ignores (forced, tree, beta,
+    uncond, ...) ran silently, and bad values failed deep inside (or allocated for a huge window)."""
+    from sjd_kernels.decoding import generate
+    m = _sjd2_gpt()
+    c = torch.tensor([0, 1])
+    bad = [
+        ("does not use forced", dict(forced=torch.full((2, 8), 7))),
+        ("does not use tree_width", dict(tree_width=2)),
+        ("does not use tree_depth", dict(tree_depth=1)),
+        ("does not use beta", dict(beta=0.5)),
+        ("does not use uncond", dict(cfg_scale=2.0, uncond=torch.tensor([3, 3]))),
+        ("does not use vp_form", dict(vp_form="log")),
+        ("does not use draft_init", dict(draft_init="left")),
+        ("does not use cache_len", dict(cache_len=64)),
+        ("does not use return_cache", dict(return_cache=True)),
+        ("does not use on_step", dict(on_step=lambda *a: None)),
+        ("beta must be a finite real number", dict(beta="x")),
+        ("state_capacity", dict(state_capacity=8)),
+        ("num_tokens must be an int >= 1", dict(num_tokens=0)),
+        ("num_tokens 65 exceeds the model's max_image_tokens 64", dict(num_tokens=65)),
+        ("window must be an int >= 0", dict(window=4.0)),
+        ("window must be an int >= 0", dict(window=-1)),
+        ("cfg_scale must be a float or give one value per request", dict(cfg_scale=[2, 3, 4])),
+        ("cfg_scale must be a finite real number", dict(cfg_scale=float("nan"))),
+        ("cfg_scale must be a finite real number", dict(cfg_scale=None)),
+        ("cfg_scale must be a finite real number", dict(cfg_scale="3")),
+        ("seed must be an int or integers that fit in int64", dict(seed=[2 ** 64, 1])),
+        ("seed must be an int or integers that fit in int64", dict(seed=None)),
+        ("seed must be an int or integers that fit in int64", dict(seed="1")),
+        ("one seed per request", dict(seed=[1, 2, 3])),
+        ("temperature must be", dict(temperature=-1.0)),
+        ("top_k must be", dict(top_k=13)),
+        ("top_p must be", dict(top_p=0.0)),
+        ("backend must be", dict(backend="fast")),
+        ("sjd2 must be an SJD2Embedding", dict(sjd2="bogus")),
+        ("sjd2 must be an SJD2Embedding", dict(sjd2=3)),
+        ("sjd2_kv .* must be one of keep, recompute", dict(sjd2_kv="bogus")),
+    ]
+    for msg, kw in bad:
+        kw = dict(kw)
+        m.calls = 0
+        with pytest.raises(SJDInputError, match=msg):
+            generate(m, c, kw.pop("num_tokens", 8), "sjd2", window=kw.pop("window", 4), **kw)
+        assert m.calls == 0, msg
+    # a plain GPT (no SJD2 parameters) is refused, naming the model it needs; it used to run SJD silently
+    plain = _tiny_gpt()
+    with pytest.raises(SJDInputError, match="needs a model fine-tuned for SJD2.*load_finetuned"):
+        generate(plain, c, 8, "sjd2", window=4)
+    from sjd_kernels.sjd2 import generate_sjd2
+    with pytest.raises(SJDInputError, match="needs a model fine-tuned for SJD2"):
+        generate_sjd2(plain, c, 8, window=4)
+    generate_sjd2(plain, c, 8, sjd2=None, window=4)             # explicit sjd2=None: plain SJD, as documented
+    generate(plain, c, 8, "sjd2", window=0)                      # window 0 is AR: no SJD2 parameter is used
+    with pytest.raises(SJDInputError, match="belongs to another model"):
+        generate_sjd2(plain, c, 8, window=4, sjd2=SJD2Embedding(NoiseSchedule(levels=2), EmbedNorm(8)))
+
+
+def test_sjd2_window_cut_and_per_request_cfg():
+    """The window is cut to num_tokens - 1 as in the other methods (``window=10**6`` used to allocate for a
+    million positions); ``cfg_scale`` takes one value per request (a tensor used to fail)."""
+    from sjd_kernels.decoding import generate
+    m = _sjd2_gpt(seed=1)
+    c, T = torch.tensor([0, 2]), 10
+    big = generate(m, c, T, "sjd2", window=10 ** 6, seed=[3, 4])
+    cut = generate(m, c, T, "sjd2", window=T - 1, seed=[3, 4])
+    assert big.stats.window == T - 1 and torch.equal(big.tokens, cut.tokens)
+    assert bool((big.tokens >= 0).all()) and bool((big.tokens < m.vocab_size).all())
+    both = generate(m, c, T, "sjd2", window=4, seed=[3, 4], cfg_scale=torch.tensor([2.0, 3.0]))
+    for i, s in enumerate((2.0, 3.0)):
+        alone = generate(m, c[i:i + 1], T, "sjd2", window=4, seed=[[3, 4][i]], cfg_scale=s)
+        assert torch.equal(alone.tokens[0], both.tokens[i]), i
+
+
+def test_sjd2_device_error_raises():
+    """A step reporting an error (temperature 1e-38 overflows the scaled rows) raises SJDDeviceError at once;
+    it used to feed the -1 drafts back and end with 'SJD2 did not finish'."""
+    from sjd_kernels.decoding import generate
+    from sjd_kernels.ops import SJDDeviceError
+    m = _sjd2_gpt(seed=2)
+    with torch.no_grad():
+        m.head.weight.mul_(10.0)
+    with pytest.raises(SJDDeviceError, match="non-finite logits"):
+        generate(m, torch.tensor([0, 1]), 12, "sjd2", window=4, temperature=1e-38)
+    assert m.calls == 1                                          # raised after the failing step, not at the limit

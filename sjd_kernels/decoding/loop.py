@@ -54,6 +54,7 @@ same per-request seed gives the same image alone or inside any batch; with an in
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.protocol import check_model
-from ..ops import JacobiState, SJDInputError, check_status, init_window, jacobi_step
+from ..ops import JacobiState, SJDDeviceError, SJDInputError, check_status, init_window, jacobi_step
 from ..ops.tree import build_tree, tree_kv_update, tree_verify
 from ..ops._common import FLOAT_DTYPES, check_temperature, resolve_backend
 from .cache import StaticKVCache
@@ -85,16 +86,50 @@ def derive_seeds(seed: int, batch: int) -> list[int]:
 
 
 def request_seeds(seed, batch: int, device) -> torch.Tensor:
-    """``[batch]`` int64 seeds from an int base seed or one seed per request."""
+    """``[batch]`` int64 seeds from an int base seed or one seed per request (an ``SJDInputError`` naming
+    ``seed`` for anything else: None, strings, floats, bools, values outside int64)."""
     if isinstance(seed, int) and not isinstance(seed, bool):
         return torch.tensor(derive_seeds(seed, batch), dtype=torch.int64, device=device)
-    s = torch.as_tensor(seed)
-    if s.is_floating_point() or s.dtype == torch.bool:
+    what = "seed must be an int or integers that fit in int64 (one per request)"
+    if seed is None or isinstance(seed, (str, bytes, float, bool)):
+        raise SJDInputError(f"{what}, got {seed!r}")
+    try:
+        s = torch.as_tensor(seed)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise SJDInputError(f"{what}, got {seed!r} ({type(e).__name__}: {e})") from None
+    if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
         raise SJDInputError(f"seed must be an int or integers (one per request), got {s.dtype}")
     s = s.to(torch.int64).reshape(-1).to(device)
     if s.numel() != batch:
         raise SJDInputError(f"seed must be an int or give one seed per request ({batch}), got {s.numel()}")
     return s
+
+
+def check_cfg_scale(cfg_scale) -> torch.Tensor:
+    """``cfg_scale`` (a real number, or one per request: list, tuple, array or tensor) as a float32 CPU
+    vector of finite values; anything else is an ``SJDInputError`` naming ``cfg_scale``."""
+    what = "cfg_scale must be a finite real number or one per request"
+    if cfg_scale is None or isinstance(cfg_scale, (str, bytes, bool)):
+        raise SJDInputError(f"{what}, got {cfg_scale!r}")
+    try:
+        scale = torch.as_tensor(cfg_scale).detach()
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise SJDInputError(f"{what}, got {cfg_scale!r} ({type(e).__name__}: {e})") from None
+    if scale.dtype == torch.bool or scale.is_complex():
+        raise SJDInputError(f"{what}, got a {scale.dtype} value")
+    scale = scale.to(device="cpu", dtype=torch.float32).reshape(-1)
+    if scale.numel() == 0 or not bool(torch.isfinite(scale).all()):
+        raise SJDInputError(f"{what}, got {cfg_scale!r}")
+    return scale
+
+
+def _real_arg(name: str, v) -> float:
+    """A finite real number (Python, NumPy or 0-d tensor; not a bool) as a float, else SJDInputError naming it."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool and not v.is_complex():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise SJDInputError(f"{name} must be a finite real number, got {v!r}")
+    return float(v)
 
 
 @dataclass
@@ -270,7 +305,7 @@ class _GraphStep:
 @torch.no_grad()
 def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int = 16, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, cfg_scale=1.0, uncond=None, seed=0, draft_init: str = "uniform",
-             beta: float | None = None, vp_form: str = "add", forced: torch.Tensor | None = None,
+             beta: float | None = None, vp_form: str | None = None, forced: torch.Tensor | None = None,
              backend: str = "auto", progress: bool | None = None, cache_len: int | None = None,
              return_cache: bool = False, on_step=None, cuda_graph: bool = False, sjd2=None,
              sjd2_kv: str | None = None, tree_width: int | None = None,
@@ -287,21 +322,36 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     ``draft_init``: positions entering the window 'uniform' or 'left' (copy of the left neighbour,
     one-hot law); the very first window is uniform either way (no left neighbour is committed yet).
     ``beta``/``vp_form``: verification prediction (``sjd_vp``, default beta 0.5; ``coupling``
-    couples towards ``Qvp`` when beta != 0). ``forced [B, L]``: per image position, -1 or a token
-    forced there. ``backend``: auto, torch, triton, cuda. ``progress``: tqdm bar (default: on when
-    stderr is a terminal). ``cache_len``: KV slots per row (default: just enough).
+    couples towards ``Qvp`` when beta != 0); ``vp_form`` 'add' (default) or 'log'. Both are
+    refused for the other methods (``beta=0``, no verification prediction, is accepted by all).
+    ``forced [B, L]``: per image position, -1 or a token forced there. ``backend``: auto, torch,
+    triton, cuda. ``progress``: tqdm bar (default: on when stderr is a terminal). ``cache_len``:
+    KV slots per row (default: just enough).
     ``return_cache``: also return the KV cache. ``on_step(tokens [B, num_tokens], n [B], cache)``:
     called after every step's commit (tests, debugging; -1 marks uncommitted tokens).
     ``cuda_graph``: capture the window step in a CUDA graph and replay it (chain methods on a CUDA
     model with the ``triton`` or ``cuda`` backend; tokens and stats as eager; module docstring).
-    ``sjd2``/``sjd2_kv``: the SJD2 embedding (default: ``model.sjd2``) and KV policy for
-    ``method='sjd2'`` (``sjd_kernels.sjd2.generate_sjd2``).
+    ``sjd2``/``sjd2_kv``: the SJD2 embedding (an ``SJD2Embedding``, or None / 'model': the model's
+    own ``model.sjd2``, set by ``sjd_kernels.sjd2.checkpoint.load_finetuned``; a model without one
+    is refused unless the window is 0, i.e. AR) and KV policy ('keep' or 'recompute'; default: ``generate_sjd2``'s) for
+    ``method='sjd2'`` (``sjd_kernels.sjd2.generate_sjd2``); refused for the other methods.
+    ``method='sjd2'`` takes the in-package class-conditional GPT, ``cond``, ``num_tokens``,
+    ``window`` (cut to ``num_tokens - 1``), the target law, ``cfg_scale``, ``seed`` and ``backend``;
+    it refuses ``forced``, ``uncond``, ``beta != 0``, ``vp_form``, ``draft_init='left'``, the tree and
+    sparse-state options, ``cache_len``, ``return_cache`` and ``on_step``.
     ``tree_width``/``tree_depth``: ``method='pac'``: children per tree node K (default 3) and tree
     levels D (default 3, at most ``window``) before the chain (``sjd_kernels.decoding.pac``).
     ``state_capacity``: None keeps the drafts' laws dense (``[B, W+1, V]`` floats); an int C keeps
     them sparse, C entries per position (exact; worth it with top-k: C = top_k + 64 leaves room for
     ties; a row whose support exceeds C drafts that position uniformly, counted in
     ``stats.state_overflows``). Chain methods, every backend.
+
+    Errors: bad arguments raise ``SJDInputError`` (naming the argument) before any model forward.
+    A step whose op reports a device error (non-finite rows after CFG and temperature scaling, e.g.
+    a model emitting NaN or a tiny temperature overflowing the logits) freezes the affected
+    requests (nothing of theirs is committed or fed back to the model) and ``generate`` raises
+    ``SJDDeviceError`` (``check_status``) at the next host synchronisation, at the latest before
+    returning; no -1 token is ever returned.
     """
     if method in PENDING:
         raise NotImplementedError(PENDING[method])
@@ -309,14 +359,30 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         raise SJDInputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
     if cuda_graph and method in GRAPH_METHODS_REFUSED:
         raise NotImplementedError(f"cuda_graph=True: {GRAPH_METHODS_REFUSED[method]}")
-    if method == "sjd2":
+    if method == "sjd2" and "sjd2" in available_methods():
+        # options of the chain and tree loop that SJD2 does not run: refused, never silently ignored
+        unused = [name for name, given in (
+            ("forced", forced is not None), ("uncond", uncond is not None),
+            ("beta", beta is not None and _real_arg("beta", beta) != 0.0), ("vp_form", vp_form is not None),
+            ("draft_init", draft_init != "uniform"),
+            ("tree_width", tree_width is not None), ("tree_depth", tree_depth is not None),
+            ("cache_len", cache_len is not None), ("return_cache", return_cache is not False),
+            ("on_step", on_step is not None)) if given]
         if state_capacity is not None:
             raise SJDInputError("state_capacity (sparse state) applies to the chain methods, not 'sjd2'")
+        if unused:
+            raise SJDInputError(f"method 'sjd2' does not use {', '.join(unused)} (sjd_kernels.sjd2 runs its own "
+                                f"loop: no forced positions, the model's null condition for CFG, no verification "
+                                f"prediction, no draft tree, its own KV cache); drop "
+                                f"{'it' if len(unused) == 1 else 'them'} or use another method")
         return _generate_sjd2(model, cond, num_tokens, window=window, temperature=temperature, top_k=top_k,
                               top_p=top_p, cfg_scale=cfg_scale, seed=seed, backend=backend, sjd2=sjd2, kv=sjd2_kv,
                               progress=progress)
     if method not in METHODS:
         raise SJDInputError(f"method must be one of {', '.join(available_methods())}, got {method!r}")
+    if sjd2 is not None or sjd2_kv is not None:
+        raise SJDInputError(f"sjd2/sjd2_kv (the SJD2 embedding and KV policy) apply to method 'sjd2', "
+                            f"not {method!r}")
     spec = METHODS[method]
     check_model(model)
     dev, dtype = _device_dtype(model)
@@ -344,15 +410,17 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     check_temperature(temperature)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= V:
         raise SJDInputError(f"top_k must be an int in [0, vocab_size={V}] (0 = off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
         raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
     if draft_init not in ("uniform", "left"):
         raise SJDInputError(f"draft_init must be 'uniform' or 'left', got {draft_init!r}")
-    if vp_form not in ("add", "log"):
-        raise SJDInputError(f"vp_form must be 'add' or 'log', got {vp_form!r}")
-    beta = spec.default_beta if beta is None else float(beta)
-    if not math.isfinite(beta):
-        raise SJDInputError(f"beta must be finite, got {beta}")
+    if vp_form is not None:
+        if not isinstance(vp_form, str) or vp_form not in ("add", "log"):
+            raise SJDInputError(f"vp_form must be 'add' or 'log', got {vp_form!r}")
+        if method not in ("sjd_vp", "coupling"):
+            raise SJDInputError(f"vp_form (verification prediction) applies to sjd_vp and coupling, not {method!r}")
+    vp_form = "add" if vp_form is None else vp_form
+    beta = spec.default_beta if beta is None else _real_arg("beta", beta)
     if beta != 0.0 and method not in ("sjd_vp", "coupling"):
         raise SJDInputError(f"beta (verification prediction) applies to sjd_vp and coupling, not {method!r}")
     if beta != 0.0 and W == 0:
@@ -362,11 +430,13 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         raise SJDInputError(f"cuda_graph=True needs a model on a CUDA device, got a model on {dev} "
                             f"(use cuda_graph=False)")
     be = resolve_backend(backend, dev)
+    if spec.tree and dtype == torch.float64 and be != "torch":
+        # tree_kv_update moves the accepted path in the model-dtype KV cache; checked here, before any forward
+        raise SJDInputError(f"method 'pac' on a float64 model: a float64 cache needs backend 'torch' (the {be} "
+                            f"kernels take fp32/fp16/bf16); use backend='torch' or a float32/16 model")
 
     # ---- conditions, CFG, seeds
-    scale = torch.as_tensor(cfg_scale, dtype=torch.float32).reshape(-1)
-    if scale.numel() == 0 or not bool(torch.isfinite(scale).all()):
-        raise SJDInputError(f"cfg_scale must be a finite float or one per request, got {cfg_scale!r}")
+    scale = check_cfg_scale(cfg_scale)
     use_cfg = bool((scale != 1.0).any())
     if uncond is not None and not use_cfg:
         raise SJDInputError("uncond is given but cfg_scale is 1 (no guidance): set cfg_scale or drop uncond")
@@ -461,12 +531,15 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
                         temperature=float(temperature), top_k=top_k, top_p=float(top_p), mode=mode, beta=beta,
                         vp_form=vp_form, tail_init=draft_init, backend=be)
         m = o.num_accepted
-        cnt = torch.where(active & (m >= 0), m + 1, torch.zeros_like(m))
+        ok = active & (m >= 0)             # m = -1: a device error (status set); the request is frozen
+        cnt = torch.where(ok, m + 1, torch.zeros_like(m))
         keep = cols.view(1, -1) < cnt.view(B, 1)
         out.scatter_(1, torch.where(keep, n.view(B, 1) + cols, torch.full_like(keep, N, dtype=i64)), o.tokens)
         last = torch.gather(o.tokens, 1, m.clamp(min=0).view(B, 1)).squeeze(1)
         last_tok.copy_(torch.where(cnt > 0, last, last_tok))
-        drafts.copy_(torch.where(active.view(B, 1), o.next_drafts, drafts))
+        # a request in error got -1 drafts: keep its old ones, so the model is never fed a -1 (the loop
+        # raises SJDDeviceError at its next synchronisation)
+        drafts.copy_(torch.where(ok.view(B, 1), o.next_drafts, drafts))
         n.add_(cnt)
         cache.set_lengths(lengths - 1 + (torch.cat([n, n]) if use_cfg else n))
         hist.scatter_add_(0, m.clamp(0, W), active.to(i64))
@@ -502,11 +575,20 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
             if logits.dtype not in FLOAT_DTYPES:
                 logits = logits.float()
             lc, lu = logits[:B], (logits[B:] if use_cfg else None)
-            o = tree_verify(lc, tree, n, state, uncond_logits=lu, cfg_scale=cfg_t, forced=forced,
-                            temperature=float(temperature), top_k=top_k, top_p=float(top_p), backend=be,
-                            advance=False)
+            try:
+                o = tree_verify(lc, tree, n, state, uncond_logits=lu, cfg_scale=cfg_t, forced=forced,
+                                temperature=float(temperature), top_k=top_k, top_p=float(top_p), backend=be,
+                                advance=False)
+            except SJDInputError as e:
+                # CPU tensors: tree_verify checks the rows on the host and raises at once (its message
+                # starts "tree_verify: request(s)"). Every other input of it is the loop's own, so it is
+                # the model's output (or the target settings applied to it) that failed: the condition a
+                # GPU run reports through the status, raised as the same SJDDeviceError
+                if not str(e).startswith("tree_verify: request(s)"):
+                    raise
+                raise SJDDeviceError(f"tree step: {e}") from e
             m = o.num_accepted
-            ok = active & (m >= 0)
+            ok = active & (m >= 0)             # m = -1: a device error (status set); the request is frozen
             cnt = torch.where(ok, m + 1, torch.zeros_like(m))
             path = torch.where(ok.view(B, 1), o.path, torch.full_like(o.path, -1))
             tree_kv_update(cache.kv, torch.cat([path, path]) if use_cfg else path, cl, status=state.status,

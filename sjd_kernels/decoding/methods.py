@@ -12,6 +12,12 @@
 | ``pac``         | tree   | coupling + tree | yes | K-ary tree (``tree_width``, ``tree_depth``) then a chain; ``decoding.pac`` |
 | ``sjd2``        | W      | sjd, noisy in   | no  | ``sjd_kernels.sjd2`` (a fine-tuned model) |
 
+``sjd2`` runs its own loop on the in-package class-conditional GPT carrying ``model.sjd2`` (set by
+``sjd_kernels.sjd2.checkpoint.load_finetuned``); ``generate`` refuses the options it does not use
+(``forced``, ``uncond``, ``beta``, ``vp_form``, the tree and sparse-state options, ...), and each
+method refuses the options of the others (``sjd2``/``sjd2_kv``, ``tree_width``/``tree_depth``,
+``beta``/``vp_form``).
+
 ``ar`` and ``gumbel_jacobi`` at window 0 run the same op as the Jacobi methods, so all methods
 share one target pipeline (SPEC section 2) and one generator (section 7).
 """

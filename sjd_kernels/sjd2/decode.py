@@ -31,6 +31,7 @@ and the logits are image-only ``[B, N, V]`` (uncond: the CFG rows, or None).
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -105,7 +106,16 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     bidx = torch.arange(B, device=dev).view(B, 1)
     limit = max_steps if max_steps is not None else T + 1
 
-    while bool((n < T).any()):
+    while True:
+        # the one host synchronisation per iteration: is any request live, did the last step report an
+        # error? A request in error returned -1 tokens and drafts: raise (SJDDeviceError) before they are
+        # fed to the model or returned. Only the error bits are checked here (the counters accumulate
+        # and are read once at the end).
+        live_any, err = torch.stack([(n < T).any().to(i64), state.status[0].to(i64)]).tolist()
+        if err:
+            check_status(state.status)
+        if not live_any:
+            break
         if nfe >= limit:
             raise RuntimeError(f"SJD2 did not finish in {limit} steps (n = {n.tolist()})")
         live = n < T
@@ -243,34 +253,84 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     """SJD2 decoding of a class-conditional GPT: ``cond [B]`` class ids, ``num_tokens`` image tokens.
 
     The entry the decoding loop calls for ``generate(..., method="sjd2")``; same seed and CFG
-    conventions as ``generate`` (an int seed s gives request i the seed ``s * 1_000_003 + i``;
-    ``cfg_scale != 1`` runs CFG). ``sjd2``: the SJD2 parameters; ``"model"`` (default) takes the
-    model's own ``model.sjd2`` (set by ``checkpoint.load_finetuned``); None or 0 levels is SJD and
-    ``window=0`` AR, through the same loop, op and randomness. ``forward``: a callable as in
-    ``sjd2_loop``; by default the loop's static KV cache (``KVForward``). Returns
-    ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the ``SJD2Result``.
+    conventions as ``generate`` (an int seed s gives request i the seed ``derive_seeds(s, B)[i]``;
+    a list or tensor gives one seed per request; ``cfg_scale`` a float or one per request, ``!= 1``
+    runs CFG against the null class). ``sjd2``: the SJD2 parameters; ``"model"`` (default) takes
+    the model's own ``model.sjd2`` (set by ``checkpoint.load_finetuned``) and refuses a model without
+    one (a plain GPT: load the fine-tune with ``sjd_kernels.sjd2.checkpoint.load_finetuned``), except
+    at ``window=0`` (AR: no input is ever noisy, so the SJD2 parameters are unused and a plain GPT
+    runs AR); an explicit ``None`` (or 0 levels) is SJD and ``window=0`` AR, through the same loop, op
+    and randomness. ``window`` is cut to ``num_tokens - 1`` as in ``generate``. ``forward``: a
+    callable as in ``sjd2_loop``; by default the loop's static KV cache (``KVForward``). ``progress`` is accepted
+    for ``generate``'s sake and unused. Every argument is checked before any work (``SJDInputError``
+    naming it); a device error of a step (e.g. non-finite rows after CFG and temperature scaling)
+    raises ``SJDDeviceError``. Returns ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the
+    ``SJD2Result``.
     """
-    from ..decoding.loop import GenerateOutput, GenerateStats, request_seeds
+    from ..decoding.loop import GenerateOutput, GenerateStats, _int_arg, check_cfg_scale, request_seeds
+    from ..models.protocol import check_model
+    from ..ops._common import SJDInputError, check_temperature, resolve_backend
     from .checkpoint import gpt_forward_parts
-    if isinstance(sjd2, str):
-        if sjd2 != "model":
-            raise ValueError(f"sjd2 must be an SJD2Embedding, None (SJD) or 'model', got {sjd2!r}")
-        sjd2 = getattr(model, "sjd2", None)
+
+    # ---- every argument, before any work
+    check_model(model)
+    config = getattr(model, "config", None)
+    if not (hasattr(model, "embed_cond") and isinstance(getattr(config, "num_classes", None), int)
+            and getattr(config, "cond_dim", None) is None):
+        raise SJDInputError(f"SJD2 (method 'sjd2') needs the in-package class-conditional GPT "
+                            f"(sjd_kernels.models.gpt.GPT with class ids; e.g. "
+                            f"sjd_kernels.sjd2.checkpoint.load_finetuned('mnist')[0]), got {type(model).__name__}")
+    if isinstance(sjd2, str) and sjd2 != "model":
+        raise SJDInputError(f"sjd2 must be an SJD2Embedding, None (SJD) or 'model', got {sjd2!r}")
+    if sjd2 is not None and not isinstance(sjd2, (str, SJD2Embedding)):
+        raise SJDInputError(f"sjd2 must be an SJD2Embedding, None (SJD) or 'model', got {type(sjd2).__name__}")
+    if not isinstance(kv, str) or kv not in KV_POLICIES:
+        raise SJDInputError(f"sjd2_kv (kv) must be one of {', '.join(KV_POLICIES)}, got {kv!r}")
     dev = next(model.parameters()).device
-    cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1).to(dev)
-    B = cond.numel()
+    V = model.vocab_size
+    N = _int_arg("num_tokens", num_tokens, 1)
+    max_tok = getattr(model, "max_image_tokens", None)
+    if max_tok is not None and N > max_tok:
+        raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
+    W = min(_int_arg("window", window, 0), N - 1)
+    if isinstance(sjd2, str):
+        sjd2 = getattr(model, "sjd2", None)
+        if sjd2 is None and W > 0:
+            raise SJDInputError(f"sjd2: {type(model).__name__} carries no SJD2 parameters (model.sjd2): method "
+                                f"'sjd2' needs a model fine-tuned for SJD2, e.g. "
+                                f"sjd_kernels.sjd2.checkpoint.load_finetuned('mnist')[0], or pass "
+                                f"sjd2=<SJD2Embedding> (to generate_sjd2: sjd2=None runs plain SJD)")
+        if sjd2 is not None and not isinstance(sjd2, SJD2Embedding):
+            raise SJDInputError(f"sjd2: model.sjd2 must be an SJD2Embedding (checkpoint.load_finetuned sets it), "
+                                f"got {type(sjd2).__name__}")
+    check_temperature(temperature)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= V:
+        raise SJDInputError(f"top_k must be an int in [0, vocab_size={V}] (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    resolve_backend(backend, dev)
+    scale = check_cfg_scale(cfg_scale)
+    cond = model.check_cond(cond)
+    B = cond.shape[0]
+    if B < 1:
+        raise SJDInputError("cond must hold at least one request")
+    if scale.numel() not in (1, B):
+        raise SJDInputError(f"cfg_scale must be a float or give one value per request ({B}), got {scale.numel()}")
+    use_cfg = bool((scale != 1.0).any())
     seeds = request_seeds(seed, B, dev)
-    use_cfg = cfg_scale is not None and cfg_scale != 1.0
     t0 = time.perf_counter()
     with torch.no_grad():
         E, prompt, _, _ = gpt_forward_parts(model, cond, cfg=use_cfg)
+        if sjd2 is not None and tuple(sjd2.norm.mean.shape) != (E.shape[1],):
+            raise SJDInputError(f"sjd2: the SJD2 embedding has width {list(sjd2.norm.mean.shape)}, the model's "
+                                f"token embedding {E.shape[1]}: it belongs to another model")
         if forward is None:
-            forward = KVForward(model, prompt, B, num_tokens + 2 * window + 2)
-        res = sjd2_loop(forward, E, sjd2, num_tokens, seeds, window=window, temperature=temperature, top_k=top_k,
-                        top_p=top_p, cfg_scale=cfg_scale if use_cfg else None, kv=kv, backend=backend)
-    stats = GenerateStats(method="sjd2", num_tokens=num_tokens, nfe=res.nfe, nfe_prefill=0,
+            forward = KVForward(model, prompt, B, N + 2 * W + 2)
+        res = sjd2_loop(forward, E, sjd2, N, seeds, window=W, temperature=temperature, top_k=top_k,
+                        top_p=top_p, cfg_scale=scale.expand(B).to(dev) if use_cfg else None, kv=kv, backend=backend)
+    stats = GenerateStats(method="sjd2", num_tokens=N, nfe=res.nfe, nfe_prefill=0,
                           wall_s=time.perf_counter() - t0,
                           zero_mass_residuals=res.status.get("zero_mass_residuals", 0),
-                          window=window, batch=B, steps=res.steps.tolist())
+                          window=W, batch=B, steps=res.steps.tolist())
     stats.sjd2 = res
     return GenerateOutput(res.tokens, stats)
