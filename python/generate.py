@@ -12,11 +12,13 @@ token-identical to ``gumbel_jacobi``'s) and adds its row: the lossless methods d
 law, so their images differ from AR's sample by chance only, except ``gumbel_jacobi``.
 The sampling options are ``generate``'s (``--window``, ``--cfg``, ``--temperature``, ``--top-k``,
 ``--top-p``, ``--backend``, ``--beta`` for ``sjd_vp``/``coupling``). Runs on the CPU (the
-``torch`` backend) or, with ``--device cuda``, on a GPU.
+``torch`` backend) or, with ``--device cuda``, on a GPU. Arguments are checked before the model
+loads (exit 2 naming the flag); the folders of ``--out`` and ``--tokens`` are made then.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels.decoding import available_methods, generate  # noqa: E402
-from sjd_kernels.demo import save_grid  # noqa: E402
+from sjd_kernels.demo import (check_device, check_generation_args, check_output_file, make_output_dir,  # noqa: E402
+                              model_manifest, save_grid)
 from sjd_kernels.models import bundled  # noqa: E402
+
+BETA_METHODS = ("sjd_vp", "coupling")       # the methods generate() takes a nonzero beta for
 
 
 def main(argv=None) -> int:
@@ -46,17 +51,38 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=None, help="VP strength (sjd_vp, coupling)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--with-ar", action="store_true", help="also sample AR with the same seed and show its row")
     ap.add_argument("--out", type=Path, default=Path("samples.png"))
     ap.add_argument("--tokens", type=Path, default=None, help="also save the token ids here (.npy)")
     args = ap.parse_args(argv)
 
+    # every check before the model loads: a mistake exits 2 naming its flag, never after a generation
     if args.method not in available_methods():
         ap.error(f"--method {args.method!r}: choose one of {', '.join(available_methods())}")
+    device = check_device(ap.error, args.device)
+    man = model_manifest(ap.error, args.model)
+    num_classes = man["quality"]["num_classes"]
+    if min(args.classes) < 0 or max(args.classes) >= num_classes:
+        ap.error(f"--classes must lie in [0, {num_classes}) for the {args.model} model")
+    check_generation_args(ap.error, args.model, methods=(args.method,), method_flag="--method", window=args.window,
+                          cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          backend=args.backend, device=device, manifest=man)
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        ap.error(f"argument --seed: must fit in int64, got {args.seed}")
+    if args.beta is not None:
+        if not math.isfinite(args.beta):
+            ap.error(f"argument --beta: must be a finite number, got {args.beta!r}")
+        if args.beta != 0.0 and args.method not in BETA_METHODS:
+            ap.error(f"argument --beta: beta (verification prediction) applies to {' and '.join(BETA_METHODS)}, "
+                     f"not {args.method!r}")
+    outputs = [("--out", args.out)] + ([("--tokens", args.tokens)] if args.tokens is not None else [])
+    for flag, path in outputs:
+        check_output_file(ap.error, flag, path)
+    for flag, path in outputs:                       # made only once every check passed
+        make_output_dir(ap.error, flag, path.parent)
+
     b = bundled.load(args.model, device=args.device)
-    if min(args.classes) < 0 or max(args.classes) >= b.num_classes:
-        ap.error(f"--classes must lie in [0, {b.num_classes}) for the {args.model} model")
     gpt = b.gpt
     if args.method == "sjd2":
         from sjd_kernels.sjd2.checkpoint import load_finetuned
@@ -86,7 +112,6 @@ def main(argv=None) -> int:
         rows[method] = b.tokenizer.decode(toks).numpy()
     if args.with_ar and len(runs) == 2 and np.array_equal(tokens[runs[0][0]], tokens[runs[1][0]]):
         print(f"{runs[0][0]} and {runs[1][0]} drew the same tokens")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(args.out, rows, f"{args.model}: classes {args.classes}, seed {args.seed}, window {args.window}, "
                               f"cfg {args.cfg}")
     print(f"wrote {args.out}")

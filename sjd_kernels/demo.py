@@ -31,12 +31,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 
 def two_sample_test(a: np.ndarray, b: np.ndarray, strata: np.ndarray, vocab: int, permutations: int = 500,
@@ -277,8 +280,123 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
     return res
 
 
+# --------------------------------------------------------------------------- command-line checks
+# Shared with ``python/generate.py``. Each takes ``error``, an argparse parser's ``error`` (it prints the
+# usage and the message and exits with status 2), and calls it for the first setting that fails; the
+# messages name the command-line flag. They load no model: they run before any expensive work.
+
+def model_manifest(error, model: str, flag: str = "--model") -> dict:
+    """The bundled model's manifest (its config: vocabulary, classes, tokens), read without loading weights."""
+    from .models import bundled
+    try:
+        return bundled.manifest(model)
+    except bundled.BundledModelError as e:
+        error(f"argument {flag}: {e}")
+
+
+def check_device(error, text: str, flag: str = "--device") -> torch.device:
+    """``cpu``, or ``cuda``/``cuda:N`` with that CUDA device visible to torch."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        error(f"argument {flag}: {text!r} is not a device: use cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        error(f"argument {flag}: {text!r}: this script runs on cpu or cuda[:N], not {dev.type}")
+    if not torch.cuda.is_available():
+        error(f"argument {flag}: {text!r}: no CUDA device is visible to torch {torch.__version__} "
+              f"(torch.cuda.is_available() is False); use --device cpu")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        error(f"argument {flag}: {text!r}: only {n} CUDA device(s) visible (cuda:0 .. cuda:{n - 1})")
+    return dev
+
+
+def check_generation_args(error, model: str, *, methods=(), window: int = 16, cfg: float = 3.0,
+                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, backend: str = "auto",
+                          device="cpu", method_flag: str = "--methods", manifest: dict | None = None) -> None:
+    """``generate``'s checks of these settings (``sjd_kernels.decoding.loop``), made before any model is
+    loaded: methods this build offers (``sjd2`` only with its bundled fine-tune), window >= 0, a
+    finite CFG scale, the temperature range, top-k in [0, V] with V the model's vocabulary, top-p in
+    (0, 1], a backend that can run on ``device`` (``sjd_kernels.backends()``)."""
+    from .decoding import available_methods
+    from .models import bundled
+    from .ops import SJDInputError
+    from .ops._common import check_temperature, resolve_backend
+    avail = available_methods()
+    for m in methods:
+        if m not in avail:
+            error(f"argument {method_flag}: {m!r} is not a decoding method of this build; choose from "
+                  f"{', '.join(avail)}")
+        if m == "sjd2":
+            from .sjd2.checkpoint import manifest as sjd2_manifest
+            try:
+                sjd2_manifest(model)
+            except bundled.BundledModelError as e:
+                error(f"argument {method_flag}: 'sjd2' runs the SJD2 fine-tune of the {model} model, which is "
+                      f"not bundled ({e})")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        error(f"argument --window: must be an int >= 0 (drafts per step; 0 = AR), got {window!r}")
+    if not math.isfinite(cfg):
+        error(f"argument --cfg: the guidance scale must be a finite number, got {cfg!r}")
+    try:
+        check_temperature(temperature)
+    except SJDInputError as e:
+        error(f"argument --temperature: {e}")
+    man = manifest if manifest is not None else model_manifest(error, model)
+    V = int(man["gpt"]["vocab_size"])
+    if not 0 <= top_k <= V:
+        error(f"argument --top-k: must be in [0, {V}] (the {model} model's vocabulary; 0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        error(f"argument --top-p: must be in (0, 1] (1 = off), got {top_p!r}")
+    if backend not in BACKEND_NAMES:
+        error(f"argument --backend: invalid choice {backend!r} (choose from {', '.join(BACKEND_NAMES)})")
+    dev = torch.device(device)
+    try:
+        resolve_backend(backend, dev)
+    except (SJDInputError, RuntimeError) as e:
+        error(f"argument --backend: {backend!r} cannot run on {dev} here: {e}")
+
+
+def check_output_dir(error, flag: str, path) -> Path:
+    """Check, creating nothing, that the folder ``path`` is one or can be made (its nearest existing
+    ancestor is a writable folder); exit naming ``flag`` otherwise. ``make_output_dir`` makes it."""
+    path = Path(path)
+    q = path
+    while not q.exists() and not q.is_symlink() and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        error(f"argument {flag}: {q} exists and is not a folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        error(f"argument {flag}: the folder {q} is not writable")
+    return path
+
+
+def check_output_file(error, flag: str, path) -> Path:
+    """Check, creating nothing, that the file ``path`` can be written once its folder is made."""
+    path = Path(path)
+    if path.is_dir():
+        error(f"argument {flag}: {path} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        error(f"argument {flag}: {path} exists and is not writable")
+    check_output_dir(error, flag, path.parent)
+    return path
+
+
+def make_output_dir(error, flag: str, path) -> Path:
+    """Make the folder ``path`` with its parents (after the checks, before the work)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error(f"argument {flag}: cannot make the folder {path}: {e.strerror or e}")
+    return path
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Every decoding method on a bundled model: PNG grid and table.")
+    ap = argparse.ArgumentParser(prog="python -m sjd_kernels.demo",
+                                 description="Every decoding method on a bundled model: PNG grid and table.")
     ap.add_argument("--model", choices=("mnist", "photo"), default="mnist")
     ap.add_argument("--out", default="demo_out", help="directory for the PNG grid and the table")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
@@ -291,14 +409,27 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--methods", default=None, help="comma list (default: every method generate offers)")
     ap.add_argument("--permutations", type=int, default=500)
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKEND_NAMES)}")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
+    # every check before any work (a mistake must not cost a run of minutes): exit 2 with the flag named
+    methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
+    for flag, v in (("--per-class", a.per_class), ("--seeds", a.seeds), ("--permutations", a.permutations),
+                    ("--threads", a.threads)):
+        if v < 1:
+            ap.error(f"argument {flag}: must be an int >= 1, got {v}")
+    check_generation_args(ap.error, a.model, methods=methods or (), window=a.window, cfg=a.cfg,
+                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, backend=a.backend, device="cpu")
+    check_output_dir(ap.error, "--out", a.out)
+    if a.json:
+        check_output_file(ap.error, "--json", a.json)
+    make_output_dir(ap.error, "--out", a.out)
+    if a.json:
+        make_output_dir(ap.error, "--json", Path(a.json).parent)
     torch.set_num_threads(a.threads)
     run(a.model, per_class=a.per_class, seeds=a.seeds, window=a.window, cfg_scale=a.cfg,
-        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-        methods=a.methods.split(",") if a.methods else None, permutations=a.permutations, out=a.out,
-        json_path=a.json, backend=a.backend)
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, methods=methods, permutations=a.permutations,
+        out=a.out, json_path=a.json, backend=a.backend)
 
 
 if __name__ == "__main__":

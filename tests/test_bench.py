@@ -590,3 +590,103 @@ def test_gpu_run_scripts_parse_and_package_a_stage(tmp_path):
     assert "python " in summary and "torch " in summary, summary          # the info stage's versions
     with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tf:
         assert "logs/info.txt" in tf.getnames()
+
+
+# ----------------------------------------------------------------------------- command-line mistakes
+@pytest.fixture
+def bench_main(monkeypatch):
+    """``bench``'s ``main`` in-process, with the runs replaced: a bad argument must stop it before any work."""
+    from sjd_kernels.bench import __main__ as M
+    from sjd_kernels.bench import compare as cmp_mod
+    from sjd_kernels.bench import e2e as e2e_mod
+    from sjd_kernels.bench import ops as ops_mod
+
+    def boom(*a, **k):
+        raise AssertionError("the benchmark started before its arguments were checked")
+    monkeypatch.setattr(ops_mod, "run_ops", boom)
+    monkeypatch.setattr(e2e_mod, "run_e2e", boom)
+    monkeypatch.setattr(cmp_mod, "compare", boom)
+    return M.main
+
+
+BAD_CLI = [
+    (["ops", "--check", "--backend", "nope", "--op", "tree_kv_update", "--grid", "cpu-quick"], "--backend",
+     "cuda_lists"),                                                  # the known names are listed
+    (["ops", "--check", "--op", "tree_kv_update", "--backend", "flashinfer", "--grid", "cpu-quick"], "--backend",
+     "nothing to run"),                                              # a known backend, but not of this op
+    (["ops", "--check", "--op", "nope"], "--op", "jacobi_step"),
+    (["ops", "--check", "--reps", "0"], "--reps", ">= 1"),
+    (["ops", "--check", "--min-requests", "0"], "--min-requests", ">= 1"),
+    (["ops", "--check", "--budget-s", "0"], "--budget-s", "> 0"),
+    (["list", "--op", "nope"], "--op", "tree_verify"),
+    (["e2e", "--methods", "nope"], "--methods", "reference_sjd"),
+    (["e2e", "--methods", "sjd", "nope"], "--methods", "'nope'"),
+    (["e2e", "--num-tokens", "0"], "--num-tokens", ">= 1"),
+    (["e2e", "--num-tokens", "197"], "--num-tokens", "196"),       # the mnist model's image has 196 tokens
+    (["e2e", "--windows", "-3"], "--windows", "-3"),
+    (["e2e", "--betas", "nan"], "--betas", "finite"),
+    (["e2e", "--batch", "0"], "--batch", ">= 1"),
+    (["e2e", "--samples", "0"], "--samples", ">= 1"),
+    (["e2e", "--law-samples", "-1"], "--law-samples", ">= 0"),
+    (["e2e", "--threads", "0"], "--threads", ">= 1"),
+    (["e2e", "--state-capacity", "0"], "--state-capacity", ">= 1"),
+    (["e2e", "--backend", "nope"], "--backend", "auto"),
+    (["e2e", "--budget-s", "-1"], "--budget-s", "> 0"),
+    (["compare", "/nonexistent_sjd.csv", "/nonexistent_sjd2.csv"], "current", "/nonexistent_sjd.csv"),
+    (["compare", "CUR", "/nonexistent_sjd2.csv"], "baseline", "/nonexistent_sjd2.csv"),
+    (["compare", "CUR", "CUR", "--tol", "-0.1"], "--tol", ">= 0"),
+]
+
+
+@pytest.mark.parametrize("args,flag,text", BAD_CLI, ids=[" ".join(a) for a, _, _ in BAD_CLI])
+def test_bad_argument_is_a_usage_error_before_any_work(bench_main, tmp_path, capsys, args, flag, text):
+    cur = tmp_path / "cur.csv"
+    cur.write_text("op,case,backend,graph,median_us\n")
+    args = [str(cur) if a == "CUR" else a for a in args]
+    out = tmp_path / "out"
+    if args[0] in ("ops", "e2e"):
+        args += ["--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        bench_main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "error: " in err and flag in err and text in err and "Traceback" not in err, err
+    assert not out.exists()                                        # nothing written
+
+
+def test_bad_compare_inputs_are_clean_errors(bench_main, tmp_path, capsys):
+    """Files that are not results (a folder, broken JSON, a CSV of other columns): exit 2 naming the file."""
+    bad_json, other = tmp_path / "bad.json", tmp_path / "other.csv"
+    bad_json.write_text("{not json")
+    other.write_text("a,b\n1,2\n")
+    for cur in (tmp_path, bad_json, other):
+        with pytest.raises(SystemExit) as e:
+            bench_main(["compare", str(cur), str(cur)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and str(cur) in err and "Traceback" not in err, err
+
+
+def test_ops_with_only_unavailable_backends_is_an_error(bench_main, tmp_path, capsys):
+    """A selection whose every backend is unavailable here would only write 'skip' rows: exit 2, nothing written."""
+    device = "cpu" if NO_GPU else "cuda"
+    ok, why = C.OPS["tree_kv_update"].available("cuda", device)
+    if ok:
+        pytest.skip("the cuda backend runs here")
+    assert bench_main(["ops", "--check", "--backend", "cuda", "--op", "tree_kv_update", "--grid", "cpu-quick",
+                       "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to run" in err and why in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_e2e_refuses_bad_settings_before_building_a_model(monkeypatch):
+    from sjd_kernels.bench import e2e
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built before the settings were checked")
+    monkeypatch.setattr(e2e, "Models", boom)
+    for kw, key in ((dict(methods=["nope"]), "methods"), (dict(num_tokens=0), "num_tokens"),
+                    (dict(windows=[-3]), "windows"), (dict(betas=[float("nan")]), "betas"),
+                    (dict(threads=0), "threads")):
+        with pytest.raises(e2e.SettingsError, match=f"^{key}: "):
+            e2e.run_e2e(log=lambda *a: None, **kw)

@@ -45,3 +45,72 @@ def test_two_sample_test_detects_shift_and_accepts_equal_laws():
     _, p_same = demo.two_sample_test(draw(p), draw(p), strata, V, permutations=200)
     _, p_diff = demo.two_sample_test(draw(p), draw(q), strata, V, permutations=200)
     assert p_diff <= 0.01 < p_same
+
+
+# ----------------------------------------------------------------------------- command-line mistakes
+@pytest.fixture
+def no_run(monkeypatch):
+    """``demo.main`` with the demo itself replaced: a bad argument must stop it before ``run`` (minutes)."""
+    calls = []
+
+    def fake_run(*a, **k):
+        calls.append((a, k))
+        raise AssertionError("the demo started before its arguments were checked")
+    monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr(demo.torch, "set_num_threads", lambda n: None)     # leave the test process's threads
+    return calls
+
+
+BAD = [
+    (["--methods", "nope"], "--methods"),
+    (["--methods", "sjd,nope"], "--methods"),
+    (["--methods", "sjd2", "--model", "photo"], "--methods"),       # no SJD2 fine-tune of photo is bundled
+    (["--window", "-1", "--methods", "sjd"], "--window"),
+    (["--per-class", "0"], "--per-class"),
+    (["--seeds", "0"], "--seeds"),
+    (["--top-k", "9999"], "--top-k"),
+    (["--top-p", "0"], "--top-p"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--cfg", "nan"], "--cfg"),
+    (["--backend", "nope"], "--backend"),
+    (["--threads", "0"], "--threads"),
+    (["--permutations", "-5"], "--permutations"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_argument_is_a_usage_error_before_any_work(no_run, tmp_path, capsys, args, flag):
+    out, js = tmp_path / "out", tmp_path / "j" / "demo.json"
+    with pytest.raises(SystemExit) as e:
+        demo.main(args + ["--out", str(out), "--json", str(js)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "error: " in err and flag in err and "Traceback" not in err, err
+    assert not no_run and not out.exists() and not js.parent.exists()
+
+
+def test_unusable_backend_and_output_locations_are_usage_errors(no_run, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    cases = [(["--out", str(f)], "--out"), (["--out", str(f / "sub")], "--out"),
+             (["--out", str(tmp_path / "o"), "--json", str(f / "demo.json")], "--json"),
+             (["--out", str(tmp_path / "o"), "--json", str(tmp_path)], "--json")]         # a folder, not a file
+    from sjd_kernels import _ext
+    if _ext._SIM is None:
+        cases.append((["--backend", "cuda", "--out", str(tmp_path / "o")], "--backend"))     # the demo runs on CPU
+    for args, flag in cases:
+        with pytest.raises(SystemExit) as e:
+            demo.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag in err and "Traceback" not in err, (args, err)
+    assert not no_run and not (tmp_path / "o").exists() and f.read_text() == "x"
+
+
+def test_main_passes_checked_arguments_to_run(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda model, **k: seen.update(k, model=model))
+    monkeypatch.setattr(demo.torch, "set_num_threads", lambda n: seen.update(threads=n))
+    demo.main(["--methods", "sjd, coupling", "--window", "0", "--seeds", "1", "--per-class", "1", "--threads", "1",
+               "--out", str(tmp_path / "o" / "p"), "--json", str(tmp_path / "j" / "d.json")])
+    assert seen["methods"] == ["sjd", "coupling"] and seen["window"] == 0 and seen["threads"] == 1
+    assert (tmp_path / "o" / "p").is_dir() and (tmp_path / "j").is_dir()

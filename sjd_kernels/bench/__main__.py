@@ -5,10 +5,15 @@
   e2e [--model NAME]           decoding on a model: NFE, compression, tokens/s, latency, split, laws
                                (bundled models run on the CPU too, times labelled as CPU wall clock)
   compare CURRENT BASELINE     exit 1 when CURRENT regresses beyond --tol against BASELINE
+
+A mistake on the command line (an unknown op, backend or method, a value out of range, a file
+that cannot be read or written) exits 2 with a one-line message naming the argument, before any
+work.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -20,8 +25,44 @@ def _command() -> str:
     return "python -m sjd_kernels.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _error(args, msg: str):
+    """The subcommand's parser error: usage, ``msg``, exit 2."""
+    args._parser.error(msg)
+
+
+def _check_ops_named(args) -> None:
+    from . import cases as C
+    unknown = [o for o in args.op or () if o not in C.OPS]
+    if unknown:
+        _error(args, f"argument --op: unknown op {', '.join(map(repr, unknown))}; choose from {', '.join(C.OPS)}")
+
+
+def _check_ints(args, specs) -> None:
+    for flag, lo in specs:
+        v = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if v is not None and v < lo:
+            _error(args, f"argument {flag}: must be an int >= {lo}, got {v}")
+
+
+def _check_budget(args) -> None:
+    if not args.budget_s > 0:
+        _error(args, f"argument --budget-s: must be a number of seconds > 0, got {args.budget_s}")
+
+
+def _check_outputs(args) -> None:
+    """Output locations that cannot be written are refused now, not after the run (nothing is created)."""
+    from ..demo import check_output_dir, check_output_file
+    if args.out:
+        check_output_dir(args._parser.error, "--out", args.out)
+    for flag in ("--csv", "--json"):
+        path = getattr(args, flag[2:])
+        if path:
+            check_output_file(args._parser.error, flag, path)
+
+
 def cmd_list(args) -> int:
     from . import cases as C
+    _check_ops_named(args)
     grids = [args.grid] if args.grid else list(C.GRIDS)
     for name, bench in C.OPS.items():
         if args.op and name not in args.op:
@@ -40,26 +81,52 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _check_ops_args(args, grid) -> list:
+    """Every check of ``bench ops``'s arguments, before any work: exit 2 naming the argument. Returns
+    the selected ``(op, backend)`` pairs."""
+    from . import cases as C
+    from .ops import resolve_grid
+    from .timing import has_gpu
+    _check_ops_named(args)
+    known = list(dict.fromkeys(b for bench in C.OPS.values() for b in bench.backends))
+    unknown = [b for b in args.backend or () if b not in known]
+    if unknown:
+        _error(args, f"argument --backend: unknown backend {', '.join(map(repr, unknown))}; choose from "
+                     f"{', '.join(known)}")
+    _check_ints(args, (("--reps", 1), ("--warmup", 0), ("--min-requests", 1)))
+    _check_budget(args)
+    if args.ref_device == "cuda" and not has_gpu():
+        _error(args, "argument --ref-device: 'cuda' needs a CUDA device; none is visible here")
+    if args.cuda_sim and (has_gpu() or not args.check):
+        _error(args, "argument --cuda-sim: it runs the CUDA kernels on CPU tensors: use it with --check on a "
+                     "machine without a CUDA device")
+    g = resolve_grid(grid, has_gpu())
+    selected = C.select(args.op, g)
+    ops = ", ".join(args.op) if args.op else "any op"
+    if not selected:
+        _error(args, f"argument --grid: nothing to run: the {g} grid has no case of {ops} (see `bench list`)")
+    if args.case:
+        selected = [c for c in selected if any(k in c.name for k in args.case)]
+        if not selected:
+            _error(args, f"argument --case: {args.case}: no case of this grid matches (grid {g}; see `bench list`)")
+    pairs = list(dict.fromkeys((c.op, b) for c in selected for b in C.OPS[c.op].backends
+                               if not args.backend or b in args.backend))
+    if not pairs:
+        offered = ", ".join(dict.fromkeys(b for c in selected for b in C.OPS[c.op].backends))
+        _error(args, f"argument --backend: nothing to run: {', '.join(args.backend)} is not a backend of the "
+                     f"selected cases of {ops} (they offer: {offered})")
+    _check_outputs(args)
+    return pairs
+
+
 def cmd_ops(args) -> int:
     from .ops import run_ops
     grid = args.grid or ("quick" if args.quick else None)
-    if args.case:
-        from . import cases as C
-        from .ops import resolve_grid
-        from .timing import has_gpu
-        names = [c.name for c in C.select(args.op, resolve_grid(grid, has_gpu()))]
-        if not any(k in n for k in args.case for n in names):
-            print(f"--case {args.case}: no case of this grid matches (see `bench list`)", file=sys.stderr)
-            return 2
+    pairs = _check_ops_args(args, grid)
     import contextlib
     sim_ctx = contextlib.nullcontext()
     if args.cuda_sim:
         from ..cuda import sim
-        from .timing import has_gpu
-        if has_gpu() or not args.check:
-            print("--cuda-sim runs the CUDA kernels on CPU tensors: use it with --check on a machine without "
-                  "a CUDA device", file=sys.stderr)
-            return 2
         try:
             sim.load()
         except sim.SimUnavailable as e:
@@ -67,6 +134,14 @@ def cmd_ops(args) -> int:
             return 2
         sim_ctx = sim.simulate(order=args.cuda_sim)
     with sim_ctx:
+        from . import cases as C
+        from .timing import has_gpu
+        device = "cuda" if has_gpu() else "cpu"
+        why = {(op, be): C.OPS[op].available(be, device) for op, be in pairs}
+        if not any(ok for ok, _ in why.values()):            # every row would be a skip: say so, write nothing
+            whys = "; ".join(dict.fromkeys(f"{be}: {w}" for (_, be), (_, w) in why.items()))
+            print(f"nothing to run: no selected backend is available here ({whys})", file=sys.stderr)
+            return 2
         res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
                       warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=args.out, csv_path=args.csv,
                       json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
@@ -81,7 +156,18 @@ def cmd_ops(args) -> int:
 
 
 def cmd_e2e(args) -> int:
-    from .e2e import run_e2e
+    from .e2e import SettingsError, check_settings, run_e2e
+
+    def flag(key):
+        return {"backend": "--backend"}.get(key, "--" + key.replace("_", "-"))
+    try:
+        check_settings(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
+                       num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
+                       law_samples=args.law_samples, threads=args.threads, state_capacity=args.state_capacity,
+                       backend=args.backend_name, budget_s=args.budget_s, name=flag)
+    except SettingsError as e:
+        _error(args, f"argument {e}")
+    _check_outputs(args)
     res = run_e2e(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
                   vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
                   law_samples=args.law_samples, seed=args.seed, out_dir=args.out or DEFAULT_OUT, csv_path=args.csv,
@@ -94,9 +180,21 @@ def cmd_e2e(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import main_compare
-    return main_compare(args.current, args.baseline, tol=args.tol, metrics=args.metric,
-                        allow_gpu_mismatch=args.allow_gpu_mismatch)
+    from .compare import ResultsFileError, main_compare
+    if not (math.isfinite(args.tol) and args.tol >= 0):
+        _error(args, f"argument --tol: must be a finite number >= 0 (0.10 = 10%), got {args.tol}")
+    names = {"current": args.current, "baseline": args.baseline}
+    for name, path in names.items():
+        if not os.path.exists(path):
+            _error(args, f"argument {name}: {path}: no such file")
+        if not os.path.isfile(path):
+            _error(args, f"argument {name}: {path} is not a file")
+    try:
+        return main_compare(args.current, args.baseline, tol=args.tol, metrics=args.metric,
+                            allow_gpu_mismatch=args.allow_gpu_mismatch)
+    except ResultsFileError as e:
+        name = next((n for n, p in names.items() if p == e.path), "current")
+        _error(args, f"argument {name}: {e}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="list the registered cases")
     s.add_argument("--op", action="append")
     s.add_argument("--grid", choices=["full", "quick", "cpu", "cpu-quick"])
-    s.set_defaults(func=cmd_list)
+    s.set_defaults(func=cmd_list, _parser=s)
 
     s = sub.add_parser("ops", help="op benchmark: check, then time (GPU)")
     s.add_argument("--op", action="append", help="op name (repeatable); default all")
@@ -134,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-plots", action="store_true")
-    s.set_defaults(func=cmd_ops)
+    s.set_defaults(func=cmd_ops, _parser=s)
 
     s = sub.add_parser("e2e", help="decoding benchmark on a model",
                        description="Decoding benchmark. Exit status: 0 done (or a bundled model without weights "
@@ -152,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, help="requests per generation (default: 1 on a GPU, 8 on the CPU)")
     s.add_argument("--samples", type=int, help="generations per timed configuration")
     s.add_argument("--law-samples", type=int, help="generations per method for the two-sample test against AR")
-    s.add_argument("--backend", dest="backend_name", default="auto", help="op backend for the loop")
+    s.add_argument("--backend", dest="backend_name", default="auto",
+                   help="op backend for the loop: auto, torch, triton or cuda")
     s.add_argument("--quick", action="store_true")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: 1 without a GPU)")
     s.add_argument("--state-capacity", type=int,
@@ -164,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--csv")
     s.add_argument("--json")
     s.add_argument("--budget-s", type=float, default=1e9, help="start no new configuration after this many seconds")
-    s.set_defaults(func=cmd_e2e)
+    s.set_defaults(func=cmd_e2e, _parser=s)
 
     s = sub.add_parser("compare", help="compare a run with a saved baseline (exit 1 on regression)")
     s.add_argument("current")
@@ -172,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tol", type=float, default=0.10, help="relative tolerance (0.10 = 10%%)")
     s.add_argument("--metric", action="append", help="metrics to compare (default: times and rates)")
     s.add_argument("--allow-gpu-mismatch", action="store_true")
-    s.set_defaults(func=cmd_compare)
+    s.set_defaults(func=cmd_compare, _parser=s)
     return p
 
 

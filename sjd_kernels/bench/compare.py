@@ -17,13 +17,36 @@ LOWER_BETTER = ("median_us", "latency_ms")
 HIGHER_BETTER = ("tokens_per_s", "step_compression")
 
 
+class ResultsFileError(ValueError):
+    """A file that cannot be read as ``bench ops`` / ``bench e2e`` results; ``path`` names it."""
+
+    def __init__(self, path: str, msg: str):
+        super().__init__(f"{path}: {msg}")
+        self.path = path
+
+
 def load_rows(path: str) -> list:
-    if path.endswith(".json"):
-        with open(path) as f:
-            d = json.load(f)
-        return d["rows"] if isinstance(d, dict) else d
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The result rows of a CSV or JSON file written by ``bench ops`` or ``bench e2e``; a file that is
+    not one raises ``ResultsFileError`` naming it."""
+    what = "not results of `bench ops` or `bench e2e`"
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                d = json.load(f)
+            rows = d["rows"] if isinstance(d, dict) else d
+        else:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ResultsFileError(path, f"cannot read it: {e.strerror or e}") from e
+    except (ValueError, KeyError, csv.Error) as e:          # broken JSON or CSV, a JSON object without rows
+        raise ResultsFileError(path, f"{what} ({type(e).__name__}: {e})") from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ResultsFileError(path, f"{what} (expected a list of rows)")
+    for r in rows:
+        if not (r.get("op") and "case" in r and "backend" in r) and "method" not in r:
+            raise ResultsFileError(path, f"{what}: a row without op/case/backend (ops) or method (e2e) columns")
+    return rows
 
 
 def _key(r: dict) -> tuple:

@@ -389,6 +389,84 @@ def run_config(models: Models, *, method: str, num_tokens: int, batch: int, samp
 
 
 # --------------------------------------------------------------------------- the sweep
+class SettingsError(ValueError):
+    """A setting ``run_e2e`` cannot use; the message starts with the setting's name."""
+
+
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+
+
+def _max_tokens(model: str) -> Optional[int]:
+    """Image tokens the model can generate (None when a bundled model's files are missing: the run skips it)."""
+    spec = MODELS[model]
+    if "bundled" not in spec:
+        return int(spec["num_tokens"])
+    from ..models import bundled
+    try:
+        return int(bundled.manifest(spec["bundled"])["gpt"]["max_image_tokens"])
+    except (bundled.BundledModelError, KeyError):
+        return None
+
+
+def check_settings(model: str = "mnist", methods=None, windows=None, betas=None, num_tokens=None, batch=None,
+                   samples=None, law_samples=None, threads=None, state_capacity=None, backend: str = "auto",
+                   budget_s: float = 1e9, name=None) -> None:
+    """Raise ``SettingsError`` for the first setting ``run_e2e`` cannot use, before any model is built.
+
+    ``name(key)`` names the setting in the message (the CLI passes its flags; default: the keyword).
+    Method names must be ``METHODS`` or this build's (``decoding_methods()``; one of ``METHODS`` that
+    this build lacks is skipped with a note by the run); windows are ints >= 0; betas finite;
+    ``num_tokens`` in [1, the model's image tokens]; the backend one that runs on this machine's
+    device (``sjd_kernels.backends()``).
+    """
+    name = name or (lambda k: k)
+
+    def bad(key, msg):
+        raise SettingsError(f"{name(key)}: {msg}")
+
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    model = ALIASES.get(model, model)
+    if model not in MODELS:
+        bad("model", f"unknown model {model!r}; choose from {', '.join(list(MODELS) + list(ALIASES))}")
+    if methods is not None:
+        known = tuple(dict.fromkeys(METHODS + decoding_methods()))
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            bad("methods", f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+    if num_tokens is not None:
+        if not is_int(num_tokens) or num_tokens < 1:
+            bad("num_tokens", f"must be an int >= 1 (image tokens per request), got {num_tokens!r}")
+        limit = _max_tokens(model)
+        if limit is not None and num_tokens > limit:
+            bad("num_tokens", f"{num_tokens} exceeds the {model} model's {limit} image tokens")
+    for key, v, lo in (("batch", batch, 1), ("samples", samples, 1), ("law_samples", law_samples, 0),
+                       ("threads", threads, 1), ("state_capacity", state_capacity, 1)):
+        if v is not None and (not is_int(v) or v < lo):
+            bad(key, f"must be an int >= {lo}, got {v!r}")
+    if windows is not None:
+        if len(windows) == 0:
+            bad("windows", "give at least one window")
+        wrong = [w for w in windows if not is_int(w) or w < 0]
+        if wrong:
+            bad("windows", f"windows are ints >= 0 (drafts per step), got {' '.join(map(str, wrong))}")
+    if betas is not None:
+        wrong = [b for b in betas if not isinstance(b, (int, float)) or not math.isfinite(b)]
+        if wrong:
+            bad("betas", f"betas must be finite numbers, got {' '.join(map(str, wrong))}")
+    if not isinstance(budget_s, (int, float)) or not budget_s > 0:
+        bad("budget_s", f"must be a number of seconds > 0, got {budget_s!r}")
+    if backend not in BACKEND_NAMES:
+        bad("backend", f"unknown backend {backend!r}; choose from {', '.join(BACKEND_NAMES)}")
+    from ..ops._common import resolve_backend
+    device = torch.device("cuda" if has_gpu() else "cpu")
+    try:
+        resolve_backend(backend, device)
+    except (ValueError, RuntimeError) as e:
+        bad("backend", f"{backend!r} cannot run on {device.type} here: {e}")
+
+
 def _settings(device_type: str, trained: bool, quick: bool, **given) -> dict:
     d = dict(DEFAULTS[(device_type, trained)])
     if quick:
@@ -414,8 +492,11 @@ def run_e2e(model: str = "mnist", methods=None, windows=None, betas=None, vp_for
     wall clock stays steadier; unchanged with one); restored afterwards. ``write_when_not_run``:
     write the files of a skipped or refused run too (the CLI does when the output was named).
     ``state_capacity``: sparse Jacobi state (that many entries per position) for the windowed chain
-    methods (``SPARSE_STATE_METHODS``); None keeps it dense.
+    methods (``SPARSE_STATE_METHODS``); None keeps it dense. Settings it cannot use raise
+    ``SettingsError`` (a ``ValueError``) before any model is built (``check_settings``).
     """
+    check_settings(model, methods, windows, betas, num_tokens, batch, samples, law_samples, threads, state_capacity,
+                   backend, budget_s)
     old_threads = torch.get_num_threads()
     if threads is None and not has_gpu():
         threads = 1
