@@ -227,7 +227,8 @@ def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tenso
 
     ``logits [B, W+1, V]`` (bf16/fp16/fp32; may be an image-slice view of a larger vocabulary),
     ``drafts [B, W]``, ``win_len [B]``, ``pos [B]``. CFG: ``uncond_logits`` (shaped like
-    ``logits``) with ``cfg_scale [B]`` float32, both or neither. ``mode``: sjd, vp (sjd with ``beta``),
+    ``logits``) with ``cfg_scale [B]`` float32, both or neither. ``mode``: sjd, vp (sjd with ``beta``;
+    the default ``beta=0`` predicts nothing, so it is sjd exactly: pass e.g. ``beta=0.5``),
     coupling (maximal coupling of old drafts; with ``beta`` towards Qvp), gumbel,
     gumbel_jacobi (deterministic; equals AR with the same noise). Mutates ``state``; with
     ``advance`` it also increments ``state.step``. No host synchronisation: device errors land in
