@@ -862,3 +862,46 @@ def test_sjd2_device_error_raises():
     with pytest.raises(SJDDeviceError, match="non-finite logits"):
         generate(m, torch.tensor([0, 1]), 12, "sjd2", window=4, temperature=1e-38)
     assert m.calls == 1                                          # raised after the failing step, not at the limit
+
+
+# ---------------------------------------------------------------- sjd2_prepare: ring contents it cannot use
+
+def test_prepare_refuses_shared_ring_slots_and_bad_levels_on_the_cpu():
+    from sjd_kernels.ops._common import SJDInputError as Err
+    c = _prepare_case()
+    c["positions"][2, 3] = c["positions"][2, 5]               # one window position listed twice
+    snap = _clone(c)
+    with pytest.raises(Err, match="positions: request 2's window positions share ring slots"):
+        sjd2_prepare(**c, backend="torch")
+    assert torch.equal(c["latent"], snap["latent"]) and torch.equal(c["level"], snap["level"])
+    c = _prepare_case()
+    c["level"][2, 2] = 99                                      # read by position 11 of request 2 (R = 9)
+    with pytest.raises(Err, match="level: request 2's ring slot 2 .* holds level 99, outside 0..K = 0..5"):
+        sjd2_prepare(**c, backend="torch")
+
+
+@pytest.mark.parametrize("bad_level", [99, -3])
+def test_prepare_kernels_clamp_table_reads_of_bad_levels(bad_level):
+    """Without the host checks (the GPU path), a ring level outside 0..K must not read outside the
+    tables: every backend clamps its table index the same way (the reference defines it)."""
+    from sjd_kernels.ops._common import BACKEND_CODE
+    c = _prepare_case()
+    c["level"][2, 2] = bad_level
+    op = torch.ops.sjd.sjd2_prepare
+    want_c = _clone(c)
+    want = op(*want_c.values(), BACKEND_CODE["torch"])
+    assert bool(torch.isfinite(want).all())
+    runs = [("cuda", None)]
+    if os.environ.get("TRITON_INTERPRET") == "1" and triton_available()[0]:
+        runs.append(("triton", None))
+    for be, _ in runs:
+        got_c = _clone(c)
+        if be == "cuda":
+            from _util import sim_module
+            from sjd_kernels.cuda import sim
+            sim_module()
+            with sim.simulate("reverse"):
+                got = op(*got_c.values(), BACKEND_CODE[be])
+        else:
+            got = op(*got_c.values(), BACKEND_CODE[be])
+        _assert_cuda_prepare_matches(c, got, got_c, want, want_c)

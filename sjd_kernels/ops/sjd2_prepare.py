@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import sjd2_prepare as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, resolve_backend,
-                      triton_available)
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, compiling,
+                      resolve_backend, triton_available)
 
 I64 = (torch.int64,)
 F32 = (torch.float32,)
@@ -38,6 +38,28 @@ def _(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, see
       row_end, latent, level, backend):
     B, N = tokens.shape
     return embed_weight.new_empty((B, N, embed_weight.shape[1]))
+
+
+def _host_checks(positions, commit_end, fresh_start, level, K: int) -> None:
+    """CPU tensors (these synchronise): the window positions of a request occupy distinct ring slots,
+    and the levels they read from the ring lie in 0..K (on a GPU the kernels clamp their table reads
+    instead, so a bad ring cannot read out of bounds)."""
+    B, R = level.shape
+    win = (positions >= 0) & (positions >= commit_end.view(B, 1))
+    slot = torch.where(win, positions % R, torch.full_like(positions, -1))
+    srt = slot.sort(1).values
+    dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(1)
+    if bool(dup.any()):
+        b = int(dup.nonzero()[0])
+        raise SJDInputError(f"positions: request {b}'s window positions share ring slots (two positions equal "
+                            f"modulo R = {R}, or one listed twice): {positions[b][win[b]].tolist()}")
+    reads = win & (positions < fresh_start.view(B, 1))
+    lv = torch.gather(level.to(torch.int64), 1, torch.where(reads, positions % R, torch.zeros_like(positions)))
+    bad = reads & ((lv < 0) | (lv > K))
+    if bool(bad.any()):
+        b, i = (int(x) for x in bad.nonzero()[0])
+        raise SJDInputError(f"level: request {b}'s ring slot {int(positions[b, i]) % R} (position "
+                            f"{int(positions[b, i])}) holds level {int(lv[b, i])}, outside 0..K = 0..{K}")
 
 
 def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level_table: torch.Tensor,
@@ -70,6 +92,8 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     check_tensor("latent", latent, dtypes=F32, shape=(B, None, d), dim=3, device=dev, contiguous=True)
     check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
                  contiguous=True)
+    if dev.type == "cpu" and not compiling():
+        _host_checks(positions, commit_end, fresh_start, level, K1 - 1)
     if backend == "cuda" and embed_weight.dtype == torch.float64:
         raise SJDInputError("the CUDA kernel of sjd2_prepare takes float32, float16 or bfloat16 embed_weight, "
                             "got torch.float64: use backend='triton' or 'torch'")

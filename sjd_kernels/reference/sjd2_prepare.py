@@ -67,8 +67,8 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
     k_new = torch.where(win, k_new, torch.zeros_like(k_new))
 
     e_hat = (E.to(torch.float32) - mean) / std
-    kp = k_new.clamp(min=0)
-    ko = k_old.clamp(min=0)
+    kp = k_new.clamp(0, K)             # table reads stay in bounds for ring levels outside 0..K
+    ko = k_old.clamp(0, K)
     x_step = ddim_step(x_old, e_hat, alpha[ko].unsqueeze(-1), torch.where(step, sigma[ko], torch.ones_like(sigma[ko])).unsqueeze(-1),
                        alpha[kp].unsqueeze(-1), sigma[kp].unsqueeze(-1))
     x_new = torch.where(step.unsqueeze(-1), x_step, x_old)

@@ -41,10 +41,12 @@ def _sjd2_prepare_kernel(E_ptr, mean_ptr, std_ptr, L_ptr, a_ptr, s_ptr, tok_ptr,
     k_new = tl.where(step, k_old - 1, k_old)
     k_new = tl.where(win, k_new, 0)
     noisy = win & (k_new > 0)
-    a_k = tl.load(a_ptr + k_old)
-    s_k = tl.where(step, tl.load(s_ptr + k_old), 1.0)
-    a_p = tl.load(a_ptr + k_new)
-    s_p = tl.load(s_ptr + k_new)
+    ko = tl.minimum(tl.maximum(k_old, 0), K)     # table reads stay in bounds for ring levels outside 0..K
+    kp = tl.minimum(tl.maximum(k_new, 0), K)
+    a_k = tl.load(a_ptr + ko)
+    s_k = tl.where(step, tl.load(s_ptr + ko), 1.0)
+    a_p = tl.load(a_ptr + kp)
+    s_p = tl.load(s_ptr + kp)
     k0, k1 = seed_key(tl.load(seed_ptr + b))
     pu = counter_word(tl.where(valid, p, 0))
 
@@ -65,7 +67,7 @@ def _sjd2_prepare_kernel(E_ptr, mean_ptr, std_ptr, L_ptr, a_ptr, s_ptr, tok_ptr,
         e_hat = (e.to(tl.float32) - mu) / sd
         x_step = a_p * e_hat + (s_p / s_k) * (x - a_k * e_hat)
         x = tl.where(step, x_step, x)
-        lv = tl.load(L_ptr + k_new * D + offs, mask=m, other=0.0)
+        lv = tl.load(L_ptr + kp * D + offs, mask=m, other=0.0)
         y = (x * sd + mu + lv).to(e.dtype)
         y = tl.where(noisy, y, e)
         y = tl.where(valid, y, tl.zeros_like(y))
