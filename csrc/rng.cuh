@@ -24,6 +24,7 @@ constexpr uint32_t kStreamGumbel = 7;
 constexpr uint32_t kStreamTree = 8;
 constexpr uint32_t kStreamTreeAccept = 9;
 constexpr uint32_t kStreamTreeResid = 10;
+constexpr uint32_t kStreamSjd2Noise = 11;  // SJD2 position noise (sjd2_prepare)
 
 struct Philox4 {
   uint32_t w[4];

@@ -20,6 +20,16 @@ __device__ __forceinline__ float to_float<__half>(__half v) { return __half2floa
 template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// float -> T, round to nearest even (the PyTorch cast).
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
 // Monotone map float -> uint32 (a < b  <=>  key(a) < key(b) for non-NaN floats). -0 is mapped
 // like +0 so that equal floats get equal keys, as float comparisons (and torch) treat them.
 __device__ __forceinline__ uint32_t order_key(float f) {

@@ -33,36 +33,6 @@ namespace sjd {
 namespace {
 
 constexpr int kMaxThreads = 256;
-constexpr uint32_t kStreamSjd2Noise = 11;  // sjd_kernels.sjd2.noise.STREAM_SJD2_NOISE
-
-struct Params {
-  const void* embed;
-  const float* mean;
-  const float* std_;
-  const float* table;
-  const float* alpha;
-  const float* sigma;
-  const int64_t* tokens;
-  const int64_t* positions;
-  const int64_t* seed;
-  const int64_t* commit_end;
-  const int64_t* fresh_start;
-  const int64_t* row_end;
-  float* latent;
-  int32_t* level;
-  void* out;
-  int64_t N, R, Vt;
-  int d, K;
-};
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // N consecutive elements as one aligned access (16 bytes at most per instruction).
 template <typename T, int N>
@@ -90,7 +60,7 @@ __device__ __forceinline__ float position_noise(const RowRng& rr, uint32_t j) {
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) sjd2_prepare_kernel(const Params p) {
+__global__ void __launch_bounds__(kMaxThreads) sjd2_prepare_kernel(const Sjd2PrepareArgs p) {
   const int64_t slot = blockIdx.x;  // b * N + i
   const int64_t b = slot / p.N;
   const int64_t P = p.positions[slot];
@@ -117,7 +87,7 @@ __global__ void __launch_bounds__(kMaxThreads) sjd2_prepare_kernel(const Params 
   const int d = p.d;
   const T* erow = static_cast<const T*>(p.embed) + tok * d;
   float* lrow = p.latent + (b * p.R + r) * d;
-  const float* trow = p.table + static_cast<int64_t>(kp) * d;
+  const float* trow = p.level_table + static_cast<int64_t>(kp) * d;
   T* orow = static_cast<T*>(p.out) + slot * d;
 
   for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
@@ -166,7 +136,7 @@ __global__ void __launch_bounds__(kMaxThreads) sjd2_prepare_kernel(const Params 
 }
 
 template <typename T, int VEC>
-void launch(const Params& p, int64_t slots, cudaStream_t st) {
+void launch(const Sjd2PrepareArgs& p, int64_t slots, cudaStream_t st) {
   int threads = ((p.d + VEC - 1) / VEC + 31) / 32 * 32;
   threads = threads < 32 ? 32 : (threads > kMaxThreads ? kMaxThreads : threads);
   SJD_LAUNCH((sjd2_prepare_kernel<T, VEC>), static_cast<unsigned>(slots), threads, 0, st)(p);
@@ -177,10 +147,10 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) 
 
 // The 16-byte path when every row starts on a 16-byte boundary, else one lane per access.
 template <typename T>
-void dispatch(const Params& p, int64_t slots, cudaStream_t st) {
+void dispatch(const Sjd2PrepareArgs& p, int64_t slots, cudaStream_t st) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = p.d % kVec == 0 && aligned16(p.embed) && aligned16(p.mean) && aligned16(p.std_) &&
-                   aligned16(p.table) && aligned16(p.latent) && aligned16(p.out);
+                   aligned16(p.level_table) && aligned16(p.latent) && aligned16(p.out);
   if (vec)
     launch<T, kVec>(p, slots, st);
   else
@@ -198,33 +168,12 @@ void sjd2_prepare_launch(const Sjd2PrepareArgs& a) {
                   a.seed && a.commit_end && a.fresh_start && a.row_end && a.latent && a.level && a.out,
               "sjd2_prepare: a required pointer is null");
   require_device(a.device, "sjd2_prepare");
-  Params p{};
-  p.embed = a.embed;
-  p.mean = a.mean;
-  p.std_ = a.std_;
-  p.table = a.level_table;
-  p.alpha = a.alpha;
-  p.sigma = a.sigma;
-  p.tokens = a.tokens;
-  p.positions = a.positions;
-  p.seed = a.seed;
-  p.commit_end = a.commit_end;
-  p.fresh_start = a.fresh_start;
-  p.row_end = a.row_end;
-  p.latent = a.latent;
-  p.level = a.level;
-  p.out = a.out;
-  p.N = a.N;
-  p.R = a.R;
-  p.Vt = a.Vt;
-  p.d = a.d;
-  p.K = a.K;
   cudaStream_t st = static_cast<cudaStream_t>(a.stream);
   const int64_t slots = a.B * a.N;
   switch (a.dtype) {
-    case kF32: dispatch<float>(p, slots, st); break;
-    case kF16: dispatch<__half>(p, slots, st); break;
-    default: dispatch<__nv_bfloat16>(p, slots, st); break;
+    case kF32: dispatch<float>(a, slots, st); break;
+    case kF16: dispatch<__half>(a, slots, st); break;
+    default: dispatch<__nv_bfloat16>(a, slots, st); break;
   }
 }
 

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels.decoding import available_methods, generate  # noqa: E402
-from sjd_kernels.demo import (check_device, check_generation_args, check_output_file, make_output_dir,  # noqa: E402
-                              model_manifest, save_grid)
+from sjd_kernels.demo import (BACKEND_NAMES, check_device, check_generation_args, check_output_file,  # noqa: E402
+                              make_output_dir, model_manifest, save_grid)
 from sjd_kernels.models import bundled  # noqa: E402
 
 BETA_METHODS = ("sjd_vp", "coupling")       # the methods generate() takes a nonzero beta for
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=None, help="VP strength (sjd_vp, coupling)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+    ap.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--with-ar", action="store_true", help="also sample AR with the same seed and show its row")
     ap.add_argument("--out", type=Path, default=Path("samples.png"))

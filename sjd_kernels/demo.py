@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+from .ops._common import BACKENDS
+
+BACKEND_NAMES = ("auto",) + BACKENDS     # what backend= takes
 
 
 def two_sample_test(a: np.ndarray, b: np.ndarray, strata: np.ndarray, vocab: int, permutations: int = 500,
@@ -323,7 +325,7 @@ def check_generation_args(error, model: str, *, methods=(), window: int = 16, cf
     from .decoding import available_methods
     from .models import bundled
     from .ops import SJDInputError
-    from .ops._common import check_temperature, resolve_backend
+    from .ops._common import check_sampling, resolve_backend
     avail = available_methods()
     for m in methods:
         if m not in avail:
@@ -340,16 +342,11 @@ def check_generation_args(error, model: str, *, methods=(), window: int = 16, cf
         error(f"argument --window: must be an int >= 0 (drafts per step; 0 = AR), got {window!r}")
     if not math.isfinite(cfg):
         error(f"argument --cfg: the guidance scale must be a finite number, got {cfg!r}")
-    try:
-        check_temperature(temperature)
-    except SJDInputError as e:
-        error(f"argument --temperature: {e}")
     man = manifest if manifest is not None else model_manifest(error, model)
-    V = int(man["gpt"]["vocab_size"])
-    if not 0 <= top_k <= V:
-        error(f"argument --top-k: must be in [0, {V}] (the {model} model's vocabulary; 0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        error(f"argument --top-p: must be in (0, 1] (1 = off), got {top_p!r}")
+    try:
+        check_sampling(temperature, top_k, top_p, int(man["gpt"]["vocab_size"]))
+    except SJDInputError as e:      # the message starts with the argument: temperature, top_k or top_p
+        error(f"argument --{str(e).split(' ', 1)[0].replace('_', '-')}: {e} ({model} model)")
     if backend not in BACKEND_NAMES:
         error(f"argument --backend: invalid choice {backend!r} (choose from {', '.join(BACKEND_NAMES)})")
     dev = torch.device(device)

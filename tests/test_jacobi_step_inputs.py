@@ -231,7 +231,7 @@ def _vp_overflow_run(backend, beta, vp_form, sim=False):
     return o, st
 
 
-@pytest.mark.parametrize("beta,vp_form", [(100.0, "log"), (1e30, "log"), (3e38, "add")])
+@pytest.mark.parametrize("beta,vp_form", [(100.0, "log"), (1e30, "log"), (-100.0, "log")])
 def test_vp_overflow_keeps_the_target_law(beta, vp_form):
     """A prediction whose weights overflow float32 falls back to the target row itself in every
     backend: valid drafts, no NaN in the state, a clean status, the same tokens everywhere."""

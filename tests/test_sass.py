@@ -123,13 +123,18 @@ def test_a_sparse_lookup_over_the_race_list_issues_fewer_instructions_than_over_
     assert lst["loops"] == [] and row["loops"] == []         # the halvings are unrolled
 
 
-def test_cuda_rows_kernel_metrics():
+def _cuda_metrics(source: str, **kw) -> list:
+    """``S.cuda_metrics`` of ``csrc/<source>`` for sm_90; skips where nvcc or the CUDA tools cannot run."""
     if S.find_nvcc() is None:
         pytest.skip("nvcc not found")
     try:
-        rows = S.cuda_metrics(os.path.join(ROOT, "csrc", "jacobi_step.cu"))
+        return S.cuda_metrics(os.path.join(ROOT, "csrc", source), **kw)
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
         pytest.skip(f"CUDA tools cannot compile/disassemble here: {e}")
+
+
+def test_cuda_rows_kernel_metrics():
+    rows = _cuda_metrics("jacobi_step.cu")
     names = [r["name"] for r in rows]
     # per dtype one instantiation for rows in shared memory and one for rows in the global buffer
     assert len(rows) == 6 and any("bf16" in n for n in names) and any("fp16" in n for n in names), names
@@ -147,12 +152,7 @@ def test_cuda_verify_chain_kernel_fits_its_launch_bound():
     """``csrc/verify_chain.cu`` launches up to 1024 threads per block: each instantiation must fit in
     64 registers without spilling to the stack, and read the laws through global (not generic)
     addresses."""
-    if S.find_nvcc() is None:
-        pytest.skip("nvcc not found")
-    try:
-        rows = S.cuda_metrics(os.path.join(ROOT, "csrc", "verify_chain.cu"), only="verify_chain_kernel")
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        pytest.skip(f"CUDA tools cannot compile/disassemble here: {e}")
+    rows = _cuda_metrics("verify_chain.cu", only="verify_chain_kernel")
     assert sorted(r["name"] for r in rows) == ["void verify_chain_kernel<bf16>(Params)",
                                                "void verify_chain_kernel<float>(Params)",
                                                "void verify_chain_kernel<fp16>(Params)"]
@@ -165,18 +165,13 @@ def test_cuda_sjd2_prepare_kernel_fits_and_moves_16_bytes():
     through global addresses and keeps no stack beyond the 32 bytes of ``cosf``'s reduction of large
     arguments (a path the noise never takes: its argument is below 2 pi); the 16-byte path's table
     row, output and float32 rows move in 16-byte accesses, the one-lane path's do not."""
-    if S.find_nvcc() is None:
-        pytest.skip("nvcc not found")
-    try:
-        rows = S.cuda_metrics(os.path.join(ROOT, "csrc", "sjd2_prepare.cu"), only="sjd2_prepare_kernel")
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        pytest.skip(f"CUDA tools cannot compile/disassemble here: {e}")
+    rows = _cuda_metrics("sjd2_prepare.cu", only="sjd2_prepare_kernel")
     by = {r["name"]: r for r in rows}
-    assert sorted(by) == sorted(f"void sjd2_prepare_kernel<{t}, {v}>(Params)" for t, vs in
+    assert sorted(by) == sorted(f"void sjd2_prepare_kernel<{t}, {v}>(Sjd2PrepareArgs)" for t, vs in
                                 (("float", (4, 1)), ("fp16", (8, 1)), ("bf16", (8, 1))) for v in vs), sorted(by)
     for name, r in by.items():
         assert 0 < r["registers"] <= 255 and r["stack"] <= 32 and r["generic_mem"] == 0, r
-        if name.endswith(", 1>(Params)"):
+        if name.endswith(", 1>(Sjd2PrepareArgs)"):
             assert r["wide_mem"] == 0, r
         else:
             # loads: table row, mean, std, latent, level row; stores: output, latent (in both the

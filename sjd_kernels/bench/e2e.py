@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..demo import BACKEND_NAMES
 from .timing import has_gpu, machine_info
 
 # LlamaGen-XL: 36 layers, d 1280, 20 heads, 16384 codes, 256 tokens (256 px).
@@ -392,8 +393,6 @@ def run_config(models: Models, *, method: str, num_tokens: int, batch: int, samp
 class SettingsError(ValueError):
     """A setting ``run_e2e`` cannot use; the message starts with the setting's name."""
 
-
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 
 def _max_tokens(model: str) -> Optional[int]:

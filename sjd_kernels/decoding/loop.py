@@ -53,8 +53,6 @@ same per-request seed gives the same image alone or inside any batch; with an in
 """
 from __future__ import annotations
 
-import math
-import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,8 +61,8 @@ import torch
 
 from ..models.protocol import check_model
 from ..ops import JacobiState, SJDDeviceError, SJDInputError, check_status, init_window, jacobi_step
-from ..ops.tree import build_tree, tree_kv_update, tree_verify
-from ..ops._common import FLOAT_DTYPES, check_temperature, resolve_backend
+from ..ops.tree import TreeRowError, build_tree, tree_kv_update, tree_verify
+from ..ops._common import FLOAT_DTYPES, check_finite, check_int, check_sampling, resolve_backend, seed_tensor
 from .cache import StaticKVCache
 from .methods import METHODS, PENDING, available_methods
 from . import pac as _pac
@@ -90,16 +88,7 @@ def request_seeds(seed, batch: int, device) -> torch.Tensor:
     ``seed`` for anything else: None, strings, floats, bools, values outside int64)."""
     if isinstance(seed, int) and not isinstance(seed, bool):
         return torch.tensor(derive_seeds(seed, batch), dtype=torch.int64, device=device)
-    what = "seed must be an int or integers that fit in int64 (one per request)"
-    if seed is None or isinstance(seed, (str, bytes, float, bool)):
-        raise SJDInputError(f"{what}, got {seed!r}")
-    try:
-        s = torch.as_tensor(seed)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise SJDInputError(f"{what}, got {seed!r} ({type(e).__name__}: {e})") from None
-    if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
-        raise SJDInputError(f"seed must be an int or integers (one per request), got {s.dtype}")
-    s = s.to(torch.int64).reshape(-1).to(device)
+    s = seed_tensor(seed, device)
     if s.numel() != batch:
         raise SJDInputError(f"seed must be an int or give one seed per request ({batch}), got {s.numel()}")
     return s
@@ -121,15 +110,6 @@ def check_cfg_scale(cfg_scale) -> torch.Tensor:
     if scale.numel() == 0 or not bool(torch.isfinite(scale).all()):
         raise SJDInputError(f"{what}, got {cfg_scale!r}")
     return scale
-
-
-def _real_arg(name: str, v) -> float:
-    """A finite real number (Python, NumPy or 0-d tensor; not a bool) as a float, else SJDInputError naming it."""
-    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool and not v.is_complex():
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-        raise SJDInputError(f"{name} must be a finite real number, got {v!r}")
-    return float(v)
 
 
 @dataclass
@@ -192,12 +172,6 @@ def _device_dtype(model):
         p = next(iter(model.parameters()))
         dev, dtype = p.device, p.dtype
     return dev, dtype
-
-
-def _int_arg(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise SJDInputError(f"{name} must be an int >= {lo}, got {v!r}")
-    return v
 
 
 class _Timer:
@@ -363,7 +337,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         # options of the chain and tree loop that SJD2 does not run: refused, never silently ignored
         unused = [name for name, given in (
             ("forced", forced is not None), ("uncond", uncond is not None),
-            ("beta", beta is not None and _real_arg("beta", beta) != 0.0), ("vp_form", vp_form is not None),
+            ("beta", beta is not None and check_finite("beta", beta) != 0.0), ("vp_form", vp_form is not None),
             ("draft_init", draft_init != "uniform"),
             ("tree_width", tree_width is not None), ("tree_depth", tree_depth is not None),
             ("cache_len", cache_len is not None), ("return_cache", return_cache is not False),
@@ -387,11 +361,11 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     check_model(model)
     dev, dtype = _device_dtype(model)
     V = model.vocab_size
-    N = _int_arg("num_tokens", num_tokens, 1)
+    N = check_int("num_tokens", num_tokens, 1)
     max_tok = getattr(model, "max_image_tokens", None)
     if max_tok is not None and N > max_tok:
         raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
-    W = min(_int_arg("window", window, 0), N - 1) if spec.windowed else 0
+    W = min(check_int("window", window, 0), N - 1) if spec.windowed else 0
     if spec.tree:
         K_tree, D_tree = _pac.check_tree_options(tree_width, tree_depth, window)
         D_tree = min(D_tree, W)
@@ -407,11 +381,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
             raise SJDInputError("state_capacity (sparse state) applies to the chain methods; 'pac' keeps dense laws")
 
     # ---- sampling settings, checked before any work
-    check_temperature(temperature)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= V:
-        raise SJDInputError(f"top_k must be an int in [0, vocab_size={V}] (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
-        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    top_k, top_p = check_sampling(temperature, top_k, top_p, V)
     if draft_init not in ("uniform", "left"):
         raise SJDInputError(f"draft_init must be 'uniform' or 'left', got {draft_init!r}")
     if vp_form is not None:
@@ -420,7 +390,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         if method not in ("sjd_vp", "coupling"):
             raise SJDInputError(f"vp_form (verification prediction) applies to sjd_vp and coupling, not {method!r}")
     vp_form = "add" if vp_form is None else vp_form
-    beta = spec.default_beta if beta is None else _real_arg("beta", beta)
+    beta = spec.default_beta if beta is None else check_finite("beta", beta)
     if beta != 0.0 and method not in ("sjd_vp", "coupling"):
         raise SJDInputError(f"beta (verification prediction) applies to sjd_vp and coupling, not {method!r}")
     if beta != 0.0 and W == 0:
@@ -469,7 +439,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     plan = _pac.PacPlan.create(K_tree, D_tree, W, dev) if spec.tree else None
     span = plan.num_nodes - 1 if spec.tree else W                  # slots a step writes past X[n-1]
     need = L_max + N + span
-    S = need if cache_len is None else _int_arg("cache_len", cache_len, 1)
+    S = need if cache_len is None else check_int("cache_len", cache_len, 1)
     if S < need:
         what = f"a tree of {plan.num_nodes} nodes" if spec.tree else f"a window of {W}"
         raise SJDInputError(f"cache_len {S} is too small: a prompt of {L_max} + {N} image tokens + {what} "
@@ -579,13 +549,10 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
                 o = tree_verify(lc, tree, n, state, uncond_logits=lu, cfg_scale=cfg_t, forced=forced,
                                 temperature=float(temperature), top_k=top_k, top_p=float(top_p), backend=be,
                                 advance=False)
-            except SJDInputError as e:
-                # CPU tensors: tree_verify checks the rows on the host and raises at once (its message
-                # starts "tree_verify: request(s)"). Every other input of it is the loop's own, so it is
-                # the model's output (or the target settings applied to it) that failed: the condition a
-                # GPU run reports through the status, raised as the same SJDDeviceError
-                if not str(e).startswith("tree_verify: request(s)"):
-                    raise
+            except TreeRowError as e:
+                # CPU tensors: tree_verify checks the rows on the host and raises at once. The model's
+                # output (or the target settings applied to it) failed: the condition a GPU run reports
+                # through the status, raised as the same SJDDeviceError
                 raise SJDDeviceError(f"tree step: {e}") from e
             m = o.num_accepted
             ok = active & (m >= 0)             # m = -1: a device error (status set); the request is frozen

@@ -1,6 +1,7 @@
 """Shared plumbing of every op: backend choice, input validation, device status."""
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -213,12 +214,57 @@ def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, to
     check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
     if forced is not None:
         check_tensor("forced", forced, dtypes=i64, dim=2, shape=(B, None), device=dev, contiguous=True)
+    check_sampling(temperature, top_k, top_p, V)
+
+
+def check_sampling(temperature, top_k, top_p, V: int) -> tuple[int, float]:
+    """The target law's knobs (every op, ``generate``, SJD2 and the CLIs): ``temperature`` as
+    ``check_temperature``, ``top_k`` an int in [0, V] (0 = off), ``top_p`` in (0, 1] (1 = off).
+    Messages start with the argument's name. Returns ``(top_k, top_p)`` as int and float."""
     check_temperature(temperature)
     k = as_int(top_k)
     if k is None or k < 0 or k > V:
-        raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off), got {top_k!r}")
+        raise SJDInputError(f"top_k must be an int in [0, V={V}] (0 = off; V = the vocabulary size), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < top_p <= 1.0):
         raise SJDInputError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r}")
+    return k, float(top_p)
+
+
+def check_int(name: str, v, lo: int) -> int:
+    """``v`` as an int >= ``lo`` (Python or NumPy integer; not a bool), else an SJDInputError naming it."""
+    i = as_int(v)
+    if i is None or i < lo:
+        raise SJDInputError(f"{name} must be an int >= {lo}, got {v!r}")
+    return i
+
+
+def check_finite(name: str, v, what: str = "") -> float:
+    """``v`` as a finite float (Python, NumPy or 0-d tensor; not a bool), else an SJDInputError naming it."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool and not v.is_complex():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise SJDInputError(f"{name} must be a finite real number{what}, got {v!r}")
+    return float(v)
+
+
+def seed_tensor(seed, device) -> torch.Tensor:
+    """Per-request seeds as a 1-D int64 tensor. Integers only (Python or NumPy integers, a list or
+    tuple of them, a 1-D integer tensor or array): anything else (None, strings, floats, bools, values
+    outside int64) is an SJDInputError naming ``seed``; a float seed is never truncated silently."""
+    what = "seed must be an int or integers that fit in int64 (one per request)"
+    if not isinstance(seed, (torch.Tensor, list, tuple)) and hasattr(seed, "__array__"):   # NumPy arrays, scalars
+        import numpy as np
+        seed = torch.as_tensor(np.asarray(seed))
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise SJDInputError(f"{what}, got a {seed.dtype} tensor")
+        if seed.dim() > 1:
+            raise SJDInputError(f"seed must be a [B] tensor or list (one per request), got shape {list(seed.shape)}")
+        return seed.to(device=device, dtype=torch.int64).reshape(-1)
+    ints = [as_int(v) for v in (seed if isinstance(seed, (list, tuple)) else [seed])]
+    if any(i is None or not -2 ** 63 <= i < 2 ** 63 for i in ints):
+        raise SJDInputError(f"{what}, got {seed!r}")
+    return torch.tensor(ints, dtype=torch.int64, device=device)
 
 
 def as_int(x):
@@ -237,36 +283,40 @@ def compiling() -> bool:
     return bool(f()) if f is not None else False
 
 
+def _guard(t: torch.Tensor, bad: torch.Tensor, message):
+    """On the CPU (eager) an entry marked ``bad`` is an SJDInputError (``message()``); elsewhere there
+    is no host sync: returns ``(t with bad entries set to 0, bad)`` for ``mark_request_errors``, else
+    ``(t, None)``."""
+    if t.device.type == "cpu" and not compiling():
+        if bool(bad.any()):
+            raise SJDInputError(message())
+        return t, None
+    return torch.where(bad, torch.zeros_like(t), t), bad
+
+
 def guard_win_len(win_len: torch.Tensor, W: int):
-    """``win_len`` must lie in ``[0, W]``. On the CPU (eager) that is checked here (SJDInputError);
-    elsewhere there is no host sync: returns ``(win_len with bad entries set to 0, bad mask)`` for
-    ``mark_win_len_errors``, else ``(win_len, None)``."""
-    if win_len.device.type == "cpu" and not compiling():
-        if bool(((win_len < 0) | (win_len > W)).any()):
-            raise SJDInputError(f"win_len must be in [0, W={W}], got {win_len.tolist()}")
-        return win_len, None
-    bad = (win_len < 0) | (win_len > W)
-    return torch.where(bad, torch.zeros_like(win_len), win_len), bad
-
-
-def mark_win_len_errors(bad, status: torch.Tensor, outputs: tuple, bit: int = 8) -> tuple:
-    """Requests with ``bad`` win_len (``guard_win_len``; or pos, ``guard_pos`` with bit 16) return -1
-    in every output ([B] or [B, n]) and set status bit ``bit``."""
-    if bad is None:
-        return outputs
-    out = tuple(torch.where(bad.view(-1, *([1] * (o.dim() - 1))), torch.full_like(o, -1), o) for o in outputs)
-    status[0:1].bitwise_or_((bad.any().to(torch.int32) * bit).view(1))
-    return out
+    """``win_len`` must lie in ``[0, W]`` (``_guard``; the caller marks bad requests with bit 8)."""
+    return _guard(win_len, (win_len < 0) | (win_len > W),
+                  lambda: f"win_len must be in [0, W={W}], got {win_len.tolist()}")
 
 
 def guard_pos(pos: torch.Tensor, name: str = "pos"):
-    """``pos`` must lie in ``[0, POS_MAX]``. On the CPU (eager) that is checked here (SJDInputError);
-    elsewhere there is no host sync: returns ``(pos with bad entries set to 0, bad mask)`` (the caller
-    runs those requests with nothing to verify and marks them with ``mark_win_len_errors(..., bit=16)``),
-    else ``(pos, None)``."""
-    bad = (pos < 0) | (pos > POS_MAX)
-    if pos.device.type == "cpu" and not compiling():
-        if bool(bad.any()):
-            raise SJDInputError(f"{name} must be in [0, 2^62] (absolute image positions), got {pos.tolist()}")
-        return pos, None
-    return torch.where(bad, torch.zeros_like(pos), pos), bad
+    """``pos`` must lie in ``[0, POS_MAX]`` (``_guard``; the caller runs bad requests with nothing to
+    verify and marks them with bit 16)."""
+    return _guard(pos, (pos < 0) | (pos > POS_MAX),
+                  lambda: f"{name} must be in [0, 2^62] (absolute image positions), got {pos.tolist()}")
+
+
+def mark_request_errors(status: torch.Tensor, outputs: tuple, *flags) -> tuple:
+    """``flags``: ``(bad [B] or None, bit)`` pairs from the guards. Requests marked in any of them return
+    -1 in every output ([B] or [B, n]); each bit is set in ``status[0]`` when its mask holds a request."""
+    flags = [(bad, bit) for bad, bit in flags if bad is not None]
+    if not flags:
+        return outputs
+    any_bad = flags[0][0]
+    for bad, _ in flags[1:]:
+        any_bad = any_bad | bad
+    out = tuple(torch.where(any_bad.view(-1, *([1] * (o.dim() - 1))), torch.full_like(o, -1), o) for o in outputs)
+    for bad, bit in flags:
+        status[0:1].bitwise_or_((bad.any().to(torch.int32) * bit).view(1))
+    return out

@@ -8,17 +8,15 @@ captured in a CUDA graph.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..reference import jacobi_step as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, as_int, check_cfg, check_state_and_sampling,
-                      check_tensor, check_window_rows, guard_pos, guard_win_len, mark_win_len_errors, new_status,
-                      resolve_backend)
+from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, as_int, check_cfg, check_finite, check_int,
+                      check_state_and_sampling, check_tensor, check_window_rows, guard_pos, guard_win_len,
+                      mark_request_errors, new_status, resolve_backend, seed_tensor)
 
 I64 = (torch.int64,)
 
@@ -87,17 +85,11 @@ class JacobiState:
     @classmethod
     def create(cls, batch: int, window: int, vocab: int, seed, *, device="cpu", vp: bool = False,
                ring: int | None = None, capacity: int | None = None) -> "JacobiState":
-        for name, val, lo in (("batch", batch, 1), ("window", window, 0), ("vocab", vocab, 1)):
-            if as_int(val) is None or as_int(val) < lo:
-                raise SJDInputError(f"{name} must be an int >= {lo}, got {val!r}")
-        batch, window, vocab = as_int(batch), as_int(window), as_int(vocab)
-        ring = window + 1 if ring is None else ring
-        if as_int(ring) is None or as_int(ring) < window + 1:
-            raise SJDInputError(f"ring must be an int >= window + 1 = {window + 1}, got {ring!r}")
-        ring = as_int(ring)
+        batch, window, vocab = check_int("batch", batch, 1), check_int("window", window, 0), check_int("vocab", vocab, 1)
+        ring = check_int("ring", window + 1 if ring is None else ring, window + 1)   # >= window + 1
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise SJDInputError(f"capacity must be a positive int (sparse state) or None (dense), got {capacity!r}")
-        seed = _seed_tensor(seed, device)
+        seed = seed_tensor(seed, device)
         if seed.numel() == 1 and batch > 1:
             raise SJDInputError("seed must give one value per request (a [B] tensor or list); "
                                 "derive per-request seeds explicitly so results do not depend on the batch")
@@ -127,26 +119,6 @@ class JacobiState:
         if not self.sparse:
             return self.q_state
         return ref.densify(self.q_idx, self.q_state, self.vocab_size)
-
-
-def _seed_tensor(seed, device) -> torch.Tensor:
-    """Per-request seeds as a 1-D int64 tensor: integers only (a float seed would be truncated silently)."""
-    if not isinstance(seed, (torch.Tensor, list, tuple)) and hasattr(seed, "__array__"):   # NumPy arrays, scalars
-        import numpy as np
-        seed = torch.as_tensor(np.asarray(seed))
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
-            raise SJDInputError(f"seed must hold integers, got a {seed.dtype} tensor")
-        if seed.dim() > 1:
-            raise SJDInputError(f"seed must be a [B] tensor or list (one per request), got shape {list(seed.shape)}")
-        return seed.to(device=device, dtype=torch.int64).reshape(-1)
-    vals = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-    ints = [as_int(v) for v in vals]
-    if any(i is None for i in ints):
-        raise SJDInputError(f"seed must be integers (one per request), got {seed!r}")
-    if any(not (-2 ** 63 <= i < 2 ** 63) for i in ints):
-        raise SJDInputError(f"seeds must fit in int64, got {seed!r}")
-    return torch.tensor(ints, dtype=torch.int64, device=device)
 
 
 @dataclass
@@ -198,11 +170,9 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
     m = _MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else None
     if m not in ref.MODES:
         raise SJDInputError(f"mode must be one of sjd, vp, coupling, coupling_vp, gumbel, gumbel_jacobi, got {mode!r}")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta):
-        raise SJDInputError(f"beta must be a finite number (0 = no verification prediction), got {beta!r}")
-    if (isinstance(vp_eps, bool) or not isinstance(vp_eps, numbers.Real) or not math.isfinite(vp_eps)
-            or not vp_eps > 0.0):
-        raise SJDInputError(f"vp_eps must be a finite number > 0 (the log form's floor), got {vp_eps!r}")
+    check_finite("beta", beta, " (0 = no verification prediction)")
+    if not check_finite("vp_eps", vp_eps, " > 0 (the log form's floor)") > 0.0:
+        raise SJDInputError(f"vp_eps must be a finite real number > 0 (the log form's floor), got {vp_eps!r}")
     if beta != 0.0 and m in ("gumbel", "gumbel_jacobi"):
         raise SJDInputError(f"beta (verification prediction) applies to sjd and coupling, not {mode!r}")
     if beta != 0.0 and state.p_prev.numel() == 0:
@@ -249,8 +219,7 @@ def jacobi_step(logits: torch.Tensor, drafts: torch.Tensor, win_len: torch.Tenso
         float(temperature), int(top_k), float(top_p), mode_code, float(beta),
         ref.VP_ADD if vp_form == "add" else ref.VP_LOG, float(vp_eps),
         ref.TAIL_UNIFORM if tail_init == "uniform" else ref.TAIL_LEFT, BACKEND_CODE[be])
-    out = mark_win_len_errors(win_bad, state.status, out)
-    out = mark_win_len_errors(pos_bad, state.status, out, bit=ref.ERR_POS)
+    out = mark_request_errors(state.status, out, (win_bad, ref.ERR_WIN_LEN), (pos_bad, ref.ERR_POS))
     if advance:
         state.step.add_(1)
     return JacobiOutput(*out)
@@ -276,4 +245,4 @@ def init_window(state: JacobiState, pos: torch.Tensor, window: int, forced: torc
         check_tensor("forced", forced, dtypes=I64, shape=(B, None), dim=2, device=dev)
     pos, bad = guard_pos(pos)
     tok = ref.init_window(state.seed, pos, state.step, w, state.vocab_size, state.q_kind, forced)
-    return mark_win_len_errors(bad, state.status, (tok,), bit=ref.ERR_POS)[0]
+    return mark_request_errors(state.status, (tok,), (bad, ref.ERR_POS))[0]

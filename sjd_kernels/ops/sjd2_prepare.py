@@ -40,7 +40,7 @@ def _(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, see
     return embed_weight.new_empty((B, N, embed_weight.shape[1]))
 
 
-def _host_checks(positions, commit_end, fresh_start, level, K: int) -> None:
+def _check_ring_on_host(positions, commit_end, fresh_start, level, K: int) -> None:
     """CPU tensors (these synchronise): the window positions of a request occupy distinct ring slots,
     and the levels they read from the ring lie in 0..K (on a GPU the kernels clamp their table reads
     instead, so a bad ring cannot read out of bounds)."""
@@ -93,7 +93,7 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
                  contiguous=True)
     if dev.type == "cpu" and not compiling():
-        _host_checks(positions, commit_end, fresh_start, level, K1 - 1)
+        _check_ring_on_host(positions, commit_end, fresh_start, level, K1 - 1)
     if backend == "cuda" and embed_weight.dtype == torch.float64:
         raise SJDInputError("the CUDA kernel of sjd2_prepare takes float32, float16 or bfloat16 embed_weight, "
                             "got torch.float64: use backend='triton' or 'torch'")

@@ -101,6 +101,11 @@ def _(keys, values, path, cache_len, ptr_table, status, backend):
 
 # ----------------------------------------------------------------------------- helpers
 
+class TreeRowError(SJDInputError):
+    """tree_verify on CPU tensors: a row or draft that the device path flags in the status (non-finite
+    rows, draft ids out of range), raised at once; a decoding loop treats it as a device error."""
+
+
 def _host_checks(t: torch.Tensor) -> bool:
     """Host-side checks (they synchronise) run for CPU tensors only, never while tracing."""
     return t.device.type == "cpu" and not compiling()
@@ -214,8 +219,8 @@ def tree_verify(logits: torch.Tensor, tree: TreeLayout, pos: torch.Tensor, state
         float(top_p), int(tree.max_depth), BACKEND_CODE[be])
     if host:
         if int(status[0]):
-            raise SJDInputError(_describe_inputs(logits, tree, pos, uncond_logits, cfg_scale, forced, int(status[0]),
-                                                 out[0], temperature))
+            raise TreeRowError(_describe_inputs(logits, tree, pos, uncond_logits, cfg_scale, forced, int(status[0]),
+                                                out[0], temperature))
         state.status[1:] += status[1:]
     if advance:
         state.step.add_(1)
@@ -249,6 +254,12 @@ def _describe_inputs(logits, tree: TreeLayout, pos, uncond, cfg_scale, forced, e
     return f"tree_verify: request(s) {rows[:8]}: " + "; ".join(msgs) + " (nothing was changed)"
 
 
+def _check_kv_lists(keys, values) -> None:
+    if len(keys) == 0 or len(keys) != len(values):
+        raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)} and "
+                            f"{len(values)}")
+
+
 def kv_pointer_table(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
     """Device array ``[2 * layers]`` int64 of base addresses ``k0, v0, k1, v1, ...`` for the list layout.
 
@@ -256,9 +267,7 @@ def kv_pointer_table(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor
     host-to-device copies (and CUDA-graph capturable). It is only valid while those tensors live.
     """
     keys, values = list(keys), list(values)
-    if len(keys) == 0 or len(keys) != len(values):
-        raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)} and "
-                            f"{len(values)}")
+    _check_kv_lists(keys, values)
     for name, lst in (("keys", keys), ("values", values)):
         for i, t in enumerate(lst):
             if not isinstance(t, torch.Tensor):
@@ -335,9 +344,7 @@ def _validate_kv(kv, keys, values, path, cache_len, status):
             raise SJDInputError(f"cache must be [layers, 2, R, H_kv, S, D] (dim 1 = K, V), got {list(kv.shape)}")
         dev, dt = kv.device, kv.dtype
     else:
-        if len(keys) == 0 or len(keys) != len(values):
-            raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)} and "
-                                f"{len(values)}")
+        _check_kv_lists(keys, values)
         check_tensor("keys[0]", keys[0], dtypes=KV_DTYPES, dim=4)
         R, H, S, D = keys[0].shape
         dev, dt, st = keys[0].device, keys[0].dtype, keys[0].stride()

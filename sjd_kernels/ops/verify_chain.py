@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import verify_chain as ref
+from ..reference.jacobi_step import ERR_WIN_LEN
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, check_tensor, check_window_rows, guard_win_len,
-                      mark_win_len_errors, new_status, resolve_backend)
+                      mark_request_errors, new_status, resolve_backend)
 
 I64 = (torch.int64,)
 
@@ -83,4 +84,4 @@ def verify_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_id
     win_len, win_bad = guard_win_len(win_len, W)
     out = torch.ops.sjd.verify_chain(target_probs, draft_probs, draft_ids, win_len, pos, seed, step, status,
                                      BACKEND_CODE[be])
-    return VerifyOutput(*mark_win_len_errors(win_bad, status, out), status)
+    return VerifyOutput(*mark_request_errors(status, out, (win_bad, ERR_WIN_LEN)), status)

@@ -31,7 +31,6 @@ and the logits are image-only ``[B, N, V]`` (uncond: the CFG rows, or None).
 """
 from __future__ import annotations
 
-import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -267,9 +266,9 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     raises ``SJDDeviceError``. Returns ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the
     ``SJD2Result``.
     """
-    from ..decoding.loop import GenerateOutput, GenerateStats, _int_arg, check_cfg_scale, request_seeds
+    from ..decoding.loop import GenerateOutput, GenerateStats, check_cfg_scale, request_seeds
     from ..models.protocol import check_model
-    from ..ops._common import SJDInputError, check_temperature, resolve_backend
+    from ..ops._common import SJDInputError, check_int, check_sampling, resolve_backend
     from .checkpoint import gpt_forward_parts
 
     # ---- every argument, before any work
@@ -288,11 +287,11 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
         raise SJDInputError(f"sjd2_kv (kv) must be one of {', '.join(KV_POLICIES)}, got {kv!r}")
     dev = next(model.parameters()).device
     V = model.vocab_size
-    N = _int_arg("num_tokens", num_tokens, 1)
+    N = check_int("num_tokens", num_tokens, 1)
     max_tok = getattr(model, "max_image_tokens", None)
     if max_tok is not None and N > max_tok:
         raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
-    W = min(_int_arg("window", window, 0), N - 1)
+    W = min(check_int("window", window, 0), N - 1)
     if isinstance(sjd2, str):
         sjd2 = getattr(model, "sjd2", None)
         if sjd2 is None and W > 0:
@@ -303,11 +302,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
         if sjd2 is not None and not isinstance(sjd2, SJD2Embedding):
             raise SJDInputError(f"sjd2: model.sjd2 must be an SJD2Embedding (checkpoint.load_finetuned sets it), "
                                 f"got {type(sjd2).__name__}")
-    check_temperature(temperature)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= V:
-        raise SJDInputError(f"top_k must be an int in [0, vocab_size={V}] (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
-        raise SJDInputError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    top_k, top_p = check_sampling(temperature, top_k, top_p, V)
     resolve_backend(backend, dev)
     scale = check_cfg_scale(cfg_scale)
     cond = model.check_cond(cond)
