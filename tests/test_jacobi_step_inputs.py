@@ -206,6 +206,39 @@ def test_state_of_the_wrong_type_and_odd_status_words():
     assert (o.num_accepted >= 0).all()
 
 
+@pytest.mark.parametrize("where", ["p_prev", "q_idx", "q_state_sparse"])
+def test_edited_state_is_refused_on_the_cpu(where):
+    """The stored laws a step reads must be what the ops write: an edited ``p_prev`` (VP), a sparse
+    lane id outside [0, V) or a negative sparse value is an SJDInputError naming the (request, slot);
+    the state is left as it was. (``q_state`` / ``q_kind`` of the dense form: test_tree_verify.)"""
+    B, W, V = 3, 4, 9
+    st = sk.JacobiState.create(B, W, V, seed=[1, 2, 3], vp=where == "p_prev",
+                               capacity=None if where == "p_prev" else 5)
+    pos = torch.tensor([0, 5, 17])
+    drafts = sk.init_window(st, pos, W)
+    logits = torch.randn(B, W + 1, V, generator=torch.Generator().manual_seed(4))
+    win = torch.tensor([W, 2, 1])
+    kw = dict(mode="vp", beta=0.5) if where == "p_prev" else dict(top_k=4)
+    o = sk.jacobi_step(logits, drafts, win, pos, st, **kw)                    # a valid state: runs
+    sk.check_status(st.status)
+    pos = pos + o.num_accepted + 1
+    if where == "p_prev":
+        st.p_prev[2, 1, 0] = float("nan")
+        msg = "p_prev holds NaN, infinite or negative values at \\(request, slot\\) \\[\\[2, 1\\]\\]"
+    elif where == "q_idx":
+        st.q_idx[0, 3, 1] = V
+        msg = "q_idx holds lane ids outside \\[0, V=9\\) at \\(request, slot\\) \\[\\[0, 3\\]\\]"
+    else:
+        st.q_state[1, 4, 0] = -1.0
+        msg = "q_state holds NaN, infinite or negative values at \\(request, slot\\) \\[\\[1, 4\\]\\]"
+    snap = [t.clone() for t in (st.q_state.view(torch.int32), st.p_prev.view(torch.int32), st.q_idx, st.q_kind,
+                                st.step, st.status)]
+    with pytest.raises(SJDInputError, match=msg):
+        sk.jacobi_step(logits, o.next_drafts, win, pos, st, **kw)
+    now = (st.q_state.view(torch.int32), st.p_prev.view(torch.int32), st.q_idx, st.q_kind, st.step, st.status)
+    assert all(torch.equal(a, b) for a, b in zip(now, snap)), "a refused call changed the state"
+
+
 def _vp_overflow_run(backend, beta, vp_form, sim=False):
     """Two VP steps whose second has a prediction that overflows float32 (a huge beta)."""
     B, W, V = 2, 3, 12

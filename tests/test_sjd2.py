@@ -635,6 +635,21 @@ def test_sjd2_levels0_equals_loop_sjd(cfg):
     assert not torch.equal(noisy.tokens, want.tokens)
 
 
+def test_sjd2_progress_bar(capsys):
+    """``progress=True`` draws the same bar as the other methods (committed tokens of the batch);
+    ``progress=False`` draws none; the tokens do not depend on it."""
+    from sjd_kernels.decoding import generate
+    m = _tiny_gpt(seed=3)
+    m.__dict__["sjd2"] = SJD2Embedding(NoiseSchedule(levels=2), EmbedNorm.from_embedding(_emb_rows(m)))
+    cls = torch.tensor([0, 1])
+    quiet = generate(m, cls, 20, method="sjd2", window=4, seed=2, progress=False)
+    assert "sjd2 W=4" not in capsys.readouterr().err
+    shown = generate(m, cls, 20, method="sjd2", window=4, seed=2, progress=True)
+    err = capsys.readouterr().err
+    assert "sjd2 W=4" in err and "/40" in err
+    assert torch.equal(quiet.tokens, shown.tokens)
+
+
 @pytest.mark.parametrize("kv", ["keep", "recompute"])
 def test_sjd2_kv_cache_equals_recomputed_prefix(kv):
     """The KV-cache forward and the prefix-recomputing one give the same SJD2 tokens (float64 model)."""

@@ -595,6 +595,68 @@ def test_tree_layout_helpers():
     assert torch.equal(t.position_ids(cl)[:, 0], cl) and torch.equal(t.node_slots(cl)[:, 1], cl + 1)
 
 
+def test_tree_layout_helper_errors():
+    """The layout helpers name a bad argument instead of failing deep inside (AttributeError,
+    IndexError) or silently cutting the mask short."""
+    b = random_batch(B=2, K=2, D=2, W=3, seed=81)
+    t = b["tree"]
+    N = t.num_nodes
+    cl = torch.tensor([5, 9])
+    # an int is a cache length for every request
+    assert torch.equal(t.position_ids(5), t.position_ids(torch.tensor([5, 5])))
+    assert torch.equal(t.node_slots(3)[:, 0], torch.tensor([3, 3]))
+    assert torch.equal(t.attention_mask(9, 9 + N), t.attention_mask(torch.tensor([9, 9]), 9 + N))
+    for bad, msg in ((torch.tensor([5.0, 9.0]), "integers"), (torch.tensor([5, 9, 1]), "\\[B=2\\]"),
+                     (torch.tensor([-1, 9]), ">= 0"), (-3, ">= 0"), ("5", "int or a \\[B=2\\]"),
+                     (torch.tensor([True, False]), "integers")):
+        for f in (t.position_ids, t.node_slots, lambda c: t.attention_mask(c, 64)):
+            with pytest.raises(sk.SJDInputError, match=msg):
+                f(bad)
+    # the mask must cover every node slot: kv_len >= cache_len + N for every request
+    assert t.attention_mask(cl, 9 + N).shape == (2, N, 9 + N)
+    with pytest.raises(sk.SJDInputError, match="too short: request\\(s\\) \\[1\\]"):
+        t.attention_mask(cl, 8 + N)
+    for kv_len in (N - 1, 20.0, None):
+        with pytest.raises(sk.SJDInputError, match="kv_len"):
+            t.attention_mask(torch.tensor([0, 0]), kv_len)
+    # rows: request indices in [0, B)
+    assert torch.equal(t.rows([1, 0]).tokens, t.tokens.flip(0))
+    for idx, msg in ((torch.tensor([0, 2]), "\\[0, B=2\\)"), (torch.tensor([-1]), "\\[0, B=2\\)"),
+                     (torch.tensor([[0, 1]]), "1-D integer"), (torch.tensor([0.0]), "1-D integer"),
+                     (["a"], "request indices")):
+        with pytest.raises(sk.SJDInputError, match=msg):
+            t.rows(idx)
+
+
+@pytest.mark.parametrize("where", ["q_state_nan", "q_state_neg", "q_state_inf", "q_kind"])
+def test_corrupt_state_is_refused_on_the_cpu(where):
+    """A state whose stored laws are no probabilities (or whose kinds are unknown) cannot give the
+    drafts a law: ``build_tree``, ``tree_verify`` and ``jacobi_step`` refuse it on the CPU, naming
+    the (request, slot), and change nothing."""
+    b = _full_batch()
+    st = sk.JacobiState(b["q_state"].clone(), b["q_kind"].clone(), torch.empty(0), b["seed"], b["step"].clone(),
+                        torch.zeros(4, dtype=torch.int32))
+    t = b["tree"]
+    if where == "q_kind":
+        st.q_kind[1, 2] = 3
+        msg = "q_kind holds unknown kinds \\[3\\] at \\(request, slot\\) \\[\\[1, 2\\]\\]"
+    else:
+        st.q_state[1, 2, 3] = {"q_state_nan": float("nan"), "q_state_neg": -0.25, "q_state_inf": float("inf")}[where]
+        msg = "q_state holds NaN, infinite or negative values at \\(request, slot\\) \\[\\[1, 2\\]\\]"
+    bits = lambda: [x.clone() for x in (st.q_state.view(torch.int32), st.q_kind, st.step, st.status)]  # noqa: E731
+    snap = bits()
+    with pytest.raises(sk.SJDInputError, match=msg):
+        sk.tree_verify(b["logits"], t, b["pos"], st)
+    with pytest.raises(sk.SJDInputError, match=msg):
+        sk.build_tree(st, t.tokens[:, 0].contiguous(), b["pos"], K=2, depth=1, window=2)
+    B, R, V = st.q_state.shape
+    W = R - 1
+    with pytest.raises(sk.SJDInputError, match=msg):
+        sk.jacobi_step(torch.zeros(B, W + 1, V), torch.zeros(B, W, dtype=I64), torch.zeros(B, dtype=I64), b["pos"],
+                       st)
+    assert all(torch.equal(x, y) for x, y in zip(bits(), snap)), "a refused call changed the state"
+
+
 def test_opcheck_registration():
     """Schema, fake kernels and autograd registration of the three tree ops (``torch.library.opcheck``)."""
     b = random_batch(B=3, seed=91)

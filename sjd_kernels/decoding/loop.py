@@ -531,7 +531,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
             n_rows = n
             if use_cfg:
                 emb = torch.cat([emb, emb], 0)
-                trow = tree.rows(row_index)
+                trow = tree._select(row_index)
                 n_rows = torch.cat([n, n])
             emb0 = torch.where((n_rows == 0).view(rows, 1, 1), first_emb, emb[:, :1])
             emb = torch.cat([emb0, emb[:, 1:]], 1)

@@ -283,6 +283,56 @@ def compiling() -> bool:
     return bool(f()) if f is not None else False
 
 
+def may_sync(t: torch.Tensor) -> bool:
+    """A helper off the hot path may check its arguments on the host: not while torch.compile traces
+    and not while a CUDA graph captures (a synchronisation would break either)."""
+    if compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def host_checks(t: torch.Tensor) -> bool:
+    """Host-side checks (they synchronise) run for CPU tensors only, never while tracing."""
+    return t.device.type == "cpu" and not compiling()
+
+
+def _bad_law_values(t: torch.Tensor) -> torch.Tensor:
+    """``[B, R]`` bool: slots holding a value that is no probability (NaN, infinite or negative)."""
+    return ~((t >= 0) & (t < float("inf"))).all(-1)
+
+
+def check_state_contents(state, V: int) -> None:
+    """The stored laws of a state on the CPU (eager): every value of ``q_state`` and ``p_prev`` a
+    probability (finite, >= 0), every ``q_kind`` a known kind, sparse lane ids in ``[0, V)`` or the
+    padding id. The ops write only such states; one a caller edited gives garbage draws, so on the
+    CPU it is an SJDInputError naming the first bad (request, slot) pairs. On a GPU (no host sync)
+    the contents are not checked: only the ops should write a state."""
+    if not host_checks(state.q_state):
+        return
+    from ..reference.jacobi_step import FLAG_PREV, IDX_PAD, KIND_MASK
+    problems = []
+    for name, t in (("q_state", state.q_state), ("p_prev", state.p_prev)):
+        if t.numel() and t.dim() == 3:
+            bad = _bad_law_values(t)
+            if bool(bad.any()):
+                problems.append(f"state.{name} holds NaN, infinite or negative values at (request, slot) "
+                                f"{bad.nonzero().tolist()[:8]}")
+    kind = state.q_kind.to(torch.int64)
+    bad = (kind < 0) | (kind > (KIND_MASK | FLAG_PREV)) | ((kind & KIND_MASK) == KIND_MASK)
+    if bool(bad.any()):
+        problems.append(f"state.q_kind holds unknown kinds {sorted(set(kind[bad].tolist()))[:8]} at (request, slot) "
+                        f"{bad.nonzero().tolist()[:8]} (kinds: 0 dense, 1 uniform, 2 one-hot, plus flag 4)")
+    if state.q_idx.numel() and state.q_idx.dim() == 3:
+        ids = state.q_idx.to(torch.int64)
+        bad = (((ids < 0) | (ids >= V)) & (ids != IDX_PAD)).any(-1)
+        if bool(bad.any()):
+            problems.append(f"state.q_idx holds lane ids outside [0, V={V}) at (request, slot) "
+                            f"{bad.nonzero().tolist()[:8]}")
+    if problems:
+        raise SJDInputError("; ".join(problems) + ": the state holds what the ops write (laws of probabilities); "
+                            "create it with JacobiState.create and let the ops update it")
+
+
 def _guard(t: torch.Tensor, bad: torch.Tensor, message):
     """On the CPU (eager) an entry marked ``bad`` is an SJDInputError (``message()``); elsewhere there
     is no host sync: returns ``(t with bad entries set to 0, bad)`` for ``mark_request_errors``, else

@@ -15,8 +15,8 @@ import torch
 
 from ..reference import jacobi_step as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, as_int, check_cfg, check_finite, check_int,
-                      check_state_and_sampling, check_tensor, check_window_rows, guard_pos, guard_win_len,
-                      mark_request_errors, new_status, resolve_backend, seed_tensor)
+                      check_state_and_sampling, check_state_contents, check_tensor, check_window_rows, guard_pos,
+                      guard_win_len, mark_request_errors, new_status, resolve_backend, seed_tensor)
 
 I64 = (torch.int64,)
 
@@ -167,6 +167,7 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
         check_tensor("state.p_prev", state.p_prev, dtypes=(torch.float32,), shape=(B, R, C), dim=3, device=dev,
                      contiguous=True)
     check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
+    check_state_contents(state, V)
     m = _MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else None
     if m not in ref.MODES:
         raise SJDInputError(f"mode must be one of sjd, vp, coupling, coupling_vp, gumbel, gumbel_jacobi, got {mode!r}")

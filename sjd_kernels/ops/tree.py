@@ -25,8 +25,9 @@ import torch
 from ..reference import tree as ref
 from ..reference.target import bad_rows
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_cfg,
-                      check_state_and_sampling, check_status, check_tensor, compiling, new_status, resolve_backend)
-from .jacobi_step import JacobiState
+                      check_state_and_sampling, check_state_contents, check_status, check_tensor, compiling,
+                      guard_pos, host_checks, new_status, resolve_backend)
+from .jacobi_step import JacobiState, check_state_type
 
 I64 = (torch.int64,)
 KV_DTYPES = FLOAT_DTYPES + (torch.float64,)      # float64 caches: torch backend only (tests' tiny models)
@@ -106,11 +107,6 @@ class TreeRowError(SJDInputError):
     rows, draft ids out of range), raised at once; a decoding loop treats it as a device error."""
 
 
-def _host_checks(t: torch.Tensor) -> bool:
-    """Host-side checks (they synchronise) run for CPU tensors only, never while tracing."""
-    return t.device.type == "cpu" and not compiling()
-
-
 def _dense_only(state: JacobiState) -> None:
     if state.sparse:
         raise SJDInputError("tree drafting needs the dense state (JacobiState.create without capacity): "
@@ -125,10 +121,19 @@ def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, 
     from stream ``STREAM_TREE`` at ``state.step``; ``first [B, window]`` (-1 = none) gives a
     coupled first sibling per level. See ``sjd_kernels.reference.tree.build_tree``.
     """
+    check_state_type(state)
     _dense_only(state)
+    check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), dim=3)
     B, R, V = state.q_state.shape
-    check_tensor("root_token", root_token, dtypes=I64, shape=(B,), dim=1, last_contiguous=False)   # e.g. x[:, -1]
-    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1)
+    dev = state.q_state.device
+    check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, R), dim=2, device=dev)
+    for name in ("seed", "step"):
+        check_tensor(f"state.{name}", getattr(state, name), dtypes=I64, shape=(B,), dim=1, device=dev)
+    check_tensor("root_token", root_token, dtypes=I64, shape=(B,), dim=1, device=dev,
+                 last_contiguous=False)   # e.g. x[:, -1]
+    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev)
+    if host_checks(pos):
+        guard_pos(pos)
     if not (isinstance(K, int) and not isinstance(K, bool) and K >= 1 and K <= ref.MAX_SIBLINGS):
         raise SJDInputError(f"K must be an int in [1, {ref.MAX_SIBLINGS}], got {K!r}")
     if not (isinstance(depth, int) and isinstance(window, int) and not isinstance(depth, bool)
@@ -137,9 +142,10 @@ def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, 
     if R < window + 1:
         raise SJDInputError(f"state ring ({R} slots) must be >= window + 1 = {window + 1}")
     if first is not None:
-        check_tensor("first", first, dtypes=I64, shape=(B, window), dim=2)
+        check_tensor("first", first, dtypes=I64, shape=(B, window), dim=2, device=dev)
     if forced is not None:
-        check_tensor("forced", forced, dtypes=I64, shape=(B, None), dim=2)
+        check_tensor("forced", forced, dtypes=I64, shape=(B, None), dim=2, device=dev)
+    check_state_contents(state, V)
     try:
         return ref.build_tree(root_token, pos, state.seed, state.step, state.q_state, state.q_kind, K, depth, window,
                               first=first, forced=forced)
@@ -165,6 +171,9 @@ def _describe_structure(tree: TreeLayout, R: int) -> str:
 
 def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, cfg_scale, forced,
                     temperature, top_k, top_p):
+    check_state_type(state)
+    if not isinstance(tree, TreeLayout):
+        raise SJDInputError(f"tree must be a TreeLayout (build_tree), got {type(tree).__name__}")
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, dim=3)
     B, N, V = logits.shape
     dev = logits.device
@@ -186,7 +195,8 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
     check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, R), dim=2, device=dev,
                  contiguous=True)
     check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
-    if _host_checks(tree.parent):
+    check_state_contents(state, V)
+    if host_checks(tree.parent):
         bad, _ = ref.structure_errors(tree.parent, tree.depth, tree.sib, tree.q_slot, R, tree.max_depth)
         if bool(bad.any()):
             raise SJDInputError(_describe_structure(tree, R))
@@ -210,7 +220,7 @@ def tree_verify(logits: torch.Tensor, tree: TreeLayout, pos: torch.Tensor, state
     """
     validate_verify(logits, tree, pos, state, uncond_logits, cfg_scale, forced, temperature, top_k, top_p)
     be = resolve_backend(backend, logits.device)
-    host = _host_checks(logits)
+    host = host_checks(logits)
     # CPU: run into a scratch status so that an input error raises before anything is changed
     status = new_status(logits.device) if host else state.status
     out = torch.ops.sjd.tree_verify(
@@ -377,7 +387,7 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
     kv, keys, values = _normalise_cache(cache)
     S = _validate_kv(kv, keys, values, path, cache_len, status)
     dev = path.device
-    sync_check = status is None or _host_checks(path)
+    sync_check = status is None or host_checks(path)
     if sync_check and not compiling():
         _, _, _, row_bad = ref.kv_moves(path, cache_len, S)
         if bool(row_bad.any()):
@@ -404,7 +414,7 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
         if ptr_table is not None:
             check_tensor("ptr_table", ptr_table, dtypes=I64, shape=(2 * len(keys),), dim=1, device=dev,
                          contiguous=True)
-            if _host_checks(ptr_table):
+            if host_checks(ptr_table):
                 _check_ptr_table(ptr_table, keys, values)
         torch.ops.sjd.tree_kv_update_list(list(keys), list(values), path, cache_len, ptr_table, st, BACKEND_CODE[be])
 

@@ -107,33 +107,92 @@ class TreeLayout:
         """Tokens to feed the model, padding slots as token 0 (their outputs are never read)."""
         return self.tokens.clamp(min=0)
 
-    def position_ids(self, cache_len: torch.Tensor) -> torch.Tensor:
-        """``cache_len [B] + depth``: node 0 at the request's cache length (padding at ``cache_len``)."""
-        return cache_len.view(-1, 1) + self.depth.clamp(min=0)
+    def _cache_len(self, cache_len) -> torch.Tensor:
+        """``cache_len`` as ``[B]`` int64 on the layout's device: an int (every request) or a ``[B]``
+        integer tensor, every value >= 0 (checked on the host for CPU tensors: the decoding loop calls
+        this every step on the GPU, where it must not synchronise)."""
+        from ..ops._common import SJDInputError, as_int, host_checks
+        B = self.parent.shape[0]
+        dev = self.parent.device
+        i = as_int(cache_len)
+        if i is not None:
+            if i < 0:
+                raise SJDInputError(f"cache_len must be >= 0, got {i}")
+            return torch.full((B,), i, dtype=torch.int64, device=dev)
+        if not isinstance(cache_len, torch.Tensor):
+            raise SJDInputError(f"cache_len must be an int or a [B={B}] integer tensor, got {type(cache_len).__name__}")
+        if cache_len.dtype.is_floating_point or cache_len.dtype.is_complex or cache_len.dtype == torch.bool:
+            raise SJDInputError(f"cache_len must hold integers, got {cache_len.dtype}")
+        if tuple(cache_len.shape) != (B,):
+            raise SJDInputError(f"cache_len must be [B={B}] (one length per request), got {list(cache_len.shape)}")
+        if cache_len.device != dev:
+            raise SJDInputError(f"cache_len is on {cache_len.device}, the tree on {dev}")
+        if host_checks(cache_len) and bool((cache_len < 0).any()):
+            raise SJDInputError(f"cache_len must be >= 0, got {cache_len.tolist()}")
+        return cache_len.to(torch.int64)
 
-    def node_slots(self, cache_len: torch.Tensor) -> torch.Tensor:
+    def position_ids(self, cache_len) -> torch.Tensor:
+        """``cache_len [B] + depth``: node 0 at the request's cache length (padding at ``cache_len``).
+        ``cache_len``: a ``[B]`` integer tensor or one int for every request."""
+        return self._cache_len(cache_len).view(-1, 1) + self.depth.clamp(min=0)
+
+    def node_slots(self, cache_len) -> torch.Tensor:
         """Cache slots the forward writes node i's K/V to: ``cache_len + i``, ``[B, N]``."""
-        return cache_len.view(-1, 1) + torch.arange(self.num_nodes, device=cache_len.device).view(1, -1)
+        cl = self._cache_len(cache_len)
+        return cl.view(-1, 1) + torch.arange(self.num_nodes, device=cl.device).view(1, -1)
 
     def ancestor_mask(self) -> torch.Tensor:
         """``[B, N, N]`` bool: ``[b, i, j]`` iff node j is node i or one of its ancestors."""
         return ancestor_mask(self.parent)
 
-    def attention_mask(self, cache_len: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def attention_mask(self, cache_len, kv_len: int) -> torch.Tensor:
         """``[B, N, kv_len]`` bool over cache slots: the committed prefix ``< cache_len`` and the node's
-        ancestors (and itself) at slots ``cache_len + j``. Padding slots see the prefix and themselves."""
+        ancestors (and itself) at slots ``cache_len + j``. Padding slots see the prefix and themselves.
+
+        ``kv_len`` must hold every node slot (``kv_len >= cache_len + N`` for every request): a shorter
+        mask would cut nodes off from themselves. Checked on the host (one synchronisation on a GPU;
+        none while tracing or capturing). The decoding loop builds its masks with
+        ``PacPlan.attention_mask``."""
+        from ..ops._common import SJDInputError, as_int, may_sync
+        cl = self._cache_len(cache_len)
         B, N = self.parent.shape
+        L = as_int(kv_len)
+        if L is None or L < N:
+            raise SJDInputError(f"kv_len must be an int >= N = {N} (the cache slots the mask covers), got {kv_len!r}")
+        if may_sync(cl) and bool((cl + N > L).any()):
+            raise SJDInputError(f"kv_len {L} is too short: request(s) {(cl + N > L).nonzero().flatten().tolist()[:8]} "
+                                f"put their {N} node slots up to cache_len + N = {int(cl.max()) + N}")
         dev = self.parent.device
-        s = torch.arange(kv_len, device=dev).view(1, 1, kv_len)
-        cl = cache_len.view(B, 1, 1)
+        s = torch.arange(L, device=dev).view(1, 1, L)
+        cl = cl.view(B, 1, 1)
         rel = s - cl                                                   # node index of the slot
         anc = self.ancestor_mask()                                     # [B, N, N]
         in_tree = (rel >= 0) & (rel < N)
-        seen = torch.gather(anc, 2, rel.clamp(0, N - 1).expand(B, N, kv_len))
+        seen = torch.gather(anc, 2, rel.clamp(0, N - 1).expand(B, N, L))
         return (s < cl) | (in_tree & seen)
 
-    def rows(self, index: torch.Tensor) -> "TreeLayout":
-        """The layout of model rows ``index`` (e.g. ``torch.arange(B).repeat(2)`` for CFG pairs)."""
+    def rows(self, index) -> "TreeLayout":
+        """The layout of model rows ``index`` (e.g. ``torch.arange(B).repeat(2)`` for CFG pairs): a 1-D
+        integer tensor (or sequence) of request indices in ``[0, B)``, checked on the host (one
+        synchronisation on a GPU; none while tracing or capturing)."""
+        from ..ops._common import SJDInputError, may_sync
+        B = self.parent.shape[0]
+        if not isinstance(index, torch.Tensor):
+            try:
+                index = torch.as_tensor(index, device=self.parent.device)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise SJDInputError(f"rows: index must be a 1-D sequence of request indices, got {index!r}") from e
+        if index.dim() != 1 or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise SJDInputError(f"rows: index must be a 1-D integer tensor of request indices, got "
+                                f"{index.dtype} {list(index.shape)}")
+        if index.device != self.parent.device:
+            raise SJDInputError(f"rows: index is on {index.device}, the tree on {self.parent.device}")
+        if may_sync(index) and bool(((index < 0) | (index >= B)).any()):
+            raise SJDInputError(f"rows: index values must lie in [0, B={B}), got {index.tolist()[:16]}")
+        return self._select(index.to(torch.int64))
+
+    def _select(self, index: torch.Tensor) -> "TreeLayout":
+        """``rows`` without checks or synchronisation (the decoding loop's own CFG index)."""
         return TreeLayout(*(t.index_select(0, index) for t in (self.tokens, self.parent, self.depth, self.sib,
                                                                  self.q_slot)), self.max_depth)
 

@@ -31,6 +31,7 @@ and the logits are image-only ``[B, N, V]`` (uncond: the CFG rows, or None).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -62,11 +63,12 @@ class SJD2Result:
 def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, num_tokens: int, seed, *,
               window: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
               cfg_scale: float | torch.Tensor | None = None, kv: str = "keep", backend: str = "auto",
-              max_steps: int | None = None) -> SJD2Result:
+              max_steps: int | None = None, progress: bool = False) -> SJD2Result:
     """Decode ``num_tokens`` image tokens per request with SJD2 (``sjd2=None`` or 0 levels: SJD).
 
     ``embed_weight [V, d]``: the image-token embedding rows (row = image token id);
-    ``seed``: one int64 per request (the batch size). Returns ``SJD2Result``.
+    ``seed``: one int64 per request (the batch size); ``progress``: a tqdm bar of committed tokens
+    (updated at the loop's one synchronisation per iteration). Returns ``SJD2Result``.
     """
     if kv not in KV_POLICIES:
         raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
@@ -105,69 +107,82 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     bidx = torch.arange(B, device=dev).view(B, 1)
     limit = max_steps if max_steps is not None else T + 1
 
-    while True:
-        # the one host synchronisation per iteration: is any request live, did the last step report an
-        # error? A request in error returned -1 tokens and drafts: raise (SJDDeviceError) before they are
-        # fed to the model or returned. Only the error bits are checked here (the counters accumulate
-        # and are read once at the end).
-        live_any, err = torch.stack([(n < T).any().to(i64), state.status[0].to(i64)]).tolist()
-        if err:
-            check_status(state.status)
-        if not live_any:
-            break
-        if nfe >= limit:
-            raise RuntimeError(f"SJD2 did not finish in {limit} steps (n = {n.tolist()})")
-        live = n < T
-        win_len = torch.where(live, (T - n - 1).clamp(min=0, max=W), torch.zeros_like(n))   # as the loop: bonus <= T-1
-        r = n - 1 - feed_from                                       # committed tokens re-fed before X[n-1]
-        N = int(r.max()) + 1 + W
-        slot = torch.arange(N, device=dev).view(1, N)
-        seq_pos = feed_from.view(B, 1) + slot                       # contiguous per request
-        is_win = (seq_pos >= n.view(B, 1)) & (seq_pos < (n + W).view(B, 1))
-        is_com = seq_pos < n.view(B, 1)
-        wj = (seq_pos - n.view(B, 1)).clamp(0, W - 1)
-        com_tok = torch.gather(out, 1, seq_pos.clamp(0, T - 1))
-        win_tok = torch.gather(drafts, 1, wj) if W > 0 else torch.zeros_like(com_tok)
-        tok = torch.where(is_win, win_tok, torch.where(is_com, com_tok, torch.zeros_like(com_tok)))
-        prep_pos = torch.where((is_win | is_com) & (seq_pos >= 0), seq_pos, torch.full_like(seq_pos, -1))
-        inputs = sjd2_prepare(embed_weight, mean, std, table, alpha, sigma, tok.contiguous(), prep_pos.contiguous(),
-                              state.seed, commit_end, fresh_start, row_end, latent, level, backend=backend)
-        # which window inputs were noisy in this forward (read before the next prepare moves them)
-        in_level = torch.where(is_win, level[bidx, seq_pos.clamp(min=0) % R].to(i64), torch.zeros_like(seq_pos))
-        logits, uncond = forward(inputs, seq_pos, seq_pos < 0)
-        nfe += 1
-        slots_fed += N
-        rows = (r.view(B, 1) + slot[:, :W + 1]).clamp(max=N - 1)                # X[n-1], D[0..W-1] -> target rows 0..W
-        lg = torch.gather(logits, 1, rows.unsqueeze(-1).expand(B, W + 1, logits.shape[-1]))
-        ug = None if uncond is None else torch.gather(uncond, 1, rows.unsqueeze(-1).expand_as(lg))
-        if lg.dtype == torch.float64:                               # float64 test models: the op takes f32 logits
-            lg, ug = lg.float(), (None if ug is None else ug.float())
-        res = jacobi_step(lg, drafts, win_len, n, state, uncond_logits=ug, cfg_scale=cfg if ug is not None else None,
-                          temperature=temperature, top_k=top_k, top_p=top_p, mode="sjd", backend=backend)
-        m = res.num_accepted
-        # commit
-        cpos = n.view(B, 1) + torch.arange(W + 1, device=dev)
-        ok = (res.tokens >= 0) & (cpos < T) & live.view(B, 1)
-        out[bidx.expand_as(cpos)[ok], cpos[ok]] = res.tokens[ok]
-        # accepted drafts D[0..m-1] whose input was noisy
-        acc_level = torch.gather(in_level, 1, (r.view(B, 1) + 1 + jW).clamp(max=N - 1))
-        acc_noisy = (jW.view(1, W) < m.view(B, 1)) & (acc_level > 0) & live.view(B, 1)
-        n_new = n + m + 1
-        if kv == "keep" or W == 0:                                  # W = 0 (AR): nothing noisy to re-feed
-            new_feed = n_new - 1
-            noisy_kv += acc_noisy.sum(1)
-        else:
-            first = torch.where(acc_noisy, jW.view(1, W), torch.full_like(acc_noisy, W, dtype=i64)).amin(1)
-            new_feed = torch.where(first < W, n + first, n_new - 1)
-            refed += torch.where(live, n_new - 1 - new_feed, torch.zeros_like(n))
-        steps += live.to(i64)
-        fresh_start = torch.where(live, n + win_len, fresh_start)
-        row_end = torch.where(live, n + win_len + 1, row_end)
-        feed_from = torch.where(live, new_feed, feed_from)
-        drafts = torch.where(live.view(B, 1), res.next_drafts, drafts)
-        n = torch.where(live, n_new, n)
-        feed_from = torch.where(n < T, feed_from, n - 1)          # finished requests feed one padding slot
-        commit_end = n.clone()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=B * T, desc=f"sjd2 W={W}", unit="tok", leave=False)
+    try:
+        while True:
+            # the one host synchronisation per iteration: is any request live, did the last step report an
+            # error? A request in error returned -1 tokens and drafts: raise (SJDDeviceError) before they are
+            # fed to the model or returned. Only the error bits are checked here (the counters accumulate
+            # and are read once at the end).
+            live_any, err, done = torch.stack([(n < T).any().to(i64), state.status[0].to(i64), n.sum()]).tolist()
+            if err:
+                check_status(state.status)
+            if bar is not None:
+                bar.n = done
+                bar.refresh()
+            if not live_any:
+                break
+            if nfe >= limit:
+                raise RuntimeError(f"SJD2 did not finish in {limit} steps (n = {n.tolist()})")
+            live = n < T
+            # as the loop: bonus <= T-1
+            win_len = torch.where(live, (T - n - 1).clamp(min=0, max=W), torch.zeros_like(n))
+            r = n - 1 - feed_from                                       # committed tokens re-fed before X[n-1]
+            N = int(r.max()) + 1 + W
+            slot = torch.arange(N, device=dev).view(1, N)
+            seq_pos = feed_from.view(B, 1) + slot                       # contiguous per request
+            is_win = (seq_pos >= n.view(B, 1)) & (seq_pos < (n + W).view(B, 1))
+            is_com = seq_pos < n.view(B, 1)
+            wj = (seq_pos - n.view(B, 1)).clamp(0, W - 1)
+            com_tok = torch.gather(out, 1, seq_pos.clamp(0, T - 1))
+            win_tok = torch.gather(drafts, 1, wj) if W > 0 else torch.zeros_like(com_tok)
+            tok = torch.where(is_win, win_tok, torch.where(is_com, com_tok, torch.zeros_like(com_tok)))
+            prep_pos = torch.where((is_win | is_com) & (seq_pos >= 0), seq_pos, torch.full_like(seq_pos, -1))
+            inputs = sjd2_prepare(embed_weight, mean, std, table, alpha, sigma, tok.contiguous(), prep_pos.contiguous(),
+                                  state.seed, commit_end, fresh_start, row_end, latent, level, backend=backend)
+            # which window inputs were noisy in this forward (read before the next prepare moves them)
+            in_level = torch.where(is_win, level[bidx, seq_pos.clamp(min=0) % R].to(i64), torch.zeros_like(seq_pos))
+            logits, uncond = forward(inputs, seq_pos, seq_pos < 0)
+            nfe += 1
+            slots_fed += N
+            rows = (r.view(B, 1) + slot[:, :W + 1]).clamp(max=N - 1)   # X[n-1], D[0..W-1] -> target rows 0..W
+            lg = torch.gather(logits, 1, rows.unsqueeze(-1).expand(B, W + 1, logits.shape[-1]))
+            ug = None if uncond is None else torch.gather(uncond, 1, rows.unsqueeze(-1).expand_as(lg))
+            if lg.dtype == torch.float64:                               # float64 test models: the op takes f32 logits
+                lg, ug = lg.float(), (None if ug is None else ug.float())
+            res = jacobi_step(lg, drafts, win_len, n, state, uncond_logits=ug,
+                              cfg_scale=cfg if ug is not None else None,
+                              temperature=temperature, top_k=top_k, top_p=top_p, mode="sjd", backend=backend)
+            m = res.num_accepted
+            # commit
+            cpos = n.view(B, 1) + torch.arange(W + 1, device=dev)
+            ok = (res.tokens >= 0) & (cpos < T) & live.view(B, 1)
+            out[bidx.expand_as(cpos)[ok], cpos[ok]] = res.tokens[ok]
+            # accepted drafts D[0..m-1] whose input was noisy
+            acc_level = torch.gather(in_level, 1, (r.view(B, 1) + 1 + jW).clamp(max=N - 1))
+            acc_noisy = (jW.view(1, W) < m.view(B, 1)) & (acc_level > 0) & live.view(B, 1)
+            n_new = n + m + 1
+            if kv == "keep" or W == 0:                                  # W = 0 (AR): nothing noisy to re-feed
+                new_feed = n_new - 1
+                noisy_kv += acc_noisy.sum(1)
+            else:
+                first = torch.where(acc_noisy, jW.view(1, W), torch.full_like(acc_noisy, W, dtype=i64)).amin(1)
+                new_feed = torch.where(first < W, n + first, n_new - 1)
+                refed += torch.where(live, n_new - 1 - new_feed, torch.zeros_like(n))
+            steps += live.to(i64)
+            fresh_start = torch.where(live, n + win_len, fresh_start)
+            row_end = torch.where(live, n + win_len + 1, row_end)
+            feed_from = torch.where(live, new_feed, feed_from)
+            drafts = torch.where(live.view(B, 1), res.next_drafts, drafts)
+            n = torch.where(live, n_new, n)
+            feed_from = torch.where(n < T, feed_from, n - 1)          # finished requests feed one padding slot
+            commit_end = n.clone()
+    finally:
+        if bar is not None:
+            bar.close()
     return SJD2Result(tokens=out, nfe=nfe, steps=steps, noisy_kv=noisy_kv, refed=refed, input_slots=slots_fed,
                       status=check_status(state.status))
 
@@ -260,9 +275,9 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     at ``window=0`` (AR: no input is ever noisy, so the SJD2 parameters are unused and a plain GPT
     runs AR); an explicit ``None`` (or 0 levels) is SJD and ``window=0`` AR, through the same loop, op
     and randomness. ``window`` is cut to ``num_tokens - 1`` as in ``generate``. ``forward``: a
-    callable as in ``sjd2_loop``; by default the loop's static KV cache (``KVForward``). ``progress`` is accepted
-    for ``generate``'s sake and unused. Every argument is checked before any work (``SJDInputError``
-    naming it); a device error of a step (e.g. non-finite rows after CFG and temperature scaling)
+    callable as in ``sjd2_loop``; by default the loop's static KV cache (``KVForward``).
+    ``progress``: a tqdm bar of committed tokens (default: on when stderr is a terminal), as in
+    ``generate``. Every argument is checked before any work (``SJDInputError`` naming it); a device error of a step (e.g. non-finite rows after CFG and temperature scaling)
     raises ``SJDDeviceError``. Returns ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the
     ``SJD2Result``.
     """
@@ -322,7 +337,8 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
         if forward is None:
             forward = KVForward(model, prompt, B, N + 2 * W + 2)
         res = sjd2_loop(forward, E, sjd2, N, seeds, window=W, temperature=temperature, top_k=top_k,
-                        top_p=top_p, cfg_scale=scale.expand(B).to(dev) if use_cfg else None, kv=kv, backend=backend)
+                        top_p=top_p, cfg_scale=scale.expand(B).to(dev) if use_cfg else None, kv=kv, backend=backend,
+                        progress=sys.stderr.isatty() if progress is None else bool(progress))
     stats = GenerateStats(method="sjd2", num_tokens=N, nfe=res.nfe, nfe_prefill=0,
                           wall_s=time.perf_counter() - t0,
                           zero_mass_residuals=res.status.get("zero_mass_residuals", 0),
