@@ -20,6 +20,8 @@ import functools
 
 import numpy as np
 
+from .ops._common import SJDInputError, as_int, check_int
+
 PHOTO_NAMES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "moon", "brick",
                "china", "flower")
 PHOTO_SHORT_SIDE = 128
@@ -84,11 +86,12 @@ def photo_crops(n: int, split: str = "train", seed: int = 0) -> tuple[np.ndarray
     """``n`` balanced grayscale crops ``[n, 32, 32]`` f32 in [0, 1] and their photo labels ``[n]`` i64."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    k = len(PHOTO_NAMES)
+    if as_int(n) is None or as_int(n) < k:
+        raise SJDInputError(f"n must be an int >= {k} (one crop per photograph), got {n!r}")
+    n = as_int(n)
     ims = photos()
-    k = len(ims)
     per = n // k
-    if per < 1:
-        raise ValueError(f"n must be >= {k} (one crop per photograph), got {n}")
     rng = np.random.default_rng(seed)
     c = PHOTO_CROP
     X = np.empty((per * k, c, c), dtype=np.float32)
@@ -108,10 +111,15 @@ def photo_crops(n: int, split: str = "train", seed: int = 0) -> tuple[np.ndarray
 
 
 def real_images(model: str, split: str, n: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of a bundled model's data set (``mnist`` or ``photo``)."""
+    """Images and labels of a bundled model's data set (``mnist`` or ``photo``); ``n`` (None = all of
+    MNIST's split, 4000 photo crops) images, at most the split's size for MNIST."""
+    if n is not None:
+        n = check_int("n", n, 1)
     if model == "mnist":
         X, y = mnist(split)
         if n is not None:
+            if n > len(X):
+                raise SJDInputError(f"n must be at most {len(X)} (the images of MNIST's {split!r} split), got {n}")
             idx = np.random.default_rng(seed).permutation(len(X))[:n]
             X, y = X[idx], y[idx]
         return X, y

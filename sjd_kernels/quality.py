@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops._common import SJDInputError, check_int
+
 FEATURE_DIM = 32
 
 
@@ -37,7 +39,8 @@ class TinyCNN(nn.Module):
 
     def __init__(self, num_classes: int, feature_dim: int = FEATURE_DIM):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes = num_classes = check_int("num_classes", num_classes, 1)
+        feature_dim = check_int("feature_dim", feature_dim, 1)
         self.c1 = nn.Conv2d(1, 16, 3, padding=1)
         self.c2 = nn.Conv2d(16, 32, 3, padding=1)
         self.c3 = nn.Conv2d(32, 64, 3, padding=1)
@@ -59,6 +62,12 @@ def frechet_distance(fa: np.ndarray, fb: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to feature sets ``fa [Na, D]`` and ``fb [Nb, D]``."""
     fa = np.asarray(fa, dtype=np.float64)
     fb = np.asarray(fb, dtype=np.float64)
+    for name, f in (("fa", fa), ("fb", fb)):
+        if f.ndim != 2 or f.shape[1] != fa.shape[-1]:
+            raise SJDInputError(f"{name} must be features [N, D] with the same D in both sets, got shapes "
+                                f"{list(fa.shape)} and {list(fb.shape)}")
+        if not np.isfinite(f).all():
+            raise SJDInputError(f"{name} holds NaN or infinite features")
     if fa.shape[0] < 2 or fb.shape[0] < 2:
         raise ValueError(f"need at least 2 images per set, got {fa.shape[0]} and {fb.shape[0]}")
     mu_a, mu_b = fa.mean(0), fb.mean(0)
@@ -84,8 +93,14 @@ class QualityModel:
 
     @torch.no_grad()
     def _run(self, images, fn, batch: int = 512) -> torch.Tensor:
+        batch = check_int("batch", batch, 1)
         x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-        x = x.to(torch.float32).clamp(0.0, 1.0)
+        if x.dim() != 3 or x.shape[0] < 1 or min(x.shape[1:]) < 8:
+            raise SJDInputError(f"images must be gray images [B >= 1, H >= 8, W >= 8], got {list(x.shape)}")
+        x = x.to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise SJDInputError("images must hold finite values, got NaN or infinite ones")
+        x = x.clamp(0.0, 1.0)
         return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
 
     def predict(self, images) -> np.ndarray:
@@ -97,7 +112,12 @@ class QualityModel:
         return self._run(images, self.net.features).numpy()
 
     def accuracy(self, images, labels) -> float:
-        return float((self.predict(images) == np.asarray(labels)).mean())
+        pred = self.predict(images)
+        labels = np.asarray(labels)
+        if labels.shape != pred.shape or not np.issubdtype(labels.dtype, np.number):
+            raise SJDInputError(f"labels must be class ids [B={pred.shape[0]}] (one per image), got "
+                                f"{labels.dtype} {list(labels.shape)}")
+        return float((pred == labels).mean())
 
     def fd(self, images_a, images_b) -> float:
         return frechet_distance(self.features(images_a), self.features(images_b))

@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import SJDInputError
+from ..ops._common import SJDInputError, as_int, check_int, check_tensor, host_checks
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class StaticKVCache:
     def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, *,
                  dtype=torch.float32, device="cpu"):
-        if min(layers, rows, kv_heads, max_len, head_dim) < 1:
-            raise SJDInputError(f"cache dimensions must be positive, got layers {layers}, rows {rows}, "
-                                f"kv_heads {kv_heads}, max_len {max_len}, head_dim {head_dim}")
+        layers, rows, kv_heads, max_len, head_dim = (
+            check_int(name, v, 1) for name, v in (("layers", layers), ("rows", rows), ("kv_heads", kv_heads),
+                                                  ("max_len", max_len), ("head_dim", head_dim)))
+        if dtype not in KV_DTYPES:
+            raise SJDInputError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype!r}")
         self.kv = torch.zeros((layers, 2, rows, kv_heads, max_len, head_dim), dtype=dtype, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.max_len = max_len
@@ -48,14 +53,37 @@ class StaticKVCache:
         return self.kv.numel() * self.kv.element_size()
 
     # -- the model side
+    def _layer(self, layer) -> int:
+        i = as_int(layer)
+        if i is None or not 0 <= i < self.kv.shape[0]:
+            raise SJDInputError(f"layer must be an int in [0, {self.kv.shape[0]}) (the cache's layers), got {layer!r}")
+        return i
+
+    def check_slots(self, slots, T: int, name: str = "slots") -> None:
+        """``slots`` must be integer ``[rows, T]`` on the cache's device, every value in ``[0, max_len)``
+        (values checked on the host for CPU tensors only)."""
+        check_tensor(name, slots, dtypes=INDEX_DTYPES, dim=2, shape=(self.rows, T), device=self.kv.device,
+                     last_contiguous=False)
+        if host_checks(slots) and slots.numel() and bool(((slots < 0) | (slots >= self.max_len)).any()):
+            raise SJDInputError(f"{name} must lie in [0, max_len={self.max_len}) (the cache's capacity), got "
+                                f"values in [{int(slots.min())}, {int(slots.max())}]")
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store ``k, v [R, H_kv, T, D]`` at per-row ``slots [R, T]``."""
-        R, H, T, D = k.shape
-        idx = slots.view(R, 1, T, 1).expand(R, H, T, D)
+        """Store ``k, v [R, H_kv, T, D]`` at per-row ``slots [R, T]`` (everything is checked before
+        anything is written)."""
+        layer = self._layer(layer)
+        _, _, R, H, _, D = self.kv.shape
+        check_tensor("k", k, dtypes=KV_DTYPES, dim=4, shape=(R, H, None, D), device=self.kv.device,
+                     last_contiguous=False)
+        T = k.shape[2]
+        check_tensor("v", v, dtypes=KV_DTYPES, dim=4, shape=(R, H, T, D), device=self.kv.device, last_contiguous=False)
+        self.check_slots(slots, T)
+        idx = slots.reshape(R, 1, T, 1).expand(R, H, T, D)
         self.kv[layer, 0].scatter_(2, idx, k.to(self.kv.dtype))
         self.kv[layer, 1].scatter_(2, idx, v.to(self.kv.dtype))
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self._layer(layer)
         return self.kv[layer, 0], self.kv[layer, 1]
 
     # -- the loop side
@@ -63,8 +91,15 @@ class StaticKVCache:
         """Write slots ``[R, T]`` = ``len + t`` and the chain mask ``[R, T, S]`` (prefix + window, causal).
 
         The caller sizes the cache so that ``len + T <= S`` for every row (checked by ``generate``
-        before any work; no host synchronisation here).
+        before any work; here on the host for a CPU cache only, no synchronisation on a GPU).
         """
+        T = check_int("T", T, 0)
+        if host_checks(self.lengths) and bool((self.lengths > self.max_len - T).any()):
+            raise SJDInputError(f"T={T} runs past the cache's max_len {self.max_len} for rows of lengths "
+                                f"{self.lengths.tolist()} (the slots and the mask would be cut short)")
+        return self._window(T)
+
+    def _window(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.lengths.view(-1, 1) + torch.arange(T, device=self.lengths.device)
         mask = self._slots.view(1, 1, -1) <= slots.unsqueeze(-1)
         return slots, mask
@@ -75,11 +110,15 @@ class StaticKVCache:
         Rows whose window would run past the cache write their overflow into the last slot,
         which is only safe when those rows' outputs are discarded.
         """
-        slots, mask = self.window(T)
+        slots, mask = self._window(check_int("T", T, 0))
         return slots.clamp(max=self.max_len - 1), mask
 
     def set_lengths(self, lengths: torch.Tensor) -> None:
-        """Commit or rewind every row at once (no copy)."""
+        """Commit or rewind every row at once (no copy): integer ``lengths [rows]`` in ``[0, max_len]``
+        (values checked on the host for CPU tensors only)."""
+        check_tensor("lengths", lengths, dtypes=INDEX_DTYPES, dim=1, shape=(self.rows,), last_contiguous=False)
+        if host_checks(lengths) and bool(((lengths < 0) | (lengths > self.max_len)).any()):
+            raise SJDInputError(f"lengths must lie in [0, max_len={self.max_len}], got {lengths.tolist()}")
         self.lengths.copy_(lengths)
 
     def reset(self) -> None:

@@ -42,14 +42,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_name(name, arg: str = "name") -> str:
+    """``name`` must be a bundled model's name; the error names the argument ``arg``."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise BundledModelError(f"{arg}: unknown bundled model {name!r}; available: {', '.join(MODELS)}")
+    return name
+
+
 def _dir(weights_dir) -> Path:
     return WEIGHTS_DIR if weights_dir is None else Path(weights_dir)
 
 
 def manifest(name: str, weights_dir=None) -> dict:
     """The parsed ``<name>.json`` manifest."""
-    if name not in MODELS:
-        raise BundledModelError(f"unknown bundled model {name!r}; available: {', '.join(MODELS)}")
+    check_name(name)
     path = _dir(weights_dir) / f"{name}.json"
     if not path.exists():
         raise BundledModelError(f"{path} is missing; train it with: PYTHONPATH=. python python/train_toy.py "

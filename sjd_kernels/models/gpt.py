@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .protocol import Prefix
+from ..ops._common import SJDInputError, check_finite, check_int, check_tensor, host_checks
+from .protocol import INT_TYPES, Prefix, check_forward
 
 CHECKPOINT_FORMAT = 1
 
@@ -57,10 +58,15 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_image_tokens"):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_image_tokens", "num_classes",
+                     "cond_dim", "grid_width"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}")
+            if v is not None or name not in ("cond_dim", "grid_width"):
+                setattr(self, name, check_int(f"GPTConfig.{name}", v, 0 if name == "num_classes" else 1))
+        for name, lo in (("dropout", 0.0), ("rope_base", None), ("mlp_ratio", None), ("norm_eps", 0.0)):
+            v = check_finite(f"GPTConfig.{name}", getattr(self, name))
+            if v < 0.0 or (lo is None and v == 0.0):
+                raise SJDInputError(f"GPTConfig.{name} must be {'>= 0' if lo is not None else '> 0'}, got {v!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -217,29 +223,45 @@ class GPT(nn.Module):
 
     def null_condition(self, batch: int, device=None) -> torch.Tensor:
         """The condition meaning 'no condition' (CFG): class id ``num_classes`` ``[batch]``, or NaN rows."""
+        batch = check_int("batch", batch, 0)
         device = device or self.tok_emb.weight.device
         if self.config.cond_dim is None:
             return torch.full((batch,), self.config.num_classes, dtype=torch.int64, device=device)
         return torch.full((batch, self.config.cond_dim), float("nan"), device=device)
 
-    def check_cond(self, cond) -> torch.Tensor:
-        """``cond`` as a tensor on the model's device, validated (class ids ``[B]`` or ``[B, cond_dim]``)."""
+    def check_cond(self, cond, name: str = "cond") -> torch.Tensor:
+        """``cond`` as a tensor on the model's device, validated (class ids ``[B]`` or ``[B, cond_dim]``;
+        an embedding row may be NaN (null) but not infinite). ``name`` is the argument named in errors."""
         dev = self.tok_emb.weight.device
         c = self.config
-        cond = torch.as_tensor(cond, device=dev)
+        try:
+            cond = torch.as_tensor(cond, device=dev)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SJDInputError(f"{name} must be a tensor (or list) of conditions, got {type(cond).__name__} "
+                                f"({e})") from None
         if c.cond_dim is None:
             if cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 1:
-                raise ValueError(f"cond must be integer class ids [B], got {cond.dtype} {list(cond.shape)}")
+                raise SJDInputError(f"{name} must be integer class ids [B], got {cond.dtype} {list(cond.shape)}")
             if cond.numel() and ((cond < 0) | (cond > c.num_classes)).any():
-                raise ValueError(f"class ids must be in [0, {c.num_classes}] ({c.num_classes} = null), "
-                                 f"got {cond.tolist()}")
+                raise SJDInputError(f"{name}: class ids must be in [0, {c.num_classes}] ({c.num_classes} = null), "
+                                    f"got {cond.tolist()}")
             return cond.to(torch.int64)
         if not cond.is_floating_point() or cond.dim() != 2 or cond.shape[1] != c.cond_dim:
-            raise ValueError(f"cond must be float embeddings [B, {c.cond_dim}], got {cond.dtype} {list(cond.shape)}")
+            raise SJDInputError(f"{name} must be float embeddings [B, {c.cond_dim}], got {cond.dtype} "
+                                f"{list(cond.shape)}")
+        if host_checks(cond) and bool(cond.isinf().any()):
+            rows = cond.isinf().any(-1).nonzero().flatten().tolist()
+            raise SJDInputError(f"{name} holds infinite values (rows {rows}); a NaN row is the null condition")
         return cond
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Image-code embeddings: ``ids [..]`` in ``[0, V)`` -> ``[.., d]``."""
+        """Image-code embeddings: ``ids [..]`` in ``[0, V)`` -> ``[.., d]`` (ids checked on the host for CPU
+        tensors only)."""
+        check_tensor("ids", ids, dtypes=INT_TYPES, last_contiguous=False)
+        V = self.config.vocab_size
+        if host_checks(ids) and ids.numel() and bool(((ids < 0) | (ids >= V)).any()):
+            raise SJDInputError(f"ids must be image codes in [0, {V}), got values in [{int(ids.min())}, "
+                                f"{int(ids.max())}]")
         return self.tok_emb(ids)
 
     def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
@@ -257,9 +279,9 @@ class GPT(nn.Module):
         B = cond.shape[0]
         e = self.embed_cond(cond)
         if cfg:
-            u = self.null_condition(B) if uncond is None else self.check_cond(uncond)
+            u = self.null_condition(B) if uncond is None else self.check_cond(uncond, "uncond")
             if u.shape[0] != B:
-                raise ValueError(f"uncond must have one row per request ({B}), got {u.shape[0]}")
+                raise SJDInputError(f"uncond must have one row per request ({B}), got {u.shape[0]}")
             e = torch.cat([e, self.embed_cond(u)], 0)
         return Prefix(e, torch.ones(e.shape[0], dtype=torch.int64, device=e.device))
 
@@ -271,6 +293,10 @@ class GPT(nn.Module):
         cache under ``mask [R, T, S]``; without, attention is causal over the given inputs
         (``mask [R, T, T]`` may replace the causal mask).
         """
+        check_forward(self, self.config.d_model, inputs_embeds, positions, cache, mask, write_slots)
+        w = self.tok_emb.weight
+        if inputs_embeds.dtype != w.dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise SJDInputError(f"inputs_embeds must have the model's dtype {w.dtype}, got {inputs_embeds.dtype}")
         x = self.drop(inputs_embeds)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_base, x.dtype)
         for i, blk in enumerate(self.blocks):
@@ -283,11 +309,21 @@ class GPT(nn.Module):
 
         ``image_embeds [B, N-1, d]`` replaces ``embed_tokens(tokens[:, :-1])`` (e.g. noised inputs).
         """
+        check_tensor("tokens", tokens, dtypes=INT_TYPES, dim=2, last_contiguous=False)
         B, N = tokens.shape
+        if N < 1:
+            raise SJDInputError(f"tokens must hold at least one token per row, got {list(tokens.shape)}")
         if N > self.config.max_image_tokens:
-            raise ValueError(f"{N} tokens exceed max_image_tokens {self.config.max_image_tokens}")
-        img = self.embed_tokens(tokens[:, :-1]) if image_embeds is None else image_embeds
-        x = torch.cat([self.embed_cond(cond).to(img.dtype), img], 1)
+            raise SJDInputError(f"tokens: {N} tokens exceed max_image_tokens {self.config.max_image_tokens}")
+        if image_embeds is None:
+            img = self.embed_tokens(tokens[:, :-1])
+        else:
+            img = check_tensor("image_embeds", image_embeds, dim=3, shape=(B, N - 1, self.config.d_model),
+                               device=tokens.device, last_contiguous=False)
+        c = self.embed_cond(cond)
+        if c.shape[0] != B:
+            raise SJDInputError(f"cond must have one row per row of tokens ({B}), got {c.shape[0]}")
+        x = torch.cat([c.to(img.dtype), img], 1)
         pos = torch.arange(N, device=tokens.device).expand(B, N)
         return self.forward(x, pos)
 
@@ -306,6 +342,12 @@ def drop_condition(cond: torch.Tensor, p: float, num_classes: int, generator=Non
     Class ids ``[B]`` become ``num_classes``; embedding conditions ``[B, cond_dim]`` become NaN rows
     (the GPT's null vector).
     """
+    check_tensor("cond", cond, last_contiguous=False)
+    p = check_finite("p", p)
+    if not 0.0 <= p <= 1.0:
+        raise SJDInputError(f"p must be a probability in [0, 1], got {p!r}")
+    if not cond.is_floating_point():
+        num_classes = check_int("num_classes", num_classes, 0)
     drop = (torch.rand(cond.shape[0], generator=generator) < p).to(cond.device)
     if cond.is_floating_point():
         return torch.where(drop.view(-1, *([1] * (cond.dim() - 1))), torch.full_like(cond, float("nan")), cond)

@@ -75,7 +75,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .protocol import Prefix
+from ..ops._common import SJDInputError, as_int, check_int, check_tensor, host_checks
+from .protocol import INT_TYPES, Prefix, check_forward
 
 
 class _CacheBridge:
@@ -101,6 +102,30 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _id_seq(x, name: str, full: int, empty_ok: bool = False) -> torch.Tensor:
+    """``x`` (a sequence or 1-D tensor of integer ids) as a 1-D int64 tensor, every id in ``[0, full)``;
+    floats, bools, nested or flat scalars, and (unless ``empty_ok``) empty sequences are SJDInputErrors."""
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or isinstance(x, (str, bytes)) or t.dim() != 1:
+        raise SJDInputError(f"{name} must be a sequence of token ids (a list or 1-D tensor), got {x!r:.80}")
+    if t.numel() == 0:
+        if empty_ok:
+            return t.to(torch.int64)
+        raise SJDInputError(f"{name} is empty: every prompt needs at least one token")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise SJDInputError(f"{name} must hold integer token ids, got {t.dtype}")
+    if int(t.min()) < 0 or int(t.max()) >= full:
+        raise SJDInputError(f"{name} has ids outside [0, {full}): got [{int(t.min())}, {int(t.max())}]")
+    return t.to(torch.int64)
+
+
+def _max_tokens(v):
+    return None if v is None else check_int("max_image_tokens", v, 1)
+
+
 class HFImageLM(nn.Module):
     """A ``transformers`` causal LM restricted to its image tokens, for ``sjd_kernels.generate``.
 
@@ -120,12 +145,12 @@ class HFImageLM(nn.Module):
             raise TypeError(f"{type(model).__name__} has no output embedding (LM head) to take image rows from")
         cfg = _text_config(model.config)
         full_vocab = self.lm_head.weight.shape[0]
-        ids = torch.as_tensor(image_token_ids, dtype=torch.int64).reshape(-1)
-        if ids.numel() < 1 or int(ids.min()) < 0 or int(ids.max()) >= full_vocab or ids.unique().numel() != ids.numel():
-            raise ValueError(f"image_token_ids must be {ids.numel()} distinct ids in [0, {full_vocab})")
-        extra = torch.as_tensor(list(extra_token_ids), dtype=torch.int64).reshape(-1)
+        ids = _id_seq(image_token_ids, "image_token_ids", 2 ** 62)              # integers; the range below
+        if int(ids.min()) < 0 or int(ids.max()) >= full_vocab or ids.unique().numel() != ids.numel():
+            raise SJDInputError(f"image_token_ids must be {ids.numel()} distinct ids in [0, {full_vocab})")
+        extra = _id_seq(extra_token_ids, "extra_token_ids", 2 ** 62, empty_ok=True)
         if extra.numel() and (int(extra.min()) < 0 or int(extra.max()) >= full_vocab):
-            raise ValueError(f"extra_token_ids must lie in [0, {full_vocab}), got {extra.tolist()}")
+            raise SJDInputError(f"extra_token_ids must lie in [0, {full_vocab}), got {extra.tolist()}")
         lo = int(ids[0])
         self._offset = lo if torch.equal(ids, torch.arange(lo, lo + ids.numel())) else None
         dev = self.lm_head.weight.device
@@ -136,8 +161,10 @@ class HFImageLM(nn.Module):
         self.num_layers = int(cfg.num_hidden_layers)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        self.max_image_tokens = max_image_tokens
-        self.uncond_prompt = None if uncond_prompt is None else [int(t) for t in uncond_prompt]
+        self.hidden_size = int(cfg.hidden_size)
+        self.max_image_tokens = _max_tokens(max_image_tokens)
+        self.uncond_prompt = (None if uncond_prompt is None
+                              else _id_seq(uncond_prompt, "uncond_prompt", full_vocab).tolist())
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -155,8 +182,19 @@ class HFImageLM(nn.Module):
         return self.lm_head.weight.dtype
 
     # -- embeddings
+    def _check_ids(self, ids) -> None:
+        """``ids`` integer, in ``[0, V + extra)`` (values checked on the host for CPU tensors only; on a
+        GPU out-of-range ids are clamped)."""
+        check_tensor("ids", ids, dtypes=INT_TYPES, last_contiguous=False)
+        hi = self.vocab_size + self.num_extra_tokens
+        if host_checks(ids) and ids.numel() and bool(((ids < 0) | (ids >= hi)).any()):
+            raise SJDInputError(f"ids must be codes in [0, {hi}) ({self.vocab_size} image codes + "
+                                f"{self.num_extra_tokens} structural), got values in "
+                                f"[{int(ids.min())}, {int(ids.max())}]")
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Image codes ``[0, V)`` and structural codes ``[V, V + extra)`` -> input embeddings."""
+        self._check_ids(ids)
         V = self.vocab_size
         model_ids = self.image_ids[ids.clamp(0, V - 1)]
         if self.num_extra_tokens:
@@ -167,18 +205,16 @@ class HFImageLM(nn.Module):
         if isinstance(x, torch.Tensor):
             if x.dim() == 1:
                 x = x.unsqueeze(0)
-            if x.dim() != 2 or x.is_floating_point():
-                raise ValueError(f"{name} must be token ids [B, L] or a list of id sequences, got {x.dtype} "
-                                 f"{list(x.shape)}")
-            rows = list(x.to(torch.int64))
-        else:
-            rows = [torch.as_tensor(r, dtype=torch.int64).reshape(-1) for r in x]
+            if x.dim() != 2 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise SJDInputError(f"{name} must be token ids [B, L] or a list of id sequences, got {x.dtype} "
+                                    f"{list(x.shape)}")
+        elif isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+            raise SJDInputError(f"{name} must be token ids [B, L] or a list of id sequences, got "
+                                f"{type(x).__name__}")
         full = self.lm_head.weight.shape[0]
-        for i, r in enumerate(rows):
-            if r.numel() < 1:
-                raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token")
-            if int(r.min()) < 0 or int(r.max()) >= full:
-                raise ValueError(f"{name}[{i}] has ids outside [0, {full})")
+        rows = [_id_seq(r, f"{name}[{i}]", full) for i, r in enumerate(x)]
+        if not rows:
+            raise SJDInputError(f"{name} must hold at least one prompt, got none")
         return rows
 
     def prefix(self, cond, cfg: bool, uncond=None) -> Prefix:
@@ -222,6 +258,7 @@ class HFImageLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache=None, mask=None,
                 write_slots=None) -> torch.Tensor:
         """Image logits ``[R, T, V]`` (see ``sjd_kernels.models.protocol``)."""
+        check_forward(self, self.hidden_size, inputs_embeds, positions, cache, mask, write_slots)
         kw = dict(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=cache is not None)
         if cache is not None:
             kw[self._cache_kw] = _CacheBridge(cache, write_slots)
@@ -268,6 +305,9 @@ def grid_forced(batch: int, height: int, width: int, vocab_size: int, *, row_end
     adapter's ``extra_token_ids[0]``); ``tail`` appends further forced codes (e.g. ``vocab_size + 1``
     for end-of-image). ``L = height * (width + row_end) + len(tail)``; pass ``num_tokens = L``.
     """
+    batch, height, width, vocab_size = (check_int(n, v, 1) for n, v in (
+        ("batch", batch), ("height", height), ("width", width), ("vocab_size", vocab_size)))
+    tail = [check_int("tail", t, 0) for t in tail]
     row = [-1] * width + ([vocab_size] if row_end else [])
     f = torch.tensor(row * height + list(tail), dtype=torch.int64, device=device)
     return f.expand(batch, -1).contiguous()
@@ -323,6 +363,7 @@ def emu3_forced(batch: int, height: int, width: int, vocab_size: int, *, tail: b
     """Emu3's image layout after the prompt's ``<|image token|>``: ``height`` rows of ``width`` codes
     each followed by EOL (code V), then (``tail``) EOF and ``<|image end|>`` (codes V+1, V+2), as in
     Emu3's ``prefix_allowed_tokens_fn``. ``num_tokens = height * (width + 1) + 2 * tail``."""
+    vocab_size = check_int("vocab_size", vocab_size, 1)
     return grid_forced(batch, height, width, vocab_size, row_end=True,
                        tail=(vocab_size + 1, vocab_size + 2) if tail else (), device=device)
 
@@ -378,20 +419,23 @@ class JanusImageLM(HFImageLM):
         if max_image_tokens is None:
             vis = getattr(model.config, "vision_config", None)
             max_image_tokens = getattr(vis, "num_image_tokens", None)
-        self.max_image_tokens = max_image_tokens
-        self.uncond_prompt = None if uncond_prompt is None else [int(t) for t in uncond_prompt]
+        self.hidden_size = d
+        self.max_image_tokens = _max_tokens(max_image_tokens)
+        full = self.lm_head.weight.shape[0]
+        self.uncond_prompt = None if uncond_prompt is None else _id_seq(uncond_prompt, "uncond_prompt", full).tolist()
         gc = getattr(model, "generation_config", None)
         if uncond_pad_token_id is None:
             uncond_pad_token_id = getattr(gc, "pad_token_id", None)
         if uncond_keep_ids is None:
             boi = (getattr(gc, "generation_kwargs", None) or {}).get("boi_token_id")
             uncond_keep_ids = [t for t in (getattr(gc, "bos_token_id", None), boi) if t is not None]
-        full = self.lm_head.weight.shape[0]
-        keep = [int(t) for t in uncond_keep_ids]
-        if uncond_pad_token_id is not None and not 0 <= int(uncond_pad_token_id) < full \
-                or any(not 0 <= t < full for t in keep):
-            raise ValueError(f"uncond_pad_token_id and uncond_keep_ids must lie in [0, {full})")
-        self.uncond_pad_token_id = None if uncond_pad_token_id is None else int(uncond_pad_token_id)
+        keep = [as_int(t) for t in uncond_keep_ids]
+        pad = None if uncond_pad_token_id is None else as_int(uncond_pad_token_id)
+        if uncond_pad_token_id is not None and (pad is None or not 0 <= pad < full) \
+                or any(t is None or not 0 <= t < full for t in keep):
+            raise SJDInputError(f"uncond_pad_token_id and uncond_keep_ids must lie in [0, {full}) (integer ids), "
+                                f"got {uncond_pad_token_id!r} and {list(uncond_keep_ids)!r}")
+        self.uncond_pad_token_id = pad
         self.uncond_keep_ids = keep
         self._softcap = None
         params = inspect.signature(self.decoder.forward).parameters
@@ -399,6 +443,7 @@ class JanusImageLM(HFImageLM):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Image codes ``[0, V)`` -> ``generation_aligner(generation_embeddings(code))``."""
+        self._check_ids(ids)
         return self.gen_aligner(self.gen_embed(ids.clamp(0, self.vocab_size - 1)))
 
     def image_head(self):

@@ -34,6 +34,11 @@ from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 
+from ..ops._common import SJDInputError, check_tensor
+
+FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_TYPES = (torch.int32, torch.int64)
+
 
 class Prefix(NamedTuple):
     """The prompt of every model row: ``embeds [R, L, d]`` right-padded, ``lengths [R]`` i64 (>= 1)."""
@@ -75,5 +80,42 @@ def check_model(model) -> None:
                         f"(see sjd_kernels.models.protocol)")
     for a in ("vocab_size", "num_layers", "num_kv_heads", "head_dim"):
         v = getattr(model, a)
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise TypeError(f"{type(model).__name__}.{a} must be a positive int, got {v!r}")
+
+
+def check_forward(model, d: int, inputs_embeds, positions, cache, mask, write_slots) -> None:
+    """The arguments of ``model.forward`` (``d``: the model's embedding width), checked before anything
+    runs or is written: shapes, dtypes and devices only (no host synchronisation); a
+    ``StaticKVCache`` also checks its geometry against the model and, on the CPU, the slots' values.
+    A cache needs ``write_slots`` and ``mask`` (without them attention would not see the cache's rows)."""
+    check_tensor("inputs_embeds", inputs_embeds, dtypes=FLOAT_TYPES, dim=3, shape=(None, None, d),
+                 last_contiguous=False)
+    R, T, _ = inputs_embeds.shape
+    dev = inputs_embeds.device
+    check_tensor("positions", positions, dtypes=INT_TYPES, dim=2, shape=(R, T), device=dev, last_contiguous=False)
+    S = T
+    if cache is None:
+        if write_slots is not None:
+            raise SJDInputError("write_slots is given without a cache: pass cache= too, or neither")
+    else:
+        if write_slots is None or mask is None:
+            raise SJDInputError("write_slots and mask are required with a cache (write_slots [R, T] where the new "
+                                "K/V go, mask [R, T, S] over the cache's slots)")
+        kv = getattr(cache, "kv", None)
+        if isinstance(kv, torch.Tensor) and hasattr(cache, "check_slots"):       # a StaticKVCache
+            want = (model.num_layers, 2, R, model.num_kv_heads, None, model.head_dim)
+            if kv.dim() != 6 or any(w is not None and w != k for w, k in zip(want, kv.shape)):
+                raise SJDInputError(f"cache has shape {list(kv.shape)} [layers, 2, rows, kv_heads, max_len, "
+                                    f"head_dim]: the model and inputs need {[w if w else 'S' for w in want]}")
+            cache.check_slots(write_slots, T, "write_slots")
+            S = kv.shape[4]
+        else:
+            check_tensor("write_slots", write_slots, dtypes=INT_TYPES, dim=2, shape=(R, T), device=dev,
+                         last_contiguous=False)
+            S = mask.shape[-1] if isinstance(mask, torch.Tensor) else S
+    if mask is not None:
+        check_tensor("mask", mask, dtypes=(torch.bool,), dim=3, device=dev, last_contiguous=False)
+        if mask.shape[0] not in (1, R) or tuple(mask.shape[1:]) != (T, S):
+            raise SJDInputError(f"mask must have shape [R={R} (or 1), T={T}, S={S}] (S = the cache's slots, or T "
+                                f"without a cache), got {list(mask.shape)}")

@@ -14,21 +14,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..ops._common import SJDInputError, check_int
 
-def _as_tensor(images) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    return t.to(torch.float32)
+
+def _as_tensor(images, name: str = "images") -> torch.Tensor:
+    """``images`` as a float32 tensor; values that are not finite numbers are an SJDInputError."""
+    try:
+        t = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SJDInputError(f"{name} must be an array or tensor of numbers, got {type(images).__name__} "
+                            f"({e})") from None
+    t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise SJDInputError(f"{name} must hold finite values, got NaN or infinite ones")
+    return t
 
 
 class PatchVQ:
     """Codebook ``[K, p*p]`` float32 over gray patches; images ``[B, H, W]`` in [0, 1]; tokens ``[B, N]`` i64."""
 
     def __init__(self, codebook: torch.Tensor, patch: int, image_size: int):
-        codebook = torch.as_tensor(codebook, dtype=torch.float32)
-        if codebook.dim() != 2 or codebook.shape[1] != patch * patch:
-            raise ValueError(f"codebook must be [K, {patch * patch}] for patch {patch}, got {list(codebook.shape)}")
+        patch, image_size = check_int("patch", patch, 1), check_int("image_size", image_size, 1)
+        codebook = _as_tensor(codebook, "codebook")
+        if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] != patch * patch:
+            raise SJDInputError(f"codebook must be [K >= 1, {patch * patch}] for patch {patch}, got "
+                                f"{list(codebook.shape)}")
         if image_size % patch:
-            raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")
+            raise SJDInputError(f"image_size {image_size} must be a multiple of patch {patch}")
         self.codebook = codebook.contiguous()
         self.patch = int(patch)
         self.image_size = int(image_size)
@@ -50,7 +62,7 @@ class PatchVQ:
         """``[B, H, W]`` -> ``[B, N, p*p]`` in raster order of patches."""
         x = _as_tensor(images)
         if x.dim() != 3 or x.shape[1] != self.image_size or x.shape[2] != self.image_size:
-            raise ValueError(f"images must be [B, {self.image_size}, {self.image_size}], got {list(x.shape)}")
+            raise SJDInputError(f"images must be [B, {self.image_size}, {self.image_size}], got {list(x.shape)}")
         B, p, g = x.shape[0], self.patch, self.grid
         return x.reshape(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, g * g, p * p)
 
@@ -62,6 +74,7 @@ class PatchVQ:
     @torch.no_grad()
     def encode(self, images, chunk: int = 65536) -> torch.Tensor:
         """Images ``[B, H, W]`` in [0, 1] -> tokens ``[B, N]`` int64 (nearest code)."""
+        chunk = check_int("chunk", chunk, 1)
         P = self.to_patches(images)
         B, N, D = P.shape
         flat = P.reshape(-1, D)
@@ -76,11 +89,19 @@ class PatchVQ:
     @torch.no_grad()
     def decode(self, tokens) -> torch.Tensor:
         """Tokens ``[B, N]`` -> images ``[B, H, W]`` float32."""
-        t = torch.as_tensor(tokens, dtype=torch.int64)
+        try:
+            t = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SJDInputError(f"tokens must be integer ids [B, {self.tokens_per_image}], got "
+                                f"{type(tokens).__name__} ({e})") from None
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise SJDInputError(f"tokens must be integer ids [B, {self.tokens_per_image}], got {t.dtype}")
+        t = t.to(torch.int64)
         if t.dim() != 2 or t.shape[1] != self.tokens_per_image:
-            raise ValueError(f"tokens must be [B, {self.tokens_per_image}], got {list(t.shape)}")
+            raise SJDInputError(f"tokens must be [B, {self.tokens_per_image}], got {list(t.shape)}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_codes):
-            raise ValueError(f"token ids must lie in [0, {self.num_codes}), got [{int(t.min())}, {int(t.max())}]")
+            raise SJDInputError(f"tokens: token ids must lie in [0, {self.num_codes}), got [{int(t.min())}, "
+                                f"{int(t.max())}]")
         return self.from_patches(self.codebook[t])
 
     @torch.no_grad()

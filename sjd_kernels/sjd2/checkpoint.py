@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..models import bundled
+from ..ops._common import check_tensor
 from .noise import EmbedNorm, NoiseSchedule, SJD2Embedding
 from .train import noisy_image_inputs
 
@@ -43,6 +44,8 @@ def noisy_logits(gpt, sjd2: SJD2Embedding, cond: torch.Tensor, tokens: torch.Ten
     The input of image position t (which predicts position t+1) is token t at level
     ``levels[:, t]``; the last level column is unused (no input follows the last token).
     """
+    check_tensor("tokens", tokens, dim=2, last_contiguous=False)
+    check_tensor("levels", levels, dim=2, shape=tuple(tokens.shape), last_contiguous=False)
     B, N = tokens.shape
     e = gpt.embed_tokens(tokens[:, :-1])
     x = torch.cat([gpt.embed_cond(cond), noisy_image_inputs(sjd2, e, levels[:, :-1], generator)], 1)
@@ -53,6 +56,7 @@ def gpt_forward_parts(gpt, cond: torch.Tensor, cfg: bool):
     """What ``generate_sjd2`` needs of a class-conditional GPT: ``(image embedding rows [V, d],
     prompt embeddings [B or 2B, 1, d] (conditional rows, then the null class for CFG),
     model_fn(inputs_embeds) -> logits, image_start)``."""
+    cond = gpt.check_cond(cond)
     E = image_embedding(gpt)
     nc = gpt.config.num_classes
     c = torch.cat([cond, torch.full_like(cond, nc)]) if cfg else cond
@@ -65,6 +69,7 @@ def gpt_forward_parts(gpt, cond: torch.Tensor, cfg: bool):
 
 
 def _files(model: str, out=None) -> tuple[Path, Path]:
+    bundled.check_name(model, "model")
     d = bundled.WEIGHTS_DIR if out is None else Path(out)
     return d / f"{model}_sjd2.safetensors", d / f"{model}_sjd2.json"
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import rng
+from ..ops._common import SJDInputError, check_finite, check_int, check_tensor, host_checks
 
 # Gaussian noise of a position entering the window at level K (step 0, keyed by position):
 # a stream of its own, beside rng.STREAM_* (1..10).
@@ -43,8 +44,10 @@ class NoiseSchedule:
     rho: float = 7.0
 
     def __post_init__(self):
-        if not isinstance(self.levels, int) or self.levels < 0:
-            raise ValueError(f"levels must be an int >= 0 (0 = SJD), got {self.levels!r}")
+        if not isinstance(self.levels, int) or isinstance(self.levels, bool) or self.levels < 0:
+            raise SJDInputError(f"levels must be an int >= 0 (0 = SJD), got {self.levels!r}")
+        for name in ("s_min", "s_max", "rho"):
+            check_finite(name, getattr(self, name))
         if self.levels > 0 and not (0.0 < self.s_min <= self.s_max <= 1.0):
             raise ValueError(f"need 0 < s_min <= s_max <= 1 for a variance-preserving schedule, "
                              f"got s_min={self.s_min}, s_max={self.s_max}")
@@ -93,9 +96,14 @@ class EmbedNorm(nn.Module):
     def from_embedding(cls, weight: torch.Tensor, rows: slice | torch.Tensor | None = None,
                        min_std: float = 1e-6) -> "EmbedNorm":
         """Statistics over the image-token rows ``weight[rows]`` (all rows when None)."""
+        check_tensor("weight", weight, dim=2, last_contiguous=False)
+        if check_finite("min_std", min_std) <= 0.0:
+            raise SJDInputError(f"min_std must be > 0 (the normalisation divides by std), got {min_std!r}")
         w = weight.detach().to(torch.float64)
         if rows is not None:
             w = w[rows]
+        if not bool(torch.isfinite(w).all()):
+            raise SJDInputError("weight must hold finite values, got NaN or infinite ones")
         if w.shape[0] < 2:
             raise ValueError(f"need at least 2 image-token rows to normalise, got {w.shape[0]}")
         m = cls(w.shape[1])
@@ -110,6 +118,15 @@ class EmbedNorm(nn.Module):
         return x * self.std + self.mean
 
 
+def check_levels(level: torch.Tensor, levels: int, name: str = "level") -> None:
+    """``level`` must be an integer tensor with values in ``[0, levels]`` (values checked on the host for
+    CPU tensors only: a negative level would index the tables from the end)."""
+    check_tensor(name, level, dtypes=(torch.int32, torch.int64), last_contiguous=False)
+    if host_checks(level) and level.numel() and bool(((level < 0) | (level > levels)).any()):
+        raise SJDInputError(f"{name} must lie in [0, K={levels}], got values in [{int(level.min())}, "
+                            f"{int(level.max())}]")
+
+
 class LevelEmbedding(nn.Module):
     """Learned embedding of the noise level, added to the input embedding; level 0 is fixed at zero.
 
@@ -119,13 +136,14 @@ class LevelEmbedding(nn.Module):
 
     def __init__(self, levels: int, dim: int):
         super().__init__()
-        self.levels = levels
+        self.levels = check_int("levels", levels, 0)
         self.weight = nn.Parameter(torch.zeros(levels, dim, dtype=torch.float32))
 
     def table(self) -> torch.Tensor:
         return torch.cat([self.weight.new_zeros(1, self.weight.shape[1]), self.weight], 0)
 
     def forward(self, level: torch.Tensor) -> torch.Tensor:
+        check_levels(level, self.levels)
         return self.table()[level]
 
 
@@ -151,6 +169,10 @@ class SJD2Embedding(nn.Module):
 
     def noise(self, e: torch.Tensor, level: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Normalised noisy latents ``a_k * normalize(e) + s_k * eps``: ``[..., d]`` float32 (differentiable in e)."""
+        check_levels(level, self.levels)
+        if tuple(level.shape) != tuple(e.shape[:-1]) or tuple(eps.shape) != tuple(e.shape):
+            raise SJDInputError(f"level must have shape {list(e.shape[:-1])} and eps {list(e.shape)} (those of e "
+                                f"[..., d]), got {list(level.shape)} and {list(eps.shape)}")
         en = self.norm.normalize(e)
         return self.alpha[level].unsqueeze(-1) * en + self.sigma[level].unsqueeze(-1) * eps
 
@@ -169,10 +191,11 @@ def sample_segment_levels(batch: int, length: int, levels: int, *, generator: to
     segment clean (0) and the last at K, the shape of an SJD2 window. Otherwise each
     segment's level is uniform in ``0..K``. ``levels = 0`` gives all zeros.
     """
-    if length < 1 or batch < 1:
-        raise ValueError(f"batch and length must be >= 1, got {batch}, {length}")
-    if max_segments < 1:
-        raise ValueError(f"max_segments must be >= 1, got {max_segments}")
+    batch, length = check_int("batch", batch, 1), check_int("length", length, 1)
+    levels, max_segments = check_int("levels", levels, 0), check_int("max_segments", max_segments, 1)
+    p_rising = check_finite("p_rising", p_rising)
+    if not 0.0 <= p_rising <= 1.0:
+        raise SJDInputError(f"p_rising must be a probability in [0, 1], got {p_rising!r}")
     out = torch.zeros(batch, length, dtype=torch.int64)
     if levels == 0:
         return out
@@ -200,6 +223,10 @@ def position_noise(seed: torch.Tensor, position: torch.Tensor, dim: int) -> torc
     Box-Muller: ``sqrt(-2 log((w0 >> 8) + 0.5) * 2^-24) * cos(2 pi (w1 >> 8) * 2^-24)``.
     The Triton prepare kernel draws the same numbers.
     """
+    dim = check_int("dim", dim, 1)
+    for name, v in (("seed", seed), ("position", position)):
+        if isinstance(v, float) or (isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())):
+            raise SJDInputError(f"{name} must be integers (an int or an integer tensor), got {v!r:.60}")
     seed = torch.as_tensor(seed, dtype=torch.int64)
     position = torch.as_tensor(position, dtype=torch.int64, device=seed.device)
     w = rng.lane_words(seed, position, torch.zeros((), dtype=torch.int64, device=seed.device),

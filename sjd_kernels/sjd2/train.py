@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops._common import SJDInputError, check_tensor, host_checks
 from .noise import SJD2Embedding, sample_segment_levels
 
 
@@ -26,13 +27,22 @@ def noisy_image_inputs(sjd2: SJD2Embedding, e: torch.Tensor, levels: torch.Tenso
 
 
 def next_clean_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits [B, T, V]`` (row t predicts the clean token t) against ``targets [B, T]``."""
+    """Mean cross-entropy of ``logits [B, T, V]`` (row t predicts the clean token t) against ``targets [B, T]``
+    (integer ids in ``[0, V)``, checked on the host for CPU tensors only)."""
+    check_tensor("logits", logits, dim=3, last_contiguous=False)
+    B, T, V = logits.shape
+    check_tensor("targets", targets, dtypes=(torch.int64,), dim=2, shape=(B, T), device=logits.device,
+                 last_contiguous=False)
+    if host_checks(targets) and targets.numel() and bool(((targets < 0) | (targets >= V)).any()):
+        raise SJDInputError(f"targets must be token ids in [0, {V}), got values in [{int(targets.min())}, "
+                            f"{int(targets.max())}]")
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 def sample_levels_like(tokens: torch.Tensor, levels: int, generator: torch.Generator | None = None,
                        max_segments: int = 8, p_rising: float = 0.5) -> torch.Tensor:
     """Segment levels ``[B, T]`` for a token batch (on the tokens' device)."""
+    check_tensor("tokens", tokens, dim=2, last_contiguous=False)
     B, T = tokens.shape
     return sample_segment_levels(B, T, levels, generator=generator, max_segments=max_segments,
                                  p_rising=p_rising).to(tokens.device)
