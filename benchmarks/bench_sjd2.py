@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import sys
@@ -28,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
+from sjd_kernels.demo import check_generation_args, check_output_file  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
-from sjd_kernels.sjd2.decode import generate_sjd2  # noqa: E402
+from sjd_kernels.sjd2.decode import KV_POLICIES, generate_sjd2  # noqa: E402
 from sjd_kernels.sjd2.noise import SJD2Embedding  # noqa: E402
 
 
@@ -73,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--configs", nargs="+", default=["8:16:keep"], help="SJD2 configs K:W:kv")
     ap.add_argument("--window", type=int, default=16, help="SJD's window")
-    ap.add_argument("--cfg-scale", type=float, default=None)
+    ap.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=32)
@@ -81,6 +83,35 @@ def main(argv=None):
     ap.add_argument("--skip", nargs="*", default=[], help="methods to skip: base_ar ar sjd")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    # every check before any work or output: a mistake exits 2 naming its flag
+    for flag, v, lo in (("--images", args.images, 1), ("--batch", args.batch, 1), ("--threads", args.threads, 1)):
+        if v < lo:
+            ap.error(f"argument {flag}: must be an int >= {lo}, got {v}")
+    if not math.isfinite(args.cfg_scale):
+        ap.error(f"argument --cfg-scale: the guidance scale must be a finite number, got {args.cfg_scale}")
+    check_generation_args(ap.error, args.model, window=args.window, temperature=args.temperature, top_k=args.top_k)
+    try:
+        levels = checkpoint.manifest(args.model)["schedule"]["levels"]
+    except bundled.BundledModelError as e:
+        ap.error(f"argument --model: SJD2 runs the fine-tune of the {args.model} model, which is not there ({e})")
+    bad = [s for s in args.seeds if not abs(s) * 1_000_003 + args.images < 2 ** 63]
+    if bad:
+        ap.error(f"argument --seeds: {bad}: the per-image seeds (seed * 1000003 + image) must fit in int64")
+    unknown = sorted(set(args.skip) - {"base_ar", "ar", "sjd"})
+    if unknown:
+        ap.error(f"argument --skip: unknown {', '.join(unknown)}; choose from base_ar, ar, sjd")
+    configs = []
+    for cfg in args.configs:
+        try:
+            K, W, kv = cfg.split(":")
+            K, W = int(K), int(W)
+        except ValueError:
+            ap.error(f"argument --configs: {cfg!r} is not K:W:kv (e.g. 8:16:keep)")
+        if K not in (0, levels) or W < 0 or kv not in KV_POLICIES:
+            ap.error(f"argument --configs: {cfg!r}: K must be 0 (SJD) or the fine-tune's {levels} levels, W an int "
+                     f">= 0, kv one of {', '.join(KV_POLICIES)}")
+        configs.append((K, W, kv))
+    rows_path = check_output_file(ap.error, "--out", args.out / f"sjd2_{args.model}.jsonl")
     torch.set_num_threads(args.threads)
     command = "PYTHONPATH=. python benchmarks/bench_sjd2.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     base = bundled.load(args.model)
@@ -97,11 +128,9 @@ def main(argv=None):
         methods.append(("AR (fine-tuned)", gpt, None, dict(levels=0, window=0, kv="keep")))
     if "sjd" not in args.skip:
         methods.append((f"SJD W{args.window} (fine-tuned)", gpt, None, dict(levels=0, window=args.window, kv="keep")))
-    for cfg in args.configs:
-        K, W, kv = cfg.split(":")
-        methods.append((f"SJD2 K{K} W{W} {kv}", gpt, sjd2, dict(levels=int(K), window=int(W), kv=kv)))
+    for K, W, kv in configs:
+        methods.append((f"SJD2 K{K} W{W} {kv}", gpt, sjd2, dict(levels=K, window=W, kv=kv)))
     args.out.mkdir(parents=True, exist_ok=True)
-    rows_path = args.out / f"sjd2_{args.model}.jsonl"
     print(f"# {command}\n# torch {torch.__version__}, {platform.platform()}, {torch.get_num_threads()} threads")
     summary = []
     with open(rows_path, "a") as f:

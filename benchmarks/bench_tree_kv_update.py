@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the checkout, 
 
 import torch  # noqa: E402
 
+from sjd_kernels.demo import check_output_dir  # noqa: E402
 from sjd_kernels.reference import tree as ref  # noqa: E402
 
 MODELS = {"llamagen-xl": dict(L=36, H=20, D=64), "7b": dict(L=32, H=32, D=128)}
@@ -113,17 +114,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "tree_kv_update"))
     ap.add_argument("--dtypes", default="bf16")
-    ap.add_argument("--batches", default="1,2,8")
+    ap.add_argument("--batches", default=None, help="comma list of rows R (default 1,2,8)")
     ap.add_argument("--path", type=int, default=8)
     ap.add_argument("--S", type=int, default=2048)
-    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=None, help="timed calls (default 200)")
     ap.add_argument("--quick", action="store_true", help="batch 1 only, 50 reps")
     ap.add_argument("--backends", default="torch,cuda,triton",
                     help="backends to time (the check always compares with the reference)")
     args = ap.parse_args(argv)
+    # every check before the CPU check and the GPU work: a mistake exits 2 naming its flag
     wanted = {b.strip() for b in args.backends.split(",") if b.strip()}
     if not wanted <= {"torch", "cuda", "triton"}:
         ap.error(f"--backends: unknown names {sorted(wanted - {'torch', 'cuda', 'triton'})}")
+    if not wanted:
+        ap.error("argument --backends: nothing to time; give some of torch, cuda, triton")
+    if args.quick and (args.batches is not None or args.reps is not None):
+        ap.error("argument --quick: it times batch 1 with 50 reps; drop it or --batches/--reps")
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:
+        ap.error(f"argument --dtypes: unknown {unknown}; choose from {', '.join(DTYPES)} (comma list)")
+    try:
+        batches = [int(b) for b in (args.batches or "1,2,8").split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        ap.error(f"argument --batches: must be a comma list of ints >= 1, got {args.batches!r}")
+    for flag, v in (("--path", args.path), ("--S", args.S), ("--reps", args.reps)):
+        if v is not None and v < 1:
+            ap.error(f"argument {flag}: must be an int >= 1, got {v}")
+    last = int(make_path(1, args.path).max())
+    if last + args.S // 2 >= args.S:
+        ap.error(f"argument --S: must exceed S // 2 + {last} (the caches are half full and a path of {args.path} "
+                 f"entries reads node {last}), got {args.S}")
+    check_output_dir(ap.error, "--out", args.out)
 
     cpu_check()
     if not torch.cuda.is_available():
@@ -138,8 +161,8 @@ def main(argv=None) -> int:
     print(f"{info['gpu']}: device-to-device copy {bw['copy_Bps'] / 1e9:.0f} GB/s (read + write, 1 GiB)")
     flush = L2Flusher()
     bes = {k: v for k, v in backends_available().items() if k in wanted}
-    batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
-    reps = 50 if args.quick else args.reps
+    batches = [1] if args.quick else batches
+    reps = 50 if args.quick else args.reps or 200
     P = args.path
     rows = []
     for model, m in MODELS.items():

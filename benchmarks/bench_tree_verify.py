@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))             # the case builder of the ke
 import torch  # noqa: E402
 
 from sjd_kernels.bench.timing import copy_bandwidth, has_gpu, machine_info, time_cuda  # noqa: E402
+from sjd_kernels.demo import check_output_file  # noqa: E402
 from sjd_kernels.reference import tree as ref  # noqa: E402
 from test_tree_verify_kernels import ORDER, make_case, run  # noqa: E402
 
@@ -79,6 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--csv", default="")
     a = ap.parse_args(argv)
+    if a.reps < 1:
+        ap.error(f"argument --reps: must be an int >= 1, got {a.reps}")
+    if a.csv:
+        check_output_file(ap.error, "--csv", a.csv)
     gpu = has_gpu()
     dev = "cuda" if gpu else "cpu"
     info = machine_info()

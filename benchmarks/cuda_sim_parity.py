@@ -30,7 +30,7 @@ from sjd_kernels.cuda import sim  # noqa: E402
 from sjd_kernels.cuda.jacobi_step import kernel_features  # noqa: E402
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--orders", default="forward,reverse")
     ap.add_argument("--no-tree", dest="tree", action="store_false",
@@ -38,7 +38,16 @@ def main() -> int:
     ap.add_argument("--sparse", action="append", default=[], metavar="PATHS",
                     help="also the 25 CUDA sparse-state cases of tests/test_sparse_state_kernels.py with these "
                          "optional paths ('default' or names joined by '+'; repeatable); about 15 min each")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # every check before the first run (the whole list takes hours): exit 2 naming the flag
+    orders = args.orders.split(",")
+    if not set(orders) <= set(sim.ORDERS):
+        ap.error(f"argument --orders: {args.orders!r}: give a comma list of {', '.join(sim.ORDERS)}")
+    for paths in args.sparse:
+        try:
+            kernel_features(*(() if paths == "default" else paths.split("+")))
+        except ValueError as e:
+            ap.error(f"argument --sparse: {paths!r}: {e} ('default' or names joined by '+')")
     t.DEV = "cpu"
     jobs = [((), n) for n in t.CONFIGS] + [(f, n) for f, ns in t.FEATURE_CASES.items() for n in ns]
     failed = 0
@@ -55,7 +64,7 @@ def main() -> int:
             failed += 1
             print(f"{label} FAIL {type(e).__name__} {str(e)[:300]} {time.time() - t0:.1f}", flush=True)
 
-    for order in args.orders.split(","):
+    for order in orders:
         for feats, name in jobs:
             cfg = dict(t.CONFIGS[name])
             reps = cfg.pop("reps", 3)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -380,20 +381,18 @@ def run_cuda_verify_case(c: dict, how: dict, device: str = "cpu", fn=None) -> tu
         return run_verify_case(c, fn or verify_chain_cuda, device)
 
 
-def _device_ready(args) -> bool:
+def _check_device(args, error) -> None:
     """On the CPU the Triton kernels need the interpreter; on a GPU they must be compiled (not
-    interpreted) and the device must be there."""
+    interpreted) and the device must be there. ``error``: the parser's (exit 2 naming the flag)."""
     on_cpu = args.device == "cpu"
     if not on_cpu and not torch.cuda.is_available():
-        print(f"--device {args.device}: no CUDA device is visible")
-        return False
+        error(f"argument --device: {args.device!r}: no CUDA device is visible")
     if "triton" in args.backends.split(","):
         from sjd_kernels.triton.jacobi_step import is_interpreted
         if is_interpreted() != on_cpu:
-            print("set TRITON_INTERPRET=1 (the Triton kernel runs on CPU tensors under the interpreter)" if on_cpu
-                  else "--device cuda runs the compiled Triton kernels: unset TRITON_INTERPRET (or set it to 0)")
-            return False
-    return True
+            error("argument --backends: triton on --device cpu runs under the interpreter: set TRITON_INTERPRET=1"
+                  if on_cpu else "argument --device: cuda runs the compiled Triton kernels: unset TRITON_INTERPRET "
+                  "(or set it to 0)")
 
 
 def _cuda_context(how: dict, device: str):
@@ -447,7 +446,7 @@ def report(label: str, c: dict, run, per: int) -> bool:
     return ok
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=100)
     ap.add_argument("--start", type=int, default=0, help="index of the first case (to rerun one: --cases 1)")
@@ -456,12 +455,21 @@ def main() -> int:
     ap.add_argument("--op", choices=["jacobi_step", "tree_verify", "verify_chain"], default="jacobi_step")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="start no case after this many seconds (0: no limit); the last line counts the cases run")
-    ap.add_argument("--device", default="cpu",
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu: Triton under the interpreter, CUDA in the simulator; cuda: the compiled kernels "
                          "on the GPU, the reference on the GPU too")
-    args = ap.parse_args()
-    if not _device_ready(args):
-        return 2
+    args = ap.parse_args(argv)
+    # every check before the first case: a mistake exits 2 naming its flag
+    for flag, v, lo in (("--cases", args.cases, 1), ("--start", args.start, 0)):
+        if v < lo:
+            ap.error(f"argument {flag}: must be an int >= {lo}, got {v}")
+    if not (math.isfinite(args.budget_s) and args.budget_s >= 0):
+        ap.error(f"argument --budget-s: must be a finite number of seconds >= 0 (0: no limit), got {args.budget_s}")
+    if args.op == "jacobi_step" and not -2 ** 63 <= 1000 * args.seed < 2 ** 63 - args.start - args.cases:
+        ap.error(f"argument --seed: the jacobi_step case seeds (1000 * seed + case) must fit in int64, got {args.seed}")
+    if not set(args.backends.split(",")) <= {"triton", "cuda"}:
+        ap.error(f"argument --backends: {args.backends!r}: give a comma list of triton, cuda")
+    _check_device(args, ap.error)
     if args.op == "tree_verify":
         return main_tree(args)
     if args.op == "verify_chain":

@@ -14,6 +14,16 @@ A stand-in, not the bundled model: its numbers guide the defaults until
 ``benchmarks/bench_sjd2.py`` is run on the fine-tuned bundled model.
 """
 import sys, time, math, json
+import argparse
+# the arguments first (exit 2 naming them), before the imports and the ten minutes of training
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("K", type=int, nargs="?", default=8, help="SJD2 noise levels, >= 1 (default 8)")
+ap.add_argument("s_min", type=float, nargs="?", default=0.2, help="smallest noise scale, in (0, 1] (default 0.2)")
+args = ap.parse_args()
+if args.K < 1:
+    ap.error(f"argument K: must be an int >= 1 (the runs without noise levels are the SJD rows), got {args.K}")
+if not 0 < args.s_min <= 1:
+    ap.error(f"argument s_min: must be in (0, 1], got {args.s_min}")
 sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
 import torch, torch.nn as nn, torch.nn.functional as F, numpy as np
 torch.set_num_threads(1)
@@ -67,7 +77,7 @@ train(m, 1500, 2e-3, 330)
 import copy
 with torch.no_grad():
     ce=float(next_clean_token_loss(m.seq(yte_t[:200], tte[:200]), tte[:200])); log('base heldout ce', ce)
-K=int(sys.argv[1]) if len(sys.argv)>1 else 8; smin=float(sys.argv[2]) if len(sys.argv)>2 else 0.2
+K, smin = args.K, args.s_min
 ft=copy.deepcopy(m)
 sjd2=SJD2Embedding(NoiseSchedule(levels=K, s_min=smin), EmbedNorm.from_embedding(ft.tok.weight))
 train(ft, 1000, 3e-4, 240, sjd2, 3e-3)

@@ -22,26 +22,34 @@ import sys
 import torch
 
 from sjd_kernels.bench import cases as C
+from sjd_kernels.demo import check_output_file
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", default="jacobi_step")
+    ap.add_argument("--op", default="jacobi_step", choices=list(C.OPS))
     ap.add_argument("--case", required=True)
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--calls", type=int, default=4, help="calls of the op (the profiler picks one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--listing", default=None, help="write the rows kernels' nvdisasm -g -c text here")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_step: needs a CUDA device", file=sys.stderr)
-        return 2
+    # the arguments first (exit 2 naming the flag), then the device
+    if a.calls < 1:
+        ap.error(f"argument --calls: must be an int >= 1, got {a.calls}")
     bench = C.OPS[a.op]
+    if a.backend not in bench.backends:
+        ap.error(f"argument --backend: {a.backend!r} is not a backend of {a.op}; choose from "
+                 f"{', '.join(bench.backends)}")
     found = [c for c in bench.cases() if c.name in (a.case, f"{a.op}:{a.case}")] or \
         [c for c in bench.cases() if a.case in c.name]
     if len(found) != 1:
-        print(f"profile_step: --case {a.case!r} matches {len(found)} cases: {[c.name for c in found][:8]}",
-              file=sys.stderr)
+        ap.error(f"argument --case: {a.case!r} matches {len(found)} cases of {a.op}: {[c.name for c in found][:8]} "
+                 f"(see `python -m sjd_kernels.bench list`)")
+    if a.listing:
+        check_output_file(ap.error, "--listing", a.listing)
+    if not torch.cuda.is_available():
+        print("profile_step: needs a CUDA device", file=sys.stderr)
         return 2
     case = found[0]
     ok, why = bench.available(a.backend, "cuda")

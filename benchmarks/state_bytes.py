@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the checkout, when not installed
 
 from sjd_kernels.bench.cases import Case, JacobiStepBench, _jacobi_params  # noqa: E402
+from sjd_kernels.demo import check_output_file  # noqa: E402
 from sjd_kernels.ops.jacobi_step import JacobiState  # noqa: E402
 
 # (family, image codes V, top-k) of SPEC section 8
@@ -70,6 +71,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the markdown table here as well")
     ap.add_argument("--floors", action="store_true", help="print the HBM-floor table of benchmarks/NOTES.md instead")
     args = ap.parse_args(argv)
+    if args.floors and args.out:
+        ap.error("argument --out: it writes the state table; --floors prints the HBM-floor table instead (drop one)")
+    if args.out:
+        check_output_file(ap.error, "--out", args.out)
     if args.floors:
         print(floor_table())
         return 0

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                       # sjd_kernels (the --out check), when not installed
 RESULTS = ROOT / "benchmarks" / "results"
 PY = sys.executable
 
@@ -191,6 +192,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rtol", type=float, default=1e-9, help="relative tolerance of numbers (default 1e-9)")
     ap.add_argument("--list", action="store_true", help="list the targets and their commands, run nothing")
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.rtol) and args.rtol >= 0):
+        ap.error(f"argument --rtol: must be a finite number >= 0, got {args.rtol}")
+    if args.out is not None and not args.list:
+        from sjd_kernels.demo import check_output_dir
+        check_output_dir(ap.error, "--out", args.out)
     names = args.only or list(TARGETS)
     if args.list:
         for n in names:

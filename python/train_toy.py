@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
+from sjd_kernels.demo import check_output_dir, check_output_file  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.models.tokenizer import PatchVQ  # noqa: E402
 from sjd_kernels.quality import train_classifier  # noqa: E402
@@ -48,6 +49,7 @@ RECIPES = {
                   budget_minutes=20, steps=1200, batch=24, lr=3e-3, cond_lr_mult=5.0, warmup=50,
                   weight_decay=0.05, cfg_drop=0.1, train_crops=40000),
 }
+STAGES = ("vq", "clf", "gpt")
 
 
 class Log:
@@ -217,12 +219,36 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR)
     ap.add_argument("--log", type=Path, default=None)
     args = ap.parse_args(argv)
+    # every check before any work or output: a mistake exits 2 naming its flag
+    stages = set(s.strip() for s in args.stages.split(",") if s.strip())
+    if not stages or not stages <= set(STAGES):
+        ap.error(f"argument --stages: {args.stages!r}: give a comma list of {', '.join(STAGES)}")
+    budget = args.budget_minutes
+    for flag, v, ok, what in (("--threads", args.threads, args.threads >= 1, "an int >= 1"),
+                              ("--steps", args.steps, args.steps is None or args.steps >= 1, "an int >= 1"),
+                              ("--seed", args.seed, 0 <= args.seed < 2 ** 32, "an int in [0, 2**32) (k-means' seed)"),
+                              ("--budget-minutes", budget, budget is None or (math.isfinite(budget) and budget >= 0),
+                               "a finite number >= 0 (0 = run --steps steps)")):
+        if not ok:
+            ap.error(f"argument {flag}: must be {what}, got {v}")
+    if args.steps is not None and budget != 0:
+        ap.error("argument --steps: the step-based schedule needs --budget-minutes 0 (otherwise the time budget "
+                 "ends the GPT stage)")
+    if "gpt" not in stages and (args.steps is not None or budget is not None):
+        ap.error("argument --steps/--budget-minutes: they set the gpt stage, which --stages leaves out")
+    log_path = args.log or ROOT / "benchmarks" / "results" / f"train_{args.model}.log"
+    check_output_dir(ap.error, "--out", args.out)
+    check_output_file(ap.error, "--log", log_path)
+    try:                                    # the stages left out reuse the files in --out
+        vq = None if "vq" in stages else bundled.load_tokenizer(args.model, args.out)
+        q = None if "clf" in stages else bundled.load_quality(args.model, args.out)
+    except bundled.BundledModelError as e:
+        ap.error(f"argument --stages: the stages left out are loaded from --out, which cannot be: {e}")
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPES[args.model])
     if args.steps is not None:
         recipe["steps"] = args.steps
-    stages = set(s.strip() for s in args.stages.split(",") if s.strip())
-    log = Log(args.log or ROOT / "benchmarks" / "results" / f"train_{args.model}.log")
+    log = Log(log_path)
     command = "PYTHONPATH=. python python/train_toy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     log(f"command: {command}")
     log(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, "
@@ -235,15 +261,11 @@ def main(argv=None):
 
     if "vq" in stages:
         vq, info["vq"] = stage_vq(args.model, recipe, Xtr, Xte, args.seed, log)
-    else:
-        vq = bundled.load_tokenizer(args.model, args.out)
     if "clf" in stages:
         q, info["quality"] = stage_clf(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log)
-    else:
-        q = bundled.load_quality(args.model, args.out)
     gpt = None
     if "gpt" in stages:
-        budget = recipe["budget_minutes"] if args.budget_minutes is None else args.budget_minutes
+        budget = recipe["budget_minutes"] if budget is None else budget
         gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget)
         info["gpt"]["budget_minutes"] = budget
 
