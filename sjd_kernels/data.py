@@ -39,11 +39,11 @@ def _mnist_all():
 
 def mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """MNIST subset: ``(images [N, 28, 28] f32 in [0, 1], labels [N] i64)``; split train | test | all."""
+    if split not in ("train", "test", "all"):
+        raise SJDInputError(f"split must be 'train', 'test' or 'all', got {split!r}")
     X, y = _mnist_all()
     if split == "all":
         return X.copy(), y.copy()
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     idx = []
     for c in range(10):
         ic = np.flatnonzero(y == c)

@@ -289,7 +289,9 @@ CODEBOOK = torch.rand(8, 4, generator=torch.Generator().manual_seed(0))
     (lambda: PatchVQ(CODEBOOK, 2, 4).decode(torch.tensor([[0.7, 1.2, 2.9, 3.5]])), "tokens must be integer"),
     (lambda: PatchVQ(CODEBOOK, 2, 4).decode(torch.tensor([[True, False, True, False]])), "tokens must be integer"),
     (lambda: PatchVQ(CODEBOOK, 2, 4).decode(torch.tensor([[0, 1, 2, 8]])), r"tokens: token ids must lie in \[0, 8\)"),
-], ids=["patch_0", "image_size_neg", "no_codes", "chunk_neg", "images_nan", "tokens_float", "tokens_bool", "tokens_K"])
+    (lambda: PatchVQ(CODEBOOK, 2, 4).encode(np.full((1, 4, 4), 200, np.uint8)), r"images must hold values in \[0, 1\]"),
+], ids=["patch_0", "image_size_neg", "no_codes", "chunk_neg", "images_nan", "tokens_float", "tokens_bool", "tokens_K",
+        "images_uint8"])
 def test_tokenizer(call, msg):
     with pytest.raises(SJDInputError, match=f"^{msg}"):
         call()
@@ -334,6 +336,12 @@ def small_mnist(monkeypatch):
 def test_real_images_n(small_mnist, n, msg):
     with pytest.raises(SJDInputError, match=f"^{msg}"):                # -1 used to drop the last image,
         data.real_images("mnist", "all", n=n)                           # 25 to return the 20 there are
+
+
+def test_mnist_split_checked_before_loading(monkeypatch):
+    monkeypatch.setattr(data, "_mnist_all", lambda: pytest.fail("loaded MNIST before checking split"))
+    with pytest.raises(SJDInputError, match="^split must be 'train', 'test' or 'all'"):
+        data.mnist("val")
 
 
 def test_photo_crops_n_checked_before_loading(monkeypatch):
@@ -385,3 +393,43 @@ def test_sjd2_pieces(call, msg):
 def test_unknown_model_names(call, msg):
     with pytest.raises(bundled.BundledModelError, match=f"^{msg}"):
         call()
+
+
+def _damaged_copies(tmp_path, text):
+    """The bundled mnist manifests and a tiny GPT checkpoint copied to ``tmp_path``, every JSON file
+    replaced by ``text``."""
+    import shutil
+
+    from sjd_kernels.models import save_gpt
+    for f in ("mnist.json", "mnist_sjd2.json"):
+        shutil.copy(bundled.WEIGHTS_DIR / f, tmp_path / f)
+    save_gpt(tiny_gpt(), tmp_path / "tiny.safetensors")
+    for f in tmp_path.glob("*.json"):
+        f.write_text(text)
+
+
+@pytest.mark.parametrize("text,msg", [("{\"files\": ", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
+                                      ("{}", "lacks the entries")], ids=["truncated", "list", "empty"])
+def test_damaged_metadata_names_the_file(tmp_path, text, msg):
+    """A damaged manifest or checkpoint JSON is the loader's own error naming the file, not a
+    JSONDecodeError or a KeyError."""
+    from sjd_kernels.models import GPTCheckpointError, load_gpt
+    _damaged_copies(tmp_path, text)
+    for call, err, f in ((lambda: bundled.manifest("mnist", tmp_path), bundled.BundledModelError, "mnist.json"),
+                         (lambda: checkpoint.manifest("mnist", tmp_path), bundled.BundledModelError,
+                          "mnist_sjd2.json"),
+                         (lambda: load_gpt(tmp_path / "tiny.safetensors"), GPTCheckpointError, "tiny.json")):
+        with pytest.raises(err, match=f"{f} .*{msg}"):
+            call()
+
+
+def test_checkpoint_config_that_makes_no_gpt(tmp_path):
+    import json
+
+    from sjd_kernels.models import GPTCheckpointError, load_gpt, save_gpt
+    save_gpt(tiny_gpt(), tmp_path / "tiny.safetensors")
+    meta = json.loads((tmp_path / "tiny.json").read_text())
+    meta["config"]["n_layers"] = meta["config"].pop("n_layer")           # a renamed field
+    (tmp_path / "tiny.json").write_text(json.dumps(meta))
+    with pytest.raises(GPTCheckpointError, match="its config does not make a GPTConfig"):
+        load_gpt(tmp_path / "tiny.safetensors")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .protocol import read_json
 from .tokenizer import PatchVQ
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -60,8 +61,7 @@ def manifest(name: str, weights_dir=None) -> dict:
     if not path.exists():
         raise BundledModelError(f"{path} is missing; train it with: PYTHONPATH=. python python/train_toy.py "
                                 f"--model {name}")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, BundledModelError, ("files",))
 
 
 def _load_checked(name: str, part: str, expected: dict[str, tuple], weights_dir=None) -> dict:

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops._common import SJDInputError, check_finite, check_int, check_tensor, host_checks
-from .protocol import INT_TYPES, Prefix, check_forward
+from .protocol import INT_TYPES, Prefix, check_forward, read_json
 
 CHECKPOINT_FORMAT = 1
 
@@ -400,15 +400,17 @@ def load_gpt(path, device="cpu", dtype=torch.float32) -> GPT:
         raise GPTCheckpointError(f"{jpath} is missing (a GPT checkpoint is a .safetensors file and its .json)")
     if not wpath.exists():
         raise GPTCheckpointError(f"{wpath} is missing (named by {jpath.name})")
-    with open(jpath) as f:
-        meta = json.load(f)
+    meta = read_json(jpath, GPTCheckpointError, ("format", "sha256", "config"))
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise GPTCheckpointError(f"{jpath}: format {meta.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
     digest = sha256_file(wpath)
     if digest != meta["sha256"]:
         raise GPTCheckpointError(f"{wpath} has SHA-256 {digest}, but {jpath.name} expects {meta['sha256']}: "
                                  f"the file was altered or belongs to another checkpoint")
-    cfg = GPTConfig(**meta["config"])
+    try:
+        cfg = GPTConfig(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise GPTCheckpointError(f"{jpath}: its config does not make a GPTConfig ({e})") from None
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     tensors = load_file(str(wpath))

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
+import json
+
 import torch
 
 from ..ops._common import SJDInputError, check_tensor
@@ -119,3 +121,19 @@ def check_forward(model, d: int, inputs_embeds, positions, cache, mask, write_sl
         if mask.shape[0] not in (1, R) or tuple(mask.shape[1:]) != (T, S):
             raise SJDInputError(f"mask must have shape [R={R} (or 1), T={T}, S={S}] (S = the cache's slots, or T "
                                 f"without a cache), got {list(mask.shape)}")
+
+
+def read_json(path, error: type, required=()) -> dict:
+    """The JSON object in ``path`` (a checkpoint's or manifest's metadata). A damaged file (not JSON,
+    not an object, or without the ``required`` keys) raises ``error`` naming the file."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}): the file is damaged (restore it or write it again)") from None
+    if not isinstance(d, dict):
+        raise error(f"{path} holds a JSON {type(d).__name__}, not the object of a checkpoint's metadata")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise error(f"{path} lacks the entries {missing}: the file is damaged or from another version")
+    return d

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..models import bundled
+from ..models.protocol import read_json
 from ..ops._common import check_tensor
 from .noise import EmbedNorm, NoiseSchedule, SJD2Embedding
 from .train import noisy_image_inputs
@@ -96,8 +97,7 @@ def manifest(model: str, weights_dir=None) -> dict:
     if not mpath.exists():
         raise bundled.BundledModelError(f"{mpath} is missing; fine-tune with: PYTHONPATH=. python "
                                         f"python/finetune_sjd2.py --model {model}")
-    with open(mpath) as f:
-        return json.load(f)
+    return read_json(mpath, bundled.BundledModelError, ("sha256", "gpt", "schedule"))
 
 
 def load_finetuned(model: str = "mnist", weights_dir=None, device="cpu", dtype=torch.float32):
