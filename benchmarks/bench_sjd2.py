@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
-from sjd_kernels.demo import check_generation_args, check_output_file  # noqa: E402
+from sjd_kernels.demo import at_least, check_flags, check_generation_args, check_output_file  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
 from sjd_kernels.sjd2.decode import KV_POLICIES, generate_sjd2  # noqa: E402
@@ -84,9 +84,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
-    for flag, v, lo in (("--images", args.images, 1), ("--batch", args.batch, 1), ("--threads", args.threads, 1)):
-        if v < lo:
-            ap.error(f"argument {flag}: must be an int >= {lo}, got {v}")
+    check_flags(ap.error, at_least(1, ("--images", args.images), ("--batch", args.batch), ("--threads", args.threads)))
     if not math.isfinite(args.cfg_scale):
         ap.error(f"argument --cfg-scale: the guidance scale must be a finite number, got {args.cfg_scale}")
     check_generation_args(ap.error, args.model, window=args.window, temperature=args.temperature, top_k=args.top_k)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the checkout, 
 
 import torch  # noqa: E402
 
-from sjd_kernels.demo import check_output_dir  # noqa: E402
+from sjd_kernels.demo import at_least, check_flags, check_output_dir  # noqa: E402
 from sjd_kernels.reference import tree as ref  # noqa: E402
 
 MODELS = {"llamagen-xl": dict(L=36, H=20, D=64), "7b": dict(L=32, H=32, D=128)}
@@ -139,9 +139,7 @@ def main(argv=None) -> int:
         batches = []
     if not batches or min(batches) < 1:
         ap.error(f"argument --batches: must be a comma list of ints >= 1, got {args.batches!r}")
-    for flag, v in (("--path", args.path), ("--S", args.S), ("--reps", args.reps)):
-        if v is not None and v < 1:
-            ap.error(f"argument {flag}: must be an int >= 1, got {v}")
+    check_flags(ap.error, at_least(1, ("--path", args.path), ("--S", args.S), ("--reps", args.reps)))
     last = int(make_path(1, args.path).max())
     if last + args.S // 2 >= args.S:
         ap.error(f"argument --S: must exceed S // 2 + {last} (the caches are half full and a path of {args.path} "

@@ -52,6 +52,7 @@ import torch  # noqa: E402
 
 import test_cuda_jacobi_step as t  # noqa: E402
 
+from sjd_kernels.demo import at_least, check_flags  # noqa: E402
 from sjd_kernels.ops.jacobi_step import JacobiState  # noqa: E402
 from sjd_kernels.reference import jacobi_step as ref  # noqa: E402
 
@@ -460,9 +461,7 @@ def main(argv=None) -> int:
                          "on the GPU, the reference on the GPU too")
     args = ap.parse_args(argv)
     # every check before the first case: a mistake exits 2 naming its flag
-    for flag, v, lo in (("--cases", args.cases, 1), ("--start", args.start, 0)):
-        if v < lo:
-            ap.error(f"argument {flag}: must be an int >= {lo}, got {v}")
+    check_flags(ap.error, at_least(1, ("--cases", args.cases)) + at_least(0, ("--start", args.start)))
     if not (math.isfinite(args.budget_s) and args.budget_s >= 0):
         ap.error(f"argument --budget-s: must be a finite number of seconds >= 0 (0: no limit), got {args.budget_s}")
     if args.op == "jacobi_step" and not -2 ** 63 <= 1000 * args.seed < 2 ** 63 - args.start - args.cases:

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from sjd_kernels.decoding import generate
-from sjd_kernels.demo import check_generation_args, model_manifest, two_sample_test
+from sjd_kernels.demo import at_least, check_flags, check_generation_args, model_manifest, two_sample_test
 from sjd_kernels.models import bundled
 
 
@@ -30,12 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     # every check before any generation: a mistake exits 2 naming its flag
-    for flag, v in (("--n", args.n), ("--threads", args.threads)):
-        if v < 1:
-            ap.error(f"argument {flag}: must be an int >= 1, got {v}")
-    for flag, v in (("--ar-seed", args.ar_seed), ("--seed", args.seed)):
-        if not -2 ** 63 <= v < 2 ** 63:
-            ap.error(f"argument {flag}: must fit in int64, got {v}")
+    check_flags(ap.error, at_least(1, ("--n", args.n), ("--threads", args.threads)) + [
+        (flag, v, -2 ** 63 <= v < 2 ** 63, "an int that fits in int64")
+        for flag, v in (("--ar-seed", args.ar_seed), ("--seed", args.seed))])
     if args.method == "sjd2":
         ap.error("argument --method: 'sjd2' samples the SJD2 fine-tune, not the base model AR samples here")
     man = model_manifest(ap.error, args.model)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
-from sjd_kernels.demo import check_output_dir, check_output_file, model_manifest  # noqa: E402
+from sjd_kernels.demo import check_flags, check_output_dir, check_output_file, model_manifest  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
 from sjd_kernels.sjd2.noise import EmbedNorm, NoiseSchedule, SJD2Embedding  # noqa: E402
@@ -98,7 +98,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     K, fin = args.levels, math.isfinite
-    for flag, v, ok, what in (
+    check_flags(ap.error, (
             ("--levels", K, K >= 0, "an int >= 0"),
             ("--s-max", args.s_max, fin(args.s_max) and (K == 0 or 0 < args.s_max <= 1), "in (0, 1]"),
             ("--s-min", args.s_min, fin(args.s_min) and (K == 0 or 0 < args.s_min <= args.s_max),
@@ -117,9 +117,7 @@ def main(argv=None):
             ("--seed", args.seed, -2 ** 63 <= args.seed < 2 ** 63, "an int that fits in int64"),
             ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0,
              "a finite number > 0"),
-            ("--threads", args.threads, args.threads >= 1, "an int >= 1")):
-        if not ok:
-            ap.error(f"argument {flag}: must be {what}, got {v}")
+            ("--threads", args.threads, args.threads >= 1, "an int >= 1")))
     model_manifest(ap.error, args.model)                # the base model is there (its weights load later)
     log_path = args.log or ROOT / "benchmarks" / "results" / f"finetune_sjd2_{args.model}.log"
     check_output_dir(ap.error, "--out", args.out)

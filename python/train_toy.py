@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
-from sjd_kernels.demo import check_output_dir, check_output_file  # noqa: E402
+from sjd_kernels.demo import at_least, check_flags, check_output_dir, check_output_file  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.models.tokenizer import PatchVQ  # noqa: E402
 from sjd_kernels.quality import train_classifier  # noqa: E402
@@ -224,13 +224,10 @@ def main(argv=None):
     if not stages or not stages <= set(STAGES):
         ap.error(f"argument --stages: {args.stages!r}: give a comma list of {', '.join(STAGES)}")
     budget = args.budget_minutes
-    for flag, v, ok, what in (("--threads", args.threads, args.threads >= 1, "an int >= 1"),
-                              ("--steps", args.steps, args.steps is None or args.steps >= 1, "an int >= 1"),
-                              ("--seed", args.seed, 0 <= args.seed < 2 ** 32, "an int in [0, 2**32) (k-means' seed)"),
-                              ("--budget-minutes", budget, budget is None or (math.isfinite(budget) and budget >= 0),
-                               "a finite number >= 0 (0 = run --steps steps)")):
-        if not ok:
-            ap.error(f"argument {flag}: must be {what}, got {v}")
+    check_flags(ap.error, at_least(1, ("--threads", args.threads), ("--steps", args.steps)) + [
+        ("--seed", args.seed, 0 <= args.seed < 2 ** 32, "an int in [0, 2**32) (k-means' seed)"),
+        ("--budget-minutes", budget, budget is None or (math.isfinite(budget) and budget >= 0),
+         "a finite number >= 0 (0 = run --steps steps)")])
     if args.steps is not None and budget != 0:
         ap.error("argument --steps: the step-based schedule needs --budget-minutes 0 (otherwise the time budget "
                  "ends the GPT stage)")

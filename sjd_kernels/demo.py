@@ -287,6 +287,19 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
 # usage and the message and exits with status 2), and calls it for the first setting that fails; the
 # messages name the command-line flag. They load no model: they run before any expensive work.
 
+def check_flags(error, checks) -> None:
+    """``checks``: rows ``(flag, value, ok, what)``; the first row that is not ``ok`` is the usage error
+    ``argument FLAG: must be WHAT, got VALUE``."""
+    for flag, v, ok, what in checks:
+        if not ok:
+            error(f"argument {flag}: must be {what}, got {v}")
+
+
+def at_least(lo: int, *flags) -> list:
+    """``check_flags`` rows for ``(flag, value)`` pairs that must be ints >= ``lo`` (None: the default, fine)."""
+    return [(flag, v, v is None or v >= lo, f"an int >= {lo}") for flag, v in flags]
+
+
 def model_manifest(error, model: str, flag: str = "--model") -> dict:
     """The bundled model's manifest (its config: vocabulary, classes, tokens), read without loading weights."""
     from .models import bundled
@@ -411,10 +424,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     # every check before any work (a mistake must not cost a run of minutes): exit 2 with the flag named
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
-    for flag, v in (("--per-class", a.per_class), ("--seeds", a.seeds), ("--permutations", a.permutations),
-                    ("--threads", a.threads)):
-        if v < 1:
-            ap.error(f"argument {flag}: must be an int >= 1, got {v}")
+    check_flags(ap.error, at_least(1, ("--per-class", a.per_class), ("--seeds", a.seeds),
+                                   ("--permutations", a.permutations), ("--threads", a.threads)))
     check_generation_args(ap.error, a.model, methods=methods or (), window=a.window, cfg=a.cfg,
                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, backend=a.backend, device="cpu")
     check_output_dir(ap.error, "--out", a.out)
