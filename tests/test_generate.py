@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sjd_kernels.decoding import derive_seeds, generate
+from sjd_kernels.decoding import derive_seeds, generate, request_seeds
 from sjd_kernels.models import GPT, GPTConfig, Prefix
 from sjd_kernels.ops import SJDInputError
 
@@ -227,6 +227,11 @@ def test_int_seed_derivation():
     s = derive_seeds(9, 3)
     assert s == derive_seeds(9, 3) and len(set(s)) == 3 and all(0 <= x < 2 ** 63 for x in s)
     assert derive_seeds(9, 5)[:3] == s                            # a request's seed depends on its index only
+    assert derive_seeds(np.int64(9), 3) == s and request_seeds(np.int64(9), 3, "cpu").tolist() == s
+    for seed, batch, name in ((1.5, 3, "seed"), ("9", 3, "seed"), (None, 3, "seed"), (9, -2, "batch"),
+                              (9, 2.0, "batch")):
+        with pytest.raises(SJDInputError, match=f"^{name} must"):
+            derive_seeds(seed, batch)
     a = generate(m, cond, 12, "sjd", window=3, seed=9)
     b = generate(m, cond, 12, "sjd", window=3, seed=s)
     assert torch.equal(a.tokens, b.tokens)

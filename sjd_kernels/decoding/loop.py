@@ -62,7 +62,7 @@ import torch
 from ..models.protocol import check_model
 from ..ops import JacobiState, SJDDeviceError, SJDInputError, check_status, init_window, jacobi_step
 from ..ops.tree import TreeRowError, build_tree, tree_kv_update, tree_verify
-from ..ops._common import FLOAT_DTYPES, check_finite, check_int, check_sampling, resolve_backend, seed_tensor
+from ..ops._common import FLOAT_DTYPES, as_int, check_finite, check_int, check_sampling, resolve_backend, seed_tensor
 from .cache import StaticKVCache
 from .methods import METHODS, PENDING, available_methods
 from . import pac as _pac
@@ -78,15 +78,20 @@ def _splitmix64(x: int) -> int:
 
 
 def derive_seeds(seed: int, batch: int) -> list[int]:
-    """Per-request seeds from one int: request ``i`` gets ``splitmix64(splitmix64(seed) + i) >> 1`` (>= 0)."""
-    base = _splitmix64(int(seed) & _MASK64)
+    """Per-request seeds from one int: request ``i`` gets ``splitmix64(splitmix64(seed) + i) >> 1`` (>= 0).
+    ``seed``: any Python or NumPy integer (taken modulo 2^64); ``batch``: an int >= 0."""
+    s = as_int(seed)
+    if s is None:
+        raise SJDInputError(f"seed must be an integer (a float seed is never truncated), got {seed!r}")
+    batch = check_int("batch", batch, 0)
+    base = _splitmix64(s & _MASK64)
     return [_splitmix64((base + i) & _MASK64) >> 1 for i in range(batch)]
 
 
 def request_seeds(seed, batch: int, device) -> torch.Tensor:
     """``[batch]`` int64 seeds from an int base seed or one seed per request (an ``SJDInputError`` naming
     ``seed`` for anything else: None, strings, floats, bools, values outside int64)."""
-    if isinstance(seed, int) and not isinstance(seed, bool):
+    if as_int(seed) is not None:                         # one base seed (Python, NumPy or 0-d integer)
         return torch.tensor(derive_seeds(seed, batch), dtype=torch.int64, device=device)
     s = seed_tensor(seed, device)
     if s.numel() != batch:
