@@ -197,7 +197,9 @@ def main(argv=None) -> int:
     if args.out is not None and not args.list:
         from sjd_kernels.demo import check_output_dir
         check_output_dir(ap.error, "--out", args.out)
-    names = args.only or list(TARGETS)
+    names = list(dict.fromkeys(args.only)) if args.only else list(TARGETS)     # a repeated --only runs once
+    if args.list and (args.out is not None or args.rtol != ap.get_default("rtol")):
+        ap.error("argument --list: it runs nothing, so --out and --rtol do not apply")
     if args.list:
         for n in names:
             t = TARGETS[n]

@@ -203,7 +203,9 @@ def reproduce(monkeypatch):
 REPRODUCE_BAD = [(["--rtol", "-1", "--out", "TMP/o"], "--rtol"),
                  (["--rtol", "nan", "--out", "TMP/o"], "--rtol"),
                  (["--out", "AFILE"], "--out"),
-                 (["--out", "AFILE/sub"], "--out")]
+                 (["--out", "AFILE/sub"], "--out"),
+                 (["--list", "--out", "TMP/o"], "--list"),          # used to ignore --out and --rtol
+                 (["--list", "--rtol", "0.1"], "--list")]
 
 
 @pytest.mark.parametrize("args,flag", REPRODUCE_BAD, ids=ids(REPRODUCE_BAD))
@@ -215,6 +217,12 @@ def test_reproduce_tables_bad_argument(reproduce, tmp_path, afile, capsys, args,
 def test_reproduce_tables_valid_command_passes_the_checks(reproduce, tmp_path):
     with pytest.raises(Reached):
         reproduce.main(["--only", "state_bytes", "--out", str(tmp_path / "o")])
+
+
+def test_reproduce_tables_repeated_target_runs_once(capsys):
+    m = script("python/reproduce_tables.py")
+    assert m.main(["--only", "state_bytes", "--only", "demo_mnist", "--only", "state_bytes", "--list"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["state_bytes", "demo_mnist"]
 
 
 # ----------------------------------------------------------------------------- benchmarks/bench_sjd2.py
