@@ -118,13 +118,16 @@ def main(argv=None):
             ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0,
              "a finite number > 0"),
             ("--threads", args.threads, args.threads >= 1, "an int >= 1")))
-    model_manifest(ap.error, args.model)                # the base model is there (its weights load later)
+    base_man = model_manifest(ap.error, args.model)     # the base model is there (its weights load later)
     log_path = args.log or ROOT / "benchmarks" / "results" / f"finetune_sjd2_{args.model}.log"
     check_output_dir(ap.error, "--out", args.out)
     try:                                                # checkpoint.save reads the base manifest in --out
-        bundled.manifest(args.model, args.out)
+        out_man = bundled.manifest(args.model, args.out)
     except bundled.BundledModelError as e:
         ap.error(f"argument --out: the fine-tune is written beside its base model's manifest: {e}")
+    if out_man.get("files", {}).get("gpt") != base_man.get("files", {}).get("gpt"):
+        ap.error(f"argument --out: its {args.model}.json names another base GPT than the bundled one this script "
+                 f"fine-tunes (the fine-tune would record the wrong base checksum)")
     check_output_file(ap.error, "--log", log_path)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -186,6 +186,18 @@ def test_finetune_bad_output_location(finetune, tmp_path, afile, capsys, args, f
     usage_error(finetune.main, fill(args, tmp_path, afile), flag, capsys, tmp_path / "new", tmp_path / "l")
 
 
+def test_finetune_out_with_another_base_model(finetune, tmp_path, capsys):
+    """The fine-tune records the base GPT's checksum from the manifest in --out: one naming another GPT
+    than the bundled one the script loads is refused."""
+    import json
+    out = _base_manifest_dir(tmp_path)
+    man = json.loads((out / "mnist.json").read_text())
+    man["files"]["gpt"]["sha256"] = "0" * 64
+    (out / "mnist.json").write_text(json.dumps(man))
+    usage_error(finetune.main, ["--out", str(out), "--log", str(tmp_path / "l" / "ft.log")], "--out", capsys,
+                tmp_path / "l", out / "mnist_sjd2.json")
+
+
 def test_finetune_recorded_command_passes_the_checks(finetune, tmp_path):
     with pytest.raises(Reached):
         finetune.main(["--model", "mnist", "--steps", "450", "--max-minutes", "14", "--threads", "1",
