@@ -14,7 +14,7 @@ import sys
 import torch
 
 from sjd_kernels.decoding import generate
-from sjd_kernels.demo import at_least, check_flags, check_generation_args, model_manifest, two_sample_test
+from sjd_kernels.demo import at_least, check_flags, check_generation_args, in_int64, model_manifest, two_sample_test
 from sjd_kernels.models import bundled
 
 
@@ -30,9 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     # every check before any generation: a mistake exits 2 naming its flag
-    check_flags(ap.error, at_least(1, ("--n", args.n), ("--threads", args.threads)) + [
-        (flag, v, -2 ** 63 <= v < 2 ** 63, "an int that fits in int64")
-        for flag, v in (("--ar-seed", args.ar_seed), ("--seed", args.seed))])
+    check_flags(ap.error, at_least(1, ("--n", args.n), ("--threads", args.threads))
+                + in_int64(("--ar-seed", args.ar_seed), ("--seed", args.seed)))
     if args.method == "sjd2":
         ap.error("argument --method: 'sjd2' samples the SJD2 fine-tune, not the base model AR samples here")
     man = model_manifest(ap.error, args.model)

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
-from sjd_kernels.demo import check_flags, check_output_dir, check_output_file, model_manifest  # noqa: E402
+from sjd_kernels.demo import (at_least, check_flags, check_output_dir, check_output_file, in_int64,  # noqa: E402
+                              model_manifest)
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
 from sjd_kernels.sjd2.noise import EmbedNorm, NoiseSchedule, SJD2Embedding  # noqa: E402
@@ -98,26 +99,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     K, fin = args.levels, math.isfinite
-    check_flags(ap.error, (
-            ("--levels", K, K >= 0, "an int >= 0"),
-            ("--s-max", args.s_max, fin(args.s_max) and (K == 0 or 0 < args.s_max <= 1), "in (0, 1]"),
-            ("--s-min", args.s_min, fin(args.s_min) and (K == 0 or 0 < args.s_min <= args.s_max),
-             f"in (0, --s-max = {args.s_max}]"),
-            ("--rho", args.rho, fin(args.rho) and args.rho > 0, "a finite number > 0"),
-            ("--max-segments", args.max_segments, args.max_segments >= 1, "an int >= 1"),
-            ("--p-rising", args.p_rising, 0 <= args.p_rising <= 1, "a probability in [0, 1]"),
-            ("--steps", args.steps, args.steps >= 1, "an int >= 1"),
-            ("--batch", args.batch, args.batch >= 1, "an int >= 1"),
-            ("--lr", args.lr, fin(args.lr) and args.lr >= 0, "a finite number >= 0"),
-            ("--new-lr", args.new_lr, fin(args.new_lr) and args.new_lr >= 0, "a finite number >= 0"),
-            ("--warmup", args.warmup, args.warmup >= 0, "an int >= 0"),
-            ("--weight-decay", args.weight_decay, fin(args.weight_decay) and args.weight_decay >= 0,
-             "a finite number >= 0"),
-            ("--cfg-drop", args.cfg_drop, 0 <= args.cfg_drop <= 1, "a probability in [0, 1]"),
-            ("--seed", args.seed, -2 ** 63 <= args.seed < 2 ** 63, "an int that fits in int64"),
-            ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0,
-             "a finite number > 0"),
-            ("--threads", args.threads, args.threads >= 1, "an int >= 1")))
+    check_flags(ap.error, at_least(0, ("--levels", K), ("--warmup", args.warmup))
+                + at_least(1, ("--max-segments", args.max_segments), ("--steps", args.steps), ("--batch", args.batch),
+                           ("--threads", args.threads))
+                + in_int64(("--seed", args.seed)) + [
+        ("--s-max", args.s_max, fin(args.s_max) and (K == 0 or 0 < args.s_max <= 1), "in (0, 1]"),
+        ("--s-min", args.s_min, fin(args.s_min) and (K == 0 or 0 < args.s_min <= args.s_max),
+         f"in (0, --s-max = {args.s_max}]"),
+        ("--rho", args.rho, fin(args.rho) and args.rho > 0, "a finite number > 0"),
+        ("--p-rising", args.p_rising, 0 <= args.p_rising <= 1, "a probability in [0, 1]"),
+        ("--lr", args.lr, fin(args.lr) and args.lr >= 0, "a finite number >= 0"),
+        ("--new-lr", args.new_lr, fin(args.new_lr) and args.new_lr >= 0, "a finite number >= 0"),
+        ("--weight-decay", args.weight_decay, fin(args.weight_decay) and args.weight_decay >= 0,
+         "a finite number >= 0"),
+        ("--cfg-drop", args.cfg_drop, 0 <= args.cfg_drop <= 1, "a probability in [0, 1]"),
+        ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0, "a finite number > 0")])
     base_man = model_manifest(ap.error, args.model)     # the base model is there (its weights load later)
     log_path = args.log or ROOT / "benchmarks" / "results" / f"finetune_sjd2_{args.model}.log"
     check_output_dir(ap.error, "--out", args.out)

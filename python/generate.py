@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels.decoding import available_methods, generate  # noqa: E402
-from sjd_kernels.demo import (BACKEND_NAMES, check_device, check_generation_args, check_output_file,  # noqa: E402
-                              make_output_dir, model_manifest, save_grid)
+from sjd_kernels.demo import (BACKEND_NAMES, check_device, check_flags, check_generation_args,  # noqa: E402
+                              check_output_file, in_int64, make_output_dir, model_manifest, save_grid)
 from sjd_kernels.models import bundled  # noqa: E402
 
 BETA_METHODS = ("sjd_vp", "coupling")       # the methods generate() takes a nonzero beta for
@@ -68,8 +68,7 @@ def main(argv=None) -> int:
     check_generation_args(ap.error, args.model, methods=(args.method,), method_flag="--method", window=args.window,
                           cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           backend=args.backend, device=device, manifest=man)
-    if not -2 ** 63 <= args.seed < 2 ** 63:
-        ap.error(f"argument --seed: must fit in int64, got {args.seed}")
+    check_flags(ap.error, in_int64(("--seed", args.seed)))
     if args.beta is not None:
         if not math.isfinite(args.beta):
             ap.error(f"argument --beta: must be a finite number, got {args.beta!r}")

@@ -283,9 +283,10 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
 
 
 # --------------------------------------------------------------------------- command-line checks
-# Shared with ``python/generate.py``. Each takes ``error``, an argparse parser's ``error`` (it prints the
-# usage and the message and exits with status 2), and calls it for the first setting that fails; the
-# messages name the command-line flag. They load no model: they run before any expensive work.
+# Shared with the scripts under ``python/`` and ``benchmarks/``. Each takes ``error``, an argparse
+# parser's ``error`` (it prints the usage and the message and exits with status 2), and calls it for
+# the first setting that fails; the messages name the command-line flag. They load no model: they run
+# before any expensive work.
 
 def check_flags(error, checks) -> None:
     """``checks``: rows ``(flag, value, ok, what)``; the first row that is not ``ok`` is the usage error
@@ -298,6 +299,11 @@ def check_flags(error, checks) -> None:
 def at_least(lo: int, *flags) -> list:
     """``check_flags`` rows for ``(flag, value)`` pairs that must be ints >= ``lo`` (None: the default, fine)."""
     return [(flag, v, v is None or v >= lo, f"an int >= {lo}") for flag, v in flags]
+
+
+def in_int64(*flags) -> list:
+    """``check_flags`` rows for ``(flag, value)`` pairs that must fit in int64 (seeds)."""
+    return [(flag, v, -2 ** 63 <= v < 2 ** 63, "an int that fits in int64") for flag, v in flags]
 
 
 def model_manifest(error, model: str, flag: str = "--model") -> dict:

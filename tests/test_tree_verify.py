@@ -606,9 +606,11 @@ def test_tree_layout_helper_errors():
     assert torch.equal(t.position_ids(5), t.position_ids(torch.tensor([5, 5])))
     assert torch.equal(t.node_slots(3)[:, 0], torch.tensor([3, 3]))
     assert torch.equal(t.attention_mask(9, 9 + N), t.attention_mask(torch.tensor([9, 9]), 9 + N))
-    for bad, msg in ((torch.tensor([5.0, 9.0]), "integers"), (torch.tensor([5, 9, 1]), "\\[B=2\\]"),
-                     (torch.tensor([-1, 9]), ">= 0"), (-3, ">= 0"), ("5", "int or a \\[B=2\\]"),
-                     (torch.tensor([True, False]), "integers")):
+    for bad, msg in ((torch.tensor([5.0, 9.0]), "cache_len must have dtype int32, int64"),
+                     (torch.tensor([5, 9, 1]), "cache_len must have shape \\[2\\]"),
+                     (torch.tensor([-1, 9]), "cache_len must be >= 0"), (-3, "cache_len must be >= 0"),
+                     ("5", "cache_len must be an int or a \\[B=2\\]"),
+                     (torch.tensor([True, False]), "cache_len must have dtype int32, int64")):
         for f in (t.position_ids, t.node_slots, lambda c: t.attention_mask(c, 64)):
             with pytest.raises(sk.SJDInputError, match=msg):
                 f(bad)
@@ -622,7 +624,8 @@ def test_tree_layout_helper_errors():
     # rows: request indices in [0, B)
     assert torch.equal(t.rows([1, 0]).tokens, t.tokens.flip(0))
     for idx, msg in ((torch.tensor([0, 2]), "\\[0, B=2\\)"), (torch.tensor([-1]), "\\[0, B=2\\)"),
-                     (torch.tensor([[0, 1]]), "1-D integer"), (torch.tensor([0.0]), "1-D integer"),
+                     (torch.tensor([[0, 1]]), "rows: index must be 1-D"),
+                     (torch.tensor([0.0]), "rows: index must have dtype int32, int64"),
                      (["a"], "request indices")):
         with pytest.raises(sk.SJDInputError, match=msg):
             t.rows(idx)

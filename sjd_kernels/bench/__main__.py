@@ -37,13 +37,6 @@ def _check_ops_named(args) -> None:
         _error(args, f"argument --op: unknown op {', '.join(map(repr, unknown))}; choose from {', '.join(C.OPS)}")
 
 
-def _check_ints(args, specs) -> None:
-    for flag, lo in specs:
-        v = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if v is not None and v < lo:
-            _error(args, f"argument {flag}: must be an int >= {lo}, got {v}")
-
-
 def _check_budget(args) -> None:
     if not args.budget_s > 0:
         _error(args, f"argument --budget-s: must be a number of seconds > 0, got {args.budget_s}")
@@ -93,7 +86,9 @@ def _check_ops_args(args, grid) -> list:
     if unknown:
         _error(args, f"argument --backend: unknown backend {', '.join(map(repr, unknown))}; choose from "
                      f"{', '.join(known)}")
-    _check_ints(args, (("--reps", 1), ("--warmup", 0), ("--min-requests", 1)))
+    from ..demo import at_least, check_flags
+    check_flags(args._parser.error, at_least(1, ("--reps", args.reps)) + at_least(0, ("--warmup", args.warmup))
+                + at_least(1, ("--min-requests", args.min_requests)))
     _check_budget(args)
     if args.ref_device == "cuda" and not has_gpu():
         _error(args, "argument --ref-device: 'cuda' needs a CUDA device; none is visible here")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..demo import BACKEND_NAMES
+from ..ops._common import as_int, resolve_backend
 from .timing import has_gpu, machine_info
 
 # LlamaGen-XL: 36 layers, d 1280, 20 heads, 16384 codes, 256 tokens (256 px).
@@ -394,7 +395,6 @@ class SettingsError(ValueError):
     """A setting ``run_e2e`` cannot use; the message starts with the setting's name."""
 
 
-
 def _max_tokens(model: str) -> Optional[int]:
     """Image tokens the model can generate (None when a bundled model's files are missing: the run skips it)."""
     spec = MODELS[model]
@@ -424,7 +424,7 @@ def check_settings(model: str = "mnist", methods=None, windows=None, betas=None,
         raise SettingsError(f"{name(key)}: {msg}")
 
     def is_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        return as_int(v) is not None and not isinstance(v, torch.Tensor)
 
     model = ALIASES.get(model, model)
     if model not in MODELS:
@@ -458,7 +458,6 @@ def check_settings(model: str = "mnist", methods=None, windows=None, betas=None,
         bad("budget_s", f"must be a number of seconds > 0, got {budget_s!r}")
     if backend not in BACKEND_NAMES:
         bad("backend", f"unknown backend {backend!r}; choose from {', '.join(BACKEND_NAMES)}")
-    from ..ops._common import resolve_backend
     device = torch.device("cuda" if has_gpu() else "cpu")
     try:
         resolve_backend(backend, device)

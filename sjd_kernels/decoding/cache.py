@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._common import SJDInputError, as_int, check_int, check_tensor, host_checks
-
-INDEX_DTYPES = (torch.int32, torch.int64)
-KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..ops._common import (ANY_FLOAT_DTYPES, INT_DTYPES, SJDInputError, as_int, check_int, check_tensor,
+                           host_checks)
 
 
 class StaticKVCache:
@@ -29,7 +27,7 @@ class StaticKVCache:
         layers, rows, kv_heads, max_len, head_dim = (
             check_int(name, v, 1) for name, v in (("layers", layers), ("rows", rows), ("kv_heads", kv_heads),
                                                   ("max_len", max_len), ("head_dim", head_dim)))
-        if dtype not in KV_DTYPES:
+        if dtype not in ANY_FLOAT_DTYPES:
             raise SJDInputError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype!r}")
         self.kv = torch.zeros((layers, 2, rows, kv_heads, max_len, head_dim), dtype=dtype, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -62,7 +60,7 @@ class StaticKVCache:
     def check_slots(self, slots, T: int, name: str = "slots") -> None:
         """``slots`` must be integer ``[rows, T]`` on the cache's device, every value in ``[0, max_len)``
         (values checked on the host for CPU tensors only)."""
-        check_tensor(name, slots, dtypes=INDEX_DTYPES, dim=2, shape=(self.rows, T), device=self.kv.device,
+        check_tensor(name, slots, dtypes=INT_DTYPES, dim=2, shape=(self.rows, T), device=self.kv.device,
                      last_contiguous=False)
         if host_checks(slots) and slots.numel() and bool(((slots < 0) | (slots >= self.max_len)).any()):
             raise SJDInputError(f"{name} must lie in [0, max_len={self.max_len}) (the cache's capacity), got "
@@ -73,10 +71,11 @@ class StaticKVCache:
         anything is written)."""
         layer = self._layer(layer)
         _, _, R, H, _, D = self.kv.shape
-        check_tensor("k", k, dtypes=KV_DTYPES, dim=4, shape=(R, H, None, D), device=self.kv.device,
+        check_tensor("k", k, dtypes=ANY_FLOAT_DTYPES, dim=4, shape=(R, H, None, D), device=self.kv.device,
                      last_contiguous=False)
         T = k.shape[2]
-        check_tensor("v", v, dtypes=KV_DTYPES, dim=4, shape=(R, H, T, D), device=self.kv.device, last_contiguous=False)
+        check_tensor("v", v, dtypes=ANY_FLOAT_DTYPES, dim=4, shape=(R, H, T, D), device=self.kv.device,
+                     last_contiguous=False)
         self.check_slots(slots, T)
         idx = slots.reshape(R, 1, T, 1).expand(R, H, T, D)
         self.kv[layer, 0].scatter_(2, idx, k.to(self.kv.dtype))
@@ -116,7 +115,7 @@ class StaticKVCache:
     def set_lengths(self, lengths: torch.Tensor) -> None:
         """Commit or rewind every row at once (no copy): integer ``lengths [rows]`` in ``[0, max_len]``
         (values checked on the host for CPU tensors only)."""
-        check_tensor("lengths", lengths, dtypes=INDEX_DTYPES, dim=1, shape=(self.rows,), last_contiguous=False)
+        check_tensor("lengths", lengths, dtypes=INT_DTYPES, dim=1, shape=(self.rows,), last_contiguous=False)
         if host_checks(lengths) and bool(((lengths < 0) | (lengths > self.max_len)).any()):
             raise SJDInputError(f"lengths must lie in [0, max_len={self.max_len}], got {lengths.tolist()}")
         self.lengths.copy_(lengths)

@@ -117,6 +117,23 @@ def check_cfg_scale(cfg_scale) -> torch.Tensor:
     return scale
 
 
+def check_num_tokens(model, num_tokens) -> int:
+    """``num_tokens`` as an int in [1, the model's ``max_image_tokens``] (``generate`` and SJD2)."""
+    N = check_int("num_tokens", num_tokens, 1)
+    max_tok = getattr(model, "max_image_tokens", None)
+    if max_tok is not None and N > max_tok:
+        raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
+    return N
+
+
+def check_batch_cfg(B: int, scale: torch.Tensor) -> None:
+    """At least one request, and ``check_cfg_scale``'s scale given once or once per request."""
+    if B < 1:
+        raise SJDInputError("cond must hold at least one request")
+    if scale.numel() not in (1, B):
+        raise SJDInputError(f"cfg_scale must be a float or give one value per request ({B}), got {scale.numel()}")
+
+
 @dataclass
 class GenerateStats:
     method: str
@@ -366,10 +383,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     check_model(model)
     dev, dtype = _device_dtype(model)
     V = model.vocab_size
-    N = check_int("num_tokens", num_tokens, 1)
-    max_tok = getattr(model, "max_image_tokens", None)
-    if max_tok is not None and N > max_tok:
-        raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
+    N = check_num_tokens(model, num_tokens)
     W = min(check_int("window", window, 0), N - 1) if spec.windowed else 0
     if spec.tree:
         K_tree, D_tree = _pac.check_tree_options(tree_width, tree_depth, window)
@@ -421,10 +435,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         raise SJDInputError(f"{type(model).__name__}.prefix returned embeds {list(pre.embeds.shape)} and lengths "
                             f"{list(pre.lengths.shape)}: expected [R, L, d] and [R] with R = B (x2 with CFG)")
     B = rows // 2 if use_cfg else rows
-    if B < 1:
-        raise SJDInputError("cond must hold at least one request")
-    if scale.numel() not in (1, B):
-        raise SJDInputError(f"cfg_scale must be a float or give one value per request ({B}), got {scale.numel()}")
+    check_batch_cfg(B, scale)
     cfg_t = scale.expand(B).contiguous().to(dev) if use_cfg else None
     seeds = request_seeds(seed, B, dev)
     if forced is not None:

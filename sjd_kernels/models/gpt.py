@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops._common import SJDInputError, check_finite, check_int, check_tensor, host_checks
-from .protocol import INT_TYPES, Prefix, check_forward, read_json
+from ..ops._common import INT_DTYPES, SJDInputError, check_finite, check_int, check_tensor, host_checks
+from .protocol import Prefix, check_forward, read_json
 
 CHECKPOINT_FORMAT = 1
 
@@ -240,7 +240,7 @@ class GPT(nn.Module):
             raise SJDInputError(f"{name} must be a tensor (or list) of conditions, got {type(cond).__name__} "
                                 f"({e})") from None
         if c.cond_dim is None:
-            if cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 1:
+            if cond.dtype not in INT_DTYPES or cond.dim() != 1:
                 raise SJDInputError(f"{name} must be integer class ids [B], got {cond.dtype} {list(cond.shape)}")
             if cond.numel() and ((cond < 0) | (cond > c.num_classes)).any():
                 raise SJDInputError(f"{name}: class ids must be in [0, {c.num_classes}] ({c.num_classes} = null), "
@@ -257,7 +257,7 @@ class GPT(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Image-code embeddings: ``ids [..]`` in ``[0, V)`` -> ``[.., d]`` (ids checked on the host for CPU
         tensors only)."""
-        check_tensor("ids", ids, dtypes=INT_TYPES, last_contiguous=False)
+        check_tensor("ids", ids, dtypes=INT_DTYPES, last_contiguous=False)
         V = self.config.vocab_size
         if host_checks(ids) and ids.numel() and bool(((ids < 0) | (ids >= V)).any()):
             raise SJDInputError(f"ids must be image codes in [0, {V}), got values in [{int(ids.min())}, "
@@ -309,7 +309,7 @@ class GPT(nn.Module):
 
         ``image_embeds [B, N-1, d]`` replaces ``embed_tokens(tokens[:, :-1])`` (e.g. noised inputs).
         """
-        check_tensor("tokens", tokens, dtypes=INT_TYPES, dim=2, last_contiguous=False)
+        check_tensor("tokens", tokens, dtypes=INT_DTYPES, dim=2, last_contiguous=False)
         B, N = tokens.shape
         if N < 1:
             raise SJDInputError(f"tokens must hold at least one token per row, got {list(tokens.shape)}")

@@ -75,8 +75,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops._common import SJDInputError, as_int, check_int, check_tensor, host_checks
-from .protocol import INT_TYPES, Prefix, check_forward
+from ..ops._common import INT_DTYPES, SJDInputError, as_int, check_int, check_tensor, host_checks
+from .protocol import Prefix, check_forward
 
 
 class _CacheBridge:
@@ -185,7 +185,7 @@ class HFImageLM(nn.Module):
     def _check_ids(self, ids) -> None:
         """``ids`` integer, in ``[0, V + extra)`` (values checked on the host for CPU tensors only; on a
         GPU out-of-range ids are clamped)."""
-        check_tensor("ids", ids, dtypes=INT_TYPES, last_contiguous=False)
+        check_tensor("ids", ids, dtypes=INT_DTYPES, last_contiguous=False)
         hi = self.vocab_size + self.num_extra_tokens
         if host_checks(ids) and ids.numel() and bool(((ids < 0) | (ids >= hi)).any()):
             raise SJDInputError(f"ids must be codes in [0, {hi}) ({self.vocab_size} image codes + "

@@ -36,10 +36,7 @@ import json
 
 import torch
 
-from ..ops._common import SJDInputError, check_tensor
-
-FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INT_TYPES = (torch.int32, torch.int64)
+from ..ops._common import ANY_FLOAT_DTYPES, INT_DTYPES, SJDInputError, check_tensor
 
 
 class Prefix(NamedTuple):
@@ -91,11 +88,11 @@ def check_forward(model, d: int, inputs_embeds, positions, cache, mask, write_sl
     runs or is written: shapes, dtypes and devices only (no host synchronisation); a
     ``StaticKVCache`` also checks its geometry against the model and, on the CPU, the slots' values.
     A cache needs ``write_slots`` and ``mask`` (without them attention would not see the cache's rows)."""
-    check_tensor("inputs_embeds", inputs_embeds, dtypes=FLOAT_TYPES, dim=3, shape=(None, None, d),
+    check_tensor("inputs_embeds", inputs_embeds, dtypes=ANY_FLOAT_DTYPES, dim=3, shape=(None, None, d),
                  last_contiguous=False)
     R, T, _ = inputs_embeds.shape
     dev = inputs_embeds.device
-    check_tensor("positions", positions, dtypes=INT_TYPES, dim=2, shape=(R, T), device=dev, last_contiguous=False)
+    check_tensor("positions", positions, dtypes=INT_DTYPES, dim=2, shape=(R, T), device=dev, last_contiguous=False)
     S = T
     if cache is None:
         if write_slots is not None:
@@ -113,7 +110,7 @@ def check_forward(model, d: int, inputs_embeds, positions, cache, mask, write_sl
             cache.check_slots(write_slots, T, "write_slots")
             S = kv.shape[4]
         else:
-            check_tensor("write_slots", write_slots, dtypes=INT_TYPES, dim=2, shape=(R, T), device=dev,
+            check_tensor("write_slots", write_slots, dtypes=INT_DTYPES, dim=2, shape=(R, T), device=dev,
                          last_contiguous=False)
             S = mask.shape[-1] if isinstance(mask, torch.Tensor) else S
     if mask is not None:

@@ -10,6 +10,8 @@ import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ANY_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)     # models, KV caches and the torch backend also take float64
+INT_DTYPES = (torch.int32, torch.int64)                # index arguments of the model side
 
 
 class SJDInputError(ValueError):
@@ -337,7 +339,7 @@ def _guard(t: torch.Tensor, bad: torch.Tensor, message):
     """On the CPU (eager) an entry marked ``bad`` is an SJDInputError (``message()``); elsewhere there
     is no host sync: returns ``(t with bad entries set to 0, bad)`` for ``mark_request_errors``, else
     ``(t, None)``."""
-    if t.device.type == "cpu" and not compiling():
+    if host_checks(t):
         if bool(bad.any()):
             raise SJDInputError(message())
         return t, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import sjd2_prepare as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, compiling,
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, host_checks,
                       resolve_backend, triton_available)
 
 I64 = (torch.int64,)
@@ -92,7 +92,7 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     check_tensor("latent", latent, dtypes=F32, shape=(B, None, d), dim=3, device=dev, contiguous=True)
     check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
                  contiguous=True)
-    if dev.type == "cpu" and not compiling():
+    if host_checks(positions):
         _check_ring_on_host(positions, commit_end, fresh_start, level, K1 - 1)
     if backend == "cuda" and embed_weight.dtype == torch.float64:
         raise SJDInputError("the CUDA kernel of sjd2_prepare takes float32, float16 or bfloat16 embed_weight, "

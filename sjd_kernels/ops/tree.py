@@ -24,13 +24,13 @@ import torch
 
 from ..reference import tree as ref
 from ..reference.target import bad_rows
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError, check_cfg,
-                      check_state_and_sampling, check_state_contents, check_status, check_tensor, compiling,
-                      guard_pos, host_checks, new_status, resolve_backend)
+from ._common import (ANY_FLOAT_DTYPES, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError,
+                      check_cfg, check_state_and_sampling, check_state_contents, check_status, check_tensor,
+                      compiling, guard_pos, host_checks, new_status, resolve_backend)
 from .jacobi_step import JacobiState, check_state_type
 
 I64 = (torch.int64,)
-KV_DTYPES = FLOAT_DTYPES + (torch.float64,)      # float64 caches: torch backend only (tests' tiny models)
+KV_DTYPES = ANY_FLOAT_DTYPES      # float64 caches: torch backend only (tests' tiny models)
 TreeLayout = ref.TreeLayout
 
 

@@ -111,7 +111,7 @@ class TreeLayout:
         """``cache_len`` as ``[B]`` int64 on the layout's device: an int (every request) or a ``[B]``
         integer tensor, every value >= 0 (checked on the host for CPU tensors: the decoding loop calls
         this every step on the GPU, where it must not synchronise)."""
-        from ..ops._common import SJDInputError, as_int, host_checks
+        from ..ops._common import INT_DTYPES, SJDInputError, as_int, check_tensor, host_checks
         B = self.parent.shape[0]
         dev = self.parent.device
         i = as_int(cache_len)
@@ -121,12 +121,7 @@ class TreeLayout:
             return torch.full((B,), i, dtype=torch.int64, device=dev)
         if not isinstance(cache_len, torch.Tensor):
             raise SJDInputError(f"cache_len must be an int or a [B={B}] integer tensor, got {type(cache_len).__name__}")
-        if cache_len.dtype.is_floating_point or cache_len.dtype.is_complex or cache_len.dtype == torch.bool:
-            raise SJDInputError(f"cache_len must hold integers, got {cache_len.dtype}")
-        if tuple(cache_len.shape) != (B,):
-            raise SJDInputError(f"cache_len must be [B={B}] (one length per request), got {list(cache_len.shape)}")
-        if cache_len.device != dev:
-            raise SJDInputError(f"cache_len is on {cache_len.device}, the tree on {dev}")
+        check_tensor("cache_len", cache_len, dtypes=INT_DTYPES, dim=1, shape=(B,), device=dev, last_contiguous=False)
         if host_checks(cache_len) and bool((cache_len < 0).any()):
             raise SJDInputError(f"cache_len must be >= 0, got {cache_len.tolist()}")
         return cache_len.to(torch.int64)
@@ -175,18 +170,14 @@ class TreeLayout:
         """The layout of model rows ``index`` (e.g. ``torch.arange(B).repeat(2)`` for CFG pairs): a 1-D
         integer tensor (or sequence) of request indices in ``[0, B)``, checked on the host (one
         synchronisation on a GPU; none while tracing or capturing)."""
-        from ..ops._common import SJDInputError, may_sync
+        from ..ops._common import INT_DTYPES, SJDInputError, check_tensor, may_sync
         B = self.parent.shape[0]
         if not isinstance(index, torch.Tensor):
             try:
                 index = torch.as_tensor(index, device=self.parent.device)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise SJDInputError(f"rows: index must be a 1-D sequence of request indices, got {index!r}") from e
-        if index.dim() != 1 or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-            raise SJDInputError(f"rows: index must be a 1-D integer tensor of request indices, got "
-                                f"{index.dtype} {list(index.shape)}")
-        if index.device != self.parent.device:
-            raise SJDInputError(f"rows: index is on {index.device}, the tree on {self.parent.device}")
+        check_tensor("rows: index", index, dtypes=INT_DTYPES, dim=1, device=self.parent.device, last_contiguous=False)
         if may_sync(index) and bool(((index < 0) | (index >= B)).any()):
             raise SJDInputError(f"rows: index values must lie in [0, B={B}), got {index.tolist()[:16]}")
         return self._select(index.to(torch.int64))

@@ -277,11 +277,12 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     and randomness. ``window`` is cut to ``num_tokens - 1`` as in ``generate``. ``forward``: a
     callable as in ``sjd2_loop``; by default the loop's static KV cache (``KVForward``).
     ``progress``: a tqdm bar of committed tokens (default: on when stderr is a terminal), as in
-    ``generate``. Every argument is checked before any work (``SJDInputError`` naming it); a device error of a step (e.g. non-finite rows after CFG and temperature scaling)
-    raises ``SJDDeviceError``. Returns ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the
-    ``SJD2Result``.
+    ``generate``. Every argument is checked before any work (``SJDInputError`` naming it); a device
+    error of a step (e.g. non-finite rows after CFG and temperature scaling) raises ``SJDDeviceError``.
+    Returns ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the ``SJD2Result``.
     """
-    from ..decoding.loop import GenerateOutput, GenerateStats, check_cfg_scale, request_seeds
+    from ..decoding.loop import (GenerateOutput, GenerateStats, check_batch_cfg, check_cfg_scale, check_num_tokens,
+                                 request_seeds)
     from ..models.protocol import check_model
     from ..ops._common import SJDInputError, check_int, check_sampling, resolve_backend
     from .checkpoint import gpt_forward_parts
@@ -302,10 +303,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
         raise SJDInputError(f"sjd2_kv (kv) must be one of {', '.join(KV_POLICIES)}, got {kv!r}")
     dev = next(model.parameters()).device
     V = model.vocab_size
-    N = check_int("num_tokens", num_tokens, 1)
-    max_tok = getattr(model, "max_image_tokens", None)
-    if max_tok is not None and N > max_tok:
-        raise SJDInputError(f"num_tokens {N} exceeds the model's max_image_tokens {max_tok}")
+    N = check_num_tokens(model, num_tokens)
     W = min(check_int("window", window, 0), N - 1)
     if isinstance(sjd2, str):
         sjd2 = getattr(model, "sjd2", None)
@@ -322,10 +320,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     scale = check_cfg_scale(cfg_scale)
     cond = model.check_cond(cond)
     B = cond.shape[0]
-    if B < 1:
-        raise SJDInputError("cond must hold at least one request")
-    if scale.numel() not in (1, B):
-        raise SJDInputError(f"cfg_scale must be a float or give one value per request ({B}), got {scale.numel()}")
+    check_batch_cfg(B, scale)
     use_cfg = bool((scale != 1.0).any())
     seeds = request_seeds(seed, B, dev)
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import rng
-from ..ops._common import SJDInputError, check_finite, check_int, check_tensor, host_checks
+from ..ops._common import INT_DTYPES, SJDInputError, check_finite, check_int, check_tensor, host_checks
 
 # Gaussian noise of a position entering the window at level K (step 0, keyed by position):
 # a stream of its own, beside rng.STREAM_* (1..10).
@@ -121,7 +121,7 @@ class EmbedNorm(nn.Module):
 def check_levels(level: torch.Tensor, levels: int, name: str = "level") -> None:
     """``level`` must be an integer tensor with values in ``[0, levels]`` (values checked on the host for
     CPU tensors only: a negative level would index the tables from the end)."""
-    check_tensor(name, level, dtypes=(torch.int32, torch.int64), last_contiguous=False)
+    check_tensor(name, level, dtypes=INT_DTYPES, last_contiguous=False)
     if host_checks(level) and level.numel() and bool(((level < 0) | (level > levels)).any()):
         raise SJDInputError(f"{name} must lie in [0, K={levels}], got values in [{int(level.min())}, "
                             f"{int(level.max())}]")
