@@ -9,7 +9,8 @@ with AR (window 0), SJD (0 levels, same weights) and SJD2 for every configuratio
 compression (image tokens / forwards, prefill excluded) and of the quality measures of
 ``sjd_kernels.quality`` (class accuracy, Frechet distance of the classifier features against
 the real held-out images). The base model decoded with AR is the quality reference.
-Rows go to ``benchmarks/results/sjd2_<model>.jsonl`` and a table to stdout.
+Rows go to ``<--out>/sjd2_<model>.jsonl`` (``--out`` defaults to ``benchmarks/results``; the file is
+replaced, so it holds one run, as its rows' ``command`` says) and a table to stdout.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"# {command}\n# torch {torch.__version__}, {platform.platform()}, {torch.get_num_threads()} threads")
     summary = []
-    with open(rows_path, "a") as f:
+    with open(rows_path, "w") as f:
         for name, model, emb, kw in methods:
             per_seed = []
             for seed in args.seeds:

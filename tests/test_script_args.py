@@ -302,6 +302,19 @@ def test_bench_sjd2_default_guidance_is_one_generate_sjd2_accepts(monkeypatch, t
         m.main(["--images", "2", "--seeds", "0", "--out", str(tmp_path / "bs")])
 
 
+def test_bench_sjd2_rerun_replaces_its_rows(monkeypatch, tmp_path):
+    """A second run of the same command leaves one run's rows in the jsonl (it used to append a copy)."""
+    m = script("benchmarks/bench_sjd2.py")
+    keys = ("step_compression", "steps_mean", "accuracy", "fd", "fd_real", "n", "noisy_kv_tokens", "refed_tokens")
+    monkeypatch.setattr(m, "run", lambda *a, **k: dict.fromkeys(keys, 1))
+    args = ["--images", "2", "--seeds", "0", "1", "--skip", "base_ar", "ar", "--configs", "8:16:keep",
+            "--out", str(tmp_path / "bs")]
+    for _ in range(2):
+        m.main(args)
+    lines = (tmp_path / "bs" / "sjd2_mnist.jsonl").read_text().splitlines()
+    assert len(lines) == 4, lines                          # (SJD, SJD2 K8) x seeds (0, 1)
+
+
 # ----------------------------------------------------------------------------- benchmarks/two_sample_check.py
 @pytest.fixture
 def two_sample(monkeypatch):
