@@ -10,7 +10,7 @@ plain next-clean-token cross-entropy (``sjd_kernels.sjd2.train``). The level emb
 its own, larger learning rate. Writes ``<model>_sjd2.safetensors`` (every GPT tensor plus
 ``sjd2.*``) and ``<model>_sjd2.json`` (configs, schedule, SHA-256 of the weights and of the
 base model's GPT file, command, seed, timings, losses) beside the base model, and logs to
-``benchmarks/results/finetune_sjd2_<model>.log``. Load with ``sjd_kernels.sjd2.load_finetuned``.
+``benchmarks/results/finetune_sjd2_<model>.log``. Load with ``sjd_kernels.sjd2.checkpoint.load_finetuned``.
 """
 from __future__ import annotations
 
