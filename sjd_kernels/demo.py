@@ -266,8 +266,8 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
     log(f"acc/FD: bundled classifier (sjd_kernels.quality), mean ± std over {seeds} seeds of {B} images; "
         f"FD against {len(reference)} real images. p(=AR): stratified permutation test of the tokens "
         f"({seeds * B} per method) against an independent AR sample; ar's own row is a calibration check.")
-    log("wall s / speed-up: CPU times of a small model, where a step over a window (forward and the op's "
-        "PyTorch reference) costs several AR steps, so the methods can be slower than AR here; "
+    log("wall s / speed-up: CPU times of a small model, where a step over a window (its forward and the op, "
+        "on the CPU) costs several AR steps, so the methods can be slower than AR here; "
         "NFE and step compression carry over to a GPU, these times do not.")
     for m, why in skipped.items():
         log(f"not run: {m}: {why}")
