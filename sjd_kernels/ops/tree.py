@@ -30,7 +30,6 @@ from ._common import (ANY_FLOAT_DTYPES, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES
 from .jacobi_step import JacobiState, check_state_type
 
 I64 = (torch.int64,)
-KV_DTYPES = ANY_FLOAT_DTYPES      # float64 caches: torch backend only (tests' tiny models)
 TreeLayout = ref.TreeLayout
 
 
@@ -348,14 +347,14 @@ def _normalise_cache(cache):
 
 def _validate_kv(kv, keys, values, path, cache_len, status):
     if kv is not None:
-        check_tensor("cache", kv, dtypes=KV_DTYPES, dim=6)
+        check_tensor("cache", kv, dtypes=ANY_FLOAT_DTYPES, dim=6)   # float64: torch backend only
         L, two, R, H, S, D = kv.shape
         if two != 2:
             raise SJDInputError(f"cache must be [layers, 2, R, H_kv, S, D] (dim 1 = K, V), got {list(kv.shape)}")
         dev, dt = kv.device, kv.dtype
     else:
         _check_kv_lists(keys, values)
-        check_tensor("keys[0]", keys[0], dtypes=KV_DTYPES, dim=4)
+        check_tensor("keys[0]", keys[0], dtypes=ANY_FLOAT_DTYPES, dim=4)
         R, H, S, D = keys[0].shape
         dev, dt, st = keys[0].device, keys[0].dtype, keys[0].stride()
         for name, lst in (("keys", keys), ("values", values)):
