@@ -9,6 +9,11 @@ Writes ``sjd_kernels/models/weights/<model>_{vq,quality,gpt}.safetensors`` and `
 entropy, quality numbers), and logs to ``benchmarks/results/train_<model>.log``. Everything is
 seeded; the data ships inside pip packages (see ``sjd_kernels.data``). ``--stages`` re-runs a
 subset (vq, clf, gpt) reusing the other committed files.
+
+The bundled MNIST GPT is the recipe run to its end rather than to the 20-minute box (which stopped it
+at step 630 of 1600 on a busy machine; `benchmarks/results/cpu_retrain_probe_2026-12-01/`):
+
+    PYTHONPATH=. python python/train_toy.py --model mnist --stages gpt --budget-minutes 0 --steps 1600 --threads 1
 """
 from __future__ import annotations
 

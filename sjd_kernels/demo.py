@@ -358,8 +358,8 @@ def check_generation_args(error, model: str, *, methods=(), window: int = 16, cf
             try:
                 sjd2_manifest(model)
             except bundled.BundledModelError as e:
-                error(f"argument {method_flag}: 'sjd2' runs the SJD2 fine-tune of the {model} model, which is "
-                      f"not bundled ({e})")
+                error(f"argument {method_flag}: 'sjd2' runs the SJD2 fine-tune of the {model} model, which "
+                      f"cannot be used here ({e})")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         error(f"argument --window: must be an int >= 0 (drafts per step; 0 = AR), got {window!r}")
     if not math.isfinite(cfg):

@@ -89,6 +89,24 @@ def test_bad_argument_is_a_usage_error_before_any_work(no_run, tmp_path, capsys,
     assert not no_run and not out.exists() and not js.parent.exists()
 
 
+def test_stale_sjd2_finetune_is_a_usage_error(no_run, tmp_path, capsys, monkeypatch):
+    """An SJD2 fine-tune made from another base GPT than the bundled one is refused before any work."""
+    import json
+    import shutil
+    from sjd_kernels.models import bundled
+    w = tmp_path / "w"
+    shutil.copytree(bundled.WEIGHTS_DIR, w)
+    man = json.loads((w / "mnist_sjd2.json").read_text())
+    man["base_gpt_sha256"] = "f" * 64
+    (w / "mnist_sjd2.json").write_text(json.dumps(man))
+    monkeypatch.setattr(bundled, "WEIGHTS_DIR", w)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--methods", "sjd2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--methods" in err and "stale" in err and "Traceback" not in err, err
+    assert not no_run and not (tmp_path / "o").exists()
+
+
 def test_unusable_backend_and_output_locations_are_usage_errors(no_run, tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")

@@ -739,6 +739,42 @@ def test_checkpoint_roundtrip_and_hash(tmp_path):
         checkpoint.load_finetuned("mnist", tmp_path)
 
 
+def test_checkpoint_of_another_base_gpt_is_refused(tmp_path):
+    """A fine-tune is a whole GPT, so one made from an earlier base would still decode: it must be refused
+    (at ``manifest``, which the demo's and scripts' checks call, and at ``load_finetuned``)."""
+    import json
+    from sjd_kernels.models.gpt import GPT, GPTConfig
+    from sjd_kernels.models.bundled import BundledModelError
+    from sjd_kernels.sjd2 import checkpoint
+    cfg = dict(vocab_size=16, max_image_tokens=8, num_classes=2, n_layer=1, n_head=2, n_kv_head=2, d_model=8)
+    base = tmp_path / "mnist.json"
+    base.write_text(json.dumps({"files": {"gpt": {"sha256": "0" * 64}}, "gpt": cfg}))
+    gpt = GPT(GPTConfig(**cfg))
+    checkpoint.save("mnist", gpt, SJD2Embedding(NoiseSchedule(levels=3), EmbedNorm.from_embedding(
+        checkpoint.image_embedding(gpt))), out=tmp_path)
+    assert checkpoint.manifest("mnist", tmp_path)["base_gpt_sha256"] == "0" * 64
+    checkpoint.load_finetuned("mnist", tmp_path)
+    base.write_text(json.dumps({"files": {"gpt": {"sha256": "1" * 64}}, "gpt": cfg}))    # the base GPT retrained
+    for call in (checkpoint.manifest, checkpoint.load_finetuned):
+        with pytest.raises(BundledModelError, match=r"fine-tuned from the mnist GPT with SHA-256 000000000000.*"
+                                                    r"now lists 111111111111.*stale.*finetune_sjd2.py --model mnist"):
+            call("mnist", tmp_path)
+    man = json.loads((tmp_path / "mnist_sjd2.json").read_text())
+    del man["base_gpt_sha256"]
+    (tmp_path / "mnist_sjd2.json").write_text(json.dumps(man))
+    with pytest.raises(BundledModelError, match="lacks the entries.*base_gpt_sha256"):
+        checkpoint.manifest("mnist", tmp_path)
+
+
+def test_bundled_finetune_matches_the_bundled_base():
+    """The committed SJD2 fine-tune was made from the committed base GPT (its manifest pins the hash)."""
+    from sjd_kernels.models import bundled
+    from sjd_kernels.sjd2 import checkpoint
+    if not _finetuned_exists():
+        pytest.skip("no SJD2 fine-tune committed (python/finetune_sjd2.py)")
+    assert checkpoint.manifest("mnist")["base_gpt_sha256"] == bundled.manifest("mnist")["files"]["gpt"]["sha256"]
+
+
 def _finetuned_exists():
     from sjd_kernels.models.bundled import WEIGHTS_DIR
     return (WEIGHTS_DIR / "mnist_sjd2.json").exists()

@@ -4,7 +4,8 @@ A fine-tuned model is ``weights/<model>_sjd2.safetensors`` (every GPT tensor, pl
 ``sjd2.level_embed.weight``, ``sjd2.norm.mean``, ``sjd2.norm.std``) and ``<model>_sjd2.json``
 (GPT config, noise schedule, SHA-256 of the weights file and of the base GPT file it started
 from, how it was trained). ``load_finetuned`` checks the hash and the tensor names and shapes
-and names the file and the mismatch when they differ.
+and names the file and the mismatch when they differ; a fine-tune of another base GPT than the
+one ``<model>.json`` lists is refused.
 
 Model hooks (the in-package GPT, ``sjd_kernels.models.gpt``): ``embed_tokens(ids)`` for image
 ids ``0..V-1``, ``embed_cond(cond) -> [B, 1, d]`` (class ``num_classes`` = null) and
@@ -97,7 +98,16 @@ def manifest(model: str, weights_dir=None) -> dict:
     if not mpath.exists():
         raise bundled.BundledModelError(f"{mpath} is missing; fine-tune with: PYTHONPATH=. python "
                                         f"python/finetune_sjd2.py --model {model}")
-    return read_json(mpath, bundled.BundledModelError, ("sha256", "gpt", "schedule"))
+    man = read_json(mpath, bundled.BundledModelError, ("sha256", "gpt", "schedule", "base_gpt_sha256"))
+    # a fine-tune is a whole GPT, so a stale one would still run: refuse it, or its results would be
+    # reported as those of the base model now bundled
+    base = bundled.manifest(model, weights_dir)["files"]["gpt"]["sha256"]
+    if man["base_gpt_sha256"] != base:
+        raise bundled.BundledModelError(
+            f"{mpath} was fine-tuned from the {model} GPT with SHA-256 {str(man['base_gpt_sha256'])[:12]}..., but "
+            f"{model}.json now lists {base[:12]}...: the fine-tune is stale; re-run PYTHONPATH=. python "
+            f"python/finetune_sjd2.py --model {model}")
+    return man
 
 
 def load_finetuned(model: str = "mnist", weights_dir=None, device="cpu", dtype=torch.float32):
