@@ -767,12 +767,15 @@ def test_checkpoint_of_another_base_gpt_is_refused(tmp_path):
 
 
 def test_bundled_finetune_matches_the_bundled_base():
-    """The committed SJD2 fine-tune was made from the committed base GPT (its manifest pins the hash)."""
+    """The committed SJD2 fine-tune was made from the committed base GPT: read from the two JSON files and
+    the GPT file itself, not through ``checkpoint.manifest`` (whose own check is the code under test above)."""
+    import json
     from sjd_kernels.models import bundled
-    from sjd_kernels.sjd2 import checkpoint
     if not _finetuned_exists():
         pytest.skip("no SJD2 fine-tune committed (python/finetune_sjd2.py)")
-    assert checkpoint.manifest("mnist")["base_gpt_sha256"] == bundled.manifest("mnist")["files"]["gpt"]["sha256"]
+    pinned = json.loads((bundled.WEIGHTS_DIR / "mnist_sjd2.json").read_text())["base_gpt_sha256"]
+    base = json.loads((bundled.WEIGHTS_DIR / "mnist.json").read_text())["files"]["gpt"]
+    assert pinned == base["sha256"] == bundled.sha256_file(bundled.WEIGHTS_DIR / base["file"]), (pinned, base)
 
 
 def _finetuned_exists():
