@@ -118,10 +118,10 @@ void jacobi_step(int dtype, std::uintptr_t logits, int64_t logits_sb, int64_t lo
 
 }  // namespace
 
-// The same bindings also build the CPU simulator's module (csrc/sim/sjd_sim.h defines SJD_SIM).
-#if defined(SJD_SIM) && defined(SJD_SIM_MODULE)
-#define SJD_MODULE_NAME SJD_SIM_MODULE  // one name per build, so that several load in one process
-#elif defined(SJD_SIM)
+// The same bindings also build the CPU simulator's module (csrc/sim/sjd_sim.h defines SJD_SIM); each
+// simulator build links an entry point of its own name that calls PyInit__C_sim
+// (sjd_kernels/cuda/sim.py), so that several builds load in one process.
+#if defined(SJD_SIM)
 #define SJD_MODULE_NAME _C_sim
 #else
 #define SJD_MODULE_NAME _C

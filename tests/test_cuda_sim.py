@@ -262,6 +262,47 @@ def _mutant_module(tmp_path, fname, old, new, race=False):
     return sim.load(src, race=race)
 
 
+def test_build_cache_follows_the_includes():
+    """The object cache's key covers every csrc header a source includes, directly or through
+    another header (a header it missed would let a mutant reuse the unmutated object), and no more
+    than the sources need (bindings.cpp, which includes no sampling code, is reused by the
+    sampling mutants)."""
+    from sjd_kernels.cuda import sim
+    dirs = [(sim.CSRC / "sim").resolve(), sim.CSRC.resolve()]
+    names = lambda src: {p.name for p in sim._headers(sim.CSRC / src, dirs)}
+    step = names("jacobi_step.cu")
+    # direct, through target.cuh (pivot_count.cuh), and the simulator's stand-in CUDA headers
+    assert {"target.cuh", "sampling.cuh", "pivot_count.cuh", "row_smem.cuh", "common.cuh", "cuda_runtime.h",
+            "sjd_sim.h", "cuda_bf16.h", "cuda_fp16.h"} <= step
+    assert all(sim.CSRC in p.parents for p in sim._headers(sim.CSRC / "jacobi_step.cu", dirs))
+    assert "sampling.cuh" not in names("bindings.cpp") and "common.cuh" in names("bindings.cpp")
+    assert "target.cuh" not in names("tree_kv_update.cu")
+
+
+def test_build_cache_refuses_an_include_it_cannot_follow(tmp_path):
+    from sjd_kernels.cuda import sim
+    (tmp_path / "a.cu").write_text('#include "b.cuh"\n#define H "c.cuh"\n#include H\n')
+    (tmp_path / "b.cuh").write_text("")
+    with pytest.raises(sim.SimUnavailable, match="cannot follow"):
+        sim._headers(tmp_path / "a.cu", [tmp_path])
+
+
+def test_mutant_build_recompiles_only_what_the_mutation_reaches(tmp_path, monkeypatch):
+    """A changed header rebuilds the objects of the sources that include it and reuses the others
+    (the tests' mutants build in seconds); the module gets a name of its own. The change is a
+    comment unique to this run, so that no earlier run's objects are in the cache."""
+    import uuid
+    from sjd_kernels.cuda import sim
+    sim_module()
+    compiled = []
+    real = sim._run
+    monkeypatch.setattr(sim, "_run", lambda cmd, verbose: (compiled.append(cmd), real(cmd, verbose)))
+    mod = _mutant_module(tmp_path, "sampling.cuh", "  parity ^= 1;\n}", f"  parity ^= 1;\n}}  // {uuid.uuid4()}")
+    sources = sorted(os.path.basename(c[c.index("-c") + 3]) for c in compiled if "-c" in c)
+    assert sources == ["jacobi_step.cu", "sjd2_prepare.cu", "tree_verify.cu", "verify_chain.cu"]
+    assert mod is not sim.load() and mod.__name__ != sim.load().__name__
+
+
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_simulator_catches_broken_synchronisation(cpu_cases, mutant, tmp_path):
     from sjd_kernels.cuda import sim

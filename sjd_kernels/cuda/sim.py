@@ -18,31 +18,36 @@ access (``csrc/sim/race_check.cpp``): a data race on shared or global memory, or
 memory the block never wrote, makes the launch raise ``RuntimeError`` naming both source lines
 (``simulate(race=True)`` uses it). The module is
 built on first use with the system C++ compiler (g++ or clang++, C++17, POSIX ucontext) and
-pybind11, and cached under ``$SJD_SIM_CACHE`` (default ``~/.cache/sjd_kernels/sim``) by a hash of
-the sources and flags.
+pybind11, and cached under ``$SJD_SIM_CACHE`` (default ``~/.cache/sjd_kernels/sim``): each source's
+object by a hash of its bytes, the headers it includes and the flags, the module by the hash of its
+objects.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 SOURCES = ("jacobi_step.cu", "sjd2_prepare.cu", "tree_verify.cu", "tree_kv_update.cu", "verify_chain.cu", "bindings.cpp")
 # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which glibc's fortified longjmp refuses.
-FLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-w",
+FLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-fvisibility=hidden", "-w",
          "-U_FORTIFY_SOURCE")
 # The race-checking build: kernel sources instrumented (their loads and stores call the hooks of
 # race_check.cpp; the sanitizer's runtime is not linked), with line tables for the reports.
 RACE_KERNEL_FLAGS = ("-fsanitize=thread", "-g", "-DSJD_SIM_RACE")
 RACE_FLAGS = ("-DSJD_SIM_RACE",)
+LINK_FLAGS = ("-shared", "-fPIC", "-Wl,-Bsymbolic")
 ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
 
 _modules: dict = {}
@@ -59,16 +64,53 @@ def _compiler() -> str:
     raise SimUnavailable("no C++ compiler on PATH (set CXX)")
 
 
-def _digest(csrc: Path, cxx: str, includes: list[str], race: bool) -> str:
-    h = hashlib.sha256()
-    for p in sorted(csrc.glob("*")) + sorted((csrc / "sim").glob("*")):
-        if p.is_file():
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
-    h.update(" ".join((cxx,) + FLAGS + tuple(includes) + SOURCES).encode())   # the list linked, too
-    if race:
-        h.update(" ".join(("race",) + RACE_KERNEL_FLAGS + RACE_FLAGS).encode())
-    return h.hexdigest()[:16]
+_INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
+
+
+def _headers(src: Path, dirs: list[Path]) -> list[Path]:
+    """The files under ``dirs`` that ``src`` includes, directly or not, as the compiler finds them
+    (``"x"``: the including file's folder first, then ``dirs`` in order; ``<x>``: ``dirs``). Every
+    literal include is followed, also those under preprocessor conditions, so the list can only be
+    too long; an include the pattern cannot read raises, so that no dependency is missed."""
+    seen: dict[Path, None] = {}
+    todo = [src]
+    while todo:
+        f = todo.pop()
+        text = f.read_text()
+        lines = [ln for ln in text.splitlines() if re.match(r"\s*#\s*include", ln)]
+        found = _INCLUDE.findall(text)
+        if len(found) != len(lines):
+            raise SimUnavailable(f"{f.name}: an #include the simulator's build cache cannot follow")
+        for kind, name in found:
+            for d in ([f.parent] if kind == '"' else []) + dirs:
+                h = (d / name).resolve()
+                if h.is_file():
+                    if h not in seen:
+                        seen[h] = None
+                        todo.append(h)
+                    break
+    return list(seen)
+
+
+def _object(cxx: str, src: Path, flags: list[str], dirs: list[Path], system: list[str], cache: Path,
+            verbose: bool) -> Path:
+    """Compile one source to an object file, cached by everything it is made of: the compiler, the
+    flags, the system include folders, and the bytes of the source and of every header it includes
+    from ``dirs``. The folders' own paths do not count, so a mutated copy of ``csrc/`` (the tests'
+    mutants) rebuilds only the objects whose sources or headers differ."""
+    import pybind11
+    h = hashlib.sha256(" ".join([cxx, *flags, *system, pybind11.__version__, sysconfig.get_python_version()]).encode())
+    for f in [src] + sorted(_headers(src, dirs), key=lambda x: x.name):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    obj = cache / "obj" / f"{src.name}.{h.hexdigest()[:20]}.o"
+    if not obj.is_file():
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        tmp = obj.with_name(obj.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
+        _run([cxx, *flags, *[f"-I{d}" for d in dirs], *[f"-I{i}" for i in system], "-c", "-x", "c++", str(src),
+              "-o", str(tmp)], verbose)
+        os.replace(tmp, obj)
+    return obj
 
 
 def _run(cmd: list[str], verbose: bool) -> None:
@@ -81,7 +123,11 @@ def _run(cmd: list[str], verbose: bool) -> None:
 
 def build(csrc: Path | str | None = None, verbose: bool = False, race: bool = False) -> Path:
     """Compile the simulator module from ``csrc`` (default: this checkout's ``csrc/``) if its cached
-    build is missing; return the library's path. ``race``: the race-checking build."""
+    build is missing; return the library's path. ``race``: the race-checking build.
+
+    Each source is compiled on its own (in parallel) into an object cached by content
+    (``_object``), then linked with a two-line entry point that gives the module its own name,
+    ``_C_sim_<hash of the objects>``: builds from other sources load side by side in one process."""
     csrc = CSRC if csrc is None else Path(csrc)
     if not (csrc / "sim" / "sjd_sim.h").is_file():
         raise SimUnavailable(f"kernel sources not found under {csrc} (the simulator builds from a source checkout)")
@@ -90,35 +136,41 @@ def build(csrc: Path | str | None = None, verbose: bool = False, race: bool = Fa
     except ImportError as e:
         raise SimUnavailable("pybind11 is not installed (pip install pybind11)") from e
     cxx = _compiler()
-    includes = [str(csrc / "sim"), str(csrc), pybind11.get_include(), sysconfig.get_paths()["include"]]
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    dirs = [(csrc / "sim").resolve(), csrc.resolve()]
+    system = [pybind11.get_include(), sysconfig.get_paths()["include"]]
     cache = Path(os.environ.get("SJD_SIM_CACHE", Path.home() / ".cache" / "sjd_kernels" / "sim"))
-    digest = _digest(csrc, cxx, includes, race)
-    name = f"_C_sim_{digest}"        # the module's own name: builds from other sources load side by side
+    common = [*FLAGS, '-DSJD_BUILT_ARCHS="sim"']
+    jobs = []
+    for s in SOURCES + (("sim/race_check.cpp",) if race else ()):
+        if not race:
+            flags = common
+        elif s.endswith(".cu"):     # kernels instrumented; the bindings and the checker not (the
+            flags = [*common, *RACE_KERNEL_FLAGS]     # checker's own accesses must not call its hooks)
+        else:
+            flags = [*common, *RACE_FLAGS, "-O2"]
+        jobs.append((csrc / s, flags))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        objs = list(pool.map(lambda j: _object(cxx, j[0], j[1], dirs, system, cache, verbose), jobs))
+    digest = hashlib.sha256(" ".join([cxx, *LINK_FLAGS, *(o.name for o in objs)]).encode()).hexdigest()[:16]
+    name = f"_C_sim_{digest}"
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     out = cache / digest / f"{name}{suffix}"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-    common = [*FLAGS, '-DSJD_BUILT_ARCHS="sim"', f"-DSJD_SIM_MODULE={name}", *[f"-I{i}" for i in includes]]
-    if not race:
-        _run([cxx, *common, "-x", "c++", *[str(csrc / s) for s in SOURCES], "-o", str(tmp)], verbose)
-    else:
-        # kernels instrumented, the bindings and the checker not (the checker's own accesses must
-        # not call its hooks); then one link without the sanitizer's runtime
-        objs = []
-        for s in SOURCES + ("sim/race_check.cpp",):
-            kernel = s.endswith(".cu")
-            obj = out.with_name(Path(s).name + f".{os.getpid()}.o")
-            flags = list(RACE_KERNEL_FLAGS) if kernel else [*RACE_FLAGS, "-O2"]
-            _run([cxx, *[f for f in common if f != "-shared"], *flags, "-c", "-x", "c++", str(csrc / s),
-                  "-o", str(obj)], verbose)
-            objs.append(str(obj))
-        try:
-            _run([cxx, "-shared", "-fPIC", *[str(o) for o in objs], "-o", str(tmp)], verbose)
-        finally:
-            for o in objs:
-                Path(o).unlink(missing_ok=True)
+    tmp = out.with_name(out.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
+    entry = tmp.with_suffix(".entry.cpp")
+    # bindings.cpp defines PyInit__C_sim; the module's own name needs its own entry point. -Bsymbolic
+    # binds the call to this library's PyInit__C_sim, whatever other simulator modules are loaded.
+    entry.write_text('extern "C" void* PyInit__C_sim(void);\n'
+                     f'extern "C" __attribute__((visibility("default"))) void* PyInit_{name}(void) '
+                     '{ return PyInit__C_sim(); }\n')
+    try:
+        _run([cxx, *LINK_FLAGS, "-x", "c++", str(entry), "-x", "none", *[str(o) for o in objs], "-o", str(tmp)],
+             verbose)
+    finally:
+        entry.unlink(missing_ok=True)
+    if race:
         # a hook the instrumentation calls and race_check.cpp lacks would fail only at import
         nm = shutil.which("nm")
         if nm:
