@@ -289,18 +289,25 @@ def test_build_cache_refuses_an_include_it_cannot_follow(tmp_path):
 
 def test_mutant_build_recompiles_only_what_the_mutation_reaches(tmp_path, monkeypatch):
     """A changed header rebuilds the objects of the sources that include it and reuses the others
-    (the tests' mutants build in seconds); the module gets a name of its own. The change is a
-    comment unique to this run, so that no earlier run's objects are in the cache."""
-    import uuid
+    (the tests' mutants build in seconds); the module gets a file and an entry point of its own.
+    It builds in a cache of its own, which starts with the objects of the unmutated build."""
     from sjd_kernels.cuda import sim
     sim_module()
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(sim.cache_dir() / "obj", tmp_path / "cache" / "obj", copy_function=link_or_copy)
+    monkeypatch.setenv("SJD_SIM_CACHE", str(tmp_path / "cache"))
+    unmutated = sim.load()
     compiled = []
     real = sim._run
     monkeypatch.setattr(sim, "_run", lambda cmd, verbose: (compiled.append(cmd), real(cmd, verbose)))
-    mod = _mutant_module(tmp_path, "sampling.cuh", "  parity ^= 1;\n}", f"  parity ^= 1;\n}}  // {uuid.uuid4()}")
+    mod = _mutant_module(tmp_path, "sampling.cuh", "  parity ^= 1;\n}", "  parity ^= 1;\n}  // changed")
     sources = sorted(os.path.basename(c[c.index("-c") + 3]) for c in compiled if "-c" in c)
     assert sources == ["jacobi_step.cu", "sjd2_prepare.cu", "tree_verify.cu", "verify_chain.cu"]
-    assert mod is not sim.load() and mod.__name__ != sim.load().__name__
+    assert mod is not unmutated and mod.__file__ != unmutated.__file__
 
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))

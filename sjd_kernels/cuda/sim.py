@@ -64,6 +64,11 @@ def _compiler() -> str:
     raise SimUnavailable("no C++ compiler on PATH (set CXX)")
 
 
+def cache_dir() -> Path:
+    """Where builds are cached: ``$SJD_SIM_CACHE``, default ``~/.cache/sjd_kernels/sim``."""
+    return Path(os.environ.get("SJD_SIM_CACHE", Path.home() / ".cache" / "sjd_kernels" / "sim"))
+
+
 _INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
 
 
@@ -126,8 +131,9 @@ def build(csrc: Path | str | None = None, verbose: bool = False, race: bool = Fa
     build is missing; return the library's path. ``race``: the race-checking build.
 
     Each source is compiled on its own (in parallel) into an object cached by content
-    (``_object``), then linked with a two-line entry point that gives the module its own name,
-    ``_C_sim_<hash of the objects>``: builds from other sources load side by side in one process."""
+    (``_object``), then linked with a two-line entry point of the library's own name,
+    ``PyInit__C_sim_<hash of the objects>``: builds from other sources load side by side in one
+    process."""
     csrc = CSRC if csrc is None else Path(csrc)
     if not (csrc / "sim" / "sjd_sim.h").is_file():
         raise SimUnavailable(f"kernel sources not found under {csrc} (the simulator builds from a source checkout)")
@@ -138,7 +144,7 @@ def build(csrc: Path | str | None = None, verbose: bool = False, race: bool = Fa
     cxx = _compiler()
     dirs = [(csrc / "sim").resolve(), csrc.resolve()]
     system = [pybind11.get_include(), sysconfig.get_paths()["include"]]
-    cache = Path(os.environ.get("SJD_SIM_CACHE", Path.home() / ".cache" / "sjd_kernels" / "sim"))
+    cache = cache_dir()
     common = [*FLAGS, '-DSJD_BUILT_ARCHS="sim"']
     jobs = []
     for s in SOURCES + (("sim/race_check.cpp",) if race else ()):
