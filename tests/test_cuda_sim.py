@@ -298,7 +298,9 @@ def test_mutant_build_recompiles_only_what_the_mutation_reaches(tmp_path, monkey
             os.link(a, b)
         except OSError:
             shutil.copy2(a, b)
-    shutil.copytree(sim.cache_dir() / "obj", tmp_path / "cache" / "obj", copy_function=link_or_copy)
+    # objects only: another test process's build in progress (a .tmp file) may vanish mid-copy
+    shutil.copytree(sim.cache_dir() / "obj", tmp_path / "cache" / "obj", copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns("*.tmp"))
     monkeypatch.setenv("SJD_SIM_CACHE", str(tmp_path / "cache"))
     unmutated = sim.load()
     compiled = []
