@@ -268,13 +268,13 @@ def test_build_cache_follows_the_includes():
     than the sources need (bindings.cpp, which includes no sampling code, is reused by the
     sampling mutants)."""
     from sjd_kernels.cuda import sim
-    dirs = [(sim.CSRC / "sim").resolve(), sim.CSRC.resolve()]
+    dirs = sim.include_dirs(sim.CSRC)
     names = lambda src: {p.name for p in sim._headers(sim.CSRC / src, dirs)}
     step = names("jacobi_step.cu")
     # direct, through target.cuh (pivot_count.cuh), and the simulator's stand-in CUDA headers
     assert {"target.cuh", "sampling.cuh", "pivot_count.cuh", "row_smem.cuh", "common.cuh", "cuda_runtime.h",
             "sjd_sim.h", "cuda_bf16.h", "cuda_fp16.h"} <= step
-    assert all(sim.CSRC in p.parents for p in sim._headers(sim.CSRC / "jacobi_step.cu", dirs))
+    assert all(sim.CSRC.resolve() in p.parents for p in sim._headers(sim.CSRC / "jacobi_step.cu", dirs))
     assert "sampling.cuh" not in names("bindings.cpp") and "common.cuh" in names("bindings.cpp")
     assert "target.cuh" not in names("tree_kv_update.cu")
 

@@ -74,6 +74,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SJD_SIM_CACHE", Path.home() / ".cache" / "sjd_kernels" / "sim"))
 
 
+def include_dirs(csrc: Path) -> list[Path]:
+    """The folders the simulator's sources include from, in search order: ``csrc/sim`` (the stand-in
+    CUDA headers) first, then ``csrc``."""
+    return [(csrc / "sim").resolve(), csrc.resolve()]
+
+
 _INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
 
 
@@ -147,7 +153,7 @@ def build(csrc: Path | str | None = None, verbose: bool = False, race: bool = Fa
     except ImportError as e:
         raise SimUnavailable("pybind11 is not installed (pip install pybind11)") from e
     cxx = _compiler()
-    dirs = [(csrc / "sim").resolve(), csrc.resolve()]
+    dirs = include_dirs(csrc)
     system = [pybind11.get_include(), sysconfig.get_paths()["include"]]
     cache = cache_dir()
     common = [*FLAGS, '-DSJD_BUILT_ARCHS="sim"']
