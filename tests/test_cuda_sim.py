@@ -136,6 +136,35 @@ def test_same_bits_under_every_thread_order(cpu_cases):
             assert all(torch.equal(st[k], runs[0][1][k]) for k in tcj.STATE)
 
 
+@pytest.mark.parametrize("race", [False, True], ids=["plain", "race-checked"])
+def test_launches_from_several_threads_take_turns(cpu_cases, race):
+    """The bindings release the GIL, while the kernels' static ``__shared__`` arrays and the state of
+    the running launch are process-wide: launches from several Python threads must take turns
+    (``g_launch_mutex`` in ``sjd_sim.h``). Three threads run the step twice each, at once; every
+    result equals the one-thread run. In the race-checked build the other threads' instrumented
+    host code (the wrappers' argument checks) runs during a launch and must not be checked as the
+    launch's threads. (The thread order is per thread, set by ``simulate``: the workers run
+    "forward", like the one-thread run.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sjd_kernels.cuda.jacobi_step import jacobi_step_cuda
+    case = tcj.build_case(B=4, W=8, V=1000, seed=42, cfg=True, top_k=100, top_p=0.9, mode="coupling", vp=True,
+                          beta=0.5, forced=True)
+
+    def run(_=None):
+        st = tcj._fresh_state(case)
+        return jacobi_step_cuda(*tcj._args(case, st)), st
+
+    from sjd_kernels.cuda import sim
+    with sim.simulate("forward", module=sim_module(race=race)):
+        out0, st0 = run()
+        with ThreadPoolExecutor(3) as ex:
+            runs = list(ex.map(run, range(6)))
+    for out, st in runs:
+        assert all(torch.equal(a, b) for a, b in zip(out, out0))
+        assert all(torch.equal(st[k], st0[k]) for k in tcj.STATE)
+
+
 @pytest.mark.parametrize("name", ["sjd-bf16-cfg-topk-topp", "coupling+vp", "topk-band", "topk-low-outlier"])
 def test_hist_topk_path_equals_default_path(cpu_cases, name):
     """The hist_topk path (with the list races) against the default kernels on the same inputs, a

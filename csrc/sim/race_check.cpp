@@ -62,7 +62,9 @@ struct State {
   uintptr_t stack_lo = 0, stack_hi = 0;
   uintptr_t dyn_lo = 0, dyn_hi = 0;
   uintptr_t seg_lo = 0, seg_hi = 0;  // this library's writable data (static __shared__ arrays)
-  uintptr_t skip_lo[2] = {0, 0}, skip_hi[2] = {0, 0};  // the simulator's fiber and warp records
+  // left out: the simulator's fiber and warp records, and its launch state (g_run: threadIdx,
+  // blockIdx ... read by the kernels)
+  uintptr_t skip_lo[3] = {0, 0, 0}, skip_hi[3] = {0, 0, 0};
   uintptr_t base = 0;                // this library's load address
   std::string path;                  // and file
   std::vector<Word> dyn, seg;
@@ -72,7 +74,10 @@ struct State {
   uint64_t n_reports = 0;
 };
 
-thread_local State S;
+// Touched only by the thread that holds the launch (sjd_sim.h: g_launch_mutex, g_owner), so a plain
+// static: a thread_local here cost a __tls_get_addr call at every checked access.
+State S;
+bool in_check = false;  // on_access is running
 
 int find_segment(struct dl_phdr_info* info, size_t, void* data) {
   auto* st = static_cast<State*>(data);
@@ -101,6 +106,8 @@ void init_once() {
   Dl_info di;
   if (dladdr(reinterpret_cast<void*>(&find_segment), &di) && di.dli_fname) S.path = di.dli_fname;
   S.seg.assign((S.seg_hi - S.seg_lo) / 4 + 1, Word{});
+  S.skip_lo[2] = reinterpret_cast<uintptr_t>(&g_run);
+  S.skip_hi[2] = S.skip_lo[2] + sizeof g_run;
 }
 
 uint32_t pc_off(const void* pc) {
@@ -164,7 +171,7 @@ inline bool ordered(const Acc& a, const Acc& b) {
   if (a.blk != b.blk) return false;
   if (a.tid == b.tid || a.bep < b.bep) return true;
   if ((a.tid >> 5) != (b.tid >> 5)) return false;
-  const Warp& w = g_blk->warps[b.tid >> 5];
+  const Warp& w = g_run.blk->warps[b.tid >> 5];
   return w.vc[b.tid & 31][a.tid & 31] > a.clk;
 }
 
@@ -257,11 +264,14 @@ inline void check_word(Word& wd, Space sp, uintptr_t addr, Acc cur, bool write) 
 }
 
 inline void on_access(const void* p, unsigned size, bool write, bool atomic, const void* pc) {
-  Fiber* f = g_cur;
-  if (f == nullptr || g_blk == nullptr || size == 0) return;
+  // host code of another thread, or the checker's own code: the C++ library's inline functions it
+  // calls (std::string ...) may be the instrumented copies the kernel sources instantiated
+  if (!this_thread_runs_the_launch() || in_check) return;
+  Fiber* f = g_run.cur;
+  if (f == nullptr || g_run.blk == nullptr || size == 0) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (a >= S.stack_lo && a < S.stack_hi) return;  // a thread's own frame
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < 3; ++i)
     if (a >= S.skip_lo[i] && a < S.skip_hi[i]) return;
   Space sp = kGlobal;
   if (a >= S.dyn_lo && a < S.dyn_hi) sp = kDyn;
@@ -270,10 +280,11 @@ inline void on_access(const void* p, unsigned size, bool write, bool atomic, con
   cur.blk = S.serial;
   cur.tid = static_cast<uint16_t>(f->linear);
   cur.atomic = atomic;
-  cur.bep = static_cast<uint32_t>(g_blk->bar.gen);
-  cur.clk = g_blk->warps[f->linear >> 5].vc[f->linear & 31][f->linear & 31];
+  cur.bep = static_cast<uint32_t>(g_run.blk->bar.gen);
+  cur.clk = g_run.blk->warps[f->linear >> 5].vc[f->linear & 31][f->linear & 31];
   cur.pc = pc_off(pc);
   const uintptr_t end = a + size;
+  in_check = true;
   for (uintptr_t w = a & ~uintptr_t(3); w < end; w += 4) {
     unsigned mask = 0;
     for (unsigned k = 0; k < 4; ++k)
@@ -285,6 +296,7 @@ inline void on_access(const void* p, unsigned size, bool write, bool atomic, con
     else wd = &S.glob[w];
     check_word(*wd, sp, w, cur, write || atomic);
   }
+  in_check = false;
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 //
 // The kernels in csrc/ are compiled as plain C++ with this folder first on the include path
 // (its cuda_runtime.h, cuda_bf16.h and cuda_fp16.h stand in for the toolkit's). Every CUDA thread
-// of a block is a fiber (ucontext) of one OS thread; blocks run one after another. A fiber runs
+// of a block is a fiber (ucontext) of one OS thread; blocks run one after another, and launches
+// one at a time in a process (launches from several threads take turns). A fiber runs
 // until it reaches a barrier: __syncthreads and its variants for the block, and for its warp every
 // lane-exchanging intrinsic (__shfl*_sync, __ballot_sync, __reduce_*_sync). So shared memory,
 // warp shuffles and block reductions behave as on the GPU for code that synchronises as CUDA
@@ -38,6 +39,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -45,6 +47,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -122,15 +125,34 @@ struct Config {
   uint64_t switches = 0;
 };
 
+// The configuration (sim_configure) and the counters (sim_stats) belong to the calling thread.
 inline thread_local Config g_cfg;
-inline thread_local Block* g_blk = nullptr;
-inline thread_local Fiber* g_cur = nullptr;
-inline thread_local ucontext_t g_sched;
-inline thread_local jmp_buf g_sched_jb;
-inline thread_local dim3 g_block_idx, g_block_dim, g_grid_dim;
-inline thread_local unsigned char* g_dyn_smem = nullptr;
-inline thread_local std::string g_error;  // first error of the current launch
-inline thread_local uint64_t g_releases = 0;  // barriers opened so far
+
+// One launch runs at a time in a process: the kernels' static __shared__ arrays are plain statics
+// here, and the bindings release the GIL, so launches from two Python threads take turns on
+// g_launch_mutex. The state of the running launch is therefore process-wide, not thread_local:
+// it is read at every threadIdx, barrier and (race build) load and store, where a thread_local in
+// this shared library costs a __tls_get_addr call (a quarter of a race-checked run's time).
+// g_owner is the thread pointer of the thread that holds the launch (null between launches), so
+// code of another thread that reaches the race hooks (instrumented host code) can tell it is not
+// the launch's.
+inline std::mutex g_launch_mutex;
+inline std::atomic<const void*> g_owner{nullptr};
+struct Launch {
+  Block* blk = nullptr;
+  Fiber* cur = nullptr;
+  ucontext_t sched;
+  jmp_buf sched_jb;
+  dim3 block_idx, block_dim, grid_dim;
+  unsigned char* dyn_smem = nullptr;
+  std::string error;  // first error of the current launch
+  uint64_t releases = 0;  // barriers opened so far
+};
+inline Launch g_run;  // one object, so the race checks can leave its bytes out in one range
+
+inline bool this_thread_runs_the_launch() {
+  return g_owner.load(std::memory_order_relaxed) == __builtin_thread_pointer();
+}
 
 #ifdef SJD_SIM_RACE
 // csrc/sim/race_check.cpp
@@ -144,19 +166,19 @@ std::string race_launch_end();
 // Switches: a fiber is entered once with swapcontext and afterwards resumed with _longjmp, which,
 // unlike swapcontext, does not save and restore the signal mask (a system call per switch).
 SJD_SIM_RT inline void yield_to_scheduler() {
-  if (!_setjmp(g_cur->jb)) _longjmp(g_sched_jb, 1);
+  if (!_setjmp(g_run.cur->jb)) _longjmp(g_run.sched_jb, 1);
 }
 
 [[noreturn]] SJD_SIM_RT inline void fail(const std::string& what) {
   // A kernel-side error ends the whole launch: record it and return to the scheduler for good.
-  if (g_error.empty()) g_error = what;
-  g_cur->done = true;
-  _longjmp(g_sched_jb, 1);
+  if (g_run.error.empty()) g_run.error = what;
+  g_run.cur->done = true;
+  _longjmp(g_run.sched_jb, 1);
 }
 
 SJD_SIM_RT inline void wait_on(const Barrier& b, uint64_t gen) {
-  g_cur->wait = &b;
-  g_cur->wait_gen = gen;
+  g_run.cur->wait = &b;
+  g_run.cur->wait_gen = gen;
   yield_to_scheduler();
 }
 
@@ -165,7 +187,7 @@ SJD_SIM_RT inline void release_if_complete(Barrier& b, int expected) {
   if (b.arrived > 0 && b.arrived >= expected) {
     b.arrived = 0;
     ++b.gen;
-    ++g_releases;
+    ++g_run.releases;
   }
 }
 
@@ -182,7 +204,7 @@ SJD_SIM_RT inline void arrive(Barrier& b, int expected) {
 // (CUDA allows __syncthreads in conditional code only when the whole block takes the same branch;
 // the hardware would count them together and go on with mismatched phases).
 SJD_SIM_RT inline void block_sync(const char* file, int line) {
-  Barrier& b = g_blk->bar;
+  Barrier& b = g_run.blk->bar;
   if (b.arrived == 0) {
     b.file = file;
     b.line = line;
@@ -190,19 +212,19 @@ SJD_SIM_RT inline void block_sync(const char* file, int line) {
     fail(std::string("__syncthreads under divergent control flow: threads wait at ") + b.file + ":" +
          std::to_string(b.line) + " and at " + file + ":" + std::to_string(line));
   }
-  arrive(b, g_blk->live);
+  arrive(b, g_run.blk->live);
 }
 
 // ---- warp exchange -----------------------------------------------------------------------------
-SJD_SIM_RT inline int lane_id() { return g_cur->linear & 31; }
-SJD_SIM_RT inline Warp& my_warp() { return g_blk->warps[g_cur->linear >> 5]; }
+SJD_SIM_RT inline int lane_id() { return g_run.cur->linear & 31; }
+SJD_SIM_RT inline Warp& my_warp() { return g_run.blk->warps[g_run.cur->linear >> 5]; }
 
 // Every lane of ``mask`` publishes ``v``; returns the slot row all of them published into.
 SJD_SIM_RT inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
   Warp& w = my_warp();
   const int lane = lane_id();
   if (!((mask >> lane) & 1u)) fail("warp intrinsic called by a lane outside its mask");
-  const int slot = static_cast<int>(g_cur->n_warp_ops++ % 3);
+  const int slot = static_cast<int>(g_run.cur->n_warp_ops++ % 3);
   w.val[slot][lane] = v;
   Barrier& b = w.bar;
   if (b.arrived == 0) {
@@ -235,21 +257,21 @@ inline T from_bits(uint64_t u) {
 
 // ---- the scheduler -----------------------------------------------------------------------------
 SJD_SIM_RT inline void fiber_entry() {
-  (*g_blk->body)();
-  Fiber* f = g_cur;
+  (*g_run.blk->body)();
+  Fiber* f = g_run.cur;
   f->done = true;
-  --g_blk->live;
-  Warp& w = g_blk->warps[f->linear >> 5];
+  --g_run.blk->live;
+  Warp& w = g_run.blk->warps[f->linear >> 5];
   w.live &= ~(1u << (f->linear & 31));
   // A block barrier or warp exchange waiting only on this thread completes now.
-  release_if_complete(g_blk->bar, g_blk->live);
+  release_if_complete(g_run.blk->bar, g_run.blk->live);
   if (w.bar.arrived > 0) {
 #ifdef SJD_SIM_RACE
     if (w.bar.arrived >= __builtin_popcount(w.bar.mask & w.live)) race_warp_event(w, w.bar.mask & w.live);
 #endif
     release_if_complete(w.bar, __builtin_popcount(w.bar.mask & w.live));
   }
-  _longjmp(g_sched_jb, 1);  // never returns into uc_link
+  _longjmp(g_run.sched_jb, 1);  // never returns into uc_link
 }
 
 // Fiber stacks of this OS thread, grown to the largest block so far; not zero-filled, so the
@@ -284,14 +306,15 @@ SJD_SIM_RT inline void run_block(int nthreads, const std::function<void()>& body
   for (int t = 0; t < nthreads; ++t) {
     Fiber& f = blk.fibers[t];
     f.linear = t;
-    f.tid = dim3(t % g_block_dim.x, (t / g_block_dim.x) % g_block_dim.y, t / (g_block_dim.x * g_block_dim.y));
+    const dim3 d = g_run.block_dim;
+    f.tid = dim3(t % d.x, (t / d.x) % d.y, t / (d.x * d.y));
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = st.mem.get() + kStack * static_cast<size_t>(t);
     f.ctx.uc_stack.ss_size = kStack;
-    f.ctx.uc_link = &g_sched;
+    f.ctx.uc_link = &g_run.sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  g_blk = &blk;
+  g_run.blk = &blk;
 #ifdef SJD_SIM_RACE
   race_block_begin(blk, st.mem.get(), kStack * static_cast<size_t>(nthreads));
 #endif
@@ -303,12 +326,13 @@ SJD_SIM_RT inline void run_block(int nthreads, const std::function<void()>& body
   // too early); shuffle: sweeps over all threads in a new random order each time.
   const bool greedy = g_cfg.order != 2;
   size_t i = 0;
-  uint64_t releases = g_releases;
+  uint64_t switches = 0;  // into g_cfg at the end (a thread_local: not touched per switch)
+  uint64_t releases = g_run.releases;
   bool progressed = false;
-  while (blk.live > 0 && g_error.empty()) {
+  while (blk.live > 0 && g_run.error.empty()) {
     if (i == order.size()) {
       if (!progressed) {
-        g_error = "deadlock: " + std::to_string(blk.live) +
+        g_run.error = "deadlock: " + std::to_string(blk.live) +
                   " threads wait at barriers that the others never reach (a __syncthreads or warp "
                   "intrinsic under divergent control flow)";
         break;
@@ -323,32 +347,41 @@ SJD_SIM_RT inline void run_block(int nthreads, const std::function<void()>& body
       continue;
     }
     f.wait = nullptr;
-    g_cur = &f;
-    ++g_cfg.switches;
-    if (!_setjmp(g_sched_jb)) {
+    g_run.cur = &f;
+    ++switches;
+    if (!_setjmp(g_run.sched_jb)) {
       if (!f.started) {
         f.started = true;
-        swapcontext(&g_sched, &f.ctx);
+        swapcontext(&g_run.sched, &f.ctx);
       } else {
         _longjmp(f.jb, 1);
       }
     }
-    g_cur = nullptr;
+    g_run.cur = nullptr;
     progressed = true;
-    if (greedy && g_releases != releases) {
-      releases = g_releases;
+    if (greedy && g_run.releases != releases) {
+      releases = g_run.releases;
       i = 0;  // a barrier opened: the first threads in the order go first again
     } else {
       ++i;
     }
   }
-  g_blk = nullptr;
+  g_cfg.switches += switches;
+  g_run.blk = nullptr;
 }
 
 // Last launch error, as cudaGetLastError reports it (then cleared).
 inline thread_local int g_last_error = 0;
 
+// Holds g_launch_mutex for the launch and marks this thread as its owner.
+struct LaunchLock {
+  std::lock_guard<std::mutex> hold{g_launch_mutex};
+  LaunchLock() { g_owner.store(__builtin_thread_pointer(), std::memory_order_relaxed); }
+  ~LaunchLock() { g_owner.store(nullptr, std::memory_order_relaxed); }
+};
+
 SJD_SIM_RT inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  const LaunchLock lock;
   ++g_cfg.launches;
   const unsigned long long nthreads = 1ull * block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
@@ -367,35 +400,35 @@ SJD_SIM_RT inline void launch(dim3 grid, dim3 block, size_t smem, const std::fun
   std::vector<unsigned char> dyn(smem + 16 + kCanary);
   unsigned char* base = dyn.data();
   base += (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16;
-  g_dyn_smem = base;
+  g_run.dyn_smem = base;
 #ifdef SJD_SIM_RACE
   race_launch_begin(base, smem);
 #endif
-  g_grid_dim = grid;
-  g_block_dim = block;
-  g_error.clear();
-  for (unsigned z = 0; z < grid.z && g_error.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && g_error.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && g_error.empty(); ++x) {
-        g_block_idx = dim3(x, y, z);
+  g_run.grid_dim = grid;
+  g_run.block_dim = block;
+  g_run.error.clear();
+  for (unsigned z = 0; z < grid.z && g_run.error.empty(); ++z)
+    for (unsigned y = 0; y < grid.y && g_run.error.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && g_run.error.empty(); ++x) {
+        g_run.block_idx = dim3(x, y, z);
         std::memset(base, 0xff, smem);
         std::memset(base + smem, 0xa5, kCanary);
         run_block(static_cast<int>(nthreads), body);
-        for (size_t i = 0; i < kCanary && g_error.empty(); ++i)
+        for (size_t i = 0; i < kCanary && g_run.error.empty(); ++i)
           if (base[smem + i] != 0xa5)
-            g_error = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) +
+            g_run.error = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) +
                       ") wrote past the end of its " + std::to_string(smem) + " bytes of dynamic shared memory";
       }
-  g_dyn_smem = nullptr;
+  g_run.dyn_smem = nullptr;
 #ifdef SJD_SIM_RACE
   {
     std::string races = race_launch_end();
-    if (g_error.empty()) g_error = races;
+    if (g_run.error.empty()) g_run.error = races;
   }
 #endif
-  if (!g_error.empty()) {
-    std::string e = "sjd_kernels simulator: " + g_error;
-    g_error.clear();
+  if (!g_run.error.empty()) {
+    std::string e = "sjd_kernels simulator: " + g_run.error;
+    g_run.error.clear();
     throw std::runtime_error(e);
   }
 }
@@ -421,10 +454,10 @@ Launcher<P...> make_launcher(void (*k)(P...), dim3 g, dim3 b, size_t smem) {
 }  // namespace sjd_sim
 
 // ---- built-in variables -----------------------------------------------------------------------
-#define threadIdx (::sjd_sim::g_cur->tid)
-#define blockIdx (::sjd_sim::g_block_idx)
-#define blockDim (::sjd_sim::g_block_dim)
-#define gridDim (::sjd_sim::g_grid_dim)
+#define threadIdx (::sjd_sim::g_run.cur->tid)
+#define blockIdx (::sjd_sim::g_run.block_idx)
+#define blockDim (::sjd_sim::g_run.block_dim)
+#define gridDim (::sjd_sim::g_run.grid_dim)
 
 // ---- synchronisation and warp intrinsics --------------------------------------------------------
 #define __syncthreads() ::sjd_sim::block_sync(__FILE__, __LINE__)
@@ -433,8 +466,8 @@ Launcher<P...> make_launcher(void (*k)(P...), dim3 g, dim3 b, size_t smem) {
 // call's slot before its barrier, when every reader of that slot's previous use has passed.
 SJD_SIM_RT inline int sjd_sim_block_count(int pred, const char* file, int line) {
   using namespace ::sjd_sim;
-  const int n = static_cast<int>(g_cur->n_block_ops++ % 3);
-  Block* b = g_blk;
+  const int n = static_cast<int>(g_run.cur->n_block_ops++ % 3);
+  Block* b = g_run.blk;
   b->acc[(n + 1) % 3] = 0;
   b->acc[n] += (pred != 0);
   block_sync(file, line);
@@ -531,4 +564,4 @@ using std::min;
 
 // Launch: SJD_LAUNCH(kernel, grid, block, smem, stream)(args...) in the sources.
 #define SJD_SIM_LAUNCH(kernel, grid, block, smem, stream) ::sjd_sim::make_launcher(kernel, grid, block, smem)
-#define SJD_SIM_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::sjd_sim::g_dyn_smem)
+#define SJD_SIM_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::sjd_sim::g_run.dyn_smem)
