@@ -11,8 +11,9 @@ third of an interpreted kernel's time (cProfile of a sparse-state multi-step tes
 
 ``speed_up()`` skips a helper's patch when the launch has already patched every language module
 the helper sees; anything else (a helper that sees a module the kernel does not) is patched as
-Triton does. The launch's own patch and its restore are untouched. It is opt-in: the test suite
-and the bench CLI's CPU check call it; importing ``sjd_kernels`` changes nothing in Triton.
+Triton does. The launch's own patch and its restore are untouched. It is opt-in: the test suite,
+``python -m sjd_kernels.bench`` and ``benchmarks/fuzz_parity.py`` call it (``SJD_INTERP_SPEED_UP=0``
+stops them); importing ``sjd_kernels`` changes nothing in Triton.
 """
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def speed_up() -> bool:
     orig = getattr(ti, "_patch_lang", None)
     if orig is None or not hasattr(ti, "_LangPatchScope") or not hasattr(ti._LangPatchScope, "restore"):
         return False
-    src = inspect.getsource(ti.InterpretedFunction.__call__) + inspect.getsource(ti.GridExecutor.__call__)
+    try:
+        src = inspect.getsource(ti.InterpretedFunction.__call__) + inspect.getsource(ti.GridExecutor.__call__)
+    except (AttributeError, OSError, TypeError):      # another layout, or no source to read
+        return False
     if src.count("_patch_lang(self.fn)") != 2 or "patch_scope.restore()" not in src:
         return False
 
