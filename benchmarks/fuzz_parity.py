@@ -469,9 +469,8 @@ def main(argv=None) -> int:
     if not set(args.backends.split(",")) <= {"triton", "cuda"}:
         ap.error(f"argument --backends: {args.backends!r}: give a comma list of triton, cuda")
     _check_device(args, ap.error)
-    if os.environ.get("SJD_INTERP_SPEED_UP", "1") != "0":
-        from sjd_kernels.triton import interp
-        interp.speed_up()           # a no-op unless the Triton kernels run under the interpreter
+    from sjd_kernels.triton import interp
+    interp.speed_up()               # a no-op unless the Triton kernels run under the interpreter
     if args.op == "tree_verify":
         return main_tree(args)
     if args.op == "verify_chain":

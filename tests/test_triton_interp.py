@@ -106,7 +106,8 @@ def _fast_run(monkeypatch, **kw):
 
 
 @pytest.fixture
-def on():
+def on(monkeypatch):
+    monkeypatch.delenv("SJD_INTERP_SPEED_UP", raising=False)
     assert interp.speed_up()
     assert interp.speed_up()                      # a second call is a no-op
     assert interp.active() and ti._patch_lang is not interp._state["orig"]
@@ -144,7 +145,12 @@ def test_a_failing_launch_resets_and_restores(on, clean_lang, monkeypatch):
     assert torch.equal(fast, slow) and calls[0] == "_kernel"
 
 
-def test_off_without_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("env", [{"TRITON_INTERPRET": "0"}, {"SJD_INTERP_SPEED_UP": "0"}])
+def test_off_without_the_interpreter_or_when_turned_off(monkeypatch, env):
     monkeypatch.setitem(interp._state, "on", False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ti, "_patch_lang", ti._patch_lang)      # restored even if it were installed
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = ti._patch_lang
     assert not interp.speed_up()
+    assert ti._patch_lang is before

@@ -132,7 +132,8 @@ inline thread_local Config g_cfg;
 // here, and the bindings release the GIL, so launches from two Python threads take turns on
 // g_launch_mutex. The state of the running launch is therefore process-wide, not thread_local:
 // it is read at every threadIdx, barrier and (race build) load and store, where a thread_local in
-// this shared library costs a __tls_get_addr call (a quarter of a race-checked run's time).
+// this shared library costs a __tls_get_addr call (and, in the race build, used to be recorded as
+// a global access).
 // g_owner is the thread pointer of the thread that holds the launch (null between launches), so
 // code of another thread that reaches the race hooks (instrumented host code) can tell it is not
 // the launch's.

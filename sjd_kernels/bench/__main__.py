@@ -272,9 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if os.environ.get("SJD_INTERP_SPEED_UP", "1") != "0":
-        from ..triton import interp
-        interp.speed_up()           # a no-op unless the Triton kernels run under the interpreter
+    from ..triton import interp
+    interp.speed_up()               # a no-op unless the Triton kernels run under the interpreter
     return args.func(args)
 
 

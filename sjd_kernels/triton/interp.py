@@ -6,14 +6,15 @@ of a ``@triton.jit`` helper (``InterpretedFunction.__call__``), which walks each
 with ``inspect.getmembers``. Within a launch that second patch changes nothing: the builtins are
 already replaced (a replacement is not a builtin, so it is skipped) and the other attributes it
 sets (``range``, ``reduce``, ``to_ir`` ...) are stateless functions equal to those already set.
-Our kernels call helpers tens of thousands of times per test, and the repeat patch took about a
-third of an interpreted kernel's time (cProfile of a sparse-state multi-step test: 41 s of 126 s).
+Our kernels call helpers many times per launch, so the repeat patch was a large share of an
+interpreted kernel's time (the clean-clone CI times before and after are in
+``benchmarks/results/cpu_ci_2026-12-02/``).
 
 ``speed_up()`` skips a helper's patch when the launch has already patched every language module
 the helper sees; anything else (a helper that sees a module the kernel does not) is patched as
 Triton does. The launch's own patch and its restore are untouched. It is opt-in: the test suite,
-``python -m sjd_kernels.bench`` and ``benchmarks/fuzz_parity.py`` call it (``SJD_INTERP_SPEED_UP=0``
-stops them); importing ``sjd_kernels`` changes nothing in Triton.
+``python -m sjd_kernels.bench`` and ``benchmarks/fuzz_parity.py`` call it; ``SJD_INTERP_SPEED_UP=0``
+in the environment makes it decline. Importing ``sjd_kernels`` changes nothing in Triton.
 """
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ def _lang_ids(fn, tl) -> frozenset:
 def speed_up() -> bool:
     """Install the skip if the interpreter is on and has the structure it relies on (the Triton 3.6
     layout: ``_patch_lang`` returning a scope with ``restore``). Returns whether it is active; a
-    no-op when called again, when the interpreter is off, or on another layout."""
+    no-op when called again, when the interpreter is off, when ``SJD_INTERP_SPEED_UP=0``, or on
+    another layout."""
     if _state["on"]:
         return True
+    if os.environ.get("SJD_INTERP_SPEED_UP", "1") == "0":
+        return False
     if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
         return False
     try:
