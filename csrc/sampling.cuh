@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -221,10 +222,13 @@ __device__ __forceinline__ void for_each_logit(const T* __restrict__ c, const T*
   const uint4* cv = reinterpret_cast<const uint4*>(c + head);
   const uint4* uv = u ? reinterpret_cast<const uint4*>(u + head) : nullptr;
   for (int v = tid; v < nvec; v += nth) {
-    uint4 craw = __ldg(cv + v);
-    uint4 uraw = uv ? __ldg(uv + v) : craw;
-    const T* ce = reinterpret_cast<const T*>(&craw);
-    const T* ue = reinterpret_cast<const T*>(&uraw);
+    const uint4 craw = __ldg(cv + v);
+    const uint4 uraw = uv ? __ldg(uv + v) : craw;
+    // The 16 loaded bytes as N elements: memcpy, not a cast of &craw to T* (reading a uint4 object
+    // through a T lvalue breaks the aliasing rules); the compiler turns it into register moves.
+    T ce[N], ue[N];
+    memcpy(ce, &craw, sizeof(craw));
+    memcpy(ue, &uraw, sizeof(uraw));
 #pragma unroll
     for (int e = 0; e < N; ++e) f(head + v * N + e, to_float(ce[e]), uv ? to_float(ue[e]) : 0.0f);
   }
