@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..ops._common import (ANY_FLOAT_DTYPES, INT_DTYPES, SJDInputError, as_int, check_int, check_tensor,
-                           host_checks)
+                           check_tensor_size, host_checks)
 
 
 class StaticKVCache:
@@ -29,10 +29,18 @@ class StaticKVCache:
                                                   ("max_len", max_len), ("head_dim", head_dim)))
         if dtype not in ANY_FLOAT_DTYPES:
             raise SJDInputError(f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype!r}")
+        self.check_size(layers, rows, kv_heads, max_len, head_dim, dtype)
         self.kv = torch.zeros((layers, 2, rows, kv_heads, max_len, head_dim), dtype=dtype, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.max_len = max_len
         self._slots = torch.arange(max_len, device=device)
+
+    @staticmethod
+    def check_size(layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype,
+                   name: str = "max_len") -> None:
+        """The cache's tensors must fit in torch's int64 byte count (else an SJDInputError naming ``name``)."""
+        check_tensor_size(f"{name}={max_len}", (layers, 2, rows, kv_heads, max_len, head_dim), dtype)
+        check_tensor_size(f"{name}={max_len}", (max_len,), torch.int64)
 
     # -- geometry
     @property

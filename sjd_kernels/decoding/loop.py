@@ -349,10 +349,15 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     ``SJDDeviceError`` (``check_status``) at the next host synchronisation, at the latest before
     returning; no -1 token is ever returned.
     """
+    if not isinstance(method, str):
+        raise SJDInputError(f"method must be one of {', '.join(available_methods())}, got {method!r}")
     if method in PENDING:
         raise NotImplementedError(PENDING[method])
-    if not isinstance(cuda_graph, bool):
-        raise SJDInputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    for name, flag in (("cuda_graph", cuda_graph), ("return_cache", return_cache)):
+        if not isinstance(flag, bool):
+            raise SJDInputError(f"{name} must be True or False, got {flag!r}")
+    if on_step is not None and not callable(on_step):
+        raise SJDInputError(f"on_step must be None or a callable on_step(tokens, n, cache), got {on_step!r}")
     if cuda_graph and method in GRAPH_METHODS_REFUSED:
         raise NotImplementedError(f"cuda_graph=True: {GRAPH_METHODS_REFUSED[method]}")
     if method == "sjd2" and "sjd2" in available_methods():
@@ -394,8 +399,10 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     elif tree_width is not None or tree_depth is not None:
         raise SJDInputError(f"tree_width/tree_depth apply to method 'pac', not {method!r}")
     if state_capacity is not None:
-        if isinstance(state_capacity, bool) or not isinstance(state_capacity, int) or state_capacity < 1:
+        cap = as_int(state_capacity)
+        if cap is None or cap < 1:
             raise SJDInputError(f"state_capacity must be a positive int or None (dense), got {state_capacity!r}")
+        state_capacity = cap
         if spec.tree:
             raise SJDInputError("state_capacity (sparse state) applies to the chain methods; 'pac' keeps dense laws")
 
@@ -456,6 +463,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     span = plan.num_nodes - 1 if spec.tree else W                  # slots a step writes past X[n-1]
     need = L_max + N + span
     S = need if cache_len is None else check_int("cache_len", cache_len, 1)
+    StaticKVCache.check_size(model.num_layers, rows, model.num_kv_heads, S, model.head_dim, dtype, name="cache_len")
     if S < need:
         what = f"a tree of {plan.num_nodes} nodes" if spec.tree else f"a window of {W}"
         raise SJDInputError(f"cache_len {S} is too small: a prompt of {L_max} + {N} image tokens + {what} "

@@ -89,13 +89,14 @@ class PacPlan:
 
 def check_tree_options(tree_width, tree_depth, window: int) -> tuple[int, int]:
     """Validate ``tree_width`` / ``tree_depth`` against the requested window; returns (K, D)."""
-    from ..ops import SJDInputError
-    K = DEFAULT_TREE_WIDTH if tree_width is None else tree_width
-    D = DEFAULT_TREE_DEPTH if tree_depth is None else tree_depth
-    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= MAX_SIBLINGS:
-        raise SJDInputError(f"tree_width must be an int in [1, {MAX_SIBLINGS}] (children per tree node), got {K!r}")
-    if isinstance(D, bool) or not isinstance(D, int) or D < 0:
-        raise SJDInputError(f"tree_depth must be an int >= 0 (tree levels before the chain), got {D!r}")
+    from ..ops._common import SJDInputError, as_int
+    K = DEFAULT_TREE_WIDTH if tree_width is None else as_int(tree_width)
+    D = DEFAULT_TREE_DEPTH if tree_depth is None else as_int(tree_depth)
+    if K is None or not 1 <= K <= MAX_SIBLINGS:
+        raise SJDInputError(f"tree_width must be an int in [1, {MAX_SIBLINGS}] (children per tree node), "
+                            f"got {tree_width!r}")
+    if D is None or D < 0:
+        raise SJDInputError(f"tree_depth must be an int >= 0 (tree levels before the chain), got {tree_depth!r}")
     if D > window:
         raise SJDInputError(f"tree_depth {D} exceeds the window {window}: the tree's levels are window positions "
                             f"(use tree_depth <= window)")

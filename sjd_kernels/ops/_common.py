@@ -155,6 +155,8 @@ def check_status(status: torch.Tensor, clear: bool = True) -> dict:
     if status.dtype != torch.int32 or tuple(status.shape) != (4,):
         raise SJDInputError(f"check_status takes an int32 [4] status tensor, got {status.dtype} "
                             f"{list(status.shape)}")
+    if status.is_meta:
+        raise SJDInputError("check_status takes a status tensor with values, got a meta tensor (shape only)")
     vals = status.tolist()
     err = int(vals[0])
     if clear:
@@ -207,15 +209,20 @@ def check_temperature(temperature) -> None:
                             f"with a finite float32 reciprocal), got {temperature!r}")
 
 
-def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, top_k, top_p) -> None:
-    """Checks shared by every sampling op: the state's seed/step/status, ``forced`` and the
-    temperature / top-k / top-p knobs (messages name the argument and what was expected)."""
+def check_state_counters(state, B: int, dev) -> None:
+    """The state's ``seed`` and ``step`` (contiguous int64 ``[B]``) and ``status`` (int32 ``[4]``) on ``dev``."""
     i64 = (torch.int64,)
     check_tensor("state.seed", state.seed, dtypes=i64, shape=(B,), dim=1, device=dev, contiguous=True)
     check_tensor("state.step", state.step, dtypes=i64, shape=(B,), dim=1, device=dev, contiguous=True)
     check_tensor("state.status", state.status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+
+
+def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, top_k, top_p) -> None:
+    """Checks shared by every sampling op: the state's seed/step/status, ``forced`` and the
+    temperature / top-k / top-p knobs (messages name the argument and what was expected)."""
+    check_state_counters(state, B, dev)
     if forced is not None:
-        check_tensor("forced", forced, dtypes=i64, dim=2, shape=(B, None), device=dev, contiguous=True)
+        check_tensor("forced", forced, dtypes=(torch.int64,), dim=2, shape=(B, None), device=dev, contiguous=True)
     check_sampling(temperature, top_k, top_p, V)
 
 
@@ -244,15 +251,37 @@ def check_finite(name: str, v, what: str = "") -> float:
     """``v`` as a finite float (Python, NumPy or 0-d tensor; not a bool), else an SJDInputError naming it."""
     if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool and not v.is_complex():
         v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+    f = None
+    if not isinstance(v, bool) and isinstance(v, numbers.Real):
+        try:
+            f = float(v)
+        except OverflowError:                     # an int or fraction beyond the float range
+            pass
+    if f is None or not math.isfinite(f):
         raise SJDInputError(f"{name} must be a finite real number{what}, got {v!r}")
-    return float(v)
+    return f
+
+
+TENSOR_BYTES_MAX = 2 ** 63 - 1
+
+
+def check_tensor_size(what: str, shape, dtype) -> None:
+    """A ``dtype`` tensor of ``shape`` (ints >= 0) must fit in torch's int64 byte count, else an
+    SJDInputError starting with ``what`` (the arguments that set the shape)."""
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    if n > TENSOR_BYTES_MAX:
+        raise SJDInputError(f"{what} out of range: a {str(dtype).replace('torch.', '')} tensor of shape "
+                            f"{list(shape)} would take at least 2^{n.bit_length() - 1} bytes; a tensor holds at "
+                            f"most 2^63 - 1")
 
 
 def seed_tensor(seed, device) -> torch.Tensor:
     """Per-request seeds as a 1-D int64 tensor. Integers only (Python or NumPy integers, a list or
     tuple of them, a 1-D integer tensor or array): anything else (None, strings, floats, bools, values
-    outside int64) is an SJDInputError naming ``seed``; a float seed is never truncated silently."""
+    outside int64, a meta tensor for a real device) is an SJDInputError naming ``seed``; a float seed is
+    never truncated silently."""
     what = "seed must be an int or integers that fit in int64 (one per request)"
     if not isinstance(seed, (torch.Tensor, list, tuple)) and hasattr(seed, "__array__"):   # NumPy arrays, scalars
         import numpy as np
@@ -260,6 +289,8 @@ def seed_tensor(seed, device) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise SJDInputError(f"{what}, got a {seed.dtype} tensor")
+        if seed.is_meta and torch.device(device).type != "meta":
+            raise SJDInputError(f"{what}, got a meta tensor (shape only, no values)")
         if seed.dim() > 1:
             raise SJDInputError(f"seed must be a [B] tensor or list (one per request), got shape {list(seed.shape)}")
         return seed.to(device=device, dtype=torch.int64).reshape(-1)

@@ -15,8 +15,9 @@ import torch
 
 from ..reference import jacobi_step as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, as_int, check_cfg, check_finite, check_int,
-                      check_state_and_sampling, check_state_contents, check_tensor, check_window_rows, guard_pos,
-                      guard_win_len, mark_request_errors, new_status, resolve_backend, seed_tensor)
+                      check_state_and_sampling, check_state_contents, check_state_counters, check_tensor,
+                      check_tensor_size, check_window_rows, guard_pos, guard_win_len, mark_request_errors, new_status,
+                      resolve_backend, seed_tensor)
 
 I64 = (torch.int64,)
 
@@ -87,15 +88,20 @@ class JacobiState:
                ring: int | None = None, capacity: int | None = None) -> "JacobiState":
         batch, window, vocab = check_int("batch", batch, 1), check_int("window", window, 0), check_int("vocab", vocab, 1)
         ring = check_int("ring", window + 1 if ring is None else ring, window + 1)   # >= window + 1
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-            raise SJDInputError(f"capacity must be a positive int (sparse state) or None (dense), got {capacity!r}")
+        if capacity is not None:
+            c = as_int(capacity)
+            if c is None or c < 1:
+                raise SJDInputError(f"capacity must be a positive int (sparse state) or None (dense), got {capacity!r}")
+            capacity = c
+        width = vocab if capacity is None else capacity
+        lanes = f"vocab={vocab}" if capacity is None else f"capacity={capacity}"
+        check_tensor_size(f"batch={batch}, window={window} (ring {ring}), {lanes}", (batch, ring, width), torch.float32)
         seed = seed_tensor(seed, device)
         if seed.numel() == 1 and batch > 1:
             raise SJDInputError("seed must give one value per request (a [B] tensor or list); "
                                 "derive per-request seeds explicitly so results do not depend on the batch")
         if seed.numel() != batch:
             raise SJDInputError(f"seed must have {batch} values (one per request), got {seed.numel()}")
-        width = vocab if capacity is None else capacity
         return cls(q_state=torch.zeros(batch, ring, width, dtype=torch.float32, device=device),
                    q_kind=torch.full((batch, ring), ref.KIND_UNIFORM, dtype=torch.int32, device=device),
                    p_prev=(torch.zeros(batch, ring, width, dtype=torch.float32, device=device) if vp
@@ -231,10 +237,14 @@ def init_window(state: JacobiState, pos: torch.Tensor, window: int, forced: torc
 
     ``pos [B]`` int64 on the state's device; ``window`` at most the state's ring size - 1; ``forced``
     ``[B, L]`` int64 as for ``jacobi_step``. A ``pos`` outside [0, 2^62] raises on the CPU; on a GPU
-    (no host sync) that request's drafts are -1 and status bit 16 is set."""
+    (no host sync) that request's drafts are -1 and status bit 16 is set. The state's seed, step,
+    status and q_kind are checked as ``jacobi_step`` checks them."""
     check_state_type(state)
-    dev = state.seed.device
-    B = state.seed.shape[0]
+    check_tensor("state.seed", state.seed, dtypes=I64, dim=1)
+    B, dev = state.seed.shape[0], state.seed.device
+    check_state_counters(state, B, dev)
+    check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, None), dim=2, device=dev,
+                 contiguous=True)
     R = state.q_kind.shape[1]
     w = as_int(window)
     if w is None or not 0 <= w <= R - 1:
