@@ -934,6 +934,57 @@ def test_prepare_refuses_shared_ring_slots_and_bad_levels_on_the_cpu():
         sjd2_prepare(**c, backend="torch")
 
 
+def _reads_token(c, b, i) -> bool:
+    """Whether slot (b, i) uses its token, by the SPEC's rule slot by slot (as ``_prepare_f64``)."""
+    p = int(c["positions"][b, i])
+    if p < 0:
+        return False
+    if p < int(c["commit_end"][b]):
+        return True
+    K = c["alpha"].shape[0] - 1
+    k = K if p >= int(c["fresh_start"][b]) else int(c["level"][b, p % c["latent"].shape[1]])
+    stepped = p < int(c["row_end"][b]) and k > 0
+    return stepped or k == 0
+
+
+@pytest.mark.parametrize("bad_token", [19, -1, 2 ** 40])
+def test_prepare_refuses_tokens_it_reads_outside_the_table_on_the_cpu(bad_token):
+    """A token the op reads (committed slot, DDIM step towards it, or level 0) must be a row of
+    embed_weight (Vt = 19 here): an SJDInputError naming the slot, nothing changed. Tokens the op
+    does not read (condition slots, noisy slots without a sample) may hold anything."""
+    from sjd_kernels.ops._common import SJDInputError as Err
+    base = _prepare_case()
+    B, N = base["tokens"].shape
+    reads = {(b, i): _reads_token(base, b, i) for b in range(B) for i in range(N)}
+    assert any(reads.values()) and not all(reads.values())
+    kinds = set()
+    for (b, i), read in reads.items():
+        c = _prepare_case()
+        c["tokens"][b, i] = bad_token
+        if read:
+            snap = _clone(c)
+            with pytest.raises(Err, match=rf"tokens: request {b}'s slot {i} .* holds token {bad_token}, "
+                                          r"outside \[0, 19\)"):
+                sjd2_prepare(**c, backend="torch")
+            assert torch.equal(c["latent"], snap["latent"]) and torch.equal(c["level"], snap["level"])
+        else:
+            kinds.add("condition" if int(c["positions"][b, i]) < 0 else "noisy")
+            sjd2_prepare(**c, backend="torch")
+    assert kinds == {"condition", "noisy"}
+
+
+def test_prepare_refuses_empty_tables_and_rings():
+    from sjd_kernels.ops._common import SJDInputError as Err
+    c = _prepare_case()
+    c["embed_weight"] = c["embed_weight"][:0]
+    with pytest.raises(Err, match=r"embed_weight must be \[Vt >= 1, d >= 1\], got \[0, 24\]"):
+        sjd2_prepare(**c, backend="torch")
+    c = _prepare_case()
+    c["latent"], c["level"] = c["latent"][:, :0], c["level"][:, :0]
+    with pytest.raises(Err, match=r"latent must be \[B, R >= 1, d\]"):
+        sjd2_prepare(**c, backend="torch")
+
+
 @pytest.mark.parametrize("bad_level", [99, -3])
 def test_prepare_kernels_clamp_table_reads_of_bad_levels(bad_level):
     """Without the host checks (the GPU path), a ring level outside 0..K must not read outside the

@@ -268,12 +268,59 @@ def test_caches_that_share_memory_are_refused():
     assert torch.equal(bits(from_list([k], [v])), bits(want))
 
 
+def test_views_at_other_offsets_that_share_memory_are_refused():
+    """Strided views of one buffer that start at different addresses: refused when some element is
+    in both (layers sliced from a buffer with overlapping windows), accepted when the views only
+    interleave (layers sliced from a layer-inner buffer), and the moves are then right."""
+    path, cache_len = _path("overlap_0_2_3")
+    base = poisoned((R, H, S + 1, D), torch.float32, seed=23)
+    vbuf = poisoned((2, R, H, S + 1, D), torch.float32, seed=24)          # V with K's strides
+    k0, k1 = base[:, :, :S], base[:, :, 1:]
+    assert not k0.is_contiguous() and k0.data_ptr() != k1.data_ptr()
+    before = bits(base).clone(), bits(vbuf).clone()
+    with pytest.raises(sk.SJDInputError, match=r"keys\[0\] and keys\[1\] share memory"):
+        sk.tree_kv_update(([k0, k1], [vbuf[0, :, :, :S], vbuf[1, :, :, :S]]), path, cache_len)
+    assert torch.equal(bits(base), before[0]) and torch.equal(bits(vbuf), before[1])
+    # three layers' K and V interleaved in [R, layers, 2, H, S, D]: every extent intersects every other
+    buf = poisoned((R, 3, 2, H, S, D), torch.float32, seed=25)
+    keys, values = [buf[:, i, 0] for i in range(3)], [buf[:, i, 1] for i in range(3)]
+    want = expected_stacked(from_list([k.clone() for k in keys], [v.clone() for v in values]), path, cache_len)
+    sk.tree_kv_update((keys, values), path, cache_len)
+    assert torch.equal(bits(from_list(keys, values)), bits(want))
+
+
+def test_same_layout_overlap_search_equals_brute_force():
+    """The overlap test of two same-layout views against the byte sets themselves, on random small
+    shapes, strides (overlapping ones included), element sizes and offsets."""
+    from sjd_kernels.ops.tree import _same_layout_views_overlap
+    g = torch.Generator().manual_seed(26)
+    seen = {True: 0, False: 0}
+    for _ in range(400):
+        nd = int(torch.randint(1, 4, (1,), generator=g))
+        shape = tuple(int(x) for x in torch.randint(1, 5, (nd,), generator=g))
+        stride = tuple(int(x) for x in torch.randint(1, 13, (nd,), generator=g))
+        esize = [1, 2, 4][int(torch.randint(0, 3, (1,), generator=g))]
+        offsets = {0}
+        for idx in torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, nd).tolist():
+            offsets.add(sum(i * st for i, st in zip(idx, stride)))
+        a = {o * esize + b for o in offsets for b in range(esize)}
+        for delta in range(-max(a) - 2, max(a) + 3):
+            want = any((x + delta) in a for x in a)
+            got = _same_layout_views_overlap(delta, shape, stride, esize)
+            assert got is want, (shape, stride, esize, delta, got, want)
+            seen[want] += 1
+    assert seen[True] > 100 and seen[False] > 100, seen
+
+
 def test_pointer_table_errors():
     kv = poisoned((2, 2, R, H, S, D), torch.float32, seed=22)
     path, cache_len = _path("overlap_0_2_3")
     keys, values = to_list(kv)
     with pytest.raises(sk.SJDInputError, match="non-empty lists of equal length"):
         sk.kv_pointer_table([], [])
+    for bad in (None, kv, "kv"):
+        with pytest.raises(sk.SJDInputError, match="keys must be a list of per-layer tensors"):
+            sk.kv_pointer_table(bad, values)
     with pytest.raises(sk.SJDInputError, match="equal length"):
         sk.kv_pointer_table(keys, values[:1])
     other_k, other_v = to_list(kv)

@@ -486,6 +486,35 @@ def test_errors_raise_on_cpu_and_change_nothing(name):
         assert int(na[r]) >= 0 and torch.equal(tok[r], good.tokens[r])
 
 
+@pytest.mark.parametrize("bad_pos", [-5, 2 ** 62 + 1, 2 ** 63 - 1])
+def test_pos_out_of_range(monkeypatch, bad_pos):
+    """pos outside [0, 2^62], as in jacobi_step: on the CPU an SJDInputError with nothing changed;
+    without a host check (a GPU; here the traced path) that request returns -1 and sets status bit
+    16, the others are as without it."""
+    import sjd_kernels.ops._common as common
+    b = _full_batch()
+
+    def state():
+        return sk.JacobiState(b["q_state"].clone(), b["q_kind"].clone(), torch.empty(0), b["seed"].clone(),
+                              b["step"].clone(), torch.zeros(4, dtype=torch.int32))
+    clean = sk.tree_verify(b["logits"], b["tree"], b["pos"], state())
+    pos = b["pos"].clone()
+    pos[1] = bad_pos
+    st = state()
+    with pytest.raises(sk.SJDInputError, match=r"pos must be in \[0, 2\^62\]"):
+        sk.tree_verify(b["logits"], b["tree"], pos, st)
+    assert bool((st.status == 0).all()) and torch.equal(st.step, b["step"])
+    monkeypatch.setattr(common, "compiling", lambda: True)
+    st = state()
+    out = sk.tree_verify(b["logits"], b["tree"], pos, st)
+    assert int(out.num_accepted[1]) == -1 and bool((out.path[1] == -1).all() and (out.tokens[1] == -1).all())
+    for r in (0, 2):
+        assert torch.equal(out.tokens[r], clean.tokens[r]) and torch.equal(out.path[r], clean.path[r])
+    assert int(st.status[0]) == 16 and torch.equal(st.step, b["step"] + 1)          # ERR_POS
+    with pytest.raises(sk.SJDDeviceError, match="pos outside"):
+        sk.check_status(st.status)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not (INTERP and triton_available()[0]), reason="needs TRITON_INTERPRET=1")), "cuda_sim"])
 def test_temperature_overflow_is_a_nonfinite_row_on_every_backend(backend):
@@ -557,7 +586,32 @@ def test_argument_errors():
         sk.build_tree(st, t.tokens[:, 0], b["pos"], K=2, depth=3, window=2)
     with pytest.raises(sk.SJDInputError, match="ring"):
         sk.build_tree(st, t.tokens[:, 0], b["pos"], K=2, depth=2, window=9)
+    for bad in (dict(K=True), dict(K=2.0), dict(depth=1.0), dict(window="2")):
+        kw = dict(dict(K=2, depth=1, window=2), **bad)
+        with pytest.raises(sk.SJDInputError, match="K must be" if "K" in bad else "depth <= window"):
+            sk.build_tree(st, t.tokens[:, 0], b["pos"], **kw)
     assert int(st.status[0]) == 0
+
+
+def test_numpy_integers_are_ints():
+    """NumPy integers (e.g. from a config array) count as ints for K, depth, window and max_depth, as
+    they do for top_k and window elsewhere."""
+    np = pytest.importorskip("numpy")
+    b = _full_batch()
+
+    def state():
+        return sk.JacobiState(b["q_state"].clone(), b["q_kind"].clone(), torch.empty(0), b["seed"].clone(),
+                              b["step"].clone(), torch.zeros(4, dtype=torch.int32))
+    root = b["tree"].tokens[:, 0]
+    t_py = sk.build_tree(state(), root, b["pos"], K=2, depth=2, window=2)
+    t_np = sk.build_tree(state(), root, b["pos"], K=np.int64(2), depth=np.int32(2), window=np.int64(2))
+    assert type(t_np.max_depth) is int and t_np.max_depth == t_py.max_depth
+    for f in ("tokens", "parent", "depth", "sib", "q_slot"):
+        assert torch.equal(getattr(t_np, f), getattr(t_py, f)), f
+    t_md = sk.TreeLayout(t_py.tokens, t_py.parent, t_py.depth, t_py.sib, t_py.q_slot, np.int64(t_py.max_depth))
+    want = sk.tree_verify(b["logits"], t_py, b["pos"], state())
+    got = sk.tree_verify(b["logits"], t_md, b["pos"], state())
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.path, want.path)
 
 
 def test_public_build_tree_equals_reference():

@@ -280,6 +280,29 @@ def test_win_len_out_of_range_without_a_host_check(monkeypatch):
     assert int(out.status[0]) == RJ.ERR_WIN_LEN
 
 
+@pytest.mark.parametrize("bad_pos", [-5, 2 ** 62 + 1, 2 ** 63 - 1])
+def test_pos_out_of_range(monkeypatch, bad_pos):
+    """pos outside [0, 2^62], as in jacobi_step: on the CPU an SJDInputError before anything runs;
+    without a host check (a GPU; here the traced path) that request returns -1 and sets status bit
+    16, the others are as without it."""
+    import sjd_kernels.ops._common as common
+    target, draft, ids, kw = _case(3, 4, 9, seed=4, ragged=False)
+    clean = sk.verify_chain(target, draft, ids, backend="torch", **kw)
+    kw["pos"] = torch.tensor([int(kw["pos"][0]), bad_pos, int(kw["pos"][2])])
+    status = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(SJDInputError, match=r"pos must be in \[0, 2\^62\]"):
+        sk.verify_chain(target, draft, ids, backend="torch", status=status, **kw)
+    assert int(status.abs().sum()) == 0
+    monkeypatch.setattr(common, "compiling", lambda: True)
+    out = sk.verify_chain(target, draft, ids, backend="torch", **kw)
+    assert out.num_accepted[1] == -1 and (out.tokens[1] == -1).all()
+    assert torch.equal(out.tokens[[0, 2]], clean.tokens[[0, 2]])
+    assert torch.equal(out.num_accepted[[0, 2]], clean.num_accepted[[0, 2]])
+    assert int(out.status[0]) == RJ.ERR_POS
+    with pytest.raises(sk.SJDDeviceError, match="pos outside"):
+        sk.check_status(out.status)
+
+
 def test_host_errors_name_the_argument():
     target, draft, ids, kw = _case(2, 3, 8, ragged=False)
     bad = {

@@ -62,6 +62,30 @@ def _check_ring_on_host(positions, commit_end, fresh_start, level, K: int) -> No
                             f"{int(positions[b, i])}) holds level {int(lv[b, i])}, outside 0..K = 0..{K}")
 
 
+def _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, level, K: int, Vt: int) -> None:
+    """CPU tensors: every token the op reads is an id in ``[0, Vt)``. A slot reads its token when it is
+    committed, takes a DDIM step towards it, or leaves the window at level 0 (the reference's
+    ``committed | step | (win & k' == 0)``); other slots' tokens are ignored (the kernels clamp them)."""
+    B, N = tokens.shape
+    R = level.shape[1]
+    p = positions
+    valid = p >= 0
+    committed = valid & (p < commit_end.view(B, 1))
+    win = valid & ~committed
+    fresh = win & (p >= fresh_start.view(B, 1))
+    k_ring = torch.gather(level.to(torch.int64), 1, torch.where(win, p % R, torch.zeros_like(p)))
+    k_old = torch.where(fresh, torch.full_like(p, K), k_ring)
+    step = win & (p < row_end.view(B, 1)) & (k_old > 0)
+    k_new = torch.where(step, k_old - 1, k_old)
+    reads = committed | step | (win & (k_new == 0))
+    bad = reads & ((tokens < 0) | (tokens >= Vt))
+    if bool(bad.any()):
+        b, i = (int(x) for x in bad.nonzero()[0])
+        what = "a committed slot" if bool(committed[b, i]) else "a window slot that reads its token"
+        raise SJDInputError(f"tokens: request {b}'s slot {i} (position {int(p[b, i])}, {what}) holds token "
+                            f"{int(tokens[b, i])}, outside [0, {Vt}) (the rows of embed_weight)")
+
+
 def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level_table: torch.Tensor,
                  alpha: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                  seed: torch.Tensor, commit_end: torch.Tensor, fresh_start: torch.Tensor, row_end: torch.Tensor,
@@ -69,12 +93,19 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     """Model inputs ``[B, N, d]`` of one SJD2 forward, with the DDIM update of the window fused in.
 
     Window positions of one request (``positions >= commit_end``) must span at most ``R``
-    (ring size) positions, so no two of them share a ring slot. ``backend``: auto, torch, triton,
-    cuda (the extension's kernel, ``csrc/sjd2_prepare.cu``; float32, float16 and bfloat16 tables);
-    ``auto`` picks cuda, then triton, for CUDA tensors (triton for a float64 table).
+    (ring size) positions, so no two of them share a ring slot. Every token the op reads (see
+    ``_check_tokens_on_host``) must be a row of ``embed_weight``. Both are checked on the host for
+    CPU tensors (``SJDInputError``); on a GPU (no host sync) the kernels clamp ids and levels into
+    range instead, so a bad input gives wrong embeddings, never an out-of-bounds read.
+
+    ``backend``: auto, torch, triton, cuda (the extension's kernel, ``csrc/sjd2_prepare.cu``; float32,
+    float16 and bfloat16 tables); ``auto`` picks cuda, then triton, for CUDA tensors (triton for a
+    float64 table).
     """
     check_tensor("embed_weight", embed_weight, dtypes=FLOAT_DTYPES + (torch.float64,), dim=2, contiguous=True)
     Vt, d = embed_weight.shape
+    if Vt < 1 or d < 1:
+        raise SJDInputError(f"embed_weight must be [Vt >= 1, d >= 1], got {list(embed_weight.shape)}")
     dev = embed_weight.device
     check_tensor("tokens", tokens, dtypes=I64, dim=2, device=dev, contiguous=True)
     B, N = tokens.shape
@@ -90,10 +121,13 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     for name, t in (("seed", seed), ("commit_end", commit_end), ("fresh_start", fresh_start), ("row_end", row_end)):
         check_tensor(name, t, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
     check_tensor("latent", latent, dtypes=F32, shape=(B, None, d), dim=3, device=dev, contiguous=True)
+    if latent.shape[1] < 1:
+        raise SJDInputError(f"latent must be [B, R >= 1, d] (a ring of R slots), got {list(latent.shape)}")
     check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
                  contiguous=True)
     if host_checks(positions):
         _check_ring_on_host(positions, commit_end, fresh_start, level, K1 - 1)
+        _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, level, K1 - 1, Vt)
     if backend == "cuda" and embed_weight.dtype == torch.float64:
         raise SJDInputError("the CUDA kernel of sjd2_prepare takes float32, float16 or bfloat16 embed_weight, "
                             "got torch.float64: use backend='triton' or 'torch'")

@@ -17,16 +17,19 @@ Typical use in a decoding loop (``state`` is a :class:`JacobiState` whose ring h
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
 from ..reference import tree as ref
+from ..reference.jacobi_step import ERR_POS
 from ..reference.target import bad_rows
 from ._common import (ANY_FLOAT_DTYPES, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError,
                       check_cfg, check_state_and_sampling, check_state_contents, check_status, check_tensor,
-                      compiling, guard_pos, host_checks, new_status, resolve_backend)
+                      as_int, compiling, guard_pos, host_checks, mark_request_errors, new_status,
+                      resolve_backend)
 from .jacobi_step import JacobiState, check_state_type
 
 I64 = (torch.int64,)
@@ -133,11 +136,12 @@ def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, 
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev)
     if host_checks(pos):
         guard_pos(pos)
-    if not (isinstance(K, int) and not isinstance(K, bool) and K >= 1 and K <= ref.MAX_SIBLINGS):
+    k_, depth_, window_ = as_int(K), as_int(depth), as_int(window)      # Python or NumPy integers, not bools
+    if k_ is None or not 1 <= k_ <= ref.MAX_SIBLINGS:
         raise SJDInputError(f"K must be an int in [1, {ref.MAX_SIBLINGS}], got {K!r}")
-    if not (isinstance(depth, int) and isinstance(window, int) and not isinstance(depth, bool)
-            and not isinstance(window, bool) and 0 <= depth <= window):
+    if depth_ is None or window_ is None or not 0 <= depth_ <= window_:
         raise SJDInputError(f"need ints 0 <= depth <= window, got depth={depth!r}, window={window!r}")
+    K, depth, window = k_, depth_, window_
     if R < window + 1:
         raise SJDInputError(f"state ring ({R} slots) must be >= window + 1 = {window + 1}")
     if first is not None:
@@ -184,7 +188,8 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
     for name in ("tokens", "parent", "depth", "sib", "q_slot"):
         check_tensor(f"tree.{name}", getattr(tree, name), dtypes=I64, shape=(B, N), dim=2, device=dev,
                      contiguous=True)
-    if not (isinstance(tree.max_depth, int) and not isinstance(tree.max_depth, bool) and 0 <= tree.max_depth < N):
+    md = as_int(tree.max_depth)
+    if md is None or not 0 <= md < N:
         raise SJDInputError(f"tree.max_depth must be an int in [0, N-1 = {N - 1}], got {tree.max_depth!r}")
     check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
     _dense_only(state)
@@ -211,7 +216,7 @@ def tree_verify(logits: torch.Tensor, tree: TreeLayout, pos: torch.Tensor, state
 
     ``logits [B, N, V]`` bf16/fp16/fp32 (row i: the model's output at node i, the target of its
     children's position; may be an image-slice view), ``tree`` the :class:`TreeLayout` the drafts
-    were drawn into, ``pos [B]`` the absolute position of the root's children (n). The laws of the
+    were drawn into, ``pos [B]`` the absolute position of the root's children (n, in ``[0, 2^62]``). The laws of the
     children of node i are ``state.q_state[b, tree.q_slot[b, i]]`` with ``state.q_kind``. Randomness:
     ``state.seed`` and ``state.step`` (advanced by one with ``advance``). No host synchronisation
     for CUDA tensors: device errors land in ``state.status`` (``check_status``); CPU tensors are
@@ -219,6 +224,9 @@ def tree_verify(logits: torch.Tensor, tree: TreeLayout, pos: torch.Tensor, state
     """
     validate_verify(logits, tree, pos, state, uncond_logits, cfg_scale, forced, temperature, top_k, top_p)
     be = resolve_backend(backend, logits.device)
+    # pos outside [0, 2^62]: an SJDInputError on the CPU; elsewhere (no host sync) the request runs at
+    # pos 0, returns -1 and sets status bit 16
+    pos, pos_bad = guard_pos(pos)
     host = host_checks(logits)
     # CPU: run into a scratch status so that an input error raises before anything is changed
     status = new_status(logits.device) if host else state.status
@@ -231,6 +239,7 @@ def tree_verify(logits: torch.Tensor, tree: TreeLayout, pos: torch.Tensor, state
             raise TreeRowError(_describe_inputs(logits, tree, pos, uncond_logits, cfg_scale, forced, int(status[0]),
                                                 out[0], temperature))
         state.status[1:] += status[1:]
+    out = mark_request_errors(state.status, out, (pos_bad, ERR_POS))
     if advance:
         state.step.add_(1)
     return TreeOutput(*out)
@@ -275,6 +284,9 @@ def kv_pointer_table(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor
     Build it once per cache allocation and pass it as ``ptr_table`` to keep ``tree_kv_update`` free of
     host-to-device copies (and CUDA-graph capturable). It is only valid while those tensors live.
     """
+    for name, lst in (("keys", keys), ("values", values)):
+        if isinstance(lst, (torch.Tensor, str, bytes)) or not hasattr(lst, "__iter__"):
+            raise SJDInputError(f"{name} must be a list of per-layer tensors, got {type(lst).__name__}")
     keys, values = list(keys), list(values)
     _check_kv_lists(keys, values)
     for name, lst in (("keys", keys), ("values", values)):
@@ -293,9 +305,51 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
+_OVERLAP_SEARCH_BUDGET = 100_000
+
+
+@functools.lru_cache(maxsize=4096)
+def _same_layout_views_overlap(delta: int, shape: tuple, stride: tuple, esize: int):
+    """Whether two tensors of one shape and strides (elements of ``esize`` bytes), the second starting
+    ``delta`` bytes after the first, have a byte in common: whether some integers ``c_k`` with
+    ``|c_k| <= shape_k - 1`` and ``e`` with ``|e| <= esize - 1`` give ``sum_k c_k stride_k esize + e = delta``.
+    A depth-first search over the dimensions by decreasing stride, each bounded by what the smaller
+    ones can still reach (a few nodes for the layouts caches use); None when it runs out of budget."""
+    terms: dict = {1: esize - 1}
+    for n, st in zip(shape, stride):
+        if n > 1:
+            w = st * esize
+            terms[w] = terms.get(w, 0) + n - 1
+    ws = sorted(terms, reverse=True)
+    reach = [0] * (len(ws) + 1)
+    for i in range(len(ws) - 1, -1, -1):
+        reach[i] = reach[i + 1] + ws[i] * terms[ws[i]]
+    nodes = 0
+
+    def search(i: int, r: int):
+        nonlocal nodes
+        nodes += 1
+        if nodes > _OVERLAP_SEARCH_BUDGET:
+            return None
+        if i == len(ws):
+            return r == 0
+        w, m, rest = ws[i], terms[ws[i]], reach[i + 1]
+        lo = max(-m, -((rest - r) // w))          # ceil((r - rest) / w)
+        hi = min(m, (r + rest) // w)
+        for x in range(lo, hi + 1):
+            got = search(i + 1, r - x * w)
+            if got is not False:
+                return got
+        return False
+
+    return search(0, abs(delta)) if abs(delta) <= reach[0] else False
+
+
 def _check_no_overlap(kv, keys, values) -> None:
     """An in-place move through two views of the same memory would be applied twice: refuse caches
-    whose tensors overlap each other or themselves (a stride-0 dimension, e.g. ``expand``)."""
+    whose tensors overlap each other or themselves (a stride-0 dimension, e.g. ``expand``). The per-layer
+    tensors share one shape and strides (``_validate_kv``), so whether two of them share a byte depends
+    only on how far apart they start (``_same_layout_views_overlap``)."""
     tensors = [("cache", kv)] if kv is not None else \
         [(f"keys[{i}]", t) for i, t in enumerate(keys)] + [(f"values[{i}]", t) for i, t in enumerate(values)]
     for name, t in tensors:
@@ -303,14 +357,20 @@ def _check_no_overlap(kv, keys, values) -> None:
             raise SJDInputError(f"{name} has elements that share memory (a stride-0 or overlapping view, "
                                 f"strides {t.stride()}); pass a cache with its own storage per element")
     if kv is None:
-        # extents that intersect share elements for sure when both tensors are contiguous or start at the
-        # same address (the same tensor listed twice); interleaved strided views may intersect without that
-        spans = sorted((_span(t), name, t.is_contiguous()) for name, t in tensors if t.numel() > 0)
-        for i, ((a0, a1), na, ca) in enumerate(spans):
-            for (b0, b1), nb, cb in spans[i + 1:]:
+        # only tensors whose extents intersect can share memory; interleaved strided views of one buffer
+        # (e.g. layers sliced from [R, layers, H, S, D]) intersect without sharing an element
+        spans = sorted((_span(t), name, t) for name, t in tensors if t.numel() > 0)
+        for i, ((a0, a1), na, ta) in enumerate(spans):
+            for (b0, b1), nb, tb in spans[i + 1:]:
                 if b0 >= a1:
                     break
-                if (ca and cb) or a0 == b0:
+                shared = True if a0 == b0 else _same_layout_views_overlap(
+                    b0 - a0, tuple(ta.shape), tuple(ta.stride()), ta.element_size())
+                if shared is None:
+                    raise SJDInputError(f"{na} and {nb} are strided views of one buffer laid out so that whether "
+                                        f"they share memory could not be decided (strides {ta.stride()}); pass "
+                                        f"separate tensors per layer")
+                if shared:
                     raise SJDInputError(f"{na} and {nb} share memory (the same tensor listed twice, or "
                                         f"overlapping views of one buffer); every layer's K and V must be "
                                         f"separate memory")

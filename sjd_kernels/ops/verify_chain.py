@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import verify_chain as ref
-from ..reference.jacobi_step import ERR_WIN_LEN
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, check_tensor, check_window_rows, guard_win_len,
-                      mark_request_errors, new_status, resolve_backend)
+from ..reference.jacobi_step import ERR_POS, ERR_WIN_LEN
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, check_tensor, check_window_rows, guard_pos,
+                      guard_win_len, mark_request_errors, new_status, resolve_backend)
 
 I64 = (torch.int64,)
 
@@ -56,7 +56,7 @@ def verify_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_id
     probability rows (fp32/bf16/fp16, contiguous last dimension), used as given, not renormalised:
     the committed tokens follow the target law when every row sums to 1 and draft j was drawn
     from ``draft_probs[:, j]`` (``draft_ids [B, W]`` i64). ``seed [B]`` i64 keys the randomness with ``step [B]``
-    (default 0) and the absolute position ``pos + j`` (``pos [B]``, default 0), as in
+    (default 0) and the absolute position ``pos + j`` (``pos [B]`` in ``[0, 2^62]``, default 0), as in
     ``jacobi_step``: for the same laws both ops commit the same tokens. ``win_len [B]`` (default
     W): rows in use per request. ``status`` (default: a new one, returned) collects device errors:
     ``sjd_kernels.check_status(out.status)`` raises them.
@@ -80,8 +80,12 @@ def verify_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_id
     status = new_status(dev) if status is None else status
     check_tensor("status", status, dtypes=(torch.int32,), dim=1, shape=(4,), device=dev, contiguous=True)
     be = resolve_backend(backend, dev)
-    # no host sync on a GPU: out-of-range requests run with win_len 0, return -1 and set status bit 8
+    # no host sync on a GPU: out-of-range requests run with win_len 0 (and pos 0), return -1 and set
+    # status bit 8 (win_len) or 16 (pos); on the CPU they are SJDInputErrors
     win_len, win_bad = guard_win_len(win_len, W)
+    pos, pos_bad = guard_pos(pos)
+    if pos_bad is not None:
+        win_len = torch.where(pos_bad, torch.zeros_like(win_len), win_len)
     out = torch.ops.sjd.verify_chain(target_probs, draft_probs, draft_ids, win_len, pos, seed, step, status,
                                      BACKEND_CODE[be])
-    return VerifyOutput(*mark_request_errors(status, out, (win_bad, ERR_WIN_LEN)), status)
+    return VerifyOutput(*mark_request_errors(status, out, (win_bad, ERR_WIN_LEN), (pos_bad, ERR_POS)), status)

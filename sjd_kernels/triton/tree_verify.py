@@ -2,7 +2,7 @@
 
 Two launches, no host synchronisation, fixed output shapes (CUDA-graph capturable):
 
-1. ``_tree_rowcheck_kernel``, grid ``(N, B)``: one program per node slot. The reference flags a
+1. ``_tree_rowcheck_kernel``, grid ``(B, N)``: one program per node slot. The reference flags a
    request whose target row of ANY valid node (walked or not) is non-finite at a position that is
    not forced, so every such row is read once here (``row_nonfinite``, the shared definition of a
    bad row) and a per-node flag goes to scratch. This pass is what reads all ``N x V`` logits.
@@ -75,8 +75,8 @@ def _tree_rowcheck_kernel(
         parent_ptr, depth_ptr, pos_ptr, forced_ptr, L, rowflag_ptr,
         N, V, inv_t,
         HAS_UNCOND: tl.constexpr, HAS_FORCED: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)     # requests on grid x: grid y stops at 65535
+    i = tl.program_id(1).to(tl.int64)
     par = tl.load(parent_ptr + b * N + i)
     dep = tl.load(depth_ptr + b * N + i)
     node = (i == 0) | (par >= 0)
@@ -292,7 +292,7 @@ def tree_verify_triton(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_
     num_accepted = torch.empty(B, dtype=torch.int64, device=dev)
     path = torch.empty(B, L1, dtype=torch.int64, device=dev)
     out = torch.empty(B, L1, dtype=torch.int64, device=dev)
-    _tree_rowcheck_kernel[(N, B)](
+    _tree_rowcheck_kernel[(B, N)](
         logits, logits.stride(0), logits.stride(1), unc, unc.stride(0), unc.stride(1), cfg_t,
         parent, depth, pos, forced_t, L, rowflag, N, V, inv_t,
         HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, GREEDY=greedy, BLOCK_V=cfg["BLOCK_V"],
