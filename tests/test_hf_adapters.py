@@ -5,6 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import sjd_kernels as sk                                                     # noqa: E402
 from sjd_kernels.decoding import generate                                    # noqa: E402
 from sjd_kernels.models import check_model                                   # noqa: E402
 from sjd_kernels.models.hf import HFImageLM, chameleon_image_ids, from_chameleon, grid_forced  # noqa: E402
@@ -148,3 +149,44 @@ def test_adapter_errors():
     from sjd_kernels.ops import SJDInputError
     with pytest.raises(SJDInputError, match="forced ids must be"):
         generate(a, [[1]], 4, "sjd", forced=torch.full((1, 4), 16))          # no extra tokens declared
+
+
+def sliding(family, window, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, sliding_window=window)
+    if family == "mistral":
+        m = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    else:                                                # Qwen2: layer 0 full, layer 1 sliding
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, use_sliding_window=True,
+                                                                   max_window_layers=1))
+    m = m.double().eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20.0)
+    return m
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_models(family):
+    """Models whose layers attend within a sliding window (every layer: Mistral; some: Qwen2 with
+    layer_types) decode like the model itself while the cache fits in the window, and are refused
+    with the window named when it does not (the per-row masks would let them see past it)."""
+    ids = list(range(8, 24))
+    hf = sliding(family, 32)
+    a = HFImageLM(hf, ids)
+    assert a.sliding_window == 32 and a._sliding == ([True, True] if family == "mistral" else [False, True])
+    cond = [[1, 5, 6], [1, 7]]
+    ref = greedy_reference(hf, ids, cond, None, 10, 1.0)
+    assert torch.equal(generate(a, cond, 10, "ar", top_k=1).tokens, ref)
+    assert torch.equal(generate(a, cond, 10, "sjd", window=4, top_k=1).tokens, ref)
+    small = HFImageLM(sliding(family, 6), ids)
+    n = 2 if family == "mistral" else 1
+    with pytest.raises(sk.SJDInputError, match=rf"{n} of the model's 2 layers attend within a sliding window of 6"):
+        generate(small, cond, 10, "ar", top_k=1)
+
+
+def test_unsupported_layer_types_are_refused():
+    hf = llama()
+    hf.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(sk.SJDInputError, match=r"layer types \['chunked_attention'\] are not supported"):
+        HFImageLM(hf, list(range(8, 24)))

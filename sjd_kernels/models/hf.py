@@ -80,14 +80,17 @@ from .protocol import Prefix, check_forward
 
 
 class _CacheBridge:
-    """A ``StaticKVCache`` seen by ``transformers`` attention layers during one forward."""
+    """A ``StaticKVCache`` seen by ``transformers`` attention layers during one forward.
+
+    ``is_sliding``: per layer, as ``transformers`` caches give it (its mask builders look for the first
+    sliding layer); the masks themselves are the adapter's 4-D per-row masks."""
 
     is_compileable = False
-    is_sliding = False
 
-    def __init__(self, cache, slots: torch.Tensor):
+    def __init__(self, cache, slots: torch.Tensor, is_sliding: list):
         self.cache = cache
         self.slots = slots
+        self.is_sliding = is_sliding
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.cache.write(layer_idx, key_states, value_states, self.slots)
@@ -120,6 +123,24 @@ def _id_seq(x, name: str, full: int, empty_ok: bool = False) -> torch.Tensor:
     if int(t.min()) < 0 or int(t.max()) >= full:
         raise SJDInputError(f"{name} has ids outside [0, {full}): got [{int(t.min())}, {int(t.max())}]")
     return t.to(torch.int64)
+
+
+def _sliding_layers(cfg, num_layers: int) -> list:
+    """Per layer whether it attends within ``cfg.sliding_window`` (``layer_types`` when the config lists
+    them, else every layer when a window is set, as in Mistral). Other attention kinds (chunked,
+    linear) are refused: the adapter's masks are plain causal masks over the cache."""
+    types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if types is None:
+        return [window is not None] * num_layers
+    other = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if other:
+        raise SJDInputError(f"layer types {other} are not supported: the adapter passes causal per-row masks "
+                            f"over its cache (full or sliding-window attention only)")
+    sliding = [t == "sliding_attention" for t in types]
+    if any(sliding) and window is None:
+        raise SJDInputError("the config lists sliding_attention layers but no sliding_window")
+    return sliding
 
 
 def _max_tokens(v):
@@ -162,6 +183,10 @@ class HFImageLM(nn.Module):
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.hidden_size = int(cfg.hidden_size)
+        self._sliding = _sliding_layers(cfg, self.num_layers)
+        # layers that attend within a window: the per-row masks cover the whole cache, so a cache (or an
+        # uncached input) longer than the window would let them see past it (checked in forward)
+        self.sliding_window = int(cfg.sliding_window) if any(self._sliding) else None
         self.max_image_tokens = _max_tokens(max_image_tokens)
         self.uncond_prompt = (None if uncond_prompt is None
                               else _id_seq(uncond_prompt, "uncond_prompt", full_vocab).tolist())
@@ -259,9 +284,18 @@ class HFImageLM(nn.Module):
                 write_slots=None) -> torch.Tensor:
         """Image logits ``[R, T, V]`` (see ``sjd_kernels.models.protocol``)."""
         check_forward(self, self.hidden_size, inputs_embeds, positions, cache, mask, write_slots)
+        if self.sliding_window is not None:
+            span = mask.shape[-1] if mask is not None else inputs_embeds.shape[1]
+            if span > self.sliding_window:
+                n = sum(self._sliding)
+                raise SJDInputError(
+                    f"{n} of the model's {self.num_layers} layers attend within a sliding window of "
+                    f"{self.sliding_window} tokens, and this forward spans {span} cache slots or inputs: the "
+                    f"adapter's masks do not apply the window, so those layers would see past it. Keep prompt + "
+                    f"image tokens + window (the cache) within {self.sliding_window} tokens")
         kw = dict(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=cache is not None)
         if cache is not None:
-            kw[self._cache_kw] = _CacheBridge(cache, write_slots)
+            kw[self._cache_kw] = _CacheBridge(cache, write_slots, self._sliding)
         if mask is not None:
             kw["attention_mask"] = self._mask4d(mask, inputs_embeds.dtype)
         return self.image_logits(self.decoder(**kw).last_hidden_state)
@@ -420,6 +454,8 @@ class JanusImageLM(HFImageLM):
             vis = getattr(model.config, "vision_config", None)
             max_image_tokens = getattr(vis, "num_image_tokens", None)
         self.hidden_size = d
+        self._sliding = _sliding_layers(cfg, self.num_layers)
+        self.sliding_window = int(cfg.sliding_window) if any(self._sliding) else None
         self.max_image_tokens = _max_tokens(max_image_tokens)
         full = self.lm_head.weight.shape[0]
         self.uncond_prompt = None if uncond_prompt is None else _id_seq(uncond_prompt, "uncond_prompt", full).tolist()
