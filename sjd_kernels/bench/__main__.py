@@ -9,6 +9,11 @@
 A mistake on the command line (an unknown op, backend or method, a value out of range, a file
 that cannot be read or written) exits 2 with a one-line message naming the argument, before any
 work.
+
+Outputs of ops and e2e: with none named, every file goes to the folder benchmarks/results;
+--out FOLDER puts every file there (--csv/--json then move just those two); --csv/--json
+without --out write only the files named (no markdown, no plots). Every output location is
+checked before the run, and the paths written are printed at the end.
 """
 from __future__ import annotations
 
@@ -42,11 +47,31 @@ def _check_budget(args) -> None:
         _error(args, f"argument --budget-s: must be a number of seconds > 0, got {args.budget_s}")
 
 
-def _check_outputs(args) -> None:
-    """Output locations that cannot be written are refused now, not after the run (nothing is created)."""
-    from ..demo import check_output_dir, check_output_file
+OUTPUTS_HELP = ("with none of --out/--csv/--json, every file goes to {d}; --out: every file in that folder "
+                "(--csv/--json then move just those two); --csv/--json without --out: only the files named "
+                "(no markdown, no plots)").format(d=DEFAULT_OUT)
+
+
+def _out_dir(args):
+    """The folder of the run's files: ``--out``; else the default folder unless ``--csv``/``--json`` named the
+    outputs (then only those are written)."""
     if args.out:
-        check_output_dir(args._parser.error, "--out", args.out)
+        return args.out
+    return None if (args.csv or args.json) else DEFAULT_OUT
+
+
+def _check_outputs(args, files=()) -> None:
+    """Output locations that cannot be written are refused now, not after the run (nothing is created):
+    the folder (``_out_dir``, the default one included) and the ``files`` the run writes there, and the
+    named ``--csv``/``--json``."""
+    from ..demo import check_output_dir, check_output_file
+    out = _out_dir(args)
+    if out:
+        flag = "--out" if args.out else f"--out (default {DEFAULT_OUT})"
+        check_output_dir(args._parser.error, flag, out)
+        for name in files:
+            if not ((name.endswith(".csv") and args.csv) or (name.endswith(".json") and args.json)):
+                check_output_file(args._parser.error, flag, os.path.join(out, name))
     for flag in ("--csv", "--json"):
         path = getattr(args, flag[2:])
         if path:
@@ -110,7 +135,7 @@ def _check_ops_args(args, grid) -> list:
         offered = ", ".join(dict.fromkeys(b for c in selected for b in C.OPS[c.op].backends))
         _error(args, f"argument --backend: nothing to run: {', '.join(args.backend)} is not a backend of the "
                      f"selected cases of {ops} (they offer: {offered})")
-    _check_outputs(args)
+    _check_outputs(args, ("ops.csv", "ops.md", "ops_latency.png"))
     return pairs
 
 
@@ -138,7 +163,7 @@ def cmd_ops(args) -> int:
             print(f"nothing to run: no selected backend is available here ({whys})", file=sys.stderr)
             return 2
         res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
-                      warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=args.out, csv_path=args.csv,
+                      warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=_out_dir(args), csv_path=args.csv,
                       json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
                       command=_command(), cases=args.case, min_requests=args.min_requests,
                       ref_device=args.ref_device)
@@ -162,10 +187,10 @@ def cmd_e2e(args) -> int:
                        backend=args.backend_name, budget_s=args.budget_s, name=flag)
     except SettingsError as e:
         _error(args, f"argument {e}")
-    _check_outputs(args)
+    _check_outputs(args, ("e2e.csv", "e2e.json", "e2e.md", "e2e_speedup.png", "e2e_beta.png"))
     res = run_e2e(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
                   vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
-                  law_samples=args.law_samples, seed=args.seed, out_dir=args.out or DEFAULT_OUT, csv_path=args.csv,
+                  law_samples=args.law_samples, seed=args.seed, out_dir=_out_dir(args), csv_path=args.csv,
                   json_path=args.json, budget_s=args.budget_s, quick=args.quick, backend=args.backend_name,
                   command=_command(), threads=args.threads, state_capacity=args.state_capacity,
                   write_when_not_run=bool(args.out or args.csv or args.json))
@@ -175,9 +200,13 @@ def cmd_e2e(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import ResultsFileError, main_compare
+    from .compare import ResultsFileError, UnknownMetricError, check_metrics, main_compare
     if not (math.isfinite(args.tol) and args.tol >= 0):
         _error(args, f"argument --tol: must be a finite number >= 0 (0.10 = 10%), got {args.tol}")
+    try:
+        check_metrics(args.metric)
+    except UnknownMetricError as e:
+        _error(args, f"argument --metric: {e}")
     names = {"current": args.current, "baseline": args.baseline}
     for name, path in names.items():
         if not os.path.exists(path):
@@ -190,6 +219,14 @@ def cmd_compare(args) -> int:
     except ResultsFileError as e:
         name = next((n for n, p in names.items() if p == e.path), "current")
         _error(args, f"argument {name}: {e}")
+
+
+def _metric_help() -> str:
+    from .compare import DIRECTION, HIGHER_BETTER, LOWER_BETTER
+    low = ", ".join(m for m, d in DIRECTION.items() if d == "lower")
+    high = ", ".join(m for m, d in DIRECTION.items() if d == "higher")
+    return (f"metric to compare (repeatable; default {', '.join(LOWER_BETTER + HIGHER_BETTER)}). Lower is better: "
+            f"{low}. Higher is better: {high}. Any other name is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", type=int, default=50)
     s.add_argument("--warmup", type=int, default=5)
     s.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
-    s.add_argument("--out", default=DEFAULT_OUT, help="folder for ops.csv, ops.md, ops_latency.png")
-    s.add_argument("--csv")
-    s.add_argument("--json")
+    s.add_argument("--out", help="folder for ops.csv, ops.md, ops_latency.png; " + OUTPUTS_HELP)
+    s.add_argument("--csv", help="the CSV of the rows (without --out: the only file written besides --json)")
+    s.add_argument("--json", help="the rows and run settings as JSON (without --out: only the named files)")
     s.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-plots", action="store_true")
@@ -247,16 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--law-samples", type=int, help="generations per method for the two-sample test against AR")
     s.add_argument("--backend", dest="backend_name", default="auto",
                    help="op backend for the loop: auto, torch, triton or cuda")
-    s.add_argument("--quick", action="store_true")
+    s.add_argument("--quick", action="store_true",
+                   help="smaller defaults (1 timed sample, window 16, 2 betas, 32 law samples, at most 64 tokens); "
+                        "an explicit --num-tokens, --windows, ... is honoured")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: 1 without a GPU)")
     s.add_argument("--state-capacity", type=int,
                    help="sparse Jacobi state with this many entries per position for the windowed chain methods "
                         "(e.g. top-k + 64; default: dense)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help=f"folder for e2e.csv, e2e.json, e2e.md, e2e_speedup.png, e2e_beta.png "
-                                 f"(default {DEFAULT_OUT})")
-    s.add_argument("--csv")
-    s.add_argument("--json")
+    s.add_argument("--out", help="folder for e2e.csv, e2e.json, e2e.md, e2e_speedup.png, e2e_beta.png; "
+                                 + OUTPUTS_HELP)
+    s.add_argument("--csv", help="the CSV of the rows (without --out: the only file written besides --json)")
+    s.add_argument("--json", help="rows, settings and notes as JSON (without --out: only the named files)")
     s.add_argument("--budget-s", type=float, default=1e9, help="start no new configuration after this many seconds")
     s.set_defaults(func=cmd_e2e, _parser=s)
 
@@ -264,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("current")
     s.add_argument("baseline")
     s.add_argument("--tol", type=float, default=0.10, help="relative tolerance (0.10 = 10%%)")
-    s.add_argument("--metric", action="append", help="metrics to compare (default: times and rates)")
+    s.add_argument("--metric", action="append", help=_metric_help())
     s.add_argument("--allow-gpu-mismatch", action="store_true")
     s.set_defaults(func=cmd_compare, _parser=s)
     return p

@@ -1,8 +1,12 @@
 """``bench compare``: a run against a saved baseline; exit 1 on a regression beyond a tolerance.
 
 Rows are matched by key: ``(op, case, backend, graph)`` for ops results, ``(model, method,
-window, beta, vp_form)`` for e2e results. Lower is better for times (``median_us``,
-``latency_ms``), higher for rates (``tokens_per_s``, ``step_compression``). A row regresses when
+window, beta, vp_form)`` for e2e results. Every metric has an explicit direction
+(``DIRECTION``): lower is better for times, counts of forwards, bytes, overflows and the
+post-head share; higher for rates, compressions, speed-ups, bandwidths and roofline fractions.
+Columns without a meaningful direction (spreads, p-values, sample counts, settings) and names
+in neither CSV are refused (``UnknownMetricError``). The default metrics are ``median_us``,
+``latency_ms`` (lower) and ``tokens_per_s``, ``step_compression`` (higher). A row regresses when
 it is worse than the baseline by more than ``tol`` (relative). Rows present in only one file
 are listed, not failed; a row whose check passed in the baseline and fails now is a regression.
 Comparing runs from different GPUs is refused unless ``--allow-gpu-mismatch``.
@@ -13,8 +17,40 @@ import csv
 import json
 from typing import Optional
 
-LOWER_BETTER = ("median_us", "latency_ms")
+LOWER_BETTER = ("median_us", "latency_ms")            # the default metrics
 HIGHER_BETTER = ("tokens_per_s", "step_compression")
+
+# every comparable column of the ops (ops.COLUMNS) and e2e (e2e.COLUMNS) CSVs: "lower" or "higher" is better
+DIRECTION = {
+    # ops
+    "median_us": "lower", "p20_us": "lower", "p80_us": "lower", "min_us": "lower", "bytes_min": "lower",
+    "state_bytes_per_req": "lower", "achieved_GBps": "higher", "roofline_frac": "higher",
+    "speedup_vs_ref": "higher", "speedup_vs_reference_sjd": "higher",
+    # e2e
+    "nfe": "lower", "nfe_prefill": "lower", "latency_ms": "lower", "latency_p20_ms": "lower",
+    "latency_p80_ms": "lower", "step_ms": "lower", "step_cost_vs_ar": "lower", "forward_ms_per_step": "lower",
+    "post_head_ms_per_step": "lower", "post_head_frac": "lower", "state_bytes": "lower",
+    "state_overflows": "lower", "step_compression": "higher", "tokens_per_step": "higher",
+    "tokens_per_step_law": "higher", "tokens_per_s": "higher", "speedup_latency": "higher",
+}
+
+
+class UnknownMetricError(ValueError):
+    """A metric ``compare`` cannot judge: not a column of either CSV, or one without a better direction."""
+
+
+def check_metrics(metrics) -> None:
+    """Raise ``UnknownMetricError`` for the first metric without a known direction (``DIRECTION``)."""
+    from .e2e import COLUMNS as E2E
+    from .ops import COLUMNS as OPS
+    for m in metrics or ():
+        if m in DIRECTION:
+            continue
+        if m in E2E or m in OPS:
+            raise UnknownMetricError(f"{m!r} has no better direction (a spread, p-value, count or setting); "
+                                     f"choose from {', '.join(sorted(DIRECTION))}")
+        raise UnknownMetricError(f"{m!r} is not a column of the ops or e2e results; choose from "
+                                 f"{', '.join(sorted(DIRECTION))}")
 
 
 class ResultsFileError(ValueError):
@@ -65,7 +101,10 @@ def _f(x) -> Optional[float]:
 
 
 def compare(current: list, baseline: list, tol: float = 0.10, metrics=None, allow_gpu_mismatch: bool = False) -> dict:
-    """Returns ``{"regressions", "improvements", "only_current", "only_baseline", "compared", "gpu_mismatch"}``."""
+    """Returns ``{"regressions", "improvements", "only_current", "only_baseline", "compared", "gpu_mismatch"}``.
+
+    ``metrics`` must be keys of ``DIRECTION`` (``UnknownMetricError`` otherwise)."""
+    check_metrics(metrics)
     base = {_key(r): r for r in baseline}
     cur = {_key(r): r for r in current}
     gb = {r.get("gpu") for r in baseline if r.get("gpu")}
@@ -87,7 +126,7 @@ def compare(current: list, baseline: list, tol: float = 0.10, metrics=None, allo
             if vb is None or vc is None or vb <= 0:
                 continue
             out["compared"] += 1
-            worse = (vc - vb) / vb if m in LOWER_BETTER else (vb - vc) / vb
+            worse = (vc - vb) / vb if DIRECTION[m] == "lower" else (vb - vc) / vb
             rec = {"key": k, "metric": m, "baseline": vb, "current": vc, "change": f"{100 * worse:+.1f}% worse"}
             if worse > tol:
                 out["regressions"].append(rec)

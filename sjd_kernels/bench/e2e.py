@@ -65,7 +65,8 @@ COLUMNS = ["model", "method", "sweep", "window", "beta", "vp_form", "batch", "nu
            "nfe_prefill", "step_compression", "tokens_per_step", "tokens_per_step_sd", "tokens_per_step_ci",
            "latency_ms", "latency_p20_ms", "latency_p80_ms", "tokens_per_s", "speedup_latency", "step_ms",
            "step_cost_vs_ar", "forward_ms_per_step", "post_head_ms_per_step", "post_head_frac", "clock", "law_test",
-           "law_p", "law_detail", "law_n", "tokens_per_step_law", "tokens_per_step_law_sd", "state_bytes", "note",
+           "law_p", "law_detail", "law_n", "tokens_per_step_law", "tokens_per_step_law_sd", "state_bytes",
+           "state_overflows", "note",
            "backend", "device",
            "gpu", "torch", "triton", "cuda", "python", "commit"]
 
@@ -198,7 +199,8 @@ def generate_any(models: Models, method: str, cond, num_tokens: int, *, seeds, w
     st = out.stats
     return {"tokens": out.tokens, "nfe": st.nfe, "nfe_prefill": st.nfe_prefill,
             "steps": list(st.steps) or [st.nfe] * out.tokens.shape[0], "forward_s": st.forward_s,
-            "post_s": st.post_s, "split": True, "state_bytes": st.state_bytes}
+            "post_s": st.post_s, "split": True, "state_bytes": st.state_bytes,
+            "state_overflows": st.state_overflows}
 
 
 @torch.no_grad()
@@ -217,7 +219,9 @@ def generate_reference_sjd(model, cond, num_tokens: int, *, window: int = 16, cf
     p = next(iter(model.parameters()))
     dev, dtype = p.device, p.dtype
     N, W, V = int(num_tokens), int(window), model.vocab_size
-    W = max(1, min(W, N - 1)) if N > 1 else 1
+    if W < 1:
+        raise ValueError(f"reference_sjd needs a window >= 1 (the public loop has no window-0 form), got {W}")
+    W = min(W, N - 1) if N > 1 else 1
     use_cfg = cfg_scale != 1.0
     pre = model.prefix(cond, use_cfg)
     rows = pre.embeds.shape[0]
@@ -349,6 +353,7 @@ def run_config(models: Models, *, method: str, num_tokens: int, batch: int, samp
     generate_any(models, method, models.cond(batch, seed), warm, seeds=seeds_of(seed), **kw)
     lat, nfe, pre, fwd, post, per_req = [], [], [], [], [], []
     state_bytes = ""
+    overflows = None                # sparse-state overflows over the timed generations (None: not reported)
     split = True
     for s in range(samples):
         sd = seed + 1 + s
@@ -366,13 +371,16 @@ def run_config(models: Models, *, method: str, num_tokens: int, batch: int, samp
             post.append(r["post_s"] * 1e3 / r["nfe"])
         per_req += [num_tokens / max(1, st) for st in r["steps"]]
         state_bytes = r.get("state_bytes", "")
+        if "state_overflows" in r:
+            overflows = (overflows or 0) + int(r["state_overflows"])
     lat = np.array(lat)
     nfe_m = float(np.mean(nfe))
     out = {"method": method, "window": window if window is not None else "", "beta": beta if beta is not None else "",
            "vp_form": vp_form if beta is not None else "", "batch": batch, "num_tokens": num_tokens,
            "samples": samples, "nfe": _r(nfe_m, 2), "nfe_sd": _r(np.std(nfe, ddof=1), 2) if len(nfe) > 1 else "",
            "nfe_prefill": _r(np.mean(pre), 2), "step_compression": _r(num_tokens / max(nfe_m, 1e-9)),
-           "clock": "cuda" if dev.type == "cuda" else "cpu", "state_bytes": state_bytes}
+           "clock": "cuda" if dev.type == "cuda" else "cpu", "state_bytes": state_bytes,
+           "state_overflows": overflows if overflows is not None else ""}
     per = np.array(per_req)
     out["tokens_per_step"] = _r(per.mean())
     if len(per) > 1:
@@ -450,6 +458,7 @@ def check_settings(model: str = "mnist", methods=None, windows=None, betas=None,
         wrong = [w for w in windows if not is_int(w) or w < 0]
         if wrong:
             bad("windows", f"windows are ints >= 0 (drafts per step), got {' '.join(map(str, wrong))}")
+        _check_method_windows(model, methods, windows, bad)
     if betas is not None:
         wrong = [b for b in betas if not isinstance(b, (int, float)) or not math.isfinite(b)]
         if wrong:
@@ -463,6 +472,30 @@ def check_settings(model: str = "mnist", methods=None, windows=None, betas=None,
         resolve_backend(backend, device)
     except (ValueError, RuntimeError) as e:
         bad("backend", f"{backend!r} cannot run on {device.type} here: {e}")
+
+
+def _check_method_windows(model: str, methods, windows, bad) -> None:
+    """Windows the run would give a method that cannot take them (every window reaches every method of
+    ``WINDOW_SWEEP``): ``reference_sjd`` below 1 (its loop has no window-0 form), ``pac`` below its tree
+    depth. ``methods`` None: the run's default methods for ``model``."""
+    avail = decoding_methods()
+    if methods is None:
+        methods = [m for m in avail if "bundled" in MODELS[model] or m in RANDOM_MODEL_METHODS]
+    methods = [m for m in methods if m in avail]
+    if "reference_sjd" in methods and any(w < 1 for w in windows):
+        bad("windows", "window 0 cannot run reference_sjd (the public SJD loop needs a window >= 1); drop 0 or "
+                       "choose --methods without reference_sjd")
+    if "pac" in methods:
+        from ..decoding.pac import DEFAULT_TREE_DEPTH, check_tree_options
+        from ..ops._common import SJDInputError
+        for w in windows:
+            if w < DEFAULT_TREE_DEPTH:
+                bad("windows", f"window {w} is smaller than pac's tree depth {DEFAULT_TREE_DEPTH} (pac needs windows "
+                               f">= {DEFAULT_TREE_DEPTH}); drop {w} or choose --methods without pac")
+            try:
+                check_tree_options(None, None, w)
+            except SJDInputError as e:
+                bad("windows", f"window {w} cannot run pac: {e}")
 
 
 def _settings(device_type: str, trained: bool, quick: bool, **given) -> dict:
@@ -532,6 +565,7 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
         result["notes"].append(msg)
         if write_when_not_run:
             _write(result, out_dir, csv_path, json_path)
+            log("wrote " + (", ".join(result["written"]) or "no files"))
         return result
     except Exception as e:
         msg = f"cannot run: {type(e).__name__}: {e}"
@@ -539,6 +573,7 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
         result["notes"].append(msg)
         result["failed"], result["status"] = True, "error"
         _write(result, out_dir, csv_path, json_path)
+        log("wrote " + (", ".join(result["written"]) or "no files"))
         return result
     trained = models.trained
     models.state_capacity = state_capacity
@@ -547,7 +582,7 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
     batch, samples, law_n = int(st["batch"]), int(st["samples"]), int(st["law"])
     windows, betas = sorted(set(st["windows"])), list(st["betas"])
     T = int(num_tokens or models.num_tokens)
-    if quick:
+    if quick and not num_tokens:        # --quick changes defaults only: an explicit num_tokens is honoured
         T = min(T, 64)
     if methods:
         unknown = [m for m in methods if m not in avail]
@@ -655,6 +690,12 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
                 except Exception as e:
                     r["law_test"], r["law_detail"] = "error", f"{type(e).__name__}: {str(e)[:200]}"
                     result["failed"] = True
+            if r.get("state_overflows"):
+                msg = (f"WARNING: {m} W={w}: {r['state_overflows']} sparse-state overflows (rows whose support "
+                       f"exceeded --state-capacity {state_capacity} were drafted uniformly): the speed-up is lost; "
+                       f"raise the capacity")
+                log(f"[e2e] {msg}")
+                notes.append(f"{r['state_overflows']} sparse-state overflows")
             r["note"] = "; ".join(notes)
             done[key] = r
             row = _row(info, model, backend, device, r, sweep)
@@ -675,7 +716,8 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
                           "torch_threads": torch.get_num_threads()}
     result["seconds"] = time.time() - t0
     _write(result, out_dir, csv_path, json_path)
-    log(f"e2e: {len(rows)} rows in {result['seconds']:.0f} s" + (f"; files in {out_dir}" if out_dir else ""))
+    log(f"e2e: {len(rows)} rows in {result['seconds']:.0f} s")
+    log("wrote " + (", ".join(result["written"]) or "no files"))
     return result
 
 
@@ -713,11 +755,15 @@ def _row(info: dict, model: str, backend: str, device: str, r: dict, sweep: str)
 
 
 def _write(result: dict, out_dir, csv_path, json_path) -> None:
+    """The run's files: every file into ``out_dir`` (``csv_path``/``json_path`` moving those two), or
+    without ``out_dir`` only the named ones. ``result["written"]`` lists the paths written."""
     rows = result["rows"]
+    written = result.setdefault("written", [])
     if out_dir and not csv_path:
         csv_path = os.path.join(out_dir, "e2e.csv")
     if out_dir and not json_path:
         json_path = os.path.join(out_dir, "e2e.json")
+    md_path = os.path.join(out_dir, "e2e.md") if out_dir else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         from .plots import plot_acceptance_vs_beta, plot_speedup_vs_window
@@ -726,10 +772,12 @@ def _write(result: dict, out_dir, csv_path, json_path) -> None:
             try:
                 fn(rows, os.path.join(out_dir, path), model=result.get("model", ""))
                 result["plots"].append(path)
+                written.append(os.path.join(out_dir, path))
             except ValueError:
                 pass            # no rows of that kind in this run
             except Exception as e:          # a plot must never lose the numbers
                 result["notes"].append(f"plot {path} failed: {type(e).__name__}: {e}")
+    written += [p for p in (csv_path, json_path, md_path) if p]     # listed in the JSON too
     if csv_path:
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
         with open(csv_path, "w", newline="") as f:
@@ -740,8 +788,8 @@ def _write(result: dict, out_dir, csv_path, json_path) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1, default=str)
-    if out_dir:
-        with open(os.path.join(out_dir, "e2e.md"), "w") as f:
+    if md_path:
+        with open(md_path, "w") as f:
             f.write(summary_markdown(result))
 
 
@@ -786,6 +834,11 @@ def summary_markdown(result: dict) -> str:
                   "gumbel_jacobi: token for token against ar_gumbel with the same seeds"]
     lines += [f"- {n}" for n in result.get("notes", []) if n != CPU_NOTE]
     rows = result["rows"]
+    over = [r for r in rows if r.get("state_overflows") not in ("", None, 0)]
+    if over:
+        lines.append(f"- **WARNING: sparse-state overflows in {len(over)} rows** (rows whose support exceeded the "
+                     f"capacity {st.get('state_capacity', '')} were drafted uniformly, losing the speed-up): "
+                     + ", ".join(f"{r['method']} W={r['window']}: {r['state_overflows']}" for r in over))
     if rows:
         lines += ["", "## Methods", ""]
         cols = [("method", "method"), ("W", "window"), ("beta", "beta"), ("NFE", None), ("step compression",
@@ -793,7 +846,7 @@ def summary_markdown(result: dict) -> str:
                 ("tokens/step (per request)", None), ("tokens/step (law run)", None), ("latency ms", "latency_ms"), ("tokens/s", "tokens_per_s"),
                 ("speed-up vs AR", "speedup_latency"), ("forward ms/step", "forward_ms_per_step"),
                 ("post-head ms/step", "post_head_ms_per_step"), ("post-head share", "post_head_frac"),
-                ("law", "law_test"), ("law p", "law_p"), ("note", "note")]
+                ("state overflows", "state_overflows"), ("law", "law_test"), ("law p", "law_p"), ("note", "note")]
 
         def table(rs):
             out = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]

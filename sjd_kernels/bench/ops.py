@@ -70,7 +70,10 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
             csv_path: Optional[str] = None, json_path: Optional[str] = None, budget_s: float = 1e9,
             seed: int = 0, plots: bool = True, command: str = "", log=print, cases=None,
             min_requests: Optional[int] = None, ref_device: Optional[str] = None) -> dict:
-    """Run the ops benchmark; returns ``{"rows", "info", "copy", "failed_checks", "refused_timing"}``.
+    """Run the ops benchmark; returns ``{"rows", "info", "copy", "failed_checks", "refused_timing", "written"}``.
+
+    Files: every file into ``out_dir`` (``csv_path``/``json_path`` moving the CSV / adding the JSON),
+    or without ``out_dir`` only the named ones; ``written`` lists the paths written (also logged).
 
     ``cases``: keep only cases whose name contains one of these strings. ``min_requests``: requests
     each correctness check compares (default 64 on a GPU, 8 on the CPU; fewer keeps a run under
@@ -189,6 +192,9 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
     result = {"rows": rows, "info": info, "copy": copy, "failed_checks": failed, "refused_timing": refused,
               "grid": grid, "check_only": check_only, "skipped_budget": skipped_budget, "command": command,
               "seconds": time.time() - t0}
+    written = result["written"] = [p for p in (csv_path, json_path) if p]
+    if out_dir:
+        written.append(os.path.join(out_dir, "ops.md"))
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
@@ -201,8 +207,10 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
             from .plots import plot_ops_latency
             try:
                 plot_ops_latency(rows, os.path.join(out_dir, "ops_latency.png"))
+                written.append(os.path.join(out_dir, "ops_latency.png"))
             except Exception as e:      # a plot must never lose the numbers
                 log(f"plot failed: {type(e).__name__}: {e}")
+    log("wrote " + (", ".join(written) or "no files"))
     return result
 
 
