@@ -9,7 +9,10 @@ mean over requests of the tokens each committed per step and the wall time, and 
 column per requested class) and, with ``--tokens``, the token ids as ``.npy``. ``--with-ar`` also
 samples plain AR with the same seed (``ar_gumbel`` for the Gumbel methods, whose images are then
 token-identical to ``gumbel_jacobi``'s) and adds its row: the lossless methods draw from AR's
-law, so their images differ from AR's sample by chance only, except ``gumbel_jacobi``.
+law, so their images differ from AR's sample by chance only, except ``gumbel_jacobi``; with
+``--method ar`` it adds nothing (that row is AR's). ``--out``'s extension picks the image format
+(one matplotlib writes; none: ``.png`` is appended), ``--tokens`` gets ``.npy`` appended unless
+its name ends with it, and the paths printed are the files written.
 The sampling options are ``generate``'s (``--window``, ``--cfg``, ``--temperature``, ``--top-k``,
 ``--top-p``, ``--backend``, ``--beta`` for ``sjd_vp``/``coupling``). Runs on the CPU (the
 ``torch`` backend) or, with ``--device cuda``, on a GPU. Arguments are checked before the model
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +41,25 @@ from sjd_kernels.models import bundled  # noqa: E402
 BETA_METHODS = ("sjd_vp", "coupling")       # the methods generate() takes a nonzero beta for
 
 
+def image_path(error, flag: str, path: Path) -> Path:
+    """The file ``save_grid`` (matplotlib, Agg) writes for ``path``: with no extension matplotlib adds
+    ``.png``; an extension must name a format it writes (exit 2 naming ``flag`` otherwise)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    ext = os.path.splitext(str(path))[1][1:]
+    if ext == "":
+        return Path(str(path).rstrip(".") + ".png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if ext.lower() not in formats:
+        error(f"argument {flag}: matplotlib cannot write {ext!r} images ({path}); give a file name ending in one of "
+              f"{', '.join('.' + f for f in sorted(formats))}, or none for .png")
+    return path
+
+
+def npy_path(path: Path) -> Path:
+    """The file ``np.save`` writes for ``path``: ``.npy`` is appended unless the name ends with it."""
+    return path if str(path).endswith(".npy") else Path(str(path) + ".npy")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -53,8 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--with-ar", action="store_true", help="also sample AR with the same seed and show its row")
-    ap.add_argument("--out", type=Path, default=Path("samples.png"))
-    ap.add_argument("--tokens", type=Path, default=None, help="also save the token ids here (.npy)")
+    ap.add_argument("--out", type=Path, default=Path("samples.png"),
+                    help="the image file; its extension picks the format (none: .png is appended)")
+    ap.add_argument("--tokens", type=Path, default=None,
+                    help="also save the token ids here (.npy, appended if the name does not end with it)")
     args = ap.parse_args(argv)
 
     # every check before the model loads: a mistake exits 2 naming its flag, never after a generation
@@ -75,6 +100,14 @@ def main(argv=None) -> int:
         if args.beta != 0.0 and args.method not in BETA_METHODS:
             ap.error(f"argument --beta: beta (verification prediction) applies to {' and '.join(BETA_METHODS)}, "
                      f"not {args.method!r}")
+    # the files that are really written (matplotlib and np.save add an extension), checked and printed;
+    # a folder given as the file is refused as such, not turned into a sibling file 'folder.png'
+    for flag, path in (("--out", args.out), ("--tokens", args.tokens)):
+        if path is not None:
+            check_output_file(ap.error, flag, path)
+    args.out = image_path(ap.error, "--out", args.out)
+    if args.tokens is not None:
+        args.tokens = npy_path(args.tokens)
     outputs = [("--out", args.out)] + ([("--tokens", args.tokens)] if args.tokens is not None else [])
     for flag, path in outputs:
         check_output_file(ap.error, flag, path)
@@ -97,7 +130,10 @@ def main(argv=None) -> int:
     runs = [(args.method, gpt)]
     if args.with_ar:
         ar = "ar_gumbel" if args.method.startswith("gumbel") else "ar"
-        runs.append((ar, b.gpt))
+        if ar == args.method:       # the method's own row is AR's: run it once
+            print(f"--with-ar: --method {args.method} is AR itself; its row is not repeated")
+        else:
+            runs.append((ar, b.gpt))
     for method, model in runs:
         t0 = time.perf_counter()
         out = generate(model, cond, N, method=method, **(kw if method == args.method else

@@ -28,6 +28,7 @@ PHOTO_SHORT_SIDE = 128
 PHOTO_TEST_COLS = 40
 PHOTO_CROP = 32
 MNIST_SIZE = 28
+MNIST_TRAIN_PER_CLASS = 450     # of the 500 images per digit; the rest are the test split
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,7 +48,7 @@ def mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     idx = []
     for c in range(10):
         ic = np.flatnonzero(y == c)
-        idx.append(ic[:450] if split == "train" else ic[450:])
+        idx.append(ic[:MNIST_TRAIN_PER_CLASS] if split == "train" else ic[MNIST_TRAIN_PER_CLASS:])
     idx = np.sort(np.concatenate(idx))
     return X[idx].copy(), y[idx].copy()
 
@@ -85,7 +86,7 @@ def photos() -> tuple[np.ndarray, ...]:
 def photo_crops(n: int, split: str = "train", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` balanced grayscale crops ``[n, 32, 32]`` f32 in [0, 1] and their photo labels ``[n]`` i64."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise SJDInputError(f"split must be 'train' or 'test', got {split!r}")
     k = len(PHOTO_NAMES)
     if as_int(n) is None or as_int(n) < k:
         raise SJDInputError(f"n must be an int >= {k} (one crop per photograph), got {n!r}")
@@ -125,4 +126,4 @@ def real_images(model: str, split: str, n: int | None = None, seed: int = 0) -> 
         return X, y
     if model == "photo":
         return photo_crops(4000 if n is None else n, split, seed)
-    raise ValueError(f"model must be 'mnist' or 'photo', got {model!r}")
+    raise SJDInputError(f"model must be 'mnist' or 'photo', got {model!r}")

@@ -103,11 +103,22 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], title: str):
     plt.close(fig)
 
 
+PHOTO_REAL_POOL = 2000      # photo crops the real rows are drawn from (200 per photograph)
+
+
+def real_per_class(model: str) -> int:
+    """Real images per class that ``_balanced_real`` draws from: the most ``--per-class`` can ask for."""
+    from . import data
+    if model == "mnist":
+        return data.MNIST_TRAIN_PER_CLASS
+    return PHOTO_REAL_POOL // len(data.PHOTO_NAMES)
+
+
 def _balanced_real(model: str, labels: np.ndarray, seed: int, pool=None):
     """Real images with exactly the class composition of ``labels`` (drawn without the FD reference)."""
     from . import data
     if pool is None:
-        pool = data.mnist("train") if model == "mnist" else data.photo_crops(2000, "train", seed=777)
+        pool = data.mnist("train") if model == "mnist" else data.photo_crops(PHOTO_REAL_POOL, "train", seed=777)
     X, y = pool
     rng = np.random.default_rng(seed)
     idx = np.empty(len(labels), dtype=np.int64)
@@ -155,7 +166,11 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
     from .decoding import available_methods, generate
     from .models import bundled
 
+    from .ops import SJDInputError
     t_all = time.perf_counter()
+    if per_class > real_per_class(model):       # the real row draws per_class images of each class
+        raise SJDInputError(f"per_class must be at most {real_per_class(model)} (the real {model} images per class "
+                            f"the real row is drawn from), got {per_class}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = bundled.load(model)
@@ -341,9 +356,10 @@ def check_generation_args(error, model: str, *, methods=(), window: int = 16, cf
                           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, backend: str = "auto",
                           device="cpu", method_flag: str = "--methods", manifest: dict | None = None) -> None:
     """``generate``'s checks of these settings (``sjd_kernels.decoding.loop``), made before any model is
-    loaded: methods this build offers (``sjd2`` only with its bundled fine-tune), window >= 0, a
-    finite CFG scale, the temperature range, top-k in [0, V] with V the model's vocabulary, top-p in
-    (0, 1], a backend that can run on ``device`` (``sjd_kernels.backends()``)."""
+    loaded: methods this build offers (``sjd2`` only with its bundled fine-tune), window >= 0 (and, for
+    ``pac``, at least its default tree depth, ``decoding.pac.check_tree_options``), a finite CFG scale,
+    the temperature range, top-k in [0, V] with V the model's vocabulary, top-p in (0, 1], a backend
+    that can run on ``device`` (``sjd_kernels.backends()``)."""
     from .decoding import available_methods
     from .models import bundled
     from .ops import SJDInputError
@@ -362,6 +378,15 @@ def check_generation_args(error, model: str, *, methods=(), window: int = 16, cf
                       f"cannot be used here ({e})")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         error(f"argument --window: must be an int >= 0 (drafts per step; 0 = AR), got {window!r}")
+    if "pac" in methods:
+        from .decoding import pac
+        if window < pac.DEFAULT_TREE_DEPTH:
+            error(f"argument --window: method 'pac' puts its tree of depth {pac.DEFAULT_TREE_DEPTH} (its default "
+                  f"tree_depth) inside the window, so it needs a window >= {pac.DEFAULT_TREE_DEPTH}, got {window}")
+        try:
+            pac.check_tree_options(None, None, window)
+        except SJDInputError as e:
+            error(f"argument --window: method 'pac' cannot use the window {window}: {e}")
     if not math.isfinite(cfg):
         error(f"argument --cfg: the guidance scale must be a finite number, got {cfg!r}")
     man = manifest if manifest is not None else model_manifest(error, model)
@@ -435,6 +460,9 @@ def main(argv=None):
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
     check_flags(ap.error, at_least(1, ("--per-class", a.per_class), ("--seeds", a.seeds),
                                    ("--permutations", a.permutations), ("--threads", a.threads)))
+    most = real_per_class(a.model)
+    check_flags(ap.error, [("--per-class", a.per_class, a.per_class <= most,
+                            f"at most {most} (the real {a.model} images per class the real row is drawn from)")])
     check_generation_args(ap.error, a.model, methods=methods or (), window=a.window, cfg=a.cfg,
                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, backend=a.backend, device="cpu")
     check_output_dir(ap.error, "--out", a.out)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models.tokenizer import check_unit_range
 from .ops._common import SJDInputError, check_int
 
 FEATURE_DIM = 32
@@ -97,10 +98,14 @@ class QualityModel:
         x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
         if x.dim() != 3 or x.shape[0] < 1 or min(x.shape[1:]) < 8:
             raise SJDInputError(f"images must be gray images [B >= 1, H >= 8, W >= 8], got {list(x.shape)}")
+        if not (x.is_floating_point() or x.is_complex()) and x.numel() and int(x.max()) > 1:
+            raise SJDInputError(f"images must hold values in [0, 1], got integers up to {int(x.max())} (divide "
+                                f"8-bit images by 255)")
         x = x.to(torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise SJDInputError("images must hold finite values, got NaN or infinite ones")
-        x = x.clamp(0.0, 1.0)
+        # the tokenizer's range check (the same tolerance); the clamp only removes that rounding slack
+        x = check_unit_range(x).clamp(0.0, 1.0)
         return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
 
     def predict(self, images) -> np.ndarray:

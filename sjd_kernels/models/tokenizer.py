@@ -16,9 +16,24 @@ import torch
 
 from ..ops._common import SJDInputError, check_int
 
+# Images are gray values in [0, 1]; a float value at most this far outside still counts as inside
+# (float32 rounding of a computed image, e.g. a resize or ``k / 255``) and is clamped where it is used.
+UNIT_RANGE_TOL = 1e-5
+
+
+def check_unit_range(t: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """SJDInputError unless the finite float tensor ``t`` lies in [0, 1] (up to ``UNIT_RANGE_TOL``)."""
+    if t.numel():
+        lo, hi = float(t.min()) + 0.0, float(t.max()) + 0.0     # + 0.0: no "-0" in the message
+        if lo < -UNIT_RANGE_TOL or hi > 1.0 + UNIT_RANGE_TOL:
+            hint = " (divide 8-bit images by 255)" if hi > 1.0 + UNIT_RANGE_TOL else ""
+            raise SJDInputError(f"{name} must hold values in [0, 1], got values in [{lo:.6g}, {hi:.6g}]{hint}")
+    return t
+
 
 def _as_tensor(images, name: str = "images") -> torch.Tensor:
-    """``images`` as a float32 tensor; values that are not finite numbers are an SJDInputError."""
+    """``images`` as a float32 tensor in [0, 1] (``check_unit_range``); values that are not finite
+    numbers, or lie outside [0, 1], are an SJDInputError."""
     try:
         t = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -30,7 +45,7 @@ def _as_tensor(images, name: str = "images") -> torch.Tensor:
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
         raise SJDInputError(f"{name} must hold finite values, got NaN or infinite ones")
-    return t
+    return check_unit_range(t, name)
 
 
 class PatchVQ:
