@@ -9,6 +9,7 @@ import pytest
 from sjd_kernels.bench import cases as C
 from sjd_kernels.bench import e2e as e2e_mod
 from sjd_kernels.bench.compare import compare
+from test_bench import bench_main  # noqa: F401  (the fixture: bench's main with the runs replaced)
 
 
 def _read_csv(path):
@@ -16,19 +17,6 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture
-def bench_main(monkeypatch):
-    """``bench``'s ``main`` in-process, with the runs replaced: a refused command must stop before any work."""
-    from sjd_kernels.bench import __main__ as M
-    from sjd_kernels.bench import compare as cmp_mod
-    from sjd_kernels.bench import ops as ops_mod
-
-    def boom(*a, **k):
-        raise AssertionError("the benchmark started before its arguments were checked")
-    monkeypatch.setattr(ops_mod, "run_ops", boom)
-    monkeypatch.setattr(e2e_mod, "run_e2e", boom)
-    monkeypatch.setattr(cmp_mod, "compare", boom)
-    return M.main
 
 
 # ----------------------------------------------------------------------------------------- 1. compare --metric
