@@ -64,20 +64,11 @@ def _check_ring_on_host(positions, commit_end, fresh_start, level, K: int) -> No
 
 def _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, level, K: int, Vt: int) -> None:
     """CPU tensors: every token the op reads is an id in ``[0, Vt)``. A slot reads its token when it is
-    committed, takes a DDIM step towards it, or leaves the window at level 0 (the reference's
-    ``committed | step | (win & k' == 0)``); other slots' tokens are ignored (the kernels clamp them)."""
-    B, N = tokens.shape
-    R = level.shape[1]
-    p = positions
-    valid = p >= 0
-    committed = valid & (p < commit_end.view(B, 1))
-    win = valid & ~committed
-    fresh = win & (p >= fresh_start.view(B, 1))
-    k_ring = torch.gather(level.to(torch.int64), 1, torch.where(win, p % R, torch.zeros_like(p)))
-    k_old = torch.where(fresh, torch.full_like(p, K), k_ring)
-    step = win & (p < row_end.view(B, 1)) & (k_old > 0)
-    k_new = torch.where(step, k_old - 1, k_old)
+    committed, takes a DDIM step towards it, or leaves the window at level 0 (``ref.slot_levels``);
+    other slots' tokens are ignored (the kernels clamp them)."""
+    committed, win, _, _, step, k_new = ref.slot_levels(positions, commit_end, fresh_start, row_end, level, K)
     reads = committed | step | (win & (k_new == 0))
+    p = positions
     bad = reads & ((tokens < 0) | (tokens >= Vt))
     if bool(bad.any()):
         b, i = (int(x) for x in bad.nonzero()[0])

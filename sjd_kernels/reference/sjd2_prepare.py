@@ -41,6 +41,25 @@ def ddim_step(x: torch.Tensor, e_hat: torch.Tensor, a_k, s_k, a_prev, s_prev) ->
     return a_prev * e_hat + (s_prev / s_k) * (x - a_k * e_hat)
 
 
+def slot_levels(positions, commit_end, fresh_start, row_end, level, K: int):
+    """Per slot: ``(committed, win, fresh, k_old, step, k_new)`` of the rule above (masks ``[B, N]``;
+    levels int64, ``k_new`` 0 outside the window). A slot reads its token iff
+    ``committed | step | (win & k_new == 0)``."""
+    B, N = positions.shape
+    R = level.shape[1]
+    p = positions
+    valid = p >= 0
+    committed = valid & (p < commit_end.view(B, 1))
+    win = valid & ~committed
+    fresh = win & (p >= fresh_start.view(B, 1))
+    b = torch.arange(B, device=p.device).view(B, 1).expand(B, N)
+    k_old = torch.where(fresh, torch.full_like(p, K), level[b, p.clamp(min=0) % R].to(torch.int64))
+    step = win & (p < row_end.view(B, 1)) & (k_old > 0)
+    k_new = torch.where(step, k_old - 1, k_old)
+    k_new = torch.where(win, k_new, torch.zeros_like(k_new))
+    return committed, win, fresh, k_old, step, k_new
+
+
 def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
                  commit_end, fresh_start, row_end, latent, level):
     from ..sjd2.noise import position_noise  # here, not at the top: sjd_kernels.sjd2 imports this op's module
@@ -51,20 +70,14 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
     dev = tokens.device
     p = positions
     valid = p >= 0
-    committed = valid & (p < commit_end.view(B, 1))
-    win = valid & ~committed
-    fresh = win & (p >= fresh_start.view(B, 1))
+    committed, win, fresh, k_old, step, k_new = slot_levels(p, commit_end, fresh_start, row_end, level, K)
     r = p.clamp(min=0) % R
     b = torch.arange(B, device=dev).view(B, 1).expand(B, N)
 
     E = embed_weight[tokens.clamp(0, embed_weight.shape[0] - 1)]                 # [B, N, d]
-    k_old = torch.where(fresh, torch.full_like(p, K), level[b, r].to(torch.int64))
     x_old = latent[b, r]
     if K > 0 and bool(fresh.any()):
         x_old = torch.where(fresh.unsqueeze(-1), position_noise(seed.view(B, 1), p.clamp(min=0), d), x_old)
-    step = win & (p < row_end.view(B, 1)) & (k_old > 0)
-    k_new = torch.where(step, k_old - 1, k_old)
-    k_new = torch.where(win, k_new, torch.zeros_like(k_new))
 
     e_hat = (E.to(torch.float32) - mean) / std
     kp = k_new.clamp(0, K)             # table reads stay in bounds for ring levels outside 0..K
