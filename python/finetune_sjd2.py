@@ -39,6 +39,10 @@ from sjd_kernels.sjd2.noise import EmbedNorm, NoiseSchedule, SJD2Embedding  # no
 from sjd_kernels.sjd2.train import next_clean_token_loss, param_groups, sample_levels_like  # noqa: E402
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 class Log:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,26 +80,32 @@ def evaluate(gpt, sjd2, tokens, labels, level: int | None, g: torch.Generator, b
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=bundled.MODELS, default="mnist")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", choices=bundled.MODELS, default="mnist", help="bundled base model to fine-tune")
     ap.add_argument("--levels", type=int, default=8, help="K: noise levels 1..K (0 = SJD)")
-    ap.add_argument("--s-min", type=float, default=0.2)
-    ap.add_argument("--s-max", type=float, default=1.0)
-    ap.add_argument("--rho", type=float, default=7.0)
-    ap.add_argument("--max-segments", type=int, default=8)
-    ap.add_argument("--p-rising", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=700)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--s-min", type=float, default=0.2, help="smallest noise std s_1 of the Karras schedule")
+    ap.add_argument("--s-max", type=float, default=1.0, help="noise std s_K of the top level (1 = pure noise)")
+    ap.add_argument("--rho", type=float, default=7.0, help="Karras exponent of the schedule")
+    ap.add_argument("--max-segments", type=int, default=8, help="most noise segments per training sequence")
+    ap.add_argument("--p-rising", type=float, default=0.5,
+                    help="share of sequences with levels rising along the sequence (clean prefix, K at the end)")
+    ap.add_argument("--steps", type=int, default=700, help="optimiser steps (fewer if --max-minutes ends them)")
+    ap.add_argument("--batch", type=int, default=32, help="sequences per step (at most the training set's size)")
     ap.add_argument("--lr", type=float, default=3e-4, help="learning rate of the base model's weights")
     ap.add_argument("--new-lr", type=float, default=3e-3, help="learning rate of the new SJD2 parameters")
-    ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--warmup", type=int, default=30, help="linear learning-rate warm-up steps, then cosine to 1/10")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the base model's matrices")
     ap.add_argument("--cfg-drop", type=float, default=0.1, help="class-dropout rate (as the base model's training)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-minutes", type=float, default=15.0, help="hard cap on training time")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR)
-    ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and class dropout")
+    ap.add_argument("--max-minutes", type=float, default=15.0,
+                    help="cap on the training loop's time, checked after each step (the held-out evaluations "
+                         "before and after it come on top)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR,
+                    help="folder of the fine-tune's files; it must hold the base model's <model>.json naming the "
+                         "bundled GPT (the base weights are always read from the bundled folder)")
+    ap.add_argument("--log", type=Path, default=None,
+                    help="log file (None: benchmarks/results/finetune_sjd2_<model>.log)")
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     K, fin = args.levels, math.isfinite
@@ -124,12 +134,15 @@ def main(argv=None):
     if out_man.get("files", {}).get("gpt") != base_man.get("files", {}).get("gpt"):
         ap.error(f"argument --out: its {args.model}.json names another base GPT than the bundled one this script "
                  f"fine-tunes (the fine-tune would record the wrong base checksum)")
+    if out_man.get("gpt") != base_man.get("gpt"):      # checkpoint.save records (and refuses) that config
+        ap.error(f"argument --out: its {args.model}.json gives another GPT config than the bundled base model's "
+                 f"(the fine-tune is recorded with it and would not load)")
     check_output_file(ap.error, "--log", log_path)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     log = Log(log_path)
-    command = "PYTHONPATH=. python python/finetune_sjd2.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "PYTHONPATH=. python python/finetune_sjd2.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     log(f"command: {command}")
     log(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; seed {args.seed}")
@@ -141,6 +154,8 @@ def main(argv=None):
     Xte, yte = data.real_images(args.model, "test")
     tok_tr, tok_te = vq.encode(Xtr), vq.encode(Xte)
     lab_tr, lab_te = torch.as_tensor(ytr), torch.as_tensor(yte)
+    if args.batch > len(tok_tr):                        # the sampler would silently take fewer sequences
+        ap.error(f"argument --batch: {args.batch} exceeds the {len(tok_tr)} training sequences of {args.model}")
     n_cls = base.num_classes
     schedule = NoiseSchedule(levels=args.levels, s_min=args.s_min, s_max=args.s_max, rho=args.rho)
     sjd2 = SJD2Embedding(schedule, EmbedNorm.from_embedding(checkpoint.image_embedding(gpt)))
@@ -173,6 +188,12 @@ def main(argv=None):
         for grp in opt.param_groups:
             grp["lr"] = grp["base_lr"] * s
         loss = next_clean_token_loss(checkpoint.noisy_logits(gpt, sjd2, c, x, lv, generator=g), x)
+        if not math.isfinite(float(loss.detach())):
+            # a diverged run (e.g. a too large --lr / --new-lr) used to go on and save NaN weights, which
+            # decoding then reported as a device error about non-finite logits
+            log(f"step {step}: the loss is {float(loss.detach())}: training diverged; nothing was saved "
+                f"(lower --lr / --new-lr)")
+            raise SystemExit(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -191,10 +212,11 @@ def main(argv=None):
     ev_g = torch.Generator().manual_seed(args.seed + 1)
     after = {"clean": evaluate(gpt, sjd2, tok_te, lab_te, 0, ev_g),
              "segments": evaluate(gpt, sjd2, tok_te, lab_te, None, ev_g)}
-    per_level = {k: round(evaluate(gpt, sjd2, tok_te[:200], lab_te[:200], k, ev_g), 4) for k in range(args.levels + 1)}
+    n_lv = min(200, len(tok_te))
+    per_level = {k: round(evaluate(gpt, sjd2, tok_te[:n_lv], lab_te[:n_lv], k, ev_g), 4) for k in range(args.levels + 1)}
     log(f"after {step + 1} steps in {train_s:.0f} s: held-out ce clean {after['clean']:.4f} (base "
         f"{before['clean']:.4f}), segment-noised {after['segments']:.4f} (base {before['segments']:.4f})")
-    log(f"held-out ce with every input at one level (200 images): {json.dumps(per_level)}")
+    log(f"held-out ce with every input at one level ({n_lv} images): {json.dumps(per_level)}")
     training = {"command": command, "seed": args.seed, "args": {k: (str(v) if isinstance(v, Path) else v)
                                                                  for k, v in vars(args).items()},
                 "steps_done": step + 1, "train_s": round(train_s, 1), "torch": torch.__version__,

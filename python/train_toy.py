@@ -8,7 +8,7 @@ Writes ``sjd_kernels/models/weights/<model>_{vq,quality,gpt}.safetensors`` and `
 (configs, SHA-256 of every file, the command, seed, timings, losses, round-trip errors, target
 entropy, quality numbers), and logs to ``benchmarks/results/train_<model>.log``. Everything is
 seeded; the data ships inside pip packages (see ``sjd_kernels.data``). ``--stages`` re-runs a
-subset (vq, clf, gpt) reusing the other committed files.
+subset (vq, clf, gpt) reusing the other parts' files in ``--out`` (by default the committed ones).
 
 The bundled MNIST GPT is the recipe run to its end rather than to the 20-minute box (which stopped it
 at step 630 of 1600 on a busy machine; `benchmarks/results/cpu_retrain_probe_2026-12-01/`):
@@ -169,8 +169,8 @@ def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, budget_minutes):
     while True:
         el = time.time() - t0
         progress = el / (budget_minutes * 60) if budget_minutes else step / recipe["steps"]
-        if progress >= 1.0:
-            break
+        if progress >= 1.0 and step > 0:    # at least one step: a budget spent before the first one (a tiny
+            break                           # --budget-minutes) used to end in an UnboundLocalError, nothing saved
         if pi + recipe["batch"] > len(perm):
             perm, pi = torch.randperm(len(tok_tr), generator=g), 0
         idx = perm[pi:pi + recipe["batch"]]
@@ -213,16 +213,19 @@ def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, budget_minutes):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(RECIPES), default="mnist")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stages", default="vq,clf,gpt", help="comma list of vq, clf, gpt (others are loaded)")
+    ap.add_argument("--model", choices=sorted(RECIPES), default="mnist", help="which recipe and data set")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
+    ap.add_argument("--stages", default="vq,clf,gpt", help="comma list of vq, clf, gpt (default: all; the parts "
+                    "left out are loaded from --out)")
     ap.add_argument("--steps", type=int, default=None, help="GPT steps for a step-based schedule (with "
-                    "--budget-minutes 0)")
+                    "--budget-minutes 0; default: the recipe's, " + ", ".join(f"{k} {r['steps']}" for k, r in
+                                                                            sorted(RECIPES.items())) + ")")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="time-box the GPT stage (default: the recipe's; 0 = run --steps steps)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR)
-    ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR,
+                    help="folder of the model's files (default: the bundled weights)")
+    ap.add_argument("--log", type=Path, default=None, help="log file (default: benchmarks/results/train_<model>.log)")
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     stages = set(s.strip() for s in args.stages.split(",") if s.strip())
@@ -238,6 +241,9 @@ def main(argv=None):
                  "ends the GPT stage)")
     if "gpt" not in stages and (args.steps is not None or budget is not None):
         ap.error("argument --steps/--budget-minutes: they set the gpt stage, which --stages leaves out")
+    if "vq" in stages and "gpt" not in stages:
+        ap.error("argument --stages: a new tokenizer (vq) gives new image codes, and the GPT in --out was trained "
+                 "on the old ones: add gpt (and clf, whose round-trip images come from the tokenizer)")
     log_path = args.log or ROOT / "benchmarks" / "results" / f"train_{args.model}.log"
     check_output_dir(ap.error, "--out", args.out)
     check_output_file(ap.error, "--log", log_path)
@@ -251,7 +257,7 @@ def main(argv=None):
     if args.steps is not None:
         recipe["steps"] = args.steps
     log = Log(log_path)
-    command = "PYTHONPATH=. python python/train_toy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "PYTHONPATH=. python python/train_toy.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     log(f"command: {command}")
     log(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; seed {args.seed}; recipe {json.dumps(recipe)}")

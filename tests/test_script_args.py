@@ -90,6 +90,8 @@ TRAIN_BAD = [
     (["--stages", "nope"], "--stages"),
     (["--stages", ","], "--stages"),                                   # nothing to run
     (["--stages", "gpt"], "--stages"),                                 # vq and clf are not in the fresh --out
+    (["--stages", "vq"], "--stages"),                                  # the GPT in --out knows other codes
+    (["--stages", "vq,clf"], "--stages"),
 ]
 
 

@@ -213,6 +213,8 @@ def generate_reference_sjd(model, cond, num_tokens: int, *, window: int = 16, cf
     ``torch.multinomial`` and a host-side loop over window positions. Its randomness is torch's,
     so its tokens are compared with AR's by law, not token for token. Forward and post-head
     time are measured per step like the library loop (CUDA events on a GPU, host clock on CPU).
+    ``window`` is cut to ``num_tokens - 1`` as ``generate`` cuts it (a longer window has nothing to
+    draft).
     """
     from ..decoding.cache import StaticKVCache
     from .reference_sjd import ReferenceSJD

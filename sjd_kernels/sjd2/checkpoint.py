@@ -30,8 +30,9 @@ PREFIX = "sjd2."
 def image_embedding(gpt) -> torch.Tensor:
     """The image-token embedding rows ``[V, d]`` (ids ``0..V-1``), detached."""
     V = gpt.config.vocab_size
+    dev = next(gpt.parameters()).device        # the ids on the model's device (CPU ids failed on a CUDA model)
     with torch.no_grad():
-        return gpt.embed_tokens(torch.arange(V)).detach()
+        return gpt.embed_tokens(torch.arange(V, device=dev)).detach()
 
 
 def drop_condition(labels, p, num_classes, generator=None):
@@ -77,13 +78,33 @@ def _files(model: str, out=None) -> tuple[Path, Path]:
 
 
 def save(model: str, gpt, sjd2: SJD2Embedding, *, out=None, training: dict | None = None) -> dict:
+    """Write ``<model>_sjd2.safetensors`` and ``<model>_sjd2.json`` in ``out`` (default: the bundled weights),
+    beside the base manifest ``<model>.json`` there. Everything is checked before a file is written (a
+    missing base manifest used to fail after the weights file had replaced the previous fine-tune's): the
+    base manifest exists, ``gpt`` has its GPT config (the manifest records it and ``load_finetuned`` builds
+    the model from it) and ``sjd2`` the width of ``gpt``'s token embedding (``generate_sjd2`` refuses others)."""
     from safetensors.torch import save_file
+
+    from ..models.gpt import GPTConfig
+    from ..ops._common import SJDInputError
+    from .decode import check_sjd2_params
     wpath, mpath = _files(model, out)
+    base = bundled.manifest(model, out)
+    if not isinstance(sjd2, SJD2Embedding):
+        raise SJDInputError(f"sjd2 must be an SJD2Embedding, got {type(sjd2).__name__}")
+    cfg = getattr(gpt, "config", None)
+    try:
+        want = GPTConfig(**base["gpt"])
+    except (TypeError, ValueError) as e:
+        raise bundled.BundledModelError(f"{model}.json in {wpath.parent}: its gpt config cannot be built: {e}") from None
+    if cfg != want:
+        raise SJDInputError(f"gpt: its config {cfg} differs from the base model's in {model}.json ({want}): the "
+                            f"fine-tune is recorded with the base config, so it would not load")
+    check_sjd2_params(sjd2, image_embedding(gpt).shape[1])
     wpath.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in gpt.state_dict().items()}
     sd.update({PREFIX + k: v.detach().to("cpu").contiguous() for k, v in sjd2.state_dict().items()})
     save_file(sd, str(wpath))
-    base = bundled.manifest(model, out)
     man = {"name": f"{model}_sjd2", "base": model, "file": wpath.name, "sha256": bundled.sha256_file(wpath),
            "bytes": wpath.stat().st_size, "base_gpt_sha256": base["files"]["gpt"]["sha256"],
            "gpt": base["gpt"], "schedule": sjd2.schedule.to_dict(), "training": training or {}}
@@ -124,8 +145,13 @@ def load_finetuned(model: str = "mnist", weights_dir=None, device="cpu", dtype=t
         raise bundled.BundledModelError(f"{wpath} has SHA-256 {digest}, but {model}_sjd2.json expects "
                                         f"{man['sha256']}: the file was altered or belongs to another run")
     tensors = load_file(str(wpath))
-    gpt = GPT(GPTConfig(**man["gpt"]))
-    schedule = NoiseSchedule(**man["schedule"])
+    _, mpath = _files(model, weights_dir)
+    try:
+        gpt = GPT(GPTConfig(**man["gpt"]))
+        schedule = NoiseSchedule(**man["schedule"])
+    except (TypeError, ValueError) as e:      # an unknown key or a bad value (SJDInputError is a ValueError)
+        raise bundled.BundledModelError(f"{mpath}: its gpt config or noise schedule cannot be built: "
+                                        f"{type(e).__name__}: {e}") from None
     d = tensors[PREFIX + "norm.mean"].shape[0] if PREFIX + "norm.mean" in tensors else 0
     sjd2 = SJD2Embedding(schedule, EmbedNorm(d))
     expected = {k: tuple(v.shape) for k, v in gpt.state_dict().items()}

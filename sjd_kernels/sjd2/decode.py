@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.jacobi_step import JacobiState, init_window, jacobi_step
-from ..ops._common import check_status
+from ..ops._common import (SJDInputError, check_int, check_sampling, check_status, check_tensor, host_checks,
+                           resolve_backend, seed_tensor)
 from ..ops.sjd2_prepare import sjd2_prepare
 from .noise import SJD2Embedding
 
@@ -62,27 +63,53 @@ class SJD2Result:
 
 def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, num_tokens: int, seed, *,
               window: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-              cfg_scale: float | torch.Tensor | None = None, kv: str = "keep", backend: str = "auto",
+              cfg_scale: float | torch.Tensor | None = None, kv: str = "recompute", backend: str = "auto",
               max_steps: int | None = None, progress: bool = False) -> SJD2Result:
     """Decode ``num_tokens`` image tokens per request with SJD2 (``sjd2=None`` or 0 levels: SJD).
 
-    ``embed_weight [V, d]``: the image-token embedding rows (row = image token id);
+    ``embed_weight [V, d]``: the image-token embedding rows (row = image token id); ``kv``: the KV policy
+    (module docstring; default ``recompute``, as ``generate_sjd2``: the one docs/SJD2.md measured better);
     ``seed``: one int64 per request (the batch size); ``progress``: a tqdm bar of committed tokens
     (updated at the loop's one synchronisation per iteration). Returns ``SJD2Result``.
     """
-    if kv not in KV_POLICIES:
-        raise ValueError(f"kv must be one of {KV_POLICIES}, got {kv!r}")
-    if window < 0:
-        raise ValueError(f"window must be >= 0 (0 = AR through the same op), got {window}")
+    # every argument before any work, as generate_sjd2 (an SJDInputError naming it): floats used to be
+    # truncated silently (window 2.5 ran W = 2, num_tokens 5.5 gave 5 tokens, seed 1.7 ran seed 1)
+    if not isinstance(kv, str) or kv not in KV_POLICIES:
+        raise SJDInputError(f"kv must be one of {', '.join(KV_POLICIES)}, got {kv!r}")
+    W = check_int("window", window, 0)                  # 0 = AR through the same op
+    T = check_int("num_tokens", num_tokens, 0)
+    if max_steps is not None:
+        max_steps = check_int("max_steps", max_steps, 1)
+    if not callable(forward):
+        raise SJDInputError(f"forward must be a callable (inputs_embeds, positions, prompt_slot) -> "
+                            f"(logits, uncond), got {type(forward).__name__}")
+    check_tensor("embed_weight", embed_weight, dim=2, last_contiguous=False)
+    if not embed_weight.is_floating_point() or min(embed_weight.shape) < 1:
+        raise SJDInputError(f"embed_weight must be a float [V >= 1, d >= 1] table of image-token embeddings, got "
+                            f"{embed_weight.dtype} {list(embed_weight.shape)}")
+    if sjd2 is not None and not isinstance(sjd2, SJD2Embedding):
+        raise SJDInputError(f"sjd2 must be an SJD2Embedding or None (SJD), got {type(sjd2).__name__}")
     dev = embed_weight.device
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=dev).reshape(-1)
-    B, T, W, R = seed.numel(), int(num_tokens), int(window), int(window) + 1
+    seed = seed_tensor(seed, dev)
+    B, R = seed.numel(), W + 1
+    if B < 1:
+        raise SJDInputError("seed must give one seed per request (at least one), got none")
     V, d = embed_weight.shape
     i64 = torch.int64
+    top_k, top_p = check_sampling(temperature, top_k, top_p, V)     # were checked by the op after a forward
+    resolve_backend(backend, dev)
+    if cfg_scale is not None:                   # a NaN scale was a device error, a wrong count a RuntimeError
+        from ..decoding.loop import check_batch_cfg, check_cfg_scale
+        cfg_scale = check_cfg_scale(cfg_scale)
+        check_batch_cfg(B, cfg_scale)
     if sjd2 is not None:
-        mean, std = sjd2.norm.mean.to(dev), sjd2.norm.std.to(dev)
-        table = sjd2.level_embed.table().detach().to(dev).contiguous()
-        alpha, sigma = sjd2.alpha.to(dev), sjd2.sigma.to(dev)
+        check_sjd2_params(sjd2, d)
+        # the noise lives in float32 (what the op reads): an SJD2Embedding cast with .double() / .half()
+        # used to fail naming the op's ``mean``
+        f32 = dict(device=dev, dtype=torch.float32)
+        mean, std = sjd2.norm.mean.to(**f32).contiguous(), sjd2.norm.std.to(**f32).contiguous()
+        table = sjd2.level_embed.table().detach().to(**f32).contiguous()
+        alpha, sigma = sjd2.schedule.coefficients(dev)
     else:
         mean, std = torch.zeros(d, device=dev), torch.ones(d, device=dev)
         table = torch.zeros(1, d, device=dev)
@@ -145,7 +172,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
                                   state.seed, commit_end, fresh_start, row_end, latent, level, backend=backend)
             # which window inputs were noisy in this forward (read before the next prepare moves them)
             in_level = torch.where(is_win, level[bidx, seq_pos.clamp(min=0) % R].to(i64), torch.zeros_like(seq_pos))
-            logits, uncond = forward(inputs, seq_pos, seq_pos < 0)
+            logits, uncond = _check_forward_output(forward(inputs, seq_pos, seq_pos < 0), B, N, V, cfg is not None)
             nfe += 1
             slots_fed += N
             rows = (r.view(B, 1) + slot[:, :W + 1]).clamp(max=N - 1)   # X[n-1], D[0..W-1] -> target rows 0..W
@@ -187,6 +214,52 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
                       status=check_status(state.status))
 
 
+def check_sjd2_params(sjd2: SJD2Embedding, d: int) -> None:
+    """The SJD2 parameters a decode reads: the width ``d`` of the token embedding, finite values and
+    ``std > 0`` (NaN or a zero std used to surface as a device error about non-finite logits)."""
+    mean, std, table = sjd2.norm.mean, sjd2.norm.std, sjd2.level_embed.table().detach()
+    if tuple(mean.shape) != (d,) or tuple(std.shape) != (d,) or table.shape[-1] != d:
+        raise SJDInputError(f"sjd2: the SJD2 embedding has width {list(mean.shape)}, the model's token embedding "
+                            f"{d}: it belongs to another model")
+    if table.shape[0] != sjd2.levels + 1 or sjd2.alpha.shape[0] != sjd2.levels + 1:
+        raise SJDInputError(f"sjd2: the level embedding has {table.shape[0] - 1} levels, the schedule "
+                            f"{sjd2.levels}")
+    for name, t in (("norm.mean", mean), ("norm.std", std), ("level_embed", table), ("alpha", sjd2.alpha),
+                    ("sigma", sjd2.sigma)):
+        if not bool(torch.isfinite(t).all()):
+            raise SJDInputError(f"sjd2: {name} holds NaN or infinite values (a diverged fine-tune?)")
+    if not bool((std > 0).all()):
+        raise SJDInputError(f"sjd2: norm.std must be > 0 in every dimension (the noise is unnormalised by it), "
+                            f"got a minimum of {float(std.min())}")
+
+
+def _check_forward_output(out, B: int, N: int, V: int, cfg: bool):
+    """The ``forward`` callable's answer: ``(logits [B, N, V], uncond [B, N, V] or None)``, uncond given
+    exactly when CFG is on (a cfg_scale without unconditional rows used to be ignored silently)."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise SJDInputError(f"forward must return (logits, uncond), got {type(out).__name__}")
+    logits, uncond = out
+    for name, t in (("logits", logits), ("uncond", uncond)):
+        if t is None and name == "uncond":
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, N, V) or not t.is_floating_point():
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise SJDInputError(f"forward must return {name} of shape [B, N, V] = {[B, N, V]} (one row per "
+                                f"seed and input slot, V = rows of embed_weight), got {got}")
+    if cfg and uncond is None:
+        raise SJDInputError("cfg_scale is given but forward returned no unconditional rows (uncond is None): "
+                            "build the forward with the null-condition prompt rows, or pass cfg_scale=None")
+    if not cfg and uncond is not None:
+        raise SJDInputError("forward returned unconditional rows (CFG) but no cfg_scale was given")
+    return logits, uncond
+
+
+def _check_batch(B: int, batch: int) -> None:
+    if B != batch:
+        raise SJDInputError(f"seed: the decode has {B} requests (one per seed), the forward was built for a batch "
+                            f"of {batch} (one per prompt row)")
+
+
 class SeqForward:
     """``forward`` callable for ``sjd2_loop`` over a model without a KV cache.
 
@@ -204,7 +277,7 @@ class SeqForward:
                  vocab: int):
         Br, P, d = prompt_embeds.shape
         if Br not in (batch, 2 * batch):
-            raise ValueError(f"prompt_embeds must have B={batch} or 2B rows (CFG), got {Br}")
+            raise SJDInputError(f"prompt_embeds must have B={batch} or 2B rows (CFG), got {Br}")
         self.model_fn, self.B, self.P, self.cfg = model_fn, batch, P, Br == 2 * batch
         self.lo, self.V = image_start, vocab
         self.buf = prompt_embeds.new_zeros(Br, P + capacity, d)
@@ -212,6 +285,7 @@ class SeqForward:
 
     def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, prompt_slot: torch.Tensor):
         B, N, _ = inputs.shape
+        _check_batch(B, self.B)
         x = inputs.to(self.buf.dtype)
         pos = positions
         if self.cfg:
@@ -219,8 +293,12 @@ class SeqForward:
         seq = self.P + pos                                    # image position -1 is the prompt's last token
         rows = torch.arange(x.shape[0], device=x.device).view(-1, 1).expand_as(seq)
         w = ~prompt_slot
-        self.buf[rows[w], seq[w]] = x[w]
         L = int(seq.max()) + 1
+        if L > self.buf.shape[1]:             # was an IndexError from the buffer write
+            raise SJDInputError(f"capacity: image position {L - 1 - self.P} is fed, but the forward holds "
+                                f"{self.buf.shape[1] - self.P} image positions (build it with capacity >= "
+                                f"num_tokens + 2 * window + 2)")
+        self.buf[rows[w], seq[w]] = x[w]
         logits = self.model_fn(self.buf[:, :L])[..., self.lo:self.lo + self.V]
         out = torch.gather(logits, 1, seq.unsqueeze(-1).expand(*seq.shape, self.V))
         if self.cfg:
@@ -241,6 +319,9 @@ class KVForward:
     def __init__(self, model, prompt_embeds: torch.Tensor, batch: int, capacity: int):
         from ..decoding.cache import StaticKVCache
         Br = prompt_embeds.shape[0]
+        if Br not in (batch, 2 * batch) or prompt_embeds.dim() != 3 or prompt_embeds.shape[1] != 1:
+            raise SJDInputError(f"prompt_embeds must be [B={batch} or 2B (CFG), 1, d], got {list(prompt_embeds.shape)}")
+        self.capacity = check_int("capacity", capacity, 1)
         self.model, self.B, self.cfg, self.prompt = model, batch, Br == 2 * batch, prompt_embeds
         p = next(model.parameters())
         self.cache = StaticKVCache(model.num_layers, Br, model.num_kv_heads, capacity + 1, model.head_dim,
@@ -248,11 +329,20 @@ class KVForward:
 
     def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, prompt_slot: torch.Tensor):
         B, N, _ = inputs.shape
+        _check_batch(B, self.B)
         x = inputs.to(self.prompt.dtype)
         if self.cfg:
             x, positions, prompt_slot = torch.cat([x, x]), torch.cat([positions, positions]), \
                 torch.cat([prompt_slot, prompt_slot])
         x = torch.where(prompt_slot.unsqueeze(-1), self.prompt.expand(-1, N, -1), x)
+        if host_checks(positions):
+            # the cache clamps writes past its end into its last slot: a too small capacity decoded other
+            # tokens silently (values checked on the host for CPU tensors only)
+            need = int(positions[:, 0].max()) + 1 + N
+            if need > self.cache.max_len:
+                raise SJDInputError(f"capacity: this forward needs {need - 1} image positions, the cache holds "
+                                    f"{self.cache.max_len - 1} (build it with capacity >= num_tokens + 2 * window "
+                                    f"+ 2)")
         self.cache.lengths.copy_(positions[:, 0] + 1)
         slots, mask = self.cache.window_mask(N)
         logits = self.model(x, slots, cache=self.cache, mask=mask, write_slots=slots)
@@ -284,7 +374,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     from ..decoding.loop import (GenerateOutput, GenerateStats, check_batch_cfg, check_cfg_scale, check_num_tokens,
                                  request_seeds)
     from ..models.protocol import check_model
-    from ..ops._common import SJDInputError, check_int, check_sampling, resolve_backend
+    from ..ops._common import check_sampling, resolve_backend
     from .checkpoint import gpt_forward_parts
 
     # ---- every argument, before any work
@@ -315,6 +405,9 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
         if sjd2 is not None and not isinstance(sjd2, SJD2Embedding):
             raise SJDInputError(f"sjd2: model.sjd2 must be an SJD2Embedding (checkpoint.load_finetuned sets it), "
                                 f"got {type(sjd2).__name__}")
+    if forward is not None and not callable(forward):
+        raise SJDInputError(f"forward must be None (the model's KV cache) or a callable (inputs_embeds, positions, "
+                            f"prompt_slot) -> (logits, uncond), got {type(forward).__name__}")
     top_k, top_p = check_sampling(temperature, top_k, top_p, V)
     resolve_backend(backend, dev)
     scale = check_cfg_scale(cfg_scale)
@@ -326,9 +419,8 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     t0 = time.perf_counter()
     with torch.no_grad():
         E, prompt, _, _ = gpt_forward_parts(model, cond, cfg=use_cfg)
-        if sjd2 is not None and tuple(sjd2.norm.mean.shape) != (E.shape[1],):
-            raise SJDInputError(f"sjd2: the SJD2 embedding has width {list(sjd2.norm.mean.shape)}, the model's "
-                                f"token embedding {E.shape[1]}: it belongs to another model")
+        if sjd2 is not None:
+            check_sjd2_params(sjd2, E.shape[1])
         if forward is None:
             forward = KVForward(model, prompt, B, N + 2 * W + 2)
         res = sjd2_loop(forward, E, sjd2, N, seeds, window=W, temperature=temperature, top_k=top_k,

@@ -44,15 +44,15 @@ class NoiseSchedule:
     rho: float = 7.0
 
     def __post_init__(self):
-        if not isinstance(self.levels, int) or isinstance(self.levels, bool) or self.levels < 0:
-            raise SJDInputError(f"levels must be an int >= 0 (0 = SJD), got {self.levels!r}")
+        # NumPy ints are taken and stored as Python ints (the manifest is JSON); floats stored as floats
+        object.__setattr__(self, "levels", check_int("levels (0 = SJD)", self.levels, 0))
         for name in ("s_min", "s_max", "rho"):
-            check_finite(name, getattr(self, name))
+            object.__setattr__(self, name, check_finite(name, getattr(self, name)))
         if self.levels > 0 and not (0.0 < self.s_min <= self.s_max <= 1.0):
-            raise ValueError(f"need 0 < s_min <= s_max <= 1 for a variance-preserving schedule, "
-                             f"got s_min={self.s_min}, s_max={self.s_max}")
+            raise SJDInputError(f"need 0 < s_min <= s_max <= 1 for a variance-preserving schedule, "
+                                f"got s_min={self.s_min}, s_max={self.s_max}")
         if not self.rho > 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
+            raise SJDInputError(f"rho must be > 0, got {self.rho}")
 
     def sigmas64(self) -> torch.Tensor:
         """``s_k`` for k = 0..K, float64 ``[K+1]`` (increasing; ``s_0 = 0``)."""
@@ -105,7 +105,7 @@ class EmbedNorm(nn.Module):
         if not bool(torch.isfinite(w).all()):
             raise SJDInputError("weight must hold finite values, got NaN or infinite ones")
         if w.shape[0] < 2:
-            raise ValueError(f"need at least 2 image-token rows to normalise, got {w.shape[0]}")
+            raise SJDInputError(f"need at least 2 image-token rows to normalise, got {w.shape[0]}")
         m = cls(w.shape[1])
         m.mean.copy_(w.mean(0).to(torch.float32))
         m.std.copy_(w.std(0).clamp(min=min_std).to(torch.float32))
@@ -137,6 +137,7 @@ class LevelEmbedding(nn.Module):
     def __init__(self, levels: int, dim: int):
         super().__init__()
         self.levels = check_int("levels", levels, 0)
+        dim = check_int("dim", dim, 1)
         self.weight = nn.Parameter(torch.zeros(levels, dim, dtype=torch.float32))
 
     def table(self) -> torch.Tensor:
