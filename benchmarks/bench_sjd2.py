@@ -10,7 +10,9 @@ compression (image tokens / forwards, prefill excluded) and of the quality measu
 ``sjd_kernels.quality`` (class accuracy, Frechet distance of the classifier features against
 the real held-out images). The base model decoded with AR is the quality reference.
 Rows go to ``<--out>/sjd2_<model>.jsonl`` (``--out`` defaults to ``benchmarks/results``; the file is
-replaced, so it holds one run, as its rows' ``command`` says) and a table to stdout.
+replaced, so it holds one run, as its rows' ``command`` and ``commit`` say) and a table to stdout.
+``--images`` is at most the held-out set (500 MNIST images, 4000 photo crops): the FD real floor
+compares as many real images as generated ones.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
+from sjd_kernels.bench.timing import git_commit  # noqa: E402
 from sjd_kernels.demo import at_least, check_flags, check_generation_args, check_output_file  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
@@ -111,12 +114,17 @@ def main(argv=None):
                      f">= 0, kv one of {', '.join(KV_POLICIES)}")
         configs.append((K, W, kv))
     rows_path = check_output_file(ap.error, "--out", args.out / f"sjd2_{args.model}.jsonl")
+    Xte, _ = data.real_images(args.model, "test")
+    if args.images > len(Xte):
+        # the FD real floor compares as many held-out images as generated ones: there are no more
+        ap.error(f"argument --images: at most {len(Xte)} (the held-out {args.model} images the FD real floor "
+                 f"uses), got {args.images}")
     torch.set_num_threads(args.threads)
     command = "PYTHONPATH=. python benchmarks/bench_sjd2.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    commit = git_commit()
     base = bundled.load(args.model)
     gpt, sjd2 = checkpoint.load_finetuned(args.model)
     vq, quality = base.tokenizer, base.quality
-    Xte, _ = data.real_images(args.model, "test")
     n_cls = base.num_classes
     classes = torch.arange(args.images) % n_cls
     real_same = Xte[np.random.default_rng(0).permutation(len(Xte))[:args.images]]
@@ -130,7 +138,8 @@ def main(argv=None):
     for K, W, kv in configs:
         methods.append((f"SJD2 K{K} W{W} {kv}", gpt, sjd2, dict(levels=K, window=W, kv=kv)))
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"# {command}\n# torch {torch.__version__}, {platform.platform()}, {torch.get_num_threads()} threads")
+    print(f"# {command}\n# commit {commit}, torch {torch.__version__}, {platform.platform()}, "
+          f"{torch.get_num_threads()} threads")
     summary = []
     with open(rows_path, "w") as f:
         for name, model, emb, kw in methods:
@@ -140,7 +149,7 @@ def main(argv=None):
                         top_k=args.top_k, temperature=args.temperature, batch=args.batch, **kw)
                 row = {"method": name, "seed": seed, **kw, "images": args.images, "cfg_scale": args.cfg_scale,
                        "top_k": args.top_k, "temperature": args.temperature, **r, "command": command,
-                       "torch": torch.__version__}
+                       "torch": torch.__version__, "commit": commit}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 per_seed.append(r)

@@ -21,7 +21,9 @@ bytes (the floor for a contiguous copy of that size, launch included). Writes
 ``tree_kv_update.csv`` and ``tree_kv_update.md`` to ``--out``.
 
 Without a GPU it runs a correctness check of the reference on the CPU (stacked and list layouts
-against an independent sequential copy), says that it will not time, and exits 0.
+against an independent sequential copy), says that it will not time, and exits 0 (1 if the check
+fails). On a GPU it exits 1 when a backend differs from the reference or none of ``--backends`` is
+usable there (nothing written then).
 """
 from __future__ import annotations
 
@@ -70,21 +72,36 @@ def sequential_copy(kv, path, cache_len):
     return out
 
 
-def cpu_check() -> None:
+def cpu_check(stacked=None, listed=None) -> list:
+    """The reference (``stacked``/``listed``: stand-ins, for tests) against ``sequential_copy`` on CPU
+    tensors, every dtype, both layouts. Returns the failures (empty: ok); prints one line. Plain
+    comparisons, not asserts: the check also holds under ``python -O``."""
+    stacked = stacked or ref.tree_kv_update
+    listed = listed or ref.tree_kv_update_list
     g = torch.Generator().manual_seed(0)
-    for dt in DTYPES.values():
+    bad = []
+    for name, dt in DTYPES.items():
         kv = torch.randn(3, 2, 2, 4, 64, 16, generator=g).to(dt)
         path = make_path(2, 6)
         cl = torch.tensor([3, 7])
         want = sequential_copy(kv, path, cl)
         got = kv.clone()
         st = torch.zeros(4, dtype=torch.int32)
-        ref.tree_kv_update(got, path, cl, st)
-        assert torch.equal(got.view(_BITS[dt]), want.view(_BITS[dt])) and int(st[0]) == 0, dt
+        stacked(got, path, cl, st)
+        if not torch.equal(got.view(_BITS[dt]), want.view(_BITS[dt])) or int(st[0]) != 0:
+            bad.append(f"stacked {name}")
         keys, values = [kv[l, 0].clone() for l in range(3)], [kv[l, 1].clone() for l in range(3)]
-        ref.tree_kv_update_list(keys, values, path, cl, st)
-        assert all(torch.equal(keys[l], want[l, 0]) and torch.equal(values[l], want[l, 1]) for l in range(3))
-    print("reference check on CPU: stacked and list layouts equal a sequential copy (bf16, fp16, fp32): ok")
+        st.zero_()
+        listed(keys, values, path, cl, st)
+        if not all(torch.equal(keys[l].view(_BITS[dt]), want[l, 0].view(_BITS[dt])) and
+                   torch.equal(values[l].view(_BITS[dt]), want[l, 1].view(_BITS[dt])) for l in range(3)) \
+                or int(st[0]) != 0:
+            bad.append(f"list {name}")
+    if bad:
+        print(f"reference check on CPU: MISMATCH against a sequential copy: {', '.join(bad)}")
+    else:
+        print("reference check on CPU: stacked and list layouts equal a sequential copy (bf16, fp16, fp32): ok")
+    return bad
 
 
 def backends_available() -> dict:
@@ -115,8 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "tree_kv_update"))
     ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--batches", default=None, help="comma list of rows R (default 1,2,8)")
-    ap.add_argument("--path", type=int, default=8)
-    ap.add_argument("--S", type=int, default=2048)
+    ap.add_argument("--path", type=int, default=8, help="path entries, >= 2 (default 8)")
+    ap.add_argument("--S", type=int, default=2048, help="cache slots (default 2048)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls (default 200)")
     ap.add_argument("--quick", action="store_true", help="batch 1 only, 50 reps")
     ap.add_argument("--backends", default="torch,cuda,triton",
@@ -125,7 +142,7 @@ def main(argv=None) -> int:
     # every check before the CPU check and the GPU work: a mistake exits 2 naming its flag
     wanted = {b.strip() for b in args.backends.split(",") if b.strip()}
     if not wanted <= {"torch", "cuda", "triton"}:
-        ap.error(f"--backends: unknown names {sorted(wanted - {'torch', 'cuda', 'triton'})}")
+        ap.error(f"argument --backends: unknown names {sorted(wanted - {'torch', 'cuda', 'triton'})}")
     if not wanted:
         ap.error("argument --backends: nothing to time; give some of torch, cuda, triton")
     if args.quick and (args.batches is not None or args.reps is not None):
@@ -139,14 +156,16 @@ def main(argv=None) -> int:
         batches = []
     if not batches or min(batches) < 1:
         ap.error(f"argument --batches: must be a comma list of ints >= 1, got {args.batches!r}")
-    check_flags(ap.error, at_least(1, ("--path", args.path), ("--S", args.S), ("--reps", args.reps)))
+    # a path of 1 entry is the root alone: nothing moves (0 bytes, 0 GB/s rows)
+    check_flags(ap.error, at_least(2, ("--path", args.path)) + at_least(1, ("--S", args.S), ("--reps", args.reps)))
     last = int(make_path(1, args.path).max())
     if last + args.S // 2 >= args.S:
         ap.error(f"argument --S: must exceed S // 2 + {last} (the caches are half full and a path of {args.path} "
                  f"entries reads node {last}), got {args.S}")
     check_output_dir(ap.error, "--out", args.out)
 
-    cpu_check()
+    if cpu_check():
+        return 1
     if not torch.cuda.is_available():
         print("no CUDA device visible: refusing to time tree_kv_update (nothing written); run on a GPU for numbers")
         return 0
@@ -154,11 +173,14 @@ def main(argv=None) -> int:
     from sjd_kernels.bench.timing import L2Flusher, copy_bandwidth, machine_info, time_cuda
     from sjd_kernels.ops.tree import kv_pointer_table
 
+    bes = {k: v for k, v in backends_available().items() if k in wanted}
+    if not bes:
+        print(f"none of the backends {', '.join(sorted(wanted))} is usable here: nothing timed, nothing written")
+        return 1
     info = machine_info()
     bw = copy_bandwidth()
     print(f"{info['gpu']}: device-to-device copy {bw['copy_Bps'] / 1e9:.0f} GB/s (read + write, 1 GiB)")
     flush = L2Flusher()
-    bes = {k: v for k, v in backends_available().items() if k in wanted}
     batches = [1] if args.quick else batches
     reps = 50 if args.quick else args.reps or 200
     P = args.path

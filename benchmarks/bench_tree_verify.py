@@ -8,8 +8,9 @@ reference and must agree token for token (rare float-rounding flips are reported
 then it is timed with CUDA events (warm-up, median and p20/p80 of the repetitions, warm L2: the
 logits were just written by the model's head) next to the bytes it must read (all N x V logits for
 the row check, plus the q rows of the walked nodes) and the roofline time at the GPU's copy
-bandwidth. Without a GPU it runs the correctness check on a small CPU grid (Triton interpreter
-when TRITON_INTERPRET=1) and refuses to print timings.
+bandwidth. Exits 1 if any check differs (the rows are still printed and written). Without a GPU
+it runs the correctness check on a small CPU grid (Triton interpreter when TRITON_INTERPRET=1),
+refuses to print timings and writes no ``--csv``.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
                 bad += int(diff > 0 or not st)
         if not bes:
             print("# no backend to check here (set TRITON_INTERPRET=1 for the Triton interpreter)")
+        if a.csv:
+            print(f"# --csv {a.csv}: nothing written (no timings without a GPU)")
         return 1 if bad else 0
 
     bw = copy_bandwidth()
@@ -137,7 +140,16 @@ def main(argv=None) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    return 0
+    bad = failed(rows)
+    if bad:
+        print(f"{len(bad)} of {len(rows)} (backend, shape) checks differ from the reference: "
+              + ", ".join(f"{r['backend']} {r['shape']} B={r['B']} V={r['V']}" for r in bad))
+    return 1 if bad else 0
+
+
+def failed(rows) -> list:
+    """The rows whose check differs from the reference (a request or the status)."""
+    return [r for r in rows if not r["status_equal"] or r["equal"].split("/")[0] != r["equal"].split("/")[1]]
 
 
 if __name__ == "__main__":

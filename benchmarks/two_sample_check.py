@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Two-sample check of one method's tokens against AR's on a bundled model (larger n than the demo).
 
-    PYTHONPATH=. python benchmarks/two_sample_check.py --model photo --method coupling --n 400 \
+    PYTHONPATH=. python benchmarks/two_sample_check.py --model photo --method coupling --n 400 \\
         --ar-seed 4242 --seed 31337
 
 Generates ``n`` class-balanced images with AR (seed ``--ar-seed``) and with ``--method`` (seed
-``--seed``), window 16, CFG 3, and prints the demo's stratified permutation test
-(``sjd_kernels.demo.two_sample_test``, 1000 permutations) and the zero-mass counters.
+``--seed``), window ``--window`` (default 16), guidance scale ``--cfg`` (default 3), and prints the
+demo's stratified permutation test (``sjd_kernels.demo.two_sample_test``, 1000 permutations) and
+the zero-mass counters.
 """
 import argparse
 import sys

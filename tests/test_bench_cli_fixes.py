@@ -77,6 +77,20 @@ def test_e2e_refuses_windows_a_method_cannot_take(bench_main, tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("cmd", [["e2e", "--model", "tiny", "--quick"],
+                                 ["ops", "--check", "--quick", "--backend", "torch"]])
+@pytest.mark.parametrize("seed", [2 ** 64, -(2 ** 62)])
+def test_a_seed_that_overflows_the_request_seeds_is_a_usage_error(bench_main, tmp_path, capsys, cmd, seed):
+    """Request seeds are int64 products of --seed: a seed of 2**64 failed every row ("Overflow when
+    unpacking long long") and wrote the failed rows, where it is an argument error."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        bench_main([*cmd, "--seed", str(seed), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --seed" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_windows_that_the_methods_take_still_pass():
     e2e_mod.check_settings(methods=["sjd", "pac", "reference_sjd"], windows=[3, 16])
     e2e_mod.check_settings(methods=["sjd", "ar"], windows=[0, 16])          # sjd at W=0 is a valid row

@@ -115,6 +115,9 @@ def _check_ops_args(args, grid) -> list:
     check_flags(args._parser.error, at_least(1, ("--reps", args.reps)) + at_least(0, ("--warmup", args.warmup))
                 + at_least(1, ("--min-requests", args.min_requests)))
     _check_budget(args)
+    if not abs(args.seed) * 1009 + 2 ** 16 < 2 ** 63:
+        # the cases seed their requests with seed * 1009 + request (int64): a larger seed failed each check
+        _error(args, f"argument --seed: must be an int with |seed| * 1009 + 65536 < 2**63, got {args.seed}")
     if args.ref_device == "cuda" and not has_gpu():
         _error(args, "argument --ref-device: 'cuda' needs a CUDA device; none is visible here")
     if args.cuda_sim and (has_gpu() or not args.check):
@@ -187,6 +190,9 @@ def cmd_e2e(args) -> int:
                        backend=args.backend_name, budget_s=args.budget_s, name=flag)
     except SettingsError as e:
         _error(args, f"argument {e}")
+    if not abs(args.seed) <= 2 ** 40:
+        # request seeds are (seed + offset) * 100003 + request in int64: a larger seed failed every row
+        _error(args, f"argument --seed: must be an int with |seed| <= 2**40, got {args.seed}")
     _check_outputs(args, ("e2e.csv", "e2e.json", "e2e.md", "e2e_speedup.png", "e2e_beta.png"))
     res = run_e2e(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
                   vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
