@@ -10,7 +10,8 @@ logits were just written by the model's head) next to the bytes it must read (al
 the row check, plus the q rows of the walked nodes) and the roofline time at the GPU's copy
 bandwidth. Exits 1 if any check differs (the rows are still printed and written). Without a GPU
 it runs the correctness check on a small CPU grid (Triton interpreter when TRITON_INTERPRET=1),
-refuses to print timings and writes no ``--csv``.
+refuses to print timings and writes no ``--csv``; it exits 2 when no backend can be checked there
+(no Triton interpreter).
 """
 from __future__ import annotations
 
@@ -98,10 +99,12 @@ def main(argv=None) -> int:
                 diff, n, st = check(fn, kw)
                 print(f"check {be:7s} {name:6s} B=2 V=64: {n - diff}/{n} requests equal, status equal: {st}")
                 bad += int(diff > 0 or not st)
-        if not bes:
-            print("# no backend to check here (set TRITON_INTERPRET=1 for the Triton interpreter)")
         if a.csv:
             print(f"# --csv {a.csv}: nothing written (no timings without a GPU)")
+        if not bes:             # nothing was checked: not a success
+            print("# nothing checked: no backend to check here (set TRITON_INTERPRET=1 for the Triton "
+                  "interpreter)", file=sys.stderr)
+            return 2
         return 1 if bad else 0
 
     bw = copy_bandwidth()

@@ -153,6 +153,15 @@ def test_bench_tree_verify_cpu_check_can_fail(monkeypatch, tmp_path, capsys):
     assert f"--csv {tmp_path / 'tv.csv'}: nothing written" in out and not (tmp_path / "tv.csv").exists()
 
 
+def test_bench_tree_verify_without_a_backend_to_check_is_not_a_success(monkeypatch, capsys):
+    """Without a GPU and without the Triton interpreter nothing was checked, and the run exited 0."""
+    m = script("benchmarks/bench_tree_verify.py")
+    monkeypatch.setattr(m, "has_gpu", lambda: False)
+    monkeypatch.setattr(m, "backends", lambda dev: {})
+    assert m.main([]) == 2
+    assert "nothing checked" in capsys.readouterr().err
+
+
 def test_bench_tree_verify_gpu_rows_that_differ_fail_the_run():
     """On a GPU a differing request or status was printed (``STATUS DIFFERS``) but the run exited 0."""
     m = script("benchmarks/bench_tree_verify.py")

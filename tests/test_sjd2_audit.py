@@ -404,11 +404,17 @@ def test_forwards_refuse_a_capacity_too_small():
     E, prompt, fn, lo = gpt_forward_parts(m, cls, False)
     with torch.no_grad():
         for fw in (KVForward(m, prompt, 2, 5), SeqForward(fn, prompt, 2, 5, 0, 12)):
-            with pytest.raises(SJDInputError, match="capacity: .*num_tokens \\+ 2 \\* window \\+ 2"):
+            with pytest.raises(SJDInputError, match="capacity: .*num_tokens \\+ 2 \\* window\\)"):
                 sjd2_loop(fw, E, m.sjd2, T, [1, 2], window=W)
-        ok = sjd2_loop(KVForward(m, prompt, 2, T + 2 * W + 2), E, m.sjd2, T, [1, 2], window=W)
-        ref = sjd2_loop(SeqForward(fn, prompt, 2, T + 2 * W + 2, 0, 12), E, m.sjd2, T, [1, 2], window=W)
-    assert torch.equal(ok.tokens, ref.tokens)
+        # the bound is checked before any forward (on a GPU the forward does not check each call):
+        # one position less is refused, the bound itself decodes what a roomy forward decodes
+        for fw in (KVForward(m, prompt, 2, T + 2 * W - 1), SeqForward(fn, prompt, 2, T + 2 * W - 1, 0, 12)):
+            with pytest.raises(SJDInputError, match="may feed 20 "):
+                sjd2_loop(fw, E, m.sjd2, T, [1, 2], window=W)
+        ok = sjd2_loop(KVForward(m, prompt, 2, T + 2 * W), E, m.sjd2, T, [1, 2], window=W)
+        ref = sjd2_loop(SeqForward(fn, prompt, 2, T + 2 * W, 0, 12), E, m.sjd2, T, [1, 2], window=W)
+        roomy = sjd2_loop(KVForward(m, prompt, 2, T + 2 * W + 9), E, m.sjd2, T, [1, 2], window=W)
+    assert torch.equal(ok.tokens, ref.tokens) and torch.equal(ok.tokens, roomy.tokens)
     with pytest.raises(SJDInputError, match="prompt_embeds must be"):
         KVForward(m, torch.cat([prompt, prompt, prompt]), 2, 8)
 
@@ -443,3 +449,18 @@ def test_finetune_out_with_another_gpt_config_is_a_usage_error(tmp_path, capsys,
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --out: its mnist.json gives another GPT config" in err, err
     assert not (tmp_path / "l").exists()
+
+
+@pytest.mark.parametrize("progress", ["no", 0, 1.0])
+def test_progress_must_be_a_bool(progress):
+    """``progress="no"`` turned the bar on (any truthy value did), in generate, generate_sjd2 and sjd2_loop."""
+    from sjd_kernels import generate
+    m = _sjd2_gpt()
+    cls = torch.tensor([0, 1])
+    with torch.no_grad():
+        for call in (lambda: sjd2_loop(_tiny_forward(m, cls, 6, 2), _emb_rows(m), m.sjd2, 6, [1, 2], window=2,
+                                       progress=progress),
+                     lambda: generate_sjd2(m, cls, 6, window=2, progress=progress),
+                     lambda: generate(m, cls, 6, method="sjd", window=2, progress=progress)):
+            with pytest.raises(SJDInputError, match="progress must be"):
+                call()

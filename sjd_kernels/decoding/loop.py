@@ -356,6 +356,8 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     for name, flag in (("cuda_graph", cuda_graph), ("return_cache", return_cache)):
         if not isinstance(flag, bool):
             raise SJDInputError(f"{name} must be True or False, got {flag!r}")
+    if progress is not None and not isinstance(progress, bool):      # "no" used to turn the bar on
+        raise SJDInputError(f"progress must be None (on when stderr is a terminal), True or False, got {progress!r}")
     if on_step is not None and not callable(on_step):
         raise SJDInputError(f"on_step must be None or a callable on_step(tokens, n, cache), got {on_step!r}")
     if cuda_graph and method in GRAPH_METHODS_REFUSED:

@@ -80,6 +80,8 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     T = check_int("num_tokens", num_tokens, 0)
     if max_steps is not None:
         max_steps = check_int("max_steps", max_steps, 1)
+    if not isinstance(progress, bool):                  # "no" used to turn the bar on
+        raise SJDInputError(f"progress must be True or False, got {progress!r}")
     if not callable(forward):
         raise SJDInputError(f"forward must be a callable (inputs_embeds, positions, prompt_slot) -> "
                             f"(logits, uncond), got {type(forward).__name__}")
@@ -89,6 +91,13 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
                             f"{embed_weight.dtype} {list(embed_weight.shape)}")
     if sjd2 is not None and not isinstance(sjd2, SJD2Embedding):
         raise SJDInputError(f"sjd2 must be an SJD2Embedding or None (SJD), got {type(sjd2).__name__}")
+    cap = getattr(forward, "capacity", None) if isinstance(forward, (KVForward, SeqForward)) else None
+    if cap is not None and cap < T + 2 * W:
+        # a decode feeds image positions up to num_tokens + 2 * window - 1 (at most W committed tokens re-fed
+        # before X[n-1] and W drafts after it); KVForward's cache clamps writes past its end, so on a GPU,
+        # where the forward cannot check each call without a synchronisation, it decoded other tokens
+        raise SJDInputError(f"capacity: the forward holds {cap} image positions, a decode of {T} tokens with window "
+                            f"{W} may feed {T + 2 * W} (build it with capacity >= num_tokens + 2 * window)")
     dev = embed_weight.device
     seed = seed_tensor(seed, dev)
     B, R = seed.numel(), W + 1
@@ -278,6 +287,7 @@ class SeqForward:
         Br, P, d = prompt_embeds.shape
         if Br not in (batch, 2 * batch):
             raise SJDInputError(f"prompt_embeds must have B={batch} or 2B rows (CFG), got {Br}")
+        self.capacity = check_int("capacity", capacity, 1)
         self.model_fn, self.B, self.P, self.cfg = model_fn, batch, P, Br == 2 * batch
         self.lo, self.V = image_start, vocab
         self.buf = prompt_embeds.new_zeros(Br, P + capacity, d)
@@ -297,7 +307,7 @@ class SeqForward:
         if L > self.buf.shape[1]:             # was an IndexError from the buffer write
             raise SJDInputError(f"capacity: image position {L - 1 - self.P} is fed, but the forward holds "
                                 f"{self.buf.shape[1] - self.P} image positions (build it with capacity >= "
-                                f"num_tokens + 2 * window + 2)")
+                                f"num_tokens + 2 * window)")
         self.buf[rows[w], seq[w]] = x[w]
         logits = self.model_fn(self.buf[:, :L])[..., self.lo:self.lo + self.V]
         out = torch.gather(logits, 1, seq.unsqueeze(-1).expand(*seq.shape, self.V))
@@ -341,8 +351,7 @@ class KVForward:
             need = int(positions[:, 0].max()) + 1 + N
             if need > self.cache.max_len:
                 raise SJDInputError(f"capacity: this forward needs {need - 1} image positions, the cache holds "
-                                    f"{self.cache.max_len - 1} (build it with capacity >= num_tokens + 2 * window "
-                                    f"+ 2)")
+                                    f"{self.cache.max_len - 1} (build it with capacity >= num_tokens + 2 * window)")
         self.cache.lengths.copy_(positions[:, 0] + 1)
         slots, mask = self.cache.window_mask(N)
         logits = self.model(x, slots, cache=self.cache, mask=mask, write_slots=slots)
@@ -405,6 +414,8 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
         if sjd2 is not None and not isinstance(sjd2, SJD2Embedding):
             raise SJDInputError(f"sjd2: model.sjd2 must be an SJD2Embedding (checkpoint.load_finetuned sets it), "
                                 f"got {type(sjd2).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise SJDInputError(f"progress must be None (on when stderr is a terminal), True or False, got {progress!r}")
     if forward is not None and not callable(forward):
         raise SJDInputError(f"forward must be None (the model's KV cache) or a callable (inputs_embeds, positions, "
                             f"prompt_slot) -> (logits, uncond), got {type(forward).__name__}")
@@ -425,7 +436,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
             forward = KVForward(model, prompt, B, N + 2 * W + 2)
         res = sjd2_loop(forward, E, sjd2, N, seeds, window=W, temperature=temperature, top_k=top_k,
                         top_p=top_p, cfg_scale=scale.expand(B).to(dev) if use_cfg else None, kv=kv, backend=backend,
-                        progress=sys.stderr.isatty() if progress is None else bool(progress))
+                        progress=sys.stderr.isatty() if progress is None else progress)
     stats = GenerateStats(method="sjd2", num_tokens=N, nfe=res.nfe, nfe_prefill=0,
                           wall_s=time.perf_counter() - t0,
                           zero_mass_residuals=res.status.get("zero_mass_residuals", 0),
