@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import stats
-from _util import gpu, requires_cuda_ext
+from _util import gpu, requires_cuda, requires_cuda_ext
 
 from sjd_kernels.ops._common import SJDInputError, triton_available
 from sjd_kernels.sjd2 import (EmbedNorm, LevelEmbedding, NoiseSchedule, SJD2Embedding, position_noise,
@@ -633,6 +633,31 @@ def test_sjd2_levels0_equals_loop_sjd(cfg):
     assert torch.equal(plain.tokens, want.tokens)
     noisy = generate_sjd2(m, cls, T, window=W, seed=11, cfg_scale=cfg)      # default: the model's own levels
     assert not torch.equal(noisy.tokens, want.tokens)
+
+
+@gpu
+@requires_cuda
+def test_sjd2_on_a_cuda_model():
+    """``generate_sjd2`` on a model on the GPU: every earlier test ran it on CPU models, and the image
+    embedding was built from CPU ids, which a CUDA embedding refuses. With 0 levels it equals the loop's SJD
+    on the same GPU (reference op on float64); the bundled fine-tune decodes valid tokens with the kernels."""
+    from sjd_kernels.decoding import generate
+    from sjd_kernels.sjd2 import checkpoint, generate_sjd2
+    m = _tiny_gpt(seed=3).cuda()
+    cls, T, W = torch.tensor([0, 1, 2, 1], device="cuda"), 40, 8
+    want = generate(m, cls, T, method="sjd", window=W, seed=11, cfg_scale=3.0, backend="torch", progress=False)
+    emb0 = SJD2Embedding(NoiseSchedule(levels=0), EmbedNorm.from_embedding(_emb_rows(m).cpu()))
+    for kv in ("keep", "recompute"):
+        got = generate_sjd2(m, cls, T, sjd2=emb0, window=W, seed=11, cfg_scale=3.0, kv=kv, backend="torch")
+        assert got.tokens.is_cuda and torch.equal(got.tokens, want.tokens), kv
+    gpt, emb = checkpoint.load_finetuned("mnist", device="cuda")
+    V = gpt.config.vocab_size
+    for backend in ("auto", "triton"):
+        out = generate_sjd2(gpt, torch.arange(8, device="cuda") % 10, 49, sjd2=emb, window=16, seed=3,
+                            cfg_scale=3.0, backend=backend)
+        tok = out.tokens
+        assert tok.is_cuda and tok.shape == (8, 49) and bool(((tok >= 0) & (tok < V)).all()), backend
+        assert out.stats.nfe < 49, backend                       # the window compressed steps
 
 
 def test_sjd2_progress_bar(capsys):
