@@ -274,17 +274,25 @@ def _run(cmd: list[str], log_path: Path, env: dict) -> int:
             beat.join()
 
 
-def _header(argv: list[str], out: Path, rtol) -> str:
-    """What produced the summary: the command, when, on what code."""
+def _commit() -> str:
     try:
         from sjd_kernels.bench.timing import git_commit_full
-        commit = git_commit_full(str(ROOT))
+        return git_commit_full(str(ROOT))
     except Exception as e:                                  # noqa: BLE001 (provenance is best effort)
-        commit = f"unknown ({type(e).__name__})"
+        return f"unknown ({type(e).__name__})"
+
+
+def _header(argv: list[str], out: Path, rtol, started: str | None = None) -> str:
+    """What produced the summary: the command, when, on what code (``started``: the commit when the runs
+    began; named as well when the checkout moved during them)."""
+    commit = _commit()
+    if started is not None and started != commit:
+        commit = f"{started} when the runs started, {commit} when they ended"
     cmd = shlex.join(["python", "python/reproduce_tables.py", *argv])
     return (f"# Recorded CPU tables re-run and compared (python/reproduce_tables.py)\n\n"
             f"- command: `{cmd}`\n- finished: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-            f"- commit: {commit}\n- python {sys.version.split()[0]}; compared to {rtol if isinstance(rtol, Tol) else f'rtol {rtol:g}'} with "
+            f"- commit: {commit}\n- python {sys.version.split()[0]}; compared to "
+            f"{rtol if isinstance(rtol, Tol) else f'rtol {rtol:g}'} with "
             f"`benchmarks/results/` (wall-clock times are not compared); runs under {out}\n\n")
 
 
@@ -323,6 +331,7 @@ def main(argv=None) -> int:
     make_output_dir(ap.error, "--out", out)              # a refusal here, not a traceback
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     lines, listed, status = [], [], 0
+    started = _commit()
     for i, n in enumerate(names, 1):
         t = TARGETS[n]
         d = out / n
@@ -366,7 +375,7 @@ def main(argv=None) -> int:
                           + "".join(f"- {x}\n" for x in diffs[:LISTED])
                           + (f"- ... {len(diffs) - LISTED} more in `{n}/diffs.txt`\n" if len(diffs) > LISTED else ""))
         status = max(status, 1 if diffs else 0)
-    summary = (_header(argv, out, tol) + "| target | result | values compared | run time |\n|---|---|---|---|\n"
+    summary = (_header(argv, out, tol, started) + "| target | result | values compared | run time |\n|---|---|---|---|\n"
                + "\n".join(lines) + "\n" + "".join(listed))
     (out / "summary.md").write_text(summary)
     print("\n" + summary + f"\nruns and diffs under {out}", flush=True)

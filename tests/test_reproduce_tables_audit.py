@@ -262,3 +262,17 @@ def test_bad_feature_tolerance_is_a_usage_error(rt, capsys, args):
     with pytest.raises(SystemExit) as e:
         rt.main(args)
     assert e.value.code == 2 and "--rtol-features" in capsys.readouterr().err
+
+
+def test_summary_names_the_commit_the_runs_started_on(rt, tmp_path, monkeypatch, capsys):
+    """The commit was read when the summary was written: a checkout that moved during hours of runs was
+    recorded as the code of all of them."""
+    commits = iter(["aaaa111", "bbbb222"])
+    monkeypatch.setattr(rt, "_commit", lambda: next(commits))
+    monkeypatch.setattr(rt.subprocess, "run", fake_run([], copy_recorded_state_bytes(rt)))
+    assert rt.main(["--only", "state_bytes", "--out", str(tmp_path / "o")]) == 0
+    text = (tmp_path / "o" / "summary.md").read_text()
+    assert "- commit: aaaa111 when the runs started, bbbb222 when they ended\n" in text
+    commits = iter(["cccc333", "cccc333"])
+    assert rt.main(["--only", "state_bytes", "--out", str(tmp_path / "p")]) == 0
+    assert "- commit: cccc333\n" in (tmp_path / "p" / "summary.md").read_text()
