@@ -9,29 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _util import load_file_module
+# the script loader, the past-the-checks stand-in and the autouse thread fixture of test_script_args
+from test_script_args import keep_threads, reached, script  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-_MODULES: dict = {}
-
-
-class Reached(BaseException):
-    """The script got past the point the test allows."""
-
-
-def reached(*a, **k):
-    raise Reached
-
-
-def script(rel: str):
-    if rel not in _MODULES:
-        _MODULES[rel] = load_file_module("audit_" + Path(rel).stem, ROOT / rel)
-    return _MODULES[rel]
-
-
-@pytest.fixture(autouse=True)
-def keep_threads(monkeypatch):
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
 
 
 def usage_error(main, args, flag, capsys):
