@@ -45,7 +45,7 @@ class NoiseSchedule:
 
     def __post_init__(self):
         # NumPy ints are taken and stored as Python ints (the manifest is JSON); floats stored as floats
-        object.__setattr__(self, "levels", check_int("levels (0 = SJD)", self.levels, 0))
+        object.__setattr__(self, "levels", check_int("levels", self.levels, 0))
         for name in ("s_min", "s_max", "rho"):
             object.__setattr__(self, name, check_finite(name, getattr(self, name)))
         if self.levels > 0 and not (0.0 < self.s_min <= self.s_max <= 1.0):
