@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     # the arguments first (exit 2 naming the flag), then the device
     if a.calls < 1:
         ap.error(f"argument --calls: must be an int >= 1, got {a.calls}")
-    if not abs(a.seed) * 1009 + 2 ** 16 < 2 ** 63:
-        # the case builders seed generators with it and requests with seed * 1009 + request (int64)
-        ap.error(f"argument --seed: must be an int with |seed| * 1009 + 65536 < 2**63, got {a.seed}")
+    why = C.seed_problem(a.seed)
+    if why:
+        ap.error(f"argument --seed: {why}")
     bench = C.OPS[a.op]
     if a.backend not in bench.backends:
         ap.error(f"argument --backend: {a.backend!r} is not a backend of {a.op}; choose from "

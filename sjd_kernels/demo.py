@@ -379,14 +379,10 @@ def check_generation_args(error, model: str, *, methods=(), window: int = 16, cf
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         error(f"argument --window: must be an int >= 0 (drafts per step; 0 = AR), got {window!r}")
     if "pac" in methods:
-        from .decoding import pac
-        if window < pac.DEFAULT_TREE_DEPTH:
-            error(f"argument --window: method 'pac' puts its tree of depth {pac.DEFAULT_TREE_DEPTH} (its default "
-                  f"tree_depth) inside the window, so it needs a window >= {pac.DEFAULT_TREE_DEPTH}, got {window}")
-        try:
-            pac.check_tree_options(None, None, window)
-        except SJDInputError as e:
-            error(f"argument --window: method 'pac' cannot use the window {window}: {e}")
+        from .decoding.pac import window_problem
+        why = window_problem(window)
+        if why:
+            error(f"argument --window: {why}")
     if not math.isfinite(cfg):
         error(f"argument --cfg: the guidance scale must be a finite number, got {cfg!r}")
     man = manifest if manifest is not None else model_manifest(error, model)

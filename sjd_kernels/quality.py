@@ -98,9 +98,6 @@ class QualityModel:
         x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
         if x.dim() != 3 or x.shape[0] < 1 or min(x.shape[1:]) < 8:
             raise SJDInputError(f"images must be gray images [B >= 1, H >= 8, W >= 8], got {list(x.shape)}")
-        if not (x.is_floating_point() or x.is_complex()) and x.numel() and int(x.max()) > 1:
-            raise SJDInputError(f"images must hold values in [0, 1], got integers up to {int(x.max())} (divide "
-                                f"8-bit images by 255)")
         x = x.to(torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise SJDInputError("images must hold finite values, got NaN or infinite ones")

@@ -66,7 +66,7 @@ def test_compare_help_states_the_directions(bench_main, capsys):
 @pytest.mark.parametrize("args,text", [
     (["--methods", "reference_sjd", "--windows", "0", "4"], "reference_sjd"),          # 3: W=0 ran W=1
     (["--windows", "0", "16"], "window 0"),                                               # default methods
-    (["--methods", "pac", "--windows", "2", "8"], "window 2 is smaller than pac's tree depth 3"),   # 6
+    (["--methods", "pac", "--windows", "2", "8"], "window 2: pac puts its tree of depth 3"),   # 6
 ])
 def test_e2e_refuses_windows_a_method_cannot_take(bench_main, tmp_path, capsys, args, text):
     out = tmp_path / "out"
@@ -94,7 +94,7 @@ def test_a_seed_that_overflows_the_request_seeds_is_a_usage_error(bench_main, tm
 def test_windows_that_the_methods_take_still_pass():
     e2e_mod.check_settings(methods=["sjd", "pac", "reference_sjd"], windows=[3, 16])
     e2e_mod.check_settings(methods=["sjd", "ar"], windows=[0, 16])          # sjd at W=0 is a valid row
-    with pytest.raises(e2e_mod.SettingsError, match="^windows: .*tree depth"):
+    with pytest.raises(e2e_mod.SettingsError, match="^windows: window 1: pac puts its tree of depth 3 .*got 1"):
         e2e_mod.run_e2e(methods=["pac"], windows=[1], log=lambda *a: None)
 
 

@@ -122,7 +122,7 @@ def mnist_few():
 
 def _out_of_range(X):
     return [(X * 255.0, r"got values in \[0, 255\] \(divide 8-bit images by 255\)"),
-            (np.rint(X * 255.0).astype(np.uint8), r"got integers up to 255 \(divide 8-bit images by 255\)"),
+            (np.rint(X * 255.0).astype(np.uint8), r"got values in \[0, 255\] \(divide 8-bit images by 255\)"),
             (-X, r"got values in \[-1, 0\]"),
             (X + 0.01, r"got values in \[0.01, 1.01\]")]
 

@@ -115,9 +115,9 @@ def _check_ops_args(args, grid) -> list:
     check_flags(args._parser.error, at_least(1, ("--reps", args.reps)) + at_least(0, ("--warmup", args.warmup))
                 + at_least(1, ("--min-requests", args.min_requests)))
     _check_budget(args)
-    if not abs(args.seed) * 1009 + 2 ** 16 < 2 ** 63:
-        # the cases seed their requests with seed * 1009 + request (int64): a larger seed failed each check
-        _error(args, f"argument --seed: must be an int with |seed| * 1009 + 65536 < 2**63, got {args.seed}")
+    why = C.seed_problem(args.seed)           # a larger seed failed each check
+    if why:
+        _error(args, f"argument --seed: {why}")
     if args.ref_device == "cuda" and not has_gpu():
         _error(args, "argument --ref-device: 'cuda' needs a CUDA device; none is visible here")
     if args.cuda_sim and (has_gpu() or not args.check):

@@ -23,6 +23,14 @@ import torch
 GRIDS = ("full", "quick", "cpu", "cpu-quick")
 
 
+def seed_problem(seed: int) -> str | None:
+    """Why ``seed`` cannot seed the cases (None: it can): their requests get the int64 seeds
+    ``seed * 1009 + request`` (at most 65536 requests)."""
+    if abs(seed) * 1009 + 2 ** 16 < 2 ** 63:
+        return None
+    return f"must be an int with |seed| * 1009 + 65536 < 2**63 (the cases' int64 request seeds), got {seed}"
+
+
 @dataclass
 class Case:
     op: str

@@ -488,16 +488,11 @@ def _check_method_windows(model: str, methods, windows, bad) -> None:
         bad("windows", "window 0 cannot run reference_sjd (the public SJD loop needs a window >= 1); drop 0 or "
                        "choose --methods without reference_sjd")
     if "pac" in methods:
-        from ..decoding.pac import DEFAULT_TREE_DEPTH, check_tree_options
-        from ..ops._common import SJDInputError
+        from ..decoding.pac import window_problem
         for w in windows:
-            if w < DEFAULT_TREE_DEPTH:
-                bad("windows", f"window {w} is smaller than pac's tree depth {DEFAULT_TREE_DEPTH} (pac needs windows "
-                               f">= {DEFAULT_TREE_DEPTH}); drop {w} or choose --methods without pac")
-            try:
-                check_tree_options(None, None, w)
-            except SJDInputError as e:
-                bad("windows", f"window {w} cannot run pac: {e}")
+            why = window_problem(w)
+            if why:
+                bad("windows", f"window {w}: {why}; drop {w} or choose --methods without pac")
 
 
 def _settings(device_type: str, trained: bool, quick: bool, **given) -> dict:

@@ -107,6 +107,20 @@ def check_tree_options(tree_width, tree_depth, window: int) -> tuple[int, int]:
     return K, D
 
 
+def window_problem(window: int) -> str | None:
+    """Why ``pac`` with its default tree cannot use a window of ``window`` drafts (None: it can). Its tree of
+    depth ``DEFAULT_TREE_DEPTH`` lies inside the window; ``check_tree_options`` gives the other limits."""
+    from ..ops._common import SJDInputError
+    if window < DEFAULT_TREE_DEPTH:
+        return (f"pac puts its tree of depth {DEFAULT_TREE_DEPTH} (its default tree_depth) inside the window, so it "
+                f"needs a window >= {DEFAULT_TREE_DEPTH}, got {window}")
+    try:
+        check_tree_options(None, None, window)
+    except SJDInputError as e:
+        return f"pac cannot use the window {window}: {e}"
+    return None
+
+
 def prune(tree: TreeLayout, win_len: torch.Tensor) -> TreeLayout:
     """Drop the nodes deeper than each request's window ``win_len [B]`` (their subtrees go with them)."""
     keep = (tree.depth >= 0) & (tree.depth <= win_len.view(-1, 1))

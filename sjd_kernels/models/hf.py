@@ -125,14 +125,15 @@ def _id_seq(x, name: str, full: int, empty_ok: bool = False) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def _sliding_layers(cfg, num_layers: int) -> list:
-    """Per layer whether it attends within ``cfg.sliding_window`` (``layer_types`` when the config lists
-    them, else every layer when a window is set, as in Mistral). Other attention kinds (chunked,
-    linear) are refused: the adapter's masks are plain causal masks over the cache."""
+def _sliding_layers(cfg, num_layers: int) -> tuple[list, int | None]:
+    """``(per layer whether it attends within cfg.sliding_window, that window or None when no layer does)``:
+    ``layer_types`` when the config lists them, else every layer when a window is set, as in Mistral.
+    Other attention kinds (chunked, linear) are refused: the adapter's masks are plain causal masks over
+    the cache."""
     types = getattr(cfg, "layer_types", None)
     window = getattr(cfg, "sliding_window", None)
     if types is None:
-        return [window is not None] * num_layers
+        return [window is not None] * num_layers, None if window is None else int(window)
     other = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
     if other:
         raise SJDInputError(f"layer types {other} are not supported: the adapter passes causal per-row masks "
@@ -140,7 +141,7 @@ def _sliding_layers(cfg, num_layers: int) -> list:
     sliding = [t == "sliding_attention" for t in types]
     if any(sliding) and window is None:
         raise SJDInputError("the config lists sliding_attention layers but no sliding_window")
-    return sliding
+    return sliding, int(window) if any(sliding) else None
 
 
 def _max_tokens(v):
@@ -183,10 +184,9 @@ class HFImageLM(nn.Module):
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.hidden_size = int(cfg.hidden_size)
-        self._sliding = _sliding_layers(cfg, self.num_layers)
         # layers that attend within a window: the per-row masks cover the whole cache, so a cache (or an
         # uncached input) longer than the window would let them see past it (checked in forward)
-        self.sliding_window = int(cfg.sliding_window) if any(self._sliding) else None
+        self._sliding, self.sliding_window = _sliding_layers(cfg, self.num_layers)
         self.max_image_tokens = _max_tokens(max_image_tokens)
         self.uncond_prompt = (None if uncond_prompt is None
                               else _id_seq(uncond_prompt, "uncond_prompt", full_vocab).tolist())
@@ -454,8 +454,7 @@ class JanusImageLM(HFImageLM):
             vis = getattr(model.config, "vision_config", None)
             max_image_tokens = getattr(vis, "num_image_tokens", None)
         self.hidden_size = d
-        self._sliding = _sliding_layers(cfg, self.num_layers)
-        self.sliding_window = int(cfg.sliding_window) if any(self._sliding) else None
+        self._sliding, self.sliding_window = _sliding_layers(cfg, self.num_layers)
         self.max_image_tokens = _max_tokens(max_image_tokens)
         full = self.lm_head.weight.shape[0]
         self.uncond_prompt = None if uncond_prompt is None else _id_seq(uncond_prompt, "uncond_prompt", full).tolist()

@@ -39,9 +39,6 @@ def _as_tensor(images, name: str = "images") -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError) as e:
         raise SJDInputError(f"{name} must be an array or tensor of numbers, got {type(images).__name__} "
                             f"({e})") from None
-    if not (t.is_floating_point() or t.is_complex()) and t.numel() and int(t.max()) > 1:
-        raise SJDInputError(f"{name} must hold values in [0, 1], got integers up to {int(t.max())} (divide 8-bit "
-                            f"images by 255)")
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
         raise SJDInputError(f"{name} must hold finite values, got NaN or infinite ones")

@@ -430,9 +430,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     t0 = time.perf_counter()
     with torch.no_grad():
         E, prompt, _, _ = gpt_forward_parts(model, cond, cfg=use_cfg)
-        if sjd2 is not None:
-            check_sjd2_params(sjd2, E.shape[1])
-        if forward is None:
+        if forward is None:              # sjd2_loop checks the SJD2 parameters before any forward
             forward = KVForward(model, prompt, B, N + 2 * W + 2)
         res = sjd2_loop(forward, E, sjd2, N, seeds, window=W, temperature=temperature, top_k=top_k,
                         top_p=top_p, cfg_scale=scale.expand(B).to(dev) if use_cfg else None, kv=kv, backend=backend,
