@@ -54,7 +54,7 @@ OUT=${1:-${OUT:-}}
 if [ -z "$OUT" ]; then echo "usage: bash benchmarks/gpu_run.sh OUT_DIR" >&2; exit 2; fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 PY=${PY:-python3}
 STAGES=${STAGES:-"info build tests law sanitize fuzz bench tree e2e"}
@@ -117,7 +117,8 @@ package() {   # called after every stage, so a run stopped from outside still re
     echo "| stage | status | rc | seconds | box s | log |"
     echo "|---|---|---|---|---|---|"
     cat "$STATUS"
-    for f in "$LOGS/info.txt"; do [ -f "$f" ] && { echo; echo '## Machine and versions'; echo '```'; cat "$f"; echo '```'; }; done
+    f=$LOGS/info.txt
+    [ -f "$f" ] && { echo; echo '## Machine and versions'; echo '```'; cat "$f"; echo '```'; }
     for f in "$RES/ops.md" "$RES/e2e.md"; do [ -f "$f" ] && { echo; sed 's/^# /## /' "$f"; }; done
     for t in tests-triton tests-cuda law tests; do
       f=$LOGS/$t.log
@@ -163,7 +164,7 @@ run_stage() {
   local d=$(( $(date +%s) - s ))
   local st=ok
   [ $rc -ne 0 ] && st=FAILED
-  [ $rc -eq 124 ] || [ $rc -eq 137 ] || [ $rc -eq 130 ] || [ $rc -eq 2 -a $d -ge $b ] && st="TIMED OUT"
+  { [ $rc -eq 124 ] || [ $rc -eq 137 ] || [ $rc -eq 130 ] || { [ $rc -eq 2 ] && [ $d -ge "$b" ]; }; } && st="TIMED OUT"
   [ $rc -eq 5 ] && case "$name" in tests*|law*) st="no tests selected" ;; esac
   printf '| %s | %s | %s | %s | %s | %s |\n' "$name" "$st" "$rc" "$d" "$b" "$(basename "$log")" >> "$STATUS"
   echo "    -> $name: $st (rc $rc, ${d} s, $(elapsed) s elapsed); last lines of $(basename "$log"):"
@@ -207,7 +208,8 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", p.name, "sm", p.multi_processor_count, "L2 MiB", getattr(p, "L2_cache_size", 0) >> 20,
           "mem GiB", round(p.total_memory / 2**30, 1), "cc", f"{p.major}.{p.minor}")
-for m in ("flashinfer", "pybind11", "cmake", "ninja", "scipy", "matplotlib", "pytest"):
+for m in ("flashinfer", "pybind11", "cmake", "ninja", "numpy", "scipy", "matplotlib", "pytest", "xdist",
+          "safetensors", "tqdm", "sklearn", "skimage", "mlxtend", "transformers"):
     try:
         mod = __import__(m); print(m, getattr(mod, "__version__", "?"))
     except Exception as e:

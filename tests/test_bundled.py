@@ -87,3 +87,27 @@ def test_missing_model_message(tmp_path):
         bundled.manifest("mnist", tmp_path)
     with pytest.raises(bundled.BundledModelError, match="unknown bundled model"):
         bundled.manifest("cifar")
+
+
+def test_nonfinite_weights_refused_on_save_and_load(tmp_path):
+    """A part holding NaN (a diverged run) is not saved, and a file whose manifest was rewritten around
+    NaN weights fails to load with the tensor's name, instead of decoding NaN logits later."""
+    from sjd_kernels.ops._common import SJDInputError
+    _copy(tmp_path, "mnist")
+    b = bundled.load("mnist", tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        b.gpt.tok_emb.weight[3, 1] = float("nan")
+    with pytest.raises(SJDInputError, match=r"gpt: tensors \['tok_emb.weight'\] hold NaN .*nothing was saved"):
+        bundled.save("mnist", out=tmp_path, tokenizer=b.tokenizer, quality=b.quality, gpt=b.gpt)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # the same weights written with a matching manifest, as a hand-made file would be
+    from safetensors.torch import save_file
+    entry = bundled.manifest("mnist", tmp_path)["files"]["gpt"]
+    save_file({k: v.contiguous() for k, v in b.gpt.state_dict().items()}, str(tmp_path / entry["file"]))
+    man = json.loads((tmp_path / "mnist.json").read_text())
+    man["files"]["gpt"]["sha256"] = bundled.sha256_file(tmp_path / entry["file"])
+    (tmp_path / "mnist.json").write_text(json.dumps(man))
+    with pytest.raises(bundled.BundledModelError, match=r"\['tok_emb.weight'\] hold NaN or infinite"):
+        bundled.load_gpt("mnist", tmp_path)
+    bundled.load_tokenizer("mnist", tmp_path)                     # the other parts still load

@@ -200,6 +200,30 @@ def test_load_refuses_a_manifest_config_it_cannot_build(tmp_path):
         checkpoint.load_finetuned("mnist", tmp_path)
 
 
+
+def test_nonfinite_finetune_refused_on_save_and_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sjd_kernels.models import bundled
+    from sjd_kernels.sjd2 import checkpoint
+    _, gpt, emb = _tiny_base(tmp_path)
+    checkpoint.save("mnist", gpt, emb, out=tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        gpt.tok_emb.weight[0, 0] = float("inf")
+    with pytest.raises(SJDInputError, match=r"gpt: tensors \['tok_emb.weight'\] hold NaN or infinite values; nothing"):
+        checkpoint.save("mnist", gpt, emb, out=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    wpath = tmp_path / "mnist_sjd2.safetensors"
+    sd = load_file(str(wpath))
+    sd["tok_emb.weight"][0, 0] = float("nan")
+    save_file(sd, str(wpath))
+    man = json.loads((tmp_path / "mnist_sjd2.json").read_text())
+    man["sha256"] = bundled.sha256_file(wpath)
+    (tmp_path / "mnist_sjd2.json").write_text(json.dumps(man))
+    with pytest.raises(BundledModelError, match=r"\['tok_emb.weight'\] hold NaN or infinite"):
+        checkpoint.load_finetuned("mnist", tmp_path)
+
 # ---------------------------------------------------------------- the scripts, end to end on stubbed data
 
 @pytest.fixture(autouse=True)

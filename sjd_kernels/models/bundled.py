@@ -64,6 +64,11 @@ def manifest(name: str, weights_dir=None) -> dict:
     return read_json(path, BundledModelError, ("files",))
 
 
+def nonfinite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
 def _load_checked(name: str, part: str, expected: dict[str, tuple], weights_dir=None) -> dict:
     """Tensors of one part after the SHA-256 check and a name/shape check against ``expected``."""
     from safetensors.torch import load_file
@@ -88,6 +93,9 @@ def _load_checked(name: str, part: str, expected: dict[str, tuple], weights_dir=
         if tuple(tensors[k].shape) != tuple(shape):
             raise BundledModelError(f"{path}: tensor {k!r} has shape {list(tensors[k].shape)}, the config "
                                     f"in {name}.json implies {list(shape)}")
+    bad = nonfinite(tensors)
+    if bad:
+        raise BundledModelError(f"{path}: tensors {bad[:5]} hold NaN or infinite values (a diverged training run?)")
     return tensors
 
 
@@ -159,6 +167,11 @@ def save(name: str, *, out=None, tokenizer: PatchVQ, quality, gpt=None, info: di
     old = manifest(name, out) if (out / f"{name}.json").exists() else {"files": {}}
     man = {"name": name, "format": FORMAT, "files": dict(old.get("files", {}))}
     parts = {"tokenizer": (tokenizer, "vq"), "quality": (quality, "quality"), "gpt": (gpt, "gpt")}
+    for part, (obj, _) in parts.items():     # nothing is written when a part holds NaN or inf
+        bad = [] if obj is None else nonfinite(obj.state_dict())
+        if bad:
+            from ..ops._common import SJDInputError
+            raise SJDInputError(f"{part}: tensors {bad[:5]} hold NaN or infinite values; nothing was saved")
     for part, (obj, suffix) in parts.items():
         if obj is None:
             if part not in old:

@@ -101,6 +101,9 @@ def save(model: str, gpt, sjd2: SJD2Embedding, *, out=None, training: dict | Non
         raise SJDInputError(f"gpt: its config {cfg} differs from the base model's in {model}.json ({want}): the "
                             f"fine-tune is recorded with the base config, so it would not load")
     check_sjd2_params(sjd2, image_embedding(gpt).shape[1])
+    bad = bundled.nonfinite(gpt.state_dict())
+    if bad:
+        raise SJDInputError(f"gpt: tensors {bad[:5]} hold NaN or infinite values; nothing was saved")
     wpath.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in gpt.state_dict().items()}
     sd.update({PREFIX + k: v.detach().to("cpu").contiguous() for k, v in sjd2.state_dict().items()})
@@ -164,6 +167,9 @@ def load_finetuned(model: str = "mnist", weights_dir=None, device="cpu", dtype=t
         if tuple(tensors[k].shape) != shape:
             raise bundled.BundledModelError(f"{wpath}: tensor {k!r} has shape {list(tensors[k].shape)}, "
                                             f"the config implies {list(shape)}")
+    bad = bundled.nonfinite(tensors)
+    if bad:
+        raise bundled.BundledModelError(f"{wpath}: tensors {bad[:5]} hold NaN or infinite values")
     gpt.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)})
     sjd2.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)})
     gpt = gpt.to(device=device, dtype=dtype).eval()
