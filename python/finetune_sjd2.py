@@ -202,7 +202,9 @@ def main(argv=None):
         ema = lv_ if ema is None else 0.98 * ema + 0.02 * lv_
         if step % 25 == 0 or step == args.steps - 1:
             el = time.time() - t0
-            log(f"step {step:5d} loss {lv_:.4f} ema {ema:.4f} lr x{s:.3f} {el:.0f} s ({el / (step + 1):.2f} s/step)")
+            left = min(el / (step + 1) * (args.steps - step - 1), max(0.0, args.max_minutes * 60 - el))
+            log(f"step {step:5d}/{args.steps} loss {lv_:.4f} ema {ema:.4f} lr x{s:.3f} {el:.0f} s "
+                f"({el / (step + 1):.2f} s/step, about {left:.0f} s left)")
             history.append([step, round(lv_, 4), round(ema, 4), round(el, 1)])
         if time.time() - t0 > args.max_minutes * 60:
             log(f"stopping at step {step}: time cap of {args.max_minutes} min reached")

@@ -181,6 +181,9 @@ def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, budget_minutes):
             grp["lr"] = lr_at(step, progress, recipe) * grp["mult"]
         logits = gpt.forward_train(c, x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x.reshape(-1))
+        if not math.isfinite(float(loss.detach())):
+            log(f"step {step}: the loss is {float(loss.detach())}: training diverged; nothing was saved")
+            raise SystemExit(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)

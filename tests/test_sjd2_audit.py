@@ -5,6 +5,7 @@ what happened instead."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -260,6 +261,7 @@ def test_finetune_tiny_run_end_to_end(tmp_path, small_mnist, monkeypatch):
     assert set(tr["heldout_ce"]["after_per_level"]) == {"0", "1", "2"}
     log = (tmp_path / "ft.log").read_text()
     assert "(8 images)" in log and "(200 images)" not in log         # it said 200 whatever the test set
+    assert re.search(r"step +0/2 loss .* s/step, about \d+ s left\)", log), log
     r = generate_sjd2(gpt, torch.tensor([3]), 6, window=3, seed=1)
     assert bool((r.tokens >= 0).all()) and bool((r.tokens < gpt.vocab_size).all())
 
@@ -342,6 +344,20 @@ def test_train_toy_tiny_step_run_end_to_end(tmp_path, monkeypatch, small_mnist):
     man = json.loads((out / "mnist.json").read_text())
     assert man["info"]["gpt"]["steps_done"] == 3
     assert bundled.load("mnist", out).gpt.config.d_model == 16        # the files written load, hash-checked
+
+
+def test_train_toy_diverged_loss_saves_nothing(tmp_path, monkeypatch, small_mnist):
+    """A non-finite loss trained on and reached ``bundled.save`` (which refuses NaN weights with a traceback)."""
+    m, out = _train_toy(tmp_path, monkeypatch, small_mnist)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_ce = m.F.cross_entropy
+    monkeypatch.setattr(m.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        m.main(["--stages", "gpt", "--steps", "3", "--budget-minutes", "0", "--out", str(out),
+                "--log", str(tmp_path / "t.log")])
+    assert e.value.code == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert "step 0: the loss is nan: training diverged; nothing was saved" in (tmp_path / "t.log").read_text()
 
 
 def test_image_embedding_reads_the_rows_on_the_models_device():
