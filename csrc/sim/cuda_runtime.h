@@ -28,8 +28,8 @@ struct cudaFuncAttributes {
 
 namespace sjd_sim {
 inline thread_local int g_device = 0;
-constexpr int kSimSharedOptin = 227 * 1024;
-constexpr int kSimStaticShared = 24 * 1024;  // a bound on the kernels' static shared memory
+constexpr int kSimSharedOptin = kSmemOptin;
+constexpr int kSimStaticShared = kStaticSmem;
 }  // namespace sjd_sim
 
 inline const char* cudaGetErrorName(cudaError_t e) {
@@ -45,6 +45,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument (simulator)";
+    case cudaErrorInvalidValue: return "invalid argument (simulator)";
     default: return "error (simulator)";
   }
 }
@@ -65,11 +66,19 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   *v = ::sjd_sim::kSimSharedOptin;
   return cudaSuccess;
 }
-inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void*) {
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* kernel) {
   *a = cudaFuncAttributes{};
   a->sharedSizeBytes = ::sjd_sim::kSimStaticShared;
+  a->maxDynamicSharedSizeBytes = ::sjd_sim::max_dynamic_smem(kernel);
   return cudaSuccess;
 }
-inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+// The kernel's dynamic shared memory limit, checked at its launches (at most the opt-in limit less
+// its static shared memory).
+inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > ::sjd_sim::kSimSharedOptin - ::sjd_sim::kSimStaticShared) return cudaErrorInvalidValue;
+  ::sjd_sim::set_max_dynamic_smem(kernel, value);
+  return cudaSuccess;
+}
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 0; return cudaSuccess; }
 inline cudaError_t cudaDriverGetVersion(int* v) { *v = 0; return cudaSuccess; }

@@ -14,7 +14,8 @@
 //   clock per lane over the lanes of its warp);
 // - threads of different blocks of one launch are never ordered;
 // - a write and another access to a common byte, unordered and not both atomic, is a race;
-// - a read of shared-memory bytes that no thread of the block has written is an uninitialised read.
+// - a read of shared-memory bytes that no thread of the block has written is an uninitialised read
+//   (atomics other than atomicExch read the old value: an atomicAdd to a counter nobody set is one).
 //
 // Per word the record keeps the last write and up to kReaders reads since it, so a race whose
 // earlier access has been pushed out of the record can go unseen (never the other way round: every
@@ -234,7 +235,9 @@ void report_uninit(Space sp, uintptr_t addr, const Acc& b) {
                       thread_name(b) + " at " + where(b.pc));
 }
 
-inline void check_word(Word& wd, Space sp, uintptr_t addr, Acc cur, bool write) {
+// ``reads``: the access reads the word (a read, or an atomic read-modify-write, whose old value
+// counts as read for the check of unwritten shared memory).
+inline void check_word(Word& wd, Space sp, uintptr_t addr, Acc cur, bool write, bool reads) {
   if (sp != kGlobal && wd.stamp != cur.blk) {
     wd = Word{};
     wd.stamp = cur.blk;
@@ -242,6 +245,7 @@ inline void check_word(Word& wd, Space sp, uintptr_t addr, Acc cur, bool write) 
   if (wd.w.blk && (wd.w.bytes & cur.bytes) && !(wd.w.atomic && cur.atomic) && !ordered(wd.w, cur))
     report_race(sp, addr, wd.w, true, cur, write);
   if (write) {
+    if (reads && sp != kGlobal && (cur.bytes & ~wd.written)) report_uninit(sp, addr, cur);
     for (Acc& r : wd.r) {
       if (!r.blk || !(r.bytes & cur.bytes)) continue;  // reads of other bytes of the word stay
       if (!(r.atomic && cur.atomic) && !ordered(r, cur)) report_race(sp, addr, r, false, cur, true);
@@ -263,7 +267,7 @@ inline void check_word(Word& wd, Space sp, uintptr_t addr, Acc cur, bool write) 
   wd.r[slot] = cur;
 }
 
-inline void on_access(const void* p, unsigned size, bool write, bool atomic, const void* pc) {
+inline void on_access(const void* p, unsigned size, bool write, bool atomic, const void* pc, bool atomic_reads = true) {
   // host code of another thread, or the checker's own code: the C++ library's inline functions it
   // calls (std::string ...) may be the instrumented copies the kernel sources instantiated
   if (!this_thread_runs_the_launch() || in_check) return;
@@ -294,7 +298,7 @@ inline void on_access(const void* p, unsigned size, bool write, bool atomic, con
     if (sp == kDyn) wd = &S.dyn[(w - S.dyn_lo) / 4];
     else if (sp == kStatic) wd = &S.seg[(w - S.seg_lo) / 4];
     else wd = &S.glob[w];
-    check_word(*wd, sp, w, cur, write || atomic);
+    check_word(*wd, sp, w, cur, write || atomic, !write || (atomic && atomic_reads));
   }
   in_check = false;
 }
@@ -334,7 +338,9 @@ void race_warp_event(Warp& w, unsigned lanes) {
     if ((lanes >> p) & 1u) std::memcpy(w.vc[p], m, sizeof m);
 }
 
-void race_atomic(const void* p, size_t n, const void* pc) { on_access(p, static_cast<unsigned>(n), true, true, pc); }
+void race_atomic(const void* p, size_t n, const void* pc, bool reads) {
+  on_access(p, static_cast<unsigned>(n), true, true, pc, reads);
+}
 
 std::string race_launch_end() {
   S.dyn_lo = S.dyn_hi = 0;

@@ -11,14 +11,24 @@
 // threads run from one barrier to the next is set by `sim_configure`: forward (the lowest-numbered
 // runnable thread always goes next, so the first warps run as far ahead of the others as the
 // barriers allow), reverse (the highest first) or shuffled sweeps; a test run under forward and
-// reverse exposes most missing barriers and buffers reused too early. Threads of a block
-// waiting at different __syncthreads call sites, threads waiting at a barrier the others never
-// reach, warp intrinsics called by lanes with different masks, and a launch over 1024 threads or
-// 227 KiB of dynamic shared memory are errors (a RuntimeError from the launch), not hangs.
+// reverse exposes most missing barriers and buffers reused too early. A warp intrinsic waits for
+// the lanes of its mask that have not exited (lanes beyond the block's size count as exited), as
+// PTX's *.sync instructions do; groups of lanes with different masks exchange independently (the
+// branches of a divergent warp), and a shuffle that reads a lane outside the exchange gets all bits
+// set (CUDA: undefined). Threads of a block waiting at different __syncthreads call sites, threads
+// waiting at a barrier the others never reach, different warp intrinsics with one mask at the same
+// time and a shuffle width other than 1, 2, 4, 8, 16 or 32 are errors (a RuntimeError from the
+// launch), not hangs. A launch outside the device's limits (1024 threads, 1024 x 1024 x 64 in
+// block dimensions, 2^31 - 1 x 65535 x 65535 blocks) fails as on the GPU, and so does one with over
+// 48 KiB of dynamic shared memory unless cudaFuncSetAttribute raised the kernel's limit (to at most
+// 227 KiB less its static shared memory): cudaGetLastError reports it.
 //
 // What it does not model: the GPU's floating-point library (expf, logf, powf here are the host
 // libm's, within an ulp or two of CUDA's), fused multiply-add contraction (compile with
-// -ffp-contract=off), memory ordering between blocks, timing. Results are therefore checked against
+// -ffp-contract=off), memory ordering between blocks, timing, __launch_bounds__ (ignored), and
+// uninitialised static __shared__ variables: they are statics here, which keep what the block before
+// wrote (dynamic shared memory starts as 0xff bytes in every block; the race-checking build below
+// reports reads of either before a write). Results are therefore checked against
 // the reference as the Triton interpreter's are: same tokens up to rare rounding at sampling
 // boundaries. It exists for correctness only.
 //
@@ -51,6 +61,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // ---- language keywords ------------------------------------------------------------------------
@@ -83,6 +94,7 @@ struct Barrier {
   uint64_t gen = 0;
   int arrived = 0;
   unsigned mask = 0;           // warp barriers: the mask of the current phase
+  int op = 0;                  // warp barriers: the intrinsic of the current phase (XOp)
   const char* file = nullptr;  // block barriers: the call site of the current phase
   int line = 0;
 };
@@ -97,13 +109,20 @@ struct Fiber {
   const Barrier* wait = nullptr;
   uint64_t wait_gen = 0;
   uint64_t n_block_ops = 0;  // block exchanges so far (rotation of the exchange slots)
-  uint64_t n_warp_ops = 0;   // warp exchanges so far
+  uint64_t xres = 0;         // the result of its last warp exchange, set when the exchange completes
 };
 
+// A warp exchange in progress: the lanes of its mask (those that have not exited) publish a value
+// and, for a shuffle, the lane they read; the last to arrive computes every lane's result into its
+// Fiber::xres. Exchanges with different masks may be in progress at the same time (divergent
+// branches of one warp, each exchanging among its own lanes); each has a record of ``bars``. A lane
+// waits in at most one, so 32 records suffice.
 struct Warp {
-  Barrier bar;
+  Barrier bars[32];
+  unsigned used = 0;       // the records of ``bars`` with lanes waiting
   unsigned live = 0;       // lanes of this warp that exist and have not returned
-  uint64_t val[3][32]{};   // exchange slots, used in rotation
+  uint64_t val[32]{};      // each arrived lane's value
+  int8_t src[32]{};        // shuffles: the lane each arrived lane reads
 #ifdef SJD_SIM_RACE
   uint32_t vc[32][32]{};   // race checks: each lane's vector clock over the lanes of its warp
 #endif
@@ -160,7 +179,7 @@ inline bool this_thread_runs_the_launch() {
 void race_launch_begin(const unsigned char* dyn, size_t smem);
 void race_block_begin(const Block& blk, const char* stack_lo, size_t stack_bytes);
 void race_warp_event(Warp& w, unsigned lanes);
-void race_atomic(const void* p, size_t n, const void* pc);
+void race_atomic(const void* p, size_t n, const void* pc, bool reads = true);
 std::string race_launch_end();
 #endif
 
@@ -218,28 +237,84 @@ SJD_SIM_RT inline void block_sync(const char* file, int line) {
 
 // ---- warp exchange -----------------------------------------------------------------------------
 SJD_SIM_RT inline int lane_id() { return g_run.cur->linear & 31; }
-SJD_SIM_RT inline Warp& my_warp() { return g_run.blk->warps[g_run.cur->linear >> 5]; }
 
-// Every lane of ``mask`` publishes ``v``; returns the slot row all of them published into.
-SJD_SIM_RT inline const uint64_t* warp_exchange(unsigned mask, uint64_t v) {
-  Warp& w = my_warp();
+enum XOp { kXShfl = 1, kXBallot, kXOr, kXAnd, kXXor, kXAdd, kXMin, kXMax, kXUMin, kXUMax };
+// What a shuffle returns from a lane that does not take part in it (outside the mask, or exited):
+// undefined in CUDA; all bits set here (a NaN float, -1), as unwritten shared memory reads.
+constexpr uint64_t kUndefined = ~0ull;
+
+// Completes the exchange of ``w.bars[k]``: every lane of it gets its result.
+SJD_SIM_RT inline void complete_exchange(Warp& w, int k, Fiber* lanes0) {
+  Barrier& b = w.bars[k];
+  const unsigned lanes = b.mask & w.live;
+#ifdef SJD_SIM_RACE
+  race_warp_event(w, lanes);
+#endif
+  uint32_t r = b.op == kXAnd ? ~0u : b.op == kXMin ? 0x7fffffffu : b.op == kXUMin ? ~0u
+             : b.op == kXMax ? 0x80000000u : 0u;
+  for (int l = 0; l < 32; ++l) {
+    if (!((lanes >> l) & 1u)) continue;
+    const uint32_t v = static_cast<uint32_t>(w.val[l]);
+    switch (b.op) {
+      case kXBallot: if (v) r |= 1u << l; break;
+      case kXOr: r |= v; break;
+      case kXAnd: r &= v; break;
+      case kXXor: r ^= v; break;
+      case kXAdd: r += v; break;
+      case kXMin: if (static_cast<int32_t>(v) < static_cast<int32_t>(r)) r = v; break;
+      case kXMax: if (static_cast<int32_t>(v) > static_cast<int32_t>(r)) r = v; break;
+      case kXUMin: if (v < r) r = v; break;
+      case kXUMax: if (v > r) r = v; break;
+    }
+  }
+  for (int l = 0; l < 32; ++l) {
+    if (!((lanes >> l) & 1u)) continue;
+    if (b.op == kXShfl) {
+      const int s = w.src[l];
+      lanes0[l].xres = ((lanes >> s) & 1u) ? w.val[s] : kUndefined;
+    } else {
+      lanes0[l].xres = r;
+    }
+  }
+  w.used &= ~(1u << k);
+  b.arrived = 0;
+  ++b.gen;
+  ++g_run.releases;
+}
+
+// The calling lane takes part in the exchange ``op`` among the lanes of ``mask`` that have not
+// exited, publishing ``v`` (a shuffle: reading lane ``src``); returns its result once all of them
+// have arrived.
+SJD_SIM_RT inline uint64_t warp_exchange(unsigned mask, int op, uint64_t v, int src = 0) {
+  const int wi = g_run.cur->linear >> 5;
+  Warp& w = g_run.blk->warps[wi];
   const int lane = lane_id();
   if (!((mask >> lane) & 1u)) fail("warp intrinsic called by a lane outside its mask");
-  const int slot = static_cast<int>(g_run.cur->n_warp_ops++ % 3);
-  w.val[slot][lane] = v;
-  Barrier& b = w.bar;
-  if (b.arrived == 0) {
-    b.mask = mask;
-  } else if (b.mask != mask) {
-    fail("warp intrinsics with different masks in one warp at the same time");
+  int k = -1;
+  for (unsigned u = w.used; u != 0; u &= u - 1) {
+    const int j = __builtin_ctz(u);
+    if (w.bars[j].mask == mask) {
+      k = j;
+      break;
+    }
   }
-  if ((mask & ~w.live) != 0) fail("warp intrinsic's mask names a lane that has exited or does not exist");
-  const int expected = __builtin_popcount(mask & w.live);
-#ifdef SJD_SIM_RACE
-  if (b.arrived + 1 >= expected) race_warp_event(w, mask & w.live);  // this arrival completes the exchange
-#endif
-  arrive(b, expected);
-  return w.val[slot];
+  if (k < 0) {
+    k = __builtin_ctz(~w.used);  // a lane waits in at most one record: one of the 32 is free
+    w.used |= 1u << k;
+    w.bars[k].mask = mask;
+    w.bars[k].op = op;
+  } else if (w.bars[k].op != op) {
+    fail("different warp intrinsics with the same mask in one warp at the same time");
+  }
+  Barrier& b = w.bars[k];
+  w.val[lane] = v;
+  w.src[lane] = static_cast<int8_t>(src);
+  const uint64_t gen = b.gen;
+  if (++b.arrived >= __builtin_popcount(mask & w.live))
+    complete_exchange(w, k, &g_run.blk->fibers[32 * wi]);  // the last to arrive goes on without a switch
+  else
+    wait_on(b, gen);
+  return g_run.cur->xres;
 }
 
 template <typename T>
@@ -266,11 +341,10 @@ SJD_SIM_RT inline void fiber_entry() {
   w.live &= ~(1u << (f->linear & 31));
   // A block barrier or warp exchange waiting only on this thread completes now.
   release_if_complete(g_run.blk->bar, g_run.blk->live);
-  if (w.bar.arrived > 0) {
-#ifdef SJD_SIM_RACE
-    if (w.bar.arrived >= __builtin_popcount(w.bar.mask & w.live)) race_warp_event(w, w.bar.mask & w.live);
-#endif
-    release_if_complete(w.bar, __builtin_popcount(w.bar.mask & w.live));
+  for (unsigned u = w.used; u != 0; u &= u - 1) {
+    const int k = __builtin_ctz(u);
+    if (w.bars[k].arrived >= __builtin_popcount(w.bars[k].mask & w.live))
+      complete_exchange(w, k, &g_run.blk->fibers[f->linear & ~31]);
   }
   _longjmp(g_run.sched_jb, 1);  // never returns into uc_link
 }
@@ -287,6 +361,11 @@ inline Stacks& stacks() {
 }
 
 constexpr size_t kStack = 192 * 1024;
+// The lowest bytes of each fiber's stack hold a pattern checked when the block ends: a thread whose
+// frames outgrew kStack (large local arrays) is reported instead of silently overwriting the stack
+// of the thread below it.
+constexpr size_t kStackGuard = 64;
+constexpr unsigned char kStackGuardByte = 0x5c;
 
 SJD_SIM_RT inline void run_block(int nthreads, const std::function<void()>& body) {
   Block blk;
@@ -312,6 +391,7 @@ SJD_SIM_RT inline void run_block(int nthreads, const std::function<void()>& body
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = st.mem.get() + kStack * static_cast<size_t>(t);
     f.ctx.uc_stack.ss_size = kStack;
+    std::memset(f.ctx.uc_stack.ss_sp, kStackGuardByte, kStackGuard);
     f.ctx.uc_link = &g_run.sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
@@ -368,6 +448,17 @@ SJD_SIM_RT inline void run_block(int nthreads, const std::function<void()>& body
     }
   }
   g_cfg.switches += switches;
+  for (int t = 0; t < nthreads && g_run.error.empty(); ++t) {
+    const unsigned char* lo = reinterpret_cast<const unsigned char*>(st.mem.get() + kStack * static_cast<size_t>(t));
+    for (size_t i = 0; i < kStackGuard; ++i)
+      if (lo[i] != kStackGuardByte) {
+        g_run.error = "thread " + std::to_string(t) + " of block (" + std::to_string(g_run.block_idx.x) + ", " +
+                      std::to_string(g_run.block_idx.y) + ", " + std::to_string(g_run.block_idx.z) +
+                      ") overflowed its " + std::to_string(kStack / 1024) +
+                      " KiB stack in the simulator (local arrays too large)";
+        break;
+      }
+  }
   g_run.blk = nullptr;
 }
 
@@ -381,17 +472,44 @@ struct LaunchLock {
   ~LaunchLock() { g_owner.store(nullptr, std::memory_order_relaxed); }
 };
 
-SJD_SIM_RT inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+// The device's limits (a Hopper-class GPU): dynamic shared memory a kernel may take without
+// cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize), and with it at most.
+constexpr int kDynSmemDefault = 48 * 1024;
+constexpr int kSmemOptin = 227 * 1024;
+constexpr int kStaticSmem = 24 * 1024;  // a bound on the kernels' static shared memory
+
+// Each kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, where set.
+inline std::mutex g_attr_mutex;
+inline std::vector<std::pair<const void*, int>> g_dyn_smem_attr;
+inline void set_max_dynamic_smem(const void* kernel, int bytes) {
+  const std::lock_guard<std::mutex> hold(g_attr_mutex);
+  for (auto& e : g_dyn_smem_attr)
+    if (e.first == kernel) {
+      e.second = bytes;
+      return;
+    }
+  g_dyn_smem_attr.emplace_back(kernel, bytes);
+}
+inline int max_dynamic_smem(const void* kernel) {
+  const std::lock_guard<std::mutex> hold(g_attr_mutex);
+  for (const auto& e : g_dyn_smem_attr)
+    if (e.first == kernel) return e.second;
+  return kDynSmemDefault;
+}
+
+SJD_SIM_RT inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
+                              const std::function<void()>& body) {
   const LaunchLock lock;
   ++g_cfg.launches;
   const unsigned long long nthreads = 1ull * block.x * block.y * block.z;
-  if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
-      grid.z > 65535) {
+  if (nthreads == 0 || nthreads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 ||
+      grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
     g_last_error = 9;  // cudaErrorInvalidConfiguration
     return;
   }
-  if (smem > 227 * 1024) {
-    g_last_error = 9;
+  // above 48 KiB only as far as the kernel's attribute allows (cudaFuncSetAttribute)
+  if (smem > static_cast<size_t>(max_dynamic_smem(kernel))) {
+    g_last_error = 1;  // cudaErrorInvalidValue
     return;
   }
   // Dynamic shared memory, 16-byte aligned, then kCanary guard bytes. Uninitialised shared memory
@@ -443,7 +561,7 @@ struct Launcher {
   void operator()(A&&... a) const {
     auto k = kernel;
     std::function<void()> body = [&]() { k(a...); };
-    launch(grid, block, smem, body);
+    launch(reinterpret_cast<const void*>(kernel), grid, block, smem, body);
   }
 };
 
@@ -475,64 +593,121 @@ SJD_SIM_RT inline int sjd_sim_block_count(int pred, const char* file, int line) 
   return b->acc[n];
 }
 #define __syncthreads_or(pred) (sjd_sim_block_count((pred), __FILE__, __LINE__) != 0)
+#define __syncthreads_and(pred) (sjd_sim_block_count(!(pred), __FILE__, __LINE__) == 0)
+#define __syncthreads_count(pred) sjd_sim_block_count((pred), __FILE__, __LINE__)
 
+// The lane a shuffle reads, as PTX's shfl.sync computes it: ``b``'s low 5 bits, segments of
+// ``width`` lanes, and the own lane when the source falls outside the segment (``up``: below it;
+// ``down``, ``bfly``: above it). ``width`` must be a power of two from 1 to 32.
+enum ShflMode { kShflIdx, kShflUp, kShflDown, kShflBfly };
+SJD_SIM_RT inline int sjd_sim_shfl_src(ShflMode mode, int b, int width) {
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+    ::sjd_sim::fail("warp shuffle with width " + std::to_string(width) + " (a power of two from 1 to 32)");
+  const int lane = ::sjd_sim::lane_id();
+  const int seg = 31 & ~(width - 1);                       // the lane bits that name the segment
+  const int min_lane = lane & seg;
+  const int max_lane = mode == kShflUp ? min_lane : min_lane | (31 & ~seg);
+  const int b5 = b & 31;
+  int j = lane;
+  bool ok = true;
+  switch (mode) {
+    case kShflIdx: j = min_lane | (b5 & ~seg); ok = j <= max_lane; break;
+    case kShflUp: j = lane - b5; ok = j >= max_lane; break;
+    case kShflDown: j = lane + b5; ok = j <= max_lane; break;
+    case kShflBfly: j = lane ^ b5; ok = j <= max_lane; break;
+  }
+  return ok ? j : lane;
+}
+template <typename T>
+SJD_SIM_RT inline T sjd_sim_shfl(unsigned mask, T v, ShflMode mode, int b, int width) {
+  const int src = sjd_sim_shfl_src(mode, b, width);
+  return ::sjd_sim::from_bits<T>(::sjd_sim::warp_exchange(mask, ::sjd_sim::kXShfl, ::sjd_sim::bits_of(v), src));
+}
 template <typename T>
 SJD_SIM_RT inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
-  const int lane = ::sjd_sim::lane_id();
-  const int base = lane & ~(width - 1);
-  return ::sjd_sim::from_bits<T>(row[base + (src & (width - 1))]);
+  return sjd_sim_shfl(mask, v, kShflIdx, src, width);
 }
 template <typename T>
 SJD_SIM_RT inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
-  const int lane = ::sjd_sim::lane_id();
-  int src = lane ^ lane_mask;
-  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
-  return ::sjd_sim::from_bits<T>(row[src]);
+  return sjd_sim_shfl(mask, v, kShflBfly, lane_mask, width);
 }
 template <typename T>
 SJD_SIM_RT inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, ::sjd_sim::bits_of(v));
-  const int lane = ::sjd_sim::lane_id();
-  const int in_seg = lane & (width - 1);
-  const int src = in_seg >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
-  return ::sjd_sim::from_bits<T>(row[src]);
+  return sjd_sim_shfl(mask, v, kShflUp, static_cast<int>(delta & 31u), width);
 }
+template <typename T>
+SJD_SIM_RT inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return sjd_sim_shfl(mask, v, kShflDown, static_cast<int>(delta & 31u), width);
+}
+// Votes and reductions over the lanes of ``mask`` that have not exited.
 SJD_SIM_RT inline unsigned __ballot_sync(unsigned mask, int pred) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, pred != 0);
-  unsigned r = 0;
-  for (int l = 0; l < 32; ++l)
-    if (((mask >> l) & 1u) && row[l]) r |= 1u << l;
-  return r;
+  return static_cast<unsigned>(::sjd_sim::warp_exchange(mask, ::sjd_sim::kXBallot, pred != 0));
 }
-SJD_SIM_RT inline unsigned __reduce_or_sync(unsigned mask, unsigned v) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, v);
-  unsigned r = 0;
-  for (int l = 0; l < 32; ++l)
-    if ((mask >> l) & 1u) r |= static_cast<unsigned>(row[l]);
-  return r;
+SJD_SIM_RT inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+SJD_SIM_RT inline int __all_sync(unsigned mask, int pred) {
+  return static_cast<unsigned>(::sjd_sim::warp_exchange(mask, ::sjd_sim::kXAnd, pred != 0)) != 0;
 }
-SJD_SIM_RT inline int __reduce_add_sync(unsigned mask, int v) {
-  const uint64_t* row = ::sjd_sim::warp_exchange(mask, static_cast<uint32_t>(v));
-  uint32_t r = 0;
-  for (int l = 0; l < 32; ++l)
-    if ((mask >> l) & 1u) r += static_cast<uint32_t>(row[l]);
-  return static_cast<int>(r);
-}
+#define SJD_SIM_REDUCE(name, T, op)                                                                  \
+  SJD_SIM_RT inline T name(unsigned mask, T v) {                                                     \
+    return static_cast<T>(static_cast<uint32_t>(                                                     \
+        ::sjd_sim::warp_exchange(mask, ::sjd_sim::op, static_cast<uint32_t>(v))));                    \
+  }
+SJD_SIM_REDUCE(__reduce_or_sync, unsigned, kXOr)
+SJD_SIM_REDUCE(__reduce_and_sync, unsigned, kXAnd)
+SJD_SIM_REDUCE(__reduce_xor_sync, unsigned, kXXor)
+SJD_SIM_REDUCE(__reduce_add_sync, int, kXAdd)
+SJD_SIM_REDUCE(__reduce_add_sync, unsigned, kXAdd)
+SJD_SIM_REDUCE(__reduce_min_sync, int, kXMin)
+SJD_SIM_REDUCE(__reduce_max_sync, int, kXMax)
+SJD_SIM_REDUCE(__reduce_min_sync, unsigned, kXUMin)
+SJD_SIM_REDUCE(__reduce_max_sync, unsigned, kXUMax)
+#undef SJD_SIM_REDUCE
 
 // ---- atomics (fibers never interleave inside one) -----------------------------------------------
 #ifdef SJD_SIM_RACE
 #define SJD_SIM_ATOMIC(a) ::sjd_sim::race_atomic((a), sizeof(*(a)), __builtin_return_address(0))
+#define SJD_SIM_ATOMIC_STORE(a) ::sjd_sim::race_atomic((a), sizeof(*(a)), __builtin_return_address(0), false)
 #else
 #define SJD_SIM_ATOMIC(a) ((void)0)
+#define SJD_SIM_ATOMIC_STORE(a) ((void)0)
 #endif
+namespace sjd_sim {
+// The value argument takes the pointer's type (converted, as CUDA's overloads convert it).
 template <typename T>
-SJD_SIM_RT inline T atomicAdd(T* a, T v) { SJD_SIM_ATOMIC(a); T o = *a; *a = o + v; return o; }
+struct same { using type = T; };
+// Integer arithmetic wraps around, as on the GPU (signed overflow is undefined in C++).
 template <typename T>
-SJD_SIM_RT inline T atomicOr(T* a, T v) { SJD_SIM_ATOMIC(a); T o = *a; *a = o | v; return o; }
+inline T wrap_add(T a, T b) {
+  if constexpr (std::is_integral_v<T>)
+    return static_cast<T>(static_cast<std::make_unsigned_t<T>>(a) + static_cast<std::make_unsigned_t<T>>(b));
+  else
+    return a + b;
+}
+}  // namespace sjd_sim
+#define SJD_SIM_ARG(T) typename ::sjd_sim::same<T>::type
 template <typename T>
-SJD_SIM_RT inline T atomicMin(T* a, T v) { SJD_SIM_ATOMIC(a); T o = *a; *a = v < o ? v : o; return o; }
+SJD_SIM_RT inline T atomicAdd(T* a, SJD_SIM_ARG(T) v) { SJD_SIM_ATOMIC(a); T o = *a; *a = ::sjd_sim::wrap_add(o, v); return o; }
+template <typename T>
+SJD_SIM_RT inline T atomicSub(T* a, SJD_SIM_ARG(T) v) {
+  SJD_SIM_ATOMIC(a); T o = *a; *a = static_cast<T>(static_cast<std::make_unsigned_t<T>>(o) - static_cast<std::make_unsigned_t<T>>(v)); return o;
+}
+template <typename T>
+SJD_SIM_RT inline T atomicExch(T* a, SJD_SIM_ARG(T) v) { SJD_SIM_ATOMIC_STORE(a); T o = *a; *a = v; return o; }
+template <typename T>
+SJD_SIM_RT inline T atomicOr(T* a, SJD_SIM_ARG(T) v) { SJD_SIM_ATOMIC(a); T o = *a; *a = o | v; return o; }
+template <typename T>
+SJD_SIM_RT inline T atomicAnd(T* a, SJD_SIM_ARG(T) v) { SJD_SIM_ATOMIC(a); T o = *a; *a = o & v; return o; }
+template <typename T>
+SJD_SIM_RT inline T atomicXor(T* a, SJD_SIM_ARG(T) v) { SJD_SIM_ATOMIC(a); T o = *a; *a = o ^ v; return o; }
+template <typename T>
+SJD_SIM_RT inline T atomicMin(T* a, SJD_SIM_ARG(T) v) { SJD_SIM_ATOMIC(a); T o = *a; *a = v < o ? v : o; return o; }
+template <typename T>
+SJD_SIM_RT inline T atomicMax(T* a, SJD_SIM_ARG(T) v) { SJD_SIM_ATOMIC(a); T o = *a; *a = v > o ? v : o; return o; }
+template <typename T>
+SJD_SIM_RT inline T atomicCAS(T* a, SJD_SIM_ARG(T) cmp, SJD_SIM_ARG(T) v) {
+  SJD_SIM_ATOMIC(a); T o = *a; if (o == cmp) *a = v; return o;
+}
+#undef SJD_SIM_ARG
 
 // ---- loads, stores, arithmetic intrinsics -------------------------------------------------------
 template <typename T>
@@ -554,6 +729,14 @@ inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline unsigned __brev(unsigned v) {
+  v = ((v >> 1) & 0x55555555u) | ((v & 0x55555555u) << 1);
+  v = ((v >> 2) & 0x33333333u) | ((v & 0x33333333u) << 2);
+  v = ((v >> 4) & 0x0f0f0f0fu) | ((v & 0x0f0f0f0fu) << 4);
+  v = ((v >> 8) & 0x00ff00ffu) | ((v & 0x00ff00ffu) << 8);
+  return (v >> 16) | (v << 16);
+}
 inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
 inline int __ffs(int v) { return v == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(v)) + 1; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -56,6 +57,7 @@ LINK_FLAGS = ("-shared", "-fPIC", "-Wl,-Bsymbolic")
 ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
 
 _modules: dict = {}
+_load_lock = threading.RLock()
 
 
 class SimUnavailable(RuntimeError):
@@ -70,8 +72,22 @@ def _compiler() -> str:
 
 
 def cache_dir() -> Path:
-    """Where builds are cached: ``$SJD_SIM_CACHE``, default ``~/.cache/sjd_kernels/sim``."""
-    return Path(os.environ.get("SJD_SIM_CACHE", Path.home() / ".cache" / "sjd_kernels" / "sim"))
+    """Where builds are cached: ``$SJD_SIM_CACHE`` (``~`` expanded, made absolute), default
+    ``~/.cache/sjd_kernels/sim`` (also when the variable is set but empty)."""
+    env = os.environ.get("SJD_SIM_CACHE", "")
+    path = Path(env).expanduser() if env.strip() else Path.home() / ".cache" / "sjd_kernels" / "sim"
+    return path.absolute()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    """The compiler's ``--version`` banner: part of the objects' cache key, so that objects built by
+    another compiler at the same path are not reused."""
+    try:
+        r = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout.strip()
 
 
 def include_dirs(csrc: Path) -> list[Path]:
@@ -115,7 +131,8 @@ def _object(cxx: str, src: Path, flags: list[str], dirs: list[Path], system: lis
     from ``dirs``. The folders' own paths do not count, so a mutated copy of ``csrc/`` (the tests'
     mutants) rebuilds only the objects whose sources or headers differ."""
     import pybind11
-    h = hashlib.sha256(" ".join([cxx, *flags, *system, pybind11.__version__, sysconfig.get_python_version()]).encode())
+    h = hashlib.sha256(" ".join([cxx, _compiler_version(cxx), *flags, *system, pybind11.__version__,
+                                 sysconfig.get_python_version()]).encode())
     for f in [src] + sorted(_headers(src, dirs), key=lambda x: x.name):
         h.update(f.name.encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
@@ -203,13 +220,14 @@ def build(csrc: Path | str | None = None, verbose: bool = False, race: bool = Fa
 def load(csrc: Path | str | None = None, race: bool = False):
     """The simulator module built from ``csrc`` (default: this checkout's), with the functions of
     ``sjd_kernels._C``; built on first use. ``race``: the race-checking build (slower)."""
-    path = build(csrc, race=race)
-    if path not in _modules:
-        spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _modules[path] = mod
-    return _modules[path]
+    with _load_lock:  # threads that load at once build and import the module once
+        path = build(csrc, race=race)
+        if path not in _modules:
+            spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            _modules[path] = mod
+        return _modules[path]
 
 
 @contextlib.contextmanager
