@@ -13,6 +13,7 @@ through the public op; shapes stay tiny so the Triton interpreter is quick.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -339,5 +340,24 @@ def test_cuda_launch_limits_are_input_errors():
     kv = torch.zeros(1, 2, 1, 1, 9000, 4)
     path = torch.full((1, 8193), -1, dtype=I64)
     with sim.simulate("forward"):
-        with pytest.raises(sk.SJDInputError, match="at most 65535 rows, 32767 layers and paths of 8192"):
+        with pytest.raises(sk.SJDInputError, match="at most 65535 rows, 32767 layers and paths of 8192 entries, "
+                                                   "got R = 1, 1 layers, P = 8193: use backend='triton' or 'torch'"):
             sk.tree_kv_update(kv, path, torch.zeros(1, dtype=I64), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_more_rows_than_grid_z_are_input_errors(backend):
+    """Both GPU kernels launch on grid (heads, 2 * layers, R): past 65535 rows the Triton one failed at launch
+    (the CUDA message sent such inputs to it). Nothing is written."""
+    from sjd_kernels.cuda import sim
+    if backend == "cuda":
+        from _util import sim_module
+        sim_module()
+    kv = torch.zeros(1, 2, 65536, 1, 2, 1)
+    path = torch.zeros((65536, 1), dtype=I64)
+    ctx = sim.simulate("forward") if backend == "cuda" else contextlib.nullcontext()
+    with ctx, pytest.raises(sk.SJDInputError, match=f"the {'CUDA' if backend == 'cuda' else 'Triton'} kernel of "
+                            f"tree_kv_update takes at most 65535 rows.*got R = 65536, 1 layers, P = 1: use "
+                            f"backend='torch'$"):
+        sk.tree_kv_update(kv, path, torch.zeros(65536, dtype=I64), backend=backend)
+    assert not bool(kv.any())

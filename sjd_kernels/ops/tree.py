@@ -460,13 +460,16 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
         raise SJDInputError(f"a float64 cache needs backend 'torch' (the {be} kernels take fp32/fp16/bf16)")
     if not compiling():
         _check_no_overlap(kv, keys, values)
-    if be == "cuda":          # the CUDA kernel's launch limits, as an input error before anything runs
-        layers = kv.shape[0] if kv is not None else len(keys)
-        R, P = path.shape
-        if R > 65535 or 2 * layers > 65535 or P > 8192:
-            raise SJDInputError(f"the CUDA kernel of tree_kv_update takes at most 65535 rows, 32767 layers and "
-                                f"paths of 8192 entries, got R = {R}, {layers} layers, P = {P}: use "
-                                f"backend='triton' or 'torch'")
+    if be in ("cuda", "triton"):   # the kernels' launch limits, as an input error before anything runs:
+        layers = kv.shape[0] if kv is not None else len(keys)   # both launch on grid (heads, 2 * layers, R),
+        R, P = path.shape                                       # the CUDA one copies the path to shared memory
+        grid_ok = R <= 65535 and 2 * layers <= 65535
+        if not grid_ok or (be == "cuda" and P > 8192):
+            what = ("65535 rows, 32767 layers and paths of 8192 entries" if be == "cuda"
+                    else "65535 rows and 32767 layers")
+            alt = "backend='triton' or 'torch'" if grid_ok else "backend='torch'"
+            raise SJDInputError(f"the {'CUDA' if be == 'cuda' else 'Triton'} kernel of tree_kv_update takes at "
+                                f"most {what}, got R = {R}, {layers} layers, P = {P}: use {alt}")
     if kv is not None:
         torch.ops.sjd.tree_kv_update(kv, path, cache_len, st, BACKEND_CODE[be])
     else:

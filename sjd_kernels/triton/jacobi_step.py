@@ -264,9 +264,10 @@ def _jacobi_rows_kernel(
         D = tl.load(drafts_ptr + b * W + j, mask=is_draft, other=0)
 
         # ---- target row P (float32, padded lanes 0)
-        x = tl.load(logits_ptr + b * stride_lb + j * stride_lj + lanes, mask=valid, other=0.0).to(tl.float32)
+        j64 = j.to(tl.int64)                # j * the row stride passes 2**31 for row-strided views
+        x = tl.load(logits_ptr + b * stride_lb + j64 * stride_lj + lanes, mask=valid, other=0.0).to(tl.float32)
         if HAS_UNCOND:
-            u = tl.load(uncond_ptr + b * stride_ub + j * stride_uj + lanes, mask=valid, other=0.0).to(tl.float32)
+            u = tl.load(uncond_ptr + b * stride_ub + j64 * stride_uj + lanes, mask=valid, other=0.0).to(tl.float32)
             s = tl.load(cfg_ptr + b)
             x = u + s * (x - u)
         # ``temperature`` is the float32 reciprocal of T, as in the reference and the CUDA kernel

@@ -23,7 +23,7 @@ def _sjd2_prepare_kernel(E_ptr, mean_ptr, std_ptr, L_ptr, a_ptr, s_ptr, tok_ptr,
                          cend_ptr, fstart_ptr, rend_ptr, lat_ptr, lev_ptr, out_ptr,
                          N, R, Vt, K,
                          D: tl.constexpr, STREAM: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)   # pid * D passes 2**31 once the output [B, N, d] does
     b = pid // N
     p = tl.load(pos_ptr + pid)
     tok = tl.load(tok_ptr + pid)

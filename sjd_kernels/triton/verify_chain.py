@@ -87,8 +87,9 @@ def _verify_chain_kernel(t_ptr, t_sb, t_sj, d_ptr, d_sb, d_sj, ids_ptr, wl_ptr, 
     in_range = (D >= 0) & (D < V)
     ok = is_draft & in_range
     Dc = tl.where(ok, D, 0)
-    Pd = tl.load(t_ptr + b * t_sb + js * t_sj + Dc, mask=ok, other=0.0).to(tl.float32)
-    Qd = tl.load(d_ptr + b * d_sb + js * d_sj + Dc, mask=ok, other=0.0).to(tl.float32)
+    js64 = js.to(tl.int64)                    # js * the row stride passes 2**31 for row-strided views
+    Pd = tl.load(t_ptr + b * t_sb + js64 * t_sj + Dc, mask=ok, other=0.0).to(tl.float32)
+    Qd = tl.load(d_ptr + b * d_sb + js64 * d_sj + Dc, mask=ok, other=0.0).to(tl.float32)
     cj = counter_word(pos + js)
     w0, _, _, _ = four_words(k0, k1, cj, tl.zeros_like(cj) + c2, S_ACCEPT)
     accept = uniform24(w0) * Qd < Pd
