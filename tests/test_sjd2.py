@@ -515,6 +515,33 @@ def test_prepare_cuda_kernel_on_the_gpu(dtype):
 
 
 @gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=requires_cuda_ext), "triton"])
+def test_prepare_output_past_2_31_elements_on_the_gpu(backend):
+    """An output [B, N, d] of 2**31 elements and more: slot * d no longer fits 32 bits (the Triton kernel
+    computed it in 32 bits and wrote before the output). Every position is committed, so each output row is
+    exactly its token's embedding row."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    B, N, d, Vt, R, K = 2, 2 ** 18 + 1, 4096, 64, 4, 3             # B * N * d = 2**31 + 8192
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    a, s = NoiseSchedule(levels=K, s_min=0.1).coefficients()
+    c = dict(embed_weight=torch.randn(Vt, d, device=dev, generator=g).to(torch.bfloat16),
+             mean=torch.zeros(d, device=dev), std=torch.ones(d, device=dev),
+             level_table=torch.zeros(K + 1, d, device=dev), alpha=a.to(dev), sigma=s.to(dev),
+             tokens=torch.randint(0, Vt, (B, N), device=dev, generator=g),
+             positions=torch.arange(N, device=dev).repeat(B, 1), seed=torch.tensor([1, 2], device=dev),
+             commit_end=torch.full((B,), N, device=dev), fresh_start=torch.full((B,), N, device=dev),
+             row_end=torch.full((B,), N, device=dev), latent=torch.zeros(B, R, d, device=dev),
+             level=torch.zeros(B, R, dtype=torch.int32, device=dev))
+    out = sjd2_prepare(**c, backend=backend)
+    torch.cuda.synchronize()
+    ok = [bool(torch.equal(out[b], c["embed_weight"][c["tokens"][b]])) for b in range(B)]
+    assert ok == [True, True], ok
+
+
+@gpu
 @requires_cuda_ext
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_prepare_graph_replay_equals_eager(backend):
