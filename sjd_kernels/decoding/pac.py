@@ -242,8 +242,9 @@ def propose(logits, uncond, cfg_scale, cont, m, drafts, win_len, pos, last_tok, 
     # stored laws: Qt where a row proposed, the tail kind elsewhere, one-hot at forced positions
     wr = write.view(B, 1).expand(B, W)
     dense = wr & has_node & ~is_forced
-    state.q_state[bidx[dense], slot[dense]] = Qt[dense]
+    # selected by torch.where, not boolean indexing (which synchronises); the W slots are distinct (R = W + 1)
+    state.q_state[bidx, slot] = torch.where(dense.unsqueeze(-1), Qt, state.q_state[bidx, slot])
     k = torch.where(is_forced, torch.full_like(p, KIND_ONEHOT),
                     torch.where(has_node, torch.full_like(p, KIND_DENSE), torch.full_like(p, tail_kind)))
-    state.q_kind[bidx[wr], slot[wr]] = k[wr].to(state.q_kind.dtype)
+    state.q_kind[bidx, slot] = torch.where(wr, k.to(state.q_kind.dtype), state.q_kind[bidx, slot])
     return new

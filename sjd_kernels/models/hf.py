@@ -174,7 +174,7 @@ class HFImageLM(nn.Module):
         if extra.numel() and (int(extra.min()) < 0 or int(extra.max()) >= full_vocab):
             raise SJDInputError(f"extra_token_ids must lie in [0, {full_vocab}), got {extra.tolist()}")
         lo = int(ids[0])
-        self._offset = lo if torch.equal(ids, torch.arange(lo, lo + ids.numel())) else None
+        self._offset = lo if torch.equal(ids, torch.arange(lo, lo + ids.numel(), device=ids.device)) else None
         dev = self.lm_head.weight.device
         self.register_buffer("image_ids", ids.to(dev), persistent=False)
         self.register_buffer("extra_ids", extra.to(dev), persistent=False)

@@ -1,6 +1,7 @@
 """Shared plumbing of every op: backend choice, input validation, device status."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -403,3 +404,13 @@ def mark_request_errors(status: torch.Tensor, outputs: tuple, *flags) -> tuple:
     for bad, bit in flags:
         status[0:1].bitwise_or_((bad.any().to(torch.int32) * bit).view(1))
     return out
+
+
+def triton_device(t: torch.Tensor):
+    """Context for a Triton launch on ``t``'s device: Triton launches on the current CUDA device, so a
+    tensor on another GPU (a model on ``cuda:1``) makes it the current one for the call; nothing to do
+    for the current GPU or CPU tensors (the interpreter)."""
+    dev = t.device
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()

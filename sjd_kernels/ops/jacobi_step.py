@@ -17,7 +17,7 @@ from ..reference import jacobi_step as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, as_int, check_cfg, check_finite, check_int,
                       check_state_and_sampling, check_state_contents, check_state_counters, check_tensor,
                       check_tensor_size, check_window_rows, guard_pos, guard_win_len, mark_request_errors, new_status,
-                      resolve_backend, seed_tensor)
+                      resolve_backend, seed_tensor, triton_device)
 
 I64 = (torch.int64,)
 
@@ -34,7 +34,8 @@ def _jacobi_step_op(logits: torch.Tensor, uncond: Optional[torch.Tensor], cfg_sc
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.jacobi_step import jacobi_step_triton
-        return jacobi_step_triton(*args, q_idx=q_idx)
+        with triton_device(logits):
+            return jacobi_step_triton(*args, q_idx=q_idx)
     if name == "cuda":
         from ..cuda.jacobi_step import jacobi_step_cuda
         return jacobi_step_cuda(*args, q_idx=q_idx)

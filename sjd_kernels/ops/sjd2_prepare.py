@@ -10,7 +10,7 @@ import torch
 
 from ..reference import sjd2_prepare as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, host_checks,
-                      resolve_backend, triton_available)
+                      resolve_backend, triton_available, triton_device)
 
 I64 = (torch.int64,)
 F32 = (torch.float32,)
@@ -26,7 +26,8 @@ def _sjd2_prepare_op(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.sjd2_prepare import sjd2_prepare_triton
-        return sjd2_prepare_triton(*args)
+        with triton_device(args[0]):
+            return sjd2_prepare_triton(*args)
     if name == "cuda":
         from ..cuda.sjd2_prepare import sjd2_prepare_cuda
         return sjd2_prepare_cuda(*args)

@@ -29,7 +29,7 @@ from ..reference.target import bad_rows
 from ._common import (ANY_FLOAT_DTYPES, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError,
                       check_cfg, check_state_and_sampling, check_state_contents, check_status, check_tensor,
                       as_int, compiling, guard_pos, host_checks, mark_request_errors, new_status,
-                      resolve_backend)
+                      resolve_backend, triton_device)
 from .jacobi_step import JacobiState, check_state_type
 
 I64 = (torch.int64,)
@@ -50,7 +50,8 @@ def _tree_verify_op(logits: torch.Tensor, uncond: Optional[torch.Tensor], cfg_sc
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.tree_verify import tree_verify_triton
-        return tree_verify_triton(*args)
+        with triton_device(args[0]):
+            return tree_verify_triton(*args)
     if name == "cuda":
         from ..cuda.tree_verify import tree_verify_cuda
         return tree_verify_cuda(*args)
@@ -71,7 +72,8 @@ def _tree_kv_update_op(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.Te
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.tree_kv_update import tree_kv_update_triton
-        return tree_kv_update_triton(kv, path, cache_len, status)
+        with triton_device(path):
+            return tree_kv_update_triton(kv, path, cache_len, status)
     if name == "cuda":
         from ..cuda.tree_kv_update import tree_kv_update_cuda
         return tree_kv_update_cuda(kv, path, cache_len, status)
@@ -90,7 +92,8 @@ def _tree_kv_update_list_op(keys: List[torch.Tensor], values: List[torch.Tensor]
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.tree_kv_update import tree_kv_update_list_triton
-        return tree_kv_update_list_triton(keys, values, path, cache_len, ptr_table, status)
+        with triton_device(path):
+            return tree_kv_update_list_triton(keys, values, path, cache_len, ptr_table, status)
     if name == "cuda":
         from ..cuda.tree_kv_update import tree_kv_update_list_cuda
         return tree_kv_update_list_cuda(keys, values, path, cache_len, ptr_table, status)
@@ -440,8 +443,9 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
     ``cache_len + j`` receives node ``path[j]``; negative entries are padding. Every entry must have
     ``path[j] >= j`` and a source slot inside the cache; a row that breaks this is left untouched.
     Errors: with ``status`` given they set bit 4 of ``status[0]`` on the device (check it with
-    ``check_status``; nothing synchronises); without it, and always for CPU tensors, the call
-    checks on the host and raises ``SJDInputError``.
+    ``check_status``; the triton and cuda kernels do not synchronise, the torch backend selects the
+    moved entries on the host); without it, and always for CPU tensors, the call checks on the host
+    and raises ``SJDInputError``.
     """
     kv, keys, values = _normalise_cache(cache)
     S = _validate_kv(kv, keys, values, path, cache_len, status)

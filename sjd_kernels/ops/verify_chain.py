@@ -13,7 +13,7 @@ import torch
 from ..reference import verify_chain as ref
 from ..reference.jacobi_step import ERR_POS, ERR_WIN_LEN
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, check_tensor, check_window_rows, guard_pos,
-                      guard_win_len, mark_request_errors, new_status, resolve_backend)
+                      guard_win_len, mark_request_errors, new_status, resolve_backend, triton_device)
 
 I64 = (torch.int64,)
 
@@ -26,7 +26,8 @@ def _verify_chain_op(target: torch.Tensor, draft: torch.Tensor, ids: torch.Tenso
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.verify_chain import verify_chain_triton
-        return verify_chain_triton(*args)
+        with triton_device(args[0]):
+            return verify_chain_triton(*args)
     if name == "cuda":
         from ..cuda.verify_chain import verify_chain_cuda
         return verify_chain_cuda(*args)

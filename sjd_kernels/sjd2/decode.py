@@ -132,7 +132,8 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     level = torch.zeros(B, R, dtype=torch.int32, device=dev)
     n = torch.zeros(B, dtype=i64, device=dev)
     drafts = init_window(state, n, W)
-    out = torch.full((B, T), -1, dtype=i64, device=dev)
+    buf = torch.full((B, T + 1), -1, dtype=i64, device=dev)   # column T: the spare target of discarded writes
+    out = buf[:, :T]
     feed_from = n - 1                       # first image position to feed (-1: the prompt's last token)
     commit_end, fresh_start, row_end = n.clone(), n.clone(), n.clone()   # every window position enters now
     steps = torch.zeros(B, dtype=i64, device=dev)
@@ -153,7 +154,9 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
             # error? A request in error returned -1 tokens and drafts: raise (SJDDeviceError) before they are
             # fed to the model or returned. Only the error bits are checked here (the counters accumulate
             # and are read once at the end).
-            live_any, err, done = torch.stack([(n < T).any().to(i64), state.status[0].to(i64), n.sum()]).tolist()
+            r = n - 1 - feed_from                                       # committed tokens re-fed before X[n-1]
+            live_any, err, done, r_max = torch.stack([(n < T).any().to(i64), state.status[0].to(i64), n.sum(),
+                                                      r.max()]).tolist()
             if err:
                 check_status(state.status)
             if bar is not None:
@@ -166,8 +169,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
             live = n < T
             # as the loop: bonus <= T-1
             win_len = torch.where(live, (T - n - 1).clamp(min=0, max=W), torch.zeros_like(n))
-            r = n - 1 - feed_from                                       # committed tokens re-fed before X[n-1]
-            N = int(r.max()) + 1 + W
+            N = r_max + 1 + W
             slot = torch.arange(N, device=dev).view(1, N)
             seq_pos = feed_from.view(B, 1) + slot                       # contiguous per request
             is_win = (seq_pos >= n.view(B, 1)) & (seq_pos < (n + W).view(B, 1))
@@ -196,7 +198,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
             # commit
             cpos = n.view(B, 1) + torch.arange(W + 1, device=dev)
             ok = (res.tokens >= 0) & (cpos < T) & live.view(B, 1)
-            out[bidx.expand_as(cpos)[ok], cpos[ok]] = res.tokens[ok]
+            buf.scatter_(1, torch.where(ok, cpos, torch.full_like(cpos, T)), res.tokens)
             # accepted drafts D[0..m-1] whose input was noisy
             acc_level = torch.gather(in_level, 1, (r.view(B, 1) + 1 + jW).clamp(max=N - 1))
             acc_noisy = (jW.view(1, W) < m.view(B, 1)) & (acc_level > 0) & live.view(B, 1)
@@ -219,7 +221,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     finally:
         if bar is not None:
             bar.close()
-    return SJD2Result(tokens=out, nfe=nfe, steps=steps, noisy_kv=noisy_kv, refed=refed, input_slots=slots_fed,
+    return SJD2Result(tokens=out.contiguous(), nfe=nfe, steps=steps, noisy_kv=noisy_kv, refed=refed, input_slots=slots_fed,
                       status=check_status(state.status))
 
 
