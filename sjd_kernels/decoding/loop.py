@@ -201,12 +201,13 @@ class _Timer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device          # the model's GPU, which need not be the current one
         self.marks: list[list] = []
 
     def now(self):
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
-            e.record()
+            e.record(torch.cuda.current_stream(self.device))
             return e
         return time.perf_counter()
 
@@ -217,7 +218,7 @@ class _Timer:
         if not self.marks:
             return []
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         tot = [0.0] * (len(self.marks[0]) - 1)
         for ms in self.marks:
             for i in range(len(ms) - 1):
