@@ -292,8 +292,9 @@ int main(int argc, char** argv) {
         const float f = __uint_as_float(x);
         const __nv_bfloat16 b = __float2bfloat16_rn(f);
         const __half h = __float2half_rn(f);
-        std::printf("%x %x %x %x\n", b.x, h.x, __float_as_uint(__bfloat162float(__nv_bfloat16{static_cast<uint16_t>(x & 0xffff)})),
-                    __float_as_uint(__half2float(__half{static_cast<uint16_t>(x & 0xffff)})));
+        const uint16_t lo = static_cast<uint16_t>(x & 0xffff);
+        std::printf("%x %x %x %x\n", b.x, h.x, __float_as_uint(__bfloat162float(__nv_bfloat16{lo})),
+                    __float_as_uint(__half2float(__half{lo})));
       }
     } else if (c == "uninit_atomic" || c == "static_smem" || c == "group_exchange" || c == "group_exchange_racy") {
       std::vector<int> out(3 * 32);

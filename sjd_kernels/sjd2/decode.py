@@ -221,8 +221,8 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     finally:
         if bar is not None:
             bar.close()
-    return SJD2Result(tokens=out.contiguous(), nfe=nfe, steps=steps, noisy_kv=noisy_kv, refed=refed, input_slots=slots_fed,
-                      status=check_status(state.status))
+    return SJD2Result(tokens=out.contiguous(), nfe=nfe, steps=steps, noisy_kv=noisy_kv, refed=refed,
+                      input_slots=slots_fed, status=check_status(state.status))
 
 
 def check_sjd2_params(sjd2: SJD2Embedding, d: int) -> None:
