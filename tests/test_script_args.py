@@ -57,6 +57,7 @@ def usage_error(main, args, flag, capsys, *not_made):
     assert "error: " in err and flag in err and "Traceback" not in err, err
     for p in not_made:
         assert not Path(p).exists(), p
+    return err
 
 
 def ids(cases):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from _util import load_file_module
+from test_script_args import Reached, keep_threads, reached  # noqa: F401 (keep_threads: an autouse fixture)
 from test_sjd2 import _emb_rows, _sjd2_gpt, _tiny_forward
 
 from sjd_kernels.models.bundled import BundledModelError
@@ -88,7 +89,8 @@ def test_loop_cfg_scale_needs_unconditional_rows():
     (lambda x: (torch.zeros(x.shape[0], x.shape[1], 7), None), r"logits of shape \[B, N, V\] = \[2, 4, 12\].*\[2, 4, 7\]"),
     (lambda x: (torch.zeros(x.shape[0], 1, 12), None), r"logits of shape .*got torch.float32 \[2, 1, 12\]"),
     (lambda x: torch.zeros(x.shape[0], x.shape[1], 12), "forward must return \\(logits, uncond\\), got Tensor"),
-    (lambda x: (torch.zeros(x.shape[0], x.shape[1], 12, dtype=torch.int64), None), "logits of shape"),
+    (lambda x: (torch.zeros(x.shape[0], x.shape[1], 12, dtype=torch.int64), None),
+     r"logits of shape .*got torch.int64 \[2, 4, 12\]"),
 ], ids=["wrong-V", "wrong-N", "bare-tensor", "int-logits"])
 def test_loop_checks_what_forward_returns(make, msg):
     """A forward whose rows do not match the decode used to fail deep inside (an index error, or an error
@@ -225,12 +227,8 @@ def test_nonfinite_finetune_refused_on_save_and_load(tmp_path):
     with pytest.raises(BundledModelError, match=r"\['tok_emb.weight'\] hold NaN or infinite"):
         checkpoint.load_finetuned("mnist", tmp_path)
 
+
 # ---------------------------------------------------------------- the scripts, end to end on stubbed data
-
-@pytest.fixture(autouse=True)
-def keep_threads(monkeypatch):
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-
 
 @pytest.fixture
 def small_mnist(monkeypatch):
@@ -296,12 +294,6 @@ def test_finetune_records_the_command_it_was_given(tmp_path, monkeypatch):
     monkeypatch.setattr(m.bundled, "WEIGHTS_DIR", out)
     monkeypatch.setattr(m, "ROOT", tmp_path)                       # default log: ROOT/benchmarks/results/...
     monkeypatch.setattr(sys, "argv", ["finetune_sjd2.py", "--from-the-process"])
-
-    class Reached(BaseException):
-        pass
-
-    def reached(*a, **k):
-        raise Reached
     monkeypatch.setattr(m.bundled, "load", reached)
     monkeypatch.setattr(torch, "manual_seed", lambda s: None)
     m2 = load_file_module("audit_finetune_sjd2_b", ROOT / "python" / "finetune_sjd2.py")   # defaults read now

@@ -353,11 +353,12 @@ def test_more_rows_than_grid_z_are_input_errors(backend):
     if backend == "cuda":
         from _util import sim_module
         sim_module()
-    kv = torch.zeros(1, 2, 65536, 1, 2, 1)
-    path = torch.zeros((65536, 1), dtype=I64)
+    kv = torch.arange(2 * 65536 * 2, dtype=torch.float32).view(1, 2, 65536, 1, 2, 1)
+    before = kv.clone()
+    path = torch.ones((65536, 1), dtype=I64)              # slot 0 would receive node 1 (slot 1): a real move
     ctx = sim.simulate("forward") if backend == "cuda" else contextlib.nullcontext()
     with ctx, pytest.raises(sk.SJDInputError, match=f"the {'CUDA' if backend == 'cuda' else 'Triton'} kernel of "
                             f"tree_kv_update takes at most 65535 rows.*got R = 65536, 1 layers, P = 1: use "
                             f"backend='torch'$"):
         sk.tree_kv_update(kv, path, torch.zeros(65536, dtype=I64), backend=backend)
-    assert not bool(kv.any())
+    assert torch.equal(kv, before)

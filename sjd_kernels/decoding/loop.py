@@ -299,6 +299,12 @@ class _GraphStep:
             self.timer.add(t0, self.timer.now())
 
 
+def check_progress(progress) -> None:
+    """``progress``: None (a bar when stderr is a terminal), True or False ("no" used to turn the bar on)."""
+    if progress is not None and not isinstance(progress, bool):
+        raise SJDInputError(f"progress must be None (on when stderr is a terminal), True or False, got {progress!r}")
+
+
 @torch.no_grad()
 def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int = 16, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, cfg_scale=1.0, uncond=None, seed=0, draft_init: str = "uniform",
@@ -357,8 +363,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     for name, flag in (("cuda_graph", cuda_graph), ("return_cache", return_cache)):
         if not isinstance(flag, bool):
             raise SJDInputError(f"{name} must be True or False, got {flag!r}")
-    if progress is not None and not isinstance(progress, bool):      # "no" used to turn the bar on
-        raise SJDInputError(f"progress must be None (on when stderr is a terminal), True or False, got {progress!r}")
+    check_progress(progress)
     if on_step is not None and not callable(on_step):
         raise SJDInputError(f"on_step must be None or a callable on_step(tokens, n, cache), got {on_step!r}")
     if cuda_graph and method in GRAPH_METHODS_REFUSED:

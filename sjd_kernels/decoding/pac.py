@@ -201,10 +201,11 @@ def propose(logits, uncond, cfg_scale, cont, m, drafts, win_len, pos, last_tok, 
     # the old draft of each position and its stored law (read before any write)
     has_old = has_node & (d < win_len.view(B, 1))
     y = torch.gather(drafts, 1, d.clamp(max=W - 1))
-    kind = state.q_kind[bidx, slot].to(i64) & KIND_MASK
+    q_rows, kind_rows = state.q_state[bidx, slot], state.q_kind[bidx, slot]   # [B, W, V], [B, W]
+    kind = kind_rows.to(i64) & KIND_MASK
     lanes = torch.arange(V, device=dev)
     y_in = (y >= 0) & (y < V)
-    Qold = torch.where((kind == KIND_DENSE).unsqueeze(-1), state.q_state[bidx, slot],
+    Qold = torch.where((kind == KIND_DENSE).unsqueeze(-1), q_rows,
                        torch.where((kind == KIND_UNIFORM).unsqueeze(-1), torch.full_like(Qt, 1.0 / V),
                                    (lanes.view(1, 1, V) == y.unsqueeze(-1)).to(torch.float32)))
     yc = y.clamp(0, V - 1).unsqueeze(-1)
@@ -242,9 +243,10 @@ def propose(logits, uncond, cfg_scale, cont, m, drafts, win_len, pos, last_tok, 
     # stored laws: Qt where a row proposed, the tail kind elsewhere, one-hot at forced positions
     wr = write.view(B, 1).expand(B, W)
     dense = wr & has_node & ~is_forced
-    # selected by torch.where, not boolean indexing (which synchronises); the W slots are distinct (R = W + 1)
-    state.q_state[bidx, slot] = torch.where(dense.unsqueeze(-1), Qt, state.q_state[bidx, slot])
+    # selected by torch.where over the rows read above, not boolean indexing (which synchronises); the W slots
+    # are distinct (R = W + 1)
+    state.q_state[bidx, slot] = torch.where(dense.unsqueeze(-1), Qt, q_rows)
     k = torch.where(is_forced, torch.full_like(p, KIND_ONEHOT),
                     torch.where(has_node, torch.full_like(p, KIND_DENSE), torch.full_like(p, tail_kind)))
-    state.q_kind[bidx, slot] = torch.where(wr, k.to(state.q_kind.dtype), state.q_kind[bidx, slot])
+    state.q_kind[bidx, slot] = torch.where(wr, k.to(state.q_kind.dtype), kind_rows)
     return new

@@ -383,7 +383,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     Returns ``GenerateOutput(tokens, stats)``; ``stats.sjd2`` holds the ``SJD2Result``.
     """
     from ..decoding.loop import (GenerateOutput, GenerateStats, check_batch_cfg, check_cfg_scale, check_num_tokens,
-                                 request_seeds)
+                                 check_progress, request_seeds)
     from ..models.protocol import check_model
     from ..ops._common import check_sampling, resolve_backend
     from .checkpoint import gpt_forward_parts
@@ -416,8 +416,7 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
         if sjd2 is not None and not isinstance(sjd2, SJD2Embedding):
             raise SJDInputError(f"sjd2: model.sjd2 must be an SJD2Embedding (checkpoint.load_finetuned sets it), "
                                 f"got {type(sjd2).__name__}")
-    if progress is not None and not isinstance(progress, bool):
-        raise SJDInputError(f"progress must be None (on when stderr is a terminal), True or False, got {progress!r}")
+    check_progress(progress)
     if forward is not None and not callable(forward):
         raise SJDInputError(f"forward must be None (the model's KV cache) or a callable (inputs_embeds, positions, "
                             f"prompt_slot) -> (logits, uncond), got {type(forward).__name__}")
