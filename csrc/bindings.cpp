@@ -264,8 +264,8 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
       [](int dtype, std::uintptr_t embed, std::uintptr_t mean, std::uintptr_t std_, std::uintptr_t level_table,
          std::uintptr_t alpha, std::uintptr_t sigma, std::uintptr_t tokens, std::uintptr_t positions,
          std::uintptr_t seed, std::uintptr_t commit_end, std::uintptr_t fresh_start, std::uintptr_t row_end,
-         std::uintptr_t latent, std::uintptr_t level, std::uintptr_t out, int64_t B, int64_t N, int64_t R,
-         int64_t Vt, int d, int K, int device, std::uintptr_t stream) {
+         std::uintptr_t latent, std::uintptr_t level, std::uintptr_t out, std::uintptr_t status, int64_t B,
+         int64_t N, int64_t R, int64_t Vt, int d, int K, int device, std::uintptr_t stream) {
         sjd::Sjd2PrepareArgs a;
         a.dtype = dtype;
         a.embed = ptr<const void>(embed);
@@ -283,6 +283,7 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
         a.latent = ptr<float>(latent);
         a.level = ptr<int32_t>(level);
         a.out = ptr<void>(out);
+        a.status = ptr<int32_t>(status);
         a.B = B;
         a.N = N;
         a.R = R;
@@ -295,7 +296,8 @@ PYBIND11_MODULE(SJD_MODULE_NAME, m) {
       },
       py::arg("dtype"), py::arg("embed"), py::arg("mean"), py::arg("std"), py::arg("level_table"), py::arg("alpha"),
       py::arg("sigma"), py::arg("tokens"), py::arg("positions"), py::arg("seed"), py::arg("commit_end"),
-      py::arg("fresh_start"), py::arg("row_end"), py::arg("latent"), py::arg("level"), py::arg("out"), py::arg("B"),
+      py::arg("fresh_start"), py::arg("row_end"), py::arg("latent"), py::arg("level"), py::arg("out"),
+      py::arg("status"), py::arg("B"),
       py::arg("N"), py::arg("R"), py::arg("Vt"), py::arg("d"), py::arg("K"), py::arg("device"), py::arg("stream"),
       "launch sjd2_prepare on `stream` (see sjd_kernels/cuda/sjd2_prepare.py for the tensor contract)",
       py::call_guard<py::gil_scoped_release>());

@@ -10,7 +10,9 @@
 // 0 and 1), the normalisation, the DDIM step, the level embedding and the cast. Each latent lane is
 // read and written by the same thread; the level is written by thread 0 after a barrier, when
 // every thread of the block has read it. Window positions of one request occupy distinct ring
-// slots (the op's contract), so blocks never share a slot.
+// slots (the op's contract), so blocks never share a slot. A token the slot reads outside the
+// table, or a ring level outside 0..K, is clamped into range and thread 0 sets bit 32 of status[0]
+// (one atomicOr per such slot), as the reference does.
 //
 // Rounding follows the reference operation by operation (no FMA contraction, IEEE division and
 // square root, round-to-nearest casts), so every output that draws no noise is bit-identical to
@@ -28,6 +30,7 @@
 #include "rng.cuh"
 #include "sampling.cuh"
 #include "sjd2_prepare.h"
+#include "state.cuh"
 
 namespace sjd {
 namespace {
@@ -64,8 +67,8 @@ __global__ void __launch_bounds__(kMaxThreads) sjd2_prepare_kernel(const Sjd2Pre
   const int64_t slot = blockIdx.x;  // b * N + i
   const int64_t b = slot / p.N;
   const int64_t P = p.positions[slot];
-  int64_t tok = p.tokens[slot];
-  tok = tok < 0 ? 0 : (tok >= p.Vt ? p.Vt - 1 : tok);  // unread slots may hold any id (as the reference)
+  const int64_t tok_in = p.tokens[slot];
+  const int64_t tok = tok_in < 0 ? 0 : (tok_in >= p.Vt ? p.Vt - 1 : tok_in);  // unread slots may hold any id
   const bool valid = P >= 0;
   const bool win = valid && P >= p.commit_end[b];
   const bool fresh = win && P >= p.fresh_start[b];
@@ -76,6 +79,9 @@ __global__ void __launch_bounds__(kMaxThreads) sjd2_prepare_kernel(const Sjd2Pre
   const int k_new = win ? (step ? k_old - 1 : k_old) : 0;
   const bool noisy = win && k_new > 0;
   const bool draw = fresh && p.K > 0;
+  const bool reads = (valid && !win) || step || (win && k_new == 0);
+  const bool bad = (reads && tok != tok_in) || (win && !fresh && (k_old < 0 || k_old > p.K));
+  if (bad && threadIdx.x == 0) atomicOr(p.status + kStatusErr, kErrPrepare);
   // levels outside 0..K in the ring are not the op's own; table reads stay in bounds regardless
   const int ko = clamp_level(k_old, p.K), kp = clamp_level(k_new, p.K);
   const float a_k = p.alpha[ko];
@@ -165,7 +171,7 @@ void sjd2_prepare_launch(const Sjd2PrepareArgs& a) {
   SJD_REQUIRE(a.d >= 1 && a.K >= 0 && a.Vt >= 1 && a.R >= 1, "sjd2_prepare: need d >= 1, K >= 0, Vt >= 1, R >= 1");
   if (a.B * a.N == 0) return;
   SJD_REQUIRE(a.embed && a.mean && a.std_ && a.level_table && a.alpha && a.sigma && a.tokens && a.positions &&
-                  a.seed && a.commit_end && a.fresh_start && a.row_end && a.latent && a.level && a.out,
+                  a.seed && a.commit_end && a.fresh_start && a.row_end && a.latent && a.level && a.out && a.status,
               "sjd2_prepare: a required pointer is null");
   require_device(a.device, "sjd2_prepare");
   cudaStream_t st = static_cast<cudaStream_t>(a.stream);

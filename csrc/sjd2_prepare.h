@@ -25,6 +25,7 @@ struct Sjd2PrepareArgs {
   float* latent = nullptr;            // [B, R, d] (read and written)
   int32_t* level = nullptr;           // [B, R] (read and written)
   void* out = nullptr;                // [B, N, d]
+  int32_t* status = nullptr;          // [4] device status (bit 32 of status[0] on a clamped id or level)
   int64_t B = 0, N = 0, R = 0, Vt = 0;
   int d = 0, K = 0;
   int device = 0;

@@ -10,7 +10,7 @@ namespace sjd {
 // q_kind of a slot: the law its draft was drawn from (| kFlagPrev when p_prev holds a row).
 constexpr int kKindDense = 0, kKindUniform = 1, kKindOnehot = 2, kKindMask = 3, kFlagPrev = 4;
 // status[0] error bits.
-constexpr int kErrNonfinite = 1, kErrDraftRange = 2, kErrTreeIndex = 4;
+constexpr int kErrNonfinite = 1, kErrDraftRange = 2, kErrTreeIndex = 4, kErrPrepare = 32;
 // status slots: error bits, zero-mass residuals, zero-mass coupling redraws, sparse-state overflows.
 constexpr int kStatusErr = 0, kStatusZeroResid = 1, kStatusZeroCouple = 2, kStatusOverflow = 3;
 // Id of an unused sparse entry (sorts after every lane).

@@ -1,4 +1,5 @@
 """SJD2: schedule, noising, level embedding, the fused input preparation (reference, float64, Triton, CUDA)."""
+import contextlib
 import math
 import os
 
@@ -329,7 +330,7 @@ def test_prepare_fake_kernel_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
     c = _prepare_case()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        out = torch.ops.sjd.sjd2_prepare(*c.values(), 1)
+        out = torch.ops.sjd.sjd2_prepare(*c.values(), torch.zeros(4, dtype=torch.int32), 1)
     assert tuple(out.shape) == (3, 7, 24)
 
 
@@ -1037,28 +1038,120 @@ def test_prepare_refuses_empty_tables_and_rings():
         sjd2_prepare(**c, backend="torch")
 
 
-@pytest.mark.parametrize("bad_level", [99, -3])
-def test_prepare_kernels_clamp_table_reads_of_bad_levels(bad_level):
-    """Without the host checks (the GPU path), a ring level outside 0..K must not read outside the
-    tables: every backend clamps its table index the same way (the reference defines it)."""
-    from sjd_kernels.ops._common import BACKEND_CODE
+def _prepare_bad(what):
+    """A case the op cannot use, by ``what``: a ring level outside 0..K read by a window position, a token
+    outside [0, Vt) read by a committed slot or by a DDIM step, or nothing wrong (``ok``); every case also
+    holds a bad token and a bad level the op does not read (a condition slot's token, the ring level of a
+    position entering now)."""
     c = _prepare_case()
-    c["level"][2, 2] = bad_level
+    c["tokens"][0, 0] = -7                                   # the condition slot of request 0: not read
+    c["level"][0, 5] = 77                                    # ring slot of position 5 of request 0: fresh, not read
+    assert int(c["positions"][0, 0]) < 0 and int(c["positions"][0, 6]) == 5 and int(c["fresh_start"][0]) <= 5
+    if what.startswith("level"):
+        c["level"][2, 2] = int(what[len("level"):])          # read by position 11 of request 2 (R = 9)
+    elif what == "token_committed":
+        c["tokens"][1, 0] = 19                               # X[n-1] of request 1, committed
+    elif what == "token_step":
+        c["tokens"][1, 1] = -1                               # position 5 of request 1: a DDIM step towards it
+    return c
+
+
+@pytest.mark.parametrize("what", ["level99", "level-3", "token_committed", "token_step", "ok"])
+def test_prepare_kernels_clamp_and_report_what_they_cannot_use(what):
+    """Without the host checks (the GPU path), a ring level outside 0..K or a token outside the table must
+    not read outside the tables: every backend clamps the same way (the reference defines it) and sets bit
+    32 of status[0]; inputs it does not read (and a clean case) leave the status at zero."""
+    from sjd_kernels.ops._common import BACKEND_CODE, SJDDeviceError, check_status
+    c = _prepare_bad(what)
+    with pytest.raises(SJDInputError) if what != "ok" else contextlib.nullcontext():
+        sjd2_prepare(**_clone(c), backend="torch")           # the public op checks CPU tensors on the host
     op = torch.ops.sjd.sjd2_prepare
     want_c = _clone(c)
-    want = op(*want_c.values(), BACKEND_CODE["torch"])
+    want_st = torch.zeros(4, dtype=torch.int32)
+    want = op(*want_c.values(), want_st, BACKEND_CODE["torch"])
     assert bool(torch.isfinite(want).all())
-    runs = [("cuda", None)]
+    assert want_st.tolist() == [0 if what == "ok" else 32, 0, 0, 0]
+    if what != "ok":
+        with pytest.raises(SJDDeviceError, match="sjd2_prepare clamped the ids and levels"):
+            check_status(want_st.clone())
+    runs = ["cuda"]
     if os.environ.get("TRITON_INTERPRET") == "1" and triton_available()[0]:
-        runs.append(("triton", None))
-    for be, _ in runs:
+        runs.append("triton")
+    for be in runs:
         got_c = _clone(c)
+        st = torch.tensor([64, 1, 2, 3], dtype=torch.int32)   # bits and counters set before stay
         if be == "cuda":
             from _util import sim_module
             from sjd_kernels.cuda import sim
             sim_module()
             with sim.simulate("reverse"):
-                got = op(*got_c.values(), BACKEND_CODE[be])
+                got = op(*got_c.values(), st, BACKEND_CODE[be])
         else:
-            got = op(*got_c.values(), BACKEND_CODE[be])
+            got = op(*got_c.values(), st, BACKEND_CODE[be])
         _assert_cuda_prepare_matches(c, got, got_c, want, want_c)
+        assert st.tolist() == [64 | int(want_st[0]), 1, 2, 3], be
+
+
+def test_prepare_status_argument_is_checked():
+    """``status`` must be an int32 [4] tensor on the op's device; with one, CPU tensors are still checked
+    on the host (an SJDInputError, nothing changed, the status untouched)."""
+    c = _prepare_case()
+    for bad, msg in ((torch.zeros(4, dtype=torch.int64), "status must have dtype int32"),
+                     (torch.zeros(3, dtype=torch.int32), r"status must have shape \[4\]"),
+                     (torch.zeros(4, dtype=torch.int32, device="meta"), "status must be on cpu")):
+        with pytest.raises(SJDInputError, match=msg):
+            sjd2_prepare(**_clone(c), status=bad, backend="torch")
+    c = _prepare_bad("token_step")
+    snap, st = _clone(c), torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(SJDInputError, match="tokens: request 1's slot 1"):
+        sjd2_prepare(**c, status=st, backend="torch")
+    assert st.tolist() == [0, 0, 0, 0]
+    assert torch.equal(c["latent"], snap["latent"]) and torch.equal(c["level"], snap["level"])
+
+
+def _reports_bad_inputs(backend, what, dev):
+    from sjd_kernels.ops._common import SJDDeviceError, check_status
+    c = {k: v.to(dev) for k, v in _prepare_bad(what).items()}
+    snap = _clone(c)
+    with pytest.raises(SJDInputError):
+        sjd2_prepare(**c, backend=backend)
+    assert torch.equal(c["latent"], snap["latent"]) and torch.equal(c["level"], snap["level"])
+    st = torch.zeros(4, dtype=torch.int32, device=dev)
+    out = sjd2_prepare(**c, status=st, backend=backend)
+    assert bool(torch.isfinite(out).all())
+    with pytest.raises(SJDDeviceError, match="sjd2_prepare clamped"):
+        check_status(st)
+    good = {k: v.to(dev) for k, v in _prepare_bad("ok").items()}
+    sjd2_prepare(**good, status=st, backend=backend)
+    assert check_status(st) == {"zero_mass_residuals": 0, "zero_mass_coupling": 0, "state_overflows": 0}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("what", ["level99", "token_step"])
+def test_prepare_without_host_checks_reports_bad_inputs(backend, what, monkeypatch):
+    """The GPU path of the public op on CPU tensors (its host-tensor test patched to answer no; the cuda
+    backend runs in the CPU simulator): without ``status`` it checks on the host anyway (SJDInputError,
+    nothing changed); with it, nothing is checked on the host and the kernel sets bit 32, which
+    check_status raises; a clean call after it leaves the status clean."""
+    import sjd_kernels.ops.sjd2_prepare as op_mod
+    monkeypatch.setattr(op_mod, "host_checks", lambda t: False)
+    if backend == "cuda":
+        from _util import sim_module
+        from sjd_kernels.cuda import sim
+        sim_module()
+        with sim.simulate("reverse"):
+            _reports_bad_inputs(backend, what, "cpu")
+    else:
+        _reports_bad_inputs(backend, what, "cpu")
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=requires_cuda_ext), "triton"])
+@pytest.mark.parametrize("what", ["level99", "token_step"])
+def test_prepare_on_the_gpu_reports_bad_inputs(backend, what):
+    """On a GPU: without ``status`` the op checks on the host (SJDInputError, nothing changed); with it,
+    nothing is checked on the host and the kernel sets bit 32, which check_status raises."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    _reports_bad_inputs(backend, what, "cuda")

@@ -549,14 +549,15 @@ class SJD2PrepareBench(OpBench):
         level = torch.randint(1, K + 1, (B, R), generator=g, device=dev).to(torch.int32)
         return dict(embed_weight=E, mean=mean, std=std, level_table=lt, alpha=a, sigma=s, tokens=tokens,
                     positions=positions, seed=seeds, commit_end=commit_end, fresh_start=fresh_start,
-                    row_end=row_end, latent=latent, level=level)
+                    row_end=row_end, latent=latent, level=level,
+                    status=torch.zeros(4, dtype=torch.int32, device=dev))
 
     def _call(self, inp: dict, backend: str, latent=None, level=None):
         from ..ops.sjd2_prepare import sjd2_prepare
         args = dict(inp)
         if latent is not None:
             args["latent"], args["level"] = latent, level
-        return sjd2_prepare(**args, backend=backend)
+        return sjd2_prepare(**args, backend=backend)    # args hold a status: no host checks on a GPU
 
     def prepare(self, case: Case, device, seed: int) -> Prepared:
         inp = self._inputs(case.params, device, seed)
@@ -587,6 +588,8 @@ class SJD2PrepareBench(OpBench):
             worst = max(worst, rel, lrel)
             if not torch.equal(lev, inp["level"]):
                 problems.append("levels differ")
+            if int(inp["status"][0]):
+                problems.append(f"status error bits {int(inp['status'][0])}")
         tol = 1e-2 if p["dtype"] != torch.float32 else 1e-5
         ok = worst <= tol and not problems
         detail = ("reference itself" if backend == "torch" else

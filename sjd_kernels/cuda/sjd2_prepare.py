@@ -1,8 +1,9 @@
 """CUDA backend of ``sjd2_prepare`` (kernel: ``csrc/sjd2_prepare.cu``; spec: ``sjd_kernels.reference.sjd2_prepare``).
 
-``sjd2_prepare_cuda`` takes the reference's positional arguments (validated by the op), allocates the
-output with torch on the table's device and launches one block per input slot on the current stream.
-No host synchronisation and a fixed output shape, so a call can be captured in a CUDA graph.
+``sjd2_prepare_cuda`` takes the reference's positional arguments (validated by the op; ``status`` gets
+bit 32 on a clamped id or level), allocates the output with torch on the table's device and launches
+one block per input slot on the current stream. No host synchronisation and a fixed output shape,
+so a call can be captured in a CUDA graph.
 Outputs that draw no position noise are bit-identical to the reference; the noise's ``logf`` and
 ``cosf`` may differ from PyTorch's by an ulp or so.
 """
@@ -16,7 +17,7 @@ from .jacobi_step import _DTYPE_CODE
 
 
 def sjd2_prepare_cuda(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
-                      commit_end, fresh_start, row_end, latent, level):
+                      commit_end, fresh_start, row_end, latent, level, status):
     """Same arguments, result and ring updates as ``reference.sjd2_prepare.sjd2_prepare``."""
     C = ext()
     dev = embed_weight.device
@@ -34,6 +35,7 @@ def sjd2_prepare_cuda(embed_weight, mean, std, level_table, alpha, sigma, tokens
                    sigma=sigma.data_ptr(), tokens=tokens.data_ptr(), positions=positions.data_ptr(),
                    seed=seed.data_ptr(), commit_end=commit_end.data_ptr(), fresh_start=fresh_start.data_ptr(),
                    row_end=row_end.data_ptr(), latent=latent.data_ptr(), level=level.data_ptr(),
-                   out=out.data_ptr(), B=B, N=N, R=latent.shape[1], Vt=Vt, d=d, K=alpha.shape[0] - 1,
+                   out=out.data_ptr(), status=status.data_ptr(), B=B, N=N, R=latent.shape[1], Vt=Vt, d=d,
+                   K=alpha.shape[0] - 1,
                    device=device_index(dev), stream=stream_of(dev))
     return out

@@ -143,7 +143,10 @@ ERROR_TEXT = {
     4: "a tree node index out of range",
     8: "win_len outside [0, W]",
     16: "pos outside [0, 2^62]",
+    32: "(sjd2_prepare) a token id it reads outside the rows of embed_weight, or a ring level it reads outside "
+        "0..K",
 }
+ERR_CLAMPED = 32          # bits whose op did not return -1 but computed with clamped ids or levels
 
 
 def check_status(status: torch.Tensor, clear: bool = True) -> dict:
@@ -167,8 +170,13 @@ def check_status(status: torch.Tensor, clear: bool = True) -> dict:
         unknown = err & ~sum(ERROR_TEXT)
         if unknown:
             msgs.append(f"unknown error bits {unknown:#x} (status[0] = {err}; not written by this library's ops)")
-        raise SJDDeviceError("device status reports: " + "; ".join(msgs) +
-                             " (the affected requests returned -1 and their state must be re-initialised)")
+        after = []
+        if err & ~ERR_CLAMPED:
+            after.append("the affected requests returned -1 and their state must be re-initialised")
+        if err & ERR_CLAMPED:
+            after.append("sjd2_prepare clamped the ids and levels into range: its output and the latent and "
+                         "level rings it wrote are wrong and must be rebuilt")
+        raise SJDDeviceError("device status reports: " + "; ".join(msgs) + " (" + "; ".join(after) + ")")
     return {"zero_mass_residuals": int(vals[1]), "zero_mass_coupling": int(vals[2]), "state_overflows": int(vals[3])}
 
 

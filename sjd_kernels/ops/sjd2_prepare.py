@@ -10,19 +10,19 @@ import torch
 
 from ..reference import sjd2_prepare as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, host_checks,
-                      resolve_backend, triton_available, triton_device)
+                      may_sync, new_status, resolve_backend, triton_available, triton_device)
 
 I64 = (torch.int64,)
 F32 = (torch.float32,)
 
 
-@torch.library.custom_op("sjd::sjd2_prepare", mutates_args=("latent", "level"))
+@torch.library.custom_op("sjd::sjd2_prepare", mutates_args=("latent", "level", "status"))
 def _sjd2_prepare_op(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level_table: torch.Tensor,
                      alpha: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                      seed: torch.Tensor, commit_end: torch.Tensor, fresh_start: torch.Tensor, row_end: torch.Tensor,
-                     latent: torch.Tensor, level: torch.Tensor, backend: int) -> torch.Tensor:
+                     latent: torch.Tensor, level: torch.Tensor, status: torch.Tensor, backend: int) -> torch.Tensor:
     args = (embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
-            commit_end, fresh_start, row_end, latent, level)
+            commit_end, fresh_start, row_end, latent, level, status)
     name = CODE_BACKEND[backend]
     if name == "triton":
         from ..triton.sjd2_prepare import sjd2_prepare_triton
@@ -36,15 +36,15 @@ def _sjd2_prepare_op(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.
 
 @_sjd2_prepare_op.register_fake
 def _(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed, commit_end, fresh_start,
-      row_end, latent, level, backend):
+      row_end, latent, level, status, backend):
     B, N = tokens.shape
     return embed_weight.new_empty((B, N, embed_weight.shape[1]))
 
 
 def _check_ring_on_host(positions, commit_end, fresh_start, level, K: int) -> None:
-    """CPU tensors (these synchronise): the window positions of a request occupy distinct ring slots,
-    and the levels they read from the ring lie in 0..K (on a GPU the kernels clamp their table reads
-    instead, so a bad ring cannot read out of bounds)."""
+    """On the host (this synchronises): the window positions of a request occupy distinct ring slots,
+    and the levels they read from the ring lie in 0..K (without the host check the kernels clamp their
+    table reads and set a status bit instead, so a bad ring cannot read out of bounds)."""
     B, R = level.shape
     win = (positions >= 0) & (positions >= commit_end.view(B, 1))
     slot = torch.where(win, positions % R, torch.full_like(positions, -1))
@@ -64,13 +64,12 @@ def _check_ring_on_host(positions, commit_end, fresh_start, level, K: int) -> No
 
 
 def _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, level, K: int, Vt: int) -> None:
-    """CPU tensors: every token the op reads is an id in ``[0, Vt)``. A slot reads its token when it is
+    """On the host: every token the op reads is an id in ``[0, Vt)``. A slot reads its token when it is
     committed, takes a DDIM step towards it, or leaves the window at level 0 (``ref.slot_levels``);
     other slots' tokens are ignored (the kernels clamp them)."""
-    committed, win, _, _, step, k_new = ref.slot_levels(positions, commit_end, fresh_start, row_end, level, K)
-    reads = committed | step | (win & (k_new == 0))
+    committed = ref.slot_levels(positions, commit_end, fresh_start, row_end, level, K)[0]
     p = positions
-    bad = reads & ((tokens < 0) | (tokens >= Vt))
+    bad = ref.bad_slots(tokens, positions, commit_end, fresh_start, row_end, level, K, Vt)[0]
     if bool(bad.any()):
         b, i = (int(x) for x in bad.nonzero()[0])
         what = "a committed slot" if bool(committed[b, i]) else "a window slot that reads its token"
@@ -81,14 +80,21 @@ def _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, l
 def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level_table: torch.Tensor,
                  alpha: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                  seed: torch.Tensor, commit_end: torch.Tensor, fresh_start: torch.Tensor, row_end: torch.Tensor,
-                 latent: torch.Tensor, level: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+                 latent: torch.Tensor, level: torch.Tensor, *, status: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
     """Model inputs ``[B, N, d]`` of one SJD2 forward, with the DDIM update of the window fused in.
 
     Window positions of one request (``positions >= commit_end``) must span at most ``R``
-    (ring size) positions, so no two of them share a ring slot. Every token the op reads (see
-    ``_check_tokens_on_host``) must be a row of ``embed_weight``. Both are checked on the host for
-    CPU tensors (``SJDInputError``); on a GPU (no host sync) the kernels clamp ids and levels into
-    range instead, so a bad input gives wrong embeddings, never an out-of-bounds read.
+    (ring size) positions, so no two of them share a ring slot; the ring levels the op reads must
+    lie in ``0..K``; every token the op reads (see ``_check_tokens_on_host``) must be a row of
+    ``embed_weight``. For CPU tensors, and for GPU tensors without ``status``, these are checked on
+    the host before anything runs (``SJDInputError``, nothing changed; on a GPU this synchronises).
+    With ``status`` (an ``int32 [4]`` device status such as ``JacobiState.status``) GPU tensors are
+    not checked on the host: the kernels clamp a bad id or level into range (never an out-of-bounds
+    read, but wrong embeddings and ring contents) and set bit 32 of ``status[0]``, which
+    ``check_status`` reports as an ``SJDDeviceError``; nothing synchronises, so the call can be
+    captured in a CUDA graph. Ring slots shared by two window positions are found only on the host.
+    Under ``torch.compile`` or a CUDA graph capture without ``status`` nothing is checked or reported.
 
     ``backend``: auto, torch, triton, cuda (the extension's kernel, ``csrc/sjd2_prepare.cu``; float32,
     float16 and bfloat16 tables); ``auto`` picks cuda, then triton, for CUDA tensors (triton for a
@@ -117,7 +123,9 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
         raise SJDInputError(f"latent must be [B, R >= 1, d] (a ring of R slots), got {list(latent.shape)}")
     check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
                  contiguous=True)
-    if host_checks(positions):
+    if status is not None:
+        check_tensor("status", status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    if host_checks(positions) or (status is None and may_sync(positions)):
         _check_ring_on_host(positions, commit_end, fresh_start, level, K1 - 1)
         _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, level, K1 - 1, Vt)
     if backend == "cuda" and embed_weight.dtype == torch.float64:
@@ -127,4 +135,5 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     if backend == "auto" and be == "cuda" and embed_weight.dtype == torch.float64:
         be = "triton" if triton_available()[0] else "torch"
     return torch.ops.sjd.sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
-                                      commit_end, fresh_start, row_end, latent, level, BACKEND_CODE[be])
+                                      commit_end, fresh_start, row_end, latent, level,
+                                      status if status is not None else new_status(dev), BACKEND_CODE[be])

@@ -28,7 +28,7 @@ from ..reference.jacobi_step import ERR_POS
 from ..reference.target import bad_rows
 from ._common import (ANY_FLOAT_DTYPES, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError,
                       check_cfg, check_state_and_sampling, check_state_contents, check_status, check_tensor,
-                      as_int, compiling, guard_pos, host_checks, mark_request_errors, new_status,
+                      as_int, compiling, guard_pos, host_checks, mark_request_errors, may_sync, new_status,
                       resolve_backend, triton_device)
 from .jacobi_step import JacobiState, check_state_type
 
@@ -445,13 +445,14 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
     Errors: with ``status`` given they set bit 4 of ``status[0]`` on the device (check it with
     ``check_status``; the triton and cuda kernels do not synchronise, the torch backend selects the
     moved entries on the host); without it, and always for CPU tensors, the call checks on the host
-    and raises ``SJDInputError``.
+    and raises ``SJDInputError`` (except under ``torch.compile`` or a CUDA graph capture, which cannot
+    synchronise: pass ``status`` there, or bad rows are skipped without a report).
     """
     kv, keys, values = _normalise_cache(cache)
     S = _validate_kv(kv, keys, values, path, cache_len, status)
     dev = path.device
     sync_check = status is None or host_checks(path)
-    if sync_check and not compiling():
+    if sync_check and may_sync(path):
         _, _, _, row_bad = ref.kv_moves(path, cache_len, S)
         if bool(row_bad.any()):
             rows = row_bad.nonzero().flatten().tolist()

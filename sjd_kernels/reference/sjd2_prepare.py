@@ -28,12 +28,21 @@ Shapes and dtypes:
     commit_end, fresh_start, row_end  [B] i64
     latent        [B, R, d] f32            normalised latents by ring slot (mutated)
     level         [B, R] i32               levels by ring slot (mutated)
+    status        [4] i32                  device status (mutated; bit 32 of status[0], see below)
 
 Returns ``inputs_embeds [B, N, d]`` in the embedding's dtype.
+
+Inputs it cannot use: a token the slot reads (``slot_levels``) outside ``[0, Vt)``, or a ring level
+outside ``0..K`` at a window position that is not fresh. Every backend clamps the id into the table
+and the level into ``0..K`` (so nothing is read out of bounds), computes the slot with the clamped
+values, and sets bit ``ERR_PREPARE`` (32) of ``status[0]``, without a host synchronisation. (The op
+checks CPU tensors on the host before calling any backend.)
 """
 from __future__ import annotations
 
 import torch
+
+from .jacobi_step import ERR_PREPARE, STATUS_ERR
 
 
 def ddim_step(x: torch.Tensor, e_hat: torch.Tensor, a_k, s_k, a_prev, s_prev) -> torch.Tensor:
@@ -60,8 +69,18 @@ def slot_levels(positions, commit_end, fresh_start, row_end, level, K: int):
     return committed, win, fresh, k_old, step, k_new
 
 
+def bad_slots(tokens, positions, commit_end, fresh_start, row_end, level, K: int, Vt: int):
+    """``(bad_token, bad_level)`` masks ``[B, N]``: slots that read a token outside ``[0, Vt)``, and
+    window slots that are not fresh whose ring level lies outside ``0..K``."""
+    committed, win, fresh, k_old, step, k_new = slot_levels(positions, commit_end, fresh_start, row_end, level, K)
+    reads = committed | step | (win & (k_new == 0))
+    bad_token = reads & ((tokens < 0) | (tokens >= Vt))
+    bad_level = win & ~fresh & ((k_old < 0) | (k_old > K))
+    return bad_token, bad_level
+
+
 def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
-                 commit_end, fresh_start, row_end, latent, level):
+                 commit_end, fresh_start, row_end, latent, level, status):
     from ..sjd2.noise import position_noise  # here, not at the top: sjd_kernels.sjd2 imports this op's module
     B, N = tokens.shape
     R = latent.shape[1]
@@ -89,6 +108,9 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
     noisy = (x_new * std + mean + level_table[kp]).to(embed_weight.dtype)
     out = torch.where((win & (k_new > 0)).unsqueeze(-1), noisy, E)
     out = torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
+
+    bad_token, bad_level = bad_slots(tokens, p, commit_end, fresh_start, row_end, level, K, embed_weight.shape[0])
+    status[STATUS_ERR] |= ((bad_token | bad_level).any().to(torch.int32) * ERR_PREPARE).to(status.dtype)
 
     bw, rw = b[win], r[win]
     latent[bw, rw] = x_new[win]

@@ -180,7 +180,8 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
             tok = torch.where(is_win, win_tok, torch.where(is_com, com_tok, torch.zeros_like(com_tok)))
             prep_pos = torch.where((is_win | is_com) & (seq_pos >= 0), seq_pos, torch.full_like(seq_pos, -1))
             inputs = sjd2_prepare(embed_weight, mean, std, table, alpha, sigma, tok.contiguous(), prep_pos.contiguous(),
-                                  state.seed, commit_end, fresh_start, row_end, latent, level, backend=backend)
+                                  state.seed, commit_end, fresh_start, row_end, latent, level, status=state.status,
+                                  backend=backend)
             # which window inputs were noisy in this forward (read before the next prepare moves them)
             in_level = torch.where(is_win, level[bidx, seq_pos.clamp(min=0) % R].to(i64), torch.zeros_like(seq_pos))
             logits, uncond = _check_forward_output(forward(inputs, seq_pos, seq_pos < 0), B, N, V, cfg is not None)

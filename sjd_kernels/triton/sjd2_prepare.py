@@ -2,7 +2,9 @@
 
 One program per input slot: it reads the slot's flags and ring level once, then walks the
 embedding dimension in blocks, so the level written at the end cannot race with a read
-by another program of the same slot. Position noise is drawn in the kernel with the
+by another program of the same slot. A token it reads outside the table, or a ring level outside
+0..K, is clamped into range and sets bit 32 of ``status[0]`` (one atomic from the program of that
+slot). Position noise is drawn in the kernel with the
 project's Philox counter layout (``sjd2.noise.position_noise``), so a position entering
 the window costs no extra pass. The embedding gather, normalisation, DDIM step, level
 embedding and cast happen in registers: one read of each input row, one write of the
@@ -14,20 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.jacobi_step import ERR_PREPARE
 from ..sjd2.noise import STREAM_SJD2_NOISE
 from .rng import counter_word, philox4x32_10, seed_key
+
+E_PREPARE: tl.constexpr = tl.constexpr(ERR_PREPARE)
 
 
 @triton.jit
 def _sjd2_prepare_kernel(E_ptr, mean_ptr, std_ptr, L_ptr, a_ptr, s_ptr, tok_ptr, pos_ptr, seed_ptr,
-                         cend_ptr, fstart_ptr, rend_ptr, lat_ptr, lev_ptr, out_ptr,
+                         cend_ptr, fstart_ptr, rend_ptr, lat_ptr, lev_ptr, out_ptr, status_ptr,
                          N, R, Vt, K,
                          D: tl.constexpr, STREAM: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)   # pid * D passes 2**31 once the output [B, N, d] does
     b = pid // N
     p = tl.load(pos_ptr + pid)
-    tok = tl.load(tok_ptr + pid)
-    tok = tl.minimum(tl.maximum(tok, 0), Vt - 1)
+    tok_in = tl.load(tok_ptr + pid)
+    tok = tl.minimum(tl.maximum(tok_in, 0), Vt - 1)
     cend = tl.load(cend_ptr + b)
     fstart = tl.load(fstart_ptr + b)
     rend = tl.load(rend_ptr + b)
@@ -41,6 +46,9 @@ def _sjd2_prepare_kernel(E_ptr, mean_ptr, std_ptr, L_ptr, a_ptr, s_ptr, tok_ptr,
     k_new = tl.where(step, k_old - 1, k_old)
     k_new = tl.where(win, k_new, 0)
     noisy = win & (k_new > 0)
+    reads = (valid & ~win) | step | (win & (k_new == 0))
+    bad = (reads & ((tok_in < 0) | (tok_in >= Vt))) | (win & ~fresh & ((k_old < 0) | (k_old > K)))
+    tl.atomic_or(status_ptr + 0, E_PREPARE, mask=bad)
     ko = tl.minimum(tl.maximum(k_old, 0), K)     # table reads stay in bounds for ring levels outside 0..K
     kp = tl.minimum(tl.maximum(k_new, 0), K)
     a_k = tl.load(a_ptr + ko)
@@ -78,7 +86,7 @@ def _sjd2_prepare_kernel(E_ptr, mean_ptr, std_ptr, L_ptr, a_ptr, s_ptr, tok_ptr,
 
 
 def sjd2_prepare_triton(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
-                        commit_end, fresh_start, row_end, latent, level):
+                        commit_end, fresh_start, row_end, latent, level, status):
     B, N = tokens.shape
     Vt, D = embed_weight.shape
     R = latent.shape[1]
@@ -88,7 +96,7 @@ def sjd2_prepare_triton(embed_weight, mean, std, level_table, alpha, sigma, toke
         return out
     block = min(1024, triton.next_power_of_2(D))
     _sjd2_prepare_kernel[(B * N,)](embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
-                                   commit_end, fresh_start, row_end, latent, level, out,
+                                   commit_end, fresh_start, row_end, latent, level, out, status,
                                    N, R, Vt, K, D=D, STREAM=STREAM_SJD2_NOISE, BLOCK_D=block)
     return out
 
@@ -100,7 +108,7 @@ def codegen_cases(V: int) -> list:
     for dt in ("fp32", "bf16"):
         ptrs = dict(E_ptr=f"*{dt}", mean_ptr="*fp32", std_ptr="*fp32", L_ptr="*fp32", a_ptr="*fp32", s_ptr="*fp32",
                     tok_ptr="*i64", pos_ptr="*i64", seed_ptr="*i64", cend_ptr="*i64", fstart_ptr="*i64",
-                    rend_ptr="*i64", lat_ptr="*fp32", lev_ptr="*i32", out_ptr=f"*{dt}")
+                    rend_ptr="*i64", lat_ptr="*fp32", lev_ptr="*i32", out_ptr=f"*{dt}", status_ptr="*i32")
         ce = {"D": 1280, "STREAM": STREAM_SJD2_NOISE, "BLOCK_D": 1024}
         sig = dict(ptrs, N="i32", R="i32", Vt="i32", K="i32", **{k: "constexpr" for k in ce})
         cases.append(dict(name=f"sjd2-prepare-{dt}", kernel="_sjd2_prepare_kernel", signature=sig, constexprs=ce,
