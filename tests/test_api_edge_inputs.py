@@ -179,16 +179,69 @@ def test_meta_seed_and_meta_status():
 
 
 def test_create_sizes_beyond_what_a_tensor_holds():
-    for kw, match in ((dict(window=10 ** 30), r"window=10{30} \(ring 10{29}1\), vocab=16 out of range"),
-                      (dict(vocab=10 ** 30), r"vocab=10{30} out of range"),
-                      (dict(ring=10 ** 30), r"\(ring 10{30}\), vocab=16 out of range"),
-                      (dict(capacity=10 ** 30), r"capacity=10{30} out of range"),
-                      (dict(window=2 ** 40, vocab=2 ** 40), r"vocab=1099511627776 out of range"),
-                      (dict(batch=2 ** 62, seed=0), r"^batch=4611686018427387904, .* out of range")):
+    for kw, match in ((dict(capacity=10 ** 30), r"capacity=10{30} out of range"),
+                      (dict(batch=4, seed=[1, 2, 3, 4], ring=2 ** 31 - 1, vocab=2 ** 30),
+                       r"^batch=4, window=3 \(ring 2147483647\), vocab=1073741824 out of range")):
         args = dict(batch=1, window=3, vocab=16, seed=[1]) | kw
         with pytest.raises(SJDInputError, match=match) as e:
             sk.JacobiState.create(args.pop("batch"), args.pop("window"), args.pop("vocab"), args.pop("seed"), **args)
         assert "a tensor holds at most 2^63 - 1" in str(e.value)
+
+
+def test_create_sizes_beyond_what_the_kernels_take():
+    """Sizes the kernels take as 32-bit ints (or, for lanes, walk in 32-bit steps) are refused by name,
+    before the tensor-size check; the largest accepted ones make a shape-only (meta) state."""
+    for kw, match in ((dict(window=10 ** 30), r"^window must be at most 65534, got 10{30}$"),
+                      (dict(window=65535), r"^window must be at most 65534, got 65535$"),
+                      (dict(vocab=10 ** 30), r"^vocab must be at most 1073741824, got 10{30}$"),
+                      (dict(vocab=2 ** 30 + 1), r"^vocab must be at most 1073741824"),
+                      (dict(ring=2 ** 31), r"^ring must be at most 2147483647, got 2147483648$"),
+                      (dict(batch=2 ** 62, seed=0), r"^batch must be at most 2147483647, got 4611686018427387904$"),
+                      (dict(batch=2 ** 31, seed=0), r"^batch must be at most 2147483647")):
+        args = dict(batch=1, window=3, vocab=16, seed=[1]) | kw
+        with pytest.raises(SJDInputError, match=match):
+            sk.JacobiState.create(args.pop("batch"), args.pop("window"), args.pop("vocab"), args.pop("seed"), **args)
+    st = sk.JacobiState.create(2 ** 31 - 1, 65534, 2 ** 30, seed=torch.zeros(2 ** 31 - 1, dtype=I64, device=META),
+                               device=META, capacity=4)
+    assert st.q_state.shape == (2 ** 31 - 1, 65535, 4) and st.vocab_size == 2 ** 30
+
+
+def test_ops_refuse_sizes_beyond_what_the_kernels_take():
+    """Batch and vocabulary sizes of the window tensors, tree logits, the SJD2 embedding width and the
+    KV cache's head count and width are checked against the kernels' 32-bit sizes (shape-only meta
+    tensors: nothing is allocated), as an SJDInputError naming the tensor and the dimension."""
+    from sjd_kernels.ops._common import check_window_rows
+    from sjd_kernels.sjd2 import sjd2_prepare
+    for shape, match in (((1, 2, 2 ** 30 + 1), r"^logits has V = 1073741825 \(dimension 2 of \[1, 2, 1073741825\]\); "
+                                               r"at most 1073741824 are supported$"),
+                         ((2 ** 31, 2, 1), r"^logits has B = 2147483648 \(dimension 0")):
+        with pytest.raises(SJDInputError, match=match):
+            check_window_rows("logits", torch.empty(shape, device=META))
+        st = sk.JacobiState.create(1, 1, 1, seed=[1], device=META)
+        with pytest.raises(SJDInputError, match=match):
+            sk.jacobi_step(torch.empty(shape, device=META), torch.zeros(1, 1, dtype=I64, device=META),
+                           torch.zeros(1, dtype=I64, device=META), torch.zeros(1, dtype=I64, device=META), st)
+        z = torch.zeros(shape[0] if shape[0] < 2 ** 31 else 1, 2, dtype=I64, device=META)
+        tree = sk.TreeLayout(z, z, z, z, z, 1)
+        with pytest.raises(SJDInputError, match=match):
+            sk.tree_verify(torch.empty(shape, device=META), tree, torch.zeros(1, dtype=I64, device=META), st)
+    big = torch.empty(2 ** 31 - 1, 1, 2 ** 30, dtype=torch.bfloat16, device=META)
+    assert check_window_rows("logits", big) == (2 ** 31 - 1, 1, 2 ** 30)
+    with pytest.raises(SJDInputError, match=r"^embed_weight has d = 1073741825 \(dimension 1"):
+        z = torch.zeros(1, device=META)
+        sjd2_prepare(torch.empty(4, 2 ** 30 + 1, device=META), z, z, z, z, z, *(torch.zeros(1, 1, dtype=I64),) * 2,
+                     *(torch.zeros(1, dtype=I64),) * 4, torch.zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.int32))
+    m = dict(device=META)
+    z, i = torch.zeros(1, **m), torch.zeros(1, dtype=I64, **m)
+    with pytest.raises(SJDInputError, match=r"^alpha has K \+ 1 = 2147483648 \(dimension 0"):
+        sjd2_prepare(torch.empty(4, 1, **m), z, z, z, torch.empty(2 ** 31, **m), z, *(i.view(1, 1),) * 2, i, i, i, i,
+                     torch.zeros(1, 1, 1, **m), torch.zeros(1, 1, dtype=torch.int32, **m))
+    for shape, match in (((1, 2, 1, 2 ** 31, 4, 8), r"^cache has H_kv = 2147483648 \(dimension -3"),
+                         ((1, 2, 1, 1, 4, 2 ** 30 + 1), r"^cache has D = 1073741825 \(dimension -1")):
+        with pytest.raises(SJDInputError, match=match):
+            sk.tree_kv_update(torch.empty(shape, device=META), torch.zeros(1, 2, dtype=I64, device=META),
+                              torch.zeros(1, dtype=I64, device=META), status=torch.zeros(4, dtype=torch.int32,
+                                                                                         device=META))
 
 
 def test_cache_len_beyond_what_a_tensor_holds(model):

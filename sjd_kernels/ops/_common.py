@@ -49,15 +49,30 @@ def check_tensor(name: str, t, *, dtypes=None, dim=None, shape=None, device=None
     return t
 
 
+# Largest batch and vocabulary (lane) counts of every op: the kernels take them as 32-bit ints, and
+# walk lanes in 32-bit steps (a vocabulary slice of 2^30 lanes is far beyond any image tokenizer).
+ROWS_MAX = 2 ** 31 - 1
+LANES_MAX = 2 ** 30
+
+
+def check_sizes(name: str, t, **limits) -> None:
+    """Each named dimension ``dim=(index, limit)`` of ``t`` is at most ``limit``, else an SJDInputError."""
+    for what, (i, lim) in limits.items():
+        if t.shape[i] > lim:
+            raise SJDInputError(f"{name} has {what} = {t.shape[i]} (dimension {i} of {list(t.shape)}); at most "
+                                f"{lim} are supported")
+
+
 def check_window_rows(name: str, t) -> tuple[int, int, int]:
-    """A float ``[B, W+1, V]`` window tensor with B >= 1, V >= 1 and W + 1 <= 65535 (the kernels'
-    row grid); returns ``(B, W + 1, V)``."""
+    """A float ``[B, W+1, V]`` window tensor with 1 <= B <= ROWS_MAX, 1 <= V <= LANES_MAX and
+    W + 1 <= 65535 (the kernels' row grid); returns ``(B, W + 1, V)``."""
     check_tensor(name, t, dtypes=FLOAT_DTYPES, dim=3)
     B, W1, V = t.shape
     if B < 1 or V < 1:
         raise SJDInputError(f"{name} must have B >= 1 requests and V >= 1 lanes, got {list(t.shape)}")
     if W1 > 65535:
         raise SJDInputError(f"{name} has W + 1 = {W1} window rows; at most 65535 are supported")
+    check_sizes(name, t, B=(0, ROWS_MAX), V=(2, LANES_MAX))
     return B, W1, V
 
 
@@ -248,11 +263,14 @@ def check_sampling(temperature, top_k, top_p, V: int) -> tuple[int, float]:
     return k, float(top_p)
 
 
-def check_int(name: str, v, lo: int) -> int:
-    """``v`` as an int >= ``lo`` (Python or NumPy integer; not a bool), else an SJDInputError naming it."""
+def check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    """``v`` as an int >= ``lo`` (and <= ``hi`` when given; Python or NumPy integer; not a bool), else an
+    SJDInputError naming it."""
     i = as_int(v)
     if i is None or i < lo:
         raise SJDInputError(f"{name} must be an int >= {lo}, got {v!r}")
+    if hi is not None and i > hi:
+        raise SJDInputError(f"{name} must be at most {hi}, got {i}")
     return i
 
 

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from ..reference import jacobi_step as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, SJDInputError, as_int, check_cfg, check_finite, check_int,
-                      check_state_and_sampling, check_state_contents, check_state_counters, check_tensor,
+from ._common import (BACKEND_CODE, CODE_BACKEND, LANES_MAX, ROWS_MAX, SJDInputError, as_int, check_cfg, check_finite,
+                      check_int, check_state_and_sampling, check_state_contents, check_state_counters, check_tensor,
                       check_tensor_size, check_window_rows, guard_pos, guard_win_len, mark_request_errors, new_status,
                       resolve_backend, seed_tensor, triton_device)
 
@@ -87,8 +87,9 @@ class JacobiState:
     @classmethod
     def create(cls, batch: int, window: int, vocab: int, seed, *, device="cpu", vp: bool = False,
                ring: int | None = None, capacity: int | None = None) -> "JacobiState":
-        batch, window, vocab = check_int("batch", batch, 1), check_int("window", window, 0), check_int("vocab", vocab, 1)
-        ring = check_int("ring", window + 1 if ring is None else ring, window + 1)   # >= window + 1
+        batch, window = check_int("batch", batch, 1, ROWS_MAX), check_int("window", window, 0, 65534)
+        vocab = check_int("vocab", vocab, 1, LANES_MAX)
+        ring = check_int("ring", window + 1 if ring is None else ring, window + 1, ROWS_MAX)   # >= window + 1
         if capacity is not None:
             c = as_int(capacity)
             if c is None or c < 1:

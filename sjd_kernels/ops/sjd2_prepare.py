@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..reference import sjd2_prepare as ref
-from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDInputError, check_tensor, host_checks,
-                      may_sync, new_status, resolve_backend, triton_available, triton_device)
+from ._common import (BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, LANES_MAX, ROWS_MAX, SJDInputError, check_sizes,
+                      check_tensor, host_checks, may_sync, new_status, resolve_backend, triton_available,
+                      triton_device)
 
 I64 = (torch.int64,)
 F32 = (torch.float32,)
@@ -104,6 +105,7 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     Vt, d = embed_weight.shape
     if Vt < 1 or d < 1:
         raise SJDInputError(f"embed_weight must be [Vt >= 1, d >= 1], got {list(embed_weight.shape)}")
+    check_sizes("embed_weight", embed_weight, d=(1, LANES_MAX))
     dev = embed_weight.device
     check_tensor("tokens", tokens, dtypes=I64, dim=2, device=dev, contiguous=True)
     B, N = tokens.shape
@@ -114,6 +116,7 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     K1 = alpha.shape[0]
     if K1 < 1:
         raise SJDInputError("alpha must have K + 1 >= 1 entries (levels 0..K)")
+    check_sizes("alpha", alpha, **{"K + 1": (0, ROWS_MAX)})
     check_tensor("sigma", sigma, dtypes=F32, shape=(K1,), dim=1, device=dev, contiguous=True)
     check_tensor("level_table", level_table, dtypes=F32, shape=(K1, d), dim=2, device=dev, contiguous=True)
     for name, t in (("seed", seed), ("commit_end", commit_end), ("fresh_start", fresh_start), ("row_end", row_end)):

@@ -26,10 +26,10 @@ import torch
 from ..reference import tree as ref
 from ..reference.jacobi_step import ERR_POS
 from ..reference.target import bad_rows
-from ._common import (ANY_FLOAT_DTYPES, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, SJDDeviceError, SJDInputError,
-                      check_cfg, check_state_and_sampling, check_state_contents, check_status, check_tensor,
-                      as_int, compiling, guard_pos, host_checks, mark_request_errors, may_sync, new_status,
-                      resolve_backend, triton_device)
+from ._common import (ANY_FLOAT_DTYPES, BACKEND_CODE, CODE_BACKEND, FLOAT_DTYPES, LANES_MAX, ROWS_MAX, SJDDeviceError,
+                      SJDInputError, as_int, check_cfg, check_sizes, check_state_and_sampling, check_state_contents,
+                      check_status, check_tensor, compiling, guard_pos, host_checks, mark_request_errors, may_sync,
+                      new_status, resolve_backend, triton_device)
 from .jacobi_step import JacobiState, check_state_type
 
 I64 = (torch.int64,)
@@ -187,6 +187,7 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
         raise SJDInputError(f"logits must be [B >= 1, N >= 1, V >= 1], got {list(logits.shape)}")
     if N > ref.MAX_NODES:
         raise SJDInputError(f"at most {ref.MAX_NODES} tree nodes per request, got N = {N}")
+    check_sizes("logits", logits, B=(0, ROWS_MAX), V=(2, LANES_MAX))
     check_cfg(uncond, cfg_scale, logits)
     for name in ("tokens", "parent", "depth", "sib", "q_slot"):
         check_tensor(f"tree.{name}", getattr(tree, name), dtypes=I64, shape=(B, N), dim=2, device=dev,
@@ -425,6 +426,8 @@ def _validate_kv(kv, keys, values, path, cache_len, status):
                 check_tensor(f"{name}[{i}]", t, dtypes=(dt,), shape=(R, H, S, D), dim=4, device=dev)
                 if t.stride() != st:
                     raise SJDInputError(f"{name}[{i}] must have the strides of keys[0] {st}, got {t.stride()}")
+    check_sizes("cache" if kv is not None else "keys[0]", kv if kv is not None else keys[0],
+                H_kv=(-3, ROWS_MAX), D=(-1, LANES_MAX))           # the kernels' 32-bit sizes, one contract
     check_tensor("path", path, dtypes=I64, dim=2, shape=(R, None), device=dev, contiguous=True)
     check_tensor("cache_len", cache_len, dtypes=I64, shape=(R,), dim=1, device=dev, contiguous=True)
     if status is not None:
