@@ -126,9 +126,27 @@ def test_quick_honours_an_explicit_num_tokens(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- 4. output locations
+def test_without_outputs_named_each_run_writes_a_new_folder(tmp_path, capsys, monkeypatch):
+    """No --out/--csv/--json: the files go to sjd_bench_out/<command>_<date>-<time> in the working directory,
+    a new folder per run (a second run in the same second gets a suffix), never benchmarks/results."""
+    from sjd_kernels.bench.__main__ import main as bench_main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20261202-120000")
+    cmd = ["ops", "--check", "--op", "tree_kv_update", "--backend", "torch", "--grid", "cpu-quick", "--min-requests",
+           "1"]
+    for _ in range(2):
+        assert bench_main(cmd) == 0
+    runs = sorted(p.name for p in (tmp_path / "sjd_bench_out").iterdir())
+    assert runs == ["ops_20261202-120000", "ops_20261202-120000-2"], runs
+    for r in runs:
+        assert (tmp_path / "sjd_bench_out" / r / "ops.csv").is_file()
+    assert not (tmp_path / "benchmarks").exists()
+    assert f"sjd_bench_out/{runs[1]}/ops.csv" in capsys.readouterr().out
+
+
 def test_a_blocked_default_folder_is_refused_before_the_run(bench_main, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "benchmarks").write_text("not a folder")
+    (tmp_path / "sjd_bench_out").write_text("not a folder")
     for cmd in (["e2e", "--model", "tiny"], ["ops", "--check", "--op", "tree_kv_update", "--grid", "cpu-quick"]):
         with pytest.raises(SystemExit) as e:
             bench_main(cmd)

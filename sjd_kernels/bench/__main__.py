@@ -10,8 +10,9 @@ A mistake on the command line (an unknown op, backend or method, a value out of 
 that cannot be read or written) exits 2 with a one-line message naming the argument, before any
 work.
 
-Outputs of ops and e2e: with none named, every file goes to the folder benchmarks/results;
---out FOLDER puts every file there (--csv/--json then move just those two); --csv/--json
+Outputs of ops and e2e: with none named, every file goes to a new folder
+sjd_bench_out/<ops|e2e>_<date>-<time> under the working directory (one per run, so runs never
+overwrite each other or a recorded results folder); --out FOLDER puts every file there (--csv/--json then move just those two); --csv/--json
 without --out write only the files named (no markdown, no plots). Every output location is
 checked before the run, and the paths written are printed at the end.
 """
@@ -22,8 +23,9 @@ import math
 import os
 import shlex
 import sys
+import time
 
-DEFAULT_OUT = os.path.join("benchmarks", "results")
+DEFAULT_OUT = "sjd_bench_out"
 
 
 def _command() -> str:
@@ -47,17 +49,28 @@ def _check_budget(args) -> None:
         _error(args, f"argument --budget-s: must be a number of seconds > 0, got {args.budget_s}")
 
 
-OUTPUTS_HELP = ("with none of --out/--csv/--json, every file goes to {d}; --out: every file in that folder "
+OUTPUTS_HELP = ("with none of --out/--csv/--json, every file goes to a new folder {d}/<command>_<date>-<time>; "
+                "--out: every file in that folder "
                 "(--csv/--json then move just those two); --csv/--json without --out: only the files named "
                 "(no markdown, no plots)").format(d=DEFAULT_OUT)
 
 
 def _out_dir(args):
-    """The folder of the run's files: ``--out``; else the default folder unless ``--csv``/``--json`` named the
+    """The folder of the run's files: ``--out``; else a new folder under ``DEFAULT_OUT`` (named once per run,
+    by command and start time, with a suffix when that name exists) unless ``--csv``/``--json`` named the
     outputs (then only those are written)."""
     if args.out:
         return args.out
-    return None if (args.csv or args.json) else DEFAULT_OUT
+    if args.csv or args.json:
+        return None
+    if getattr(args, "_default_out", None) is None:
+        base = os.path.join(DEFAULT_OUT, f"{args.cmd}_{time.strftime('%Y%m%d-%H%M%S')}")
+        path, i = base, 1
+        while os.path.lexists(path):
+            i += 1
+            path = f"{base}-{i}"
+        args._default_out = path
+    return args._default_out
 
 
 def _check_outputs(args, files=()) -> None:
@@ -67,7 +80,7 @@ def _check_outputs(args, files=()) -> None:
     from ..demo import check_output_dir, check_output_file
     out = _out_dir(args)
     if out:
-        flag = "--out" if args.out else f"--out (default {DEFAULT_OUT})"
+        flag = "--out" if args.out else f"--out (default {out})"
         check_output_dir(args._parser.error, flag, out)
         for name in files:
             if not ((name.endswith(".csv") and args.csv) or (name.endswith(".json") and args.json)):
