@@ -36,10 +36,16 @@ def test_schedule_karras_variance_preserving(K, s_min, rho):
 
 
 def test_schedule_k0_and_errors():
+    """K = 0 is plain SJD; each bound of the schedule is refused with its own message (levels >= 0, then
+    0 < s_min <= s_max <= 1, checked only with noisy levels, then rho > 0)."""
     assert NoiseSchedule(levels=0).sigmas64().tolist() == [0.0]
-    for kw in (dict(levels=-1), dict(levels=4, s_min=0.0), dict(levels=4, s_max=1.5), dict(levels=4, s_min=0.9, s_max=0.5),
-               dict(levels=4, rho=0.0)):
-        with pytest.raises(ValueError):
+    assert NoiseSchedule(levels=0, s_min=0.0, s_max=2.0).sigmas64().tolist() == [0.0]
+    for kw, msg in ((dict(levels=-1), r"^levels must be an int >= 0, got -1$"),
+                    (dict(levels=4, s_min=0.0), r"^need 0 < s_min <= s_max <= 1 .*got s_min=0.0, s_max=1.0$"),
+                    (dict(levels=4, s_max=1.5), r"got s_min=0.2, s_max=1.5$"),
+                    (dict(levels=4, s_min=0.9, s_max=0.5), r"got s_min=0.9, s_max=0.5$"),
+                    (dict(levels=4, rho=0.0), r"^rho must be > 0, got 0.0$")):
+        with pytest.raises(SJDInputError, match=msg):
             NoiseSchedule(**kw)
 
 
