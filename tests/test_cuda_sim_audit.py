@@ -150,6 +150,19 @@ __global__ void noop_k(int* out) {
   if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) out[0] += 1;
 }
 
+// launch bounds: a named constant, a literal with a second argument, and a template
+constexpr int kProbeBound = 64;
+__global__ void __launch_bounds__(kProbeBound) bounded_k(int* out) {
+  if (threadIdx.x == 0) out[0] += 1;
+}
+__global__ void __launch_bounds__(96, 2) bounded_literal_k(int* out) {
+  if (threadIdx.x == 0) out[0] += 1;
+}
+template <typename T, int N>
+__global__ void __launch_bounds__(kProbeBound) bounded_tmpl_k(T* out) {
+  if (threadIdx.x == 0) out[0] += N;
+}
+
 __global__ void smem_k(int* out) {
   SJD_SIM_DYNAMIC_SMEM(int, buf);
   buf[threadIdx.x] = 1;
@@ -259,6 +272,16 @@ int main(int argc, char** argv) {
       const dim3 g(std::strtoul(argv[5], nullptr, 10), std::atoi(argv[6]), std::atoi(argv[7]));
       L(noop_k, g, b, 0)(&out);
       std::printf("%d %d\n", static_cast<int>(cudaGetLastError()), out);
+    } else if (c == "bounds") {
+      // argv[2]: the kernel, argv[3]: threads per block, launched as the sources launch (SJD_SIM_LAUNCH)
+      int out = 0;
+      const std::string k = argv[2];
+      const int n = std::atoi(argv[3]);
+      if (k == "bounded") SJD_SIM_LAUNCH(bounded_k, 1, n, 0, 0)(&out);
+      if (k == "literal") SJD_SIM_LAUNCH(bounded_literal_k, 1, n, 0, 0)(&out);
+      if (k == "tmpl") SJD_SIM_LAUNCH((bounded_tmpl_k<int, 1>), 1, n, 0, 0)(&out);
+      if (k == "noop") SJD_SIM_LAUNCH(noop_k, 1, n, 0, 0)(&out);
+      std::printf("%d %d\n", static_cast<int>(cudaGetLastError()), out);
     } else if (c == "smem") {
       // argv[2]: the attribute to set first (-1: none); argv[3]: the launch's bytes
       int out = 0;
@@ -329,7 +352,7 @@ def _build(out_dir, race):
     src.write_text(PROBE)
     inc = [f"-I{d}" for d in sim.include_dirs(sim.CSRC)]
     exe = out_dir / ("probe_race" if race else "probe")
-    kernel_flags = [*sim.FLAGS, *(sim.RACE_KERNEL_FLAGS if race else ())]
+    kernel_flags = [*sim.FLAGS, sim.launch_bounds_flag(PROBE), *(sim.RACE_KERNEL_FLAGS if race else ())]
     cmds = [[cxx, *kernel_flags, *inc, "-c", str(src), "-o", str(exe) + ".o"]]
     objs = [str(exe) + ".o"]
     if race:
@@ -521,6 +544,33 @@ def test_dynamic_shared_memory_needs_the_opt_in(probe, attr, smem, want):
     cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) allowed it; the simulator ran
     any size up to 227 KiB."""
     assert probe("smem", attr, smem).split() == want.split()
+
+
+@pytest.mark.parametrize("kernel,threads,want", [
+    ("bounded", 64, "0 1"), ("bounded", 96, "701 0"),          # __launch_bounds__(kProbeBound = 64)
+    ("literal", 96, "0 1"), ("literal", 128, "701 0"),         # __launch_bounds__(96, 2)
+    ("tmpl", 64, "0 1"), ("tmpl", 65, "701 0"),                # a template launched as (k<int, 1>)
+    ("noop", 1024, "0 1"),                                     # no bounds: the device's 1024
+])
+def test_launch_bounds_are_enforced(probe, kernel, threads, want):
+    """On the GPU a launch with more threads per block than the kernel's __launch_bounds__ fails
+    (cudaErrorLaunchOutOfResources, 701) and the kernel does not run; the simulator ignored the bounds."""
+    assert probe("bounds", kernel, threads).split() == want.split()
+
+
+def test_launch_bounds_of_the_sources():
+    """The loader reads every kernel's bound from csrc/ (the define SJD_SIM_LAUNCH_BOUNDS of its
+    build), and refuses a bound it cannot read rather than ignore it."""
+    from sjd_kernels.cuda import sim
+    got = {}
+    for s in sim.SOURCES:
+        got.update(sim.launch_bounds((sim.CSRC / s).read_text()))
+    assert got == {"jacobi_rows_kernel": 1024, "sjd2_prepare_kernel": 256, "tree_rowcheck_kernel": 256,
+                   "tree_verify_kernel": 1024, "verify_chain_kernel": 1024}
+    n_src = sum((sim.CSRC / s).read_text().count("__launch_bounds__(") for s in sim.SOURCES)
+    assert n_src == len(got)
+    with pytest.raises(sim.SimUnavailable, match=r"__launch_bounds__\(NT\) of k"):
+        sim.launch_bounds("template <int NT> __global__ void __launch_bounds__(NT) k(int* p) {}")
 
 
 def test_integer_and_bit_intrinsics(probe):

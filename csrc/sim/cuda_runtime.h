@@ -9,6 +9,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
+  cudaErrorLaunchOutOfResources = 701,
 };
 using cudaError = cudaError_t;
 struct CUstream_st;
@@ -38,6 +39,7 @@ inline const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
   }
   return "cudaErrorUnknown";
 }
@@ -46,6 +48,8 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument (simulator)";
     case cudaErrorInvalidValue: return "invalid argument (simulator)";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch (simulator: more threads "
+                                               "per block than the kernel's __launch_bounds__)";
     default: return "error (simulator)";
   }
 }

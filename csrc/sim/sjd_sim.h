@@ -21,12 +21,16 @@
 // launch), not hangs. A launch outside the device's limits (1024 threads, 1024 x 1024 x 64 in
 // block dimensions, 2^31 - 1 x 65535 x 65535 blocks) fails as on the GPU, and so does one with over
 // 48 KiB of dynamic shared memory unless cudaFuncSetAttribute raised the kernel's limit (to at most
-// 227 KiB less its static shared memory): cudaGetLastError reports it.
+// 227 KiB less its static shared memory): cudaGetLastError reports it. A launch with more threads per
+// block than the kernel's __launch_bounds__ fails too (cudaErrorLaunchOutOfResources): the macro
+// cannot attach a value to a function in C++, so the loader reads each source's bounds
+// (sjd_kernels.cuda.sim.launch_bounds) and passes them as SJD_SIM_LAUNCH_BOUNDS ("name:threads,...");
+// SJD_SIM_LAUNCH looks the launched kernel's name up there.
 //
 // What it does not model: the GPU's floating-point library (expf, logf, powf here are the host
 // libm's, within an ulp or two of CUDA's), fused multiply-add contraction (compile with
-// -ffp-contract=off), memory ordering between blocks, timing, __launch_bounds__ (ignored), and
-// uninitialised static __shared__ variables: they are statics here, which keep what the block before
+// -ffp-contract=off), memory ordering between blocks, timing, and uninitialised static __shared__
+// variables: they are statics here, which keep what the block before
 // wrote (dynamic shared memory starts as 0xff bytes in every block; the race-checking build below
 // reports reads of either before a write). Results are therefore checked against
 // the reference as the Triton interpreter's are: same tokens up to rare rounding at sampling
@@ -50,6 +54,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -497,14 +502,42 @@ inline int max_dynamic_smem(const void* kernel) {
   return kDynSmemDefault;
 }
 
+// The max-threads argument of a kernel's __launch_bounds__: ``kernel`` is the launch's kernel
+// expression as written (e.g. "(sjd2_prepare_kernel<T, VEC>)"), ``table`` the source's
+// SJD_SIM_LAUNCH_BOUNDS; 1024 (the device's limit) for a kernel without bounds.
+inline int launch_bound(const char* kernel, const char* table) {
+  std::string k(kernel);
+  k = k.substr(0, k.find('<'));
+  const auto ident = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+  size_t e = k.size();
+  while (e > 0 && !ident(k[e - 1])) --e;
+  size_t b = e;
+  while (b > 0 && ident(k[b - 1])) --b;
+  const std::string name = k.substr(b, e - b);
+  const std::string t(table);
+  for (size_t pos = 0; pos < t.size();) {
+    size_t end = t.find(',', pos);
+    if (end == std::string::npos) end = t.size();
+    const std::string entry = t.substr(pos, end - pos);
+    const size_t colon = entry.find(':');
+    if (colon != std::string::npos && entry.substr(0, colon) == name) return std::atoi(entry.c_str() + colon + 1);
+    pos = end + 1;
+  }
+  return 1024;
+}
+
 SJD_SIM_RT inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
-                              const std::function<void()>& body) {
+                              const std::function<void()>& body, int max_threads = 1024) {
   const LaunchLock lock;
   ++g_cfg.launches;
   const unsigned long long nthreads = 1ull * block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 ||
       grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
     g_last_error = 9;  // cudaErrorInvalidConfiguration
+    return;
+  }
+  if (nthreads > static_cast<unsigned long long>(max_threads)) {
+    g_last_error = 701;  // cudaErrorLaunchOutOfResources: more threads than __launch_bounds__ allows
     return;
   }
   // above 48 KiB only as far as the kernel's attribute allows (cudaFuncSetAttribute)
@@ -557,17 +590,18 @@ struct Launcher {
   void (*kernel)(P...);
   dim3 grid, block;
   size_t smem;
+  int max_threads;
   template <typename... A>
   void operator()(A&&... a) const {
     auto k = kernel;
     std::function<void()> body = [&]() { k(a...); };
-    launch(reinterpret_cast<const void*>(kernel), grid, block, smem, body);
+    launch(reinterpret_cast<const void*>(kernel), grid, block, smem, body, max_threads);
   }
 };
 
 template <typename... P>
-Launcher<P...> make_launcher(void (*k)(P...), dim3 g, dim3 b, size_t smem) {
-  return Launcher<P...>{k, g, b, smem};
+Launcher<P...> make_launcher(void (*k)(P...), dim3 g, dim3 b, size_t smem, int max_threads = 1024) {
+  return Launcher<P...>{k, g, b, smem, max_threads};
 }
 
 }  // namespace sjd_sim
@@ -747,5 +781,9 @@ using std::max;
 using std::min;
 
 // Launch: SJD_LAUNCH(kernel, grid, block, smem, stream)(args...) in the sources.
-#define SJD_SIM_LAUNCH(kernel, grid, block, smem, stream) ::sjd_sim::make_launcher(kernel, grid, block, smem)
+#ifndef SJD_SIM_LAUNCH_BOUNDS
+#define SJD_SIM_LAUNCH_BOUNDS ""
+#endif
+#define SJD_SIM_LAUNCH(kernel, grid, block, smem, stream) \
+  ::sjd_sim::make_launcher(kernel, grid, block, smem, ::sjd_sim::launch_bound(#kernel, SJD_SIM_LAUNCH_BOUNDS))
 #define SJD_SIM_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::sjd_sim::g_run.dyn_smem)

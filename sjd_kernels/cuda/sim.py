@@ -64,6 +64,32 @@ class SimUnavailable(RuntimeError):
     """The simulator cannot be built here (no C++ compiler, no pybind11 or no csrc/ sources)."""
 
 
+_BOUND = re.compile(r"__launch_bounds__\(\s*([A-Za-z_]\w*|\d+)\s*(?:,[^)]*)?\)\s*([A-Za-z_]\w*)\s*\(")
+
+
+def launch_bounds(text: str) -> dict:
+    """``{kernel name: max threads per block}`` of every ``__launch_bounds__(N[, ...]) name(`` in a source's
+    text; ``N`` an integer literal or a ``constexpr int N = value;`` of the same source (else SimUnavailable:
+    the simulator could not enforce that bound)."""
+    out = {}
+    for expr, name in _BOUND.findall(text):
+        if expr.isdigit():
+            out[name] = int(expr)
+            continue
+        m = re.search(rf"constexpr\s+(?:unsigned\s+)?int\s+{re.escape(expr)}\s*=\s*(\d+)\s*[;,]", text)
+        if m is None:
+            raise SimUnavailable(f"__launch_bounds__({expr}) of {name}: the simulator reads only an integer or a "
+                                 f"'constexpr int {expr} = N;' of the same source")
+        out[name] = int(m.group(1))
+    return out
+
+
+def launch_bounds_flag(text: str) -> str:
+    """The define that hands a source's ``launch_bounds`` to ``SJD_SIM_LAUNCH`` (csrc/sim/sjd_sim.h)."""
+    table = ",".join(f"{k}:{v}" for k, v in sorted(launch_bounds(text).items()))
+    return f'-DSJD_SIM_LAUNCH_BOUNDS="{table}"'
+
+
 def _compiler() -> str:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
@@ -176,10 +202,11 @@ def build(csrc: Path | str | None = None, verbose: bool = False, race: bool = Fa
     common = [*FLAGS, '-DSJD_BUILT_ARCHS="sim"']
     jobs = []
     for s in SOURCES + (("sim/race_check.cpp",) if race else ()):
+        bounds = [launch_bounds_flag((csrc / s).read_text())] if s.endswith(".cu") else []
         if not race:
-            flags = common
+            flags = [*common, *bounds]
         elif s.endswith(".cu"):     # kernels instrumented; the bindings and the checker not (the
-            flags = [*common, *RACE_KERNEL_FLAGS]     # checker's own accesses must not call its hooks)
+            flags = [*common, *bounds, *RACE_KERNEL_FLAGS]     # checker's own accesses must not call its hooks)
         else:
             flags = [*common, *RACE_FLAGS, "-O2"]
         jobs.append((csrc / s, flags))
