@@ -34,9 +34,9 @@ Returns ``inputs_embeds [B, N, d]`` in the embedding's dtype.
 
 Inputs it cannot use: a token the slot reads (``slot_levels``) outside ``[0, Vt)``, or a ring level
 outside ``0..K`` at a window position that is not fresh. Every backend clamps the id into the table
-and the level into ``0..K`` (so nothing is read out of bounds), computes the slot with the clamped
-values, and sets bit ``ERR_PREPARE`` (32) of ``status[0]``, without a host synchronisation. (The op
-checks CPU tensors on the host before calling any backend.)
+and the level's table reads into ``0..K`` (so nothing is read out of bounds; the level written back is
+the unclamped one's successor, as for any level), and sets bit ``ERR_PREPARE`` (32) of ``status[0]``,
+without a host synchronisation. (The op checks CPU tensors on the host before calling any backend.)
 """
 from __future__ import annotations
 
