@@ -55,3 +55,28 @@ def test_the_guard_catches_the_old_masked_state_write():
     with pytest.raises(HostSync):
         with NoHostSync():
             buf[b[mask], s[mask]] = rows[mask]
+
+
+def test_sjd2_prepare_reference_never_syncs_with_the_host():
+    """``sjd2_prepare``'s torch backend (the reference; on a GPU the op calls it with a status and no host
+    checks) runs without a host synchronisation, so it can be captured like the kernels: it used to test
+    ``fresh.any()`` on the host and write the rings through boolean masks. (Called directly: inside the
+    custom op's dispatch the mode would not see the reference's own operations.) Same results: the float64
+    slot-by-slot oracle of ``test_sjd2``, and a bad token reported in the status."""
+    import test_sjd2 as t2
+
+    from sjd_kernels.reference.sjd2_prepare import sjd2_prepare as ref_prepare
+    for seed in range(3):
+        c = t2._prepare_case(seed=seed)
+        want, lat64, lev64 = t2._prepare_f64(c)
+        st = torch.zeros(4, dtype=torch.int32)
+        with NoHostSync():
+            got = ref_prepare(*c.values(), st)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(c["level"], lev64) and torch.allclose(c["latent"].double(), lat64, rtol=1e-5, atol=1e-5)
+        assert st.tolist() == [0, 0, 0, 0]
+    c = t2._prepare_bad("token_step")
+    st = torch.zeros(4, dtype=torch.int32)
+    with NoHostSync():
+        ref_prepare(*c.values(), st)
+    assert st.tolist() == [32, 0, 0, 0]

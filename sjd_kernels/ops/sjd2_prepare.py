@@ -93,8 +93,8 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     With ``status`` (an ``int32 [4]`` device status such as ``JacobiState.status``) GPU tensors are
     not checked on the host: the kernels clamp a bad id or level into range (never an out-of-bounds
     read, but wrong embeddings and ring contents) and set bit 32 of ``status[0]``, which
-    ``check_status`` reports as an ``SJDDeviceError``; nothing synchronises, so the call can be
-    captured in a CUDA graph. Ring slots shared by two window positions are found only on the host.
+    ``check_status`` reports as an ``SJDDeviceError``; nothing synchronises (every backend, the torch
+    one included), so the call can be captured in a CUDA graph. Ring slots shared by two window positions are found only on the host.
     Under ``torch.compile`` or a CUDA graph capture without ``status`` nothing is checked or reported.
 
     ``backend``: auto, torch, triton, cuda (the extension's kernel, ``csrc/sjd2_prepare.cu``; float32,

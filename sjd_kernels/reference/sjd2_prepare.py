@@ -95,7 +95,7 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
 
     E = embed_weight[tokens.clamp(0, embed_weight.shape[0] - 1)]                 # [B, N, d]
     x_old = latent[b, r]
-    if K > 0 and bool(fresh.any()):
+    if K > 0:                          # no host check of fresh.any(): positions enter at almost every step
         x_old = torch.where(fresh.unsqueeze(-1), position_noise(seed.view(B, 1), p.clamp(min=0), d), x_old)
 
     e_hat = (E.to(torch.float32) - mean) / std
@@ -112,7 +112,14 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
     bad_token, bad_level = bad_slots(tokens, p, commit_end, fresh_start, row_end, level, K, embed_weight.shape[0])
     status[STATUS_ERR] |= ((bad_token | bad_level).any().to(torch.int32) * ERR_PREPARE).to(status.dtype)
 
-    bw, rw = b[win], r[win]
-    latent[bw, rw] = x_new[win]
-    level[bw, rw] = k_new[win].to(level.dtype)
+    # ring writes without a host synchronisation: for each ring slot the input slot that writes it (a window
+    # slot; by the contract at most one per ring slot), found by a scatter whose other slots land in a spare
+    # column R; slots nobody writes keep their values
+    writer = torch.full((B, R + 1), -1, dtype=torch.int64, device=dev)
+    writer.scatter_(1, torch.where(win, r, torch.full_like(r, R)), torch.arange(N, device=dev).expand(B, N))
+    writer = writer[:, :R]
+    src = writer.clamp(min=0)
+    hit = writer >= 0
+    latent.copy_(torch.where(hit.unsqueeze(-1), torch.gather(x_new, 1, src.unsqueeze(-1).expand(B, R, d)), latent))
+    level.copy_(torch.where(hit, torch.gather(k_new, 1, src).to(level.dtype), level))
     return out
