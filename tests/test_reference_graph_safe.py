@@ -80,3 +80,35 @@ def test_sjd2_prepare_reference_never_syncs_with_the_host():
     with NoHostSync():
         ref_prepare(*c.values(), st)
     assert st.tolist() == [32, 0, 0, 0]
+
+
+@pytest.mark.parametrize("form", ["stacked", "lists"])
+def test_tree_kv_update_reference_never_syncs_with_the_host(form):
+    """``tree_kv_update``'s torch backend moves the K/V of every row with one gather and one scatter (no
+    boolean-mask selection of the moved entries on the host), bit for bit as the copy it specifies,
+    malformed rows untouched and reported."""
+    import test_tree_kv_update as tk
+
+    from sjd_kernels.reference import tree as tref
+    for name in ("overlap_0_2_3", "ragged"):
+        path, cache_len = tk._path(name)
+        if name == "ragged":
+            path[1, 1] = 0                                       # path[1] < 1: row 1 malformed, left as it is
+        kv = tk.poisoned((tk.LAYERS, 2, tk.R, tk.H, tk.S, tk.D), torch.bfloat16, seed=3)
+        move, src, dst, row_bad = tref.kv_moves(path, cache_len, tk.S)
+        want = kv.clone()
+        for r, j in move.nonzero().tolist():                     # the copy, entry by entry (path[j] >= j)
+            want[:, :, r, :, int(dst[r, j])] = kv[:, :, r, :, int(src[r, j])]
+        st = torch.zeros(4, dtype=torch.int32)
+        got = kv.clone()
+        with NoHostSync():
+            if form == "stacked":
+                tref.tree_kv_update(got, path, cache_len, st)
+            else:
+                keys, values = tk.to_list(got)
+                tref.tree_kv_update_list(keys, values, path, cache_len, st)
+        if form == "lists":
+            got = tk.from_list(keys, values)
+        assert torch.equal(tk.bits(got), tk.bits(want)), name
+        assert st.tolist() == [4 if bool(row_bad.any()) else 0, 0, 0, 0]
+        assert bool(row_bad.any()) == (name == "ragged")

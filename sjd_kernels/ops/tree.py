@@ -446,10 +446,10 @@ def tree_kv_update(cache, path: torch.Tensor, cache_len: torch.Tensor, *, status
     ``cache_len + j`` receives node ``path[j]``; negative entries are padding. Every entry must have
     ``path[j] >= j`` and a source slot inside the cache; a row that breaks this is left untouched.
     Errors: with ``status`` given they set bit 4 of ``status[0]`` on the device (check it with
-    ``check_status``; the triton and cuda kernels do not synchronise, the torch backend selects the
-    moved entries on the host); without it, and always for CPU tensors, the call checks on the host
-    and raises ``SJDInputError`` (except under ``torch.compile`` or a CUDA graph capture, which cannot
-    synchronise: pass ``status`` there, or bad rows are skipped without a report).
+    ``check_status``; no backend synchronises, so the call can be captured in a CUDA graph); without
+    it, and always for CPU tensors, the call checks on the host and raises ``SJDInputError`` (except
+    under ``torch.compile`` or a CUDA graph capture, which cannot synchronise: pass ``status`` there,
+    or bad rows are skipped without a report).
     """
     kv, keys, values = _normalise_cache(cache)
     S = _validate_kv(kv, keys, values, path, cache_len, status)

@@ -527,6 +527,31 @@ def kv_moves(path: torch.Tensor, cache_len: torch.Tensor, S: int):
     return move, src, dst, row_bad
 
 
+def _copy_pairs(move, src, dst, S: int):
+    """``(src, dst) [R, P]`` of every entry, for one gather and one scatter without a host synchronisation:
+    moving entries keep their pair; the others repeat the pair of their row's last moving entry, or copy
+    the row's first destination slot (clamped into the cache) onto itself, so that every destination
+    written twice receives the same value."""
+    Rr, P = move.shape
+    j = torch.arange(P, device=move.device).view(1, P)
+    last = torch.where(move, j, torch.full_like(j, -1)).amax(1, keepdim=True)       # [R, 1], -1: none
+    some = last >= 0
+    li = last.clamp(min=0)
+    own = dst[:, :1].clamp(0, S - 1)
+    fill_src = torch.where(some, torch.gather(src, 1, li), own)
+    fill_dst = torch.where(some, torch.gather(dst, 1, li), own)
+    return torch.where(move, src, fill_src), torch.where(move, dst, fill_dst)
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its element size: moved bit for bit (the CPU scatter of bf16 rewrote
+    NaN payloads in slots it did not write)."""
+    return t.view(_BITS[t.element_size()])
+
+
 def _flag(status, row_bad):
     if status is not None:
         status[STATUS_ERR] |= (row_bad.any().to(torch.int32) * ERR_TREE_INDEX).to(status.dtype)
@@ -539,23 +564,31 @@ def tree_kv_update(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.Tensor
     old contents of slot ``cache_len[r] + path[r, j]`` (all layers, K and V, all heads), as one
     parallel copy: every source is read before any destination is written. With ``path[j] >= j``
     (what ``kv_moves`` requires) this equals copying in increasing j. Rows that ``kv_moves`` marks
-    malformed are left untouched and set bit 4 of ``status[0]``. Nothing else changes.
+    malformed are left untouched and set bit 4 of ``status[0]``. Nothing else changes. No host
+    synchronisation (``_copy_pairs``).
     """
     move, src, dst, row_bad = kv_moves(path, cache_len, kv.shape[4])
     _flag(status, row_bad)
-    rr, jj = move.nonzero(as_tuple=True)
-    if rr.numel():
-        vals = kv[:, :, rr, :, src[rr, jj]]                            # gathered copy: [M, layers, 2, H, D]
-        kv[:, :, rr, :, dst[rr, jj]] = vals
+    if path.shape[1] == 0:                                         # an empty path moves nothing
+        return
+    s, d = _copy_pairs(move, src, dst, kv.shape[4])                # no host synchronisation (capturable)
+    L, two, Rr, H, _, D = kv.shape
+    shape = (L, two, Rr, H, s.shape[1], D)
+    kb = _bits(kv)
+    vals = torch.gather(kb, 4, s.view(1, 1, Rr, 1, -1, 1).expand(shape))        # every source read first
+    kb.scatter_(4, d.view(1, 1, Rr, 1, -1, 1).expand(shape), vals)
 
 
 def tree_kv_update_list(keys, values, path: torch.Tensor, cache_len: torch.Tensor, status) -> None:
     """``tree_kv_update`` for per-layer caches ``keys[l], values[l] [R, H_kv, S, D]`` (Hugging Face style)."""
     move, src, dst, row_bad = kv_moves(path, cache_len, keys[0].shape[2])
     _flag(status, row_bad)
-    rr, jj = move.nonzero(as_tuple=True)
-    if rr.numel():
-        s, t = src[rr, jj], dst[rr, jj]
-        for c in list(keys) + list(values):
-            vals = c[rr, :, s]                                         # [M, H, D]
-            c[rr, :, t] = vals
+    if path.shape[1] == 0:
+        return
+    s, d = _copy_pairs(move, src, dst, keys[0].shape[2])
+    for c in list(keys) + list(values):
+        Rr, H, _, D = c.shape
+        shape = (Rr, H, s.shape[1], D)
+        cb = _bits(c)
+        vals = torch.gather(cb, 2, s.view(Rr, 1, -1, 1).expand(shape))
+        cb.scatter_(2, d.view(Rr, 1, -1, 1).expand(shape), vals)
