@@ -277,3 +277,16 @@ def test_generate_state_capacity_and_tree_options_take_numpy_integers(model):
                       (dict(method="pac", tree_depth=np.float32(1.0)), "tree_depth must be an int >= 0"),
                       (dict(method="pac", tree_depth=False), "tree_depth must be an int >= 0")):
         _refused_before_forward(model, "^" + match, **kw)
+
+
+def test_shape_only_calls_without_a_status():
+    """Meta tensors carry no values: ``sjd2_prepare`` and ``tree_kv_update`` without a status skip the host
+    checks they run for GPU tensors (there is nothing to read) and answer with shapes."""
+    import test_sjd2 as t2
+
+    from sjd_kernels.sjd2 import sjd2_prepare
+    c = {k: v.to(META) for k, v in t2._prepare_case().items()}
+    out = sjd2_prepare(**c, backend="torch")
+    assert out.is_meta and tuple(out.shape) == (3, 7, 24)
+    sk.tree_kv_update(torch.empty(1, 2, 2, 1, 8, 4, device=META), torch.zeros(2, 3, dtype=I64, device=META),
+                      torch.zeros(2, dtype=I64, device=META), backend="torch")

@@ -569,8 +569,19 @@ def test_launch_bounds_of_the_sources():
                    "tree_verify_kernel": 1024, "verify_chain_kernel": 1024}
     n_src = sum((sim.CSRC / s).read_text().count("__launch_bounds__(") for s in sim.SOURCES)
     assert n_src == len(got)
+    launch = "\nvoid go() { SJD_LAUNCH(k, 1, 1, 0, 0)(nullptr); }"
+    assert sim.launch_bounds("constexpr int kB = 96;\n__global__ void __launch_bounds__(kB, 2) k(int* p) {}"
+                             + launch) == {"k": 96}
     with pytest.raises(sim.SimUnavailable, match=r"__launch_bounds__\(NT\) of k"):
-        sim.launch_bounds("template <int NT> __global__ void __launch_bounds__(NT) k(int* p) {}")
+        sim.launch_bounds("template <int NT> __global__ void __launch_bounds__(NT) k(int* p) {}" + launch)
+    for text in ("__global__ void __launch_bounds__(kA * 2) k(int* p) {}", "__global__ void __launch_bounds__(256u) "
+                 "k(int* p) {}", "__global__ __launch_bounds__(256) void k(int* p) {}",
+                 "__global__ void __launch_bounds__ (256) k(int* p) {}"):
+        with pytest.raises(sim.SimUnavailable, match="a __launch_bounds__ the simulator cannot read"):
+            sim.launch_bounds(text + launch)
+    with pytest.raises(sim.SimUnavailable, match="k has __launch_bounds__ but is not launched by its name"):
+        sim.launch_bounds("__global__ void __launch_bounds__(64) k(int* p) {}\n"
+                          "void go() { auto f = k; SJD_LAUNCH(f, 1, 1, 0, 0)(nullptr); }")
 
 
 def test_integer_and_bit_intrinsics(probe):

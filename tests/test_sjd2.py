@@ -1046,7 +1046,8 @@ def test_prepare_refuses_empty_tables_and_rings():
 
 def _prepare_bad(what):
     """A case the op cannot use, by ``what``: a ring level outside 0..K read by a window position, a token
-    outside [0, Vt) read by a committed slot or by a DDIM step, or nothing wrong (``ok``); every case also
+    outside [0, Vt) read by a committed slot, by a DDIM step or by a window slot at level 0 that takes no
+    step, or nothing wrong (``ok``); every case also
     holds a bad token and a bad level the op does not read (a condition slot's token, the ring level of a
     position entering now)."""
     c = _prepare_case()
@@ -1059,10 +1060,13 @@ def _prepare_bad(what):
         c["tokens"][1, 0] = 19                               # X[n-1] of request 1, committed
     elif what == "token_step":
         c["tokens"][1, 1] = -1                               # position 5 of request 1: a DDIM step towards it
+    elif what == "token_level0":
+        c["level"][2, 3] = 0                                 # position 12 of request 2: in the window at level 0,
+        c["tokens"][2, 2] = 19                               # no step: its output is its token's embedding
     return c
 
 
-@pytest.mark.parametrize("what", ["level99", "level-3", "token_committed", "token_step", "ok"])
+@pytest.mark.parametrize("what", ["level99", "level-3", "token_committed", "token_step", "token_level0", "ok"])
 def test_prepare_kernels_clamp_and_report_what_they_cannot_use(what):
     """Without the host checks (the GPU path), a ring level outside 0..K or a token outside the table must
     not read outside the tables: every backend clamps the same way (the reference defines it) and sets bit

@@ -65,14 +65,23 @@ class SimUnavailable(RuntimeError):
 
 
 _BOUND = re.compile(r"__launch_bounds__\(\s*([A-Za-z_]\w*|\d+)\s*(?:,[^)]*)?\)\s*([A-Za-z_]\w*)\s*\(")
+_BOUND_ANY = re.compile(r"__launch_bounds__\s*\(")
 
 
 def launch_bounds(text: str) -> dict:
     """``{kernel name: max threads per block}`` of every ``__launch_bounds__(N[, ...]) name(`` in a source's
-    text; ``N`` an integer literal or a ``constexpr int N = value;`` of the same source (else SimUnavailable:
-    the simulator could not enforce that bound)."""
+    text; ``N`` an integer literal or a ``constexpr int N = value;`` of the same source, and the kernel
+    launched by its name (``SJD_LAUNCH(name`` or ``SJD_LAUNCH((name<...>)``), which is how the launch finds
+    its bound. Anything else raises SimUnavailable: the simulator could not enforce that bound."""
+    found = _BOUND.findall(text)
+    if len(found) != len(_BOUND_ANY.findall(text)):
+        raise SimUnavailable("a __launch_bounds__ the simulator cannot read: write `__launch_bounds__(N[, M]) "
+                             "name(` with N an integer or a 'constexpr int' of the same source")
     out = {}
-    for expr, name in _BOUND.findall(text):
+    for expr, name in found:
+        if not re.search(rf"SJD_(?:SIM_)?LAUNCH\(\s*\(?\s*{re.escape(name)}\b", text):
+            raise SimUnavailable(f"{name} has __launch_bounds__ but is not launched by its name "
+                                 f"(SJD_LAUNCH({name}...)): the simulator could not find its bound at the launch")
         if expr.isdigit():
             out[name] = int(expr)
             continue

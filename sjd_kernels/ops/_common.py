@@ -344,9 +344,10 @@ def compiling() -> bool:
 
 
 def may_sync(t: torch.Tensor) -> bool:
-    """A helper off the hot path may check its arguments on the host: not while torch.compile traces
-    and not while a CUDA graph captures (a synchronisation would break either)."""
-    if compiling():
+    """A helper off the hot path may check its arguments on the host: not while torch.compile traces,
+    not while a CUDA graph captures (a synchronisation would break either), and not for meta tensors
+    (shapes without values)."""
+    if compiling() or t.is_meta:
         return False
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

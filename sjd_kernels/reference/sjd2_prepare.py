@@ -36,7 +36,8 @@ Inputs it cannot use: a token the slot reads (``slot_levels``) outside ``[0, Vt)
 outside ``0..K`` at a window position that is not fresh. Every backend clamps the id into the table
 and the level's table reads into ``0..K`` (so nothing is read out of bounds; the level written back
 follows the unclamped one: k - 1 after a step, else k), and sets bit ``ERR_PREPARE`` (32) of ``status[0]``,
-without a host synchronisation. (The op checks CPU tensors on the host before calling any backend.)
+without a host synchronisation. (The op checks CPU tensors, and GPU tensors when it is given no status,
+on the host before calling any backend.)
 """
 from __future__ import annotations
 
