@@ -99,3 +99,53 @@ def test_triton_backend_on_a_second_gpu():
         ref = generate(m, cond, 12, method, backend="torch", **kw)
         out = generate(m, cond, 12, method, backend="triton", **kw)
         assert torch.equal(out.tokens, ref.tokens), method
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=requires_cuda_ext)])
+def test_tree_kv_update_and_sjd2_prepare_with_a_status_never_sync(backend):
+    """With a status, the public ``tree_kv_update`` and ``sjd2_prepare`` calls do not synchronise on a GPU
+    in any backend (the torch ones included: they used ``nonzero`` and boolean masks), checked with
+    PyTorch's sync debug mode set to raise, and a CUDA graph of both replays what the eager calls did."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    import sjd_kernels as sk
+    import test_sjd2 as t2
+    from sjd_kernels.sjd2 import sjd2_prepare
+    g = torch.Generator().manual_seed(4)
+    kv0 = torch.randn(2, 2, 3, 2, 16, 8, generator=g).to(torch.bfloat16).cuda()
+    path = torch.tensor([[0, 2, 3, -1], [0, 1, 5, 6], [0, 0, 2, -1]], device="cuda")     # row 2 malformed
+    cl = torch.tensor([1, 4, 0], device="cuda")
+    c0 = {k: v.cuda() for k, v in t2._prepare_case(seed=3).items()}
+
+    def step(kv, c, st):
+        sk.tree_kv_update(kv, path, cl, status=st, backend=backend)
+        return sjd2_prepare(**c, status=st, backend=backend)
+
+    kv_e, c_e, st_e = kv0.clone(), {k: v.clone() for k, v in c0.items()}, torch.zeros(4, dtype=torch.int32,
+                                                                                     device="cuda")
+    step(kv_e, c_e, st_e)                                   # warm-up (Triton compiles here)
+    kv_e, c_e = kv0.clone(), {k: v.clone() for k, v in c0.items()}
+    st_e.zero_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out_e = step(kv_e, c_e, st_e)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert st_e.tolist() == [4, 0, 0, 0]                     # the malformed row, reported on the device
+    kv_g, c_g, st_g = kv0.clone(), {k: v.clone() for k, v in c0.items()}, torch.zeros(4, dtype=torch.int32,
+                                                                                     device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = step(kv_g, c_g, st_g)
+    kv_g.copy_(kv0)
+    for k in ("latent", "level"):
+        c_g[k].copy_(c0[k])
+    st_g.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(kv_g.view(torch.int16), kv_e.view(torch.int16)) and torch.equal(out_g, out_e)
+    assert torch.equal(c_g["latent"], c_e["latent"]) and torch.equal(c_g["level"], c_e["level"])
+    assert st_g.tolist() == [4, 0, 0, 0]
