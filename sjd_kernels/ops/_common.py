@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from ..reference.jacobi_step import ERR_PREPARE
+
 BACKENDS = ("torch", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ANY_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)     # models, KV caches and the torch backend also take float64
@@ -161,7 +163,7 @@ ERROR_TEXT = {
     32: "(sjd2_prepare) a token id it reads outside the rows of embed_weight, or a ring level it reads outside "
         "0..K",
 }
-ERR_CLAMPED = 32          # bits whose op did not return -1 but computed with clamped ids or levels
+ERR_CLAMPED = ERR_PREPARE   # the one error bit whose op did not return -1 but computed with clamped ids or levels
 
 
 def check_status(status: torch.Tensor, clear: bool = True) -> dict:

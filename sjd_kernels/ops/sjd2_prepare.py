@@ -68,9 +68,10 @@ def _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, l
     """On the host: every token the op reads is an id in ``[0, Vt)``. A slot reads its token when it is
     committed, takes a DDIM step towards it, or leaves the window at level 0 (``ref.slot_levels``);
     other slots' tokens are ignored (the kernels clamp them)."""
-    committed = ref.slot_levels(positions, commit_end, fresh_start, row_end, level, K)[0]
+    levels = ref.slot_levels(positions, commit_end, fresh_start, row_end, level, K)
+    committed = levels[0]
     p = positions
-    bad = ref.bad_slots(tokens, positions, commit_end, fresh_start, row_end, level, K, Vt)[0]
+    bad = ref.bad_slots(tokens, positions, commit_end, fresh_start, row_end, level, K, Vt, levels)[0]
     if bool(bad.any()):
         b, i = (int(x) for x in bad.nonzero()[0])
         what = "a committed slot" if bool(committed[b, i]) else "a window slot that reads its token"

@@ -70,10 +70,12 @@ def slot_levels(positions, commit_end, fresh_start, row_end, level, K: int):
     return committed, win, fresh, k_old, step, k_new
 
 
-def bad_slots(tokens, positions, commit_end, fresh_start, row_end, level, K: int, Vt: int):
+def bad_slots(tokens, positions, commit_end, fresh_start, row_end, level, K: int, Vt: int, levels=None):
     """``(bad_token, bad_level)`` masks ``[B, N]``: slots that read a token outside ``[0, Vt)``, and
-    window slots that are not fresh whose ring level lies outside ``0..K``."""
-    committed, win, fresh, k_old, step, k_new = slot_levels(positions, commit_end, fresh_start, row_end, level, K)
+    window slots that are not fresh whose ring level lies outside ``0..K``. ``levels``: the result of
+    ``slot_levels`` for these arguments, when the caller has it."""
+    committed, win, fresh, k_old, step, k_new = (levels if levels is not None else
+                                                 slot_levels(positions, commit_end, fresh_start, row_end, level, K))
     reads = committed | step | (win & (k_new == 0))
     bad_token = reads & ((tokens < 0) | (tokens >= Vt))
     bad_level = win & ~fresh & ((k_old < 0) | (k_old > K))
@@ -90,7 +92,8 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
     dev = tokens.device
     p = positions
     valid = p >= 0
-    committed, win, fresh, k_old, step, k_new = slot_levels(p, commit_end, fresh_start, row_end, level, K)
+    levels = slot_levels(p, commit_end, fresh_start, row_end, level, K)
+    committed, win, fresh, k_old, step, k_new = levels
     r = p.clamp(min=0) % R
     b = torch.arange(B, device=dev).view(B, 1).expand(B, N)
 
@@ -110,7 +113,8 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
     out = torch.where((win & (k_new > 0)).unsqueeze(-1), noisy, E)
     out = torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
 
-    bad_token, bad_level = bad_slots(tokens, p, commit_end, fresh_start, row_end, level, K, embed_weight.shape[0])
+    bad_token, bad_level = bad_slots(tokens, p, commit_end, fresh_start, row_end, level, K, embed_weight.shape[0],
+                                     levels)
     status[STATUS_ERR] |= ((bad_token | bad_level).any().to(torch.int32) * ERR_PREPARE).to(status.dtype)
 
     # ring writes without a host synchronisation: for each ring slot the input slot that writes it (a window
