@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -142,6 +143,33 @@ def test_without_outputs_named_each_run_writes_a_new_folder(tmp_path, capsys, mo
         assert (tmp_path / "sjd_bench_out" / r / "ops.csv").is_file()
     assert not (tmp_path / "benchmarks").exists()
     assert f"sjd_bench_out/{runs[1]}/ops.csv" in capsys.readouterr().out
+
+
+def test_a_default_folder_another_run_took_meanwhile_is_not_shared(tmp_path, monkeypatch):
+    """The default name is chosen during the checks; a run that started in the same second may create it
+    before this one writes: the folder is claimed with an atomic mkdir just before the run, taking the next
+    suffix, and removed after a run that wrote nothing into it."""
+    import argparse
+    from sjd_kernels.bench.__main__ import _DefaultOut, _out_dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20261202-120000")
+    args = argparse.Namespace(out=None, csv=None, json=None, cmd="e2e")
+    chosen = _out_dir(args)
+    assert chosen == os.path.join("sjd_bench_out", "e2e_20261202-120000") and not os.path.exists(chosen)
+    os.makedirs(chosen)                                     # the other run
+    os.mkdir(chosen + "-2")                                 # and a third
+    with _DefaultOut(args) as d:
+        assert d.path == chosen + "-3" and _out_dir(args) == d.path and os.path.isdir(d.path)
+        (tmp_path / d.path / "e2e.csv").write_text("x")
+    assert (tmp_path / d.path / "e2e.csv").is_file()       # kept: the run wrote there
+    args2 = argparse.Namespace(out=None, csv=None, json=None, cmd="e2e")
+    with _DefaultOut(args2) as d2:
+        assert d2.path == chosen + "-4" and os.path.isdir(d2.path)
+    assert not os.path.exists(d2.path)                      # a run that wrote nothing leaves no folder
+    args3 = argparse.Namespace(out=str(tmp_path / "mine"), csv=None, json=None, cmd="e2e")
+    with _DefaultOut(args3) as d3:
+        assert d3.path is None and _out_dir(args3) == str(tmp_path / "mine")
+    assert not (tmp_path / "mine").exists()                 # --out: the run makes it, not the claim
 
 
 def test_a_blocked_default_folder_is_refused_before_the_run(bench_main, tmp_path, capsys, monkeypatch):

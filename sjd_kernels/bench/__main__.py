@@ -69,8 +69,42 @@ def _out_dir(args):
         while os.path.lexists(path):
             i += 1
             path = f"{base}-{i}"
-        args._default_out = path
+        args._default_out, args._default_base, args._default_i = path, base, i
     return args._default_out
+
+
+class _DefaultOut:
+    """Around a run: claim the default folder (``_out_dir``) with an atomic ``mkdir``, taking the next
+    suffix when another run started in the same second took it between the name's choice and now; after
+    the run, remove it if the run wrote nothing there (a refused run)."""
+
+    def __init__(self, args):
+        self.args, self.path = args, None
+
+    def __enter__(self):
+        a = self.args
+        if a.out or a.csv or a.json:
+            return self
+        path = _out_dir(a)
+        base, i = a._default_base, a._default_i
+        os.makedirs(DEFAULT_OUT, exist_ok=True)
+        while True:
+            try:
+                os.mkdir(path)
+                break
+            except FileExistsError:
+                i += 1
+                path = f"{base}-{i}"
+        a._default_out = self.path = path
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            try:
+                os.rmdir(self.path)                         # only when empty
+            except OSError:
+                pass
+        return False
 
 
 def _check_outputs(args, files=()) -> None:
@@ -178,11 +212,12 @@ def cmd_ops(args) -> int:
             whys = "; ".join(dict.fromkeys(f"{be}: {w}" for (_, be), (_, w) in why.items()))
             print(f"nothing to run: no selected backend is available here ({whys})", file=sys.stderr)
             return 2
-        res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
-                      warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=_out_dir(args), csv_path=args.csv,
-                      json_path=args.json, budget_s=args.budget_s, seed=args.seed, plots=not args.no_plots,
-                      command=_command(), cases=args.case, min_requests=args.min_requests,
-                      ref_device=args.ref_device)
+        with _DefaultOut(args):
+            res = run_ops(ops=args.op, grid=grid, backends=args.backend, check_only=args.check, reps=args.reps,
+                          warmup=args.warmup, graph_modes=tuple(args.modes), out_dir=_out_dir(args),
+                          csv_path=args.csv, json_path=args.json, budget_s=args.budget_s, seed=args.seed,
+                          plots=not args.no_plots, command=_command(), cases=args.case,
+                          min_requests=args.min_requests, ref_device=args.ref_device)
     if res["failed_checks"]:
         print(f"{len(res['failed_checks'])} checks FAILED", file=sys.stderr)
         return 1
@@ -207,12 +242,13 @@ def cmd_e2e(args) -> int:
         # request seeds are (seed + offset) * 100003 + request in int64: a larger seed failed every row
         _error(args, f"argument --seed: must be an int with |seed| <= 2**40, got {args.seed}")
     _check_outputs(args, ("e2e.csv", "e2e.json", "e2e.md", "e2e_speedup.png", "e2e_beta.png"))
-    res = run_e2e(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
-                  vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
-                  law_samples=args.law_samples, seed=args.seed, out_dir=_out_dir(args), csv_path=args.csv,
-                  json_path=args.json, budget_s=args.budget_s, quick=args.quick, backend=args.backend_name,
-                  command=_command(), threads=args.threads, state_capacity=args.state_capacity,
-                  write_when_not_run=bool(args.out or args.csv or args.json))
+    with _DefaultOut(args):
+        res = run_e2e(model=args.model, methods=args.methods, windows=args.windows, betas=args.betas,
+                      vp_forms=args.vp_forms, num_tokens=args.num_tokens, batch=args.batch, samples=args.samples,
+                      law_samples=args.law_samples, seed=args.seed, out_dir=_out_dir(args), csv_path=args.csv,
+                      json_path=args.json, budget_s=args.budget_s, quick=args.quick, backend=args.backend_name,
+                      command=_command(), threads=args.threads, state_capacity=args.state_capacity,
+                      write_when_not_run=bool(args.out or args.csv or args.json))
     if res.get("status") == "refused":
         return 2
     return 1 if res.get("failed") else 0
