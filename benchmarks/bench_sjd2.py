@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
-from sjd_kernels.bench.timing import git_commit  # noqa: E402
+from sjd_kernels.bench.timing import cpu_capability, git_commit  # noqa: E402
 from sjd_kernels.demo import at_least, check_flags, check_generation_args, check_output_file  # noqa: E402
 from sjd_kernels.models import bundled  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
@@ -139,7 +139,7 @@ def main(argv=None):
         methods.append((f"SJD2 K{K} W{W} {kv}", gpt, sjd2, dict(levels=K, window=W, kv=kv)))
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"# {command}\n# commit {commit}, torch {torch.__version__}, {platform.platform()}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, torch CPU kernels {cpu_capability()}")
     summary = []
     with open(rows_path, "w") as f:
         for name, model, emb, kw in methods:
@@ -149,7 +149,7 @@ def main(argv=None):
                         top_k=args.top_k, temperature=args.temperature, batch=args.batch, **kw)
                 row = {"method": name, "seed": seed, **kw, "images": args.images, "cfg_scale": args.cfg_scale,
                        "top_k": args.top_k, "temperature": args.temperature, **r, "command": command,
-                       "torch": torch.__version__, "commit": commit}
+                       "torch": torch.__version__, "cpu_capability": cpu_capability(), "commit": commit}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 per_seed.append(r)

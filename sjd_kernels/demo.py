@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bench.timing import cpu_capability, cpu_name
 from .ops._common import BACKENDS
 
 BACKEND_NAMES = ("auto",) + BACKENDS     # what backend= takes
@@ -289,8 +290,8 @@ def run(model: str = "mnist", *, per_class: int = 2, seeds: int = 3, window: int
     res = {"model": model, "tokens_per_image": N, "vocab": V, "batch": B, "seeds": seeds, "window": window,
            "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
            "methods": results, "real": real_row, "skipped": skipped, "png": str(png),
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "total_s": time.perf_counter() - t_all}
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+           "cpu_capability": cpu_capability(), "total_s": time.perf_counter() - t_all}
     (out / f"demo_{model}.txt").write_text(table + "\n")
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -197,6 +197,7 @@ def test_e2e_tiny_on_bundled_model_and_compare(tmp_path):
         assert (out / f).read_bytes()[:4] == b"\x89PNG"
     res = json.loads((tmp_path / "run.json").read_text())
     assert res["status"] == "ok" and res["settings"]["batch"] == 2 and len(res["rows"]) >= 9
+    assert res["info"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     rows = _read_csv(out / "e2e.csv")
     by = {(row["sweep"], row["method"], row["window"], row["beta"]): row for row in rows}
     assert {("method", m) for m in ("ar", "sjd", "sjd_vp", "gumbel_jacobi", "reference_sjd")} <= \
@@ -221,6 +222,8 @@ def test_e2e_tiny_on_bundled_model_and_compare(tmp_path):
     assert "E2E".lower() in md.lower() and "commit: " in md and "command: `python -m sjd_kernels.bench e2e" in md
     if NO_GPU:
         assert "NOT GPU speed" in md
+    # the vector kernels torch's CPU ops used: seeded CPU runs sample differently with other widths
+    assert f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}," in md
     # compare: the run against itself passes; against a baseline twice as fast it fails
     assert _run(["compare", str(out / "e2e.csv"), str(out / "e2e.csv")]).returncode == 0
     fast = [dict(row, latency_ms=str(float(row["latency_ms"]) / 2)) for row in rows]

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sjd_kernels import demo
 
@@ -28,6 +29,7 @@ def test_demo_tiny(tmp_path):
     assert m["gumbel_jacobi"]["quality"] == m["ar_gumbel"]["quality"]
     assert m["gumbel_jacobi"]["entropy"] == pytest.approx(m["ar_gumbel"]["entropy"], rel=1e-6)
     assert res["real"]["accuracy"] > 0.8
+    assert data["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and data["cpu"]
 
 
 def test_two_sample_test_detects_shift_and_accepts_equal_laws():

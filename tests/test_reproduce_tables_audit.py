@@ -29,6 +29,8 @@ def fake_run(calls, write=None, rc=0, sleep=0.0):
     def run(cmd, cwd=None, stdout=None, **k):
         if cmd[0] == "git":                                # the summary's provenance
             return subprocess.CompletedProcess(cmd, 0, stdout="0123abcd\n" if "rev-parse" in cmd else "")
+        if cmd[1:2] == ["-c"]:                             # which CPU kernels torch uses
+            return subprocess.CompletedProcess(cmd, 0, stdout="AVX2\n")
         calls.append((list(cmd), cwd))
         if stdout is not None:
             stdout.write("step 1 of 3\nstep 2 of 3\n")
@@ -63,7 +65,9 @@ def test_relative_out_is_where_the_runs_write(rt, tmp_path, monkeypatch, capsys)
     cmd, cwd = calls[0]
     assert Path(cwd) == rt.ROOT
     assert _arg(cmd, "--out") == tmp_path / "rel" / "state_bytes" / "state_bytes.md"
-    assert "| state_bytes | reproduced | 20 |" in (tmp_path / "rel" / "summary.md").read_text()
+    summary = (tmp_path / "rel" / "summary.md").read_text()
+    assert "| state_bytes | reproduced | 20 |" in summary
+    assert "- torch CPU kernels: AVX2 (--cpu-capability avx2, ATEN_CPU_CAPABILITY=avx2)\n" in summary
 
 
 def test_run_that_writes_nothing_is_a_failed_run_not_a_traceback(rt, tmp_path, monkeypatch, capsys):
@@ -178,6 +182,8 @@ def test_values_compared_count_each_value_a_difference_can_name(rt, tmp_path, mo
     assert n2 == n and len(diffs) == 9 * 9
 
     def run(cmd, **k):
+        if cmd[1:2] == ["-c"]:                             # which CPU kernels torch uses
+            return subprocess.CompletedProcess(cmd, 0, stdout="AVX2\n")
         shutil.copy(tmp_path / "demo.json", _arg(cmd, "--json"))
         return subprocess.CompletedProcess(cmd, 0)
     monkeypatch.setattr(rt.subprocess, "run", run)

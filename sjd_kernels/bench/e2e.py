@@ -804,7 +804,7 @@ def summary_markdown(result: dict) -> str:
     lines += [f"- model: {result.get('model')} ({'trained' if st.get('trained') else 'random weights'}); status: "
               f"{result.get('status', 'ok')}",
               f"- machine: {info.get('host', '')}; CPU {info.get('cpu', '?')} ({info.get('cpu_count', '?')} logical "
-              f"cores, torch threads {st.get('torch_threads', info.get('torch_threads', '?'))}); GPU {info['gpu']}",
+              f"cores, torch CPU kernels {info.get('cpu_capability', 'not recorded')}, torch threads {st.get('torch_threads', info.get('torch_threads', '?'))}); GPU {info['gpu']}",
               f"- versions: torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
               f"python {info['python']}",
               f"- commit: {info.get('commit_full', info['commit'])}",

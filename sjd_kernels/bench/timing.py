@@ -75,12 +75,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels use (``DEFAULT``, ``AVX2``, ``AVX512``, ...).
+
+    It picks the widest the CPU has unless ``ATEN_CPU_CAPABILITY`` names a narrower one. The kernels of
+    different widths round float sums differently, so a seeded CPU run can sample other tokens on a CPU
+    of another width; recorded CPU tables name it so that a re-run can ask for the same."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:                                       # noqa: BLE001 (provenance is best effort)
+        return "unknown"
+
+
 def machine_info() -> dict:
-    """GPU name, SM count, L2 size, memory, and the versions of torch, triton, CUDA, python; git commit."""
+    """GPU name, SM count, L2 size, memory, and the versions of torch, triton, CUDA, python; git commit;
+    the CPU, its core count and the vector instruction set torch's CPU kernels use."""
     info = {"gpu": "none (CPU only)", "sm_count": 0, "l2_bytes": 0, "gpu_mem_bytes": 0,
             "torch": torch.__version__, "cuda": torch.version.cuda or "none", "python": platform.python_version(),
             "triton": "not importable", "commit": git_commit(), "commit_full": git_commit_full(), "host": platform.node(),
-            "cpu": cpu_name(), "cpu_count": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count() or 0, "cpu_capability": cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
     try:
         import triton
