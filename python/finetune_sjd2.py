@@ -11,6 +11,10 @@ its own, larger learning rate. Writes ``<model>_sjd2.safetensors`` (every GPT te
 ``sjd2.*``) and ``<model>_sjd2.json`` (configs, schedule, SHA-256 of the weights and of the
 base model's GPT file, command, seed, timings, losses) beside the base model, and logs to
 ``benchmarks/results/finetune_sjd2_<model>.log``. Load with ``sjd_kernels.sjd2.checkpoint.load_finetuned``.
+
+The training state is saved every ``--checkpoint-minutes`` and on Ctrl-C / SIGTERM
+(``sjd_kernels.models.resume``); the same command with ``--resume`` continues it. ``--max-minutes``
+counts the training time of every session.
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
+from sjd_kernels.bench.timing import cpu_capability  # noqa: E402
 from sjd_kernels.demo import (at_least, check_flags, check_output_dir, check_output_file, in_int64,  # noqa: E402
                               model_manifest)
-from sjd_kernels.models import bundled  # noqa: E402
+from sjd_kernels.models import bundled, resume  # noqa: E402
 from sjd_kernels.sjd2 import checkpoint  # noqa: E402
 from sjd_kernels.sjd2.noise import EmbedNorm, NoiseSchedule, SJD2Embedding  # noqa: E402
 from sjd_kernels.sjd2.train import next_clean_token_loss, param_groups, sample_levels_like  # noqa: E402
@@ -44,9 +49,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class Log:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w")
+        self.f = open(path, "a" if append else "w")
         self.t0 = time.time()
 
     def __call__(self, msg: str):
@@ -79,6 +84,82 @@ def evaluate(gpt, sjd2, tokens, labels, level: int | None, g: torch.Generator, b
     return tot / n
 
 
+def finetune_fingerprint(args, base_man) -> dict:
+    """What the fine-tune's outcome depends on (``training_data`` is added once the data are encoded): a
+    saved state of another run is not resumed. Threads, time cap and output paths are left out."""
+    keep = ("model", "levels", "s_min", "s_max", "rho", "max_segments", "p_rising", "steps", "batch", "lr", "new_lr",
+            "warmup", "weight_decay", "cfg_drop", "seed")
+    fp = {"script": "finetune_sjd2", **{k: getattr(args, k) for k in keep},
+          "base_gpt_sha256": base_man.get("files", {}).get("gpt", {}).get("sha256")}
+    return fp
+
+
+def restore(ckpt, gpt, sjd2, opt, g) -> dict:
+    """Load ``ckpt``'s state into the model, the SJD2 parameters, the optimiser and the generators;
+    returns the loop state ``train_loop`` continues from."""
+    st = ckpt.load()
+    gpt.load_state_dict(st["model"])
+    sjd2.load_state_dict(st["sjd2"])
+    opt.load_state_dict(st["optimizer"])
+    g.set_state(st["generator"])
+    torch.set_rng_state(st["torch_rng"])
+    return dict(perm=st["perm"], pi=st["pi"], step=st["step"], ema=st["ema"], loss=st["loss"],
+                history=st["history"], spent=st["train_s"])
+
+
+def train_loop(args, gpt, sjd2, opt, params, g, tok_tr, lab_tr, n_cls, log, ckpt, st) -> dict:
+    """Steps ``st["step"]`` .. ``args.steps - 1`` (fewer when the time cap, counted over every session of
+    the run, ends them), from the loop state ``st`` (data order, losses, training time so far). At each
+    step boundary ``ckpt`` saves the state when due and stops the loop on a signal
+    (``resume.Interrupted``). Returns the last step done, the training time and the loss history."""
+    perm, pi, ema, lv_, history = st["perm"], st["pi"], st["ema"], st["loss"], st["history"]
+    t0 = time.time() - st["spent"]
+    step = st["step"]
+
+    def state():
+        return {"model": gpt.state_dict(), "sjd2": sjd2.state_dict(), "optimizer": opt.state_dict(),
+                "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "perm": perm, "pi": pi, "step": step,
+                "ema": ema, "loss": lv_, "history": history, "train_s": time.time() - t0}
+
+    last = step - 1
+    for step in range(st["step"], args.steps):
+        ckpt.boundary(step, state)
+        if pi + args.batch > len(perm):
+            perm, pi = torch.randperm(len(tok_tr), generator=g), 0
+        idx = perm[pi:pi + args.batch]
+        pi += args.batch
+        x = tok_tr[idx]
+        c = checkpoint.drop_condition(lab_tr[idx], args.cfg_drop, n_cls, generator=g)
+        lv = sample_levels_like(x, args.levels, generator=g, max_segments=args.max_segments, p_rising=args.p_rising)
+        s = lr_scale(step, args.steps, args.warmup)
+        for grp in opt.param_groups:
+            grp["lr"] = grp["base_lr"] * s
+        loss = next_clean_token_loss(checkpoint.noisy_logits(gpt, sjd2, c, x, lv, generator=g), x)
+        if not math.isfinite(float(loss.detach())):
+            # a diverged run (e.g. a too large --lr / --new-lr) used to go on and save NaN weights, which
+            # decoding then reported as a device error about non-finite logits
+            log(f"step {step}: the loss is {float(loss.detach())}: training diverged; nothing was saved "
+                f"(lower --lr / --new-lr)")
+            raise SystemExit(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lv_ = float(loss.detach())
+        ema = lv_ if ema is None else 0.98 * ema + 0.02 * lv_
+        last = step
+        if step % 25 == 0 or step == args.steps - 1:
+            el = time.time() - t0
+            left = min(el / (step + 1) * (args.steps - step - 1), max(0.0, args.max_minutes * 60 - el))
+            log(f"step {step:5d}/{args.steps} loss {lv_:.4f} ema {ema:.4f} lr x{s:.3f} {el:.0f} s "
+                f"({el / (step + 1):.2f} s/step, about {left:.0f} s left)")
+            history.append([step, round(lv_, 4), round(ema, 4), round(el, 1)])
+        if time.time() - t0 > args.max_minutes * 60:
+            log(f"stopping at step {step}: time cap of {args.max_minutes} min reached")
+            break
+    return {"step": last, "train_s": time.time() - t0, "history": history}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", choices=bundled.MODELS, default="mnist", help="bundled base model to fine-tune")
@@ -106,6 +187,15 @@ def main(argv=None):
                          "bundled GPT (the base weights are always read from the bundled folder)")
     ap.add_argument("--log", type=Path, default=None,
                     help="log file (None: benchmarks/results/finetune_sjd2_<model>.log)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the saved training state (--checkpoint) of an interrupted run of the same "
+                         "command")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="the training state, saved every --checkpoint-minutes and on Ctrl-C / SIGTERM, removed once "
+                         "the weights are written (None: $SJD_TRAIN_CACHE or ~/.cache/sjd_kernels/train, file "
+                         "finetune_sjd2_<model>.pt)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=2.0,
+                    help="minutes of training between saves of the state (0 = only on a signal)")
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     K, fin = args.levels, math.isfinite
@@ -123,7 +213,17 @@ def main(argv=None):
         ("--weight-decay", args.weight_decay, fin(args.weight_decay) and args.weight_decay >= 0,
          "a finite number >= 0"),
         ("--cfg-drop", args.cfg_drop, 0 <= args.cfg_drop <= 1, "a probability in [0, 1]"),
-        ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0, "a finite number > 0")])
+        ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0, "a finite number > 0"),
+        ("--checkpoint-minutes", args.checkpoint_minutes, fin(args.checkpoint_minutes) and args.checkpoint_minutes >= 0,
+         "a finite number >= 0 (0 = save only on a signal)")])
+    ckpt_path = args.checkpoint or resume.default_path("finetune_sjd2", args.model)
+    if args.resume and not ckpt_path.is_file():
+        ap.error(f"argument --resume: no saved training state at {ckpt_path} (it is written while the training "
+                 f"runs and removed when the run ends)")
+    if not args.resume and ckpt_path.exists():
+        ap.error(f"argument --resume: {ckpt_path} holds the state of an interrupted run: continue it with --resume, "
+                 f"or remove the file to start afresh")
+    check_output_file(ap.error, "--checkpoint", ckpt_path)
     base_man = model_manifest(ap.error, args.model)     # the base model is there (its weights load later)
     log_path = args.log or ROOT / "benchmarks" / "results" / f"finetune_sjd2_{args.model}.log"
     check_output_dir(ap.error, "--out", args.out)
@@ -138,14 +238,21 @@ def main(argv=None):
         ap.error(f"argument --out: its {args.model}.json gives another GPT config than the bundled base model's "
                  f"(the fine-tune is recorded with it and would not load)")
     check_output_file(ap.error, "--log", log_path)
+    fingerprint = finetune_fingerprint(args, base_man)
+    if args.resume:                                     # the settings, before the data and evaluations
+        try:
+            resume.Checkpointer(ckpt_path, fingerprint).load(only=[k for k in fingerprint if k != "training_data"])
+        except resume.ResumeError as e:
+            ap.error(f"argument --resume: {e}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    log = Log(log_path)
+    log = Log(log_path, append=args.resume)             # a resumed run continues the interrupted run's log
     command = "PYTHONPATH=. python python/finetune_sjd2.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     log(f"command: {command}")
     log(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; seed {args.seed}")
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, torch CPU kernels "
+        f"{cpu_capability()}; seed {args.seed}")
 
     base = bundled.load(args.model)
     gpt, vq = base.gpt, base.tokenizer
@@ -173,43 +280,25 @@ def main(argv=None):
         grp["base_lr"] = grp["lr"]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     params = [p for grp in groups for p in grp["params"]]
-    t0 = time.time()
-    perm, pi, ema, history = torch.randperm(len(tok_tr), generator=g), 0, None, []
-    step = 0
-    for step in range(args.steps):
-        if pi + args.batch > len(perm):
-            perm, pi = torch.randperm(len(tok_tr), generator=g), 0
-        idx = perm[pi:pi + args.batch]
-        pi += args.batch
-        x = tok_tr[idx]
-        c = checkpoint.drop_condition(lab_tr[idx], args.cfg_drop, n_cls, generator=g)
-        lv = sample_levels_like(x, args.levels, generator=g, max_segments=args.max_segments, p_rising=args.p_rising)
-        s = lr_scale(step, args.steps, args.warmup)
-        for grp in opt.param_groups:
-            grp["lr"] = grp["base_lr"] * s
-        loss = next_clean_token_loss(checkpoint.noisy_logits(gpt, sjd2, c, x, lv, generator=g), x)
-        if not math.isfinite(float(loss.detach())):
-            # a diverged run (e.g. a too large --lr / --new-lr) used to go on and save NaN weights, which
-            # decoding then reported as a device error about non-finite logits
-            log(f"step {step}: the loss is {float(loss.detach())}: training diverged; nothing was saved "
-                f"(lower --lr / --new-lr)")
-            raise SystemExit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lv_ = float(loss.detach())
-        ema = lv_ if ema is None else 0.98 * ema + 0.02 * lv_
-        if step % 25 == 0 or step == args.steps - 1:
-            el = time.time() - t0
-            left = min(el / (step + 1) * (args.steps - step - 1), max(0.0, args.max_minutes * 60 - el))
-            log(f"step {step:5d}/{args.steps} loss {lv_:.4f} ema {ema:.4f} lr x{s:.3f} {el:.0f} s "
-                f"({el / (step + 1):.2f} s/step, about {left:.0f} s left)")
-            history.append([step, round(lv_, 4), round(ema, 4), round(el, 1)])
-        if time.time() - t0 > args.max_minutes * 60:
-            log(f"stopping at step {step}: time cap of {args.max_minutes} min reached")
-            break
-    train_s = time.time() - t0
+    fingerprint["training_data"] = resume.digest(tok_tr, lab_tr)
+    with resume.StopOnSignal() as stop:
+        ckpt = resume.Checkpointer(ckpt_path, fingerprint, every_s=args.checkpoint_minutes * 60, stop=stop)
+        if args.resume:
+            try:
+                loop_state = restore(ckpt, gpt, sjd2, opt, g)
+            except resume.ResumeError as e:
+                log(f"cannot resume: {e}")
+                raise SystemExit(2)
+            log(f"resumed from {ckpt_path}: step {loop_state['step']}, {loop_state['spent']:.0f} s of training done")
+        else:
+            loop_state = dict(perm=torch.randperm(len(tok_tr), generator=g), pi=0, step=0, ema=None,
+                              loss=float("nan"), history=[], spent=0.0)
+        try:
+            done = train_loop(args, gpt, sjd2, opt, params, g, tok_tr, lab_tr, n_cls, log, ckpt, loop_state)
+        except resume.Interrupted as e:
+            log(f"{e}: nothing else was saved; continue with the same command and --resume")
+            raise SystemExit(130)
+    train_s, history, step = done["train_s"], done["history"], done["step"]
     gpt.eval()
     ev_g = torch.Generator().manual_seed(args.seed + 1)
     after = {"clean": evaluate(gpt, sjd2, tok_te, lab_te, 0, ev_g),
@@ -222,11 +311,14 @@ def main(argv=None):
     training = {"command": command, "seed": args.seed, "args": {k: (str(v) if isinstance(v, Path) else v)
                                                                  for k, v in vars(args).items()},
                 "steps_done": step + 1, "train_s": round(train_s, 1), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "history": history,
+                "threads": torch.get_num_threads(), "history": history, "resumed": bool(args.resume),
                 "heldout_ce": {"before": before, "after": after, "after_per_level": per_level}}
     man = checkpoint.save(args.model, gpt, sjd2, out=args.out, training=training)
     log(f"wrote {args.out}/{man['file']} sha256 {man['sha256'][:12]} ({man['bytes']} bytes) and "
         f"{args.model}_sjd2.json")
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+        log(f"removed the training state {ckpt_path}")
 
 
 if __name__ == "__main__":

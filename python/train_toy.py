@@ -14,6 +14,11 @@ The bundled MNIST GPT is the recipe run to its end rather than to the 20-minute 
 at step 630 of 1600 on a busy machine; `benchmarks/results/cpu_retrain_probe_2026-12-01/`):
 
     PYTHONPATH=. python python/train_toy.py --model mnist --stages gpt --budget-minutes 0 --steps 1600 --threads 1
+
+The GPT stage saves its training state every ``--checkpoint-minutes`` and on Ctrl-C / SIGTERM
+(``sjd_kernels.models.resume``); the same command with ``--resume`` continues it (the stages before
+it run again: they are seeded, and a digest of the training tokens checks that they gave the same
+codes). A time-boxed run counts the training time of every session against its budget.
 """
 from __future__ import annotations
 
@@ -35,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjd_kernels import data  # noqa: E402
+from sjd_kernels.bench.timing import cpu_capability  # noqa: E402
 from sjd_kernels.demo import at_least, check_flags, check_output_dir, check_output_file  # noqa: E402
-from sjd_kernels.models import bundled  # noqa: E402
+from sjd_kernels.models import bundled, resume  # noqa: E402
 from sjd_kernels.models.tokenizer import PatchVQ  # noqa: E402
 from sjd_kernels.quality import train_classifier  # noqa: E402
 
@@ -58,9 +64,9 @@ STAGES = ("vq", "clf", "gpt")
 
 
 class Log:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w")
+        self.f = open(path, "a" if append else "w")
         self.t0 = time.time()
 
     def __call__(self, msg: str):
@@ -137,11 +143,22 @@ def eval_gpt(gpt, tokens, labels, batch=100):
     return ce / n, ent / n
 
 
-def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, budget_minutes):
+def gpt_fingerprint(model, recipe, seed, budget_minutes, tok_tr, lab_tr) -> dict:
+    """What the GPT stage's outcome depends on: a checkpoint of another run is not resumed."""
+    return {"script": "train_toy", "model": model, "recipe": json.dumps(recipe, sort_keys=True), "seed": seed,
+            "budget_minutes": float(budget_minutes),
+            "training_data": None if tok_tr is None else resume.digest(tok_tr, lab_tr)}
+
+
+def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, budget_minutes, ckpt=None, resume_run=False):
     """Train the GPT. With ``budget_minutes`` the run is time-boxed: the cosine schedule follows
     elapsed time / budget and training stops when the budget is spent (the CPU is shared, so a
     fixed step count can take 3x longer from one hour to the next); the steps done are logged,
-    and ``--steps N --budget-minutes 0`` repeats a run with a step-based schedule."""
+    and ``--steps N --budget-minutes 0`` repeats a run with a step-based schedule.
+
+    ``ckpt`` (a ``resume.Checkpointer`` without its fingerprint, set here): the loop's state is saved
+    at step boundaries when due and on a stop request (then ``resume.Interrupted``); ``resume_run``:
+    continue from it (the training time already spent counts against the budget)."""
     from sjd_kernels.models.gpt import GPT, GPTConfig, drop_condition
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -162,11 +179,30 @@ def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, budget_minutes):
               {"params": [p for n, p in rest if p.dim() < 2], "weight_decay": 0.0, "mult": 1.0},
               {"params": cond, "weight_decay": 0.0, "mult": recipe.get("cond_lr_mult", 1.0)}]
     opt = torch.optim.AdamW(groups, lr=recipe["lr"], betas=(0.9, 0.95))
-    t0 = time.time()
     perm, pi, ema = torch.randperm(len(tok_tr), generator=g), 0, None
     history = []
-    step, progress = 0, 0.0
+    step, progress, spent, lv = 0, 0.0, 0.0, float("nan")
+    if ckpt is not None:
+        ckpt.fingerprint = gpt_fingerprint(model, recipe, seed, budget_minutes, tok_tr, lab_tr)
+        if resume_run:
+            st = ckpt.load()
+            gpt.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            g.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+            perm, pi, step, ema, lv = st["perm"], st["pi"], st["step"], st["ema"], st["loss"]
+            history, spent = st["history"], st["train_s"]
+            log(f"resumed from {ckpt.path}: step {step}, {spent:.0f} s of training done")
+    t0 = time.time() - spent
+
+    def state():
+        return {"model": gpt.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
+                "torch_rng": torch.get_rng_state(), "perm": perm, "pi": pi, "step": step, "ema": ema,
+                "loss": lv, "history": history, "train_s": time.time() - t0}
+
     while True:
+        if ckpt is not None:
+            ckpt.boundary(step, state)
         el = time.time() - t0
         progress = el / (budget_minutes * 60) if budget_minutes else step / recipe["steps"]
         if progress >= 1.0 and step > 0:    # at least one step: a budget spent before the first one (a tiny
@@ -229,6 +265,15 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR,
                     help="folder of the model's files (default: the bundled weights)")
     ap.add_argument("--log", type=Path, default=None, help="log file (default: benchmarks/results/train_<model>.log)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the GPT stage from its saved state (--checkpoint), after an interrupted run of "
+                         "the same command (the stages before it run again; they are seeded)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="the GPT stage's training state, saved every --checkpoint-minutes and on Ctrl-C / SIGTERM, "
+                         "removed once the weights are written (default: $SJD_TRAIN_CACHE or "
+                         "~/.cache/sjd_kernels/train, file train_toy_<model>.pt)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=2.0,
+                    help="minutes of training between saves of the state (default 2; 0 = only on a signal)")
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     stages = set(s.strip() for s in args.stages.split(",") if s.strip())
@@ -244,6 +289,19 @@ def main(argv=None):
                  "ends the GPT stage)")
     if "gpt" not in stages and (args.steps is not None or budget is not None):
         ap.error("argument --steps/--budget-minutes: they set the gpt stage, which --stages leaves out")
+    cm = args.checkpoint_minutes
+    check_flags(ap.error, [("--checkpoint-minutes", cm, math.isfinite(cm) and cm >= 0,
+                            "a finite number >= 0 (0 = save only on a signal)")])
+    ckpt_path = args.checkpoint or resume.default_path("train_toy", args.model)
+    if "gpt" not in stages and (args.resume or args.checkpoint is not None):
+        ap.error("argument --resume/--checkpoint: they belong to the gpt stage, which --stages leaves out")
+    if args.resume and not ckpt_path.is_file():
+        ap.error(f"argument --resume: no saved training state at {ckpt_path} (it is written while the gpt stage "
+                 f"runs and removed when the run ends)")
+    if not args.resume and ckpt_path.exists():
+        ap.error(f"argument --resume: {ckpt_path} holds the state of an interrupted run: continue it with --resume, "
+                 f"or remove the file to start afresh")
+    check_output_file(ap.error, "--checkpoint", ckpt_path)
     if "vq" in stages and "gpt" not in stages:
         ap.error("argument --stages: a new tokenizer (vq) gives new image codes, and the GPT in --out was trained "
                  "on the old ones: add gpt (and clf, whose round-trip images come from the tokenizer)")
@@ -259,11 +317,20 @@ def main(argv=None):
     recipe = dict(RECIPES[args.model])
     if args.steps is not None:
         recipe["steps"] = args.steps
-    log = Log(log_path)
+    if args.resume:                         # the settings now, before the stages that come first run again
+        known = gpt_fingerprint(args.model, recipe, args.seed,
+                                recipe["budget_minutes"] if budget is None else budget, None, None)
+        known.pop("training_data")
+        try:
+            resume.Checkpointer(ckpt_path, known).load(only=known)
+        except resume.ResumeError as e:
+            ap.error(f"argument --resume: {e}")
+    log = Log(log_path, append=args.resume)             # a resumed run continues the interrupted log
     command = "PYTHONPATH=. python python/train_toy.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     log(f"command: {command}")
     log(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; seed {args.seed}; recipe {json.dumps(recipe)}")
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, torch CPU kernels "
+        f"{cpu_capability()}; seed {args.seed}; recipe {json.dumps(recipe)}")
     t_all = time.time()
     Xtr, ytr, Xte, yte = train_data(args.model, recipe, args.seed)
     log(f"data: train {Xtr.shape}, test {Xte.shape}")
@@ -277,15 +344,29 @@ def main(argv=None):
     gpt = None
     if "gpt" in stages:
         budget = recipe["budget_minutes"] if budget is None else budget
-        gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget)
+        with resume.StopOnSignal() as stop:
+            ckpt = resume.Checkpointer(ckpt_path, {}, every_s=cm * 60, stop=stop)
+            try:
+                gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget,
+                                             ckpt=ckpt, resume_run=args.resume)
+            except resume.ResumeError as e:
+                log(f"cannot resume: {e}")
+                raise SystemExit(2)
+            except resume.Interrupted as e:
+                log(f"{e}: nothing else was saved; continue with the same command and --resume")
+                raise SystemExit(130)
         info["gpt"]["budget_minutes"] = budget
 
     man = bundled.save(args.model, out=args.out, tokenizer=vq, quality=q, gpt=gpt, info=info,
                        training={"command": command, "seed": args.seed, "stages": sorted(stages),
                                  "recipe": recipe, "total_s": round(time.time() - t_all, 1),
-                                 "torch": torch.__version__, "threads": torch.get_num_threads()})
+                                 "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                 "resumed": bool(args.resume)})
     log(f"wrote {args.out}/{args.model}.json: " + ", ".join(f"{k} {v['file']} sha256 {v['sha256'][:12]}"
                                                               for k, v in man["files"].items()))
+    if gpt is not None and ckpt_path.exists():
+        ckpt_path.unlink()
+        log(f"removed the training state {ckpt_path}")
     log(f"total {time.time() - t_all:.0f} s")
 
 

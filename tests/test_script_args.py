@@ -5,6 +5,7 @@ file or folder is made. The invocations that ``benchmarks/gpu_run.sh`` and the r
 still pass the checks (they reach the stand-in)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def fill(args, tmp_path, afile):
 
 # ----------------------------------------------------------------------------- python/train_toy.py
 @pytest.fixture
-def train_toy(monkeypatch):
+def train_toy(monkeypatch, tmp_path):
+    monkeypatch.setenv("SJD_TRAIN_CACHE", str(tmp_path / "train_cache"))   # no state of a real run here
     m = script("python/train_toy.py")
     for name in ("train_data", "stage_vq", "stage_clf", "stage_gpt"):
         monkeypatch.setattr(m, name, reached)
@@ -130,7 +132,8 @@ def test_train_toy_valid_commands_pass_the_checks(train_toy, tmp_path):
 
 # ----------------------------------------------------------------------------- python/finetune_sjd2.py
 @pytest.fixture
-def finetune(monkeypatch):
+def finetune(monkeypatch, tmp_path):
+    monkeypatch.setenv("SJD_TRAIN_CACHE", str(tmp_path / "train_cache"))   # no state of a real run here
     m = script("python/finetune_sjd2.py")
     monkeypatch.setattr(m.bundled, "load", reached)
     monkeypatch.setattr(m.checkpoint, "save", reached)
@@ -158,6 +161,9 @@ FINETUNE_BAD = [
     (["--max-minutes", "0"], "--max-minutes"),
     (["--max-minutes", "nan"], "--max-minutes"),
     (["--threads", "0"], "--threads"),
+    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes"),
+    (["--resume"], "--resume"),                            # no saved state
+    (["--checkpoint", "TMP"], "--checkpoint"),             # a folder
 ]
 
 
@@ -171,6 +177,7 @@ def _base_manifest_dir(tmp_path) -> Path:
 @pytest.mark.parametrize("args,flag", FINETUNE_BAD, ids=ids(FINETUNE_BAD))
 def test_finetune_bad_argument(finetune, tmp_path, capsys, args, flag):
     out, log = _base_manifest_dir(tmp_path), tmp_path / "l" / "ft.log"
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
     usage_error(finetune.main, args + ["--out", str(out), "--log", str(log)], flag, capsys, log.parent,
                 out / "mnist_sjd2.json")
 
@@ -207,6 +214,21 @@ def test_finetune_recorded_command_passes_the_checks(finetune, tmp_path):
                        "--out", str(_base_manifest_dir(tmp_path)), "--log", str(tmp_path / "ft.log")])
 
 
+def test_finetune_resume_checks_the_saved_state_first(finetune, tmp_path, capsys, monkeypatch):
+    """A saved state blocks a fresh start (it would be overwritten); --resume needs one of this run's
+    settings; both are refused before the base model loads."""
+    from sjd_kernels.models import resume
+    out, state = _base_manifest_dir(tmp_path), tmp_path / "st.pt"
+    args = ["--out", str(out), "--log", str(tmp_path / "ft.log"), "--checkpoint", str(state)]
+    monkeypatch.setattr(finetune, "finetune_fingerprint", lambda a, m: {"x": 1, "training_data": None})
+    resume.Checkpointer(state, {"x": 2, "training_data": "abc"}).save({})
+    usage_error(finetune.main, args, "--resume", capsys)
+    usage_error(finetune.main, args + ["--resume"], "--resume", capsys)
+    resume.Checkpointer(state, {"x": 1, "training_data": "abc"}).save({})   # the data are checked later
+    with pytest.raises(Reached):
+        finetune.main(args + ["--resume"])
+
+
 # ----------------------------------------------------------------------------- python/reproduce_tables.py
 @pytest.fixture
 def reproduce(monkeypatch):
@@ -220,7 +242,9 @@ REPRODUCE_BAD = [(["--rtol", "-1", "--out", "TMP/o"], "--rtol"),
                  (["--out", "AFILE"], "--out"),
                  (["--out", "AFILE/sub"], "--out"),
                  (["--list", "--out", "TMP/o"], "--list"),          # used to ignore --out and --rtol
-                 (["--list", "--rtol", "0.1"], "--list")]
+                 (["--list", "--rtol", "0.1"], "--list"),
+                 (["--list", "--cpu-capability", "native"], "--list"),
+                 (["--cpu-capability", "sse", "--out", "TMP/o"], "--cpu-capability")]
 
 
 @pytest.mark.parametrize("args,flag", REPRODUCE_BAD, ids=ids(REPRODUCE_BAD))
@@ -232,6 +256,38 @@ def test_reproduce_tables_bad_argument(reproduce, tmp_path, afile, capsys, args,
 def test_reproduce_tables_valid_command_passes_the_checks(reproduce, tmp_path):
     with pytest.raises(Reached):
         reproduce.main(["--only", "state_bytes", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("flag,want", [([], "avx2"), (["--cpu-capability", "default"], "default"),
+                                       (["--cpu-capability", "native"], None)])
+def test_reproduce_tables_runs_get_the_asked_cpu_kernels(monkeypatch, tmp_path, flag, want):
+    """The recordings reproduce with torch's AVX2 kernels (their AVX-512 kernels moved law-run values):
+    every child process gets ATEN_CPU_CAPABILITY, unless --cpu-capability native."""
+    m = script("python/reproduce_tables.py")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    envs, real = [], m.subprocess.run
+
+    def run(cmd, env=None, **k):
+        if cmd[0] != m.PY:                                  # git, for the summary's commit
+            return real(cmd, env=env, **k)
+        envs.append(env)
+        if len(envs) > 1:                                   # the first is the capability query
+            raise Reached
+        return m.subprocess.CompletedProcess(cmd, 0, stdout="AVX2\n", stderr="")
+
+    monkeypatch.setattr(m.subprocess, "run", run)
+    with pytest.raises(Reached):
+        m.main(["--only", "state_bytes", "--out", str(tmp_path / "o"), *flag])
+    assert len(envs) == 2 and all(e.get("ATEN_CPU_CAPABILITY") == want for e in envs)
+
+
+def test_reproduce_tables_names_the_kernels_torch_used():
+    """The query runs torch under the runs' environment: ATEN_CPU_CAPABILITY=default gives DEFAULT."""
+    m = script("python/reproduce_tables.py")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    assert m._capability(env) == "DEFAULT"
+    env.pop("ATEN_CPU_CAPABILITY")
+    assert m._capability(env) == torch.backends.cpu.get_cpu_capability()
 
 
 def test_reproduce_tables_repeated_target_runs_once(capsys):

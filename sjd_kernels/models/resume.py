@@ -1,0 +1,141 @@
+"""Resumable training loops for the bundled models' scripts (``python/train_toy.py``,
+``python/finetune_sjd2.py``).
+
+A loop saves its whole state (weights, optimiser, data order, random generators, step, losses,
+training time) at step boundaries: every ``every_s`` seconds of training and when the process gets
+SIGINT (Ctrl-C) or SIGTERM, which then ends the run (exit status 130) instead of losing it. The same
+command with ``--resume`` continues from the file; with the step-based schedules the resumed run's
+weights equal an uninterrupted run's bit for bit (same threads, same machine). The file records a
+fingerprint of what the run depends on (its settings, seed and a digest of the training tokens): a
+resume whose fingerprint differs is refused, naming what changed. The file is removed once the
+weights are saved.
+
+Files go to ``$SJD_TRAIN_CACHE`` (default ``~/.cache/sjd_kernels/train``), outside the repository
+and the package's weights folder, unless the script's ``--checkpoint`` names one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed: missing, unreadable, or from a run with other settings."""
+
+
+class Interrupted(Exception):
+    """The loop stopped at a step boundary on a signal; its state is in ``path``."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted before step {step}; state saved to {path}")
+        self.step, self.path = step, path
+
+
+def default_path(script: str, model: str) -> Path:
+    env = os.environ.get("SJD_TRAIN_CACHE", "")
+    base = Path(env).expanduser() if env.strip() else Path.home() / ".cache" / "sjd_kernels" / "train"
+    return base / f"{script}_{model}.pt"
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes (the training data a run saw)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM set ``requested`` instead of ending the process, so the loop
+    can save its state at the next step boundary; a second SIGINT raises KeyboardInterrupt at once.
+    Outside the main thread (where Python cannot install handlers) it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping at the next step boundary and saving the training state "
+              f"(Ctrl-C again to stop at once, unsaved)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+        return False
+
+
+class Checkpointer:
+    """Saves and restores one loop's state at ``path``.
+
+    ``fingerprint``: a JSON-like dict of everything the run's outcome depends on; ``every_s``: seconds
+    of training between saves (0: only on a signal); ``stop``: an object whose ``requested`` ends the
+    loop (a ``StopOnSignal``)."""
+
+    def __init__(self, path, fingerprint: dict, every_s: float = 120.0, stop=None):
+        self.path = Path(path)
+        self.fingerprint = dict(fingerprint)
+        self.every_s = float(every_s)
+        self.stop = stop
+        self._last = time.time()
+
+    def load(self, only=None) -> dict:
+        """The saved state; ResumeError when there is none or it belongs to another run (``only``: compare
+        just these keys of the fingerprint, for a check before the data that the rest needs exist)."""
+        if not self.path.is_file():
+            raise ResumeError(f"no training state at {self.path} to resume from")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:                              # noqa: BLE001 (a truncated or foreign file)
+            raise ResumeError(f"{self.path} is not a readable training state ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict) or state.get("format") != FORMAT or "fingerprint" not in state:
+            raise ResumeError(f"{self.path} is not a training state of this version (format {FORMAT})")
+        old = state["fingerprint"]
+        keys = set(old) | set(self.fingerprint) if only is None else set(only)
+        changed = sorted(k for k in keys if old.get(k) != self.fingerprint.get(k))
+        if changed:
+            what = "; ".join(f"{k}: saved {old.get(k)!r}, now {self.fingerprint.get(k)!r}" for k in changed)
+            raise ResumeError(f"{self.path} was saved by a run with other settings or data, so it cannot be "
+                              f"continued: {what}")
+        self._last = time.time()
+        return state
+
+    def save(self, state: dict) -> None:
+        """Write ``state`` (with the fingerprint) atomically: a crash mid-write leaves the old file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        torch.save({"format": FORMAT, "fingerprint": self.fingerprint, **state}, tmp)
+        os.replace(tmp, self.path)
+        self._last = time.time()
+
+    def boundary(self, step: int, state) -> None:
+        """At the start of ``step``: save when due or asked to stop (``state()`` builds the dict), and
+        raise ``Interrupted`` when asked to stop."""
+        stopping = self.stop is not None and self.stop.requested
+        if stopping or (self.every_s > 0 and time.time() - self._last >= self.every_s):
+            self.save(state())
+        if stopping:
+            raise Interrupted(step, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
