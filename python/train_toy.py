@@ -298,7 +298,7 @@ def main(argv=None):
     if args.resume and not ckpt_path.is_file():
         ap.error(f"argument --resume: no saved training state at {ckpt_path} (it is written while the gpt stage "
                  f"runs and removed when the run ends)")
-    if not args.resume and ckpt_path.exists():
+    if "gpt" in stages and not args.resume and ckpt_path.exists():
         ap.error(f"argument --resume: {ckpt_path} holds the state of an interrupted run: continue it with --resume, "
                  f"or remove the file to start afresh")
     check_output_file(ap.error, "--checkpoint", ckpt_path)

@@ -4,6 +4,7 @@ is refused; a signal stops the loop instead of the process."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -185,6 +186,15 @@ def test_interrupted_run_exits_130_and_resume_continues_it(tt, tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:                    # a fresh start would overwrite it: refused
         tt.main(_args(tmp_path))
     assert e.value.code == 2
+    w2 = tmp_path / "w2"                                    # a run without the gpt stage ignores the state
+    w2.mkdir()
+    for f in ("mnist.json", "mnist_vq.safetensors", "mnist_quality.safetensors"):
+        shutil.copy(ROOT / "sjd_kernels" / "models" / "weights" / f, w2 / f)
+    with monkeypatch.context() as mp:
+        mp.setattr(tt, "stage_clf", lambda *a, **k: (_ for _ in ()).throw(Reached()))
+        with pytest.raises(Reached):
+            tt.main(["--model", "mnist", "--stages", "clf", "--out", str(w2), "--log", str(tmp_path / "c.log")])
+    assert path.is_file()
 
     def finished(*a, ckpt, resume_run, **k):
         seen.append(resume_run)
