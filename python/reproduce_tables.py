@@ -15,19 +15,19 @@ larger difference means the code or the environment changed what is computed).
 
 torch's CPU kernels come in several vector widths (AVX2, AVX-512, ...) that round float sums
 differently; torch picks the widest the CPU has, and MKL, oneDNN and numpy's OpenBLAS pick their
-own kernels per CPU model. A sampled token that sits at a rounding boundary follows the kernels.
-The committed tables were recorded on AMD EPYC machines, where torch used its AVX2 kernels. On an
-Intel Xeon with AVX-512 (2026-12-02) every token-count and NFE value of the timed runs agreed, but
-law-run values of ``cpu_e2e_photo`` (64 requests per method) did not, and which did not followed the
-kernels: gumbel's, reference_sjd's and sjd_vp's with torch's own choice (AVX-512), pac's with
-``ATEN_CPU_CAPABILITY=avx2``, sjd_vp's with MKL and oneDNN also held to AVX2. The recording's commit
-gave the later code's gumbel and reference_sjd values on that machine, so the code did not move
-them. None of these settings reproduced every value of that table. The runs ask for
-torch's AVX2 kernels, the recordings' (``--cpu-capability``, default ``avx2``; ``native`` leaves
-torch's choice), and ``summary.md`` names the kernels torch used. The values computed through
-float32 network arithmetic on the generated images (``fd``, ``fd_std``, ``fd_real``, ``entropy``)
-moved by up to 7.5e-7 relative on that Xeon with every token equal, and none of the kernel settings
-tried gave the recorded values; they are compared to ``--rtol-features`` (default 1e-5).
+own kernels per CPU model. A sampled token that sits at a rounding boundary follows the kernels, so
+a table recorded on another CPU model can differ in a few sampled values with the code unchanged.
+Seen on an Intel Xeon with AVX-512 (2026-12-02, ``benchmarks/results/cpu_reproduce_2026-12-02_isa/``):
+``cpu_e2e_photo`` (recorded on an AMD EPYC) reproduced except the law-run values of gumbel,
+reference_sjd and sjd_vp with torch's own choice, and except pac's with ``ATEN_CPU_CAPABILITY=avx2``;
+``demo_photo`` reproduced with torch's own choice, but not pac's row with avx2; the recording's
+commit gave the same values as the later code on that machine. No single setting reproduced every
+recording. ``--cpu-capability`` (default ``native``: torch's own choice) asks torch for a width
+through ``ATEN_CPU_CAPABILITY``; recordings made since name the kernels they used
+(``cpu_capability`` in their provenance), and ``summary.md`` names those of the re-run. The values
+computed through float32 network arithmetic on the generated images (``fd``, ``fd_std``,
+``fd_real``, ``entropy``) moved by up to 7.5e-7 relative on that Xeon with every token equal, with
+every kernel setting tried; they are compared to ``--rtol-features`` (default 1e-5).
 
 "Values compared" counts each compared value once (a dict field such as ``quality`` key by key; a
 missing row once), so "k of n differ" counts like with like. ``<out>/summary.md`` says what produced
@@ -61,8 +61,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 PY = sys.executable
 # the last part of a value's name: computed from float32 network features of the images, not from tokens
 FEATURE_FIELDS = frozenset({"fd", "fd_std", "fd_real", "entropy"})
-# torch's vector kernels of the recordings (see the docstring); ``native``: leave torch's choice.
-CPU_CAPABILITIES = ("avx2", "avx512", "default", "native")
+# torch's vector kernels for the runs (see the docstring); ``native``: leave torch's choice.
+CPU_CAPABILITIES = ("native", "avx2", "avx512", "default")
 PROGRESS_S = 60.0                                   # seconds between progress lines of a run
 LISTED = 200                                        # differing values listed per target in summary.md
 
@@ -333,9 +333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rtol-features", type=float, default=1e-5,
                     help="relative tolerance of " + ", ".join(sorted(FEATURE_FIELDS)) + " (float32 network "
                          "arithmetic, which differs between CPU models; default 1e-5)")
-    ap.add_argument("--cpu-capability", choices=CPU_CAPABILITIES, default="avx2",
-                    help="torch's CPU vector kernels for the runs (ATEN_CPU_CAPABILITY): avx2 (default, as the "
-                         "recordings), avx512, default (no vector kernels), native (torch's own choice)")
+    ap.add_argument("--cpu-capability", choices=CPU_CAPABILITIES, default="native",
+                    help="torch's CPU vector kernels for the runs: native (default, torch's own choice), or avx2, "
+                         "avx512, default (no vector kernels) through ATEN_CPU_CAPABILITY")
     ap.add_argument("--list", action="store_true", help="list the targets and their commands, run nothing")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)

@@ -60,6 +60,7 @@ def test_relative_out_is_where_the_runs_write(rt, tmp_path, monkeypatch, capsys)
     comparison then read the caller's folder)."""
     calls = []
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     monkeypatch.setattr(rt.subprocess, "run", fake_run(calls, copy_recorded_state_bytes(rt)))
     assert rt.main(["--only", "state_bytes", "--out", "rel"]) == 0
     cmd, cwd = calls[0]
@@ -67,7 +68,7 @@ def test_relative_out_is_where_the_runs_write(rt, tmp_path, monkeypatch, capsys)
     assert _arg(cmd, "--out") == tmp_path / "rel" / "state_bytes" / "state_bytes.md"
     summary = (tmp_path / "rel" / "summary.md").read_text()
     assert "| state_bytes | reproduced | 20 |" in summary
-    assert "- torch CPU kernels: AVX2 (--cpu-capability avx2, ATEN_CPU_CAPABILITY=avx2)\n" in summary
+    assert "- torch CPU kernels: AVX2 (--cpu-capability native)\n" in summary
 
 
 def test_run_that_writes_nothing_is_a_failed_run_not_a_traceback(rt, tmp_path, monkeypatch, capsys):
