@@ -187,15 +187,7 @@ def main(argv=None):
                          "bundled GPT (the base weights are always read from the bundled folder)")
     ap.add_argument("--log", type=Path, default=None,
                     help="log file (None: benchmarks/results/finetune_sjd2_<model>.log)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue from the saved training state (--checkpoint) of an interrupted run of the same "
-                         "command")
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="the training state, saved every --checkpoint-minutes and on Ctrl-C / SIGTERM, removed once "
-                         "the weights are written (None: $SJD_TRAIN_CACHE or ~/.cache/sjd_kernels/train, file "
-                         "finetune_sjd2_<model>.pt)")
-    ap.add_argument("--checkpoint-minutes", type=float, default=2.0,
-                    help="minutes of training between saves of the state (0 = only on a signal)")
+    resume.add_flags(ap, "finetune_sjd2")
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     K, fin = args.levels, math.isfinite
@@ -213,17 +205,8 @@ def main(argv=None):
         ("--weight-decay", args.weight_decay, fin(args.weight_decay) and args.weight_decay >= 0,
          "a finite number >= 0"),
         ("--cfg-drop", args.cfg_drop, 0 <= args.cfg_drop <= 1, "a probability in [0, 1]"),
-        ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0, "a finite number > 0"),
-        ("--checkpoint-minutes", args.checkpoint_minutes, fin(args.checkpoint_minutes) and args.checkpoint_minutes >= 0,
-         "a finite number >= 0 (0 = save only on a signal)")])
-    ckpt_path = args.checkpoint or resume.default_path("finetune_sjd2", args.model)
-    if args.resume and not ckpt_path.is_file():
-        ap.error(f"argument --resume: no saved training state at {ckpt_path} (it is written while the training "
-                 f"runs and removed when the run ends)")
-    if not args.resume and ckpt_path.exists():
-        ap.error(f"argument --resume: {ckpt_path} holds the state of an interrupted run: continue it with --resume, "
-                 f"or remove the file to start afresh")
-    check_output_file(ap.error, "--checkpoint", ckpt_path)
+        ("--max-minutes", args.max_minutes, fin(args.max_minutes) and args.max_minutes > 0, "a finite number > 0")])
+    ckpt_path = resume.check_flags(ap.error, args, "finetune_sjd2")
     base_man = model_manifest(ap.error, args.model)     # the base model is there (its weights load later)
     log_path = args.log or ROOT / "benchmarks" / "results" / f"finetune_sjd2_{args.model}.log"
     check_output_dir(ap.error, "--out", args.out)

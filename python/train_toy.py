@@ -265,15 +265,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=bundled.WEIGHTS_DIR,
                     help="folder of the model's files (default: the bundled weights)")
     ap.add_argument("--log", type=Path, default=None, help="log file (default: benchmarks/results/train_<model>.log)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the GPT stage from its saved state (--checkpoint), after an interrupted run of "
-                         "the same command (the stages before it run again; they are seeded)")
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="the GPT stage's training state, saved every --checkpoint-minutes and on Ctrl-C / SIGTERM, "
-                         "removed once the weights are written (default: $SJD_TRAIN_CACHE or "
-                         "~/.cache/sjd_kernels/train, file train_toy_<model>.pt)")
-    ap.add_argument("--checkpoint-minutes", type=float, default=2.0,
-                    help="minutes of training between saves of the state (default 2; 0 = only on a signal)")
+    resume.add_flags(ap, "train_toy", "the GPT stage")
     args = ap.parse_args(argv)
     # every check before any work or output: a mistake exits 2 naming its flag
     stages = set(s.strip() for s in args.stages.split(",") if s.strip())
@@ -289,19 +281,7 @@ def main(argv=None):
                  "ends the GPT stage)")
     if "gpt" not in stages and (args.steps is not None or budget is not None):
         ap.error("argument --steps/--budget-minutes: they set the gpt stage, which --stages leaves out")
-    cm = args.checkpoint_minutes
-    check_flags(ap.error, [("--checkpoint-minutes", cm, math.isfinite(cm) and cm >= 0,
-                            "a finite number >= 0 (0 = save only on a signal)")])
-    ckpt_path = args.checkpoint or resume.default_path("train_toy", args.model)
-    if "gpt" not in stages and (args.resume or args.checkpoint is not None):
-        ap.error("argument --resume/--checkpoint: they belong to the gpt stage, which --stages leaves out")
-    if args.resume and not ckpt_path.is_file():
-        ap.error(f"argument --resume: no saved training state at {ckpt_path} (it is written while the gpt stage "
-                 f"runs and removed when the run ends)")
-    if "gpt" in stages and not args.resume and ckpt_path.exists():
-        ap.error(f"argument --resume: {ckpt_path} holds the state of an interrupted run: continue it with --resume, "
-                 f"or remove the file to start afresh")
-    check_output_file(ap.error, "--checkpoint", ckpt_path)
+    ckpt_path = resume.check_flags(ap.error, args, "train_toy", trains="gpt" in stages)
     if "vq" in stages and "gpt" not in stages:
         ap.error("argument --stages: a new tokenizer (vq) gives new image codes, and the GPT in --out was trained "
                  "on the old ones: add gpt (and clf, whose round-trip images come from the tokenizer)")
@@ -345,7 +325,7 @@ def main(argv=None):
     if "gpt" in stages:
         budget = recipe["budget_minutes"] if budget is None else budget
         with resume.StopOnSignal() as stop:
-            ckpt = resume.Checkpointer(ckpt_path, {}, every_s=cm * 60, stop=stop)
+            ckpt = resume.Checkpointer(ckpt_path, {}, every_s=args.checkpoint_minutes * 60, stop=stop)
             try:
                 gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget,
                                              ckpt=ckpt, resume_run=args.resume)

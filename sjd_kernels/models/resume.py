@@ -16,6 +16,7 @@ and the package's weights folder, unless the script's ``--checkpoint`` names one
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import threading
@@ -53,6 +54,43 @@ def digest(*tensors: torch.Tensor) -> str:
         h.update(f"{tuple(t.shape)}{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def add_flags(ap, script: str, what: str = "the training") -> None:
+    """``--resume``, ``--checkpoint`` and ``--checkpoint-minutes`` of a training script named ``script``
+    (``what``: the part of the run they concern, for the help texts)."""
+    ap.add_argument("--resume", action="store_true",
+                    help=f"continue {what} from its saved state (--checkpoint), after an interrupted run of the same "
+                         f"command")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help=f"{what}'s state, saved every --checkpoint-minutes and on Ctrl-C / SIGTERM, removed once the "
+                         f"weights are written (default: $SJD_TRAIN_CACHE or ~/.cache/sjd_kernels/train, file "
+                         f"{script}_<model>.pt)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=2.0,
+                    help="minutes of training between saves of the state (default 2; 0 = only on a signal)")
+
+
+def check_flags(error, args, script: str, trains: bool = True) -> Path:
+    """Check the flags of ``add_flags`` before any work (``error``: the parser's, exit 2) and return the
+    state's path. ``trains``: this run trains the part the state belongs to (else ``--resume`` and
+    ``--checkpoint`` are refused, and a saved state is left alone)."""
+    from ..demo import check_output_file
+    cm = args.checkpoint_minutes
+    if not (math.isfinite(cm) and cm >= 0):
+        error(f"argument --checkpoint-minutes: must be a finite number >= 0 (0 = save only on a signal), got {cm}")
+    path = args.checkpoint or default_path(script, args.model)
+    if not trains:
+        if args.resume or args.checkpoint is not None:
+            error("argument --resume/--checkpoint: they belong to a stage this run leaves out")
+        return path
+    if args.resume and not path.is_file():
+        error(f"argument --resume: no saved training state at {path} (it is written while the training runs and "
+              f"removed when the run ends)")
+    if not args.resume and path.exists():
+        error(f"argument --resume: {path} holds the state of an interrupted run: continue it with --resume, or "
+              f"remove the file to start afresh")
+    check_output_file(error, "--checkpoint", path)
+    return path
 
 
 class StopOnSignal:
