@@ -63,6 +63,7 @@ PY = sys.executable
 FEATURE_FIELDS = frozenset({"fd", "fd_std", "fd_real", "entropy"})
 # torch's vector kernels for the runs (see the docstring); ``native``: leave torch's choice.
 CPU_CAPABILITIES = ("native", "avx2", "avx512", "default")
+WIDTHS = {"avx2": 1, "avx512": 2}                  # x86 widths: one above the CPU's own is refused
 PROGRESS_S = 60.0                                   # seconds between progress lines of a run
 LISTED = 200                                        # differing values listed per target in summary.md
 
@@ -299,8 +300,9 @@ def _commit() -> str:
 
 
 def _capability(env: dict) -> str:
-    """The vector kernels torch uses under ``env`` (what the runs get; asked for one the CPU lacks,
-    torch warns and picks its own)."""
+    """The vector kernels torch uses under ``env`` (what the runs get). On x86 torch takes an
+    ``ATEN_CPU_CAPABILITY`` of ``avx2`` or ``avx512`` without checking the CPU, so ``main`` refuses a
+    width above the CPU's own before it sets one."""
     try:
         r = subprocess.run([PY, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=300)
@@ -358,18 +360,25 @@ def main(argv=None) -> int:
             t = TARGETS[n]
             print(f"{n:14s} benchmarks/results/{t['folder']:18s} {t['note']}")
         return 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ATEN_CPU_CAPABILITY", None)                 # native: torch's own choice, not an inherited one
+    if args.cpu_capability in WIDTHS:
+        # torch would run kernels the CPU lacks (SIGILL in every run): refuse a width above its own
+        own = _capability(env)
+        if WIDTHS.get(own.lower(), -1) < WIDTHS[args.cpu_capability]:
+            ap.error(f"argument --cpu-capability: torch's own CPU kernels here are {own}, so {args.cpu_capability} "
+                     f"kernels cannot run on this CPU")
+    if args.cpu_capability != "native":
+        env["ATEN_CPU_CAPABILITY"] = args.cpu_capability
     # Absolute: the runs' working folder is the repository root, not the caller's.
     out = (args.out or Path(tempfile.mkdtemp(prefix="sjd_reproduce_"))).resolve()
     from sjd_kernels.demo import make_output_dir
     make_output_dir(ap.error, "--out", out)              # a refusal here, not a traceback
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if args.cpu_capability != "native":
-        env["ATEN_CPU_CAPABILITY"] = args.cpu_capability
     used = _capability(env)
     kernels = f"{used} (--cpu-capability {args.cpu_capability}" + (
         f", ATEN_CPU_CAPABILITY={env['ATEN_CPU_CAPABILITY']}" if env.get("ATEN_CPU_CAPABILITY") else "") + ")"
     if args.cpu_capability != "native" and used.lower() != args.cpu_capability:
-        kernels += (f"; NOT the {args.cpu_capability} kernels asked for (this CPU or torch build lacks them), so "
+        kernels += (f"; NOT the {args.cpu_capability} kernels asked for (this torch build lacks them), so "
                     "values from float sums may differ from the recordings")
     print(f"torch CPU kernels: {kernels}", flush=True)
     lines, listed, status = [], [], 0

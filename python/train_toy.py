@@ -23,6 +23,7 @@ codes). A time-boxed run counts the training time of every session against its b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -200,38 +201,39 @@ def stage_gpt(model, recipe, vq, Xtr, ytr, Xte, yte, seed, log, budget_minutes, 
                 "torch_rng": torch.get_rng_state(), "perm": perm, "pi": pi, "step": step, "ema": ema,
                 "loss": lv, "history": history, "train_s": time.time() - t0}
 
-    while True:
-        if ckpt is not None:
-            ckpt.boundary(step, state)
-        el = time.time() - t0
-        progress = el / (budget_minutes * 60) if budget_minutes else step / recipe["steps"]
-        if progress >= 1.0 and step > 0:    # at least one step: a budget spent before the first one (a tiny
-            break                           # --budget-minutes) used to end in an UnboundLocalError, nothing saved
-        if pi + recipe["batch"] > len(perm):
-            perm, pi = torch.randperm(len(tok_tr), generator=g), 0
-        idx = perm[pi:pi + recipe["batch"]]
-        pi += recipe["batch"]
-        x = tok_tr[idx]
-        c = drop_condition(lab_tr[idx], recipe["cfg_drop"], recipe["num_classes"], generator=g)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, progress, recipe) * grp["mult"]
-        logits = gpt.forward_train(c, x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x.reshape(-1))
-        if not math.isfinite(float(loss.detach())):
-            log(f"step {step}: the loss is {float(loss.detach())}: training diverged; nothing was saved")
-            raise SystemExit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-        opt.step()
-        lv = float(loss.detach())
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-        if step % 25 == 0:
+    with ckpt.signals() if ckpt is not None else contextlib.nullcontext():   # only the loop: see resume.py
+        while True:
+            if ckpt is not None:
+                ckpt.boundary(step, state)
             el = time.time() - t0
-            log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} lr {lr_at(step, progress, recipe):.2e} "
-                f"progress {progress:.3f} {el:.0f} s ({el / (step + 1):.2f} s/step)")
-            history.append([step, round(lv, 4), round(ema, 4), round(el, 1)])
-        step += 1
+            progress = el / (budget_minutes * 60) if budget_minutes else step / recipe["steps"]
+            if progress >= 1.0 and step > 0:    # at least one step: a budget spent before the first one (a tiny
+                break                           # --budget-minutes) used to end in an UnboundLocalError, nothing saved
+            if pi + recipe["batch"] > len(perm):
+                perm, pi = torch.randperm(len(tok_tr), generator=g), 0
+            idx = perm[pi:pi + recipe["batch"]]
+            pi += recipe["batch"]
+            x = tok_tr[idx]
+            c = drop_condition(lab_tr[idx], recipe["cfg_drop"], recipe["num_classes"], generator=g)
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step, progress, recipe) * grp["mult"]
+            logits = gpt.forward_train(c, x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x.reshape(-1))
+            if not math.isfinite(float(loss.detach())):
+                log(f"step {step}: the loss is {float(loss.detach())}: training diverged; nothing was saved")
+                raise SystemExit(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+            opt.step()
+            lv = float(loss.detach())
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            if step % 25 == 0:
+                el = time.time() - t0
+                log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} lr {lr_at(step, progress, recipe):.2e} "
+                    f"progress {progress:.3f} {el:.0f} s ({el / (step + 1):.2f} s/step)")
+                history.append([step, round(lv, 4), round(ema, 4), round(el, 1)])
+            step += 1
     step -= 1
     train_s = time.time() - t0
     log(f"step {step:5d} loss {lv:.4f} ema {ema:.4f}: stopped ({'time budget' if budget_minutes else 'steps'} done)")
@@ -324,17 +326,16 @@ def main(argv=None):
     gpt = None
     if "gpt" in stages:
         budget = recipe["budget_minutes"] if budget is None else budget
-        with resume.StopOnSignal() as stop:
-            ckpt = resume.Checkpointer(ckpt_path, {}, every_s=args.checkpoint_minutes * 60, stop=stop)
-            try:
-                gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget,
-                                             ckpt=ckpt, resume_run=args.resume)
-            except resume.ResumeError as e:
-                log(f"cannot resume: {e}")
-                raise SystemExit(2)
-            except resume.Interrupted as e:
-                log(f"{e}: nothing else was saved; continue with the same command and --resume")
-                raise SystemExit(130)
+        ckpt = resume.Checkpointer(ckpt_path, {}, every_s=args.checkpoint_minutes * 60)
+        try:
+            gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget,
+                                         ckpt=ckpt, resume_run=args.resume)
+        except resume.ResumeError as e:
+            log(f"cannot resume: {e}")
+            raise SystemExit(2)
+        except resume.Interrupted as e:
+            log(f"{e}: nothing else was saved; continue with the same command and --resume")
+            raise SystemExit(130)
         info["gpt"]["budget_minutes"] = budget
 
     man = bundled.save(args.model, out=args.out, tokenizer=vq, quality=q, gpt=gpt, info=info,
@@ -347,6 +348,7 @@ def main(argv=None):
     if gpt is not None and ckpt_path.exists():
         ckpt_path.unlink()
         log(f"removed the training state {ckpt_path}")
+    resume.release(ckpt_path)
     log(f"total {time.time() - t_all:.0f} s")
 
 

@@ -55,7 +55,9 @@ def usage_error(main, args, flag, capsys, *not_made):
         main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
-    assert "error: " in err and flag in err and "Traceback" not in err, err
+    # the flag in the error line itself: the usage line above it names every flag
+    errors = [ln for ln in err.splitlines() if "error: " in ln]
+    assert errors and flag in errors[-1] and "Traceback" not in err, err
     for p in not_made:
         assert not Path(p).exists(), p
     return err
@@ -262,24 +264,40 @@ def test_reproduce_tables_valid_command_passes_the_checks(reproduce, tmp_path):
                                        (["--cpu-capability", "avx2"], "avx2"),
                                        (["--cpu-capability", "default"], "default")])
 def test_reproduce_tables_runs_get_the_asked_cpu_kernels(monkeypatch, tmp_path, flag, want):
-    """Sampled values can follow torch's CPU kernels: --cpu-capability asks every child process for a
-    width through ATEN_CPU_CAPABILITY; native (the default) leaves torch's choice."""
+    """Sampled values can follow torch's CPU kernels: --cpu-capability asks every run for a width through
+    ATEN_CPU_CAPABILITY; native (the default) leaves torch's choice, also over an inherited variable."""
     m = script("python/reproduce_tables.py")
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    envs, real = [], m.subprocess.run
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")   # the caller's: native must not pass it on
+    runs, real = [], m.subprocess.run
 
     def run(cmd, env=None, **k):
         if cmd[0] != m.PY:                                  # git, for the summary's commit
             return real(cmd, env=env, **k)
-        envs.append(env)
-        if len(envs) > 1:                                   # the first is the capability query
-            raise Reached
-        return m.subprocess.CompletedProcess(cmd, 0, stdout="AVX2\n", stderr="")
+        if cmd[1:2] == ["-c"]:                              # the kernels query: this CPU has AVX2
+            return m.subprocess.CompletedProcess(cmd, 0, stdout="AVX2\n", stderr="")
+        runs.append(env)
+        raise Reached
 
     monkeypatch.setattr(m.subprocess, "run", run)
     with pytest.raises(Reached):
         m.main(["--only", "state_bytes", "--out", str(tmp_path / "o"), *flag])
-    assert len(envs) == 2 and all(e.get("ATEN_CPU_CAPABILITY") == want for e in envs)
+    assert len(runs) == 1 and runs[0].get("ATEN_CPU_CAPABILITY") == want
+
+
+def test_reproduce_tables_refuses_kernels_wider_than_the_cpu(monkeypatch, tmp_path, capsys):
+    """torch takes ATEN_CPU_CAPABILITY=avx512 on a CPU without AVX-512 and every run would die of SIGILL."""
+    m = script("python/reproduce_tables.py")
+    real = m.subprocess.run
+
+    def run(cmd, env=None, **k):
+        if cmd[0] != m.PY:
+            return real(cmd, env=env, **k)
+        assert cmd[1:2] == ["-c"] and "ATEN_CPU_CAPABILITY" not in env, cmd   # the CPU's own width first
+        return m.subprocess.CompletedProcess(cmd, 0, stdout="AVX2\n", stderr="")
+
+    monkeypatch.setattr(m.subprocess, "run", run)
+    usage_error(m.main, ["--only", "state_bytes", "--out", str(tmp_path / "o"), "--cpu-capability", "avx512"],
+                "argument --cpu-capability: torch's own CPU kernels here are AVX2", capsys, tmp_path / "o")
 
 
 def test_reproduce_tables_names_the_kernels_torch_used():

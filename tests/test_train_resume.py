@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +142,7 @@ def test_digest_sees_every_byte():
     assert resume.digest(a) != resume.digest(a.reshape(4, 3)) != resume.digest(a.to(torch.int32))
 
 
-def test_a_signal_asks_the_loop_to_stop(capsys):
+def test_a_signal_asks_the_loop_to_stop(capfd):
     before = signal.getsignal(signal.SIGINT)
     with resume.StopOnSignal() as stop:
         assert not stop.requested
@@ -148,7 +151,74 @@ def test_a_signal_asks_the_loop_to_stop(capsys):
         with pytest.raises(KeyboardInterrupt):              # a second Ctrl-C stops at once
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
-    assert "stopping at the next step boundary" in capsys.readouterr().out
+    assert "SIGTERM: stopping at the next step boundary" in capfd.readouterr().err
+
+
+def test_a_second_sigterm_ends_the_process_and_an_ignored_signal_stays_ignored():
+    code = ("import os, signal, time\n"
+            "from sjd_kernels.models import resume\n"
+            "with resume.StopOnSignal() as s:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    assert s.requested\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGTERM and "not reached" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with resume.StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_the_gpt_stage_takes_signals_only_during_its_loop(tiny, tmp_path):
+    """A signal during the evaluation after the loop used to be noted and dropped (the run went on and
+    exited 0): the stage's handlers cover the loop only."""
+    seen = []
+
+    def log(msg):
+        seen.append((msg, signal.getsignal(signal.SIGINT)))
+    before = signal.getsignal(signal.SIGINT)
+    _train(tiny, log, resume.Checkpointer(tmp_path / "s.pt", {}, every_s=0))
+    in_loop = [h for m, h in seen if " progress " in m]     # the loop's step lines
+    after = [h for m, h in seen if m.startswith("gpt trained")]   # after the evaluations
+    assert in_loop and all(getattr(h, "__self__", None).__class__ is resume.StopOnSignal for h in in_loop)
+    assert after and all(h is before for h in after)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_failed_save_leaves_the_old_state_and_no_temporary_file(tmp_path):
+    path = tmp_path / "s.pt"
+    ck = resume.Checkpointer(path, {"a": 1})
+    ck.save({"x": torch.arange(2)})
+    with pytest.raises(Exception):
+        ck.save({"x": torch.arange(3), "bad": lambda: 0})   # not picklable
+    assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]
+    assert torch.equal(ck.load()["x"], torch.arange(2))
+
+
+def test_a_state_path_is_claimed_by_one_process(tmp_path):
+    path = tmp_path / "s.pt"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        Path(str(path) + ".lock").write_text(str(other.pid))
+        with pytest.raises(resume.ResumeError, match=f"another run \\(process {other.pid}\\) is using"):
+            resume.Claim(path).acquire()
+    finally:
+        other.kill()
+        other.wait()
+    c = resume.Claim(path)                                  # its process ended: a stale lock is taken over
+    c.acquire()
+    assert Path(str(path) + ".lock").read_text() == str(os.getpid())
+    c.acquire()                                             # this process's own lock: taken again
+    c.release()
+    assert not Path(str(path) + ".lock").exists()
 
 
 # ------------------------------------------------------------------------ the script's flags and exits
@@ -312,3 +382,18 @@ def test_finetune_fingerprint_names_a_changed_setting(tmp_path):
         resume.Checkpointer(path, ft.finetune_fingerprint(b, man)).load()
     with pytest.raises(resume.ResumeError, match="base_gpt_sha256: saved 'ab', now 'cd'"):
         resume.Checkpointer(path, ft.finetune_fingerprint(a, {"files": {"gpt": {"sha256": "cd"}}})).load()
+
+
+def test_a_second_run_on_the_same_state_is_refused(tt, tmp_path, capsys):
+    """Two runs of one script and model shared the default state file: each overwrote the other's state,
+    and the first to end removed it. A live process's claim now refuses the second run."""
+    path = resume.default_path("train_toy", "mnist")
+    path.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        Path(str(path) + ".lock").write_text(str(other.pid))
+        usage_error(tt.main, _args(tmp_path), f"argument --checkpoint: another run (process {other.pid})", capsys,
+                    tmp_path / "w", tmp_path / "t.log")
+    finally:
+        other.kill()
+        other.wait()

@@ -15,6 +15,8 @@ and the package's weights folder, unless the script's ``--checkpoint`` names one
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import math
 import os
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 FORMAT = 1
+_CLAIMS: dict = {}                                          # state path -> this process's Claim
 
 
 class ResumeError(RuntimeError):
@@ -72,8 +75,9 @@ def add_flags(ap, script: str, what: str = "the training") -> None:
 
 def check_flags(error, args, script: str, trains: bool = True) -> Path:
     """Check the flags of ``add_flags`` before any work (``error``: the parser's, exit 2) and return the
-    state's path. ``trains``: this run trains the part the state belongs to (else ``--resume`` and
-    ``--checkpoint`` are refused, and a saved state is left alone)."""
+    state's path, claimed for this process (``Claim``; ``release(path)`` when the run is done).
+    ``trains``: this run trains the part the state belongs to (else ``--resume`` and ``--checkpoint``
+    are refused, and a saved state is left alone)."""
     from ..demo import check_output_file
     cm = args.checkpoint_minutes
     if not (math.isfinite(cm) and cm >= 0):
@@ -83,37 +87,59 @@ def check_flags(error, args, script: str, trains: bool = True) -> Path:
         if args.resume or args.checkpoint is not None:
             error("argument --resume/--checkpoint: they belong to a stage this run leaves out")
         return path
+    check_output_file(error, "--checkpoint", path)          # first: a folder is not a missing or a held state
+    claim = _CLAIMS.get(path) or Claim(path)
+    try:
+        claim.acquire()
+    except (ResumeError, OSError) as e:
+        error(f"argument --checkpoint: {e}")
+    _CLAIMS[path] = claim
+    atexit.register(claim.release)                          # also when a later check or the run fails
     if args.resume and not path.is_file():
         error(f"argument --resume: no saved training state at {path} (it is written while the training runs and "
               f"removed when the run ends)")
     if not args.resume and path.exists():
         error(f"argument --resume: {path} holds the state of an interrupted run: continue it with --resume, or "
               f"remove the file to start afresh")
-    check_output_file(error, "--checkpoint", path)
     return path
+
+
+def release(path) -> None:
+    """Give up this process's claim on the state path (``check_flags``)."""
+    claim = _CLAIMS.pop(Path(path), None)
+    if claim is not None:
+        claim.release()
 
 
 class StopOnSignal:
     """While active, SIGINT and SIGTERM set ``requested`` instead of ending the process, so the loop
-    can save its state at the next step boundary; a second SIGINT raises KeyboardInterrupt at once.
-    Outside the main thread (where Python cannot install handlers) it does nothing."""
+    can save its state at the next step boundary. A second SIGINT raises KeyboardInterrupt at once; a
+    second SIGTERM ends the process as SIGTERM does. A signal the process ignores (``SIG_IGN``, as in
+    background jobs of some shells) stays ignored. Outside the main thread (where Python cannot
+    install handlers) it does nothing. The handler writes its note with ``os.write`` to stderr: a
+    buffered ``print`` can fail when the signal lands while the loop is writing to the same stream."""
 
     def __init__(self):
         self.requested = False
         self._old = {}
 
     def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)          # a second SIGTERM: end as SIGTERM would
+            os.kill(os.getpid(), signum)
+            return
         self.requested = True
         name = signal.Signals(signum).name
-        print(f"\n{name}: stopping at the next step boundary and saving the training state "
-              f"(Ctrl-C again to stop at once, unsaved)", flush=True)
+        os.write(2, f"\n{name}: stopping at the next step boundary and saving the training state "
+                    f"(Ctrl-C again to stop at once, unsaved)\n".encode())
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handler)
         return self
 
     def __exit__(self, *exc):
@@ -121,6 +147,54 @@ class StopOnSignal:
             signal.signal(s, h)
         self._old.clear()
         return False
+
+
+class Claim:
+    """Exclusive use of a state path by one process: ``<path>.lock`` made with ``O_EXCL`` and holding
+    the owner's pid, so two runs of one script and model cannot overwrite (or, when one ends, remove)
+    each other's state. A lock whose process no longer runs (killed) is taken over; one of this very
+    process is too (a script's ``main`` called again in one process). ``release()`` removes it."""
+
+    def __init__(self, path):
+        self.lock = Path(str(path) + ".lock")
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock; ResumeError naming the process that holds it."""
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.lock.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid > 0 and pid != os.getpid() and _alive(pid):
+                    raise ResumeError(f"another run (process {pid}) is using {self.lock.with_suffix('')}; wait for "
+                                      f"it to end, or give this run its own --checkpoint") from None
+                self.lock.unlink(missing_ok=True)          # stale (its process ended) or ours: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return
+        raise ResumeError(f"could not take the lock {self.lock}")
+
+    def release(self) -> None:
+        if self.held:
+            self.lock.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                 # another user's process
+        return True
+    return True
 
 
 class Checkpointer:
@@ -159,12 +233,31 @@ class Checkpointer:
         return state
 
     def save(self, state: dict) -> None:
-        """Write ``state`` (with the fingerprint) atomically: a crash mid-write leaves the old file."""
+        """Write ``state`` (with the fingerprint) atomically: a crash mid-write leaves the old file, and a
+        failed write (full disk, a second Ctrl-C) leaves no temporary file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        torch.save({"format": FORMAT, "fingerprint": self.fingerprint, **state}, tmp)
-        os.replace(tmp, self.path)
+        try:
+            torch.save({"format": FORMAT, "fingerprint": self.fingerprint, **state}, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._last = time.time()
+
+    @contextlib.contextmanager
+    def signals(self):
+        """Around a training loop (only the loop: a signal after it ends the process as usual): SIGINT and
+        SIGTERM become stop requests its step boundaries honour, unless ``stop`` was given."""
+        if self.stop is not None:
+            yield self
+            return
+        with StopOnSignal() as s:
+            self.stop = s
+            try:
+                yield self
+            finally:
+                self.stop = None
 
     def boundary(self, step: int, state) -> None:
         """At the start of ``step``: save when due or asked to stop (``state()`` builds the dict), and
