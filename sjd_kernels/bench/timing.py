@@ -78,7 +78,7 @@ def cpu_name() -> str:
 def cpu_capability() -> str:
     """The vector instruction set torch's CPU kernels use (``DEFAULT``, ``AVX2``, ``AVX512``, ...).
 
-    It picks the widest the CPU has unless ``ATEN_CPU_CAPABILITY`` names a narrower one. The kernels of
+    It picks the widest the CPU has unless ``ATEN_CPU_CAPABILITY`` names another. The kernels of
     different widths round float sums differently, so a seeded CPU run can sample other tokens on a CPU
     of another width; recorded CPU tables name it so that a re-run can ask for the same."""
     try:
