@@ -265,22 +265,16 @@ def main(argv=None):
     params = [p for grp in groups for p in grp["params"]]
     fingerprint["training_data"] = resume.digest(tok_tr, lab_tr)
     ckpt = resume.Checkpointer(ckpt_path, fingerprint, every_s=args.checkpoint_minutes * 60)
-    if args.resume:
-        try:
+    with resume.exits(log):
+        if args.resume:
             loop_state = restore(ckpt, gpt, sjd2, opt, g)
-        except resume.ResumeError as e:
-            log(f"cannot resume: {e}")
-            raise SystemExit(2)
-        log(f"resumed from {ckpt_path}: step {loop_state['step']}, {loop_state['spent']:.0f} s of training done")
-    else:
-        loop_state = dict(perm=torch.randperm(len(tok_tr), generator=g), pi=0, step=0, ema=None,
-                          loss=float("nan"), history=[], spent=0.0)
-    try:
+            log(f"resumed from {ckpt_path}: step {loop_state['step']}, {loop_state['spent']:.0f} s of training "
+                f"done")
+        else:
+            loop_state = dict(perm=torch.randperm(len(tok_tr), generator=g), pi=0, step=0, ema=None,
+                              loss=float("nan"), history=[], spent=0.0)
         with ckpt.signals():                            # only the loop: a signal after it ends the run as usual
             done = train_loop(args, gpt, sjd2, opt, params, g, tok_tr, lab_tr, n_cls, log, ckpt, loop_state)
-    except resume.Interrupted as e:
-        log(f"{e}: nothing else was saved; continue with the same command and --resume")
-        raise SystemExit(130)
     train_s, history, step = done["train_s"], done["history"], done["step"]
     gpt.eval()
     ev_g = torch.Generator().manual_seed(args.seed + 1)
@@ -299,10 +293,7 @@ def main(argv=None):
     man = checkpoint.save(args.model, gpt, sjd2, out=args.out, training=training)
     log(f"wrote {args.out}/{man['file']} sha256 {man['sha256'][:12]} ({man['bytes']} bytes) and "
         f"{args.model}_sjd2.json")
-    if ckpt_path.exists():
-        ckpt_path.unlink()
-        log(f"removed the training state {ckpt_path}")
-    resume.release(ckpt_path)
+    resume.finish(ckpt_path, log)
 
 
 if __name__ == "__main__":

@@ -327,15 +327,9 @@ def main(argv=None):
     if "gpt" in stages:
         budget = recipe["budget_minutes"] if budget is None else budget
         ckpt = resume.Checkpointer(ckpt_path, {}, every_s=args.checkpoint_minutes * 60)
-        try:
+        with resume.exits(log):
             gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget,
                                          ckpt=ckpt, resume_run=args.resume)
-        except resume.ResumeError as e:
-            log(f"cannot resume: {e}")
-            raise SystemExit(2)
-        except resume.Interrupted as e:
-            log(f"{e}: nothing else was saved; continue with the same command and --resume")
-            raise SystemExit(130)
         info["gpt"]["budget_minutes"] = budget
 
     man = bundled.save(args.model, out=args.out, tokenizer=vq, quality=q, gpt=gpt, info=info,
@@ -345,10 +339,8 @@ def main(argv=None):
                                  "resumed": bool(args.resume)})
     log(f"wrote {args.out}/{args.model}.json: " + ", ".join(f"{k} {v['file']} sha256 {v['sha256'][:12]}"
                                                               for k, v in man["files"].items()))
-    if gpt is not None and ckpt_path.exists():
-        ckpt_path.unlink()
-        log(f"removed the training state {ckpt_path}")
-    resume.release(ckpt_path)
+    if gpt is not None:
+        resume.finish(ckpt_path, log)
     log(f"total {time.time() - t_all:.0f} s")
 
 

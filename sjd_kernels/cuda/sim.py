@@ -109,9 +109,8 @@ def _compiler() -> str:
 def cache_dir() -> Path:
     """Where builds are cached: ``$SJD_SIM_CACHE`` (``~`` expanded, made absolute), default
     ``~/.cache/sjd_kernels/sim`` (also when the variable is set but empty)."""
-    env = os.environ.get("SJD_SIM_CACHE", "")
-    path = Path(env).expanduser() if env.strip() else Path.home() / ".cache" / "sjd_kernels" / "sim"
-    return path.absolute()
+    from .._cache import cache_dir as user_cache
+    return user_cache("SJD_SIM_CACHE", "sim")
 
 
 @functools.lru_cache(maxsize=None)

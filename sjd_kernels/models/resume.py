@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .._cache import cache_dir
+
 FORMAT = 1
 _CLAIMS: dict = {}                                          # state path -> this process's Claim
 
@@ -44,9 +46,7 @@ class Interrupted(Exception):
 
 
 def default_path(script: str, model: str) -> Path:
-    env = os.environ.get("SJD_TRAIN_CACHE", "")
-    base = Path(env).expanduser() if env.strip() else Path.home() / ".cache" / "sjd_kernels" / "train"
-    return base / f"{script}_{model}.pt"
+    return cache_dir("SJD_TRAIN_CACHE", "train") / f"{script}_{model}.pt"
 
 
 def digest(*tensors: torch.Tensor) -> str:
@@ -78,10 +78,10 @@ def check_flags(error, args, script: str, trains: bool = True) -> Path:
     state's path, claimed for this process (``Claim``; ``release(path)`` when the run is done).
     ``trains``: this run trains the part the state belongs to (else ``--resume`` and ``--checkpoint``
     are refused, and a saved state is left alone)."""
-    from ..demo import check_output_file
+    from ..demo import check_flags as check_rows, check_output_file
     cm = args.checkpoint_minutes
-    if not (math.isfinite(cm) and cm >= 0):
-        error(f"argument --checkpoint-minutes: must be a finite number >= 0 (0 = save only on a signal), got {cm}")
+    check_rows(error, [("--checkpoint-minutes", cm, math.isfinite(cm) and cm >= 0,
+                        "a finite number >= 0 (0 = save only on a signal)")])
     path = args.checkpoint or default_path(script, args.model)
     if not trains:
         if args.resume or args.checkpoint is not None:
@@ -109,6 +109,30 @@ def release(path) -> None:
     claim = _CLAIMS.pop(Path(path), None)
     if claim is not None:
         claim.release()
+
+
+@contextlib.contextmanager
+def exits(log):
+    """Around a resumable stage: a state that cannot be resumed ends the run with status 2, a stop on
+    a signal (its state saved) with status 130, each with a line in ``log``."""
+    try:
+        yield
+    except ResumeError as e:
+        log(f"cannot resume: {e}")
+        raise SystemExit(2)
+    except Interrupted as e:
+        log(f"{e}: nothing else was saved; continue with the same command and --resume")
+        raise SystemExit(130)
+
+
+def finish(path, log) -> None:
+    """After the weights are written: remove the state at ``path`` (saying so in ``log``) and release
+    this process's claim on it."""
+    path = Path(path)
+    if path.exists():
+        path.unlink()
+        log(f"removed the training state {path}")
+    release(path)
 
 
 class StopOnSignal:
