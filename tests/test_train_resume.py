@@ -215,10 +215,33 @@ def test_a_state_path_is_claimed_by_one_process(tmp_path):
         other.wait()
     c = resume.Claim(path)                                  # its process ended: a stale lock is taken over
     c.acquire()
-    assert Path(str(path) + ".lock").read_text() == str(os.getpid())
+    assert Path(str(path) + ".lock").read_text().split()[0] == str(os.getpid())
     c.acquire()                                             # this process's own lock: taken again
     c.release()
     assert not Path(str(path) + ".lock").exists()
+
+
+@pytest.mark.skipif(resume._start_time(os.getpid()) is None, reason="needs /proc/<pid>/stat (Linux)")
+def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
+    """A lock records its process's start time with the pid: a live process with that pid but another
+    start time got the pid after the owner ended, so the lock is stale."""
+    path = tmp_path / "s.pt"
+    lock = Path(str(path) + ".lock")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = resume._start_time(other.pid)
+        assert started is not None and started == resume._start_time(other.pid)
+        lock.write_text(f"{other.pid} {started}")           # the owner itself: refused
+        with pytest.raises(resume.ResumeError, match=f"another run \\(process {other.pid}\\) is using"):
+            resume.Claim(path).acquire()
+        lock.write_text(f"{other.pid} {started + 1}")       # the pid reused by a later process: taken over
+        c = resume.Claim(path)
+        c.acquire()
+        assert lock.read_text() == f"{os.getpid()} {resume._start_time(os.getpid())}"
+        c.release()
+    finally:
+        other.kill()
+        other.wait()
 
 
 # ------------------------------------------------------------------------ the script's flags and exits

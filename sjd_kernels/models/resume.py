@@ -175,9 +175,11 @@ class StopOnSignal:
 
 class Claim:
     """Exclusive use of a state path by one process: ``<path>.lock`` made with ``O_EXCL`` and holding
-    the owner's pid, so two runs of one script and model cannot overwrite (or, when one ends, remove)
-    each other's state. A lock whose process no longer runs (killed) is taken over; one of this very
-    process is too (a script's ``main`` called again in one process). ``release()`` removes it."""
+    the owner's pid (and, on Linux, the process's start time), so two runs of one script and model cannot
+    overwrite (or, when one ends, remove) each other's state. A lock whose process no longer runs (killed)
+    is taken over, also when its pid has since been given to another process (the start times differ);
+    one of this very process is too (a script's ``main`` called again in one process). ``release()``
+    removes it."""
 
     def __init__(self, path):
         self.lock = Path(str(path) + ".lock")
@@ -190,17 +192,14 @@ class Claim:
             try:
                 fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    pid = int(self.lock.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid > 0 and pid != os.getpid() and _alive(pid):
+                pid, started = _read_lock(self.lock)
+                if pid > 0 and pid != os.getpid() and _alive(pid, started):
                     raise ResumeError(f"another run (process {pid}) is using {self.lock.with_suffix('')}; wait for "
                                       f"it to end, or give this run its own --checkpoint") from None
                 self.lock.unlink(missing_ok=True)          # stale (its process ended) or ours: take it over
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(_lock_text(os.getpid()))
             self.held = True
             return
         raise ResumeError(f"could not take the lock {self.lock}")
@@ -211,14 +210,42 @@ class Claim:
             self.held = False
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int):
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None where
+    there is no such file (not Linux, or no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return int(stat[stat.rindex(")") + 2:].split()[19])   # fields 3.. follow the name's ")"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _lock_text(pid: int) -> str:
+    started = _start_time(pid)
+    return str(pid) if started is None else f"{pid} {started}"
+
+
+def _read_lock(lock: Path):
+    """(pid, start time or None) from a lock file; (0, None) when it cannot be read."""
+    try:
+        words = lock.read_text().split()
+        return int(words[0]), (int(words[1]) if len(words) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return 0, None
+
+
+def _alive(pid: int, started=None) -> bool:
+    """Whether the process that wrote a lock still runs: ``pid`` exists and, when both start times are
+    known, it is the same process (not a later one given the same pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:                                 # another user's process
-        return True
-    return True
+        pass
+    now = _start_time(pid) if started is not None else None
+    return now is None or now == started
 
 
 class Checkpointer:
