@@ -202,6 +202,13 @@ __device__ __forceinline__ uint32_t search_last_true(uint32_t lo, uint32_t hi, E
   return lo;
 }
 
+// CFG combine of one lane in float32, as the reference: u + s * (c - u), except that a lane at -inf in
+// both rows (a token masked before the head's output) stays -inf instead of -inf - -inf = NaN.
+__device__ __forceinline__ float cfg_combine(float c, float u, float s) {
+  const float x = __fadd_rn(u, __fmul_rn(s, __fsub_rn(c, u)));
+  return (c == -INFINITY && u == -INFINITY) ? -INFINITY : x;
+}
+
 // Calls f(i, c_i, u_i) for every lane i < n of a row of logits (and of the unconditional row when
 // ``u`` is not null), as float. Rows may start at any element offset (image-token slices of a
 // larger vocabulary): a scalar head peels lanes up to the next 16-byte boundary, then 16-byte

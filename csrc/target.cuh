@@ -276,16 +276,18 @@ struct HistBufs {
   int* misc;       // kHistMisc ints
 };
 
-__host__ __device__ __forceinline__ int hist_row_bytes(int V) { return (V * 4 + 15) / 16 * 16; }
+// Bytes of a row of V floats, rounded up to 16: where the path's buffers start. 64-bit: V * 4 passes
+// 2^31 for V >= 2^29, which the ops accept (the path is off there, but every row kernel computes it).
+__host__ __device__ __forceinline__ int64_t hist_row_bytes(int V) { return (static_cast<int64_t>(V) * 4 + 15) / 16 * 16; }
 
 // Host side: the dynamic shared memory of a row launch that takes the hist_topk path (the row, then
 // the path's buffers), or 0 when the path does not apply: rows in global memory, a greedy law,
 // top-k off or >= V, V above kHistMaxLanes, or no room beside the row within ``max_lanes`` floats.
 inline int hist_topk_smem(bool global_rows, bool greedy, int top_k, int V, int max_lanes) {
-  const int bytes = hist_row_bytes(V) + kHistSmemBytes;
+  const int64_t bytes = hist_row_bytes(V) + kHistSmemBytes;
   const bool on = !global_rows && !greedy && top_k > 0 && top_k < V && V <= kHistMaxLanes &&
-                  bytes <= max_lanes * static_cast<int>(sizeof(float));
-  return on ? bytes : 0;
+                  bytes <= static_cast<int64_t>(max_lanes) * static_cast<int64_t>(sizeof(float));
+  return on ? static_cast<int>(bytes) : 0;
 }
 
 __device__ __forceinline__ HistBufs hist_bufs_after_row(unsigned char* smem, int V) {
@@ -547,7 +549,7 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
   const bool need_ymin = bracket || hist;
   if (greedy) {
     for_each_logit<T>(crow, urow, V, [&](int i, float c, float u) {
-      const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
+      const float x = urow ? cfg_combine(c, u, cfg) : c;
       flags |= target_logit_flags(x, 0.0f, true);
       const uint64_t k = (static_cast<uint64_t>(order_key(x)) << 32) | static_cast<uint64_t>(~static_cast<uint32_t>(i));
       amax = k > amax ? k : amax;
@@ -558,7 +560,7 @@ __device__ __forceinline__ bool target_row(const T* crow, const T* urow, float c
     // flags 1, 2 and 4 never change its answer here. A loop per ymin choice keeps the body tight.
     auto pass = [&](auto track_min) {
       for_each_logit<T>(crow, urow, V, [&](int i, float c, float u) {
-        const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
+        const float x = urow ? cfg_combine(c, u, cfg) : c;
         const float y = __fmul_rn(x, p.inv_temperature);
         flags |= y != y ? 8 : 0;
         ymax = fmaxf(ymax, y);

@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kRowcheckThreads) tree_rowcheck_kernel(const P
   int flags = 0;
   float ymax = -INFINITY;
   for_each_logit<T>(crow, urow, p.V, [&](int, float c, float u) {
-    const float x = urow ? __fadd_rn(u, __fmul_rn(cfg, __fsub_rn(c, u))) : c;
+    const float x = urow ? cfg_combine(c, u, cfg) : c;
     const float y = greedy ? 0.0f : __fmul_rn(x, p.law.inv_temperature);
     flags |= target_logit_flags(x, y, greedy);
     ymax = fmaxf(ymax, y);

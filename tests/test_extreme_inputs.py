@@ -41,6 +41,14 @@ def _one_lane(b, w, v):
     return x
 
 
+def _masked(b, w, v):
+    """Random rows with the first 16 lanes masked (-inf), as a model whose head output is masked
+    upstream gives them; under CFG both rows hold the -inf."""
+    x = _randn(b, w, v)
+    x[:, :, :16] = float("-inf")
+    return x
+
+
 def _fp16_extremes(b, w, v):
     r = torch.rand(b, w + 1, v, generator=torch.Generator().manual_seed(6))
     return torch.where(r < 0.5, 65504.0, -65504.0)
@@ -60,6 +68,9 @@ CASES = {
     "fp16-max-and-min": (_fp16_extremes, torch.float16, V, {}, "valid"),
     "all-minus-inf-but-one": (_one_lane, torch.float32, V, {}, "one-lane"),
     "gumbel-jacobi-all-minus-inf-but-one": (_one_lane, torch.float32, V, dict(mode="gumbel_jacobi"), "one-lane"),
+    "cfg-3-all-minus-inf-but-one": (_one_lane, torch.float32, V, dict(cfg=3.0), "one-lane"),
+    "cfg-3-masked-lanes-bf16": (_masked, torch.bfloat16, V, dict(cfg=3.0), "masked"),
+    "cfg-1-masked-lanes-gumbel": (_masked, torch.float32, V, dict(cfg=1.0, mode="gumbel"), "masked"),
     "vocabulary-of-one": (_randn, torch.float32, 1, {}, "uniform"),
     "vp-log-beta-1e30": (_randn, torch.float32, V, dict(mode="vp", beta=1e30, vp_form="log", vp=True), "valid"),
     "sparse-overflow": (_flat(0.0), torch.float32, V, dict(top_k=1, capacity=4), "uniform-overflow"),
@@ -130,6 +141,11 @@ def test_reference_gives_the_contract_outcome(runs, name):
         assert status[3] == (B * W if outcome == "uniform-overflow" else 0), status   # one per stored row
     elif outcome == "one-lane":
         assert (acc == 0).all() and (tok[:, 0] == 7).all(), (acc, tok)
+    elif outcome == "masked":
+        # lanes at -inf in both rows stay masked under CFG (not -inf - -inf = NaN): the status is
+        # clean (checked above) and no committed token is one of them
+        committed = torch.arange(W + 1) <= acc[:, None]
+        assert ((tok >= 16) | ~committed).all(), (acc, tok)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:])

@@ -28,7 +28,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def make_case(B=3, V=37, K=3, depth=2, window=None, *, seed=0, dtype=torch.float32, kind="dense", coupled=False,
               forced=False, cfg=False, temperature=1.0, top_k=0, top_p=1.0, noise=0.3, nan_node=None,
-              bad_token=None, device="cpu"):
+              bad_token=None, masked=0, device="cpu"):
     """Inputs of one ``tree_verify`` call: a dict of the reference's keyword arguments."""
     window = depth if window is None else window
     g = torch.Generator().manual_seed(seed)
@@ -76,6 +76,10 @@ def make_case(B=3, V=37, K=3, depth=2, window=None, *, seed=0, dtype=torch.float
         uncond = torch.randn(B, N, V, generator=g)
         cfg_scale = torch.rand(B, generator=g) * 3 + 1.0
         logits = uncond + (logits - uncond) / cfg_scale.view(B, 1, 1)   # so that the CFG row is near the base
+    if masked:                                                      # lanes masked upstream: -inf in both rows
+        logits[:, :, :masked] = float("-inf")
+        if uncond is not None:
+            uncond[:, :, :masked] = float("-inf")
     if nan_node is not None:
         b, i = nan_node
         logits[b, i, V // 2] = float("nan")
@@ -113,6 +117,7 @@ CASES = {
     "mixed-kind": dict(B=4, V=23, K=2, depth=3, kind="mixed", seed=6),
     "forced": dict(B=4, V=37, K=3, depth=2, window=3, forced=True, seed=7),
     "cfg-fp16": dict(B=3, V=37, K=3, depth=2, cfg=True, dtype=torch.float16, seed=8),
+    "cfg-masked-lanes": dict(B=3, V=37, K=3, depth=2, cfg=True, masked=9, dtype=torch.bfloat16, seed=16),
     "topk-topp": dict(B=4, V=48, K=3, depth=2, top_k=12, top_p=0.85, temperature=0.7, seed=9),
     "greedy": dict(B=3, V=37, K=2, depth=2, temperature=0.0, seed=10),
     "far-target": dict(B=4, V=37, K=3, depth=2, noise=3.0, seed=11),
@@ -171,6 +176,16 @@ def test_cases_exercise_every_path():
                 p = int(kw["pos"][b]) + m
                 seen["forced_commit"] += int(p < kw["forced"].shape[1] and kw["forced"][b, p] >= 0)
     assert all(v > 0 for v in seen.values()), seen
+
+
+def test_lanes_masked_in_both_cfg_rows_stay_masked():
+    """-inf in the conditional and the unconditional logits is a masked lane, not -inf - -inf = NaN:
+    no error, and no committed token is masked."""
+    kw = make_case(**CASES["cfg-masked-lanes"])
+    (num, path, tok), st = run(ref.tree_verify, kw)
+    assert st.tolist() == [0, 0, 0, 0] and (num >= 0).all(), (st, num)
+    committed = torch.arange(tok.shape[1]) <= num[:, None]
+    assert ((tok >= 9) | ~committed).all(), (num, tok)
 
 
 def test_triton_malformed_tree_sets_bit4_and_returns_minus_one():

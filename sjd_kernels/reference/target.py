@@ -13,13 +13,15 @@ import torch
 
 
 def combine_logits(logits: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: torch.Tensor | None) -> torch.Tensor:
-    """CFG combine in float32: ``u + s * (c - u)``; ``cfg_scale`` is ``[B]`` (broadcast over rows and lanes)."""
+    """CFG combine in float32: ``u + s * (c - u)``; ``cfg_scale`` is ``[B]`` (broadcast over rows and lanes).
+    A lane at -inf in both rows (a token masked before the logits reach the op) stays -inf, where the
+    formula would give -inf - -inf = NaN; -inf in one row only is left to the formula."""
     c = logits.to(torch.float32)
     if uncond is None:
         return c
     u = uncond.to(torch.float32)
     s = cfg_scale.to(torch.float32).reshape(-1, *([1] * (c.dim() - 1)))
-    return u + s * (c - u)
+    return torch.where((c == -torch.inf) & (u == -torch.inf), c, u + s * (c - u))
 
 
 def topk_threshold(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -269,7 +269,7 @@ def _jacobi_rows_kernel(
         if HAS_UNCOND:
             u = tl.load(uncond_ptr + b * stride_ub + j64 * stride_uj + lanes, mask=valid, other=0.0).to(tl.float32)
             s = tl.load(cfg_ptr + b)
-            x = u + s * (x - u)
+            x = tl.where((x == -float("inf")) & (u == -float("inf")), x, u + s * (x - u))
         # ``temperature`` is the float32 reciprocal of T, as in the reference and the CUDA kernel
         if CAND_K > 0:
             # ---- top-k through a candidate list (CAND_K > 0: the races run over a list).

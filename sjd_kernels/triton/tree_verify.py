@@ -65,7 +65,7 @@ def _combined_row(logits_ptr, s_lb, s_ln, uncond_ptr, s_ub, s_un, cfg_ptr, b, i,
     if HAS_UNCOND:
         u = tl.load(uncond_ptr + b * s_ub + i * s_un + lanes, mask=valid, other=0.0).to(tl.float32)
         s = tl.load(cfg_ptr + b)
-        x = u + s * (x - u)
+        x = tl.where((x == -float("inf")) & (u == -float("inf")), x, u + s * (x - u))
     return x
 
 
