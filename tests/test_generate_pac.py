@@ -86,6 +86,54 @@ def law_gpt(V, N, seed, scale):
     return m
 
 
+class RowEndGPT(GPT):
+    """A tiny GPT with one structural code (V, a row end) embedded by its own vector."""
+    num_extra_tokens = 1
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.row_end = torch.nn.Parameter(torch.randn(cfg.d_model, dtype=torch.float64))
+
+    def embed_tokens(self, ids):
+        e = self.tok_emb(ids.clamp(0, self.config.vocab_size - 1))
+        return torch.where((ids >= self.config.vocab_size).unsqueeze(-1), self.row_end.to(e.dtype).expand_as(e), e)
+
+
+def test_left_copy_of_a_row_end_drafts_uniformly(monkeypatch):
+    """``draft_init="left"``: a new tail position whose left neighbour is a forced row end (an id >= V)
+    draws uniformly, as jacobi_step's left copy does. Drafting the row end's id at a free position
+    cut every later tree short (the tree has no node at a level whose first sibling is outside the
+    slice): same law, more steps."""
+    torch.manual_seed(0)
+    V, N = 16, 16
+    m = RowEndGPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_image_tokens=N,
+                            num_classes=3)).double().eval()
+    with torch.no_grad():
+        m.head.weight.mul_(8.0)
+        m.tok_emb.weight.mul_(20.0)
+        m.cls_emb.weight.mul_(20.0)
+    cond = torch.tensor([0, 1, 2] * 4)
+    forced = torch.full((len(cond), N), -1, dtype=torch.int64)
+    forced[:, 3::4] = V                                     # a row end every 4 tokens
+    seen = []
+    propose = P.propose
+
+    def spy(*a, **k):
+        nd = propose(*a, **k)
+        m_, pos = a[4], a[7]
+        p = pos.view(-1, 1) + m_.clamp(min=0).view(-1, 1) + 1 + torch.arange(nd.shape[1])
+        f = forced.gather(1, p.clamp(max=N - 1))
+        seen.append(((p < N) & (f < 0) & ((nd < 0) | (nd >= V))).sum().item())
+        return nd
+    monkeypatch.setattr(P, "propose", spy)
+    ar = generate(m, cond, N, "ar", top_k=1, forced=forced)
+    g = generate(m, cond, N, "pac", window=6, top_k=1, forced=forced, draft_init="left", seed=1, tree_depth=2)
+    assert torch.equal(g.tokens, ar.tokens)
+    s = generate(m, cond, N, "pac", window=6, forced=forced, draft_init="left", seed=1, tree_depth=2)
+    assert (s.tokens[:, 3::4] == V).all() and ((s.tokens >= 0) & (s.tokens < V)).sum() == len(cond) * (N - 4)
+    assert len(seen) > 4 and sum(seen) == 0, seen
+
+
 def test_sequence_law_tree_and_chain():
     """V = 3, 4 tokens (81 cells), a binary tree of depth 2 then one chain level: siblings, the
     continuation below a non-first sibling, the chain row fallback and stored laws all take part."""

@@ -229,7 +229,7 @@ def propose(logits, uncond, cfg_scale, cont, m, drafts, win_len, pos, last_tok, 
         tail_tok = rng.uniform_token(seedb, p, stepb, rng.STREAM_TAIL, V)
         new = torch.where(tail, tail_tok, new)
         new = torch.where(is_forced, f, new)
-        tail_kind = KIND_UNIFORM
+        tail_kind = torch.full_like(p, KIND_UNIFORM)
     else:
         cols, prev = [], last_tok
         for i in range(W):
@@ -237,7 +237,11 @@ def propose(logits, uncond, cfg_scale, cont, m, drafts, win_len, pos, last_tok, 
             cols.append(t)
             prev = t
         new = torch.stack(cols, 1)
-        tail_kind = KIND_ONEHOT
+        # as jacobi_step's left copy: a copied id outside [0, V) (a forced structural id such as a row
+        # end) cannot be a draft, so that slot draws uniformly instead (law KIND_UNIFORM)
+        oob = tail & ~is_forced & ((new < 0) | (new >= V))
+        new = torch.where(oob, rng.uniform_token(seedb, p, stepb, rng.STREAM_TAIL, V), new)
+        tail_kind = torch.where(oob, torch.full_like(p, KIND_UNIFORM), torch.full_like(p, KIND_ONEHOT))
     new = torch.where(is_forced, f, new)
 
     # stored laws: Qt where a row proposed, the tail kind elsewhere, one-hot at forced positions
@@ -247,6 +251,6 @@ def propose(logits, uncond, cfg_scale, cont, m, drafts, win_len, pos, last_tok, 
     # are distinct (R = W + 1)
     state.q_state[bidx, slot] = torch.where(dense.unsqueeze(-1), Qt, q_rows)
     k = torch.where(is_forced, torch.full_like(p, KIND_ONEHOT),
-                    torch.where(has_node, torch.full_like(p, KIND_DENSE), torch.full_like(p, tail_kind)))
+                    torch.where(has_node, torch.full_like(p, KIND_DENSE), tail_kind))
     state.q_kind[bidx, slot] = torch.where(wr, k.to(state.q_kind.dtype), kind_rows)
     return new
