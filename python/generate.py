@@ -7,8 +7,9 @@
 Prints the forwards the batch needed (NFE), the step compression against AR (tokens / NFE), the
 mean over requests of the tokens each committed per step and the wall time, and writes the images (one row per method, one
 column per requested class) and, with ``--tokens``, the token ids as ``.npy``. ``--with-ar`` also
-samples plain AR with the same seed (``ar_gumbel`` for the Gumbel methods, whose images are then
-token-identical to ``gumbel_jacobi``'s) and adds its row: the lossless methods draw from AR's
+samples plain AR of the same model with the same seed (for ``sjd2``, AR of its fine-tune;
+``ar_gumbel`` for the Gumbel methods, whose images are then token-identical to ``gumbel_jacobi``'s)
+and adds its row: the lossless methods draw from AR's
 law, so their images differ from AR's sample by chance only, except ``gumbel_jacobi``; with
 ``--method ar`` it adds nothing (that row is AR's). ``--out``'s extension picks the image format
 (one matplotlib writes; none: ``.png`` is appended), ``--tokens`` gets ``.npy`` appended unless
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         if ar == args.method:       # the method's own row is AR's: run it once
             print(f"--with-ar: --method {args.method} is AR itself; its row is not repeated")
         else:
-            runs.append((ar, b.gpt))
+            runs.append((ar, gpt))  # the model the method decodes: for sjd2 its fine-tune, whose AR law it keeps
     for method, model in runs:
         t0 = time.perf_counter()
         out = generate(model, cond, N, method=method, **(kw if method == args.method else

@@ -379,14 +379,14 @@ def check_generation_args(error, model: str, *, methods=(), window: int = 16, cf
                       f"cannot be used here ({e})")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         error(f"argument --window: must be an int >= 0 (drafts per step; 0 = AR), got {window!r}")
-    if "pac" in methods:
-        from .decoding.pac import window_problem
-        why = window_problem(window)
-        if why:
-            error(f"argument --window: {why}")
     if not math.isfinite(cfg):
         error(f"argument --cfg: the guidance scale must be a finite number, got {cfg!r}")
     man = manifest if manifest is not None else model_manifest(error, model)
+    if "pac" in methods:
+        from .decoding.pac import window_problem
+        why = window_problem(window, int(man["gpt"]["max_image_tokens"]))   # the window used is cut to the image
+        if why:
+            error(f"argument --window: {why}")
     try:
         check_sampling(temperature, top_k, top_p, int(man["gpt"]["vocab_size"]))
     except SJDInputError as e:      # the message starts with the argument: temperature, top_k or top_p

@@ -422,11 +422,14 @@ def test_bad_options_are_named_before_work():
         ("beta must be a finite real number", "coupling", dict(beta=float("nan"))),
         ("beta must be a finite real number", "sjd_vp", dict(beta=True)),
         ("top_p must be", "sjd", dict(top_p=True)),
+        ("window must be an int >= 0", "ar", dict(window=-5)),              # checked for AR too
+        ("window must be an int >= 0", "ar_gumbel", dict(window=2.5)),
+        ("state_capacity: the sparse state stores the support", "sjd_vp", dict(beta=-0.5, state_capacity=4)),
     ]
     for msg, method, kw in bad:
         Counting.calls = 0
         with pytest.raises(SJDInputError, match=msg):
-            generate(m, c2, 12, method, window=4, **kw)
+            generate(m, c2, 12, method, **{"window": 4, **kw})
         assert Counting.calls == 0, (msg, kw)
     # what stays accepted: vp_form with the VP methods, beta 0 with any method, per-request CFG tensors
     generate(m, c2, 12, "coupling", window=4, beta=0.0, vp_form="log")

@@ -280,7 +280,7 @@ def test_bad_options_fail_before_work():
     m = Counting(cfg).double().eval()
     bad = [
         ("tree_depth 5 exceeds the window 4", dict(tree_depth=5)),
-        ("tree_depth 3 exceeds the window 0", dict(window=0)),
+        ("tree_depth 3 \\(the default\\) exceeds the window 0", dict(window=0)),
         ("tree_width must be an int in", dict(tree_width=0)),
         ("tree_width must be an int in", dict(tree_width=2.0)),
         ("tree_width must be an int in", dict(tree_width=17)),
@@ -296,6 +296,12 @@ def test_bad_options_fail_before_work():
         with pytest.raises(SJDInputError, match=msg):
             generate(m, torch.tensor([0, 1]), 12, kw.pop("method", "pac"), window=kw.pop("window", 4), **kw)
         assert Counting.calls == 0, msg
+    # a window longer than the image is cut to it, as for the chain methods (its node count is the cut one's);
+    # the scripts' check before any model is loaded (window_problem) says the same given the image's tokens
+    assert "1024 per request" in P.window_problem(2000) and P.window_problem(2000, 196) is None
+    assert "needs a window >= 3" in P.window_problem(2, 196)
+    ar = generate(m, torch.tensor([0, 1]), 12, "ar", top_k=1)
+    assert torch.equal(generate(m, torch.tensor([0, 1]), 12, "pac", window=2000, top_k=1).tokens, ar.tokens)
 
     class NoTree(GPT):
         tree_attention = False

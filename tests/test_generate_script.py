@@ -60,6 +60,7 @@ def _cuda_backend_runs_here():
 
 BAD = [
     (["--window", "-1"], "--window"),
+    (["--method", "pac", "--window", "2"], "--window"),   # below pac's default tree depth
     (["--top-k", "999"], "--top-k"),                   # above the mnist model's 256 codes
     (["--top-k", "-1"], "--top-k"),
     (["--temperature", "-1"], "--temperature"),
@@ -118,3 +119,20 @@ def test_unwritable_output_locations_are_usage_errors(gen, tmp_path, capsys, mon
         assert e.value.code == 2 and flag in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "new").exists()   # --out's folder: not made either
     assert f.read_text() == "not a folder"
+
+
+def test_sjd2_with_ar_row_runs_ar_of_the_fine_tune(gen, tmp_path, capsys, monkeypatch):
+    """SJD2 keeps the AR law of its fine-tune, so --with-ar's row is AR of that model, not of the base."""
+    pytest.importorskip("sjd_kernels.sjd2")
+    used = []
+    real = gen.generate
+
+    def spy(model, *a, **k):
+        used.append((k["method"], model))
+        return real(model, *a, **k)
+    monkeypatch.setattr(gen, "generate", spy)
+    assert gen.main(["--method", "sjd2", "--classes", "3", "--with-ar", "--backend", "torch",
+                     "--out", str(tmp_path / "s.png")]) == 0
+    (m1, sjd2_model), (m2, ar_model) = used
+    assert (m1, m2) == ("sjd2", "ar") and ar_model is sjd2_model
+    assert "ar " in capsys.readouterr().out

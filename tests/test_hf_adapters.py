@@ -140,13 +140,15 @@ def test_adapter_errors():
     with pytest.raises(ValueError, match="distinct ids"):
         HFImageLM(hf, [38, 39, 40])
     a = HFImageLM(hf, list(range(8, 24)))
-    with pytest.raises(ValueError, match="CFG needs unconditional prompts"):
-        generate(a, [[1, 2]], 4, "sjd", cfg_scale=2.0)
-    with pytest.raises(ValueError, match="outside"):
-        generate(a, [[1, 99]], 4, "sjd")
-    with pytest.raises(ValueError, match="is empty"):
-        generate(a, [[]], 4, "sjd")
     from sjd_kernels.ops import SJDInputError
+    with pytest.raises(SJDInputError, match="CFG needs unconditional prompts"):
+        generate(a, [[1, 2]], 4, "sjd", cfg_scale=2.0)
+    with pytest.raises(SJDInputError, match="one prompt per request"):
+        generate(a, [[1, 2], [1, 3]], 4, "sjd", cfg_scale=2.0, uncond=[[1]])
+    with pytest.raises(SJDInputError, match="outside"):
+        generate(a, [[1, 99]], 4, "sjd")
+    with pytest.raises(SJDInputError, match="is empty"):
+        generate(a, [[]], 4, "sjd")
     with pytest.raises(SJDInputError, match="forced ids must be"):
         generate(a, [[1]], 4, "sjd", forced=torch.full((1, 4), 16))          # no extra tokens declared
 

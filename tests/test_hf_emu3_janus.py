@@ -237,7 +237,7 @@ def test_janus_errors():
     hf = janus(boi=False)
     hf.generation_config.pad_token_id = None
     a = hfa.from_janus(hf)
-    with pytest.raises(ValueError, match="CFG needs unconditional prompts"):
+    with pytest.raises(SJDInputError, match="CFG needs unconditional prompts"):
         generate(a, [[1, 5, BOI]], 4, "sjd", cfg_scale=2.0)
     assert generate(a, [[1, 5, BOI]], 4, "sjd", cfg_scale=2.0, uncond=[[1, BOI]], top_k=1).tokens.shape == (1, 4)
     with pytest.raises(SJDInputError, match="exceeds the model's max_image_tokens 16"):

@@ -26,9 +26,8 @@ so most steps launch without waiting for the device.
 
 CUDA graphs (``cuda_graph=True``, chain methods: ``ar``, ``ar_gumbel``, ``sjd``, ``sjd_vp``,
 ``coupling``, ``gumbel``, ``gumbel_jacobi``): the whole window step (input preparation, the model
-forward over the window on the static KV cache, ``jacobi_step`` with the ``triton`` or ``cuda``
-backend, the commit and the cache-length update) reads and writes only tensors allocated before
-the loop, has fixed shapes (finished requests run masked with ``win_len = 0``) and no host
+forward over the window on the static KV cache, ``jacobi_step`` on the chosen backend, the commit
+and the cache-length update) reads and writes only tensors allocated before the loop, has fixed shapes (finished requests run masked with ``win_len = 0``) and no host
 synchronisation, so it is captured once in a ``torch.cuda.CUDAGraph`` and replayed every step.
 The first ``GRAPH_WARMUP_STEPS`` steps run eagerly on a side stream (the standard warm-up: Triton
 compilation, cuBLAS and attention set-up happen outside the capture; they are real steps of the
@@ -61,6 +60,7 @@ import torch
 
 from ..models.protocol import check_model
 from ..ops import JacobiState, SJDDeviceError, SJDInputError, check_status, init_window, jacobi_step
+from ..ops.jacobi_step import sparse_vp_problem
 from ..ops.tree import TreeRowError, build_tree, tree_kv_update, tree_verify
 from ..ops._common import FLOAT_DTYPES, as_int, check_finite, check_int, check_sampling, resolve_backend, seed_tensor
 from .cache import StaticKVCache
@@ -333,7 +333,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     ``return_cache``: also return the KV cache. ``on_step(tokens [B, num_tokens], n [B], cache)``:
     called after every step's commit (tests, debugging; -1 marks uncommitted tokens).
     ``cuda_graph``: capture the window step in a CUDA graph and replay it (chain methods on a CUDA
-    model with the ``triton`` or ``cuda`` backend; tokens and stats as eager; module docstring).
+    model, any backend: the ``torch`` reference captures too; tokens and stats as eager; module docstring).
     ``sjd2``/``sjd2_kv``: the SJD2 embedding (an ``SJD2Embedding``, or None / 'model': the model's
     own ``model.sjd2``, set by ``sjd_kernels.sjd2.checkpoint.load_finetuned``; a model without one
     is refused unless the window is 0, i.e. AR) and KV policy ('keep' or 'recompute'; default: ``generate_sjd2``'s) for
@@ -397,9 +397,10 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
     dev, dtype = _device_dtype(model)
     V = model.vocab_size
     N = check_num_tokens(model, num_tokens)
-    W = min(check_int("window", window, 0), N - 1) if spec.windowed else 0
+    window = check_int("window", window, 0)                 # every method, AR included
+    W = min(window, N - 1) if spec.windowed else 0
     if spec.tree:
-        K_tree, D_tree = _pac.check_tree_options(tree_width, tree_depth, window)
+        K_tree, D_tree = _pac.check_tree_options(tree_width, tree_depth, window, N)
         D_tree = min(D_tree, W)
         if not getattr(model, "tree_attention", True):
             raise NotImplementedError(f"method 'pac' needs a model that runs tree-masked windows; "
@@ -429,6 +430,9 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         raise SJDInputError(f"beta (verification prediction) applies to sjd_vp and coupling, not {method!r}")
     if beta != 0.0 and W == 0:
         beta = 0.0
+    why = sparse_vp_problem(state_capacity is not None, vp_form, beta)
+    if why:
+        raise SJDInputError(f"state_capacity: {why}")
     dry_run = _graph_dry_run if cuda_graph else None
     if cuda_graph and dry_run is None and dev.type != "cuda":
         raise SJDInputError(f"cuda_graph=True needs a model on a CUDA device, got a model on {dev} "

@@ -87,8 +87,10 @@ class PacPlan:
         return (s < cl) | (in_tree & seen)
 
 
-def check_tree_options(tree_width, tree_depth, window: int) -> tuple[int, int]:
-    """Validate ``tree_width`` / ``tree_depth`` against the requested window; returns (K, D)."""
+def check_tree_options(tree_width, tree_depth, window: int, num_tokens: int | None = None) -> tuple[int, int]:
+    """Validate ``tree_width`` / ``tree_depth`` against the requested window; returns (K, D). The node
+    count is that of the window the loop uses, ``min(window, num_tokens - 1)`` when ``num_tokens`` is
+    given (a longer window is cut to the image, as for the chain methods), with the depth cut to it."""
     from ..ops._common import SJDInputError, as_int
     K = DEFAULT_TREE_WIDTH if tree_width is None else as_int(tree_width)
     D = DEFAULT_TREE_DEPTH if tree_depth is None else as_int(tree_depth)
@@ -98,24 +100,28 @@ def check_tree_options(tree_width, tree_depth, window: int) -> tuple[int, int]:
     if D is None or D < 0:
         raise SJDInputError(f"tree_depth must be an int >= 0 (tree levels before the chain), got {tree_depth!r}")
     if D > window:
-        raise SJDInputError(f"tree_depth {D} exceeds the window {window}: the tree's levels are window positions "
-                            f"(use tree_depth <= window)")
-    nodes = 1 + sum(K ** d for d in range(1, D + 1)) + (window - D)
+        default = " (the default)" if tree_depth is None else ""
+        raise SJDInputError(f"tree_depth {D}{default} exceeds the window {window}: the tree's levels are window "
+                            f"positions (use a window >= {D} or tree_depth <= window)")
+    Wu = window if num_tokens is None else max(0, min(window, num_tokens - 1))
+    Du = min(D, Wu)
+    nodes = 1 + sum(K ** d for d in range(1, Du + 1)) + (Wu - Du)
     if nodes > MAX_NODES:
-        raise SJDInputError(f"a tree of width {K}, depth {D} and window {window} has {nodes} nodes; at most "
-                            f"{MAX_NODES} per request (use a smaller tree_width or tree_depth)")
+        raise SJDInputError(f"a tree of width {K}, depth {Du} and window {Wu} has {nodes} nodes; at most "
+                            f"{MAX_NODES} per request (use a smaller tree_width or tree_depth, or a smaller window)")
     return K, D
 
 
-def window_problem(window: int) -> str | None:
+def window_problem(window: int, num_tokens: int | None = None) -> str | None:
     """Why ``pac`` with its default tree cannot use a window of ``window`` drafts (None: it can). Its tree of
-    depth ``DEFAULT_TREE_DEPTH`` lies inside the window; ``check_tree_options`` gives the other limits."""
+    depth ``DEFAULT_TREE_DEPTH`` lies inside the window; ``check_tree_options`` gives the other limits
+    (``num_tokens``: the image's tokens, when known)."""
     from ..ops._common import SJDInputError
     if window < DEFAULT_TREE_DEPTH:
         return (f"pac puts its tree of depth {DEFAULT_TREE_DEPTH} (its default tree_depth) inside the window, so it "
                 f"needs a window >= {DEFAULT_TREE_DEPTH}, got {window}")
     try:
-        check_tree_options(None, None, window)
+        check_tree_options(None, None, window, num_tokens)
     except SJDInputError as e:
         return f"pac cannot use the window {window}: {e}"
     return None

@@ -248,12 +248,12 @@ class HFImageLM(nn.Module):
         if cfg:
             if uncond is None:
                 if self.uncond_prompt is None:
-                    raise ValueError("CFG needs unconditional prompts: pass uncond= or set the adapter's uncond_prompt")
+                    raise SJDInputError("CFG needs unconditional prompts: pass uncond= or set the adapter's uncond_prompt")
                 u = [torch.tensor(self.uncond_prompt, dtype=torch.int64)] * B
             else:
                 u = self._ids_list(uncond, "uncond")
                 if len(u) != B:
-                    raise ValueError(f"uncond must have one prompt per request ({B}), got {len(u)}")
+                    raise SJDInputError(f"uncond must have one prompt per request ({B}), got {len(u)}")
             rows = rows + u
         lengths = torch.tensor([r.numel() for r in rows], dtype=torch.int64)
         ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int64)
@@ -490,8 +490,8 @@ class JanusImageLM(HFImageLM):
     def uncond_of(self, cond) -> list[torch.Tensor]:
         """Janus's unconditional prompts: ``cond`` with every id except BOS / BOI replaced by PAD."""
         if self.uncond_pad_token_id is None:
-            raise ValueError("CFG needs unconditional prompts: pass uncond=, set uncond_prompt, or give the adapter "
-                             "uncond_pad_token_id (no pad_token_id in the model's generation config)")
+            raise SJDInputError("CFG needs unconditional prompts: pass uncond=, set uncond_prompt, or give the "
+                                "adapter uncond_pad_token_id (no pad_token_id in the model's generation config)")
         rows = self._ids_list(cond, "cond")
         keep = torch.tensor(self.uncond_keep_ids, dtype=torch.int64, device=rows[0].device)
         return [torch.where(torch.isin(r, keep), r, torch.full_like(r, self.uncond_pad_token_id)) for r in rows]

@@ -144,6 +144,14 @@ def check_state_type(state) -> None:
         raise SJDInputError(f"state must be a JacobiState (JacobiState.create), got {type(state).__name__}")
 
 
+def sparse_vp_problem(sparse: bool, vp_form: str, beta: float) -> str | None:
+    """Why a sparse state cannot take this verification prediction (None: it can)."""
+    if sparse and vp_form == "add" and beta < 0.0:
+        return ("the sparse state stores the support of P; additive VP with beta < 0 puts mass outside it: "
+                "use beta >= 0, vp_form='log' or a dense state")
+    return None
+
+
 def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale, forced,
              temperature, top_k, top_p, mode, beta, vp_form, tail_init, vp_eps=1e-6):
     check_state_type(state)
@@ -188,9 +196,9 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
         raise SJDInputError("beta != 0 needs the previous target rows: create the state with vp=True")
     if vp_form not in ("add", "log"):
         raise SJDInputError(f"vp_form must be 'add' or 'log', got {vp_form!r}")
-    if sparse and vp_form == "add" and beta < 0.0:
-        raise SJDInputError("the sparse state stores the support of P; additive VP with beta < 0 puts mass outside it: "
-                            "use beta >= 0, vp_form='log' or a dense state")
+    why = sparse_vp_problem(sparse, vp_form, beta)
+    if why:
+        raise SJDInputError(why)
     if tail_init not in ("uniform", "left"):
         raise SJDInputError(f"tail_init must be 'uniform' or 'left', got {tail_init!r}")
     return ref.MODES[m]
