@@ -290,3 +290,38 @@ def test_shape_only_calls_without_a_status():
     assert out.is_meta and tuple(out.shape) == (3, 7, 24)
     sk.tree_kv_update(torch.empty(1, 2, 2, 1, 8, 4, device=META), torch.zeros(2, 3, dtype=I64, device=META),
                       torch.zeros(2, dtype=I64, device=META), backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_zero_input_slots_and_zero_cache_rows(backend):
+    """sjd2_prepare with no input slot (N = 0) returns [B, 0, d] and leaves the ring alone; tree_kv_update
+    with no model row (R = 0) moves nothing. Both used to crash in the reference (a gather from an empty
+    dim; a view(-1) of 0 elements), which the Triton wrapper also calls for these shapes."""
+    import contextlib
+    import os
+    from sjd_kernels.ops.sjd2_prepare import sjd2_prepare
+    ctx = contextlib.nullcontext()
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if backend == "cuda":
+        from _util import sim_module
+        from sjd_kernels.cuda import sim
+        sim_module()
+        ctx = sim.simulate("reverse")
+    Vt, d, K, B, R = 12, 4, 3, 2, 6
+    alpha = torch.tensor([1.0, 0.9, 0.6, 0.2])
+    latent, level = torch.randn(B, R, d), torch.arange(B * R, dtype=torch.int32).view(B, R) % (K + 1)
+    lat0, lev0 = latent.clone(), level.clone()
+    z = torch.zeros(B, 0, dtype=I64)
+    with ctx:
+        out = sjd2_prepare(torch.randn(Vt, d), torch.zeros(d), torch.ones(d), torch.zeros(K + 1, d), alpha,
+                           (1 - alpha ** 2).sqrt(), z, z.clone(), torch.tensor([1, 2]), torch.tensor([0, 3]),
+                           torch.tensor([0, 3]), torch.tensor([0, 3]), latent, level, backend=backend)
+        assert out.shape == (B, 0, d)
+        assert torch.equal(latent, lat0) and torch.equal(level, lev0)
+        st = torch.zeros(4, dtype=torch.int32)
+        kv = torch.randn(1, 2, 0, 1, 4, 2)
+        sk.tree_kv_update(kv, torch.empty(0, 3, dtype=I64), torch.empty(0, dtype=I64), status=st, backend=backend)
+        sk.tree_kv_update(([torch.randn(0, 1, 4, 2)], [torch.randn(0, 1, 4, 2)]), torch.empty(0, 3, dtype=I64),
+                          torch.empty(0, dtype=I64), status=st, backend=backend)
+        assert st.tolist() == [0, 0, 0, 0]

@@ -993,6 +993,27 @@ def test_prepare_refuses_shared_ring_slots_and_bad_levels_on_the_cpu():
         sjd2_prepare(**c, backend="torch")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spoil,msg", [
+    (lambda c: c["sigma"].__setitem__(2, 0.0), "sigma must be > 0 at levels 1..K .* got 0.0 at level 2"),
+    (lambda c: c["std"].__setitem__(1, 0.0), "std must be > 0 in every dimension"),
+    (lambda c: c["alpha"].__setitem__(1, float("inf")), "alpha holds NaN or infinite values"),
+    (lambda c: c["mean"].__setitem__(0, float("nan")), "mean holds NaN or infinite values"),
+    (lambda c: c["level_table"].__setitem__((3, 0), float("-inf")), "level_table holds NaN or infinite values"),
+], ids=["zero-sigma", "zero-std", "inf-alpha", "nan-mean", "inf-level-table"])
+def test_prepare_refuses_tables_that_fill_the_ring_with_nan_on_the_cpu(spoil, msg, backend):
+    """Each of these used to write NaN or inf into the inputs and the latent ring, with a clean status."""
+    from sjd_kernels.ops._common import SJDInputError as Err
+    if backend == "triton" and not (triton_available() and os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    c = _prepare_case()
+    spoil(c)
+    snap = _clone(c)
+    with pytest.raises(Err, match=msg):
+        sjd2_prepare(**c, backend=backend)
+    assert torch.equal(c["latent"], snap["latent"]) and torch.equal(c["level"], snap["level"])
+
+
 def _reads_token(c, b, i) -> bool:
     """Whether slot (b, i) uses its token, by the SPEC's rule slot by slot (as ``_prepare_f64``)."""
     p = int(c["positions"][b, i])

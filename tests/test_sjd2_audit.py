@@ -128,7 +128,8 @@ def test_loop_window_beyond_the_sequence_and_w1():
     (lambda e: e.level_embed.weight.data.__setitem__((1, 3), float("nan")), "level_embed holds NaN"),
     (lambda e: e.norm.mean.__setitem__(0, float("inf")), "norm.mean holds NaN or infinite"),
     (lambda e: e.norm.std.__setitem__(5, 0.0), "norm.std must be > 0"),
-], ids=["nan-level-embedding", "inf-mean", "zero-std"])
+    (lambda e: e.sigma.__setitem__(1, 0.0), "sigma must be > 0 at levels 1..K"),
+], ids=["nan-level-embedding", "inf-mean", "zero-std", "zero-sigma"])
 def test_generate_refuses_sjd2_parameters_that_cannot_decode(spoil, msg):
     """They used to run and end in an SJDDeviceError about non-finite logits after the first forward."""
     m = _sjd2_gpt()

@@ -64,6 +64,26 @@ def _check_ring_on_host(positions, commit_end, fresh_start, level, K: int) -> No
                             f"{int(positions[b, i])}) holds level {int(lv[b, i])}, outside 0..K = 0..{K}")
 
 
+def table_problem(mean, std, level_table, alpha, sigma,
+                  names=("mean", "std", "level_table", "alpha", "sigma")) -> str | None:
+    """Why these tables cannot drive the op (None: they can): every value finite, ``std > 0`` (the
+    noise is unnormalised by it) and ``sigma > 0`` at levels ``1..K`` (a DDIM step from level k
+    divides by ``sigma_k``). Any of them wrong fills the model inputs and the latent ring with NaN or
+    inf, which no status bit reports. ``names``: how the caller calls the five. Reads values (on a
+    GPU this synchronises)."""
+    for name, t in zip(names, (mean, std, level_table, alpha, sigma)):
+        if not bool(torch.isfinite(t).all()):
+            return f"{name} holds NaN or infinite values"
+    if not bool((std > 0).all()):
+        return (f"{names[1]} must be > 0 in every dimension (the noise is unnormalised by it), got a minimum of "
+                f"{float(std.min())}")
+    if sigma.numel() > 1 and not bool((sigma[1:] > 0).all()):
+        k = int((sigma[1:] <= 0).nonzero()[0, 0]) + 1
+        return (f"{names[4]} must be > 0 at levels 1..K (a DDIM step from level k divides by sigma_k), got "
+                f"{float(sigma[k])} at level {k}")
+    return None
+
+
 def _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, level, K: int, Vt: int) -> None:
     """On the host: every token the op reads is an id in ``[0, Vt)``. A slot reads its token when it is
     committed, takes a DDIM step towards it, or leaves the window at level 0 (``ref.slot_levels``);
@@ -89,7 +109,8 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     Window positions of one request (``positions >= commit_end``) must span at most ``R``
     (ring size) positions, so no two of them share a ring slot; the ring levels the op reads must
     lie in ``0..K``; every token the op reads (see ``_check_tokens_on_host``) must be a row of
-    ``embed_weight``. For CPU tensors, and for GPU tensors without ``status``, these are checked on
+    ``embed_weight``; the tables must be finite, with ``std > 0`` and ``sigma[1..K] > 0``
+    (``table_problem``). For CPU tensors, and for GPU tensors without ``status``, these are checked on
     the host before anything runs (``SJDInputError``, nothing changed; on a GPU this synchronises).
     With ``status`` (an ``int32 [4]`` device status such as ``JacobiState.status``) GPU tensors are
     not checked on the host: the kernels clamp a bad id or level into range (never an out-of-bounds
@@ -130,6 +151,9 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     if status is not None:
         check_tensor("status", status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
     if host_checks(positions) or (status is None and may_sync(positions)):
+        why = table_problem(mean, std, level_table, alpha, sigma)
+        if why:
+            raise SJDInputError(why)
         _check_ring_on_host(positions, commit_end, fresh_start, level, K1 - 1)
         _check_tokens_on_host(tokens, positions, commit_end, fresh_start, row_end, level, K1 - 1, Vt)
     if backend == "cuda" and embed_weight.dtype == torch.float64:

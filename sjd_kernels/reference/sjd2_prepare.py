@@ -125,6 +125,8 @@ def sjd2_prepare(embed_weight, mean, std, level_table, alpha, sigma, tokens, pos
     writer = writer[:, :R]
     src = writer.clamp(min=0)
     hit = writer >= 0
+    if N == 0:                                                     # no input slot: nothing writes the ring
+        return out
     latent.copy_(torch.where(hit.unsqueeze(-1), torch.gather(x_new, 1, src.unsqueeze(-1).expand(B, R, d)), latent))
     level.copy_(torch.where(hit, torch.gather(k_new, 1, src).to(level.dtype), level))
     return out

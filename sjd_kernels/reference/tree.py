@@ -575,8 +575,9 @@ def tree_kv_update(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.Tensor
     L, two, Rr, H, _, D = kv.shape
     shape = (L, two, Rr, H, s.shape[1], D)
     kb = _bits(kv)
-    vals = torch.gather(kb, 4, s.view(1, 1, Rr, 1, -1, 1).expand(shape))        # every source read first
-    kb.scatter_(4, d.view(1, 1, Rr, 1, -1, 1).expand(shape), vals)
+    P2 = s.shape[1]                                                # (not -1: R = 0 rows hold 0 elements)
+    vals = torch.gather(kb, 4, s.view(1, 1, Rr, 1, P2, 1).expand(shape))        # every source read first
+    kb.scatter_(4, d.view(1, 1, Rr, 1, P2, 1).expand(shape), vals)
 
 
 def tree_kv_update_list(keys, values, path: torch.Tensor, cache_len: torch.Tensor, status) -> None:
@@ -590,5 +591,5 @@ def tree_kv_update_list(keys, values, path: torch.Tensor, cache_len: torch.Tenso
         Rr, H, _, D = c.shape
         shape = (Rr, H, s.shape[1], D)
         cb = _bits(c)
-        vals = torch.gather(cb, 2, s.view(Rr, 1, -1, 1).expand(shape))
-        cb.scatter_(2, d.view(Rr, 1, -1, 1).expand(shape), vals)
+        vals = torch.gather(cb, 2, s.view(Rr, 1, s.shape[1], 1).expand(shape))
+        cb.scatter_(2, d.view(Rr, 1, s.shape[1], 1).expand(shape), vals)

@@ -40,7 +40,7 @@ import torch
 from ..ops.jacobi_step import JacobiState, init_window, jacobi_step
 from ..ops._common import (SJDInputError, check_int, check_sampling, check_status, check_tensor, host_checks,
                            resolve_backend, seed_tensor)
-from ..ops.sjd2_prepare import sjd2_prepare
+from ..ops.sjd2_prepare import sjd2_prepare, table_problem
 from .noise import SJD2Embedding
 
 KV_POLICIES = ("keep", "recompute")
@@ -227,8 +227,9 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
 
 
 def check_sjd2_params(sjd2: SJD2Embedding, d: int) -> None:
-    """The SJD2 parameters a decode reads: the width ``d`` of the token embedding, finite values and
-    ``std > 0`` (NaN or a zero std used to surface as a device error about non-finite logits)."""
+    """The SJD2 parameters a decode reads: the width ``d`` of the token embedding, finite values,
+    ``std > 0`` and ``sigma > 0`` at levels 1..K (``ops.sjd2_prepare.table_problem``; NaN or a zero std
+    used to surface as a device error about non-finite logits)."""
     mean, std, table = sjd2.norm.mean, sjd2.norm.std, sjd2.level_embed.table().detach()
     if tuple(mean.shape) != (d,) or tuple(std.shape) != (d,) or table.shape[-1] != d:
         raise SJDInputError(f"sjd2: the SJD2 embedding has width {list(mean.shape)}, the model's token embedding "
@@ -236,13 +237,10 @@ def check_sjd2_params(sjd2: SJD2Embedding, d: int) -> None:
     if table.shape[0] != sjd2.levels + 1 or sjd2.alpha.shape[0] != sjd2.levels + 1:
         raise SJDInputError(f"sjd2: the level embedding has {table.shape[0] - 1} levels, the schedule "
                             f"{sjd2.levels}")
-    for name, t in (("norm.mean", mean), ("norm.std", std), ("level_embed", table), ("alpha", sjd2.alpha),
-                    ("sigma", sjd2.sigma)):
-        if not bool(torch.isfinite(t).all()):
-            raise SJDInputError(f"sjd2: {name} holds NaN or infinite values (a diverged fine-tune?)")
-    if not bool((std > 0).all()):
-        raise SJDInputError(f"sjd2: norm.std must be > 0 in every dimension (the noise is unnormalised by it), "
-                            f"got a minimum of {float(std.min())}")
+    why = table_problem(mean, std, table, sjd2.alpha, sjd2.sigma,
+                        names=("norm.mean", "norm.std", "level_embed", "alpha", "sigma"))
+    if why:
+        raise SJDInputError(f"sjd2: {why}" + (" (a diverged fine-tune?)" if "NaN" in why else ""))
 
 
 def _check_forward_output(out, B: int, N: int, V: int, cfg: bool):
