@@ -14,6 +14,7 @@ through the public op; shapes stay tiny so the Triton interpreter is quick.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 
@@ -288,6 +289,44 @@ def test_views_at_other_offsets_that_share_memory_are_refused():
     want = expected_stacked(from_list([k.clone() for k in keys], [v.clone() for v in values]), path, cache_len)
     sk.tree_kv_update((keys, values), path, cache_len)
     assert torch.equal(bits(from_list(keys, values)), bits(want))
+
+
+def test_a_cache_whose_elements_overlap_through_its_strides_is_refused():
+    """torch._debug_has_internal_overlap answers 2 ("too hard to tell") for non-dense views; such a
+    cache with overlapping elements (here head h's slot s + 1 is head h + 1's slot s) used to be
+    accepted, and the GPU kernels, one block per (head group, layer and K/V, row), would race on it.
+    A non-dense cache whose elements are distinct is still accepted and moved right."""
+    Sx, Dx = 6, 2
+    base = torch.arange(200, dtype=torch.float32)
+    kv = base.as_strided((1, 2, 1, 2, Sx, Dx), (100, 50, 50, Dx, Dx, 1))
+    assert torch._debug_has_internal_overlap(kv) == 2
+    path, cache_len = torch.tensor([[0, 2, 3, -1]]), torch.tensor([1])
+    for backend in ("torch", "triton"):
+        with pytest.raises(sk.SJDInputError, match="cache has elements that share memory"):
+            sk.tree_kv_update(kv, path, cache_len, backend=backend)
+    assert torch.equal(base, torch.arange(200, dtype=torch.float32))
+    ok = base.clone().as_strided((1, 2, 1, 2, Sx, Dx), (100, 50, 50, 13, Dx, 1))   # heads 13 apart: no overlap
+    assert torch._debug_has_internal_overlap(ok) == 2
+    want = expected_stacked(ok.clone(), path, cache_len)
+    sk.tree_kv_update(ok, path, cache_len)
+    assert torch.equal(bits(ok), bits(want))
+
+
+def test_self_overlap_equals_brute_force():
+    """``_self_overlap`` (the verdict for strided caches torch cannot judge) against the offsets listed."""
+    from sjd_kernels.ops.tree import _self_overlap
+    g = torch.Generator().manual_seed(27)
+    seen = {True: 0, False: 0}
+    for _ in range(600):
+        nd = int(torch.randint(1, 5, (1,), generator=g))
+        shape = tuple(int(x) for x in torch.randint(1, 5, (nd,), generator=g))
+        stride = tuple(int(x) for x in torch.randint(0, 9, (nd,), generator=g))
+        t = torch.zeros(200).as_strided(shape, stride)
+        offs = [sum(i * st for i, st in zip(idx, stride)) for idx in itertools.product(*[range(n) for n in shape])]
+        want = len(set(offs)) < len(offs)
+        assert _self_overlap(t) is want, (shape, stride)
+        seen[want] += 1
+    assert seen[True] > 100 and seen[False] > 100, seen
 
 
 def test_same_layout_overlap_search_equals_brute_force():

@@ -590,6 +590,17 @@ def test_argument_errors():
         kw = dict(dict(K=2, depth=1, window=2), **bad)
         with pytest.raises(sk.SJDInputError, match="K must be" if "K" in bad else "depth <= window"):
             sk.build_tree(st, t.tokens[:, 0], b["pos"], **kw)
+    # a coupled first sibling outside the slice (it would remove its level and every one below); at a
+    # forced position ``first`` is not read, so a structural id there is fine
+    Bt, V = t.tokens.shape[0], st.q_state.shape[2]
+    for bad in (V, -2):
+        first = torch.full((Bt, 2), -1, dtype=I64)
+        first[Bt - 1, 1] = bad
+        with pytest.raises(sk.SJDInputError, match=rf"first: request {Bt - 1}'s level 2 .* holds {bad}, outside"):
+            sk.build_tree(st, t.tokens[:, 0], b["pos"], K=2, depth=2, window=2, first=first)
+        forced = torch.full((Bt, int(b["pos"].max()) + 3), -1, dtype=I64)
+        forced[Bt - 1, int(b["pos"][Bt - 1]) + 1] = V + 1
+        sk.build_tree(st, t.tokens[:, 0], b["pos"], K=2, depth=2, window=2, first=first, forced=forced)
     assert int(st.status[0]) == 0
 
 

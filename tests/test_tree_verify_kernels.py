@@ -193,10 +193,16 @@ def test_triton_malformed_tree_sets_bit4_and_returns_minus_one():
         pytest.skip("Triton needs TRITON_INTERPRET=1 or a CUDA device")
     fn = _triton()
     kw = make_case(B=3, V=16, K=2, depth=2, seed=20, device="cpu" if INTERPRETED else "cuda")
-    for mutate in ("dup_sib", "bad_depth", "bad_slot", "late_parent"):
+    for mutate in ("dup_sib", "bad_depth", "bad_slot", "late_parent", "dup_sib+bad_id", "high_sib+bad_id"):
         k = dict(kw)
-        k["sib"], k["depth"], k["q_slot"], k["parent"] = (kw[n].clone() for n in ("sib", "depth", "q_slot", "parent"))
-        if mutate == "dup_sib":
+        k["sib"], k["depth"], k["q_slot"], k["parent"], k["tokens"] = (
+            kw[n].clone() for n in ("sib", "depth", "q_slot", "parent", "tokens"))
+        if mutate.endswith("+bad_id"):
+            # a malformed tree whose dropped child also holds an id outside [0, V): both bits (4 | 2) on
+            # every backend (the reference used to count ids only of the children it kept)
+            k["tokens"][1, 2] = 16 + 5
+            k["sib"][1, 2] = 0 if mutate.startswith("dup") else 9          # 9: below 16, above N - 1 = 6
+        elif mutate == "dup_sib":
             k["sib"][1, 2] = 0
         elif mutate == "bad_depth":
             k["depth"][1, 3] = 5
@@ -207,6 +213,7 @@ def test_triton_malformed_tree_sets_bit4_and_returns_minus_one():
         want = run(ref.tree_verify, k)
         got = run(fn, k)
         assert int(want[1][0]) & 4 and int(want[0][0][1]) == -1, mutate
+        assert (int(want[1][0]) & 2 != 0) == mutate.endswith("+bad_id"), (mutate, want[1])
         assert_same(got, want, mutate)
 
 

@@ -124,7 +124,9 @@ def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, 
 
     Laws come from the state's ring (slot ``p % R`` holds the law of absolute position p), noise
     from stream ``STREAM_TREE`` at ``state.step``; ``first [B, window]`` (-1 = none) gives a
-    coupled first sibling per level. See ``sjd_kernels.reference.tree.build_tree``.
+    coupled first sibling per level: an id in ``[0, V)`` except at forced positions (checked on the host
+    for CPU tensors; on a GPU an id outside the slice ends the request's tree at that level). See
+    ``sjd_kernels.reference.tree.build_tree``.
     """
     check_state_type(state)
     _dense_only(state)
@@ -152,6 +154,15 @@ def build_tree(state: JacobiState, root_token: torch.Tensor, pos: torch.Tensor, 
     if forced is not None:
         check_tensor("forced", forced, dtypes=I64, shape=(B, None), dim=2, device=dev)
     check_state_contents(state, V)
+    if first is not None and host_checks(first) and first.numel():
+        # an old draft outside the slice would remove its level and every level below (no first sibling,
+        # no tree); at a forced position the forced id is the child and ``first`` is not read
+        lvl = pos.view(B, 1) + torch.arange(window, device=dev).view(1, window)
+        bad = ((first < -1) | (first >= V)) & (ref._forced_at(forced, lvl) < 0)
+        if bool(bad.any()):
+            b, i = (int(x) for x in bad.nonzero()[0])
+            raise SJDInputError(f"first: request {b}'s level {i + 1} (position {int(lvl[b, i])}) holds "
+                                f"{int(first[b, i])}, outside [0, {V}) (-1 = no coupled first sibling)")
     try:
         return ref.build_tree(root_token, pos, state.seed, state.step, state.q_state, state.q_kind, K, depth, window,
                               first=first, forced=forced)
@@ -309,6 +320,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
+_OVERLAP_LIST_MAX = 1 << 22                               # elements _self_overlap lists
 _OVERLAP_SEARCH_BUDGET = 100_000
 
 
@@ -349,6 +361,27 @@ def _same_layout_views_overlap(delta: int, shape: tuple, stride: tuple, esize: i
     return search(0, abs(delta)) if abs(delta) <= reach[0] else False
 
 
+def _self_overlap(t: torch.Tensor):
+    """For a tensor ``torch._debug_has_internal_overlap`` cannot judge (2): whether two of its elements
+    share memory. False when each stride, in increasing order, passes the furthest offset the smaller
+    ones reach (no two index vectors meet); else decided by listing every offset when there are at most
+    ``_OVERLAP_LIST_MAX`` elements; None when that is too many to list."""
+    dims = sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    reach = 0
+    for st, n in dims:
+        if st <= reach:
+            break
+        reach += st * (n - 1)
+    else:
+        return False
+    if t.numel() > _OVERLAP_LIST_MAX:
+        return None
+    off = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        off = off.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return torch.unique(off.reshape(-1)).numel() < t.numel()
+
+
 def _check_no_overlap(kv, keys, values) -> None:
     """An in-place move through two views of the same memory would be applied twice: refuse caches
     whose tensors overlap each other or themselves (a stride-0 dimension, e.g. ``expand``). The per-layer
@@ -357,7 +390,13 @@ def _check_no_overlap(kv, keys, values) -> None:
     tensors = [("cache", kv)] if kv is not None else \
         [(f"keys[{i}]", t) for i, t in enumerate(keys)] + [(f"values[{i}]", t) for i, t in enumerate(values)]
     for name, t in tensors:
-        if torch._debug_has_internal_overlap(t) == 1:          # 1: certainly overlapping (0 no, 2 too hard to tell)
+        verdict = torch._debug_has_internal_overlap(t)         # 1: certainly overlapping, 0 no, 2 too hard to tell
+        shared = True if verdict == 1 else (_self_overlap(t) if verdict == 2 else False)
+        if shared is None:
+            raise SJDInputError(f"{name} is a strided view laid out so that whether its elements share memory "
+                                f"could not be decided (shape {list(t.shape)}, strides {t.stride()}); pass a "
+                                f"cache with its own storage per element")
+        if shared:
             raise SJDInputError(f"{name} has elements that share memory (a stride-0 or overlapping view, "
                                 f"strides {t.stride()}); pass a cache with its own storage per element")
     if kv is None:

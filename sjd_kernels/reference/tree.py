@@ -425,7 +425,14 @@ def tree_verify(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, p
     nonfinite = bad_rows(x, temperature)                                # after scaling, as target_probs
     row_bad = nonfinite & valid & ~is_forced
     in_range = (ctok >= 0) & (ctok < V)
-    draft_bad = (exists & ~in_range & ~(is_forced.unsqueeze(-1) & (ctok == f.unsqueeze(-1)))).any(-1) & valid
+    # a child's id outside [0, V) that is not its position's forced id, over every child with a valid parent
+    # and a sibling order below MAX_SIBLINGS (the kernels' rule: also children a malformed tree drops or
+    # collapses in child_at, so a malformed tree with such an id sets both bits on every backend)
+    pc = parent.clamp(0, N - 1)
+    par_valid = (pc == 0) | (torch.gather(parent, 1, pc) >= 0)
+    f_par = torch.gather(f, 1, pc)
+    counted = nonroot & (parent < idx) & par_valid & (sib >= 0) & (sib < MAX_SIBLINGS)
+    draft_bad = counted & ((tokens < 0) | (tokens >= V)) & ~((f_par >= 0) & (tokens == f_par))
 
     # the walk: at the node reached at level d, try its children in sibling order
     cur = torch.zeros(B, dtype=i64, device=dev)
