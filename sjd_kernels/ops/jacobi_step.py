@@ -123,7 +123,8 @@ class JacobiState:
         return sum(t.numel() * t.element_size() for t in (self.q_state, self.q_kind, self.p_prev, self.q_idx))
 
     def dense_laws(self) -> torch.Tensor:
-        """The stored laws as dense ``[B, R, V]`` float32 rows (a copy in the sparse form)."""
+        """The stored laws as dense ``[B, R, V]`` float32 rows: for a dense state ``q_state`` itself (not a
+        copy: writing into it changes the state; ``.clone()`` it to keep one), for a sparse one a new tensor."""
         if not self.sparse:
             return self.q_state
         return ref.densify(self.q_idx, self.q_state, self.vocab_size)
