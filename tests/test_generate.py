@@ -22,11 +22,11 @@ WINDOWED = ["sjd", "sjd_vp", "coupling", "gumbel", "gumbel_jacobi"]
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: torch runs single-threaded
 
 
-def tiny(V=16, N=12, layers=2, d=32, seed=0, classes=3, kv=1, head=40.0, emb=20.0):
+def tiny(V=16, N=12, layers=2, d=32, seed=0, classes=3, kv=1, head=40.0, emb=20.0, cls=None):
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=V, n_layer=layers, n_head=2, n_kv_head=kv, d_model=d, max_image_tokens=N,
                     num_classes=classes)
-    m = GPT(cfg).double().eval()
+    m = (cls or GPT)(cfg).double().eval()
     with torch.no_grad():               # sharper rows than the 0.02 init, so sequences vary
         m.head.weight.mul_(head)
         m.tok_emb.weight.mul_(emb)

@@ -104,14 +104,8 @@ def test_left_copy_of_a_row_end_drafts_uniformly(monkeypatch):
     draws uniformly, as jacobi_step's left copy does. Drafting the row end's id at a free position
     cut every later tree short (the tree has no node at a level whose first sibling is outside the
     slice): same law, more steps."""
-    torch.manual_seed(0)
     V, N = 16, 16
-    m = RowEndGPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_image_tokens=N,
-                            num_classes=3)).double().eval()
-    with torch.no_grad():
-        m.head.weight.mul_(8.0)
-        m.tok_emb.weight.mul_(20.0)
-        m.cls_emb.weight.mul_(20.0)
+    m = tiny(V, N, head=8.0, cls=RowEndGPT)
     cond = torch.tensor([0, 1, 2] * 4)
     forced = torch.full((len(cond), N), -1, dtype=torch.int64)
     forced[:, 3::4] = V                                     # a row end every 4 tokens

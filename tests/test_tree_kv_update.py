@@ -312,17 +312,23 @@ def test_a_cache_whose_elements_overlap_through_its_strides_is_refused():
     assert torch.equal(bits(ok), bits(want))
 
 
+def _random_layout(g, max_dims: int, strides: tuple):
+    """A random small shape with strides in ``range(*strides)``, and the element offsets it lists."""
+    nd = int(torch.randint(1, max_dims + 1, (1,), generator=g))
+    shape = tuple(int(x) for x in torch.randint(1, 5, (nd,), generator=g))
+    stride = tuple(int(x) for x in torch.randint(*strides, (nd,), generator=g))
+    offs = [sum(i * st for i, st in zip(idx, stride)) for idx in itertools.product(*[range(n) for n in shape])]
+    return shape, stride, offs
+
+
 def test_self_overlap_equals_brute_force():
     """``_self_overlap`` (the verdict for strided caches torch cannot judge) against the offsets listed."""
     from sjd_kernels.ops.tree import _self_overlap
     g = torch.Generator().manual_seed(27)
     seen = {True: 0, False: 0}
     for _ in range(600):
-        nd = int(torch.randint(1, 5, (1,), generator=g))
-        shape = tuple(int(x) for x in torch.randint(1, 5, (nd,), generator=g))
-        stride = tuple(int(x) for x in torch.randint(0, 9, (nd,), generator=g))
+        shape, stride, offs = _random_layout(g, 4, (0, 9))
         t = torch.zeros(200).as_strided(shape, stride)
-        offs = [sum(i * st for i, st in zip(idx, stride)) for idx in itertools.product(*[range(n) for n in shape])]
         want = len(set(offs)) < len(offs)
         assert _self_overlap(t) is want, (shape, stride)
         seen[want] += 1
@@ -336,13 +342,9 @@ def test_same_layout_overlap_search_equals_brute_force():
     g = torch.Generator().manual_seed(26)
     seen = {True: 0, False: 0}
     for _ in range(400):
-        nd = int(torch.randint(1, 4, (1,), generator=g))
-        shape = tuple(int(x) for x in torch.randint(1, 5, (nd,), generator=g))
-        stride = tuple(int(x) for x in torch.randint(1, 13, (nd,), generator=g))
+        shape, stride, offs = _random_layout(g, 3, (1, 13))
         esize = [1, 2, 4][int(torch.randint(0, 3, (1,), generator=g))]
-        offsets = {0}
-        for idx in torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, nd).tolist():
-            offsets.add(sum(i * st for i, st in zip(idx, stride)))
+        offsets = set(offs)
         a = {o * esize + b for o in offsets for b in range(esize)}
         for delta in range(-max(a) - 2, max(a) + 3):
             want = any((x + delta) in a for x in a)
