@@ -745,7 +745,7 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   // PyTorch computes tensor / python_float on CUDA as tensor * (1.0f / float(T)).
   p.inv_temperature = p.greedy ? 0.0f : 1.0f / static_cast<float>(a.temperature);
   p.top_k = a.top_k;
-  p.use_top_p = a.top_p < 1.0;
+  p.use_top_p = static_cast<float>(a.top_p) < 1.0f;  // top_p is a float32: 0.99999999 rounds to 1, off
   p.top_p = static_cast<float>(a.top_p);
   p.features = a.features;
   p.mode = a.mode;

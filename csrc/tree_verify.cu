@@ -407,7 +407,7 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   // PyTorch computes tensor / python_float on CUDA as tensor * (1.0f / float(T)).
   p.law.inv_temperature = p.law.greedy ? 0.0f : 1.0f / static_cast<float>(a.temperature);
   p.law.top_k = a.top_k;
-  p.law.use_top_p = a.top_p < 1.0;
+  p.law.use_top_p = static_cast<float>(a.top_p) < 1.0f;  // top_p is a float32: 0.99999999 rounds to 1, off
   p.law.top_p = static_cast<float>(a.top_p);
   p.law.topk_select = (a.features & kFeatBracketTopk) ? kTopkBracket : kTopkPivots;
   p.law.hist = (a.features & kFeatHistTopk) ? 1 : 0;

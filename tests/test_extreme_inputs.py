@@ -2,7 +2,8 @@
 
 Finite inputs that push the arithmetic to its limits: temperatures near 0 and near the float32
 maximum, CFG scales that overflow or nearly do, rows that are flat, all -inf but one lane, fp16 at
-its largest values, a vocabulary of one, a top-p that keeps one lane, a sparse state that overflows.
+its largest values, a vocabulary of one, a top-p that keeps one lane, a top-p reached exactly in
+float32 or rounding to 1 in float32, a sparse state that overflows.
 For each, the reference gives the result the op's contract names (greedy, uniform, an error in
 ``status`` for a row that overflows to inf, ...), and the Triton kernel (interpreter) and the CUDA
 kernels (CPU simulator, default path and ``hist_topk`` + ``list_races``) give the reference's
@@ -49,6 +50,20 @@ def _masked(b, w, v):
     return x
 
 
+def _two_lanes_0p7(b, w, v):
+    """Lanes 7 and 8 only, at probabilities float32(0.7) (a hair below the double 0.7) and 0.3."""
+    x = torch.full((b, w + 1, v), float("-inf"))
+    x[:, :, 7], x[:, :, 8] = 0.8472979068756104, 0.0
+    return x
+
+
+def _tiny_tail(b, w, v):
+    """Random rows with four lanes 27 below the rest: each has a probability near 1e-13."""
+    x = _randn(b, w, v)
+    x[:, :, :4] = -30.0
+    return x
+
+
 def _fp16_extremes(b, w, v):
     r = torch.rand(b, w + 1, v, generator=torch.Generator().manual_seed(6))
     return torch.where(r < 0.5, 65504.0, -65504.0)
@@ -59,6 +74,8 @@ CASES = {
     "temperature-1e-30": (_randn, torch.float32, V, dict(temperature=1e-30), "greedy"),
     "temperature-1e30": (_randn, torch.float32, V, dict(temperature=1e30), "uniform"),
     "top-p-1e-9": (_randn, torch.float32, V, dict(top_p=1e-9), "greedy"),
+    "top-p-0.7-at-float32-0.7": (_two_lanes_0p7, torch.float32, V, dict(top_p=0.7), "one-lane"),
+    "top-p-rounds-to-1": (_tiny_tail, torch.float32, V, dict(top_p=0.99999999), "all-lanes"),
     "top-k-1": (_randn, torch.float32, V, dict(top_k=1), "greedy"),
     "coupling-temperature-1e-30": (_randn, torch.float32, V, dict(temperature=1e-30, mode="coupling"), "greedy"),
     "cfg-1e30": (_randn, torch.float32, V, dict(cfg=1e30), "greedy-cfg"),
@@ -141,6 +158,10 @@ def test_reference_gives_the_contract_outcome(runs, name):
         assert status[3] == (B * W if outcome == "uniform-overflow" else 0), status   # one per stored row
     elif outcome == "one-lane":
         assert (acc == 0).all() and (tok[:, 0] == 7).all(), (acc, tok)
+    elif outcome == "all-lanes":
+        # top_p = 0.99999999 is 1 in float32: off, so the stored laws keep even the ~1e-13 lanes
+        stored = st.q_state[(st.q_state > 0).any(-1)]
+        assert len(stored) and (stored > 0).all(), (st.q_state > 0).sum(-1)
     elif outcome == "masked":
         # lanes at -inf in both rows stay masked under CFG (not -inf - -inf = NaN): the status is
         # clean (checked above) and no committed token is one of them
@@ -159,5 +180,6 @@ def test_kernels_match_the_reference(runs, name, backend):
     if CASES[name][4] == "error":
         return                                      # a failed request's state is the contract's "undefined"
     assert torch.equal(st.q_kind, ref_st.q_kind), (st.q_kind, ref_st.q_kind)
+    assert torch.equal(st.q_state > 0, ref_st.q_state > 0), ((st.q_state > 0).sum(-1), (ref_st.q_state > 0).sum(-1))
     assert torch.allclose(st.q_state, ref_st.q_state, rtol=1e-6, atol=1e-7, equal_nan=True)
     assert torch.allclose(st.p_prev, ref_st.p_prev, rtol=1e-6, atol=1e-7, equal_nan=True)

@@ -122,6 +122,21 @@ def test_topp_tiny_keeps_the_maximum_and_its_ties():
     assert _ref(x, 1.0, 0, 1e-9)[0].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
 
 
+def test_topp_compares_in_float32():
+    """top_p is a float32, as the kernels take it, and the mass it is compared with is rounded to
+    float32: a top probability of exactly float32(0.7) (below the double 0.7) reaches top_p = 0.7,
+    and a top_p that rounds to 1 is off (every lane kept, however small)."""
+    x = torch.tensor([[0.8472979068756104, 0.0]])               # P = [float32(0.7), 0.3]
+    P = _ref(x, 1.0, 0, 1.0)
+    assert P[0, 0].item() == float(np.float32(0.7)) and P[0, 0].item() < 0.7
+    assert _ref(x, 1.0, 0, 0.7)[0].tolist() == [1.0, 0.0]
+    assert (_ref(x, 1.0, 0, float(np.nextafter(np.float32(0.7), np.float32(1.0))))[0] > 0).all()
+    x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(0)) * 3     # tails below 1e-8
+    assert np.float32(0.99999999) == 1.0
+    assert torch.equal(_ref(x, 1.0, 0, 0.99999999), _ref(x, 1.0, 0, 1.0))
+    assert not torch.equal(_ref(x, 1.0, 0, 0.9999), _ref(x, 1.0, 0, 1.0))
+
+
 def test_greedy_lowest_id_on_ties():
     x = torch.tensor([[1.0, 5.0, 5.0, 2.0], [7.0, 7.0, 7.0, 7.0], [-1.0, -3.0, -1.0, -2.0]])
     P = _ref(x, 0.0, 0, 1.0)

@@ -254,8 +254,9 @@ def check_state_and_sampling(state, B: int, V: int, dev, forced, temperature, to
 
 def check_sampling(temperature, top_k, top_p, V: int) -> tuple[int, float]:
     """The target law's knobs (every op, ``generate``, SJD2 and the CLIs): ``temperature`` as
-    ``check_temperature``, ``top_k`` an int in [0, V] (0 = off), ``top_p`` in (0, 1] (1 = off).
-    Messages start with the argument's name. Returns ``(top_k, top_p)`` as int and float."""
+    ``check_temperature``, ``top_k`` an int in [0, V] (0 = off), ``top_p`` in (0, 1] (used as a
+    float32: off when it rounds to 1). Messages start with the argument's name. Returns
+    ``(top_k, top_p)`` as int and float."""
     check_temperature(temperature)
     k = as_int(top_k)
     if k is None or k < 0 or k > V:

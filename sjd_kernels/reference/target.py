@@ -3,7 +3,9 @@
 ``P = softmax(topk(l / T))`` then top-p, with ``l = u + s * (c - u)`` under CFG, all in
 float32. top-k keeps every value ``>=`` the k-th largest (ties kept); top-p keeps every
 probability ``>=`` the threshold ``t*``, the largest probability such that the mass of
-``{P >= t*}`` reaches ``p`` (ties kept), then renormalises. ``T = 0`` is greedy: one-hot
+``{P >= t*}`` reaches ``p`` (ties kept), then renormalises. ``p`` is a float32 like every other
+parameter, and so is the mass it is compared with (summed in float64, then rounded): a ``top_p``
+that rounds to 1 in float32 is off. ``T = 0`` is greedy: one-hot
 at the argmax, lowest id on ties. Rows at forced positions are handled by the callers.
 """
 from __future__ import annotations
@@ -29,11 +31,18 @@ def topk_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(x, k, dim=-1).values[..., -1:]
 
 
+def topp_on(top_p: float) -> bool:
+    """Whether top-p cuts anything: ``top_p`` below 1 in float32 (0.99999999 rounds to 1: off)."""
+    return bool(np.float32(top_p) < np.float32(1.0))
+
+
 def topp_keep(p: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean mask of the top-p set of probability rows ``p`` (ties at the threshold kept)."""
+    """Boolean mask of the top-p set of probability rows ``p`` (ties at the threshold kept): the mass,
+    summed in float64 (so CPU and CUDA agree) and rounded to float32, is compared with float32
+    ``top_p``, as the kernels do."""
     srt, _ = torch.sort(p, dim=-1, descending=True)
-    cum = torch.cumsum(srt, dim=-1, dtype=torch.float64)      # float64 so CPU and CUDA agree
-    idx = torch.searchsorted(cum, torch.full_like(cum[..., :1], top_p))   # first index with cum >= p
+    cum = torch.cumsum(srt, dim=-1, dtype=torch.float64).to(torch.float32)   # still non-decreasing
+    idx = torch.searchsorted(cum, torch.full_like(cum[..., :1], float(np.float32(top_p))))  # first cum >= p
     idx = idx.clamp(max=p.shape[-1] - 1)
     thr = torch.gather(srt, -1, idx)
     return p >= thr
@@ -72,7 +81,7 @@ def target_probs(x: torch.Tensor, temperature: float, top_k: int, top_p: float) 
         m = y.amax(-1, keepdim=True)
         e = torch.exp(y - m)
         p = e / e.sum(-1, keepdim=True)
-        if top_p < 1.0:
+        if topp_on(top_p):
             keep = topp_keep(p, top_p)
             p = torch.where(keep, p, torch.zeros_like(p))
             p = p / p.sum(-1, keepdim=True)

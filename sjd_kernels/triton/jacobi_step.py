@@ -75,6 +75,7 @@ import triton.language as tl
 from .. import rng as _rng
 from ..ops._common import lane_contiguous
 from ..reference import jacobi_step as _ref
+from ..reference import target as _ref_target
 from .rng import counter_word, four_words, lane_words, lane_words_at, seed_key
 from .sampling import (INT32_MAX, exponential, float_key, gather_lane, key_value, kth_init_row, kth_rounds,
                        pow_accurate, prefix_count, prefix_count_total, race, row_max, softmax_top_p, target_row,
@@ -822,7 +823,7 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
         W, V, R, Cap, _inv_temperature(temperature) if not greedy else 1.0, top_k, top_p, beta, vp_eps, 1.0 / V,
         HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, HAS_PREV=has_prev, USE_VP=use_vp,
         VP_FORM=vp_form, BETA_POW=_POW_CASES.get(beta, POW_GENERAL), GREEDY=greedy,
-        DO_TOPK=do_topk, DO_TOPP=(not greedy) and top_p < 1.0, MODE=mode,
+        DO_TOPK=do_topk, DO_TOPP=(not greedy) and _ref_target.topp_on(top_p), MODE=mode,
         INTERP=interp, BLOCK_V=cfg["BLOCK_V"], SPARSE=sparse, BLOCK_C=sparse_block(Cap) if sparse else 1,
         C_STEPS=sparse_steps(Cap) if sparse else 1, LIST_K=list_k, CAND_K=cand_k, num_warps=cfg["num_warps_rows"],
         enable_fp_fusion=False)

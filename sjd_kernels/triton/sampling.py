@@ -296,9 +296,9 @@ def top_p_key(p, valid, top_p):
     rows take 5-27 reductions where bisection over the bits took 32
     (``sjd_kernels.bench.topk_model.topp_key_halving`` counts them).
 
-    The sums are accumulated in float64 and rounded to float32 before the comparison, which is
-    what the reference's CPU ``cumsum`` does (double accumulator): for large V the boundary token
-    has a tiny probability, and float32 sums in another order would move it often.
+    The sums are accumulated in float64 and rounded to float32 before the comparison with float32
+    ``top_p``, as the reference's ``topp_keep`` does: for large V the boundary token has a tiny
+    probability, and float32 sums in another order would move it often.
     """
     # padded lanes: key -1, below every bracket (lo >= 0), so no round needs the mask
     key = tl.where(valid, p.to(tl.int32, bitcast=True), -1)

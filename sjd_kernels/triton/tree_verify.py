@@ -33,6 +33,7 @@ import triton.language as tl
 from .. import rng as _rng
 from ..ops._common import lane_contiguous
 from ..reference import jacobi_step as _js
+from ..reference import target as _ref_target
 from ..reference import tree as _ref
 from .jacobi_step import K_DENSE, K_MASK, K_UNIFORM, _num_warps, is_interpreted  # noqa: F401 (is_interpreted: public)
 from .rng import counter_word, lane_words, seed_key
@@ -303,7 +304,7 @@ def tree_verify_triton(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_
         q_state, q_kind, rowflag, status, num_accepted, path, out,
         N, V, R, int(max_depth), inv_t, top_k, top_p, 1.0 / V,
         HAS_UNCOND=uncond is not None, HAS_FORCED=has_forced, GREEDY=greedy,
-        DO_TOPK=(not greedy) and 0 < top_k < V, DO_TOPP=(not greedy) and top_p < 1.0, INTERP=interp,
+        DO_TOPK=(not greedy) and 0 < top_k < V, DO_TOPP=(not greedy) and _ref_target.topp_on(top_p), INTERP=interp,
         BLOCK_V=cfg["BLOCK_V"], BLOCK_N=cfg["BLOCK_N"], BLOCK_J=cfg["BLOCK_J"], BLOCK_L=cfg["BLOCK_L"],
         num_warps=cfg["num_warps"], enable_fp_fusion=False)
     return num_accepted, path, out
