@@ -227,6 +227,9 @@ def main(argv=None):
             resume.Checkpointer(ckpt_path, fingerprint).load(only=[k for k in fingerprint if k != "training_data"])
         except resume.ResumeError as e:
             ap.error(f"argument --resume: {e}")
+    Xtr, ytr = data.real_images(args.model, "train")   # before the log is opened: --batch is checked against it
+    if args.batch > len(Xtr):                           # the sampler would silently take fewer sequences
+        ap.error(f"argument --batch: {args.batch} exceeds the {len(Xtr)} training sequences of {args.model}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -240,12 +243,9 @@ def main(argv=None):
     base = bundled.load(args.model)
     gpt, vq = base.gpt, base.tokenizer
     gpt.train()
-    Xtr, ytr = data.real_images(args.model, "train")
     Xte, yte = data.real_images(args.model, "test")
     tok_tr, tok_te = vq.encode(Xtr), vq.encode(Xte)
     lab_tr, lab_te = torch.as_tensor(ytr), torch.as_tensor(yte)
-    if args.batch > len(tok_tr):                        # the sampler would silently take fewer sequences
-        ap.error(f"argument --batch: {args.batch} exceeds the {len(tok_tr)} training sequences of {args.model}")
     n_cls = base.num_classes
     schedule = NoiseSchedule(levels=args.levels, s_min=args.s_min, s_max=args.s_max, rho=args.rho)
     sjd2 = SJD2Embedding(schedule, EmbedNorm.from_embedding(checkpoint.image_embedding(gpt)))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,14 +45,20 @@ BETA_METHODS = ("sjd_vp", "coupling")       # the methods generate() takes a non
 
 def image_path(error, flag: str, path: Path) -> Path:
     """The file ``save_grid`` (matplotlib, Agg) writes for ``path``: with no extension matplotlib adds
-    ``.png``; an extension must name a format it writes (exit 2 naming ``flag`` otherwise)."""
+    ``.png``; an extension must name a format it writes here (``.pgf`` only with its TeX program;
+    exit 2 naming ``flag`` otherwise)."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     ext = os.path.splitext(str(path))[1][1:]
     if ext == "":
         return Path(str(path).rstrip(".") + ".png")
-    formats = FigureCanvasAgg.get_supported_filetypes()
+    formats = set(FigureCanvasAgg.get_supported_filetypes())
+    tex = matplotlib.rcParams["pgf.texsystem"]
+    if shutil.which(tex) is None:      # matplotlib writes .pgf through a TeX program: none here
+        formats.discard("pgf")
     if ext.lower() not in formats:
-        error(f"argument {flag}: matplotlib cannot write {ext!r} images ({path}); give a file name ending in one of "
+        why = f"it needs {tex}, which is not installed" if ext.lower() == "pgf" else "matplotlib cannot write them"
+        error(f"argument {flag}: no {ext!r} images ({path}): {why}; give a file name ending in one of "
               f"{', '.join('.' + f for f in sorted(formats))}, or none for .png")
     return path
 
@@ -148,12 +155,12 @@ def main(argv=None) -> int:
         rows[method] = b.tokenizer.decode(toks).numpy()
     if args.with_ar and len(runs) == 2 and np.array_equal(tokens[runs[0][0]], tokens[runs[1][0]]):
         print(f"{runs[0][0]} and {runs[1][0]} drew the same tokens")
+    if args.tokens is not None:        # first: the ids are the run's result, the picture is a view of them
+        np.save(args.tokens, tokens[args.method])
+        print(f"wrote {args.tokens}")
     save_grid(args.out, rows, f"{args.model}: classes {args.classes}, seed {args.seed}, window {args.window}, "
                               f"cfg {args.cfg}")
     print(f"wrote {args.out}")
-    if args.tokens is not None:
-        np.save(args.tokens, tokens[args.method])
-        print(f"wrote {args.tokens}")
     return 0
 
 

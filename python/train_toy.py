@@ -299,9 +299,10 @@ def main(argv=None):
     recipe = dict(RECIPES[args.model])
     if args.steps is not None:
         recipe["steps"] = args.steps
+    if budget is not None:                  # the recipe recorded in the manifest is the one that ran
+        recipe["budget_minutes"] = budget
     if args.resume:                         # the settings now, before the stages that come first run again
-        known = gpt_fingerprint(args.model, recipe, args.seed,
-                                recipe["budget_minutes"] if budget is None else budget, None, None)
+        known = gpt_fingerprint(args.model, recipe, args.seed, recipe["budget_minutes"], None, None)
         known.pop("training_data")
         try:
             resume.Checkpointer(ckpt_path, known).load(only=known)
@@ -325,7 +326,7 @@ def main(argv=None):
         q, info["quality"] = stage_clf(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log)
     gpt = None
     if "gpt" in stages:
-        budget = recipe["budget_minutes"] if budget is None else budget
+        budget = recipe["budget_minutes"]
         ckpt = resume.Checkpointer(ckpt_path, {}, every_s=args.checkpoint_minutes * 60)
         with resume.exits(log):
             gpt, info["gpt"] = stage_gpt(args.model, recipe, vq, Xtr, ytr, Xte, yte, args.seed, log, budget,

@@ -81,13 +81,19 @@ def two_sample_test(a: np.ndarray, b: np.ndarray, strata: np.ndarray, vocab: int
 
 
 def save_grid(path: Path, rows: dict[str, np.ndarray], title: str):
-    """PNG grid: one row of images ``[k, H, W]`` per label."""
+    """PNG grid: one row of images ``[k, H, W]`` per label. The title wraps to the grid's width (a grid
+    of one or two images is narrower than a line of settings)."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(rows)
     k = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(len(names), k, figsize=(0.8 * k + 1.4, 0.85 * len(names) + 0.5), squeeze=False)
+    width = 0.8 * k + 1.4
+    lines = textwrap.wrap(title, width=max(16, int(width * 12)))      # about 12 characters an inch at 9 pt
+    fig, axes = plt.subplots(len(names), k, figsize=(width, 0.85 * len(names) + 0.35 + 0.15 * len(lines)),
+                             squeeze=False)
     for r, name in enumerate(names):
         for c in range(k):
             ax = axes[r][c]
@@ -98,7 +104,7 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], title: str):
             if c < len(rows[name]):
                 ax.imshow(rows[name][c], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -622,6 +622,8 @@ BAD_CLI = [
     (["e2e", "--num-tokens", "197"], "--num-tokens", "196"),       # the mnist model's image has 196 tokens
     (["e2e", "--windows", "-3"], "--windows", "-3"),
     (["e2e", "--betas", "nan"], "--betas", "finite"),
+    (["e2e", "--methods", "coupling", "--betas", "1.0"], "--betas", "sjd_vp only"),     # was silently ignored
+    (["e2e", "--methods", "sjd", "--vp-forms", "log"], "--vp-forms", "sjd_vp only"),
     (["e2e", "--batch", "0"], "--batch", ">= 1"),
     (["e2e", "--samples", "0"], "--samples", ">= 1"),
     (["e2e", "--law-samples", "-1"], "--law-samples", ">= 0"),

@@ -38,6 +38,29 @@ def test_compare_knows_each_metrics_direction(metric, base, cur):
     assert not res["regressions"] and [r["metric"] for r in res["improvements"]] == [metric], res
 
 
+def test_compare_matches_e2e_rows_of_the_same_image_length_only():
+    """Runs over 20 and 196 tokens are different rows (a 20-token run's NFE is no improvement on a
+    196-token one); with no row in common nothing is compared, and that is exit 2, not a pass."""
+    from sjd_kernels.bench.compare import main_compare
+    short, full = _e2e_row(num_tokens="20", nfe="20"), _e2e_row(num_tokens="196", nfe="196")
+    res = compare([short], [full], tol=0.1, metrics=["nfe"])
+    assert res["matched"] == 0 and res["compared"] == 0 and not res["improvements"], res
+    assert compare([short], [dict(short, nfe="40")], tol=0.1, metrics=["nfe"])["improvements"]
+    assert compare([short], [short], tol=0.1, metrics=["nfe"])["matched"] == 1
+
+
+def test_compare_with_no_row_in_common_exits_2(tmp_path, capsys):
+    from sjd_kernels.bench.__main__ import main as bench
+    e2e, ops = tmp_path / "e2e.json", tmp_path / "ops.json"
+    e2e.write_text(json.dumps({"rows": [_e2e_row(num_tokens="196", nfe="100")]}))
+    ops.write_text(json.dumps({"rows": [dict(op="jacobi_step", case="B1", backend="torch", graph="0",
+                                             median_us="10")]}))
+    for cur, base in ((e2e, ops), (ops, e2e)):
+        assert bench(["compare", str(cur), str(base)]) == 2
+        assert "nothing was compared" in capsys.readouterr().out
+    assert bench(["compare", str(e2e), str(e2e)]) == 0
+
+
 def test_every_direction_is_a_column_of_the_results():
     from sjd_kernels.bench.compare import DIRECTION
     from sjd_kernels.bench.ops import COLUMNS as OPS

@@ -136,3 +136,18 @@ def test_main_passes_checked_arguments_to_run(monkeypatch, tmp_path):
                "--out", str(tmp_path / "o" / "p"), "--json", str(tmp_path / "j" / "d.json")])
     assert seen["methods"] == ["sjd", "coupling"] and seen["window"] == 0 and seen["threads"] == 1
     assert (tmp_path / "o" / "p").is_dir() and (tmp_path / "j").is_dir()
+
+
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_grid_title_fits_the_picture(tmp_path, k):
+    """A grid of one or two images is narrower than a line of settings: the title wraps instead of
+    running off both edges (the picture's outer columns stay background)."""
+    import matplotlib.image as mpimg
+    imgs = np.full((k, 28, 28), 0.5)
+    png = tmp_path / "g.png"
+    demo.save_grid(png, {"sjd": imgs, "ar": imgs},
+                   f"mnist: classes {list(range(k))}, seed 0, window 16, cfg 3.0, temperature 1.0")
+    rgb = mpimg.imread(png)[..., :3]
+    edges = np.concatenate([rgb[:, :3], rgb[:, -3:]], axis=1)
+    assert (edges > 0.99).all(), "the title reaches the picture's edge"
+    assert (rgb[: rgb.shape[0] // 4] < 0.5).any()                # but it is drawn, at the top

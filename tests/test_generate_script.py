@@ -89,6 +89,20 @@ def test_bad_argument_is_a_usage_error_before_any_model_work(gen, tmp_path, caps
     assert not png.parent.exists() and not tok.parent.exists()      # nothing written, no folder made
 
 
+def test_image_formats_that_cannot_be_written_here_are_usage_errors(gen, tmp_path, capsys, monkeypatch):
+    """An extension matplotlib does not know, and .pgf without its TeX program (matplotlib would
+    fail only after the decoding), exit 2 naming --out before any model work."""
+    import matplotlib
+    _no_model_work(gen, monkeypatch)
+    monkeypatch.setattr(gen.shutil, "which", lambda *a, **k: None)            # no TeX program
+    for ext, text in (("xyz", "matplotlib cannot write"), ("pgf", matplotlib.rcParams["pgf.texsystem"])):
+        with pytest.raises(SystemExit) as e:
+            gen.main(["--out", str(tmp_path / f"x.{ext}")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--out" in err and text in err and "Traceback" not in err, err
+        assert ".pgf" not in err.split("one of")[1] and ".png" in err, err
+
+
 def test_unavailable_device_or_backend_is_a_usage_error(gen, tmp_path, capsys, monkeypatch):
     _no_model_work(gen, monkeypatch)
     cases = []

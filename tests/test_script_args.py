@@ -154,6 +154,7 @@ FINETUNE_BAD = [
     (["--p-rising", "1.5"], "--p-rising"),
     (["--steps", "0"], "--steps"),                         # was a fine-tune of no step, saved as one step
     (["--batch", "0"], "--batch"),
+    (["--batch", "4501"], "--batch"),                      # above mnist's 4500 training images: before the log
     (["--lr", "-1"], "--lr"),
     (["--new-lr", "nan"], "--new-lr"),
     (["--warmup", "-1"], "--warmup"),

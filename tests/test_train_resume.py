@@ -420,3 +420,19 @@ def test_a_second_run_on_the_same_state_is_refused(tt, tmp_path, capsys):
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_manifest_records_the_budget_that_ran(tt, tmp_path, monkeypatch):
+    """--budget-minutes overrides the recipe's, and the manifest's recipe says so (it said the
+    default 20 beside a run of --budget-minutes 0 --steps 3)."""
+    got = {}
+
+    def gpt_stage(model, recipe, *a, ckpt, resume_run, **k):
+        got["stage"] = (recipe["budget_minutes"], a[-1], recipe["steps"])
+        return "gpt", {}
+    monkeypatch.setattr(tt, "stage_gpt", gpt_stage)
+    monkeypatch.setattr(tt.bundled, "save", lambda *a, training, **k: got.update(training=training) or {"files": {}})
+    monkeypatch.setattr(tt.resume, "finish", lambda *a, **k: None)
+    tt.main(_args(tmp_path, "--stages", "vq,clf,gpt", "--budget-minutes", "0", "--steps", "3"))
+    assert got["stage"] == (0, 0, 3), got
+    assert got["training"]["recipe"]["budget_minutes"] == 0 and got["training"]["recipe"]["steps"] == 3, got

@@ -5,6 +5,7 @@
   e2e [--model NAME]           decoding on a model: NFE, compression, tokens/s, latency, split, laws
                                (bundled models run on the CPU too, times labelled as CPU wall clock)
   compare CURRENT BASELINE     exit 1 when CURRENT regresses beyond --tol against BASELINE
+                               (exit 2 when no row of CURRENT matches a row of BASELINE)
 
 A mistake on the command line (an unknown op, backend or method, a value out of range, a file
 that cannot be read or written) exits 2 with a one-line message naming the argument, before any
@@ -238,6 +239,12 @@ def cmd_e2e(args) -> int:
                        backend=args.backend_name, budget_s=args.budget_s, name=flag)
     except SettingsError as e:
         _error(args, f"argument {e}")
+    for given, name in ((args.betas, "--betas"), (args.vp_forms, "--vp-forms")):
+        if given is not None and args.methods is not None and "sjd_vp" not in args.methods:
+            _error(args, f"argument {name}: the beta sweep runs sjd_vp only, which is not among --methods "
+                         f"{' '.join(args.methods)}")
+    if args.vp_forms is None:
+        args.vp_forms = ["add"]
     if not abs(args.seed) <= 2 ** 40:
         # request seeds are (seed + offset) * 100003 + request in int64: a larger seed failed every row
         _error(args, f"argument --seed: must be an int with |seed| <= 2**40, got {args.seed}")
@@ -331,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "only, latency only), tiny (random, smoke tests)")
     s.add_argument("--methods", nargs="+", help="default: all methods the loop offers")
     s.add_argument("--windows", nargs="+", type=int)
-    s.add_argument("--betas", nargs="+", type=float)
-    s.add_argument("--vp-forms", nargs="+", default=["add"], choices=["add", "log"])
+    s.add_argument("--betas", nargs="+", type=float,
+                   help="verification-prediction strengths of the sjd_vp beta sweep (needs sjd_vp among the methods)")
+    s.add_argument("--vp-forms", nargs="+", choices=["add", "log"],
+                   help="VP forms of the sjd_vp beta sweep (default add; needs sjd_vp among the methods)")
     s.add_argument("--num-tokens", type=int)
     s.add_argument("--batch", type=int, help="requests per generation (default: 1 on a GPU, 8 on the CPU)")
     s.add_argument("--samples", type=int, help="generations per timed configuration")
@@ -354,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-s", type=float, default=1e9, help="start no new configuration after this many seconds")
     s.set_defaults(func=cmd_e2e, _parser=s)
 
-    s = sub.add_parser("compare", help="compare a run with a saved baseline (exit 1 on regression)")
+    s = sub.add_parser("compare", help="compare a run with a saved baseline (exit 1 on regression, "
+                                           "2 when no row matches)")
     s.add_argument("current")
     s.add_argument("baseline")
     s.add_argument("--tol", type=float, default=0.10, help="relative tolerance (0.10 = 10%%)")

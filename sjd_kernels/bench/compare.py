@@ -1,7 +1,7 @@
 """``bench compare``: a run against a saved baseline; exit 1 on a regression beyond a tolerance.
 
 Rows are matched by key: ``(op, case, backend, graph)`` for ops results, ``(model, method,
-window, beta, vp_form)`` for e2e results. Every metric has an explicit direction
+window, beta, vp_form, batch, num_tokens)`` for e2e results. Every metric has an explicit direction
 (``DIRECTION``): lower is better for times, counts of forwards, bytes, overflows and the
 post-head share; higher for rates, compressions, speed-ups, bandwidths and roofline fractions.
 Columns without a meaningful direction (spreads, p-values, sample counts, settings) and names
@@ -9,6 +9,8 @@ in neither CSV are refused (``UnknownMetricError``). The default metrics are ``m
 ``latency_ms`` (lower) and ``tokens_per_s``, ``step_compression`` (higher). A row regresses when
 it is worse than the baseline by more than ``tol`` (relative). Rows present in only one file
 are listed, not failed; a row whose check passed in the baseline and fails now is a regression.
+Files without a row in common (other ops, another model or image length) compare nothing: exit 2,
+so that a regression gate never passes having checked nothing.
 Comparing runs from different GPUs is refused unless ``--allow-gpu-mismatch``.
 """
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _key(r: dict) -> tuple:
     if r.get("op"):
         return ("ops", r["op"], r["case"], r["backend"], r.get("graph", ""))
     return ("e2e", r.get("model", ""), r.get("method", ""), str(r.get("window", "")), str(r.get("beta", "")),
-            r.get("vp_form", ""), str(r.get("batch", "")))
+            r.get("vp_form", ""), str(r.get("batch", "")), str(r.get("num_tokens", "")))
 
 
 def _f(x) -> Optional[float]:
@@ -101,7 +103,8 @@ def _f(x) -> Optional[float]:
 
 
 def compare(current: list, baseline: list, tol: float = 0.10, metrics=None, allow_gpu_mismatch: bool = False) -> dict:
-    """Returns ``{"regressions", "improvements", "only_current", "only_baseline", "compared", "gpu_mismatch"}``.
+    """Returns ``{"regressions", "improvements", "only_current", "only_baseline", "matched", "compared",
+    "gpu_mismatch"}`` (``matched``: rows in both files; ``compared``: metric values judged).
 
     ``metrics`` must be keys of ``DIRECTION`` (``UnknownMetricError`` otherwise)."""
     check_metrics(metrics)
@@ -111,7 +114,8 @@ def compare(current: list, baseline: list, tol: float = 0.10, metrics=None, allo
     gc = {r.get("gpu") for r in current if r.get("gpu")}
     mismatch = bool(gb and gc and gb != gc)
     out = {"regressions": [], "improvements": [], "only_current": sorted(set(cur) - set(base)),
-           "only_baseline": sorted(set(base) - set(cur)), "compared": 0, "gpu_mismatch": mismatch,
+           "only_baseline": sorted(set(base) - set(cur)), "matched": len(set(cur) & set(base)), "compared": 0,
+           "gpu_mismatch": mismatch,
            "gpus": (sorted(gb), sorted(gc))}
     if mismatch and not allow_gpu_mismatch:
         return out
@@ -161,5 +165,9 @@ def main_compare(current_path: str, baseline_path: str, tol: float = 0.10, metri
     log(report(res, tol))
     if res["gpu_mismatch"] and not allow_gpu_mismatch:
         log("refusing to compare timings from different GPUs (pass --allow-gpu-mismatch to force)")
+        return 2
+    if not res["matched"]:
+        log("nothing was compared: no row of the current run has the key of a baseline row (ops: op, case, "
+            "backend, graph; e2e: model, method, window, beta, vp_form, batch, num_tokens)")
         return 2
     return 1 if res["regressions"] else 0

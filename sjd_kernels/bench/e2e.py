@@ -600,7 +600,8 @@ def _run_e2e(model, methods, windows, betas, vp_forms, num_tokens, batch, sample
     lossless = lossless_methods()
     log(f"e2e: model {model} ({'trained' if trained else 'random weights: step costs only'}) on {device}, {T} tokens, "
         f"batch {batch}, cfg {models.cfg_scale}, top-k {models.top_k}, methods {methods}, windows {windows} "
-        f"(default {default_w}), sjd_vp betas {betas}, {samples} timed samples, law samples {law_n}, "
+        f"(default {default_w}), {f'sjd_vp betas {betas}, ' if 'sjd_vp' in methods else ''}{samples} timed samples, "
+        f"law samples {law_n}, "
         f"state {'sparse, capacity ' + str(state_capacity) if state_capacity else 'dense'}")
     if not gpu:
         log(CPU_NOTE)
