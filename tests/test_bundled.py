@@ -89,6 +89,27 @@ def test_missing_model_message(tmp_path):
         bundled.manifest("cifar")
 
 
+def test_save_with_info_json_cannot_hold_keeps_the_previous_files(tmp_path):
+    """bundled.save wrote every weights file before the manifest; a value json.dump refuses left new
+    weights beside a half-written manifest (nothing loaded)."""
+    import numpy as np
+
+    from sjd_kernels.ops._common import SJDInputError
+    _copy(tmp_path, "mnist")
+    b = bundled.load("mnist", tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        b.gpt.tok_emb.weight.mul_(0.5)
+    with pytest.raises(SJDInputError, match="mnist.json: the manifest cannot be written as JSON"):
+        bundled.save("mnist", out=tmp_path, tokenizer=b.tokenizer, quality=b.quality, gpt=b.gpt,
+                     info={"ce": np.float32(1.0)})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    bundled.load("mnist", tmp_path)
+    man = bundled.save("mnist", out=tmp_path, tokenizer=b.tokenizer, quality=b.quality, gpt=b.gpt, info={"ce": 1.0})
+    assert bundled.load_gpt("mnist", tmp_path).tok_emb.weight.equal(b.gpt.tok_emb.weight)
+    assert man["files"]["gpt"]["sha256"] == bundled.sha256_file(tmp_path / man["files"]["gpt"]["file"])
+
+
 def test_nonfinite_weights_refused_on_save_and_load(tmp_path):
     """A part holding NaN (a diverged run) is not saved, and a file whose manifest was rewritten around
     NaN weights fails to load with the tensor's name, instead of decoding NaN logits later."""

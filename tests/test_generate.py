@@ -320,6 +320,26 @@ def test_bad_input_fails_before_work():
         generate(torch.nn.Linear(2, 2), c2, 12, "sjd")
 
 
+class CastLogits(GPT):
+    """A GPT whose forward returns its logits as another dtype (``cast``)."""
+    cast = None
+
+    def forward(self, *a, **k):
+        x = super().forward(*a, **k)
+        return torch.complex(x.float(), torch.ones_like(x.float())) if self.cast == "complex" else x.to(self.cast)
+
+
+@pytest.mark.parametrize("method", ["sjd", "pac", "ar"])
+@pytest.mark.parametrize("cast", ["complex", torch.int64, torch.bool])
+def test_logits_of_a_non_float_dtype_are_refused(method, cast):
+    """Complex logits lost their imaginary part (a warning only) and integer logits passed as logits."""
+    cfg = GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=16, max_image_tokens=12, num_classes=3)
+    m = CastLogits(cfg).eval()
+    m.cast = cast
+    with pytest.raises(SJDInputError, match="the model returned logits of dtype"):
+        generate(m, torch.tensor([0, 1]), 6, method, window=3, backend="torch")
+
+
 # ------------------------------------------------------------------------------------ sparse state
 @pytest.mark.parametrize("method,kw", [("sjd", {}), ("sjd_vp", dict(beta=0.5)), ("coupling", dict(beta=0.5)),
                                        ("gumbel", {}), ("gumbel_jacobi", {})])

@@ -372,13 +372,18 @@ E = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(0))
     (lambda: sample_segment_levels(2.5, 4, 2), "batch must"),
     (lambda: position_noise(torch.tensor([1.5]), torch.tensor([2]), 4), "seed must be integers"),  # seed 1
     (lambda: position_noise(torch.tensor([1]), torch.tensor([2]), 0), "dim must"),
+    (lambda: position_noise(2 ** 64, torch.tensor([2]), 4), "seed must be integers in int64"),   # was a bare ValueError
+    (lambda: position_noise(True, torch.tensor([2]), 4), "seed must be integers"),              # was seed 1
+    (lambda: position_noise(torch.tensor([1, 2]), torch.arange(3), 4), r"seed \[2\] and position \[3\] must broadcast"),
+    (lambda: position_noise(1, [0, 2.5], 4), "position must be integers"),
     (lambda: next_clean_token_loss(torch.randn(2, 3, 5), torch.tensor([[0, 1, 5], [3, 4, 0]])), "targets must be token"),
     (lambda: next_clean_token_loss(torch.randn(2, 3, 5), torch.tensor([[0, 1], [3, 4]])), "targets must have shape"),
     (lambda: checkpoint.noisy_logits(tiny_gpt(), SJD2Embedding(NoiseSchedule(levels=3), EmbedNorm(16)), torch.tensor([1]),
                                      TOK, torch.zeros(1, 2, dtype=torch.int64)), "levels must have shape"),  # broadcast
     (lambda: checkpoint.gpt_forward_parts(tiny_gpt(), torch.tensor([7]), False), "cond: class ids must be in"),
 ], ids=["level_embed_neg", "noise_level_neg", "level_shape", "rho_inf", "levels_bool", "s_min_str", "level_table_neg",
-        "min_std_0", "p_rising_nan", "seg_levels_bool", "seg_batch_float", "seed_float", "dim_0", "targets_V",
+        "min_std_0", "p_rising_nan", "seg_levels_bool", "seg_batch_float", "seed_float", "dim_0", "seed_2_64", "seed_bool",
+        "seed_position_broadcast", "position_float_list", "targets_V",
         "targets_shape", "noisy_logits_levels", "forward_parts_cond"])
 def test_sjd2_pieces(call, msg):
     with pytest.raises(SJDInputError, match=f"^{msg}"):

@@ -658,6 +658,9 @@ def test_sjd2_levels0_equals_loop_sjd(cfg):
         got = generate_sjd2(m, cls, T, sjd2=emb0, window=W, seed=11, cfg_scale=cfg, kv=kv)
         assert torch.equal(got.tokens, want.tokens), kv
         assert got.stats.nfe == want.stats.nfe
+        # the stats the chain loop reports (they were left at [] and 0 for sjd2)
+        assert got.stats.accepted_hist == want.stats.accepted_hist and got.stats.steps == want.stats.steps, kv
+        assert got.stats.state_bytes == want.stats.state_bytes > 0 and got.stats.cache_bytes > 0, kv
     m.__dict__["sjd2"] = emb0
     via_loop = generate(m, cls, T, method="sjd2", window=W, seed=11, cfg_scale=cfg, progress=False)
     assert torch.equal(via_loop.tokens, want.tokens)

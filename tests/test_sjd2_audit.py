@@ -193,6 +193,25 @@ def test_save_refuses_what_would_not_load_and_writes_nothing(tmp_path):
     assert list(empty.iterdir()) == []
 
 
+def test_save_with_training_json_cannot_hold_keeps_the_previous_finetune(tmp_path):
+    """The weights file was replaced before the manifest's json.dump failed on the training record,
+    leaving a half-written manifest and no loadable fine-tune."""
+    import numpy as np
+
+    from sjd_kernels.sjd2 import checkpoint
+    _, gpt, emb = _tiny_base(tmp_path)
+    checkpoint.save("mnist", gpt, emb, out=tmp_path, training={"seed": 0})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        gpt.tok_emb.weight.add_(1.0)                              # other weights: the old file must stay
+    with pytest.raises(SJDInputError, match="mnist_sjd2.json: the manifest cannot be written as JSON"):
+        checkpoint.save("mnist", gpt, emb, out=tmp_path, training={"loss": np.float32(0.5)})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before       # no temporary file left
+    checkpoint.load_finetuned("mnist", tmp_path)
+    man = checkpoint.save("mnist", gpt, emb, out=tmp_path, training={"loss": 0.5})
+    assert man["training"] == {"loss": 0.5} and checkpoint.manifest("mnist", tmp_path)["sha256"] == man["sha256"]
+
+
 def test_load_refuses_a_manifest_config_it_cannot_build(tmp_path):
     from sjd_kernels.sjd2 import checkpoint
     _, gpt, emb = _tiny_base(tmp_path)

@@ -299,6 +299,23 @@ class _GraphStep:
             self.timer.add(t0, self.timer.now())
 
 
+def _model_logits(logits, rows: int, length: int, V: int) -> torch.Tensor:
+    """The model's output as the ops take it: ``[rows, length, V]`` of a floating dtype (float64 test
+    models are read as float32). Anything else is the model's mistake, named, never cast (a complex
+    tensor would lose its imaginary part, an integer one would pass as logits)."""
+    if not isinstance(logits, torch.Tensor):
+        raise SJDInputError(f"the model returned {type(logits).__name__}, expected a logits tensor")
+    if logits.dim() != 3 or logits.shape[-1] != V or logits.shape[:2] != (rows, length):
+        raise SJDInputError(f"the model returned logits {list(logits.shape)}, expected [{rows}, {length}, "
+                            f"vocab_size={V}]: its vocab_size does not match its LM head")
+    if logits.dtype == torch.float64:
+        return logits.float()
+    if logits.dtype not in FLOAT_DTYPES:
+        raise SJDInputError(f"the model returned logits of dtype {logits.dtype}, expected float32, bfloat16, "
+                            f"float16 or float64")
+    return logits
+
+
 def check_progress(progress) -> None:
     """``progress``: None (a bar when stderr is a terminal), True or False ("no" used to turn the bar on)."""
     if progress is not None and not isinstance(progress, bool):
@@ -527,11 +544,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
         slots, mask = cache.window(W + 1)
         logits = model(emb, slots, cache=cache, mask=mask, write_slots=slots)
         t1 = timer.now() if timed else None
-        if logits.shape[-1] != V or logits.shape[:2] != (rows, W + 1):
-            raise SJDInputError(f"the model returned logits {list(logits.shape)}, expected [{rows}, {W + 1}, "
-                                f"vocab_size={V}]: its vocab_size does not match its LM head")
-        if logits.dtype not in FLOAT_DTYPES:
-            logits = logits.float()
+        logits = _model_logits(logits, rows, W + 1, V)
         o = jacobi_step(logits[:B], drafts, win_len, n, state,
                         uncond_logits=logits[B:] if use_cfg else None, cfg_scale=cfg_t, forced=forced,
                         temperature=float(temperature), top_k=top_k, top_p=float(top_p), mode=mode, beta=beta,
@@ -575,11 +588,7 @@ def generate(model, cond, num_tokens: int, method: str = "sjd", *, window: int =
             logits = model(emb, trow.position_ids(cl), cache=cache, mask=plan.attention_mask(trow, cl, S),
                            write_slots=trow.node_slots(cl))
             t1 = timer.now()
-            if logits.shape[-1] != V or logits.shape[:2] != (rows, plan.num_nodes):
-                raise SJDInputError(f"the model returned logits {list(logits.shape)}, expected [{rows}, "
-                                    f"{plan.num_nodes}, vocab_size={V}]: its vocab_size does not match its LM head")
-            if logits.dtype not in FLOAT_DTYPES:
-                logits = logits.float()
+            logits = _model_logits(logits, rows, plan.num_nodes, V)
             lc, lu = logits[:B], (logits[B:] if use_cfg else None)
             try:
                 o = tree_verify(lc, tree, n, state, uncond_logits=lu, cfg_scale=cfg_t, forced=forced,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,34 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_together(weights: dict, manifest_path: Path, make_manifest) -> dict:
+    """Write safetensors files ``{path: state_dict}`` and the JSON manifest ``make_manifest({path:
+    (sha256, bytes)})`` so that a failure leaves the previous files as they were: each file goes to a
+    temporary file beside its target, the manifest is serialised (a value JSON cannot hold is an
+    ``SJDInputError``) before any target is replaced, then every file is renamed into place."""
+    from safetensors.torch import save_file
+    tmp = {p: p.with_name(p.name + ".tmp") for p in [*weights, manifest_path]}
+    try:
+        stats = {}
+        for path, sd in weights.items():
+            save_file(sd, str(tmp[path]))
+            stats[path] = (sha256_file(tmp[path]), tmp[path].stat().st_size)
+        man = make_manifest(stats)
+        try:
+            text = json.dumps(man, indent=1) + "\n"
+        except (TypeError, ValueError) as e:
+            from ..ops._common import SJDInputError
+            raise SJDInputError(f"{manifest_path.name}: the manifest cannot be written as JSON ({e}); "
+                                f"nothing was saved") from None
+        tmp[manifest_path].write_text(text)
+        for path in [*weights, manifest_path]:          # the manifest last: it names the new files
+            os.replace(tmp[path], path)
+        return man
+    finally:
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
 
 
 def check_name(name, arg: str = "name") -> str:
@@ -160,8 +189,8 @@ def _config_dict(cfg) -> dict:
 
 def save(name: str, *, out=None, tokenizer: PatchVQ, quality, gpt=None, info: dict | None = None,
          training: dict | None = None) -> dict:
-    """Write the parts given and the manifest (parts passed as None keep their previous files)."""
-    from safetensors.torch import save_file
+    """Write the parts given and the manifest (parts passed as None keep their previous files); a failure
+    (e.g. ``info`` or ``training`` holding a value JSON cannot write) leaves the previous files as they were."""
     out = _dir(out)
     out.mkdir(parents=True, exist_ok=True)
     old = manifest(name, out) if (out / f"{name}.json").exists() else {"files": {}}
@@ -172,21 +201,22 @@ def save(name: str, *, out=None, tokenizer: PatchVQ, quality, gpt=None, info: di
         if bad:
             from ..ops._common import SJDInputError
             raise SJDInputError(f"{part}: tensors {bad[:5]} hold NaN or infinite values; nothing was saved")
+    weights, written = {}, {}
     for part, (obj, suffix) in parts.items():
         if obj is None:
             if part not in old:
                 continue
             man[part] = old[part]
             continue
-        file = f"{name}_{suffix}.safetensors"
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in obj.state_dict().items()}
-        save_file(sd, str(out / file))
+        path = out / f"{name}_{suffix}.safetensors"
+        weights[path] = {k: v.detach().to("cpu").contiguous() for k, v in obj.state_dict().items()}
+        written[part] = path
         man[part] = obj.config() if part != "gpt" else _config_dict(obj.config)
-        man["files"][part] = {"file": file, "sha256": sha256_file(out / file),
-                              "bytes": (out / file).stat().st_size}
     man["info"] = info or old.get("info", {})
     man["training"] = training or old.get("training", {})
-    with open(out / f"{name}.json", "w") as f:
-        json.dump(man, f, indent=1, sort_keys=False)
-        f.write("\n")
-    return man
+
+    def complete(stats):
+        for part, path in written.items():
+            man["files"][part] = {"file": path.name, "sha256": stats[path][0], "bytes": stats[path][1]}
+        return man
+    return write_together(weights, out / f"{name}.json", complete)

@@ -13,7 +13,6 @@ ids ``0..V-1``, ``embed_cond(cond) -> [B, 1, d]`` (class ``num_classes`` = null)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -82,9 +81,9 @@ def save(model: str, gpt, sjd2: SJD2Embedding, *, out=None, training: dict | Non
     beside the base manifest ``<model>.json`` there. Everything is checked before a file is written (a
     missing base manifest used to fail after the weights file had replaced the previous fine-tune's): the
     base manifest exists, ``gpt`` has its GPT config (the manifest records it and ``load_finetuned`` builds
-    the model from it) and ``sjd2`` the width of ``gpt``'s token embedding (``generate_sjd2`` refuses others)."""
-    from safetensors.torch import save_file
-
+    the model from it) and ``sjd2`` the width of ``gpt``'s token embedding (``generate_sjd2`` refuses others).
+    The files are replaced together only once both are written (``bundled.write_together``): a ``training``
+    value JSON cannot hold leaves the previous fine-tune loadable."""
     from ..models.gpt import GPTConfig
     from ..ops._common import SJDInputError
     from .decode import check_sjd2_params
@@ -107,14 +106,13 @@ def save(model: str, gpt, sjd2: SJD2Embedding, *, out=None, training: dict | Non
     wpath.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in gpt.state_dict().items()}
     sd.update({PREFIX + k: v.detach().to("cpu").contiguous() for k, v in sjd2.state_dict().items()})
-    save_file(sd, str(wpath))
-    man = {"name": f"{model}_sjd2", "base": model, "file": wpath.name, "sha256": bundled.sha256_file(wpath),
-           "bytes": wpath.stat().st_size, "base_gpt_sha256": base["files"]["gpt"]["sha256"],
-           "gpt": base["gpt"], "schedule": sjd2.schedule.to_dict(), "training": training or {}}
-    with open(mpath, "w") as f:
-        json.dump(man, f, indent=1)
-        f.write("\n")
-    return man
+
+    def make(stats):
+        sha, size = stats[wpath]
+        return {"name": f"{model}_sjd2", "base": model, "file": wpath.name, "sha256": sha, "bytes": size,
+                "base_gpt_sha256": base["files"]["gpt"]["sha256"], "gpt": base["gpt"],
+                "schedule": sjd2.schedule.to_dict(), "training": training or {}}
+    return bundled.write_together({wpath: sd}, mpath, make)
 
 
 def manifest(model: str, weights_dir=None) -> dict:

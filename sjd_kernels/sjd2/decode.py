@@ -55,6 +55,8 @@ class SJD2Result:
     refed: torch.Tensor                  # [B] i64, committed tokens re-fed (recompute policy)
     input_slots: int                     # sum over forwards of the slots fed per request (max over the batch)
     status: dict = field(default_factory=dict)
+    accepted_hist: list = field(default_factory=list)   # [W+1] request-steps that accepted k drafts (k+1 tokens)
+    state_bytes: int = 0                 # the JacobiState
 
     @property
     def step_compression(self) -> torch.Tensor:
@@ -137,6 +139,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
     feed_from = n - 1                       # first image position to feed (-1: the prompt's last token)
     commit_end, fresh_start, row_end = n.clone(), n.clone(), n.clone()   # every window position enters now
     steps = torch.zeros(B, dtype=i64, device=dev)
+    hist = torch.zeros(W + 1, dtype=i64, device=dev)
     noisy_kv = torch.zeros(B, dtype=i64, device=dev)
     refed = torch.zeros(B, dtype=i64, device=dev)
     nfe = slots_fed = 0
@@ -212,6 +215,7 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
                 new_feed = torch.where(first < W, n + first, n_new - 1)
                 refed += torch.where(live, n_new - 1 - new_feed, torch.zeros_like(n))
             steps += live.to(i64)
+            hist.scatter_add_(0, m.clamp(0, W), live.to(i64))
             fresh_start = torch.where(live, n + win_len, fresh_start)
             row_end = torch.where(live, n + win_len + 1, row_end)
             feed_from = torch.where(live, new_feed, feed_from)
@@ -223,7 +227,8 @@ def sjd2_loop(forward, embed_weight: torch.Tensor, sjd2: SJD2Embedding | None, n
         if bar is not None:
             bar.close()
     return SJD2Result(tokens=out.contiguous(), nfe=nfe, steps=steps, noisy_kv=noisy_kv, refed=refed,
-                      input_slots=slots_fed, status=check_status(state.status))
+                      input_slots=slots_fed, status=check_status(state.status), accepted_hist=hist.tolist(),
+                      state_bytes=state.state_bytes())
 
 
 def check_sjd2_params(sjd2: SJD2Embedding, d: int) -> None:
@@ -438,6 +443,8 @@ def generate_sjd2(model, cond, num_tokens: int, *, sjd2: SJD2Embedding | None | 
     stats = GenerateStats(method="sjd2", num_tokens=N, nfe=res.nfe, nfe_prefill=0,
                           wall_s=time.perf_counter() - t0,
                           zero_mass_residuals=res.status.get("zero_mass_residuals", 0),
-                          window=W, batch=B, steps=res.steps.tolist())
+                          window=W, batch=B, steps=res.steps.tolist(), accepted_hist=res.accepted_hist,
+                          state_bytes=res.state_bytes,
+                          cache_bytes=forward.cache.nbytes() if isinstance(forward, KVForward) else 0)
     stats.sjd2 = res
     return GenerateOutput(res.tokens, stats)

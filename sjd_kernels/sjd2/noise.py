@@ -217,6 +217,21 @@ def sample_segment_levels(batch: int, length: int, levels: int, *, generator: to
     return out
 
 
+def _int64_tensor(name: str, v, device=None) -> torch.Tensor:
+    """``v`` (an int, a list of ints or an integer tensor; not a bool or a float) as int64, values
+    outside int64 refused, each with an ``SJDInputError`` naming ``name``."""
+    what = f"{name} must be integers in int64 (an int, a list of ints or an integer tensor)"
+    if isinstance(v, torch.Tensor):
+        if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise SJDInputError(f"{what}, got a {v.dtype} tensor")
+        return v.to(device=device if device is not None else v.device, dtype=torch.int64)
+    flat = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not flat or any(isinstance(x, (bool, float)) or not isinstance(x, int) for x in flat) \
+            or any(not -2 ** 63 <= x < 2 ** 63 for x in flat):
+        raise SJDInputError(f"{what}, got {v!r:.60}")
+    return torch.tensor(v, dtype=torch.int64, device=device)
+
+
 def position_noise(seed: torch.Tensor, position: torch.Tensor, dim: int) -> torch.Tensor:
     """Standard normal noise ``[..., dim]`` float32 of the positions entering the window (rng contract).
 
@@ -225,11 +240,13 @@ def position_noise(seed: torch.Tensor, position: torch.Tensor, dim: int) -> torc
     The Triton prepare kernel draws the same numbers.
     """
     dim = check_int("dim", dim, 1)
-    for name, v in (("seed", seed), ("position", position)):
-        if isinstance(v, float) or (isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())):
-            raise SJDInputError(f"{name} must be integers (an int or an integer tensor), got {v!r:.60}")
-    seed = torch.as_tensor(seed, dtype=torch.int64)
-    position = torch.as_tensor(position, dtype=torch.int64, device=seed.device)
+    seed = _int64_tensor("seed", seed)
+    position = _int64_tensor("position", position, seed.device)
+    try:
+        torch.broadcast_shapes(seed.shape, position.shape)
+    except RuntimeError:
+        raise SJDInputError(f"seed {list(seed.shape)} and position {list(position.shape)} must broadcast "
+                            f"against each other") from None
     w = rng.lane_words(seed, position, torch.zeros((), dtype=torch.int64, device=seed.device),
                        STREAM_SJD2_NOISE, 4 * dim)
     w = w.reshape(*w.shape[:-1], dim, 4)
