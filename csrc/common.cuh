@@ -47,6 +47,16 @@ inline std::string cuda_error_text(cudaError_t e) {
     if (!(cond)) throw std::invalid_argument(std::string("sjd_kernels: ") + (msg)); \
   } while (0)
 
+// A temperature the kernels can use: 0 (greedy), or positive with a finite float32 value and a finite
+// float32 reciprocal (the rows are scaled by 1 / float(T)). The Python ops check the same rule first.
+inline bool temperature_ok(double t) {
+  if (t == 0.0) return true;
+  if (!(t > 0.0)) return false;  // negative or NaN
+  const float f = static_cast<float>(t);
+  const float inv = 1.0f / f;
+  return f > 0.0f && f <= 3.4028234663852886e38f && inv <= 3.4028234663852886e38f;
+}
+
 // Number of visible devices; 0 (never an exception) when there is no device or no driver.
 inline int device_count_noexcept(std::string* why = nullptr) {
   int n = 0;

@@ -30,7 +30,7 @@ class RowSmemCache {
   // (``kernel``: any instantiation; they share the static layout).
   int max_lanes(int device, const void* kernel, const char* op) {
     require_device(device, op);
-    SJD_REQUIRE(device < kMaxDevices, "device index above 63");
+    device = resolve(device);
     const int cached = dev_[device].max_lanes.load();
     if (cached >= 0) return cached;
     int optin = 0;
@@ -56,6 +56,7 @@ class RowSmemCache {
   // memory on ``device``, once per size increase; nothing to do up to 48 KiB.
   void opt_in(int device, int dtype, const void* kernel, int bytes) {
     if (bytes <= 48 * 1024) return;
+    device = resolve(device);
     std::atomic<int>& done = dev_[device].dyn_set[dtype];
     if (done.load() >= bytes) return;
     SJD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -63,6 +64,14 @@ class RowSmemCache {
   }
 
  private:
+  // The cache's index of ``device``: a negative index is the runtime's current device (as in
+  // require_device), never an index before the array.
+  static int resolve(int device) {
+    if (device < 0) SJD_CUDA_CHECK(cudaGetDevice(&device));
+    SJD_REQUIRE(device >= 0 && device < kMaxDevices, "device index above 63");
+    return device;
+  }
+
   struct Device {
     std::atomic<int> max_lanes{-1};
     std::atomic<int> dyn_set[3]{};

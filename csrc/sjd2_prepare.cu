@@ -167,7 +167,8 @@ void dispatch(const Sjd2PrepareArgs& p, int64_t slots, cudaStream_t st) {
 
 void sjd2_prepare_launch(const Sjd2PrepareArgs& a) {
   SJD_REQUIRE(a.dtype == kF32 || a.dtype == kF16 || a.dtype == kBF16, "sjd2_prepare: dtype code must be 0, 1 or 2");
-  SJD_REQUIRE(a.B >= 0 && a.N >= 0 && a.B * a.N <= 2147483647, "sjd2_prepare: need 0 <= B * N < 2^31");
+  // B * N itself could wrap in 64 bits for huge sizes: compare by division
+  SJD_REQUIRE(a.B >= 0 && a.N >= 0 && (a.N == 0 || a.B <= 2147483647 / a.N), "sjd2_prepare: need 0 <= B * N < 2^31");
   SJD_REQUIRE(a.d >= 1 && a.K >= 0 && a.Vt >= 1 && a.R >= 1, "sjd2_prepare: need d >= 1, K >= 0, Vt >= 1, R >= 1");
   if (a.B * a.N == 0) return;
   SJD_REQUIRE(a.embed && a.mean && a.std_ && a.level_table && a.alpha && a.sigma && a.tokens && a.positions &&

@@ -35,12 +35,13 @@ def block_threads(n: int):
 
 def verify_chain_cuda(target, draft, ids, win_len, pos, seed, step, status):
     """Same arguments, results and status updates as ``reference.verify_chain.verify_chain``."""
+    from ..ops.verify_chain import check_args
     C = ext()
     dev = target.device
     if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got target_probs on {dev}")
-    B, W1, V = target.shape
-    W = W1 - 1
+    B, W, V = check_args(target, draft, ids, win_len, pos, seed, step, status)
+    W1 = W + 1
     if draft.dtype != target.dtype:
         target, draft = target.float(), draft.float()
     if target.dtype not in _DTYPE_CODE:

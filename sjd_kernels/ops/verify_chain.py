@@ -34,6 +34,21 @@ def _verify_chain_op(target: torch.Tensor, draft: torch.Tensor, ids: torch.Tenso
     return ref.verify_chain(*args)
 
 
+def check_args(target, draft, ids, win_len, pos, seed, step, status) -> tuple[int, int, int]:
+    """Shapes, dtypes and devices of the op's tensors: ``verify_chain`` checks them, and so do the
+    kernel wrappers before they hand pointers to a kernel (``torch.ops.sjd.verify_chain`` and the
+    wrappers called directly skip the public function). Returns ``(B, W, V)``; no value is read."""
+    B, W1, V = check_window_rows("target_probs", target)
+    W = W1 - 1
+    dev = target.device
+    check_tensor("draft_probs", draft, dtypes=FLOAT_DTYPES, dim=3, shape=(B, W, V), device=dev)
+    check_tensor("draft_ids", ids, dtypes=I64, dim=2, shape=(B, W), device=dev, contiguous=True)
+    for name, t in (("seed", seed), ("step", step), ("pos", pos), ("win_len", win_len)):
+        check_tensor(name, t, dtypes=I64, dim=1, shape=(B,), device=dev, contiguous=True)
+    check_tensor("status", status, dtypes=(torch.int32,), dim=1, shape=(4,), device=dev, contiguous=True)
+    return B, W, V
+
+
 @_verify_chain_op.register_fake
 def _(target, draft, ids, win_len, pos, seed, step, status, backend):
     B, W1, _ = target.shape
@@ -69,17 +84,13 @@ def verify_chain(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_id
     B, W1, V = check_window_rows("target_probs", target_probs)
     W = W1 - 1
     dev = target_probs.device
-    check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, dim=3, shape=(B, W, V), device=dev)
-    check_tensor("draft_ids", draft_ids, dtypes=I64, dim=2, shape=(B, W), device=dev, contiguous=True)
     if step is None or pos is None:
         zeros = torch.zeros(B, dtype=torch.int64, device=dev)
         step = zeros if step is None else step
         pos = zeros if pos is None else pos
     win_len = torch.full((B,), W, dtype=torch.int64, device=dev) if win_len is None else win_len
-    for name, t in (("seed", seed), ("step", step), ("pos", pos), ("win_len", win_len)):
-        check_tensor(name, t, dtypes=I64, dim=1, shape=(B,), device=dev, contiguous=True)
     status = new_status(dev) if status is None else status
-    check_tensor("status", status, dtypes=(torch.int32,), dim=1, shape=(4,), device=dev, contiguous=True)
+    check_args(target_probs, draft_probs, draft_ids, win_len, pos, seed, step, status)
     be = resolve_backend(backend, dev)
     # no host sync on a GPU: out-of-range requests run with win_len 0 (and pos 0), return -1 and set
     # status bit 8 (win_len) or 16 (pos); on the CPU they are SJDInputErrors

@@ -133,8 +133,9 @@ def kernel_config(V: int, W: int) -> dict:
 def verify_chain_triton(target, draft, ids, win_len, pos, seed, step, status):
     """``verify_chain`` with the Triton kernel: same arguments and results as the reference. The
     laws need a contiguous last dimension (any row strides)."""
-    B, W1, V = target.shape
-    W = W1 - 1
+    from ..ops.verify_chain import check_args
+    B, W, V = check_args(target, draft, ids, win_len, pos, seed, step, status)
+    W1 = W + 1
     dev = target.device
     target, draft = lane_contiguous(target), lane_contiguous(draft)
     ids, win_len, pos, seed, step = (t.contiguous() for t in (ids, win_len, pos, seed, step))

@@ -1,0 +1,103 @@
+"""The raw-pointer boundary: what the CUDA bindings and the kernel wrappers refuse when they are called
+without the public ops' checks (``torch.ops.sjd.*``, the wrappers, or the ``_C`` functions directly).
+
+The CUDA sources run in the CPU simulator (``sjd_kernels.cuda.sim``), built from the same files as the
+extension; the Triton wrapper under the interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sjd_kernels as sk  # noqa: E402
+from _util import sim_module  # noqa: E402
+from sjd_kernels.ops._common import SJDInputError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def C():
+    return sim_module()
+
+
+def test_device_minus_one_is_the_current_device(C):
+    """-1 (the runtime's current device) indexed the per-device cache at [-1], before its array."""
+    for fn in (C.jacobi_step_max_smem_lanes, C.tree_verify_max_smem_lanes):
+        assert fn(-1) == fn(0) > 0, fn.__name__
+
+
+@pytest.mark.parametrize("T", [1e-300, 1e300, float("inf"), float("nan"), -1.0])
+def test_binding_refuses_a_temperature_the_op_refuses(C, T):
+    """The binding took any T >= 0: 1e-300 scaled every row by an infinite reciprocal (a NaN error),
+    1e300 and inf sampled uniformly. Now the op's rule: 0 or a float32 with a finite float32 reciprocal."""
+    from sjd_kernels.cuda import sim
+    from sjd_kernels.cuda.jacobi_step import jacobi_step_cuda
+    with pytest.raises(SJDInputError, match="temperature must be 0"):
+        sk.ops._common.check_temperature(T)
+    B, W, V = 1, 2, 8
+    st = sk.JacobiState.create(B, W, V, seed=[1])
+    logits = torch.randn(B, W + 1, V, generator=torch.Generator().manual_seed(0))
+    drafts = torch.zeros(B, W, dtype=torch.int64)
+    wl, pos = torch.full((B,), W), torch.zeros(B, dtype=torch.int64)
+    with sim.simulate(), pytest.raises(ValueError, match="jacobi_step: temperature must be 0"):
+        jacobi_step_cuda(logits, None, None, drafts, wl, pos, st.seed, st.step, None, st.q_state, st.q_kind,
+                         st.p_prev, st.status, T, 0, 1.0, 0, 0.0, 0, 1e-6, 0)
+    assert st.status.tolist() == [0, 0, 0, 0]
+
+
+def test_tree_verify_binding_refuses_the_same_temperatures(C):
+    import test_tree_verify_kernels as ttv
+    from sjd_kernels.cuda import sim
+    from sjd_kernels.cuda.tree_verify import tree_verify_cuda
+    kw = ttv.make_case(**ttv.CASES["K3-depth2"])
+    for T in (1e-300, float("inf")):
+        with sim.simulate(), pytest.raises(ValueError, match="tree_verify: temperature must be 0"):
+            ttv.run(tree_verify_cuda, dict(kw, temperature=T))
+    with sim.simulate():
+        (num, _, _), status = ttv.run(tree_verify_cuda, kw)              # the case's own temperature runs
+    assert (num >= 0).all() and status.tolist() == [0, 0, 0, 0]
+
+
+def test_sjd2_prepare_size_check_does_not_wrap(C):
+    """``B * N < 2^31`` was checked as an int64 product: B = 2^62, N = 4 wrapped to 0 (returned having
+    done nothing), B = 2^32 + 1, N = 2^32 - 1 to -1 (past the check). No pointer is read before it."""
+    base = dict(dtype=0, embed=16, mean=16, std=16, level_table=16, alpha=16, sigma=16, tokens=16, positions=16,
+                seed=16, commit_end=16, fresh_start=16, row_end=16, latent=16, level=16, out=16, status=16,
+                R=1, Vt=1, d=1, K=0, device=0, stream=0)
+    for B, N in [(2 ** 31, 2), (2 ** 62, 4), (2 ** 32 + 1, 2 ** 32 - 1), (2 ** 16, 2 ** 15)]:
+        with pytest.raises(ValueError, match=r"need 0 <= B \* N < 2\^31"):
+            C.sjd2_prepare(B=B, N=N, **base)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_verify_chain_wrappers_check_the_draft_laws(C, backend):
+    """The CUDA wrapper passed draft_probs' pointer and strides unchecked: a [B, W, 2] law for V = 64
+    was read past its end (the reference raises on it)."""
+    from sjd_kernels.cuda import sim
+    from sjd_kernels.cuda.verify_chain import verify_chain_cuda
+    from sjd_kernels.triton.verify_chain import verify_chain_triton
+    fn = verify_chain_cuda if backend == "cuda" else verify_chain_triton
+    B, W, V = 2, 4, 64
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(B, W + 1, V, generator=g).softmax(-1)
+    ids = torch.randint(0, V, (B, W), generator=g)
+
+    def call(draft, ids=ids, status=None):
+        status = torch.zeros(4, dtype=torch.int32) if status is None else status
+        with sim.simulate():
+            return fn(target, draft, ids, torch.full((B,), W), torch.zeros(B, dtype=torch.int64), torch.arange(B),
+                      torch.zeros(B, dtype=torch.int64), status)
+    good = torch.rand(B, W, V, generator=g).softmax(-1)
+    for bad, what in ((good[..., :2], "draft_probs must have shape"), (good.double(), "draft_probs must have dtype"),
+                      (good.to(torch.int64), "draft_probs must have dtype")):
+        with pytest.raises(SJDInputError, match=what):
+            call(bad)
+    with pytest.raises(SJDInputError, match="draft_ids must have shape"):
+        call(good, ids=ids[:, :2])
+    with pytest.raises(SJDInputError, match="status must"):
+        call(good, status=torch.zeros(3, dtype=torch.int32))
+    num, tok = call(good)                                      # the checks pass good inputs
+    assert num.shape == (B,) and tok.shape == (B, W + 1) and ((num >= 0) & (num <= W)).all()
