@@ -41,7 +41,6 @@ def test_compare_knows_each_metrics_direction(metric, base, cur):
 def test_compare_matches_e2e_rows_of_the_same_image_length_only():
     """Runs over 20 and 196 tokens are different rows (a 20-token run's NFE is no improvement on a
     196-token one); with no row in common nothing is compared, and that is exit 2, not a pass."""
-    from sjd_kernels.bench.compare import main_compare
     short, full = _e2e_row(num_tokens="20", nfe="20"), _e2e_row(num_tokens="196", nfe="196")
     res = compare([short], [full], tol=0.1, metrics=["nfe"])
     assert res["matched"] == 0 and res["compared"] == 0 and not res["improvements"], res
