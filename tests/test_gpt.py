@@ -151,6 +151,19 @@ def test_save_load_roundtrip_and_hash(tmp_path, cond_dim):
         load_gpt(tmp_path / "nothing")
 
 
+def test_save_with_info_json_cannot_hold_keeps_the_previous_checkpoint(tmp_path):
+    """The weights were written, then json.dump failed half-way through the .json: the previous
+    checkpoint at that path could no longer be loaded."""
+    from sjd_kernels.ops._common import SJDInputError
+    m = tiny(seed=7).float()
+    save_gpt(m, tmp_path / "g", extra={"loss": 1.0})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SJDInputError, match="g.json: the manifest cannot be written as JSON"):
+        save_gpt(tiny(seed=8).float(), tmp_path / "g", extra={"loss": torch.tensor(1.0)})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert torch.equal(load_gpt(tmp_path / "g").tok_emb.weight, m.tok_emb.weight)
+
+
 def test_drop_condition():
     g = torch.Generator().manual_seed(0)
     c = torch.zeros(10_000, dtype=torch.int64)

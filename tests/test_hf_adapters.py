@@ -94,6 +94,32 @@ def test_llama_logits_and_greedy(attn):
     assert torch.equal(g1.tokens, g2.tokens)
 
 
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
+def test_families_that_scale_their_logits(family):
+    """Granite divides the head's output by config.logits_scaling, Cohere multiplies it by
+    config.logit_scale, Gemma2 soft-caps it: the image logits are the model's own (the adapter
+    returned Granite's and Cohere's unscaled, a 4x and a 1/16x temperature change)."""
+    common = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if family == "granite":
+        hf = transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=4.0))
+    elif family == "cohere":
+        hf = transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.0625))
+    else:
+        cfg = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=0.5)
+        cfg._attn_implementation = "eager"
+        hf = transformers.Gemma2ForCausalLM(cfg)
+    hf = hf.double().eval()
+    a = HFImageLM(hf, list(range(8, 24)))
+    assert (a._logit_mult is None) == (family == "gemma2")
+    seq = torch.tensor([[1, 5, 9, 30, 12]])
+    with torch.no_grad():
+        want = hf(input_ids=seq).logits[..., 8:24]
+        got = a(hf.get_input_embeddings()(seq), torch.arange(5)[None])
+    assert torch.allclose(got, want, atol=1e-12), (got - want).abs().max()
+
+
 def test_non_contiguous_image_ids():
     hf = llama(seed=1)
     ids = [30, 2, 17, 9, 11, 25, 4, 38]
@@ -192,3 +218,35 @@ def test_unsupported_layer_types_are_refused():
     hf.config.layer_types = ["full_attention", "chunked_attention"]
     with pytest.raises(sk.SJDInputError, match=r"layer types \['chunked_attention'\] are not supported"):
         HFImageLM(hf, list(range(8, 24)))
+
+
+def test_alibi_models_are_refused():
+    """Bloom builds its ALiBi bias from a 2-D padding mask: the adapter's per-row 4-D masks crashed
+    inside transformers at the first cached forward."""
+    torch.manual_seed(0)
+    hf = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=40, hidden_size=32, n_layer=2, n_head=4))
+    with pytest.raises(sk.SJDInputError, match="ALiBi attention is not supported"):
+        HFImageLM(hf.double().eval(), list(range(8, 24)))
+
+
+def test_learned_position_tables_bound_the_cache():
+    """GPT-2 adds a learned table of n_positions: within it the adapter gives the model's logits and
+    greedy decoding; a cache longer than the table is a named error (it was an IndexError inside the
+    model, a device assert on a GPU)."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4,
+                                                              n_positions=24)).double().eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20.0)
+    ids = list(range(8, 24))
+    a = HFImageLM(hf, ids)
+    assert a._pos_limit == 24
+    seq = torch.tensor([[1, 5, 9, 30, 12]])
+    with torch.no_grad():
+        want = hf(input_ids=seq).logits[..., 8:24]
+        got = a(hf.get_input_embeddings()(seq), torch.arange(5)[None])
+    assert torch.allclose(got, want, atol=1e-12)
+    ref = greedy_reference(hf, ids, [[1, 5, 9]], None, 8, 1.0)
+    assert torch.equal(generate(a, [[1, 5, 9]], 8, "sjd", window=3, top_k=1).tokens, ref)
+    with pytest.raises(sk.SJDInputError, match="learned table of 24 positions"):
+        generate(a, [[1, 5, 9]], 22, "ar", top_k=1)

@@ -115,6 +115,8 @@ def test_gpt_config(kw, name):
     (lambda m: m.prefix(None, False), "cond must"),
     (lambda m: m.prefix(torch.tensor([1]), True, torch.tensor([7])), "uncond: class ids must be in"),
     (lambda m: tiny_gpt(cond_dim=4).prefix(torch.tensor([[0.0, float("inf"), 0.0, 0.0]]), False), "cond holds infinite"),
+    (lambda m: tiny_gpt(cond_dim=4).prefix(torch.tensor([[1.0] * 4, [0.0, float("nan"), 0.0, 0.0]]), False),
+     r"cond rows \[1\] hold NaN in some entries only"),                # was silently the null condition
     (lambda m: m.embed_tokens(torch.tensor([[16]])), "ids must"),
     (lambda m: m.embed_tokens(torch.tensor([[-1, 2]])), "ids must"),
     (lambda m: m.embed_tokens(torch.tensor([[1.0]])), "ids must"),
@@ -122,11 +124,18 @@ def test_gpt_config(kw, name):
     (lambda m: drop_condition(torch.tensor([1, 2]), float("nan"), 3), "p must"),    # NaN: never dropped
     (lambda m: drop_condition(torch.tensor([1, 2]), 2.0, 3), "p must"),             # 2: always dropped
     (lambda m: drop_condition([1, 2], 0.5, 3), "cond must"),
-], ids=["cond_str", "cond_none", "uncond_class", "cond_inf", "id_V", "id_neg", "id_float", "null_batch", "p_nan",
+], ids=["cond_str", "cond_none", "uncond_class", "cond_inf", "cond_partial_nan", "id_V", "id_neg", "id_float", "null_batch", "p_nan",
         "p_2", "drop_list"])
 def test_gpt_conditions_and_ids(call, msg):
     with pytest.raises(SJDInputError, match=f"^{msg}"):
         call(tiny_gpt())
+
+
+def test_a_row_of_nan_only_is_the_null_condition():
+    m = tiny_gpt(cond_dim=4)
+    e = m.embed_cond(torch.tensor([[float("nan")] * 4, [0.5, 0.0, 1.0, 2.0]]))
+    assert torch.equal(e[0, 0], m.null_cond.detach()) and not torch.equal(e[1, 0], m.null_cond.detach())
+    assert torch.equal(m.embed_cond(m.null_condition(2)), m.null_cond.detach().expand(2, 1, -1))
 
 
 X = torch.randn(1, 3, 16)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +251,12 @@ class GPT(nn.Module):
         if host_checks(cond) and bool(cond.isinf().any()):
             rows = cond.isinf().any(-1).nonzero().flatten().tolist()
             raise SJDInputError(f"{name} holds infinite values (rows {rows}); a NaN row is the null condition")
+        if host_checks(cond):
+            nan = cond.isnan()
+            part = nan.any(-1) & ~nan.all(-1)
+            if bool(part.any()):
+                raise SJDInputError(f"{name} rows {part.nonzero().flatten().tolist()} hold NaN in some entries only; "
+                                    f"a row of NaN only is the null condition")
         return cond
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -265,12 +270,14 @@ class GPT(nn.Module):
         return self.tok_emb(ids)
 
     def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
-        """``[B]`` class ids (or ``[B, cond_dim]``, NaN rows = null) -> ``[B, 1, d]``."""
+        """``[B]`` class ids (or ``[B, cond_dim]``, rows of NaN only = null) -> ``[B, 1, d]``."""
         cond = self.check_cond(cond)
         if self.config.cond_dim is None:
             return self.cls_emb(cond).unsqueeze(1)
-        null = torch.isnan(cond).any(-1, keepdim=True)
-        e = self.cond_proj(torch.nan_to_num(cond).to(self.null_cond.dtype))
+        # a row of NaN only is the null condition; a row with some NaN (refused on the host) keeps them,
+        # so on a GPU its logits are NaN and the decoding reports the request instead of conditioning on 0s
+        null = torch.isnan(cond).all(-1, keepdim=True)
+        e = self.cond_proj(torch.where(null, torch.zeros_like(cond), cond).to(self.null_cond.dtype))
         return torch.where(null, self.null_cond.expand_as(e), e).unsqueeze(1)
 
     def prefix(self, cond, cfg: bool, uncond=None) -> Prefix:
@@ -376,20 +383,20 @@ def _paths(path) -> tuple[Path, Path]:
 def save_gpt(model: GPT, path, extra: dict | None = None) -> dict:
     """Write ``<stem>.safetensors`` (weights, fp32 as stored) and ``<stem>.json``; returns the JSON dict.
 
-    ``path`` may be the stem or either file's name. ``extra`` is stored under ``"info"``.
+    ``path`` may be the stem or either file's name. ``extra`` is stored under ``"info"``. Both files
+    are replaced only once both are written: an ``extra`` value JSON cannot hold is an ``SJDInputError``
+    and leaves a previous checkpoint at ``path`` loadable.
     """
-    from safetensors.torch import save_file
+    from .bundled import write_together
     wpath, jpath = _paths(path)
     wpath.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(wpath))
-    meta = {"format": CHECKPOINT_FORMAT, "kind": "sjd_kernels.GPT", "config": model.config.to_dict(),
-            "file": wpath.name, "sha256": sha256_file(wpath), "bytes": wpath.stat().st_size,
-            "info": extra or {}}
-    with open(jpath, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
-    return meta
+
+    def meta(stats):
+        sha, size = stats[wpath]
+        return {"format": CHECKPOINT_FORMAT, "kind": "sjd_kernels.GPT", "config": model.config.to_dict(),
+                "file": wpath.name, "sha256": sha, "bytes": size, "info": extra or {}}
+    return write_together({wpath: sd}, jpath, meta)
 
 
 def load_gpt(path, device="cpu", dtype=torch.float32) -> GPT:

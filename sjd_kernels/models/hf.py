@@ -69,6 +69,7 @@ Janus tests are skipped, with the reason, on a ``transformers`` without those cl
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Sequence
 
 import torch
@@ -144,8 +145,39 @@ def _sliding_layers(cfg, num_layers: int) -> tuple[list, int | None]:
     return sliding, int(window) if any(sliding) else None
 
 
+def _position_limit(cfg, decoder) -> int | None:
+    """Positions the model can take, when it adds a learned position table (GPT-2's ``wpe``, OPT's
+    ``embed_positions``; None for rotary and other computed positions). ALiBi models are refused: they
+    build their bias from a 2-D padding mask, where the adapter passes per-row 4-D masks."""
+    mt = getattr(cfg, "model_type", "")
+    if mt in ("bloom", "mpt") or getattr(cfg, "alibi", False):
+        raise SJDInputError(f"{mt or type(cfg).__name__}: ALiBi attention is not supported (its bias is built from a "
+                            f"2-D padding mask; the adapter passes per-row 4-D cache masks)")
+    for name in ("wpe", "embed_positions", "position_embeddings"):
+        table = getattr(decoder, name, None)
+        if isinstance(table, nn.Embedding):
+            return int(table.num_embeddings) - int(getattr(table, "offset", 0) or 0)
+    return None
+
+
 def _max_tokens(v):
     return None if v is None else check_int("max_image_tokens", v, 1)
+
+
+def _logit_multiplier(cfg) -> float | None:
+    """The factor some families apply to the LM head's output before any soft-capping (None: none):
+    Cohere's ``logit_scale`` (times), Granite's ``logits_scaling`` (divided by), ``output_multiplier``
+    (times). Left out, the target law would be the model's at another temperature."""
+    mult = 1.0
+    for name, invert in (("logit_scale", False), ("logits_scaling", True), ("output_multiplier", False)):
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        v = float(v)
+        if not (math.isfinite(v) and v > 0):
+            raise SJDInputError(f"the model's config.{name} = {v} is not a finite positive logit scale")
+        mult = mult / v if invert else mult * v
+    return None if mult == 1.0 else mult
 
 
 class HFImageLM(nn.Module):
@@ -187,10 +219,12 @@ class HFImageLM(nn.Module):
         # layers that attend within a window: the per-row masks cover the whole cache, so a cache (or an
         # uncached input) longer than the window would let them see past it (checked in forward)
         self._sliding, self.sliding_window = _sliding_layers(cfg, self.num_layers)
+        self._pos_limit = _position_limit(cfg, self.decoder)
         self.max_image_tokens = _max_tokens(max_image_tokens)
         self.uncond_prompt = (None if uncond_prompt is None
                               else _id_seq(uncond_prompt, "uncond_prompt", full_vocab).tolist())
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._logit_mult = _logit_multiplier(cfg)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -293,6 +327,13 @@ class HFImageLM(nn.Module):
                     f"{self.sliding_window} tokens, and this forward spans {span} cache slots or inputs: the "
                     f"adapter's masks do not apply the window, so those layers would see past it. Keep prompt + "
                     f"image tokens + window (the cache) within {self.sliding_window} tokens")
+        if self._pos_limit is not None:
+            span = mask.shape[-1] if mask is not None else inputs_embeds.shape[1]
+            if span > self._pos_limit:
+                raise SJDInputError(
+                    f"the model has a learned table of {self._pos_limit} positions, and this forward spans {span} "
+                    f"cache slots or inputs: positions past the table would index out of it. Keep prompt + image "
+                    f"tokens + window (the cache) within {self._pos_limit} tokens")
         kw = dict(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=cache is not None)
         if cache is not None:
             kw[self._cache_kw] = _CacheBridge(cache, write_slots, self._sliding)
@@ -304,6 +345,8 @@ class HFImageLM(nn.Module):
         """The image-only head: decoder hidden states ``[..., d]`` -> image logits ``[..., V]``."""
         w, b = self.image_head()
         logits = F.linear(hidden, w, b)
+        if self._logit_mult is not None:
+            logits = logits * self._logit_mult
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
@@ -455,6 +498,7 @@ class JanusImageLM(HFImageLM):
             max_image_tokens = getattr(vis, "num_image_tokens", None)
         self.hidden_size = d
         self._sliding, self.sliding_window = _sliding_layers(cfg, self.num_layers)
+        self._pos_limit = _position_limit(cfg, self.decoder)
         self.max_image_tokens = _max_tokens(max_image_tokens)
         full = self.lm_head.weight.shape[0]
         self.uncond_prompt = None if uncond_prompt is None else _id_seq(uncond_prompt, "uncond_prompt", full).tolist()
