@@ -101,3 +101,102 @@ def test_verify_chain_wrappers_check_the_draft_laws(C, backend):
         call(good, status=torch.zeros(3, dtype=torch.int32))
     num, tok = call(good)                                      # the checks pass good inputs
     assert num.shape == (B,) and tok.shape == (B, W + 1) and ((num >= 0) & (num <= W)).all()
+
+
+# ------------------------------------------------- every kernel wrapper checks its tensors (direct calls)
+def _wrappers(name):
+    """(backend, wrapper) pairs of one op; the CUDA ones run in the simulator."""
+    if name == "jacobi_step":
+        from sjd_kernels.cuda.jacobi_step import jacobi_step_cuda as c
+        from sjd_kernels.triton.jacobi_step import jacobi_step_triton as t
+    elif name == "tree_verify":
+        from sjd_kernels.cuda.tree_verify import tree_verify_cuda as c
+        from sjd_kernels.triton.tree_verify import tree_verify_triton as t
+    elif name == "sjd2_prepare":
+        from sjd_kernels.cuda.sjd2_prepare import sjd2_prepare_cuda as c
+        from sjd_kernels.triton.sjd2_prepare import sjd2_prepare_triton as t
+    return [("cuda", c), ("triton", t)]
+
+
+def _refused(fn, args, kwargs, match):
+    from sjd_kernels.cuda import sim
+    with sim.simulate(), pytest.raises(SJDInputError, match=match):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("bad", ["q_state_width", "forced_batch", "status_size", "q_kind_rows"])
+def test_jacobi_step_wrappers_check_every_tensor(C, bad):
+    """The Triton wrapper read and wrote past a [B, R, 4] q_state for V = 16 (32 floats past its end),
+    and read ids past a [1, L] forced for B = 2; both wrappers now refuse what the reference refuses."""
+    B, W, V = 2, 2, 16
+    st = sk.JacobiState.create(B, W, V, seed=[1, 2])
+    R = st.q_state.shape[1]
+    t = dict(logits=torch.randn(B, W + 1, V, generator=torch.Generator().manual_seed(0)), uncond=None, cfg_scale=None,
+             drafts=torch.zeros(B, W, dtype=torch.int64), win_len=torch.full((B,), W),
+             pos=torch.zeros(B, dtype=torch.int64), seed=st.seed, step=st.step, forced=None, q_state=st.q_state,
+             q_kind=st.q_kind, p_prev=st.p_prev, status=st.status)
+    bad_t, match = {"q_state_width": ({"q_state": torch.zeros(B, R, 4)}, "state.q_state must have shape"),
+                    "forced_batch": ({"forced": torch.full((1, 8), 3)}, "forced must have shape"),
+                    "status_size": ({"status": torch.zeros(1, dtype=torch.int32)}, "state.status must have shape"),
+                    "q_kind_rows": ({"q_kind": torch.zeros(B, R - 1, dtype=torch.int32)}, "state.q_kind must have shape"),
+                    }[bad]
+    t.update(bad_t)
+    args = list(t.values()) + [1.0, 0, 1.0, 0, 0.0, 0, 1e-6, 0]
+    for backend, fn in _wrappers("jacobi_step"):
+        _refused(fn, args, {}, match)
+    from sjd_kernels.ops._common import BACKEND_CODE
+    for backend in ("cuda", "triton"):                      # the registered op reaches the same checks
+        from sjd_kernels.cuda import sim
+        with sim.simulate(), pytest.raises(SJDInputError, match=match):
+            torch.ops.sjd.jacobi_step(*list(t.values())[:12], torch.empty(0, dtype=torch.int32), t["status"],
+                                      1.0, 0, 1.0, 0, 0.0, 0, 1e-6, 0, BACKEND_CODE[backend])
+
+
+@pytest.mark.parametrize("bad", ["parent_rows", "q_state_width", "forced_batch"])
+def test_tree_verify_wrappers_check_every_tensor(C, bad):
+    """The Triton wrapper walked a tree read past a [B-1, N] parent array and verified against a
+    [B, R, 8] q_state for V = 37, returning results with a clean status."""
+    import test_tree_verify_kernels as ttv
+    kw = ttv.make_case(**ttv.CASES["K3-depth2"])
+    B, N, V = kw["logits"].shape
+    R = kw["q_state"].shape[1]
+    change, match = {"parent_rows": (dict(parent=kw["parent"][:B - 1].clone()), "tree.parent must have shape"),
+                     "q_state_width": (dict(q_state=torch.zeros(B, R, 8)), "state.q_state must have shape"),
+                     "forced_batch": (dict(forced=torch.full((1, 64), -1)), "forced must have shape")}[bad]
+    kw = dict(kw, **change)
+    for backend, fn in _wrappers("tree_verify"):
+        _refused(ttv.run, (fn, kw), {}, match)
+
+
+@pytest.mark.parametrize("bad", ["latent_width", "positions_short", "tokens_int32"])
+def test_sjd2_prepare_wrappers_check_every_tensor(C, bad):
+    """Neither wrapper checked anything: a [B, R, d/2] latent ring was written 216 floats past its end,
+    a [B, 2] positions array read past its end, int32 tokens read as int64."""
+    import test_sjd2 as ts
+    c = ts._prepare_case()
+    B, R, d = c["latent"].shape
+    change, match = {"latent_width": (dict(latent=torch.zeros(B, R, d // 2)), "latent must have shape"),
+                     "positions_short": (dict(positions=c["positions"][:, :2].clone()), "positions must have shape"),
+                     "tokens_int32": (dict(tokens=c["tokens"].to(torch.int32)), "tokens must have dtype")}[bad]
+    c = dict(ts._clone(c), **change)
+    order = ("embed_weight", "mean", "std", "level_table", "alpha", "sigma", "tokens", "positions", "seed",
+             "commit_end", "fresh_start", "row_end", "latent", "level")
+    args = [c[k] for k in order] + [torch.zeros(4, dtype=torch.int32)]
+    for backend, fn in _wrappers("sjd2_prepare"):
+        _refused(fn, args, {}, match)
+
+
+def test_tree_kv_update_triton_wrappers_check_every_tensor(C):
+    """The list wrapper looked at keys[0] only (a [1, 1, 4, 4] layer beside S = 8 was written 8 floats
+    past its end); the stacked one read path and cache_len rows past a [1, P] path for R = 2."""
+    from sjd_kernels.triton.tree_kv_update import tree_kv_update_list_triton, tree_kv_update_triton
+    st = torch.zeros(4, dtype=torch.int32)
+    path, cl = torch.tensor([[0, 2, 3]]), torch.tensor([4])
+    k0 = torch.zeros(1, 1, 8, 4)
+    with pytest.raises(SJDInputError, match="every K/V tensor must match keys"):
+        tree_kv_update_list_triton([k0, torch.zeros(1, 1, 4, 4)], [k0.clone(), k0.clone()], path, cl, None, st)
+    with pytest.raises(SJDInputError, match=r"need path \[R=2, P\]"):
+        tree_kv_update_triton(torch.zeros(1, 2, 2, 1, 8, 4), path, cl, st)
+    with pytest.raises(SJDInputError, match="status must be a contiguous int32"):
+        tree_kv_update_triton(torch.zeros(1, 2, 1, 1, 8, 4), path, cl, st.to(torch.int64))
+    assert st.tolist() == [0, 0, 0, 0]

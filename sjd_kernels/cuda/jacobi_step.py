@@ -136,10 +136,10 @@ def jacobi_step_cuda(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step
     dev = logits.device
     if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got logits on {dev}")
-    if logits.dim() != 3:
-        raise SJDInputError(f"logits must be [B, W+1, V], got shape {list(logits.shape)}")
-    B, W1, V = logits.shape
-    W = W1 - 1
+    from ..ops.jacobi_step import check_kernel_args
+    B, W, V = check_kernel_args(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind,
+                                p_prev, status, q_idx)
+    W1 = W + 1
     sparse = q_idx is not None and q_idx.numel() > 0
     R = q_state.shape[1] if q_state.dim() == 3 else -1
     logits, uncond = _prepare_logits(logits, uncond, cfg_scale)

@@ -19,14 +19,15 @@ from .jacobi_step import _DTYPE_CODE
 def sjd2_prepare_cuda(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
                       commit_end, fresh_start, row_end, latent, level, status):
     """Same arguments, result and ring updates as ``reference.sjd2_prepare.sjd2_prepare``."""
+    from ..ops.sjd2_prepare import check_kernel_args
     C = ext()
     dev = embed_weight.device
     if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got embed_weight on {dev}")
     if embed_weight.dtype not in _DTYPE_CODE:
         raise SJDInputError(f"the CUDA kernel takes float32, float16 or bfloat16 embed_weight, got {embed_weight.dtype}")
-    B, N = tokens.shape
-    Vt, d = embed_weight.shape
+    Vt, d, B, N, _ = check_kernel_args(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
+                                       commit_end, fresh_start, row_end, latent, level, status)
     out = torch.empty((B, N, d), dtype=embed_weight.dtype, device=dev)
     if B * N == 0:
         return out

@@ -30,24 +30,17 @@ def _align(addrs) -> int:
 
 
 def _check_index(path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tensor, dev: torch.device, R: int):
+    from ..ops.tree import check_kv_index
     if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got the cache on {dev}")
-    for name, t, dt in (("path", path, torch.int64), ("cache_len", cache_len, torch.int64),
-                        ("status", status, torch.int32)):
-        if t.device != dev or t.dtype != dt or not t.is_contiguous():
-            raise SJDInputError(f"{name} must be a contiguous {str(dt).replace('torch.', '')} tensor on {dev}, got "
-                                f"{t.device} {str(t.dtype).replace('torch.', '')} strides {t.stride()}")
-    if path.dim() != 2 or path.shape[0] != R or cache_len.shape != (R,) or status.numel() != 4:
-        raise SJDInputError(f"need path [R={R}, P], cache_len [R] and status [4], got {list(path.shape)}, "
-                            f"{list(cache_len.shape)}, {list(status.shape)}")
+    check_kv_index(path, cache_len, status, dev, R)
 
 
 def tree_kv_update_cuda(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tensor) -> None:
     """``reference.tree.tree_kv_update`` on a stacked cache ``kv [layers, 2, R, H_kv, S, D]`` (last dim contiguous)."""
+    from ..ops.tree import check_kv_stacked
     C = ext()
-    if kv.dim() != 6 or kv.shape[1] != 2 or kv.dtype not in _ELEM:
-        raise SJDInputError(f"cache must be [layers, 2, R, H_kv, S, D] bf16/fp16/fp32, got {list(kv.shape)} {kv.dtype}")
-    L, _, R, H, S, D = kv.shape
+    L, _, R, H, S, D = check_kv_stacked(kv)
     _check_index(path, cache_len, status, kv.device, R)
     if kv.numel() == 0 or R == 0:
         from ..reference.tree import tree_kv_update
@@ -67,21 +60,14 @@ def tree_kv_update_list_cuda(keys, values, path: torch.Tensor, cache_len: torch.
     """``reference.tree.tree_kv_update_list`` for per-layer ``keys[l], values[l] [R, H_kv, S, D]`` (common
     dtype, shape and strides). ``ptr_table``: ``ops.tree.kv_pointer_table(keys, values)`` (int64
     ``[2 * layers]``: ``k0, v0, k1, v1, ...`` on the device), or None to build one here."""
+    from ..ops.tree import check_kv_list
     C = ext()
-    keys, values = list(keys), list(values)
-    if not keys or len(keys) != len(values):
-        raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)}, {len(values)}")
+    keys, values = check_kv_list(keys, values)
     k0 = keys[0]
-    if k0.dim() != 4 or k0.dtype not in _ELEM:
-        raise SJDInputError(f"keys[0] must be [R, H_kv, S, D] bf16/fp16/fp32, got {list(k0.shape)} {k0.dtype}")
     R, H, S, D = k0.shape
     dev = k0.device
     _check_index(path, cache_len, status, dev, R)
     tensors = keys + values
-    for t in tensors:
-        if t.shape != k0.shape or t.stride() != k0.stride() or t.dtype != k0.dtype or t.device != dev:
-            raise SJDInputError(f"every K/V tensor must match keys[0] ({list(k0.shape)}, strides {k0.stride()}, "
-                                f"{k0.dtype}, {dev}), got {list(t.shape)}, strides {t.stride()}, {t.dtype}, {t.device}")
     if k0.numel() == 0 or R == 0:
         from ..reference.tree import tree_kv_update_list
         return tree_kv_update_list(keys, values, path, cache_len, status)

@@ -38,9 +38,9 @@ def tree_verify_cuda(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_sl
     dev = logits.device
     if not kernel_device(dev):
         raise SJDInputError(f"the CUDA backend needs CUDA tensors, got logits on {dev}")
-    if logits.dim() != 3:
-        raise SJDInputError(f"logits must be [B, N, V], got shape {list(logits.shape)}")
-    B, N, V = logits.shape
+    from ..ops.tree import check_verify_kernel_args
+    B, N, V = check_verify_kernel_args(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step,
+                                       forced, q_state, q_kind, status, max_depth)
     L1 = int(max_depth) + 1
     logits, uncond = _prepare_logits(logits, uncond, cfg_scale)
     for name, t in (("tokens", tokens), ("parent", parent), ("depth", depth), ("sib", sib), ("q_slot", q_slot)):

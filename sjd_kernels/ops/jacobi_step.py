@@ -153,36 +153,57 @@ def sparse_vp_problem(sparse: bool, vp_form: str, beta: float) -> str | None:
     return None
 
 
+def check_kernel_args(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev,
+                      status, q_idx=None, inputs_contiguous: bool = True) -> tuple[int, int, int]:
+    """Shapes, dtypes, devices and contiguity of every tensor the op hands to a kernel; returns
+    ``(B, W, V)``. ``jacobi_step`` checks them (and more), and so do the kernel wrappers, which
+    ``torch.ops.sjd.jacobi_step`` and direct calls reach without it. No value is read (no sync).
+    ``inputs_contiguous=False``: the read-only index tensors (drafts, win_len, pos, seed, step,
+    forced) may be strided (a wrapper that copies them); the state it writes must be contiguous."""
+    B, W1, V = check_window_rows("logits", logits)
+    W = W1 - 1
+    dev = logits.device
+    ic = inputs_contiguous
+    check_cfg(uncond, cfg_scale, logits)
+    check_tensor("drafts", drafts, dtypes=I64, shape=(B, W), dim=2, device=dev, contiguous=ic, last_contiguous=ic)
+    for name, t in (("win_len", win_len), ("pos", pos), ("state.seed", seed), ("state.step", step)):
+        check_tensor(name, t, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=ic, last_contiguous=ic)
+    check_tensor("state.status", status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    if forced is not None:
+        check_tensor("forced", forced, dtypes=I64, dim=2, shape=(B, None), device=dev, contiguous=ic, last_contiguous=ic)
+    sparse = q_idx is not None and q_idx.numel() > 0
+    if sparse:
+        check_tensor("state.q_idx", q_idx, dtypes=(torch.int32,), shape=(B, None, None), dim=3, device=dev,
+                     contiguous=True)
+    C = q_idx.shape[2] if sparse else V
+    check_tensor("state.q_state", q_state, dtypes=(torch.float32,), shape=(B, None, C), dim=3, device=dev,
+                 contiguous=True)
+    R = q_state.shape[1]
+    check_tensor("state.q_kind", q_kind, dtypes=(torch.int32,), shape=(B, R), dim=2, device=dev, contiguous=True)
+    if sparse:
+        check_tensor("state.q_idx", q_idx, shape=(B, R, C))
+    if R < W + 1:
+        raise SJDInputError(f"state ring ({R} slots) must be >= W + 1 = {W + 1}; create the state with window >= {W}")
+    if p_prev is not None and p_prev.numel() > 0:
+        check_tensor("state.p_prev", p_prev, dtypes=(torch.float32,), shape=(B, R, C), dim=3, device=dev,
+                     contiguous=True)
+    return B, W, V
+
+
 def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale, forced,
              temperature, top_k, top_p, mode, beta, vp_form, tail_init, vp_eps=1e-6):
     check_state_type(state)
     B, W1, V = check_window_rows("logits", logits)
-    W = W1 - 1
     dev = logits.device
-    check_cfg(uncond, cfg_scale, logits)
-    check_tensor("drafts", drafts, dtypes=I64, shape=(B, W), dim=2, device=dev, contiguous=True)
-    check_tensor("win_len", win_len, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
-    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
-    R = state.q_kind.shape[1] if state.q_kind.dim() == 2 else -1
-    sparse = state.sparse
-    if sparse:
+    if state.sparse:
         check_tensor("state.q_idx", state.q_idx, dtypes=(torch.int32,), shape=(B, None, None), dim=3, device=dev,
                      contiguous=True)
         if state.vocab_size != V:
             raise SJDInputError(f"the sparse state's vocab_size is {state.vocab_size} (JacobiState.create sets it), "
                                 f"the logits have V = {V}")
-    C = state.q_idx.shape[2] if sparse else V
-    check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, C), dim=3, device=dev,
-                 contiguous=True)
-    check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, state.q_state.shape[1]), dim=2,
-                 device=dev, contiguous=True)
-    if sparse:
-        check_tensor("state.q_idx", state.q_idx, shape=(B, R, C))
-    if R < W + 1:
-        raise SJDInputError(f"state ring ({R} slots) must be >= W + 1 = {W + 1}; create the state with window >= {W}")
-    if state.p_prev.numel() > 0:
-        check_tensor("state.p_prev", state.p_prev, dtypes=(torch.float32,), shape=(B, R, C), dim=3, device=dev,
-                     contiguous=True)
+    check_kernel_args(logits, uncond, cfg_scale, drafts, win_len, pos, state.seed, state.step, forced, state.q_state,
+                      state.q_kind, state.p_prev, state.status, state.q_idx)
+    sparse = state.sparse
     check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
     check_state_contents(state, V)
     m = _MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else None

@@ -42,6 +42,42 @@ def _(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, see
     return embed_weight.new_empty((B, N, embed_weight.shape[1]))
 
 
+def check_kernel_args(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed, commit_end,
+                      fresh_start, row_end, latent, level, status) -> tuple[int, int, int, int, int]:
+    """Shapes, dtypes, devices and contiguity of every tensor ``sjd2_prepare`` hands to a kernel
+    (``status`` may be None); returns ``(Vt, d, B, N, K + 1)``. The public op checks them (and values
+    on the host where it may), and so do the kernel wrappers, which ``torch.ops.sjd.sjd2_prepare`` and
+    direct calls reach without it. No value is read (no sync)."""
+    check_tensor("embed_weight", embed_weight, dtypes=FLOAT_DTYPES + (torch.float64,), dim=2, contiguous=True)
+    Vt, d = embed_weight.shape
+    if Vt < 1 or d < 1:
+        raise SJDInputError(f"embed_weight must be [Vt >= 1, d >= 1], got {list(embed_weight.shape)}")
+    check_sizes("embed_weight", embed_weight, d=(1, LANES_MAX))
+    dev = embed_weight.device
+    check_tensor("tokens", tokens, dtypes=I64, dim=2, device=dev, contiguous=True)
+    B, N = tokens.shape
+    check_tensor("positions", positions, dtypes=I64, shape=(B, N), dim=2, device=dev, contiguous=True)
+    for name, t in (("mean", mean), ("std", std)):
+        check_tensor(name, t, dtypes=F32, shape=(d,), dim=1, device=dev, contiguous=True)
+    check_tensor("alpha", alpha, dtypes=F32, dim=1, device=dev, contiguous=True)
+    K1 = alpha.shape[0]
+    if K1 < 1:
+        raise SJDInputError("alpha must have K + 1 >= 1 entries (levels 0..K)")
+    check_sizes("alpha", alpha, **{"K + 1": (0, ROWS_MAX)})
+    check_tensor("sigma", sigma, dtypes=F32, shape=(K1,), dim=1, device=dev, contiguous=True)
+    check_tensor("level_table", level_table, dtypes=F32, shape=(K1, d), dim=2, device=dev, contiguous=True)
+    for name, t in (("seed", seed), ("commit_end", commit_end), ("fresh_start", fresh_start), ("row_end", row_end)):
+        check_tensor(name, t, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+    check_tensor("latent", latent, dtypes=F32, shape=(B, None, d), dim=3, device=dev, contiguous=True)
+    if latent.shape[1] < 1:
+        raise SJDInputError(f"latent must be [B, R >= 1, d] (a ring of R slots), got {list(latent.shape)}")
+    check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
+                 contiguous=True)
+    if status is not None:
+        check_tensor("status", status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    return Vt, d, B, N, K1
+
+
 def _check_ring_on_host(positions, commit_end, fresh_start, level, K: int) -> None:
     """On the host (this synchronises): the window positions of a request occupy distinct ring slots,
     and the levels they read from the ring lie in 0..K (without the host check the kernels clamp their
@@ -123,33 +159,9 @@ def sjd2_prepare(embed_weight: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     float16 and bfloat16 tables); ``auto`` picks cuda, then triton, for CUDA tensors (triton for a
     float64 table).
     """
-    check_tensor("embed_weight", embed_weight, dtypes=FLOAT_DTYPES + (torch.float64,), dim=2, contiguous=True)
-    Vt, d = embed_weight.shape
-    if Vt < 1 or d < 1:
-        raise SJDInputError(f"embed_weight must be [Vt >= 1, d >= 1], got {list(embed_weight.shape)}")
-    check_sizes("embed_weight", embed_weight, d=(1, LANES_MAX))
+    Vt, d, B, N, K1 = check_kernel_args(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
+                                        commit_end, fresh_start, row_end, latent, level, status)
     dev = embed_weight.device
-    check_tensor("tokens", tokens, dtypes=I64, dim=2, device=dev, contiguous=True)
-    B, N = tokens.shape
-    check_tensor("positions", positions, dtypes=I64, shape=(B, N), dim=2, device=dev, contiguous=True)
-    for name, t in (("mean", mean), ("std", std)):
-        check_tensor(name, t, dtypes=F32, shape=(d,), dim=1, device=dev, contiguous=True)
-    check_tensor("alpha", alpha, dtypes=F32, dim=1, device=dev, contiguous=True)
-    K1 = alpha.shape[0]
-    if K1 < 1:
-        raise SJDInputError("alpha must have K + 1 >= 1 entries (levels 0..K)")
-    check_sizes("alpha", alpha, **{"K + 1": (0, ROWS_MAX)})
-    check_tensor("sigma", sigma, dtypes=F32, shape=(K1,), dim=1, device=dev, contiguous=True)
-    check_tensor("level_table", level_table, dtypes=F32, shape=(K1, d), dim=2, device=dev, contiguous=True)
-    for name, t in (("seed", seed), ("commit_end", commit_end), ("fresh_start", fresh_start), ("row_end", row_end)):
-        check_tensor(name, t, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
-    check_tensor("latent", latent, dtypes=F32, shape=(B, None, d), dim=3, device=dev, contiguous=True)
-    if latent.shape[1] < 1:
-        raise SJDInputError(f"latent must be [B, R >= 1, d] (a ring of R slots), got {list(latent.shape)}")
-    check_tensor("level", level, dtypes=(torch.int32,), shape=(B, latent.shape[1]), dim=2, device=dev,
-                 contiguous=True)
-    if status is not None:
-        check_tensor("status", status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
     if host_checks(positions) or (status is None and may_sync(positions)):
         why = table_problem(mean, std, level_table, alpha, sigma)
         if why:

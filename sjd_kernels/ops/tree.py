@@ -186,11 +186,14 @@ def _describe_structure(tree: TreeLayout, R: int) -> str:
             f"with children")
 
 
-def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, cfg_scale, forced,
-                    temperature, top_k, top_p):
-    check_state_type(state)
-    if not isinstance(tree, TreeLayout):
-        raise SJDInputError(f"tree must be a TreeLayout (build_tree), got {type(tree).__name__}")
+def check_verify_kernel_args(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced,
+                             q_state, q_kind, status, max_depth, inputs_contiguous: bool = True) -> tuple[int, int, int]:
+    """Shapes, dtypes, devices and contiguity of every tensor ``tree_verify`` hands to a kernel, and
+    ``max_depth``; returns ``(B, N, V)``. The public op checks them (and the tree's structure), and so do
+    the kernel wrappers, which ``torch.ops.sjd.tree_verify`` and direct calls reach without it. No
+    value is read (no sync). ``inputs_contiguous=False``: the read-only tree, pos, seed, step and
+    forced tensors may be strided (a wrapper that copies them)."""
+    ic = inputs_contiguous
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, dim=3)
     B, N, V = logits.shape
     dev = logits.device
@@ -200,19 +203,34 @@ def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, c
         raise SJDInputError(f"at most {ref.MAX_NODES} tree nodes per request, got N = {N}")
     check_sizes("logits", logits, B=(0, ROWS_MAX), V=(2, LANES_MAX))
     check_cfg(uncond, cfg_scale, logits)
-    for name in ("tokens", "parent", "depth", "sib", "q_slot"):
-        check_tensor(f"tree.{name}", getattr(tree, name), dtypes=I64, shape=(B, N), dim=2, device=dev,
-                     contiguous=True)
-    md = as_int(tree.max_depth)
+    for name, t in (("tokens", tokens), ("parent", parent), ("depth", depth), ("sib", sib), ("q_slot", q_slot)):
+        check_tensor(f"tree.{name}", t, dtypes=I64, shape=(B, N), dim=2, device=dev, contiguous=ic, last_contiguous=ic)
+    md = as_int(max_depth)
     if md is None or not 0 <= md < N:
-        raise SJDInputError(f"tree.max_depth must be an int in [0, N-1 = {N - 1}], got {tree.max_depth!r}")
-    check_tensor("pos", pos, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=True)
+        raise SJDInputError(f"tree.max_depth must be an int in [0, N-1 = {N - 1}], got {max_depth!r}")
+    for name, t in (("pos", pos), ("state.seed", seed), ("state.step", step)):
+        check_tensor(name, t, dtypes=I64, shape=(B,), dim=1, device=dev, contiguous=ic, last_contiguous=ic)
+    check_tensor("state.status", status, dtypes=(torch.int32,), shape=(4,), dim=1, device=dev, contiguous=True)
+    if forced is not None:
+        check_tensor("forced", forced, dtypes=I64, dim=2, shape=(B, None), device=dev, contiguous=ic, last_contiguous=ic)
+    check_tensor("state.q_state", q_state, dtypes=(torch.float32,), shape=(B, None, V), dim=3, device=dev,
+                 contiguous=True)
+    check_tensor("state.q_kind", q_kind, dtypes=(torch.int32,), shape=(B, q_state.shape[1]), dim=2, device=dev,
+                 contiguous=True)
+    return B, N, V
+
+
+def validate_verify(logits, tree: TreeLayout, pos, state: JacobiState, uncond, cfg_scale, forced,
+                    temperature, top_k, top_p):
+    check_state_type(state)
+    if not isinstance(tree, TreeLayout):
+        raise SJDInputError(f"tree must be a TreeLayout (build_tree), got {type(tree).__name__}")
     _dense_only(state)
-    check_tensor("state.q_state", state.q_state, dtypes=(torch.float32,), shape=(B, None, V), dim=3, device=dev,
-                 contiguous=True)
+    B, N, V = check_verify_kernel_args(logits, uncond, cfg_scale, tree.tokens, tree.parent, tree.depth, tree.sib,
+                                       tree.q_slot, pos, state.seed, state.step, forced, state.q_state, state.q_kind,
+                                       state.status, tree.max_depth)
+    dev = logits.device
     R = state.q_state.shape[1]
-    check_tensor("state.q_kind", state.q_kind, dtypes=(torch.int32,), shape=(B, R), dim=2, device=dev,
-                 contiguous=True)
     check_state_and_sampling(state, B, V, dev, forced, temperature, top_k, top_p)
     check_state_contents(state, V)
     if host_checks(tree.parent):
@@ -291,6 +309,49 @@ def _check_kv_lists(keys, values) -> None:
     if len(keys) == 0 or len(keys) != len(values):
         raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)} and "
                             f"{len(values)}")
+
+
+def check_kv_index(path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tensor, dev, R: int) -> None:
+    """``path [R, P]`` and ``cache_len [R]`` int64 and ``status [4]`` int32, contiguous on ``dev``: what the
+    tree_kv_update kernels index with (their wrappers check it; no value is read)."""
+    for name, t, dt in (("path", path, torch.int64), ("cache_len", cache_len, torch.int64),
+                        ("status", status, torch.int32)):
+        if not isinstance(t, torch.Tensor) or t.device != dev or t.dtype != dt or not t.is_contiguous():
+            got = (f"{t.device} {str(t.dtype).replace('torch.', '')} strides {t.stride()}"
+                   if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise SJDInputError(f"{name} must be a contiguous {str(dt).replace('torch.', '')} tensor on {dev}, got {got}")
+    if path.dim() != 2 or path.shape[0] != R or tuple(cache_len.shape) != (R,) or tuple(status.shape) != (4,):
+        raise SJDInputError(f"need path [R={R}, P], cache_len [R] and status [4], got {list(path.shape)}, "
+                            f"{list(cache_len.shape)}, {list(status.shape)}")
+
+
+def check_kv_stacked(kv: torch.Tensor) -> tuple[int, ...]:
+    """A stacked cache the kernels take: ``[layers, 2, R, H_kv, S, D]`` fp32/fp16/bf16; returns its shape."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 6 or kv.shape[1] != 2 or kv.dtype not in FLOAT_DTYPES:
+        got = f"{list(kv.shape)} {kv.dtype}" if isinstance(kv, torch.Tensor) else type(kv).__name__
+        raise SJDInputError(f"cache must be [layers, 2, R, H_kv, S, D] bf16/fp16/fp32, got {got}")
+    return tuple(kv.shape)
+
+
+def check_kv_list(keys, values) -> tuple[list, list]:
+    """Per-layer caches the list kernels take: equal-length non-empty lists of ``[R, H_kv, S, D]``
+    fp32/fp16/bf16 tensors with one shape, strides, dtype and device (the kernels index every layer
+    with the first one's strides). Returns them as lists."""
+    keys, values = list(keys), list(values)
+    if not keys or len(keys) != len(values):
+        raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)}, {len(values)}")
+    k0 = keys[0]
+    if not isinstance(k0, torch.Tensor) or k0.dim() != 4 or k0.dtype not in FLOAT_DTYPES:
+        got = f"{list(k0.shape)} {k0.dtype}" if isinstance(k0, torch.Tensor) else type(k0).__name__
+        raise SJDInputError(f"keys[0] must be [R, H_kv, S, D] bf16/fp16/fp32, got {got}")
+    for t in keys + values:
+        if not isinstance(t, torch.Tensor) or t.shape != k0.shape or t.stride() != k0.stride() \
+                or t.dtype != k0.dtype or t.device != k0.device:
+            got = (f"{list(t.shape)}, strides {t.stride()}, {t.dtype}, {t.device}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise SJDInputError(f"every K/V tensor must match keys[0] ({list(k0.shape)}, strides {k0.stride()}, "
+                                f"{k0.dtype}, {k0.device}), got {got}")
+    return keys, values
 
 
 def kv_pointer_table(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -87,8 +87,9 @@ def _sjd2_prepare_kernel(E_ptr, mean_ptr, std_ptr, L_ptr, a_ptr, s_ptr, tok_ptr,
 
 def sjd2_prepare_triton(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
                         commit_end, fresh_start, row_end, latent, level, status):
-    B, N = tokens.shape
-    Vt, D = embed_weight.shape
+    from ..ops.sjd2_prepare import check_kernel_args
+    Vt, D, B, N, _ = check_kernel_args(embed_weight, mean, std, level_table, alpha, sigma, tokens, positions, seed,
+                                       commit_end, fresh_start, row_end, latent, level, status)
     R = latent.shape[1]
     K = alpha.shape[0] - 1
     out = torch.empty(B, N, D, dtype=embed_weight.dtype, device=embed_weight.device)
