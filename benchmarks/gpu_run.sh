@@ -106,12 +106,22 @@ box() {
 
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
+knobs() {     # every knob's value as VAR="value" words: the command that reproduces this run
+  local v out=""
+  for v in STAGES TOTAL_S BUILD_S TESTS_GPU_S LAW_S TESTS_S SAN_S BENCH_S TREE_S E2E_S FI_S FUZZ_S FUZZ_SEED \
+           XDIST SAN_TOOLS SAN_REQUESTS SAN_KERNELS OPS_ARGS E2E_ARGS TREE_KV_LARGE_ARGS PROFILE_CASES PROFILE_S \
+           PROFILE_BACKENDS SJD_CUDA_ARCHS WHEELS; do
+    out="$out$v=\"${!v}\" "
+  done
+  echo "${out% }"
+}
+
 package() {   # called after every stage, so a run stopped from outside still returns its logs
   {
     echo "# sjd_kernels GPU run"
     echo
     echo "- started: $(date -u -d @"$T0" +%Y-%m-%dT%H:%M:%SZ), elapsed $(elapsed) s of $TOTAL_S s"
-    echo "- command: \`STAGES=\"$STAGES\" TOTAL_S=$TOTAL_S OPS_ARGS=\"$OPS_ARGS\" E2E_ARGS=\"$E2E_ARGS\" bash benchmarks/gpu_run.sh \$OUT\`"
+    echo "- command (every knob, defaults included): \`$(knobs) bash benchmarks/gpu_run.sh \$OUT\`"
     echo "- commit: $(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
     echo
     echo "| stage | status | rc | seconds | box s | log |"

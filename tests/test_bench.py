@@ -578,13 +578,15 @@ def test_gpu_run_scripts_parse_and_package_a_stage(tmp_path):
         r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
         assert r.returncode == 0, f"{script}: {r.stderr}"
     env = dict(os.environ, STAGES="info", TOTAL_S="90", WHEELS=str(tmp_path / "no_wheels"), PY=sys.executable,
-               TMPDIR=str(tmp_path))
+               TMPDIR=str(tmp_path), E2E_S="123", XDIST="3")
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh"), str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| info | ok | 0 |" in summary, summary
     assert "python " in summary and "torch " in summary, summary          # the info stage's versions
+    # the command line names every knob (the stage boxes too), so the run can be repeated from it
+    assert 'STAGES="info" TOTAL_S="90"' in summary and 'E2E_S="123"' in summary and 'XDIST="3"' in summary, summary
     with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tf:
         assert "logs/info.txt" in tf.getnames()
 

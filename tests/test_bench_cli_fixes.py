@@ -276,3 +276,14 @@ def test_tree_kv_update_check_honours_min_requests():
     case = _case("tree_kv_update", lambda p: p["R"] == 1)
     r = C.OPS["tree_kv_update"].check(case, "torch", "cpu", 1, min_requests=3)
     assert r["check"] == "pass" and "3 trials" in r["check_detail"] and "over 3 rows" in r["check_detail"], r
+
+
+def test_case_text_with_a_trailing_dollar_matches_the_name_end():
+    """`--case NAME$` keeps NAME and leaves out its _sparse1064 twin (a substring keeps both), so a
+    GPU run's case list holds the cases meant and its time box reaches the last of them."""
+    names = [c.name for c in C.select(None, "quick")]
+    plain = [n for n in names if C.case_matches("B1_W32_V16384_cfg_bf16_sjd_k1000", n)]
+    exact = [n for n in names if C.case_matches("B1_W32_V16384_cfg_bf16_sjd_k1000$", n)]
+    assert len(plain) == 2 and exact == ["jacobi_step:B1_W32_V16384_cfg_bf16_sjd_k1000"], (plain, exact)
+    assert C.case_matches("verify_only:B1_W16_V16384$", "verify_only:B1_W16_V16384")
+    assert not C.case_matches("k1000$", "jacobi_step:B1_W32_V16384_cfg_bf16_sjd_k1000_sparse1064")

@@ -177,7 +177,7 @@ def _check_ops_args(args, grid) -> list:
     if not selected:
         _error(args, f"argument --grid: nothing to run: the {g} grid has no case of {ops} (see `bench list`)")
     if args.case:
-        selected = [c for c in selected if any(k in c.name for k in args.case)]
+        selected = [c for c in selected if any(C.case_matches(k, c.name) for k in args.case)]
         if not selected:
             _error(args, f"argument --case: {args.case}: no case of this grid matches (grid {g}; see `bench list`)")
     pairs = list(dict.fromkeys((c.op, b) for c in selected for b in C.OPS[c.op].backends
@@ -308,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="the small grid")
     s.add_argument("--grid", choices=["full", "quick", "cpu", "cpu-quick"])
     s.add_argument("--case", action="append",
-                   help="keep cases whose name contains this text (repeatable), e.g. sparse1064")
+                   help="keep cases whose name contains this text (repeatable), e.g. sparse1064; a trailing $ "
+                        "anchors it to the name's end (B1_W32_V16384_cfg_bf16_sjd_k1000$ leaves out the _sparse1064 "
+                        "twin)")
     s.add_argument("--min-requests", type=int,
                    help="requests per correctness check (default 64 on a GPU, 8 on the CPU)")
     s.add_argument("--ref-device", choices=["cpu", "cuda"],

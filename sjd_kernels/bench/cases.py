@@ -1176,3 +1176,8 @@ def select(ops=None, grid: str = "full") -> list:
     if grid == "full":      # the quick cases first: a run cut by its time box still has the headline shapes
         out.sort(key=lambda c: 0 if "quick" in c.grids else 1)
     return out
+
+
+def case_matches(text: str, name: str) -> bool:
+    """``bench ops --case``: ``text`` occurs in the case's name, or (with a trailing ``$``) ends it."""
+    return name.endswith(text[:-1]) if text.endswith("$") else text in name

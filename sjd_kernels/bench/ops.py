@@ -104,7 +104,7 @@ def run_ops(ops=None, grid: Optional[str] = None, backends=None, check_only: boo
     sink = CSVSink(csv_path)
     selected = C.select(ops, grid)
     if cases:
-        selected = [c for c in selected if any(k in c.name for k in cases)]
+        selected = [c for c in selected if any(C.case_matches(k, c.name) for k in cases)]
     failed = []
     skipped_budget = 0
     for case in selected:
