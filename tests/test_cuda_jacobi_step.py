@@ -233,7 +233,10 @@ def check_config(reps=3, force_global=False, **cfg):
         assert int(sr[0]) == 0 == int(sc[0]), f"unexpected error bits: ref {sr.tolist()} cuda {sc.tolist()}"
         for k in (1, 2):
             assert abs(int(sr[k]) - int(sc[k])) <= len(d), f"status[{k}]: ref {sr.tolist()} cuda {sc.tolist()}"
-    allowed = max(1, rows // 200)
+    # one request in 200 rows may differ by a rounding at a sampling boundary; on a GPU at least one
+    # (its exp and reductions round differently), in the CPU simulator not for these few requests
+    on_gpu = case["logits"].device.type == "cuda"
+    allowed = max(1, rows // 200) if on_gpu else rows // 200
     assert len(diffs) <= allowed, f"{len(diffs)} of {requests} requests differ ({rows} rows): {diffs[:10]}"
     acc = torch.cat(accepted)
     assert (acc >= 0).all()

@@ -67,7 +67,10 @@ def test_draws_stay_inside_what_the_op_accepts():
 def test_drawn_case_matches_reference(i, backend):
     c, (rows, ndiff) = _run(i, backend)
     assert rows > 0
-    assert ndiff <= max(1, rows // 200), f"{ndiff} requests differ over {rows} rows: {c}"
+    # the fuzzer's allowance (one request in 200 rows, for a rounding at a sampling boundary) without
+    # its floor of one: these cases hold at most 108 rows, so no request may differ (one broken
+    # request of a batch of 1 or 2 would pass a floor of one)
+    assert ndiff <= rows // 200, f"{ndiff} requests differ over {rows} rows: {c}"
 
 
 def _wrong_token(fn):
@@ -128,7 +131,7 @@ def _run_tree(i: int, backend: str, fn=None):
 @pytest.mark.parametrize("i", TREE_CASES)
 def test_drawn_tree_case_matches_reference(i, backend):
     n, ndiff = _run_tree(i, backend)
-    assert n > 0 and ndiff <= max(1, n // 50)
+    assert n > 0 and ndiff <= n // 50                  # a few requests each: none may differ
 
 
 @interpreted
@@ -172,7 +175,7 @@ def test_the_listed_verify_chain_cases_cover_the_error_paths():
 @pytest.mark.parametrize("i", VERIFY_CASES)
 def test_drawn_verify_chain_case_matches_reference(i, backend):
     n, ndiff = _run_verify(i, backend)
-    assert n > 0 and ndiff <= max(1, n // 50)
+    assert n > 0 and ndiff <= n // 50                  # a few requests each: none may differ
 
 
 @interpreted

@@ -139,18 +139,26 @@ def test_chisq_calibrated_under_null():
 
 
 def test_chisq_detects_delta_with_required_n():
-    """A sampler with 0.02 moved between two cells is rejected at the documented sample size, at
-    about the computed power; the TV bound and the two-sample test also see it."""
+    """The least favourable sampler ``required_n`` is sized for: a cell of probability 1/2 off by 0.02,
+    the others rescaled (noncentrality 4 n delta^2, the smallest any 0.02 error gives). At the documented
+    sample size it is rejected at about the computed power 0.99; at half of it clearly less often
+    (power 0.51), so the test would fail if ``required_n`` were too small. The TV bound and the
+    two-sample test also see it."""
     rs = np.random.RandomState(1)
     k = 6
     n = stats.required_n(k)
-    p = np.full(k, 1.0 / k)
-    q = p.copy()
-    q[0] += stats.DELTA
-    q[1] -= stats.DELTA
-    rej = np.mean([stats.chisq_gof(rs.multinomial(n, q), p).p_value < stats.ALPHA for _ in range(300)])
-    print(f"k={k} n={n}: rejection rate {rej:.3f}, computed power {stats.chisq_power(n, k, p=p):.4f}")
-    assert rej >= 0.97
+    p = np.concatenate([[0.5], np.full(k - 1, 0.5 / (k - 1))])
+    q = np.concatenate([[0.5 + stats.DELTA], p[1:] * (0.5 - stats.DELTA) / 0.5])
+    lam = n * float(((q - p) ** 2 / p).sum())
+    assert abs(lam - 4 * n * stats.DELTA ** 2) < 1e-6 * lam            # the worst case, exactly
+
+    def rate(m):
+        return np.mean([stats.chisq_gof(rs.multinomial(m, q), p).p_value < stats.ALPHA for _ in range(400)])
+    rej, rej_half = rate(n), rate(n // 2)
+    print(f"k={k} n={n}: rejection rate {rej:.3f} (computed power {stats.chisq_power(n, k):.4f}), "
+          f"at n/2 {rej_half:.3f} (computed {stats.chisq_power(n // 2, k):.4f})")
+    assert rej >= 0.97                      # power 0.99: 400 draws put the rate below 0.97 with p < 1e-3
+    assert rej_half <= 0.7                  # power 0.51 at n/2
     big = 4 * n
     l1, eps, ok = stats.tv_test(rs.multinomial(big, q), p)
     assert not ok and l1 > eps

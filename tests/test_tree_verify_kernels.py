@@ -304,7 +304,8 @@ def test_gpu_backend_more_requests_than_grid_y(backend):
 
 def check_against_reference(fn, name, device, reps=3):
     """Three seeds of case ``name`` through ``fn`` on ``device``: the error bits exactly, the
-    outputs per request up to one request in 50 (rounding at a sampling boundary)."""
+    outputs per request up to one request in 50 (rounding at a sampling boundary; on a GPU at least
+    one, whose exp and sums round differently; on the CPU, a few requests per case, none)."""
     spec = CASES.get(name) or LARGE[name]
     mismatches, total = 0, 0
     errs = 0
@@ -320,7 +321,8 @@ def check_against_reference(fn, name, device, reps=3):
             same = all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0]))
             mismatches += int(not same)
     # rounding may move one sample across a boundary; a broken kernel differs in most requests
-    assert mismatches <= max(1, total // 50), f"{name}: {mismatches} of {total} requests differ"
+    allowed = max(1, total // 50) if torch.device(device).type == "cuda" else total // 50
+    assert mismatches <= allowed, f"{name}: {mismatches} of {total} requests differ"
     return mismatches, total
 
 
