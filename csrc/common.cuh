@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 
@@ -47,8 +48,16 @@ inline std::string cuda_error_text(cudaError_t e) {
     if (!(cond)) throw std::invalid_argument(std::string("sjd_kernels: ") + (msg)); \
   } while (0)
 
+// A real number for an error message, as %.9g (std::to_string prints 1e-300 as 0.000000).
+inline std::string fmt_real(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
 // A temperature the kernels can use: 0 (greedy), or positive with a finite float32 value and a finite
-// float32 reciprocal (the rows are scaled by 1 / float(T)). The Python ops check the same rule first.
+// float32 reciprocal (the rows are scaled by 1 / float(T)). The Python ops check the temperature as a
+// double against the float32 bounds first, so a double that rounds onto a bound passes here only.
 inline bool temperature_ok(double t) {
   if (t == 0.0) return true;
   if (!(t > 0.0)) return false;  // negative or NaN

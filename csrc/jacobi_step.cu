@@ -700,7 +700,7 @@ void jacobi_step_launch(const JacobiStepArgs& a) {
   SJD_REQUIRE((a.features & ~kFeatAll) == 0, "jacobi_step: features must be a mask of bits 1, 2 and 4, got " +
                                                  std::to_string(a.features));
   SJD_REQUIRE(temperature_ok(a.temperature), "jacobi_step: temperature must be 0 (greedy) or a positive float32 with a "
-                                             "finite float32 reciprocal, got " + std::to_string(a.temperature));
+                                             "finite float32 reciprocal, got " + fmt_real(a.temperature));
   SJD_REQUIRE(a.top_p > 0.0 && a.top_p <= 1.0, "jacobi_step: top_p must be in (0, 1]");
   SJD_REQUIRE(a.mode >= kModeSjd && a.mode <= kModeGumbelJacobi, "jacobi_step: mode code must be 0..3");
   SJD_REQUIRE(a.vp_form == kVpAdd || a.vp_form == kVpLog, "jacobi_step: vp_form code must be 0 or 1");

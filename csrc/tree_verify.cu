@@ -366,7 +366,7 @@ void tree_verify_launch(const TreeVerifyArgs& a) {
   SJD_REQUIRE(a.max_depth >= 0 && a.max_depth < a.N, "tree_verify: max_depth must be in [0, N-1]");
   SJD_REQUIRE(a.top_k >= 0 && a.top_k <= a.V, "tree_verify: top_k must be in [0, V]");
   SJD_REQUIRE(temperature_ok(a.temperature), "tree_verify: temperature must be 0 (greedy) or a positive float32 with a "
-                                             "finite float32 reciprocal, got " + std::to_string(a.temperature));
+                                             "finite float32 reciprocal, got " + fmt_real(a.temperature));
   SJD_REQUIRE(a.top_p > 0.0 && a.top_p <= 1.0, "tree_verify: top_p must be in (0, 1]");
   SJD_REQUIRE(a.logits && a.tokens && a.parent && a.depth && a.sib && a.q_slot && a.pos && a.seed && a.step &&
                   a.q_state && a.q_kind && a.status && a.num_accepted && a.path && a.out_tokens && a.rowflag,

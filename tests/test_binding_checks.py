@@ -7,6 +7,7 @@ extension; the Triton wrapper under the interpreter.
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -42,7 +43,8 @@ def test_binding_refuses_a_temperature_the_op_refuses(C, T):
     logits = torch.randn(B, W + 1, V, generator=torch.Generator().manual_seed(0))
     drafts = torch.zeros(B, W, dtype=torch.int64)
     wl, pos = torch.full((B,), W), torch.zeros(B, dtype=torch.int64)
-    with sim.simulate(), pytest.raises(ValueError, match="jacobi_step: temperature must be 0"):
+    got = "got " + re.escape("%.9g" % T) + "$"            # as %.9g (it printed 1e-300 as 0.000000)
+    with sim.simulate(), pytest.raises(ValueError, match="jacobi_step: temperature must be 0.* " + got):
         jacobi_step_cuda(logits, None, None, drafts, wl, pos, st.seed, st.step, None, st.q_state, st.q_kind,
                          st.p_prev, st.status, T, 0, 1.0, 0, 0.0, 0, 1e-6, 0)
     assert st.status.tolist() == [0, 0, 0, 0]
@@ -54,10 +56,56 @@ def test_tree_verify_binding_refuses_the_same_temperatures(C):
     from sjd_kernels.cuda.tree_verify import tree_verify_cuda
     kw = ttv.make_case(**ttv.CASES["K3-depth2"])
     for T in (1e-300, float("inf")):
-        with sim.simulate(), pytest.raises(ValueError, match="tree_verify: temperature must be 0"):
+        got = "got " + re.escape("%.9g" % T) + "$"
+        with sim.simulate(), pytest.raises(ValueError, match="tree_verify: temperature must be 0.* " + got):
             ttv.run(tree_verify_cuda, dict(kw, temperature=T))
     with sim.simulate():
         (num, _, _), status = ttv.run(tree_verify_cuda, kw)              # the case's own temperature runs
+    assert (num >= 0).all() and status.tolist() == [0, 0, 0, 0]
+
+
+KNOBS = dict(temperature=1.0, top_k=0, top_p=1.0, mode=0, beta=0.0, vp_form=0, vp_eps=1e-6, tail_init=0)
+BAD_KNOBS = [("temperature", 1e-300, "temperature must be 0"), ("temperature", float("inf"), "temperature must be 0"),
+             ("top_p", 2.0, "top_p must be a number in"), ("top_p", 0.0, "top_p must be a number in"),
+             ("top_k", 9, "top_k must be an int in"), ("mode", 4, "mode code must be one of"),
+             ("vp_form", 2, "vp_form code must be one of"), ("tail_init", -1, "tail_init code must be one of"),
+             ("vp_eps", 0.0, "vp_eps must be"), ("beta", float("nan"), "beta must be")]
+
+
+@pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=[f"{n}={v}" for n, v, _ in BAD_KNOBS])
+def test_triton_wrapper_refuses_the_knobs_the_op_refuses(name, value, match):
+    """The Triton wrapper took any temperature (1e-300: an infinite reciprocal, every row NaN; inf: uniform
+    sampling), top_p above 1 (off) and unknown mode codes, which the op and the CUDA binding refuse. Nothing is
+    written."""
+    pytest.importorskip("triton")
+    from sjd_kernels.triton.jacobi_step import jacobi_step_triton
+    B, W, V = 1, 2, 8
+    st = sk.JacobiState.create(B, W, V, seed=[1])
+    q0 = st.q_state.clone()
+    logits = torch.randn(B, W + 1, V, generator=torch.Generator().manual_seed(0))
+    drafts = torch.zeros(B, W, dtype=torch.int64)
+    wl, pos = torch.full((B,), W), torch.zeros(B, dtype=torch.int64)
+    kn = dict(KNOBS, **{name: value})
+    with pytest.raises(SJDInputError, match=match):
+        jacobi_step_triton(logits, None, None, drafts, wl, pos, st.seed, st.step, None, st.q_state, st.q_kind,
+                           st.p_prev, st.status, *kn.values())
+    assert st.status.tolist() == [0, 0, 0, 0] and torch.equal(st.q_state, q0)
+    out = jacobi_step_triton(logits, None, None, drafts, wl, pos, st.seed, st.step, None, st.q_state, st.q_kind,
+                             st.p_prev, st.status, *KNOBS.values())           # the defaults run
+    assert (out[0] >= 0).all() and st.status.tolist() == [0, 0, 0, 0]
+
+
+def test_tree_verify_triton_wrapper_refuses_the_same_sampling_knobs():
+    pytest.importorskip("triton")
+    import test_tree_verify_kernels as ttv
+    from sjd_kernels.triton.tree_verify import tree_verify_triton
+    kw = ttv.make_case(**ttv.CASES["K3-depth2"])
+    V = kw["logits"].shape[-1]
+    for bad, match in ((dict(temperature=1e-300), "temperature must be 0"), (dict(top_p=1.5), "top_p must be"),
+                       (dict(top_k=V + 1), "top_k must be an int in")):
+        with pytest.raises(SJDInputError, match=match):
+            ttv.run(tree_verify_triton, dict(kw, **bad))
+    (num, _, _), status = ttv.run(tree_verify_triton, kw)
     assert (num >= 0).all() and status.tolist() == [0, 0, 0, 0]
 
 

@@ -15,7 +15,8 @@ import torch
 
 from ..reference import jacobi_step as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, LANES_MAX, ROWS_MAX, SJDInputError, as_int, check_cfg, check_finite,
-                      check_int, check_state_and_sampling, check_state_contents, check_state_counters, check_tensor,
+                      check_int, check_sampling, check_state_and_sampling, check_state_contents, check_state_counters,
+                      check_tensor,
                       check_tensor_size, check_window_rows, guard_pos, guard_win_len, mark_request_errors, new_status,
                       resolve_backend, seed_tensor, triton_device)
 
@@ -151,6 +152,21 @@ def sparse_vp_problem(sparse: bool, vp_form: str, beta: float) -> str | None:
         return ("the sparse state stores the support of P; additive VP with beta < 0 puts mass outside it: "
                 "use beta >= 0, vp_form='log' or a dense state")
     return None
+
+
+def check_kernel_knobs(V: int, temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init) -> None:
+    """The scalar arguments of a kernel wrapper, as codes (``torch.ops.sjd.jacobi_step``'s form): the rules
+    the op applies to its named arguments and the CUDA binding to these, for the Triton wrapper."""
+    check_sampling(temperature, top_k, top_p, V)
+    if isinstance(mode, bool) or mode not in ref.MODES.values():
+        raise SJDInputError(f"mode code must be one of {sorted(ref.MODES.values())}, got {mode!r}")
+    check_finite("beta", beta)
+    if not check_finite("vp_eps", vp_eps) > 0.0:
+        raise SJDInputError(f"vp_eps must be a finite real number > 0, got {vp_eps!r}")
+    for name, v, codes in (("vp_form", vp_form, (ref.VP_ADD, ref.VP_LOG)),
+                           ("tail_init", tail_init, (ref.TAIL_UNIFORM, ref.TAIL_LEFT))):
+        if isinstance(v, bool) or v not in codes:
+            raise SJDInputError(f"{name} code must be one of {list(codes)}, got {v!r}")
 
 
 def check_kernel_args(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind, p_prev,

@@ -774,9 +774,10 @@ def jacobi_step_triton(logits, uncond, cfg_scale, drafts, win_len, pos, seed, st
     strides and offset); state tensors contiguous. Returns ``(num_accepted [B], tokens [B, W+1],
     next_drafts [B, W])`` int64.
     """
-    from ..ops.jacobi_step import check_kernel_args
+    from ..ops.jacobi_step import check_kernel_args, check_kernel_knobs
     B, W, V = check_kernel_args(logits, uncond, cfg_scale, drafts, win_len, pos, seed, step, forced, q_state, q_kind,
                                 p_prev, status, q_idx, inputs_contiguous=False)          # copied below
+    check_kernel_knobs(V, temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init)
     W1 = W + 1
     R = q_state.shape[1]
     dev = logits.device

@@ -271,9 +271,11 @@ def tree_verify_triton(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_
     ``[B, N]`` int64, state tensors contiguous. Returns ``(num_accepted [B], path [B, max_depth+1],
     tokens [B, max_depth+1])`` int64.
     """
+    from ..ops._common import check_sampling
     from ..ops.tree import check_verify_kernel_args
     B, N, V = check_verify_kernel_args(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step,
                                        forced, q_state, q_kind, status, max_depth, inputs_contiguous=False)
+    check_sampling(temperature, top_k, top_p, V)
     R = q_state.shape[1]
     L1 = int(max_depth) + 1
     dev = logits.device
