@@ -231,7 +231,7 @@ def test_alibi_models_are_refused():
 
 def test_learned_position_tables_bound_the_cache():
     """GPT-2 adds a learned table of n_positions: within it the adapter gives the model's logits and
-    greedy decoding; a cache longer than the table is a named error (it was an IndexError inside the
+    greedy decoding; a position past the table is a named error (it was an IndexError inside the
     model, a device assert on a GPU)."""
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4,
@@ -248,5 +248,14 @@ def test_learned_position_tables_bound_the_cache():
     assert torch.allclose(got, want, atol=1e-12)
     ref = greedy_reference(hf, ids, [[1, 5, 9]], None, 8, 1.0)
     assert torch.equal(generate(a, [[1, 5, 9]], 8, "sjd", window=3, top_k=1).tokens, ref)
-    with pytest.raises(sk.SJDInputError, match="learned table of 24 positions"):
-        generate(a, [[1, 5, 9]], 22, "ar", top_k=1)
+    with pytest.raises(sk.SJDInputError, match="learned table of 24 positions, and this forward feeds position 24"):
+        generate(a, [[1, 5, 9]], 23, "ar", top_k=1)
+    # on the CPU the positions fed are checked, not the cache's length: AR never feeds its last token, so
+    # 3 + 22 tokens fit a table of 24; a window of 4 feeds positions up to 3 + N + 4 - 2 (its fixed-shape
+    # rows run past the image), so N = 18 fits, and a cache_len past the table is fine
+    ref22 = greedy_reference(hf, ids, [[1, 5, 9]], None, 22, 1.0)
+    assert torch.equal(generate(a, [[1, 5, 9]], 22, "ar", top_k=1).tokens, ref22)
+    assert torch.equal(generate(a, [[1, 5, 9]], 18, "sjd", window=4, top_k=1, cache_len=40).tokens, ref22[:, :18])
+    with pytest.raises(sk.SJDInputError, match="feeds position 24"):
+        generate(a, [[1, 5, 9]], 19, "sjd", window=4, top_k=1, cache_len=40)
+    assert torch.equal(generate(a, [[1, 5, 9]], 8, "sjd", window=3, top_k=1, cache_len=40).tokens, ref)

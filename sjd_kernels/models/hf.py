@@ -328,18 +328,32 @@ class HFImageLM(nn.Module):
                     f"adapter's masks do not apply the window, so those layers would see past it. Keep prompt + "
                     f"image tokens + window (the cache) within {self.sliding_window} tokens")
         if self._pos_limit is not None:
-            span = mask.shape[-1] if mask is not None else inputs_embeds.shape[1]
-            if span > self._pos_limit:
-                raise SJDInputError(
-                    f"the model has a learned table of {self._pos_limit} positions, and this forward spans {span} "
-                    f"cache slots or inputs: positions past the table would index out of it. Keep prompt + image "
-                    f"tokens + window (the cache) within {self._pos_limit} tokens")
+            self._check_positions(positions, mask, inputs_embeds.shape[1])
         kw = dict(inputs_embeds=inputs_embeds, position_ids=positions, use_cache=cache is not None)
         if cache is not None:
             kw[self._cache_kw] = _CacheBridge(cache, write_slots, self._sliding)
         if mask is not None:
             kw["attention_mask"] = self._mask4d(mask, inputs_embeds.dtype)
         return self.image_logits(self.decoder(**kw).last_hidden_state)
+
+    def _check_positions(self, positions: torch.Tensor, mask, inputs: int) -> None:
+        """Positions past a learned table would index out of it (an IndexError inside the model, a device
+        assert on a GPU). On the CPU the positions fed are checked; on a GPU (no host sync) the span of
+        the cache or the inputs bounds them, so a cache longer than the table is refused there."""
+        lim = self._pos_limit
+        if host_checks(positions):
+            top = int(positions.max()) if positions.numel() else -1
+            if top >= lim:
+                raise SJDInputError(
+                    f"the model has a learned table of {lim} positions, and this forward feeds position {top}: "
+                    f"it would index out of the table. Keep prompt + image tokens + window within {lim} tokens")
+            return
+        span = mask.shape[-1] if mask is not None else inputs
+        if span > lim:
+            raise SJDInputError(
+                f"the model has a learned table of {lim} positions, and this forward spans {span} cache slots or "
+                f"inputs (on a GPU the positions are not read, to keep the step free of host syncs, and the span "
+                f"bounds them): keep the cache (prompt + image tokens + window, or cache_len) within {lim} tokens")
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The image-only head: decoder hidden states ``[..., d]`` -> image logits ``[..., V]``."""
