@@ -399,6 +399,23 @@ def test_sjd2_pieces(call, msg):
         call()
 
 
+def test_position_noise_takes_numpy_and_nested_integers():
+    """NumPy integers and arrays and nested lists of ints are integers (the check refused them); NumPy
+    floats and bools, uint64 past int64 and ragged lists are named errors."""
+    import numpy as np
+    want = position_noise(torch.tensor([[5], [6]]), torch.tensor([[7, 3], [7, 3]]), 8)
+    for seed, pos in ((np.array([[5], [6]]), [[7, 3], [7, 3]]), ([[5], [np.int64(6)]], np.array([[7, 3], [7, 3]],
+                                                                                                 dtype=np.uint16))):
+        assert torch.equal(position_noise(seed, pos, 8), want)
+    assert torch.equal(position_noise(np.int64(5), 7, 8), want[0, 0])
+    assert position_noise(5, [], 8).shape == (0, 8)
+    for bad, what in ((np.float32(5), "NumPy float32 scalar"), (np.array([True]), "NumPy bool array"),
+                      (np.array([2 ** 63], dtype=np.uint64), "NumPy uint64 array"), ([[1], [2, 3]], "of a regular shape"),
+                      ([np.bool_(True)], "got")):
+        with pytest.raises(SJDInputError, match="^seed must be integers in int64.*" + what):
+            position_noise(bad, 7, 8)
+
+
 @pytest.mark.parametrize("call,msg", [
     (lambda: bundled.load("cifar"), "name: unknown bundled model 'cifar'"),
     (lambda: checkpoint.manifest("../x"), "model: unknown bundled model '../x'"),   # looked for weights/../x_sjd2.json

@@ -18,8 +18,10 @@ Choices the public text leaves open (labelled as such in docs/SJD2.md):
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -218,18 +220,33 @@ def sample_segment_levels(batch: int, length: int, levels: int, *, generator: to
 
 
 def _int64_tensor(name: str, v, device=None) -> torch.Tensor:
-    """``v`` (an int, a list of ints or an integer tensor; not a bool or a float) as int64, values
-    outside int64 refused, each with an ``SJDInputError`` naming ``name``."""
-    what = f"{name} must be integers in int64 (an int, a list of ints or an integer tensor)"
+    """``v`` (an int, a NumPy integer or integer array, a possibly nested list of those, or an integer
+    tensor; not a bool or a float) as int64, values outside int64 refused, each with an
+    ``SJDInputError`` naming ``name``."""
+    what = f"{name} must be integers in int64 (an int, a list of ints, or an integer array or tensor)"
     if isinstance(v, torch.Tensor):
         if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
             raise SJDInputError(f"{what}, got a {v.dtype} tensor")
         return v.to(device=device if device is not None else v.device, dtype=torch.int64)
-    flat = list(v) if isinstance(v, (list, tuple)) else [v]
-    if not flat or any(isinstance(x, (bool, float)) or not isinstance(x, int) for x in flat) \
-            or any(not -2 ** 63 <= x < 2 ** 63 for x in flat):
+    if isinstance(v, (np.ndarray, np.generic)):
+        a = np.asarray(v)
+        if a.dtype.kind not in "iu" or (a.dtype.kind == "u" and a.size and int(a.max()) >= 2 ** 63):
+            raise SJDInputError(f"{what}, got a NumPy {a.dtype} {'array' if a.ndim else 'scalar'}")
+        return torch.as_tensor(a.astype(np.int64), device=device)
+
+    def items(x):
+        if isinstance(x, (list, tuple)):
+            for y in x:
+                yield from items(y)
+        else:
+            yield x
+    if any(isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or not -2 ** 63 <= int(x) < 2 ** 63
+           for x in items(v)):
         raise SJDInputError(f"{what}, got {v!r:.60}")
-    return torch.tensor(v, dtype=torch.int64, device=device)
+    try:
+        return torch.tensor(v, dtype=torch.int64, device=device)
+    except (TypeError, ValueError) as e:                              # a ragged nested list
+        raise SJDInputError(f"{what} of a regular shape, got {v!r:.60} ({e})") from None
 
 
 def position_noise(seed: torch.Tensor, position: torch.Tensor, dim: int) -> torch.Tensor:
