@@ -39,7 +39,7 @@ def topp_on(top_p: float) -> bool:
 def topp_keep(p: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean mask of the top-p set of probability rows ``p`` (ties at the threshold kept): the mass,
     summed in float64 (so CPU and CUDA agree) and rounded to float32, is compared with float32
-    ``top_p``, as the kernels do."""
+    ``top_p`` (the kernels compare float32 sums with float32 ``top_p``; docs/DESIGN.md)."""
     srt, _ = torch.sort(p, dim=-1, descending=True)
     cum = torch.cumsum(srt, dim=-1, dtype=torch.float64).to(torch.float32)   # still non-decreasing
     idx = torch.searchsorted(cum, torch.full_like(cum[..., :1], float(np.float32(top_p))))  # first cum >= p
