@@ -16,9 +16,8 @@ import torch
 from ..reference import jacobi_step as ref
 from ._common import (BACKEND_CODE, CODE_BACKEND, LANES_MAX, ROWS_MAX, SJDInputError, as_int, check_cfg, check_finite,
                       check_int, check_sampling, check_state_and_sampling, check_state_contents, check_state_counters,
-                      check_tensor,
-                      check_tensor_size, check_window_rows, guard_pos, guard_win_len, mark_request_errors, new_status,
-                      resolve_backend, seed_tensor, triton_device)
+                      check_tensor, check_tensor_size, check_window_rows, guard_pos, guard_win_len, mark_request_errors,
+                      new_status, resolve_backend, seed_tensor, triton_device)
 
 I64 = (torch.int64,)
 
