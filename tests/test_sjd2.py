@@ -213,8 +213,9 @@ def _prepare_case(B=3, N=7, R=9, d=24, Vt=19, K=5, dtype=torch.float32, seed=0):
                 seed=seeds, commit_end=ce, fresh_start=fs, row_end=re_, latent=lat, level=lev)
 
 
-def _prepare_f64(c):
-    """Independent float64 oracle of the SPEC's rule, slot by slot."""
+def _prepare_f64(c, with_clean=False):
+    """Independent float64 oracle of the SPEC's rule, slot by slot. ``with_clean``: also the ``[B, N]`` bool
+    mask of the slots whose output is their token's embedding row itself (committed, or at level 0)."""
     E = c["embed_weight"].double()
     mean, std = c["mean"].double(), c["std"].double()
     L = c["level_table"].double()
@@ -225,6 +226,7 @@ def _prepare_f64(c):
     lat = c["latent"].double().clone()
     lev = c["level"].clone()
     out = torch.zeros(B, N, E.shape[1], dtype=torch.float64)
+    clean = torch.zeros(B, N, dtype=torch.bool)
     for b in range(B):
         for i in range(N):
             p = int(c["positions"][b, i])
@@ -233,6 +235,7 @@ def _prepare_f64(c):
                 continue
             if p < int(c["commit_end"][b]):
                 out[b, i] = E[t]
+                clean[b, i] = True
                 continue
             r = p % R
             if p >= int(c["fresh_start"][b]):
@@ -246,8 +249,9 @@ def _prepare_f64(c):
                 x = a[k - 1] * eh + s[k - 1] * eps
                 k -= 1
             out[b, i] = E[t] if k == 0 else x * std + mean + L[k]
+            clean[b, i] = k == 0
             lat[b, r], lev[b, r] = x, k
-    return out, lat, lev
+    return (out, lat, lev, clean) if with_clean else (out, lat, lev)
 
 
 def _clone(c):
@@ -353,9 +357,12 @@ def test_prepare_triton_equals_reference(dtype, seed, d):
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
     assert torch.equal(tri_c["level"], ref_c["level"])
     assert torch.allclose(tri_c["latent"], ref_c["latent"], rtol=1e-5, atol=1e-5)
-    # clean slots are copied, not recomputed: bit-exact in every backend
-    clean = (c["positions"] >= 0) & ((got.float() - c["embed_weight"][c["tokens"]].float()).abs().amax(-1) == 0)
-    assert torch.equal(got[clean], want[clean])
+    # clean slots (the oracle's: committed, or at level 0) are copied, not recomputed: bit-exact in every backend
+    clean = _prepare_f64(c, with_clean=True)[3]
+    committed = (c["positions"] >= 0) & (c["positions"] < c["commit_end"].view(-1, 1))
+    assert (clean & ~committed).any() and committed.any() and (~clean & (c["positions"] >= 0)).any()
+    E_tok = c["embed_weight"][c["tokens"]]
+    assert torch.equal(got[clean], E_tok[clean]) and torch.equal(want[clean], E_tok[clean])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton kernel)")
