@@ -245,6 +245,9 @@ GRID = {
     "coupling-vp-log-0.5-f32-cfg-wideforced": dict(B=1, W=8, V=37, mode="coupling", vp=True, beta=0.5, vp_form=LOG,
                                                    cfg=True, forced="wide", steps=4),
     "coupling-vp-add-0.5-bf16": dict(B=3, W=5, V=37, dtype=BF16, mode="coupling", vp=True, beta=0.5),
+    # additive VP with beta < 0: the VP law can be positive outside P's support (the list paths stay off)
+    "vp-add-neg0.5-bf16-cfg-topk": dict(B=4, W=6, V=100, dtype=BF16, cfg=True, vp=True, beta=-0.5, top_k=9),
+    "coupling-vp-add-neg1-f32-topk": dict(B=3, W=5, V=37, mode="coupling", vp=True, beta=-1.0, top_k=7),
     "gumbel-bf16-topk-left": dict(B=3, W=5, V=100, dtype=BF16, mode="gumbel", top_k=5, tail_init=LEFT),
     # races over the listed lanes with P > 0 (top-k on, dense state, no VP): coupling and gumbel_jacobi
     # too, and rows whose support overflows the list (every logit tied: the dense races run instead)
@@ -449,7 +452,8 @@ def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
     (same noise, same weights), with and without CFG, on rows where some drafts are rejected. The
     top-k search, softmax and the VP law through the candidate list (on with the list) give the
     same outputs and the same state up to the rounding of the softmax and VP sums, whose order
-    changes."""
+    changes. Each variant also gives the reference's tokens (additive VP with beta < 0 runs the dense
+    races in all three)."""
     import sjd_kernels.triton.jacobi_step as tj
     B, W, V = 4, 6, 100
     g = torch.Generator().manual_seed(7)
@@ -467,6 +471,9 @@ def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
         assert (tj.cand_size(V, 9, lk) > 0) == (cand and lk > 0)
         (o_r, o_t), (s_r, s_t) = _one_step(B, W, V, win=win, logits=logits, mode=mode, top_k=9, q_fill=0.01,
                                            vp=vp, beta=beta, vp_form=vp_form)
+        for x, y in zip(o_r, o_t):
+            assert torch.equal(x, y), name
+        assert torch.equal(s_r["status"], s_t["status"]) and states_close(s_r, s_t, vp=vp), name
         outs[name] = (o_t, s_t)
     (o1, s1), (o0, s0), (o2, s2) = outs["list"], outs["dense"], outs["cand"]
     for x, y, z in zip(o1, o0, o2):
@@ -476,7 +483,7 @@ def test_list_races_equal_dense_races(mode, vp, vp_form, beta, monkeypatch):
         assert torch.equal(s1[k], s0[k]), k
     assert torch.equal(s2["status"], s0["status"])
     assert states_close(s0, s2, vp=vp)
-    assert int((o1[0] < W).sum()) >= 1          # some request stopped at a rejection (residual race ran)
+    assert int((o1[0] < win).sum()) >= 1        # some request stopped at a rejection (residual race ran)
 
 
 @pytest.mark.parametrize("mode,top_p,vp", [("sjd", 1.0, False), ("coupling", 0.9, False), ("gumbel", 1.0, False),
@@ -618,6 +625,7 @@ GPU_GRID = {
     "sjd-bf16-cfg-topk": dict(mode="sjd", top_k=1000),
     "sjd-bf16-cfg-topk-topp-T0.9": dict(mode="sjd", top_k=2000, top_p=0.9, temperature=0.9, forced="wide"),
     "vp-add-0.5": dict(mode="sjd", vp=True, beta=0.5, top_k=1000),
+    "vp-add-neg0.5": dict(mode="sjd", vp=True, beta=-0.5, top_k=1000),
     "vp-log-2": dict(mode="sjd", vp=True, beta=2.0, vp_form=LOG, top_k=1000, tail_init=LEFT, forced="in"),
     "coupling": dict(mode="coupling", top_k=1000),
     "coupling-vp-add-2": dict(mode="coupling", vp=True, beta=2.0, top_p=0.8),
