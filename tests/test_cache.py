@@ -75,4 +75,5 @@ def test_cache_equals_ar_cache_after_every_step(method, window, cfg, prompt):
     final = out.cache
     assert torch.equal(final.lengths, pre.lengths - 1 + 12)
     if method != "ar":
-        assert ragged or out.stats.nfe == 12                  # requests did advance by different amounts
+        # windows committed several tokens (some request finished in fewer than 12 steps), unevenly
+        assert ragged and min(out.stats.steps) < 12, out.stats.steps
