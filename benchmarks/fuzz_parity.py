@@ -185,8 +185,9 @@ def run_case(c: dict, seed: int, fn, steps: int = 3, device: str = "cpu") -> tup
         args = (case["logits"], case["uncond"], case["cfg_scale"], case["drafts"], case["win_len"], case["pos"])
         out_r = _call(ref.jacobi_step, *args, st_r, case["forced"], c)
         out_x = _call(fn, *args, st_x, case["forced"], c)
-        _check_status(st_r, st_x)
-        return int((case["win_len"] + 1).sum()), len(compare(out_r, st_r, out_x, st_x, B))
+        d = compare(out_r, st_r, out_x, st_x, B)
+        _check_status(st_r, st_x, full=not d and device == "cpu")
+        return int((case["win_len"] + 1).sum()), len(d)
     base, unc_all, noise, forced, st, pos, cfg_scale = chain_inputs(c, seed, steps, device)
     st_r, st_x = st.clone(), st.clone()
     drafts = ref.init_window(st.seed, pos, st.step, W, V, st.q_kind, forced)
@@ -203,9 +204,9 @@ def run_case(c: dict, seed: int, fn, steps: int = 3, device: str = "cpu") -> tup
         win = win.to(pos.device)
         out_r = _call(ref.jacobi_step, logits, unc, cfg_scale, drafts, win, pos, st_r, forced, c)
         out_x = _call(fn, logits, unc, cfg_scale, drafts, win, pos, st_x, forced, c)
-        _check_status(st_r, st_x)
         rows += int((win + 1).sum())
         d = compare(out_r, st_r, out_x, st_x, B)
+        _check_status(st_r, st_x, full=not d and device == "cpu")
         ndiff += len(d)
         if d or bool((out_r[0] < 0).any()):    # states differ (or are undefined after an error):
             break                               # the chain cannot go on token for token
@@ -225,9 +226,11 @@ def _maybe_slice(x: torch.Tensor, c: dict) -> torch.Tensor:
     return wide[..., 5:5 + x.shape[-1]]
 
 
-def _check_status(st_r, st_x):
+def _check_status(st_r, st_x, full: bool = False):
+    """The error bits and the overflow count always; with ``full`` (every request the same, on the CPU)
+    the zero-mass counters too (on a GPU a rounding may move one of them without changing a token)."""
     sr, sx = st_r.status.tolist(), st_x.status.tolist()
-    if sr[0] != sx[0] or sr[3] != sx[3]:
+    if sr != sx if full else (sr[0] != sx[0] or sr[3] != sx[3]):
         raise AssertionError(f"status differs: reference {sr}, backend {sx}")
 
 
@@ -287,7 +290,10 @@ def run_tree_case(c: dict, fn, device: str = "cpu") -> tuple[int, int]:
     if not torch.equal(got[1][0], want[1][0]):
         raise AssertionError(f"status differs: reference {want[1].tolist()}, backend {got[1].tolist()}")
     B = want[0][0].shape[0]
-    return B, sum(not all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0])) for b in range(B))
+    nd = sum(not all(torch.equal(g[b], w[b]) for g, w in zip(got[0], want[0])) for b in range(B))
+    if nd == 0 and device == "cpu" and not torch.equal(got[1], want[1]):     # the counters too (see _check_status)
+        raise AssertionError(f"status differs: reference {want[1].tolist()}, backend {got[1].tolist()}")
+    return B, nd
 
 
 VERIFY_THREADS = (0, 0, 32, 96, 512, 1024)
