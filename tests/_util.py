@@ -11,6 +11,7 @@ A missing GPU is always a reason to skip.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -62,3 +63,42 @@ def load_file_module(name: str, path) -> object:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+_PROBE = '''import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+
+@triton.jit
+def probe(x_ptr):
+    tl.store(x_ptr, tl.load(x_ptr) + 1.0)
+
+
+src = triton.compiler.ASTSource(fn=probe, signature={"x_ptr": "*fp32"}, constexprs={})
+print(".target sm_90" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
+'''
+
+
+@functools.lru_cache(maxsize=None)
+def triton_codegen_problem() -> str | None:
+    """None when this Triton build generates sm_90 code here (a one-line kernel compiles, in a
+    subprocess with the interpreter off); else why not. A codegen test whose kernels fail to compile
+    may skip only when this probe fails too: a kernel that ptxas refuses is a failure, not a skip."""
+    import subprocess
+    import sys
+    import tempfile
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "triton_probe.py"                  # @triton.jit reads the kernel's source file
+        path.write_text(_PROBE)
+        try:
+            p = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return "a one-line Triton kernel did not compile for sm_90 within 300 s"
+    if p.returncode == 0 and p.stdout.strip().endswith("True"):
+        return None
+    return f"this Triton build cannot generate sm_90 code here (a one-line kernel fails too): {p.stderr[-300:]}"
