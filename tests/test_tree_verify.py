@@ -26,6 +26,7 @@ import contextlib
 
 import importlib.util
 import os
+import re
 import sys
 
 import numpy as np
@@ -461,6 +462,17 @@ def test_errors_raise_on_cpu_and_change_nothing(name):
     want = {"token_out_of_range": "outside [0, V=7)", "token_negative": "outside [0, V=7)",
             "nan_logits": "non-finite", "inf_logits": "non-finite", "all_neg_inf_row": "non-finite"}
     assert want.get(name, "malformed tree") in msg, msg
+    # each corruption is named by the rule it breaks (the message listed every rule for all of them)
+    rule = {"parent_not_earlier": "in request 1, node 2's parent 5 is not an earlier node",
+            "parent_not_a_node": "in request 1, node 5's parent 4 is not an earlier node",
+            "root_has_parent": r"in request 1, node 0 \(the root\) has parent 0 and depth 0, not -1 and 0",
+            "depth_wrong": r"in request 1, node 3 has depth 1, its parent \d+ depth 1",
+            "depth_above_max": r"in request \d, node \d+ has depth 2, outside \[0, max_depth=1\]",
+            "sib_duplicate": r"in request 1, node 0's children \[1, 2\] have sibling orders \[0, 0\], not 0..1",
+            "sib_gap": r"in request 1, node 0's children \[1, 2\] have sibling orders \[0, 5\], not 0..1",
+            "q_slot_out_of_range": r"in request 1, node 0 has children and q_slot 4, outside \[0, 4\)",
+            "q_slot_negative": r"in request 1, node 1 has children and q_slot -2, outside \[0, 4\)"}.get(name)
+    assert rule is None or re.search(rule, msg), msg
     assert ("max_depth=1" in msg) if name == "depth_above_max" else ("request(s) [1]" in msg), msg
     assert bool((st.status == 0).all()) and torch.equal(st.step, b["step"])
     assert torch.equal(st.q_state, b["q_state"]) and torch.equal(st.q_kind, b["q_kind"])

@@ -177,13 +177,45 @@ class TreeOutput:
     tokens: torch.Tensor         # [B, max_depth+1] i64: the m + 1 committed tokens, then -1
 
 
+def _first_structure_problem(parent: list, depth: list, sib: list, q_slot: list, R: int, max_depth: int) -> str:
+    """The first rule of ``reference.tree.structure_errors`` that one request's tree breaks, in words
+    (host lists of that request; for the error message only)."""
+    if parent[0] != -1 or depth[0] != 0:
+        return f"node 0 (the root) has parent {parent[0]} and depth {depth[0]}, not -1 and 0"
+    valid = [i == 0 or parent[i] >= 0 for i in range(len(parent))]
+    children = {}
+    for i in range(1, len(parent)):
+        if not valid[i]:
+            continue
+        p = parent[i]
+        if not (p < i and valid[p]):
+            return f"node {i}'s parent {p} is not an earlier node"
+        if depth[i] != depth[p] + 1:
+            return f"node {i} has depth {depth[i]}, its parent {p} depth {depth[p]}"
+        children.setdefault(p, []).append(i)
+    for i in range(len(parent)):
+        if valid[i] and not 0 <= depth[i] <= max_depth:
+            return f"node {i} has depth {depth[i]}, outside [0, max_depth={max_depth}]"
+    for p, ch in sorted(children.items()):
+        if len(ch) > ref.MAX_SIBLINGS:
+            return f"node {p} has {len(ch)} children, more than {ref.MAX_SIBLINGS}"
+        if sorted(sib[i] for i in ch) != list(range(len(ch))):
+            return f"node {p}'s children {ch} have sibling orders {[sib[i] for i in ch]}, not 0..{len(ch) - 1}"
+        if not 0 <= q_slot[p] < R:
+            return f"node {p} has children and q_slot {q_slot[p]}, outside [0, {R})"
+    return "a rule below"
+
+
 def _describe_structure(tree: TreeLayout, R: int) -> str:
     bad, _ = ref.structure_errors(tree.parent, tree.depth, tree.sib, tree.q_slot, R, tree.max_depth)
     rows = bad.nonzero().flatten().tolist()
-    return (f"malformed tree in request(s) {rows[:8]}: need parent[0] = -1 and depth[0] = 0; for every node i > 0 "
-            f"0 <= parent[i] < i with parent a node, depth[i] = depth[parent] + 1 <= max_depth={tree.max_depth}; "
-            f"each node's children numbered 0..n-1 by sib (n <= {ref.MAX_SIBLINGS}); q_slot in [0, {R}) at nodes "
-            f"with children")
+    b = rows[0]
+    what = _first_structure_problem(*(t[b].tolist() for t in (tree.parent, tree.depth, tree.sib, tree.q_slot)), R,
+                                    tree.max_depth)
+    return (f"malformed tree in request(s) {rows[:8]}: in request {b}, {what}. Need parent[0] = -1 and depth[0] = 0; "
+            f"for every node i > 0 0 <= parent[i] < i with parent a node, depth[i] = depth[parent] + 1 <= "
+            f"max_depth={tree.max_depth}; each node's children numbered 0..n-1 by sib (n <= {ref.MAX_SIBLINGS}); "
+            f"q_slot in [0, {R}) at nodes with children")
 
 
 def check_verify_kernel_args(logits, uncond, cfg_scale, tokens, parent, depth, sib, q_slot, pos, seed, step, forced,
