@@ -102,3 +102,12 @@ def triton_codegen_problem() -> str | None:
     if p.returncode == 0 and p.stdout.strip().endswith("True"):
         return None
     return f"this Triton build cannot generate sm_90 code here (a one-line kernel fails too): {p.stderr[-300:]}"
+
+
+def triton_interpreting() -> bool:
+    """Triton is installed and its interpreter runs the kernels on CPU tensors (TRITON_INTERPRET=1 set
+    before Triton was imported)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from sjd_kernels.triton.jacobi_step import is_interpreted
+    return is_interpreted()

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import sim_module  # noqa: E402
+from _util import sim_module, triton_interpreting  # noqa: E402
 
 import sjd_kernels as sk  # noqa: E402
+
+INTERP_WHY = "runs the Triton kernels on CPU tensors (Triton installed, TRITON_INTERPRET=1 before it is imported)"
 
 # op: (module of the ops layer, reference function name, Triton wrapper, CUDA wrapper) as module:attribute
 ENTRY = {
@@ -39,13 +41,6 @@ ENTRY = {
                      "sjd_kernels.triton.sjd2_prepare:sjd2_prepare_triton",
                      "sjd_kernels.cuda.sjd2_prepare:sjd2_prepare_cuda"),
 }
-
-
-def _interpreting() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from sjd_kernels.triton.jacobi_step import is_interpreted
-    return is_interpreted()
 
 
 def _record(monkeypatch, op):
@@ -108,8 +103,7 @@ def _call(op, backend):
 
 
 BACKENDS = ["torch", "cuda",
-            pytest.param("triton", marks=pytest.mark.skipif(not _interpreting(), reason="runs the Triton kernels on CPU "
-                                                            "tensors (Triton installed, TRITON_INTERPRET=1)"))]
+            pytest.param("triton", marks=pytest.mark.skipif(not triton_interpreting(), reason=INTERP_WHY))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

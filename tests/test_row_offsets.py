@@ -11,7 +11,6 @@ allocation is real.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -19,18 +18,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import gpu, requires_cuda, requires_cuda_ext, sim_module  # noqa: E402
+from _util import gpu, requires_cuda, requires_cuda_ext, sim_module, triton_interpreting  # noqa: E402
 
 import sjd_kernels as sk  # noqa: E402
 
+INTERP_WHY = "runs the Triton kernels on CPU tensors (Triton installed, TRITON_INTERPRET=1 before it is imported)"
+
 S_ROW = 2 ** 30 + 64          # an int32 row stride: j * S_ROW passes 2**31 from j = 2
-
-
-def _interpreting() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from sjd_kernels.triton.jacobi_step import is_interpreted
-    return is_interpreted()
 
 
 def _two_views(J, B, V, device, generator):
@@ -108,8 +102,7 @@ OPS = {"jacobi_step": jacobi_step_on_view_and_copy, "verify_chain": verify_chain
 
 @pytest.mark.parametrize("backend", [
     "torch", "cuda_sim",
-    pytest.param("triton", marks=pytest.mark.skipif(not _interpreting(), reason="runs the Triton kernel on CPU "
-                                                    "tensors (Triton installed, TRITON_INTERPRET=1)"))])
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_interpreting(), reason=INTERP_WHY))])
 @pytest.mark.parametrize("op", list(OPS))
 def test_rows_past_2_31_elements(op, backend):
     OPS[op](backend, "cpu")
