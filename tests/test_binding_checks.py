@@ -69,7 +69,8 @@ BAD_KNOBS = [("temperature", 1e-300, "temperature must be 0"), ("temperature", f
              ("top_p", 2.0, "top_p must be a number in"), ("top_p", 0.0, "top_p must be a number in"),
              ("top_k", 9, "top_k must be an int in"), ("mode", 4, "mode code must be one of"),
              ("vp_form", 2, "vp_form code must be one of"), ("tail_init", -1, "tail_init code must be one of"),
-             ("vp_eps", 0.0, "vp_eps must be"), ("beta", float("nan"), "beta must be")]
+             ("vp_eps", 0.0, "vp_eps must be"), ("beta", float("nan"), "beta must be"),
+             ("mode", 1.0, "mode code must be one of"), ("tail_init", True, "tail_init code must be one of")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=[f"{n}={v}" for n, v, _ in BAD_KNOBS])

@@ -464,7 +464,7 @@ def test_errors_raise_on_cpu_and_change_nothing(name):
     assert want.get(name, "malformed tree") in msg, msg
     # each corruption is named by the rule it breaks (the message listed every rule for all of them)
     rule = {"parent_not_earlier": "in request 1, node 2's parent 5 is not an earlier node",
-            "parent_not_a_node": "in request 1, node 5's parent 4 is not an earlier node",
+            "parent_not_a_node": r"in request 1, node 5's parent 4 is not a node \(parent\[4\] = -1\)",
             "root_has_parent": r"in request 1, node 0 \(the root\) has parent 0 and depth 0, not -1 and 0",
             "depth_wrong": r"in request 1, node 3 has depth 1, its parent \d+ depth 1",
             "depth_above_max": r"in request \d, node \d+ has depth 2, outside \[0, max_depth=1\]",

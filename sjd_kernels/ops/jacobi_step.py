@@ -157,14 +157,14 @@ def check_kernel_knobs(V: int, temperature, top_k, top_p, mode, beta, vp_form, v
     """The scalar arguments of a kernel wrapper, as codes (``torch.ops.sjd.jacobi_step``'s form): the rules
     the op applies to its named arguments and the CUDA binding to these, for the Triton wrapper."""
     check_sampling(temperature, top_k, top_p, V)
-    if isinstance(mode, bool) or mode not in ref.MODES.values():
+    if as_int(mode) not in ref.MODES.values():
         raise SJDInputError(f"mode code must be one of {sorted(ref.MODES.values())}, got {mode!r}")
     check_finite("beta", beta)
     if not check_finite("vp_eps", vp_eps) > 0.0:
         raise SJDInputError(f"vp_eps must be a finite real number > 0, got {vp_eps!r}")
     for name, v, codes in (("vp_form", vp_form, (ref.VP_ADD, ref.VP_LOG)),
                            ("tail_init", tail_init, (ref.TAIL_UNIFORM, ref.TAIL_LEFT))):
-        if isinstance(v, bool) or v not in codes:
+        if as_int(v) not in codes:
             raise SJDInputError(f"{name} code must be one of {list(codes)}, got {v!r}")
 
 

@@ -188,8 +188,10 @@ def _first_structure_problem(parent: list, depth: list, sib: list, q_slot: list,
         if not valid[i]:
             continue
         p = parent[i]
-        if not (p < i and valid[p]):
+        if p >= i:
             return f"node {i}'s parent {p} is not an earlier node"
+        if not valid[p]:
+            return f"node {i}'s parent {p} is not a node (parent[{p}] = {parent[p]})"
         if depth[i] != depth[p] + 1:
             return f"node {i} has depth {depth[i]}, its parent {p} depth {depth[p]}"
         children.setdefault(p, []).append(i)

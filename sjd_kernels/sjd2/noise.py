@@ -220,9 +220,9 @@ def sample_segment_levels(batch: int, length: int, levels: int, *, generator: to
 
 
 def _int64_tensor(name: str, v, device=None) -> torch.Tensor:
-    """``v`` (an int, a NumPy integer or integer array, a possibly nested list of those, or an integer
-    tensor; not a bool or a float) as int64, values outside int64 refused, each with an
-    ``SJDInputError`` naming ``name``."""
+    """``v`` (an int, a NumPy integer or integer array, a possibly nested list of ints and NumPy integers,
+    or an integer tensor; not a bool or a float) as int64, values outside int64 refused, each with an
+    ``SJDInputError`` naming ``name``. An empty list is an empty tensor (as an empty integer tensor is)."""
     what = f"{name} must be integers in int64 (an int, a list of ints, or an integer array or tensor)"
     if isinstance(v, torch.Tensor):
         if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
