@@ -98,8 +98,8 @@ def _call(op, backend):
         return cl, st
     import test_sjd2 as t2
     c = t2._prepare_case(seed=2)
-    out = t2.sjd2_prepare(**c, backend=backend)
-    return out, torch.zeros(4, dtype=torch.int32)
+    st = torch.zeros(4, dtype=torch.int32)
+    return t2.sjd2_prepare(**c, status=st, backend=backend), st
 
 
 BACKENDS = ["torch", "cuda",
