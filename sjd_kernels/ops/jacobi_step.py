@@ -153,15 +153,20 @@ def sparse_vp_problem(sparse: bool, vp_form: str, beta: float) -> str | None:
     return None
 
 
+def check_vp_numbers(beta, vp_eps) -> None:
+    """``beta`` finite, ``vp_eps`` finite and > 0 (the op's and the kernel wrappers' rule)."""
+    check_finite("beta", beta, " (0 = no verification prediction)")
+    if not check_finite("vp_eps", vp_eps, " > 0 (the log form's floor)") > 0.0:
+        raise SJDInputError(f"vp_eps must be a finite real number > 0 (the log form's floor), got {vp_eps!r}")
+
+
 def check_kernel_knobs(V: int, temperature, top_k, top_p, mode, beta, vp_form, vp_eps, tail_init) -> None:
     """The scalar arguments of a kernel wrapper, as codes (``torch.ops.sjd.jacobi_step``'s form): the rules
     the op applies to its named arguments and the CUDA binding to these, for the Triton wrapper."""
     check_sampling(temperature, top_k, top_p, V)
     if as_int(mode) not in ref.MODES.values():
         raise SJDInputError(f"mode code must be one of {sorted(ref.MODES.values())}, got {mode!r}")
-    check_finite("beta", beta)
-    if not check_finite("vp_eps", vp_eps) > 0.0:
-        raise SJDInputError(f"vp_eps must be a finite real number > 0, got {vp_eps!r}")
+    check_vp_numbers(beta, vp_eps)
     for name, v, codes in (("vp_form", vp_form, (ref.VP_ADD, ref.VP_LOG)),
                            ("tail_init", tail_init, (ref.TAIL_UNIFORM, ref.TAIL_LEFT))):
         if as_int(v) not in codes:
@@ -224,9 +229,7 @@ def validate(logits, drafts, win_len, pos, state: JacobiState, uncond, cfg_scale
     m = _MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else None
     if m not in ref.MODES:
         raise SJDInputError(f"mode must be one of sjd, vp, coupling, coupling_vp, gumbel, gumbel_jacobi, got {mode!r}")
-    check_finite("beta", beta, " (0 = no verification prediction)")
-    if not check_finite("vp_eps", vp_eps, " > 0 (the log form's floor)") > 0.0:
-        raise SJDInputError(f"vp_eps must be a finite real number > 0 (the log form's floor), got {vp_eps!r}")
+    check_vp_numbers(beta, vp_eps)
     if beta != 0.0 and m in ("gumbel", "gumbel_jacobi"):
         raise SJDInputError(f"beta (verification prediction) applies to sjd and coupling, not {mode!r}")
     if beta != 0.0 and state.p_prev.numel() == 0:

@@ -372,8 +372,7 @@ def check_kv_list(keys, values) -> tuple[list, list]:
     fp32/fp16/bf16 tensors with one shape, strides, dtype and device (the kernels index every layer
     with the first one's strides). Returns them as lists."""
     keys, values = list(keys), list(values)
-    if not keys or len(keys) != len(values):
-        raise SJDInputError(f"keys and values must be non-empty lists of equal length, got {len(keys)}, {len(values)}")
+    _check_kv_lists(keys, values)
     k0 = keys[0]
     if not isinstance(k0, torch.Tensor) or k0.dim() != 4 or k0.dtype not in FLOAT_DTYPES:
         got = f"{list(k0.shape)} {k0.dtype}" if isinstance(k0, torch.Tensor) else type(k0).__name__

@@ -168,19 +168,12 @@ def _vec_width(elem_size: int, D: int, strides, ptrs) -> int:
     return 1
 
 
-def _prep(path: torch.Tensor, cache_len: torch.Tensor, status: torch.Tensor, dev: torch.device, R: int):
-    """The index tensors as the kernels read them (``ops.tree.check_kv_index``: shapes, dtypes, device)."""
-    from ..ops.tree import check_kv_index
-    check_kv_index(path, cache_len, status, dev, R)
-    return path, cache_len
-
-
 def tree_kv_update_triton(kv: torch.Tensor, path: torch.Tensor, cache_len: torch.Tensor,
                           status: torch.Tensor) -> None:
     """``reference.tree.tree_kv_update`` on a stacked cache ``kv [layers, 2, R, H_kv, S, D]`` (last dim contiguous)."""
-    from ..ops.tree import check_kv_stacked
+    from ..ops.tree import check_kv_index, check_kv_stacked
     L, two, R, H, S, D = check_kv_stacked(kv)
-    path, cache_len = _prep(path, cache_len, status, kv.device, R)
+    check_kv_index(path, cache_len, status, kv.device, R)
     if kv.numel() == 0 or R == 0:
         from ..reference.tree import tree_kv_update
         return tree_kv_update(kv, path, cache_len, status)
@@ -208,11 +201,11 @@ def tree_kv_update_list_triton(keys, values, path: torch.Tensor, cache_len: torc
     """``reference.tree.tree_kv_update_list`` for per-layer ``keys[l], values[l] [R, H_kv, S, D]`` (common
     strides and dtype). ``ptr_table``: ``ops.tree.kv_pointer_table(keys, values)``, or None to build one
     here (a host-to-device copy per call)."""
-    from ..ops.tree import check_kv_list
+    from ..ops.tree import check_kv_index, check_kv_list
     keys, values = check_kv_list(keys, values)
     k0 = keys[0]
     R, H, S, D = k0.shape
-    path, cache_len = _prep(path, cache_len, status, k0.device, R)
+    check_kv_index(path, cache_len, status, k0.device, R)
     if k0.numel() == 0 or R == 0:
         from ..reference.tree import tree_kv_update_list
         return tree_kv_update_list(keys, values, path, cache_len, status)
